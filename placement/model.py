@@ -8,22 +8,22 @@ Memory is in MiB throughout; CPU ids are the host's logical CPU ids as libvirt r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class HostState(str, Enum):
+class HostState(StrEnum):
     UP = "up"
     CORDONED = "cordoned"  # running jobs stay, nothing new is placed
     DOWN = "down"
 
 
-class NumaPolicy(str, Enum):
+class NumaPolicy(StrEnum):
     STRICT = "strict"  # cpus, memory and NICs all on one node
     PREFER = "prefer"  # one node when possible, span nodes otherwise
     ANY = "any"  # span nodes freely
 
 
-class ThreadPolicy(str, Enum):
+class ThreadPolicy(StrEnum):
     DEDICATED = "dedicated"  # each vCPU gets one host thread to itself
     ISOLATE = "isolate"  # and the SMT siblings of that thread stay idle
 

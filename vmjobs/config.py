@@ -1,0 +1,231 @@
+"""The configuration file: where it is looked for, what it may say, and the embedded default.
+
+Looked for in order: --config, $VMJOBS_CONFIG, /etc/vmjobs/config.yaml; with none of them the
+embedded default (one host `local` at qemu:///system, spool /var/lib/vmjobs) applies.
+Every error names the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vmjobs.errors import ConfigError, VmjobsError
+from vmjobs.units import parse_cpu_list, parse_size_mib
+
+SYSTEM_CONFIG = Path("/etc/vmjobs/config.yaml")
+EMBEDDED = "<embedded default>"
+VIRT_TYPES = ("kvm", "qemu", "auto")
+NIC_BACKENDS = ("vfio", "emulated")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_VENDOR_PRODUCT = re.compile(r"^(0x)?[0-9a-f]{4}:(0x)?[0-9a-f]{4}$")
+
+
+@dataclass(frozen=True)
+class EmulatedNic:
+    name: str
+    node: int
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    name: str
+    uri: str
+    reserved_cpus: frozenset[int] = frozenset()
+    reserved_memory_mib: int = 0
+    labels: tuple[tuple[str, str], ...] = ()
+    pool: str = "default"
+    # vfio: which host NICs may be handed to jobs (PCI address or vendor:product)
+    nic_allow: tuple[str, ...] = ()
+    # emulated: the virtual NICs this host offers and the NUMA node each belongs to
+    emulated_nics: tuple[EmulatedNic, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    spool: Path
+    hosts: tuple[HostConfig, ...]
+    virt_type: str = "auto"
+    nic_backend: str = "vfio"
+    output_disk_mib: int = 256
+    # KVM probe boots give up after this long and fall back to TCG (see virt_probe)
+    kvm_probe_timeout_s: float = 10.0
+
+    @property
+    def state_db(self) -> Path:
+        return self.spool / "state.db"
+
+    def host(self, name: str) -> HostConfig:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        known = ", ".join(h.name for h in self.hosts)
+        raise VmjobsError(f"unknown host {name!r} (configured: {known})")
+
+
+DEFAULT = {
+    "spool": "/var/lib/vmjobs",
+    "virt_type": "auto",
+    "nic_backend": "vfio",
+    "hosts": [{"name": "local", "uri": "qemu:///system"}],
+}
+
+
+def locate(explicit: str | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("VMJOBS_CONFIG")
+    if env:
+        return Path(env)
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+
+
+def load(explicit: str | None = None) -> Config:
+    path = locate(explicit)
+    if path is None:
+        return parse(DEFAULT, EMBEDDED)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise VmjobsError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(str(path), where, "not valid YAML") from None
+    return parse(data if data is not None else {}, str(path))
+
+
+class _Reader:
+    """Typed access to one mapping of the file, with errors that name the key."""
+
+    def __init__(self, data: Any, path: str, prefix: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, prefix or "(top level)", "must be a mapping")
+        self.data, self.path, self.prefix = data, path, prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), problem)
+
+    def check_known(self, allowed: set[str]) -> None:
+        for name in self.data:
+            if name not in allowed:
+                raise self.fail(str(name), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def str(self, name: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+        value = self.data.get(name, default)
+        if value is None:
+            raise self.fail(name, "is required")
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, "must be a non-empty string")
+        if choices and value not in choices:
+            raise self.fail(name, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    def int(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(name, f"must be an integer >= {minimum}")
+        return value
+
+    def size_mib(self, name: str, default: int) -> int:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        try:
+            return parse_size_mib(str(value))
+        except VmjobsError as exc:
+            raise self.fail(name, str(exc)) from None
+
+    def list(self, name: str) -> list[Any]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list):
+            raise self.fail(name, "must be a list")
+        return value
+
+
+def parse(data: Any, path: str) -> Config:
+    top = _Reader(data, path, "")
+    top.check_known(
+        {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout"}
+    )
+    spool = Path(top.str("spool", DEFAULT["spool"]))
+    if not spool.is_absolute():
+        raise top.fail("spool", "must be an absolute path")
+    raw_hosts = top.list("hosts") if "hosts" in top.data else DEFAULT["hosts"]
+    if not raw_hosts:
+        raise top.fail("hosts", "must name at least one host")
+    hosts = tuple(_parse_host(h, path, f"hosts[{i}]") for i, h in enumerate(raw_hosts))
+    names = [h.name for h in hosts]
+    for name in names:
+        if names.count(name) > 1:
+            raise top.fail("hosts", f"host name {name!r} appears twice")
+    timeout = top.data.get("kvm_probe_timeout", 10)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise top.fail("kvm_probe_timeout", "must be a number of seconds > 0")
+    return Config(
+        path=path,
+        spool=spool,
+        hosts=hosts,
+        virt_type=top.str("virt_type", "auto", VIRT_TYPES),
+        nic_backend=top.str("nic_backend", "vfio", NIC_BACKENDS),
+        output_disk_mib=top.size_mib("output_disk_size", 256),
+        kvm_probe_timeout_s=float(timeout),
+    )
+
+
+def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
+    host = _Reader(data, path, prefix)
+    host.check_known(
+        {"name", "uri", "reserved_cpus", "reserved_memory", "labels", "pool", "nics",
+         "emulated_nics"}
+    )
+    name = host.str("name")
+    if not _NAME.match(name):
+        raise host.fail("name", f"{name!r} is not a valid host name (letters, digits, . _ -)")
+    reserved = host.data.get("reserved_cpus", "")
+    try:
+        reserved_cpus = parse_cpu_list(str(reserved)) if reserved != "" else frozenset()
+    except VmjobsError as exc:
+        raise host.fail("reserved_cpus", str(exc)) from None
+    labels = host.data.get("labels", {}) or {}
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str | int) for k, v in labels.items()
+    ):
+        raise host.fail("labels", "must be a mapping of names to strings")
+    nic_allow = []
+    for i, entry in enumerate(host.list("nics")):
+        text = str(entry).lower()
+        if not (_PCI_ADDRESS.match(text) or _VENDOR_PRODUCT.match(text)):
+            raise host.fail(
+                f"nics[{i}]", f"{entry!r} is neither a PCI address (0000:03:00.0) "
+                "nor vendor:product (8086:1572)"
+            )
+        nic_allow.append(text)
+    emulated = []
+    for i, entry in enumerate(host.list("emulated_nics")):
+        nic = _Reader(entry, path, host.key(f"emulated_nics[{i}]"))
+        nic.check_known({"name", "node"})
+        emulated.append(EmulatedNic(name=nic.str("name"), node=nic.int("node", 0)))
+    return HostConfig(
+        name=name,
+        uri=host.str("uri"),
+        reserved_cpus=reserved_cpus,
+        reserved_memory_mib=host.size_mib("reserved_memory", 0),
+        labels=tuple(sorted((k, str(v)) for k, v in labels.items())),
+        pool=host.str("pool", "default"),
+        nic_allow=tuple(nic_allow),
+        emulated_nics=tuple(emulated),
+    )

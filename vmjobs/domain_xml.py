@@ -1,0 +1,274 @@
+"""Domain XML for one job, built with ElementTree from typed values (never by string formatting).
+
+One small builder per element, in the order libvirt documents them. `read_metadata` is the
+inverse for the part that matters after a crash: which job a domain is and what it holds.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from placement import Allocation, NodeShare
+from vmjobs.units import format_cpu_list
+
+METADATA_NS = "urn:x-vmjobs:job:1"
+ET.register_namespace("vmjob", METADATA_NS)
+# NICs sit at fixed guest slots so $NIC0.. are known before boot and stay valid across moves.
+FIRST_NIC_SLOT = 0x10
+MAX_NICS = 16
+OUTPUT_DISK_SLOT = 0x05
+CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1"
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    domain: int = 0
+    bus: int = 0
+    slot: int = 0
+    function: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> PciAddress:
+        domain, bus, rest = text.split(":")
+        slot, function = rest.split(".")
+        return cls(int(domain, 16), int(bus, 16), int(slot, 16), int(function, 16))
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+    def element(self, tag: str = "address", with_type: bool = True) -> ET.Element:
+        attrs = {"type": "pci"} if with_type else {}
+        attrs.update(
+            domain=f"0x{self.domain:04x}", bus=f"0x{self.bus:02x}",
+            slot=f"0x{self.slot:02x}", function=f"0x{self.function:x}",
+        )
+        return ET.Element(tag, attrs)
+
+
+def guest_nic_address(index: int) -> PciAddress:
+    if not 0 <= index < MAX_NICS:
+        raise ValueError(f"at most {MAX_NICS} NICs per job")
+    return PciAddress(slot=FIRST_NIC_SLOT + index)
+
+
+@dataclass(frozen=True)
+class Nic:
+    guest_address: PciAddress
+    host_device: str  # host PCI address (vfio) or "emulated:<name>"
+
+    @property
+    def emulated(self) -> bool:
+        return self.host_device.startswith("emulated:")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    job_id: str
+    owner: str
+    owner_uid: int
+    virt_type: str  # "kvm" | "qemu"
+    allocation: Allocation
+    kernel: Path
+    initrd: Path
+    console_log: Path
+    output_disk: Path
+    emulator_cpus: frozenset[int] = frozenset()  # empty: the job's own cpus
+    nics: tuple[Nic, ...] = ()
+    cmdline: str = CMDLINE
+
+
+def build(spec: DomainSpec) -> str:
+    alloc = spec.allocation
+    domain = ET.Element("domain", type=spec.virt_type)
+    _text(domain, "name", spec.name)
+    domain.append(metadata(spec))
+    _text(domain, "memory", str(alloc.memory_mib), unit="MiB")
+    if alloc.hugepage_kib:
+        domain.append(memory_backing(alloc))
+    _text(domain, "vcpu", str(len(alloc.cpus)), placement="static")
+    domain.append(cputune(alloc, spec.emulator_cpus))
+    domain.append(numatune(alloc))
+    domain.append(os_boot(spec))
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")  # without it `poweroff -f` halts and the domain never stops
+    domain.append(cpu(alloc, spec.virt_type))
+    ET.SubElement(domain, "clock", offset="utc")
+    for event, action in (("on_poweroff", "destroy"), ("on_reboot", "destroy"),
+                          ("on_crash", "destroy")):
+        _text(domain, event, action)
+    domain.append(devices(spec))
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def _text(parent: ET.Element, tag: str, text: str, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    element.text = text
+    return element
+
+
+def metadata(spec: DomainSpec) -> ET.Element:
+    wrapper = ET.Element("metadata")
+    job = ET.SubElement(wrapper, f"{{{METADATA_NS}}}job", id=spec.job_id, owner=spec.owner,
+                        uid=str(spec.owner_uid))
+    job.append(allocation_element(spec.allocation))
+    return wrapper
+
+
+def allocation_element(alloc: Allocation) -> ET.Element:
+    element = ET.Element(
+        f"{{{METADATA_NS}}}allocation", host=alloc.host, cpus=",".join(map(str, alloc.cpus)),
+        memory_mib=str(alloc.memory_mib),
+    )
+    if alloc.devices:
+        element.set("devices", ",".join(alloc.devices))
+    if alloc.hugepage_kib:
+        element.set("hugepage_kib", str(alloc.hugepage_kib))
+    if alloc.idle_cpus:
+        element.set("idle_cpus", ",".join(map(str, alloc.idle_cpus)))
+    for share in alloc.nodes:
+        ET.SubElement(element, f"{{{METADATA_NS}}}node", id=str(share.node),
+                      cpus=",".join(map(str, share.cpus)), memory_mib=str(share.memory_mib))
+    return element
+
+
+def _ints(text: str | None) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",")) if text else ()
+
+
+@dataclass(frozen=True)
+class DomainMetadata:
+    job_id: str
+    owner: str
+    owner_uid: int
+    allocation: Allocation
+
+
+def read_metadata(domain_xml: str) -> DomainMetadata | None:
+    """The job a domain runs, or None for domains that are not ours."""
+    job = ET.fromstring(domain_xml).find(f"./metadata/{{{METADATA_NS}}}job")
+    if job is None:
+        return None
+    alloc = job.find(f"{{{METADATA_NS}}}allocation")
+    if alloc is None:
+        return None
+    return DomainMetadata(
+        job_id=job.get("id", ""),
+        owner=job.get("owner", ""),
+        owner_uid=int(job.get("uid", "-1")),
+        allocation=Allocation(
+            host=alloc.get("host", ""),
+            cpus=_ints(alloc.get("cpus")),
+            memory_mib=int(alloc.get("memory_mib", "0")),
+            nodes=tuple(
+                NodeShare(node=int(n.get("id", "0")), cpus=_ints(n.get("cpus")),
+                          memory_mib=int(n.get("memory_mib", "0")))
+                for n in alloc.findall(f"{{{METADATA_NS}}}node")
+            ),
+            devices=tuple(d for d in (alloc.get("devices") or "").split(",") if d),
+            hugepage_kib=int(alloc.get("hugepage_kib")) if alloc.get("hugepage_kib") else None,
+            idle_cpus=_ints(alloc.get("idle_cpus")),
+        ),
+    )
+
+
+def memory_backing(alloc: Allocation) -> ET.Element:
+    backing = ET.Element("memoryBacking")
+    pages = ET.SubElement(backing, "hugepages")
+    ET.SubElement(pages, "page", size=str(alloc.hugepage_kib), unit="KiB",
+                  nodeset=format_cpu_list([s.node for s in alloc.nodes]))
+    return backing
+
+
+def cputune(alloc: Allocation, emulator_cpus: frozenset[int]) -> ET.Element:
+    tune = ET.Element("cputune")
+    for vcpu, host_cpu in enumerate(alloc.cpus):
+        ET.SubElement(tune, "vcpupin", vcpu=str(vcpu), cpuset=str(host_cpu))
+    # Emulator threads go to the host's reserved cores when it has them, otherwise they share
+    # the job's own cores: either way they never run on another job's cores.
+    ET.SubElement(tune, "emulatorpin", cpuset=format_cpu_list(emulator_cpus or set(alloc.cpus)))
+    return tune
+
+
+def numatune(alloc: Allocation) -> ET.Element:
+    tune = ET.Element("numatune")
+    ET.SubElement(tune, "memory", mode="strict",
+                  nodeset=format_cpu_list([s.node for s in alloc.nodes]))
+    for cell, share in enumerate(alloc.nodes):
+        ET.SubElement(tune, "memnode", cellid=str(cell), mode="strict", nodeset=str(share.node))
+    return tune
+
+
+def guest_cells(alloc: Allocation) -> list[tuple[list[int], int]]:
+    """Guest NUMA cells mirroring the host nodes the allocation uses: (vCPU indices, MiB)."""
+    cells = []
+    for share in alloc.nodes:
+        members = set(share.cpus)
+        cells.append(([i for i, c in enumerate(alloc.cpus) if c in members], share.memory_mib))
+    return cells
+
+
+def cpu(alloc: Allocation, virt_type: str) -> ET.Element:
+    # TCG cannot pass the host CPU through; KVM should see the real one.
+    element = ET.Element("cpu", mode="host-passthrough") if virt_type == "kvm" else ET.Element(
+        "cpu")
+    ET.SubElement(element, "topology", sockets="1", dies="1", cores=str(len(alloc.cpus)),
+                  threads="1")
+    numa = ET.SubElement(element, "numa")
+    for cell, (vcpus, memory_mib) in enumerate(guest_cells(alloc)):
+        ET.SubElement(numa, "cell", id=str(cell), cpus=format_cpu_list(vcpus),
+                      memory=str(memory_mib), unit="MiB")
+    return element
+
+
+def os_boot(spec: DomainSpec) -> ET.Element:
+    os_element = ET.Element("os")
+    _text(os_element, "type", "hvm", arch="x86_64")
+    _text(os_element, "kernel", str(spec.kernel))
+    _text(os_element, "initrd", str(spec.initrd))
+    _text(os_element, "cmdline", spec.cmdline)
+    return os_element
+
+
+def devices(spec: DomainSpec) -> ET.Element:
+    devs = ET.Element("devices")
+    devs.append(output_disk(spec.output_disk))
+    for nic in spec.nics:
+        devs.append(emulated_nic(nic) if nic.emulated else hostdev_nic(nic))
+    serial = ET.SubElement(devs, "serial", type="file")
+    ET.SubElement(serial, "source", path=str(spec.console_log), append="on")
+    ET.SubElement(serial, "target", port="0")
+    # Nothing the job did not ask for: no USB, no balloon, no graphics, no default network.
+    ET.SubElement(devs, "controller", type="usb", model="none")
+    ET.SubElement(devs, "memballoon", model="none")
+    return devs
+
+
+def output_disk(path: Path) -> ET.Element:
+    disk = ET.Element("disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="raw")
+    ET.SubElement(disk, "source", file=str(path))
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    disk.append(PciAddress(slot=OUTPUT_DISK_SLOT).element())
+    return disk
+
+
+def hostdev_nic(nic: Nic) -> ET.Element:
+    hostdev = ET.Element("hostdev", mode="subsystem", type="pci", managed="yes")
+    ET.SubElement(hostdev, "driver", name="vfio")
+    source = ET.SubElement(hostdev, "source")
+    source.append(PciAddress.parse(nic.host_device).element(with_type=False))
+    hostdev.append(nic.guest_address.element())
+    return hostdev
+
+
+def emulated_nic(nic: Nic) -> ET.Element:
+    # A tap that is attached to nothing: the device exists at the fixed address, but it gives
+    # the guest no network the job did not ask for.
+    interface = ET.Element("interface", type="ethernet")
+    ET.SubElement(interface, "model", type="virtio")
+    interface.append(nic.guest_address.element())
+    return interface

@@ -1,0 +1,218 @@
+"""The state store: jobs, their reservations and their events, in SQLite (WAL).
+
+Double booking is impossible by construction: a row per (host, cpu) and per (host, device)
+under a primary key, written in the same transaction as the job's state change. Memory has no
+row per MiB, so placements are decided inside `reserving()`, which holds SQLite's write lock
+from reading what is held to writing the new reservation.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from placement import Allocation, Request
+from vmjobs.codec import (
+    allocation_from_dict,
+    allocation_to_dict,
+    request_from_dict,
+    request_to_dict,
+)
+from vmjobs.errors import VmjobsError
+from vmjobs.jobs import JobRecord, JobState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    request TEXT NOT NULL,
+    host TEXT,
+    allocation TEXT,
+    exit_code INTEGER,
+    message TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cpu_reservations (
+    host TEXT NOT NULL,
+    cpu INTEGER NOT NULL,
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    PRIMARY KEY (host, cpu)
+);
+CREATE TABLE IF NOT EXISTS device_reservations (
+    host TEXT NOT NULL,
+    address TEXT NOT NULL,
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    PRIMARY KEY (host, address)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    time REAL NOT NULL,
+    state TEXT NOT NULL,
+    host TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    job_id: str
+    time: float
+    state: JobState
+    host: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Held:
+    job_id: str
+    allocation: Allocation
+    request: Request
+
+
+class Store:
+    """One connection to the store file; each process opens its own."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise VmjobsError(f"cannot open the state store {path}: {exc}") from None
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=60000")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def reserving(self) -> Iterator[Store]:
+        """Hold the write lock: read what is held, decide, reserve — nobody else in between."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def held(self) -> list[Held]:
+        rows = self.db.execute(
+            "SELECT id, allocation, request FROM jobs WHERE allocation IS NOT NULL ORDER BY created"
+        )
+        return [
+            Held(r["id"], allocation_from_dict(json.loads(r["allocation"])),
+                 request_from_dict(json.loads(r["request"])))
+            for r in rows
+        ]
+
+    def add_job(self, job: JobRecord, request: Request, allocation: Allocation | None,
+                reason: str) -> None:
+        """Insert a job and, when placed, its reservation. Call inside `reserving()`."""
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO jobs (id, owner, uid, state, spec, request, host, allocation, created,"
+            " updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.id, job.owner, job.uid, job.state.value, json.dumps(job.spec),
+             json.dumps(request_to_dict(request)), allocation.host if allocation else None,
+             json.dumps(allocation_to_dict(allocation)) if allocation else None, now, now),
+        )
+        if allocation:
+            self._insert_reservation(job.id, allocation)
+        self._event(job.id, job.state, allocation.host if allocation else None, reason, now)
+
+    def _insert_reservation(self, job_id: str, alloc: Allocation) -> None:
+        self.db.executemany(
+            "INSERT INTO cpu_reservations (host, cpu, job_id) VALUES (?, ?, ?)",
+            [(alloc.host, cpu, job_id) for cpu in (*alloc.cpus, *alloc.idle_cpus)],
+        )
+        self.db.executemany(
+            "INSERT INTO device_reservations (host, address, job_id) VALUES (?, ?, ?)",
+            [(alloc.host, dev, job_id) for dev in alloc.devices],
+        )
+
+    def _event(self, job_id: str, state: JobState, host: str | None, reason: str | None,
+               now: float) -> None:
+        self.db.execute(
+            "INSERT INTO events (job_id, time, state, host, reason) VALUES (?, ?, ?, ?, ?)",
+            (job_id, now, state.value, host, reason),
+        )
+
+    def transition(self, job_id: str, state: JobState, reason: str | None = None, *,
+                   release: bool = False, exit_code: int | None = None) -> None:
+        """Change a job's state, with its event, and optionally free what it holds — atomically."""
+        now = time.time()
+        with self.reserving():
+            row = self.db.execute("SELECT host FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise VmjobsError(f"unknown job {job_id!r}")
+            if release:
+                self._release(job_id)
+            self.db.execute(
+                "UPDATE jobs SET state = ?, updated = ?, message = COALESCE(?, message),"
+                " exit_code = COALESCE(?, exit_code) WHERE id = ?",
+                (state.value, now, reason, exit_code, job_id),
+            )
+            self._event(job_id, state, row["host"], reason, now)
+
+    def _release(self, job_id: str) -> None:
+        self.db.execute("DELETE FROM cpu_reservations WHERE job_id = ?", (job_id,))
+        self.db.execute("DELETE FROM device_reservations WHERE job_id = ?", (job_id,))
+        self.db.execute("UPDATE jobs SET allocation = NULL WHERE id = ?", (job_id,))
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job entirely: only for jobs refused before anything of them existed."""
+        with self.reserving():
+            self._release(job_id)
+            self.db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def job(self, job_id: str) -> JobRecord | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _record(row) if row else None
+
+    def jobs(self, uid: int | None = None) -> list[JobRecord]:
+        if uid is None:
+            rows = self.db.execute("SELECT * FROM jobs ORDER BY created")
+        else:
+            rows = self.db.execute("SELECT * FROM jobs WHERE uid = ? ORDER BY created", (uid,))
+        return [_record(r) for r in rows]
+
+    def events(self, job_id: str) -> list[Event]:
+        rows = self.db.execute(
+            "SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)
+        )
+        return [Event(r["job_id"], r["time"], JobState(r["state"]), r["host"], r["reason"])
+                for r in rows]
+
+    def reserved_cpus(self, host: str) -> dict[int, str]:
+        rows = self.db.execute("SELECT cpu, job_id FROM cpu_reservations WHERE host = ?", (host,))
+        return {r["cpu"]: r["job_id"] for r in rows}
+
+    def reservation_count(self) -> int:
+        cpus = self.db.execute("SELECT COUNT(*) FROM cpu_reservations").fetchone()[0]
+        devices = self.db.execute("SELECT COUNT(*) FROM device_reservations").fetchone()[0]
+        return int(cpus) + int(devices)
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"], owner=row["owner"], uid=row["uid"], state=JobState(row["state"]),
+        spec=json.loads(row["spec"]), host=row["host"], exit_code=row["exit_code"],
+        message=row["message"], created=row["created"], updated=row["updated"],
+        allocation=json.loads(row["allocation"]) if row["allocation"] else None,
+    )

@@ -1,0 +1,159 @@
+"""One job's guest: its files in the spool, its domain, and following it until it stops.
+
+Used by `vmjob run` and by the KVM probe; the daemon will use the same pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from placement import Allocation
+from vmjobs import domain_xml, guest_protocol
+from vmjobs.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs.hostconn import is_running
+from vmjobs.image import Image
+from vmjobs.jobs import domain_name
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """Where one job's files live: one directory per job, on storage every host sees."""
+
+    dir: Path
+
+    @classmethod
+    def of(cls, spool: Path, job_id: str) -> JobFiles:
+        return cls(spool / "jobs" / job_id)
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initrd"
+
+    @property
+    def output_disk(self) -> Path:
+        return self.dir / "output.raw"
+
+    @property
+    def out(self) -> Path:
+        return self.dir / "out"
+
+    @property
+    def domain_xml(self) -> Path:
+        return self.dir / "domain.xml"
+
+    def console(self, host: str) -> Path:
+        return self.dir / f"console.{host}.log"
+
+
+@dataclass(frozen=True)
+class GuestPlan:
+    """Everything needed to start one job's guest on one host."""
+
+    job_id: str
+    owner: str
+    owner_uid: int
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    allocation: Allocation
+    image: Image
+    virt_type: str
+    output_disk_mib: int
+    input_dir: Path | None = None
+    emulator_cpus: frozenset[int] = frozenset()
+
+
+def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
+    return tuple(Nic(guest_nic_address(i), dev) for i, dev in enumerate(allocation.devices))
+
+
+def prepare(plan: GuestPlan, files: JobFiles) -> str:
+    """Write the job's initrd, output disk and domain XML; return the XML."""
+    files.dir.mkdir(parents=True, exist_ok=True)
+    # QEMU runs as an unprivileged user on most hosts and must read/write these files.
+    os.chmod(files.dir, 0o755)
+    nics = nics_for(plan.allocation)
+    guest_protocol.write_job_initrd(
+        guest_protocol.JobSpec(
+            job_id=plan.job_id,
+            argv=plan.argv,
+            env=plan.env,
+            cpus=len(plan.allocation.cpus),
+            memory_mib=plan.allocation.memory_mib,
+            nics=tuple(str(n.guest_address) for n in nics),
+            input_dir=plan.input_dir,
+        ),
+        plan.image.initrd,
+        files.initrd,
+    )
+    guest_protocol.create_output_disk(files.output_disk, plan.output_disk_mib << 20)
+    xml = domain_xml.build(
+        DomainSpec(
+            name=domain_name(plan.job_id),
+            job_id=plan.job_id,
+            owner=plan.owner,
+            owner_uid=plan.owner_uid,
+            virt_type=plan.virt_type,
+            allocation=plan.allocation,
+            kernel=plan.image.kernel,
+            initrd=files.initrd,
+            console_log=files.console(plan.allocation.host),
+            output_disk=files.output_disk,
+            emulator_cpus=plan.emulator_cpus,
+            nics=nics,
+        )
+    )
+    files.domain_xml.write_text(xml)
+    return xml
+
+
+def start(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
+    """Start a transient domain: when the guest stops, nothing of it stays defined."""
+    return conn.createXML(xml, 0)
+
+
+def follow_console(console: Path, dom: libvirt.virDomain,
+                   poll_s: float = 0.05) -> Iterator[str | None]:
+    """Yield the console's new text as it is written, until the domain stops.
+
+    Yields None on each idle poll so the caller can check its own deadline; ends once the
+    domain is gone and the file has been read to its end.
+    """
+    offset = 0
+    while True:
+        running = is_running(dom)
+        chunk = _read_from(console, offset)
+        if chunk:
+            offset += len(chunk)
+            yield chunk.decode("utf-8", errors="replace")
+        elif not running:
+            return
+        else:
+            time.sleep(poll_s)
+            yield None
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read()
+    except FileNotFoundError:
+        return b""
+
+
+def wait_stopped(dom: libvirt.virDomain, timeout_s: float,
+                 on_tick: Callable[[], None] | None = None) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if not is_running(dom):
+            return True
+        if on_tick:
+            on_tick()
+        time.sleep(0.1)
+    return not is_running(dom)

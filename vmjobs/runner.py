@@ -1,0 +1,312 @@
+"""`vmjob run` without a daemon: place, reserve, start, stream, collect, release.
+
+Every exit path releases what was reserved. Before the guest exists, a failure forgets the job
+entirely (no row, no spool directory); after, the job keeps its record and its console log.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+import placement
+from placement import Allocation, Request
+from vmjobs import guest_protocol, virt_probe
+from vmjobs.config import Config
+from vmjobs.errors import DoesNotFit, VmjobsError
+from vmjobs.guest import GuestPlan, JobFiles, follow_console, prepare, start
+from vmjobs.hostconn import connect, destroy_quietly, lookup_domain
+from vmjobs.image import resolve_image
+from vmjobs.inventory import read_host
+from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
+from vmjobs.store import Store
+
+EXIT_TIMEOUT = 124  # as timeout(1)
+EXIT_VMJOB_FAILED = 125  # the job ran but vmjob could not deliver its result
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    argv: tuple[str, ...]
+    request: Request
+    env: dict[str, str] = field(default_factory=dict)
+    input_dir: Path | None = None
+    output_dir: Path | None = None
+    timeout_s: float | None = None
+    image: str = "default"
+
+
+class Interrupted(BaseException):
+    """Ctrl+C or SIGTERM while a job runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    def raise_interrupted(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def validate(job: RunRequest) -> None:
+    """Refuse bad input before anything is reserved or written."""
+    if not job.argv:
+        raise VmjobsError("no command given: put it after --, e.g. vmjob run -- ./simulate")
+    for name in job.env:
+        if not _ENV_NAME.match(name):
+            raise VmjobsError(f"invalid --env name {name!r}: use letters, digits and _")
+        if name in RESERVED_ENV or re.fullmatch(r"NIC\d+", name):
+            raise VmjobsError(f"--env {name} is set by vmjob and cannot be overridden")
+    if job.input_dir is not None and not job.input_dir.is_dir():
+        raise VmjobsError(f"--input {job.input_dir}: not a directory")
+    if job.output_dir is not None and job.output_dir.exists() and not job.output_dir.is_dir():
+        raise VmjobsError(f"--output {job.output_dir}: exists and is not a directory")
+
+
+def _runner_identity() -> dict[str, Any]:
+    """Enough to tell later whether the process running a job is still alive (pids recycle)."""
+    return {"pid": os.getpid(), "start": _process_start(os.getpid()), "boot": _boot_id()}
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _runner_alive(runner: dict[str, Any]) -> bool:
+    if runner.get("boot") != _boot_id():
+        return False
+    start_ticks = _process_start(int(runner.get("pid", -1)))
+    return start_ticks is not None and start_ticks == runner.get("start")
+
+
+def reap_abandoned(store: Store, conns: dict[str, libvirt.virConnect]) -> list[str]:
+    """Free reservations of jobs whose `vmjob run` process died (kill -9, power loss).
+
+    Without a daemon nobody else would: the guest's result has no one to go to, so the guest is
+    stopped and the job marked LOST.
+    """
+    reaped = []
+    for record in store.jobs():
+        runner = record.spec.get("runner")
+        if record.allocation is None or not runner or _runner_alive(runner):
+            continue
+        conn = conns.get(record.host or "")
+        if conn is None:
+            continue
+        destroy_quietly(lookup_domain(conn, domain_name(record.id)))
+        store.transition(record.id, JobState.LOST, "the vmjob process running it is gone",
+                         release=True)
+        reaped.append(record.id)
+    return reaped
+
+
+def _connect_hosts(config: Config, only: str | None,
+                   note: Callable[[str], None]) -> tuple[dict[str, libvirt.virConnect], list]:
+    chosen = [config.host(only)] if only else list(config.hosts)
+    conns: dict[str, libvirt.virConnect] = {}
+    hosts = []
+    for host_config in chosen:
+        try:
+            conn = connect(host_config)
+        except VmjobsError as exc:
+            if len(chosen) == 1:
+                raise
+            note(f"{exc}; placing on the other hosts")
+            continue
+        conns[host_config.name] = conn
+        hosts.append(read_host(conn, host_config, config.nic_backend))
+    return conns, hosts
+
+
+def snapshot(store: Store, hosts: list[placement.Host]) -> placement.Cluster:
+    """The engine's view: hardware from libvirt, holdings from the store."""
+    cluster = placement.Cluster(hosts)
+    for held in store.held():
+        if held.allocation.host in cluster.hosts:
+            try:
+                cluster.reserve(held.job_id, held.allocation, held.request)
+            except placement.Conflict as exc:
+                raise VmjobsError(
+                    f"job {held.job_id}'s reservation no longer matches host "
+                    f"{held.allocation.host}: {exc}"
+                ) from None
+    return cluster
+
+
+def run(config: Config, job: RunRequest, write: Callable[[str], None],
+        note: Callable[[str], None]) -> int:
+    """Run one job to its end; return the exit code `vmjob run` should exit with."""
+    validate(job)
+    image = resolve_image(config.spool, job.image)
+    conns, hosts = _connect_hosts(config, job.request.host, note)
+    store = Store(config.state_db)
+    try:
+        for reaped in reap_abandoned(store, conns):
+            note(f"job {reaped}: its vmjob process had died; guest stopped, reservation freed")
+        job_id = new_job_id()
+        user = pwd.getpwuid(os.getuid()).pw_name
+        spec = {
+            "argv": list(job.argv), "env": job.env, "image": image.id,
+            "input": str(job.input_dir) if job.input_dir else None,
+            "output": str(job.output_dir) if job.output_dir else None,
+            "timeout_s": job.timeout_s, "runner": _runner_identity(),
+        }
+        with store.reserving():
+            decision = snapshot(store, hosts).place(job.request)
+            if decision.allocation is None:
+                raise DoesNotFit(decision.explanation.summary)
+            allocation = decision.allocation
+            store.add_job(
+                JobRecord(id=job_id, owner=user, uid=os.getuid(), state=JobState.PLACED,
+                          spec=spec),
+                job.request, allocation, "placed",
+            )
+        note(f"job {job_id} on {allocation.host}: {_describe(allocation)}")
+        return _launch_and_follow(config, store, conns[allocation.host], job, job_id, user,
+                                  allocation, image, write, note)
+    finally:
+        store.close()
+        for conn in conns.values():
+            conn.close()
+
+
+def _describe(alloc: Allocation) -> str:
+    nodes = ", ".join(f"node{s.node}" for s in alloc.nodes)
+    text = f"cpus {','.join(map(str, alloc.cpus))} ({nodes}), {alloc.memory_mib} MiB"
+    if alloc.devices:
+        text += f", NICs {', '.join(alloc.devices)}"
+    return text
+
+
+def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, job: RunRequest,
+                       job_id: str, user: str, allocation: Allocation, image: Any,
+                       write: Callable[[str], None], note: Callable[[str], None]) -> int:
+    files = JobFiles.of(config.spool, job_id)
+    host_config = config.host(allocation.host)
+    dom = None
+    with _interruptible():
+        try:
+            virt_type = virt_probe.virt_type(config, host_config, conn, image, allocation,
+                                              note)
+            xml = prepare(
+                GuestPlan(
+                    job_id=job_id, owner=user, owner_uid=os.getuid(), argv=job.argv,
+                    env=job.env, allocation=allocation, image=image, virt_type=virt_type,
+                    output_disk_mib=config.output_disk_mib, input_dir=job.input_dir,
+                    emulator_cpus=host_config.reserved_cpus,
+                ),
+                files,
+            )
+            store.transition(job_id, JobState.STARTING, f"starting ({virt_type})")
+            dom = start(conn, xml)
+        except BaseException as exc:
+            # Nothing ran: leave no trace of the job at all.
+            destroy_quietly(dom)
+            store.delete_job(job_id)
+            shutil.rmtree(files.dir, ignore_errors=True)
+            if isinstance(exc, libvirt.libvirtError):
+                raise VmjobsError(
+                    f"host {allocation.host} refused to start the guest: "
+                    f"{exc.get_error_message()}"
+                ) from None
+            if isinstance(exc, Interrupted):
+                note(f"job {job_id} cancelled before it started")
+                return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
+            raise
+        try:
+            store.transition(job_id, JobState.RUNNING, "guest started")
+            return _follow(config, store, dom, job, job_id, allocation, files, write, note)
+        except Interrupted as exc:
+            destroy_quietly(dom)
+            name = "SIGINT" if exc.signum == signal.SIGINT else "SIGTERM"
+            store.transition(job_id, JobState.CANCELLED, f"{name}: guest destroyed", release=True)
+            note(f"job {job_id} cancelled ({name}); guest destroyed, reservation released")
+            return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
+        except BaseException as exc:
+            destroy_quietly(dom)
+            store.transition(job_id, JobState.FAILED, f"vmjob failed: {exc}", release=True)
+            raise
+
+
+def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunRequest, job_id: str,
+            allocation: Allocation, files: JobFiles, write: Callable[[str], None],
+            note: Callable[[str], None]) -> int:
+    deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
+    console = guest_protocol.ConsoleParser(job_id)
+    for chunk in follow_console(files.console(allocation.host), dom):
+        if chunk:
+            for line in console.feed(chunk):
+                write(line)
+        if deadline is not None and time.monotonic() >= deadline:
+            destroy_quietly(dom)
+            reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
+            store.transition(job_id, JobState.TIMEOUT, reason, release=True)
+            note(f"job {job_id} {reason}")
+            return EXIT_TIMEOUT
+    for line in console.finish():
+        write(line)
+    return _collect(store, job, job_id, files, files.console(allocation.host), note)
+
+
+def _seconds(value: float | None) -> str:
+    return f"{value:g}s"
+
+
+def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, console: Path,
+             note: Callable[[str], None]) -> int:
+    """The guest has stopped: read its verdict and its output, release everything."""
+    try:
+        result = guest_protocol.read_output(files.output_disk, files.out)
+    except VmjobsError as exc:
+        reason = f"output refused: {exc}"
+        store.transition(job_id, JobState.FAILED, reason, release=True)
+        note(f"job {job_id}: {reason}")
+        return EXIT_VMJOB_FAILED
+    if result.exit_code is None:
+        reason = (f"guest stopped without reporting an exit status ({result.status}); "
+                  f"console log: {console}")
+        store.transition(job_id, JobState.FAILED, reason, release=True)
+        note(f"job {job_id}: {reason}")
+        return EXIT_VMJOB_FAILED
+    if job.output_dir is not None and files.out.exists():
+        shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)
+    state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
+    store.transition(job_id, state, f"exit status {result.exit_code}", release=True,
+                     exit_code=result.exit_code)
+    return result.exit_code
+

@@ -1,0 +1,3 @@
+from vmjobs.cli import main
+
+main()

@@ -25,10 +25,10 @@ class Env:
     config: Path
     spool: Path
 
-    def vmjob(self, *args: str, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess:
+    def vmjob(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "vmjobs", "--config", str(self.config), *args],
-            capture_output=True, text=True, timeout=timeout, **kwargs,  # type: ignore[arg-type]
+            capture_output=True, text=True, timeout=timeout,
         )
 
     def popen(self, *args: str) -> subprocess.Popen:

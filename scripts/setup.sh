@@ -19,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
     libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils \
-    libvirt-clients libvirt-dev pkg-config gcc python3-dev cpio busybox-static iproute2 \
+    libvirt-clients libvirt-dev pkg-config gcc python3-dev cpio busybox-static iproute2 libxml2-utils \
     >/dev/null
 
 echo "==> installing vmjobs (pip)"

@@ -218,7 +218,14 @@ def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
     for i, entry in enumerate(host.list("emulated_nics")):
         nic = _Reader(entry, path, host.key(f"emulated_nics[{i}]"))
         nic.check_known({"name", "node"})
-        emulated.append(EmulatedNic(name=nic.str("name"), node=nic.int("node", 0)))
+        nic_name = nic.str("name")
+        # The name becomes the device id "emulated:<name>": reserved under a UNIQUE key and
+        # listed comma-separated in the domain metadata, so it must be unique and plain.
+        if not _NAME.match(nic_name):
+            raise nic.fail("name", f"{nic_name!r} is not a valid NIC name (letters, digits, . _ -)")
+        if any(e.name == nic_name for e in emulated):
+            raise nic.fail("name", f"NIC name {nic_name!r} appears twice on this host")
+        emulated.append(EmulatedNic(name=nic_name, node=nic.int("node", 0)))
     return HostConfig(
         name=name,
         uri=host.str("uri"),

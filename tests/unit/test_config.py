@@ -1,0 +1,211 @@
+"""The configuration file: lookup order, the embedded default, what it may say (vmjobs.config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vmjobs import config
+from vmjobs.config import EmulatedNic, load, locate
+from vmjobs.errors import ConfigError, VmjobsError
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Neither the caller's $VMJOBS_CONFIG nor the machine's /etc file may leak into a test."""
+    monkeypatch.delenv("VMJOBS_CONFIG", raising=False)
+    system = tmp_path / "etc" / "config.yaml"
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", system)
+    return system
+
+
+def write(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def one_host(**host: Any) -> dict[str, Any]:
+    return {"spool": "/srv/vmjobs", "hosts": [{"name": "a", "uri": "qemu:///system", **host}]}
+
+
+# --- the embedded default and where the file is looked for -----------------------------------
+
+
+def test_embedded_default_without_any_file() -> None:
+    assert locate(None) is None
+    cfg = load()
+    assert cfg.path == config.EMBEDDED
+    assert [(h.name, h.uri) for h in cfg.hosts] == [("local", "qemu:///system")]
+    assert cfg.spool == Path("/var/lib/vmjobs")
+    assert cfg.state_db == Path("/var/lib/vmjobs/state.db")
+    assert cfg.virt_type == "auto"
+    assert cfg.nic_backend == "vfio"
+    local = cfg.host("local")
+    assert local.reserved_cpus == frozenset()
+    assert local.nic_allow == ()  # by default no host NIC is ever handed out
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      no_ambient_config: Path) -> None:
+    system = write(no_ambient_config, {"spool": "/from/system"})
+    env = write(tmp_path / "env.yaml", {"spool": "/from/env"})
+    explicit = write(tmp_path / "explicit.yaml", {"spool": "/from/explicit"})
+
+    assert load().spool == Path("/from/system")
+    assert load().path == str(system)
+
+    monkeypatch.setenv("VMJOBS_CONFIG", str(env))
+    assert load().spool == Path("/from/env")
+
+    cfg = load(str(explicit))
+    assert cfg.spool == Path("/from/explicit")
+    assert cfg.path == str(explicit)
+
+
+def test_empty_env_variable_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMJOBS_CONFIG", "")
+    assert load().path == config.EMBEDDED
+
+
+def test_named_file_that_is_missing_is_an_error_not_the_default(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(VmjobsError, match=f"^{missing}: cannot read config"):
+        load(str(missing))
+    monkeypatch.setenv("VMJOBS_CONFIG", str(missing))
+    with pytest.raises(VmjobsError, match=f"^{missing}: "):
+        load()
+
+
+def test_empty_file_means_the_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "")
+    cfg = load(str(path))
+    assert cfg.path == str(path)
+    assert [h.name for h in cfg.hosts] == ["local"]
+    assert cfg.spool == Path("/var/lib/vmjobs")
+
+
+def test_full_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", {
+        "spool": "/srv/vmjobs",
+        "virt_type": "qemu",
+        "nic_backend": "emulated",
+        "output_disk_size": "1G",
+        "kvm_probe_timeout": 2.5,
+        "hosts": [
+            {"name": "n1", "uri": "qemu+ssh://n1/system", "reserved_cpus": "0,16",
+             "reserved_memory": "4G", "labels": {"rack": "r1", "gen": 3}, "pool": "ci",
+             "nics": ["0000:3B:00.0", "8086:1572", "0x8086:0x1521"],
+             "emulated_nics": [{"name": "enic0", "node": 0}, {"name": "enic1", "node": 1}]},
+            {"name": "n2", "uri": "qemu+tls://n2/system", "reserved_cpus": 0},
+        ],
+    })
+    cfg = load(str(path))
+    assert cfg.spool == Path("/srv/vmjobs")
+    assert (cfg.virt_type, cfg.nic_backend) == ("qemu", "emulated")
+    assert cfg.output_disk_mib == 1024
+    assert cfg.kvm_probe_timeout_s == 2.5
+    n1 = cfg.host("n1")
+    assert n1.uri == "qemu+ssh://n1/system"
+    assert n1.reserved_cpus == frozenset({0, 16})
+    assert n1.reserved_memory_mib == 4096
+    assert n1.labels == (("gen", "3"), ("rack", "r1"))
+    assert n1.pool == "ci"
+    assert n1.nic_allow == ("0000:3b:00.0", "8086:1572", "0x8086:0x1521")
+    assert n1.emulated_nics == (EmulatedNic("enic0", 0), EmulatedNic("enic1", 1))
+    n2 = cfg.host("n2")
+    assert n2.reserved_cpus == frozenset({0})
+    assert n2.pool == "default"
+
+
+def test_unknown_host_names_the_configured_ones() -> None:
+    with pytest.raises(VmjobsError, match=r"^unknown host 'elsewhere' \(configured: local\)$"):
+        load().host("elsewhere")
+
+
+# --- errors: file, key, problem, on one line ------------------------------------------------
+
+
+BAD = [
+    # (file content, key, words the problem must contain)
+    ("spool: /x\nhosts:\n  - name: a\n    uri: [x\n", "line 5", "not valid YAML"),
+    ("spool: /x\n\tvirt_type: kvm\n", "line 2", "not valid YAML"),
+    ("- a\n- b\n", "(top level)", "must be a mapping"),
+    ({"spools": "/x"}, "spools", "unknown key"),
+    (one_host(cpus=4), "hosts[0].cpus", "unknown key"),
+    ({"virt_type": "xen"}, "virt_type", "must be one of kvm, qemu, auto, not 'xen'"),
+    ({"nic_backend": "sriov"}, "nic_backend", "must be one of vfio, emulated"),
+    ({"spool": "var/lib/vmjobs"}, "spool", "must be an absolute path"),
+    ({"spool": ""}, "spool", "non-empty string"),
+    ({"hosts": []}, "hosts", "at least one host"),
+    ({"hosts": {"name": "a"}}, "hosts", "must be a list"),
+    ({"hosts": ["local"]}, "hosts[0]", "must be a mapping"),
+    ({"hosts": [{"name": "a"}]}, "hosts[0].uri", "is required"),
+    ({"hosts": [{"uri": "qemu:///system"}]}, "hosts[0].name", "is required"),
+    (one_host(name="a b"), "hosts[0].name", "not a valid host name"),
+    ({"hosts": [{"name": "a", "uri": "x"}, {"name": "b", "uri": "y"},
+                {"name": "a", "uri": "z"}]}, "hosts", "host name 'a' appears twice"),
+    (one_host(nics=["eth0"]), "hosts[0].nics[0]", "neither a PCI address"),
+    (one_host(nics=["0000:3b:00.0", "8086"]), "hosts[0].nics[1]", "'8086'"),
+    (one_host(nics=["0000:3b:00.8"]), "hosts[0].nics[0]", "neither a PCI address"),
+    (one_host(nics="8086:1572"), "hosts[0].nics", "must be a list"),
+    (one_host(reserved_cpus="0-x"), "hosts[0].reserved_cpus", "invalid cpu list '0-x'"),
+    (one_host(reserved_cpus="3-1"), "hosts[0].reserved_cpus", "invalid cpu list"),
+    (one_host(reserved_cpus=[0, 1]), "hosts[0].reserved_cpus", "invalid cpu list"),
+    (one_host(reserved_memory="lots"), "hosts[0].reserved_memory", "invalid size"),
+    (one_host(labels=["rack"]), "hosts[0].labels", "mapping of names to strings"),
+    (one_host(emulated_nics=["enic0"]), "hosts[0].emulated_nics[0]", "must be a mapping"),
+    (one_host(emulated_nics=[{"name": "e0", "numa": 0}]), "hosts[0].emulated_nics[0].numa",
+     "unknown key"),
+    (one_host(emulated_nics=[{"node": 0}]), "hosts[0].emulated_nics[0].name", "is required"),
+    (one_host(emulated_nics=[{"name": "e0", "node": -1}]), "hosts[0].emulated_nics[0].node",
+     "integer >= 0"),
+    (one_host(emulated_nics=[{"name": "e0", "node": "one"}]),
+     "hosts[0].emulated_nics[0].node", "integer >= 0"),
+    (one_host(emulated_nics=[{"name": "e0", "node": True}]),
+     "hosts[0].emulated_nics[0].node", "integer >= 0"),
+    (one_host(emulated_nics=[{"name": "e0", "node": 0}, {"name": "e0", "node": 1}]),
+     "hosts[0].emulated_nics[1].name", "appears twice"),
+    # The name becomes part of a device id that the domain metadata lists comma-separated.
+    (one_host(emulated_nics=[{"name": "e0,e1", "node": 0}]), "hosts[0].emulated_nics[0].name",
+     "not a valid NIC name"),
+    ({"output_disk_size": 0}, "output_disk_size", "greater than zero"),
+    ({"kvm_probe_timeout": 0}, "kvm_probe_timeout", "> 0"),
+    ({"kvm_probe_timeout": "soon"}, "kvm_probe_timeout", "> 0"),
+]
+
+
+@pytest.mark.parametrize(("content", "key", "problem"), BAD,
+                         ids=[f"{i}-{case[1]}" for i, case in enumerate(BAD)])
+def test_error_names_file_key_and_problem(tmp_path: Path, content: Any, key: str,
+                                          problem: str) -> None:
+    path = write(tmp_path / "bad config.yaml", content)
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    error = info.value
+    message = str(error)
+    assert "\n" not in message
+    assert (error.path, error.key) == (str(path), key)
+    assert message.startswith(f"{path}: {key}: ")
+    assert problem in error.problem
+
+
+def test_error_from_env_file_names_that_file(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path / "env.yaml", {"virt_type": "xen"})
+    monkeypatch.setenv("VMJOBS_CONFIG", str(path))
+    with pytest.raises(ConfigError, match=f"^{path}: virt_type: "):
+        load()
+
+
+def test_unknown_key_lists_the_allowed_ones(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", one_host(reserved_cpu="0"))
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert "reserved_cpus" in info.value.problem
+    assert "emulated_nics" in info.value.problem

@@ -52,13 +52,12 @@ def parse_capabilities(xml: str) -> tuple[Node, ...]:
         )
         memory = cell.find("memory")
         memory_mib = _to_mib(memory) if memory is not None else 0
-        hugepages = tuple(
-            sorted(
-                (int(p.get("size", "0")), int(p.text or 0))
-                for p in cell.findall("pages")
-                if int(p.get("size", "0")) > 4 and int(p.text or 0) > 0
-            )
-        )
+        pages = [(int(p.get("size", "0")), int(p.text or 0)) for p in cell.findall("pages")]
+        # libvirt lists the base page size too (4 KiB on x86, 64 KiB on many arm64 kernels):
+        # the smallest size a cell lists is that, and only the larger ones are hugepages.
+        base = min((size for size, _ in pages), default=0)
+        hugepages = tuple(sorted((size, count) for size, count in pages
+                                 if size > base and count > 0))
         nodes.append(Node(id=int(cell.get("id", "0")), cpus=cpus, memory_mib=memory_mib,
                           hugepages=hugepages))
     return tuple(sorted(nodes, key=lambda n: n.id))

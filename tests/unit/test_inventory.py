@@ -1,0 +1,287 @@
+"""Host inventory from libvirt XML: capabilities, PCI node devices, the NIC allow-list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from placement import Cpu, Device, HostState, Node
+from vmjobs.config import EmulatedNic, HostConfig
+from vmjobs.inventory import (
+    PciDevice,
+    allowed,
+    build_host,
+    cpu_node_map,
+    devices_by_node,
+    emulated_devices,
+    nic_devices,
+    parse_capabilities,
+    parse_pci_device,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+X710_0 = "0000:3b:00.0"  # Intel X710, node 0
+X710_1 = "0000:af:00.1"  # Intel X710, node 1
+MGMT = "0000:18:00.0"  # Intel I350: the host's own management NIC
+NVME = "0000:5e:00.0"  # Samsung NVMe: storage, not a NIC
+VIRTIO = "0000:00:03.0"  # virtio-net without <numa> or IOMMU group
+
+
+def read(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+@pytest.fixture(scope="module")
+def nodes() -> tuple[Node, ...]:
+    return parse_capabilities(read("caps-2socket-smt.xml"))
+
+
+@pytest.fixture(scope="module")
+def pci() -> list[PciDevice]:
+    devices = [parse_pci_device(p.read_text()) for p in sorted(DATA.glob("nodedev-*.xml"))]
+    assert all(d is not None for d in devices)
+    return devices  # type: ignore[return-value]
+
+
+# --- capabilities --------------------------------------------------------------------------
+
+
+def test_capabilities_cells(nodes: tuple[Node, ...]) -> None:
+    assert [n.id for n in nodes] == [0, 1]
+    assert [len(n.cpus) for n in nodes] == [16, 16]
+    assert {c.id for c in nodes[0].cpus} == set(range(0, 8)) | set(range(16, 24))
+    assert {c.id for c in nodes[1].cpus} == set(range(8, 16)) | set(range(24, 32))
+
+
+def test_capabilities_cpu_topology(nodes: tuple[Node, ...]) -> None:
+    cpus = {c.id: c for n in nodes for c in n.cpus}
+    assert cpus[0] == Cpu(id=0, core=0, socket=0, siblings=frozenset({0, 16}))
+    assert cpus[16] == Cpu(id=16, core=0, socket=0, siblings=frozenset({0, 16}))
+    assert cpus[9] == Cpu(id=9, core=1, socket=1, siblings=frozenset({9, 25}))
+    assert cpus[31] == Cpu(id=31, core=7, socket=1, siblings=frozenset({15, 31}))
+    for node in nodes:
+        assert {c.socket for c in node.cpus} == {node.id}
+        # 8 physical cores per socket, each with exactly two threads that name each other
+        assert len({c.siblings for c in node.cpus}) == 8
+        for c in node.cpus:
+            assert len(c.siblings) == 2 and c.id in c.siblings
+            assert all(cpus[s].siblings == c.siblings for s in c.siblings)
+
+
+def test_capabilities_memory_in_mib(nodes: tuple[Node, ...]) -> None:
+    # 65842952 KiB and 66058896 KiB, rounded down to whole MiB
+    assert [n.memory_mib for n in nodes] == [64299, 64510]
+
+
+def test_capabilities_hugepages(nodes: tuple[Node, ...]) -> None:
+    # 4 KiB base pages are not hugepages; sizes with no pages are left out
+    assert nodes[0].hugepages == ((2048, 512), (1048576, 4))
+    assert nodes[1].hugepages == ((2048, 256),)
+
+
+def test_capabilities_without_topology() -> None:
+    assert parse_capabilities("<capabilities><host><cpu/></host></capabilities>") == ()
+
+
+def test_capabilities_memory_units_and_cell_order() -> None:
+    xml = """<capabilities><host><topology><cells num='2'>
+      <cell id='1'><memory unit='GiB'>2</memory><cpus num='1'>
+        <cpu id='1' socket_id='1' core_id='0' siblings='1'/></cpus></cell>
+      <cell id='0'><memory unit='MiB'>1536</memory><cpus num='1'>
+        <cpu id='0'/></cpus></cell>
+    </cells></topology></host></capabilities>"""
+    nodes = parse_capabilities(xml)
+    assert [(n.id, n.memory_mib) for n in nodes] == [(0, 1536), (1, 2048)]
+    # a cpu without topology attributes is its own core, alone on socket 0
+    assert nodes[0].cpus == (Cpu(id=0, core=0, socket=0, siblings=frozenset({0})),)
+
+
+def test_capabilities_64k_base_pages_are_not_hugepages() -> None:
+    # arm64 with a 64 KiB page kernel: the base page is 64 KiB, hugepages 2 MiB and 512 MiB
+    xml = """<capabilities><host><topology><cells num='1'><cell id='0'>
+      <memory unit='KiB'>33554432</memory>
+      <pages unit='KiB' size='64'>516096</pages>
+      <pages unit='KiB' size='2048'>64</pages>
+      <pages unit='KiB' size='524288'>0</pages>
+      <cpus num='1'><cpu id='0' socket_id='0' core_id='0' siblings='0'/></cpus>
+    </cell></cells></topology></host></capabilities>"""
+    (node,) = parse_capabilities(xml)
+    assert node.hugepages == ((2048, 64),)
+
+
+# --- PCI node devices ----------------------------------------------------------------------
+
+
+def test_parse_pci_nic_on_node_0() -> None:
+    assert parse_pci_device(read("nodedev-x710-node0.xml")) == PciDevice(
+        address=X710_0, pci_class=0x020000, vendor="0x8086", product="0x1572", node=0,
+        iommu_group=40, driver="i40e",
+    )
+
+
+def test_parse_pci_nic_on_node_1() -> None:
+    device = parse_pci_device(read("nodedev-x710-node1.xml"))
+    assert device is not None
+    assert (device.address, device.node, device.iommu_group, device.driver) == (
+        X710_1, 1, 91, "vfio-pci")
+    assert device.is_network
+
+
+def test_parse_pci_non_network_device() -> None:
+    device = parse_pci_device(read("nodedev-nvme.xml"))
+    assert device is not None
+    assert (device.address, device.pci_class, device.vendor, device.product) == (
+        NVME, 0x010802, "0x144d", "0xa808")
+    assert not device.is_network
+
+
+def test_parse_pci_device_without_numa_or_iommu_group() -> None:
+    device = parse_pci_device(read("nodedev-virtio-net-no-numa.xml"))
+    assert device is not None
+    assert device.address == VIRTIO
+    assert device.node == 0
+    assert device.iommu_group is None
+    assert device.is_network
+
+
+def test_parse_pci_numa_minus_one_means_node_0() -> None:
+    xml = read("nodedev-x710-node1.xml").replace("<numa node='1'/>", "<numa node='-1'/>")
+    device = parse_pci_device(xml)
+    assert device is not None and device.node == 0
+
+
+def test_parse_pci_without_class() -> None:
+    xml = read("nodedev-x710-node0.xml").replace("<class>0x020000</class>", "")
+    device = parse_pci_device(xml)
+    assert device is not None
+    assert device.pci_class is None
+    assert not device.is_network
+
+
+def test_non_pci_device_is_none() -> None:
+    xml = """<device><name>net_eno1_3c_ec_ef_00_00_01</name>
+      <parent>pci_0000_18_00_0</parent>
+      <capability type='net'><interface>eno1</interface>
+        <address>3c:ec:ef:00:00:01</address></capability></device>"""
+    assert parse_pci_device(xml) is None
+
+
+@pytest.mark.parametrize(
+    ("pci_class", "network"),
+    [(0x020000, True), (0x028000, True), (0x010802, False), (0x030000, False),
+     (0x000200, False)],
+)
+def test_network_class_is_the_base_class(pci_class: int, network: bool) -> None:
+    device = PciDevice(X710_0, pci_class, "0x8086", "0x1572", 0, None, None)
+    assert device.is_network is network
+
+
+# --- the allow-list ------------------------------------------------------------------------
+
+
+def by_address(pci: list[PciDevice]) -> dict[str, PciDevice]:
+    return {d.address: d for d in pci}
+
+
+@pytest.mark.parametrize(
+    ("entry", "matches"),
+    [
+        (X710_0, {X710_0}),
+        ("0000:3B:00.0", {X710_0}),
+        ("8086:1572", {X710_0, X710_1}),
+        ("0x8086:0x1572", {X710_0, X710_1}),
+        ("8086:1521", {MGMT}),
+        ("8086:157", set()),
+        ("0000:3b:00.1", set()),
+        ("1572:8086", set()),
+    ],
+)
+def test_allowed(pci: list[PciDevice], entry: str, matches: set[str]) -> None:
+    assert {d.address for d in pci if allowed(d, [entry])} == matches
+
+
+def test_nothing_is_allowed_by_an_empty_list(pci: list[PciDevice]) -> None:
+    assert nic_devices(pci, ()) == ()
+
+
+def test_allow_list_by_vendor_product(pci: list[PciDevice]) -> None:
+    devices = nic_devices(pci, ["8086:1572"])
+    assert devices == (
+        Device(address=X710_0, node=0, kind="nic", vendor="0x8086", product="0x1572",
+               iommu_group=40),
+        Device(address=X710_1, node=1, kind="nic", vendor="0x8086", product="0x1572",
+               iommu_group=91),
+    )
+
+
+def test_allow_list_by_address(pci: list[PciDevice]) -> None:
+    assert [d.address for d in nic_devices(pci, [X710_1])] == [X710_1]
+
+
+def test_management_nic_not_on_the_list_is_never_returned(pci: list[PciDevice]) -> None:
+    for allow in ([X710_0, X710_1], ["8086:1572"], ["8086:1572", VIRTIO], ["1af4:1041"]):
+        assert MGMT not in {d.address for d in nic_devices(pci, allow)}
+
+
+def test_non_network_devices_never_returned_even_if_listed(pci: list[PciDevice]) -> None:
+    devices = nic_devices(pci, [NVME, "144d:a808", X710_0])
+    assert [d.address for d in devices] == [X710_0]
+
+
+def test_devices_sorted_by_address_whatever_the_input_order(pci: list[PciDevice]) -> None:
+    allow = [X710_1, X710_0, VIRTIO, MGMT]
+    forward = nic_devices(pci, allow)
+    assert [d.address for d in forward] == sorted([X710_1, X710_0, VIRTIO, MGMT])
+    assert nic_devices(list(reversed(pci)), allow) == forward
+
+
+# --- emulated NICs and build_host -----------------------------------------------------------
+
+
+def test_emulated_devices() -> None:
+    config = HostConfig(name="h", uri="test:///default",
+                        emulated_nics=(EmulatedNic("enic0", 0), EmulatedNic("enic1", 1)))
+    assert emulated_devices(config) == (
+        Device(address="emulated:enic0", node=0, kind="nic"),
+        Device(address="emulated:enic1", node=1, kind="nic"),
+    )
+    assert emulated_devices(HostConfig(name="h", uri="x")) == ()
+
+
+def test_build_host_applies_reservations(nodes: tuple[Node, ...], pci: list[PciDevice]) -> None:
+    config = HostConfig(name="n1", uri="qemu+ssh://n1/system", reserved_cpus=frozenset({0, 16}),
+                        reserved_memory_mib=4096, labels=(("rack", "r1"),), pool="ci",
+                        nic_allow=("8086:1572",))
+    host = build_host(config, nodes, nic_devices(pci, config.nic_allow))
+    assert host.name == "n1"
+    assert host.reserved_cpus == frozenset({0, 16})
+    # the OS memory reservation is taken evenly from both nodes
+    assert [n.memory_mib for n in host.nodes] == [64299 - 2048, 64510 - 2048]
+    # cpus and hugepages are what the hardware has; reserved cpus are marked, not removed
+    assert [n.cpus for n in host.nodes] == [n.cpus for n in nodes]
+    assert [n.hugepages for n in host.nodes] == [n.hugepages for n in nodes]
+    assert [d.address for d in host.devices] == [X710_0, X710_1]
+    assert (host.labels, host.pool, host.state) == ((("rack", "r1"),), "ci", HostState.UP)
+    assert cpu_node_map(host)[16] == 0 and cpu_node_map(host)[24] == 1
+    assert {node: [d.address for d in devs] for node, devs in devices_by_node(host).items()} == {
+        0: [X710_0], 1: [X710_1]}
+
+
+def test_build_host_rounds_the_memory_share_up_and_never_below_zero() -> None:
+    small = (Node(id=0, cpus=(), memory_mib=100), Node(id=1, cpus=(), memory_mib=10_000))
+    host = build_host(HostConfig(name="h", uri="x", reserved_memory_mib=301), small, ())
+    assert [n.memory_mib for n in host.nodes] == [0, 10_000 - 151]
+
+
+def test_build_host_without_reservations_keeps_the_hardware(nodes: tuple[Node, ...]) -> None:
+    host = build_host(HostConfig(name="h", uri="x"), nodes, (), HostState.CORDONED)
+    assert host.nodes == nodes
+    assert host.reserved_cpus == frozenset()
+    assert host.state == HostState.CORDONED
+
+
+def test_build_host_drops_devices_on_nodes_it_does_not_have(nodes: tuple[Node, ...]) -> None:
+    devices = (Device(address=X710_0, node=0), Device(address="emulated:e9", node=9))
+    host = build_host(HostConfig(name="h", uri="x"), nodes, devices)
+    assert [d.address for d in host.devices] == [X710_0]

@@ -20,6 +20,7 @@ from vmjobs.errors import ConfigError, VmjobsError
 from vmjobs.units import parse_cpu_list, parse_size_mib
 
 SYSTEM_CONFIG = Path("/etc/vmjobs/config.yaml")
+DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
 EMBEDDED = "<embedded default>"
 VIRT_TYPES = ("kvm", "qemu", "auto")
 NIC_BACKENDS = ("vfio", "emulated")
@@ -58,6 +59,11 @@ class Config:
     output_disk_mib: int = 256
     # KVM probe boots give up after this long and fall back to TCG (see virt_probe)
     kvm_probe_timeout_s: float = 10.0
+    # the daemon (`vmjob serve`): its unix socket, optional Prometheus port, and the group
+    # whose members act on every user's jobs (root always does)
+    socket: Path = DEFAULT_SOCKET
+    metrics_port: int | None = None
+    admin_group: str | None = None
 
     @property
     def state_db(self) -> Path:
@@ -159,7 +165,8 @@ class _Reader:
 def parse(data: Any, path: str) -> Config:
     top = _Reader(data, path, "")
     top.check_known(
-        {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout"}
+        {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
+         "socket", "metrics_port", "admin_group"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -175,6 +182,16 @@ def parse(data: Any, path: str) -> Config:
     timeout = top.data.get("kvm_probe_timeout", 10)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise top.fail("kvm_probe_timeout", "must be a number of seconds > 0")
+    socket = Path(top.str("socket", str(DEFAULT_SOCKET)))
+    if not socket.is_absolute():
+        raise top.fail("socket", "must be an absolute path")
+    metrics_port = top.data.get("metrics_port")
+    if metrics_port is not None and (
+        isinstance(metrics_port, bool) or not isinstance(metrics_port, int)
+        or not 1 <= metrics_port <= 65535
+    ):
+        raise top.fail("metrics_port", "must be a TCP port number (1-65535)")
+    admin_group = top.str("admin_group") if top.data.get("admin_group") is not None else None
     return Config(
         path=path,
         spool=spool,
@@ -183,6 +200,9 @@ def parse(data: Any, path: str) -> Config:
         nic_backend=top.str("nic_backend", "vfio", NIC_BACKENDS),
         output_disk_mib=top.size_mib("output_disk_size", 256),
         kvm_probe_timeout_s=float(timeout),
+        socket=socket,
+        metrics_port=metrics_port,
+        admin_group=admin_group,
     )
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import libvirt
 
-from vmjobs.config import HostConfig
+import placement
+from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
+from vmjobs.inventory import read_host
 
 
 def _quiet(_ctx: object, _err: object) -> None:
@@ -54,3 +58,38 @@ def is_running(dom: libvirt.virDomain) -> bool:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return False  # a transient domain disappears when it stops
         raise
+
+
+@dataclass
+class Reached:
+    """The hosts that answered (connection + inventory) and why the others did not."""
+
+    conns: dict[str, libvirt.virConnect] = field(default_factory=dict)
+    hosts: list[placement.Host] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+
+
+def connect_hosts(config: Config, only: str | None = None) -> Reached:
+    """Connect to every configured host (or just `only`) and read its inventory.
+
+    An unreachable host is reported, not fatal, unless it is the only one asked for.
+    """
+    chosen = [config.host(only)] if only else list(config.hosts)
+    reached = Reached()
+    for host_config in chosen:
+        try:
+            conn = connect(host_config)
+            host = read_host(conn, host_config, config.nic_backend)
+        except (VmjobsError, libvirt.libvirtError) as exc:
+            message = str(exc) if isinstance(exc, VmjobsError) else exc.get_error_message()
+            if len(chosen) == 1:
+                raise VmjobsError(message) from None
+            reached.errors[host_config.name] = message
+            continue
+        reached.conns[host_config.name] = conn
+        reached.hosts.append(host)
+    return reached

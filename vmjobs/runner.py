@@ -26,9 +26,8 @@ from vmjobs import guest_protocol, virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, follow_console, prepare, start
-from vmjobs.hostconn import connect, destroy_quietly, lookup_domain
+from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
-from vmjobs.inventory import read_host
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
 from vmjobs.store import Store
 
@@ -135,24 +134,6 @@ def reap_abandoned(store: Store, conns: dict[str, libvirt.virConnect]) -> list[s
     return reaped
 
 
-def _connect_hosts(config: Config, only: str | None,
-                   note: Callable[[str], None]) -> tuple[dict[str, libvirt.virConnect], list]:
-    chosen = [config.host(only)] if only else list(config.hosts)
-    conns: dict[str, libvirt.virConnect] = {}
-    hosts = []
-    for host_config in chosen:
-        try:
-            conn = connect(host_config)
-        except VmjobsError as exc:
-            if len(chosen) == 1:
-                raise
-            note(f"{exc}; placing on the other hosts")
-            continue
-        conns[host_config.name] = conn
-        hosts.append(read_host(conn, host_config, config.nic_backend))
-    return conns, hosts
-
-
 def snapshot(store: Store, hosts: list[placement.Host]) -> placement.Cluster:
     """The engine's view: hardware from libvirt, holdings from the store."""
     cluster = placement.Cluster(hosts)
@@ -173,7 +154,10 @@ def run(config: Config, job: RunRequest, write: Callable[[str], None],
     """Run one job to its end; return the exit code `vmjob run` should exit with."""
     validate(job)
     image = resolve_image(config.spool, job.image)
-    conns, hosts = _connect_hosts(config, job.request.host, note)
+    reached = connect_hosts(config, job.request.host)
+    for name, error in reached.errors.items():
+        note(f"{error}; not placing on {name}")
+    conns, hosts = reached.conns, reached.hosts
     store = Store(config.state_db)
     try:
         for reaped in reap_abandoned(store, conns):
@@ -201,8 +185,7 @@ def run(config: Config, job: RunRequest, write: Callable[[str], None],
                                   allocation, image, write, note)
     finally:
         store.close()
-        for conn in conns.values():
-            conn.close()
+        reached.close()
 
 
 def _describe(alloc: Allocation) -> str:

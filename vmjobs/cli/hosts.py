@@ -1,0 +1,49 @@
+"""`vmjob hosts`: the cluster's capacity, free and total, per host and NUMA node."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from vmjobs.hosts_view import host_views
+from vmjobs.units import format_mib
+
+
+@click.command()
+@click.argument("host", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def hosts(obj: object, host: str | None, as_json: bool) -> None:
+    """Show cores, memory and NICs free/total per host and NUMA node.
+
+    Cores reserved for the host OS (config `reserved_cpus`) are not counted; NICs are only
+    those the config allows jobs to have.
+
+    \b
+    Examples:
+      vmjob hosts
+      vmjob hosts node1 --json
+    """
+    views = host_views(click.get_current_context().obj.config, host)
+    if as_json:
+        click.echo(json.dumps([v.to_dict() for v in views], indent=2))
+        return
+    rows = [("HOST/NODE", "STATE", "JOBS", "CORES FREE/TOTAL", "MEMORY FREE/TOTAL",
+             "NICS FREE/TOTAL")]
+    for view in views:
+        usage = view.usage
+        if usage is None:
+            rows.append((view.name, "down", "-", "-", "-", view.error or ""))
+            continue
+        rows.append((view.name, usage.state.value, str(usage.jobs),
+                     f"{usage.cpus_free}/{usage.cpus_total}",
+                     f"{format_mib(usage.memory_free_mib)}/{format_mib(usage.memory_total_mib)}",
+                     f"{usage.nics_free}/{usage.nics_total}"))
+        for node in usage.nodes:
+            rows.append((f"  node{node.node}", "", "", f"{node.cpus_free}/{node.cpus_total}",
+                         f"{format_mib(node.memory_free_mib)}/{format_mib(node.memory_total_mib)}",
+                         f"{node.nics_free}/{node.nics_total}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -178,8 +178,9 @@ def read_metadata(domain_xml: str) -> DomainMetadata | None:
 def memory_backing(alloc: Allocation) -> ET.Element:
     backing = ET.Element("memoryBacking")
     pages = ET.SubElement(backing, "hugepages")
+    # <page nodeset> names guest NUMA cells (0..n-1), not host nodes: numatune maps the cells.
     ET.SubElement(pages, "page", size=str(alloc.hugepage_kib), unit="KiB",
-                  nodeset=format_cpu_list([s.node for s in alloc.nodes]))
+                  nodeset=format_cpu_list(list(range(len(alloc.nodes)))))
     return backing
 
 

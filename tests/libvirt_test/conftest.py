@@ -13,7 +13,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 
 @pytest.fixture
 def default_conn() -> Iterator[libvirt.virConnect]:
-    """A fresh test:///default: each open gets its own private state."""
+    """test:///default; its state lives while a connection to it is open, so tests clean up."""
     conn = libvirt.open("test:///default")
     yield conn
     conn.close()

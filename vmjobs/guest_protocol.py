@@ -13,6 +13,7 @@ The guest side is `images/init`; docs/guest-protocol.md describes both.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from vmjobs.cpio import Entry, write_gzip_newc
 from vmjobs.errors import UnsafeOutput, VmjobsError
@@ -340,7 +341,7 @@ def read_output(disk: Path, dest: Path, max_bytes: int | None = None) -> GuestRe
             raise VmjobsError(f"{dest} already exists; not extracting the job's output over it")
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
         try:
-            _extract(handle, members, tmp)
+            _extract(handle, size, members, tmp)
             os.chmod(tmp, 0o755)
             os.rename(tmp, dest)
         except BaseException:
@@ -349,25 +350,67 @@ def read_output(disk: Path, dest: Path, max_bytes: int | None = None) -> GuestRe
     return GuestResult(rc, status, files, total)
 
 
-def _open_tar(handle: BinaryIO) -> tarfile.TarFile:
-    handle.seek(HEADER_SIZE)
+class _Window(io.RawIOBase):
+    """The disk from byte 512 on, as a file of its own. tarfile only reports a damaged first
+    header when the archive starts at offset 0 of its file; elsewhere it quietly returns an
+    empty archive."""
+
+    def __init__(self, handle: BinaryIO, start: int, end: int) -> None:
+        super().__init__()
+        self._handle, self._start, self._end, self._pos = handle, start, end, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end - self._start}
+        self._pos = max(0, base[whence] + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = max(0, min(len(view), self._end - self._start - self._pos))
+        self._handle.seek(self._start + self._pos)
+        got = self._handle.readinto(view[:want])  # type: ignore[attr-defined]
+        self._pos += got
+        return int(got)
+
+
+def _open_tar(handle: BinaryIO, disk_size: int) -> tarfile.TarFile:
+    window = io.BufferedReader(_Window(handle, HEADER_SIZE, disk_size), 1 << 16)
     # "r:" reads plain tar only: nothing is decompressed, so the disk size bounds everything.
-    return tarfile.open(fileobj=handle, mode="r:")
+    return tarfile.open(fileobj=window, mode="r:")
 
 
 def _checked_members(handle: BinaryIO, disk_size: int,
                      limit: int) -> list[tuple[tarfile.TarInfo, str | None]]:
     try:
-        with _open_tar(handle) as tar:
+        with _open_tar(handle, disk_size) as tar:
             members = tar.getmembers()
+            # tarfile also treats a damaged header after the first as the end of the archive;
+            # a tar that busybox wrote ends with zero blocks, so anything else is refused.
+            assert tar.fileobj is not None
+            tar.fileobj.seek(tar.offset)
+            trailer = tar.fileobj.read(HEADER_SIZE)
     except (tarfile.TarError, EOFError, OSError, UnicodeError) as exc:
         raise UnsafeOutput(f"output archive is not a readable tar: {exc}") from None
+    if not members:
+        # The guest archives /job/out itself, so even an empty output has its "./" member.
+        raise UnsafeOutput("output archive is empty although the header says ok")
+    if trailer.strip(b"\0"):
+        raise UnsafeOutput(f"output archive has a damaged header after member "
+                           f"{members[-1].name!r}")
     checked = [(m, _check_member(m)) for m in members]
     total = 0
     for member, _ in checked:
         if member.isreg():
-            # tarfile's offsets count from the start of the disk, header included.
-            if member.offset_data + member.size > disk_size:
+            if member.offset_data + member.size > disk_size - HEADER_SIZE:
                 raise UnsafeOutput(f"output archive member {member.name!r} runs past the end "
                                    "of the disk")
             total += member.size
@@ -377,11 +420,11 @@ def _checked_members(handle: BinaryIO, disk_size: int,
     return checked
 
 
-def _extract(handle: BinaryIO, members: list[tuple[tarfile.TarInfo, str | None]],
-             dest: Path) -> None:
+def _extract(handle: BinaryIO, disk_size: int,
+             members: list[tuple[tarfile.TarInfo, str | None]], dest: Path) -> None:
     keep = [m for m, rel in members if rel is not None]
     try:
-        with _open_tar(handle) as tar:
+        with _open_tar(handle, disk_size) as tar:
             # The checks above already refuse everything the "data" filter would; it stays as
             # a second line of defence (it also clears setuid bits and foreign owners).
             tar.extractall(dest, members=keep, filter="data")

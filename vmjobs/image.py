@@ -33,6 +33,7 @@ RECIPE_VERSION = 1
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 ID_LENGTH = 16
+MODULES_ROOT = Path("/lib/modules")  # where --kernel's modules are looked for
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # Small files every guest gets; tools such as `id` and `whoami` look for them.
@@ -502,7 +503,7 @@ def _plan(kernel: Path | None, progress: Progress) -> _Plan:
     modules: tuple[Module, ...] = ()
     if kernel is not None:  # checked first: a wrong --kernel fails before any apt work
         version = bzimage_version(kernel)
-        moddir = Path("/lib/modules") / version
+        moddir = MODULES_ROOT / version
         if not moddir.is_dir():
             raise VmjobsError(f"no modules for kernel {version}: looked in {moddir}, which "
                               "does not exist (install the modules matching --kernel)")

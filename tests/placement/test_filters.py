@@ -1,0 +1,132 @@
+"""Each filter on its own: it passes what it should and words its rejection readably."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from placement import Allocation, HostState, NodeShare, Reason, Request, ThreadPolicy
+from placement import filters as f
+from placement.fit import fit_host, split
+from placement.ledger import HostLedger, claim, empty_ledger
+from placement.need import need_of
+from placement.synthetic import make_host
+
+
+def ledger(**shape: Any) -> HostLedger:
+    base: dict[str, Any] = {"nodes": 2, "cores": 4, "memory_mib": 4096, "nics_per_node": 1}
+    base.update(shape)
+    return empty_ledger(make_host("a", **base))
+
+
+def messages(reasons: tuple[Reason, ...]) -> list[str]:
+    return [r.message for r in reasons]
+
+
+def test_host_name() -> None:
+    led = ledger()
+    assert f.host_name(led, Request(1, 1)) == ()
+    assert f.host_name(led, Request(1, 1, host="a")) == ()
+    assert messages(f.host_name(led, Request(1, 1, host="b"))) == ["a: not host b"]
+
+
+def test_host_state() -> None:
+    led = ledger()
+    assert f.host_state(led, Request(1, 1)) == ()
+    led.host = replace(led.host, state=HostState.CORDONED)
+    assert messages(f.host_state(led, Request(1, 1))) == ["a: cordoned"]
+    led.host = replace(led.host, state=HostState.DOWN)
+    assert f.host_state(led, Request(1, 1))[0].kind == "state"
+
+
+def test_pool() -> None:
+    led = ledger(pool="batch")
+    assert f.pool(led, Request(1, 1)) == ()
+    assert f.pool(led, Request(1, 1, pool="batch")) == ()
+    assert messages(f.pool(led, Request(1, 1, pool="ci"))) == ["a: not in pool ci"]
+
+
+def test_labels() -> None:
+    led = ledger(labels=(("rack", "r1"), ("nic", "x710")))
+    assert f.labels(led, Request(1, 1, labels=(("rack", "r1"),))) == ()
+    got = f.labels(led, Request(1, 1, labels=(("rack", "r2"), ("ssd", "yes"))))
+    assert messages(got) == ["a: lacks label rack=r2, ssd=yes"]
+
+
+def test_anti_affinity() -> None:
+    led = ledger()
+    assert f.anti_affinity(led, Request(1, 1, anti_affinity="g")) == ()
+    alloc = Allocation("a", (0,), 10, (NodeShare(0, (0,), 10),))
+    claim(led, alloc, "j1", +1, group="g")
+    got = f.anti_affinity(led, Request(1, 1, anti_affinity="g"))
+    assert messages(got) == ["a: already runs a member of group g"]
+    assert f.anti_affinity(led, Request(1, 1, anti_affinity="other")) == ()
+    claim(led, alloc, "j1", -1, group="g")
+    assert f.anti_affinity(led, Request(1, 1, anti_affinity="g")) == ()
+
+
+def test_node_cpus_dedicated_and_isolate() -> None:
+    led = ledger(threads=2)
+    node = led.nodes[0]
+    assert f.node_cpus(led, node, need_of(Request(8, 1))) == ()
+    assert messages(f.node_cpus(led, node, need_of(Request(9, 1)))) == [
+        "a/node0: 8 free cores, needs 9"]
+    isolate = need_of(Request(5, 1, threads=ThreadPolicy.ISOLATE))
+    assert messages(f.node_cpus(led, node, isolate)) == ["a/node0: 4 free whole cores, needs 5"]
+
+
+def test_node_memory_and_hugepages() -> None:
+    led = ledger(hugepages=((2048, 100),))
+    node = led.nodes[0]
+    assert f.node_memory(led, node, need_of(Request(1, 4096))) == ()
+    assert messages(f.node_memory(led, node, need_of(Request(1, 8000)))) == [
+        "a/node0: 4 GiB free memory, needs 7.8 GiB"]
+    huge = need_of(Request(1, 400, hugepage_kib=2048))
+    assert messages(f.node_memory(led, node, huge)) == [
+        "a/node0: 100 free 2 MiB hugepages, needs 200"]
+    gig = need_of(Request(1, 1024, hugepage_kib=1048576))
+    assert messages(f.node_memory(led, node, gig)) == ["a/node0: no 1 GiB hugepages"]
+    assert f.node_memory(led, node, gig)[0].kind == "hugepages"
+
+
+def test_node_nics_missing_in_use_and_vendor() -> None:
+    led = ledger(nics_per_node=2)
+    node = led.nodes[1]
+    assert f.node_nics(led, node, need_of(Request(1, 1, nics=2))) == ()
+    assert messages(f.node_nics(led, node, need_of(Request(1, 1, nics=3)))) == [
+        "a/node1: 2 NICs, needs 3"]
+    claim(led, Allocation("a", (4,), 1, (NodeShare(1, (4,), 1),), ("0000:04:00.0",)), "j", +1)
+    assert messages(f.node_nics(led, node, need_of(Request(1, 1, nics=2)))) == [
+        "a/node1: NIC 0000:04:00.0 in use"]
+    mellanox = need_of(Request(1, 1, nics=1, nic_vendor="0x15b3"))
+    assert messages(f.node_nics(led, node, mellanox)) == [
+        "a/node1: no NICs from vendor 0x15b3, needs 1"]
+    intel = need_of(Request(1, 1, nics=1, nic_vendor="8086", nic_product="0x1572"))
+    assert f.node_nics(led, node, intel) == ()
+
+
+def test_span_filters_sum_the_nodes() -> None:
+    led = ledger()
+    assert f.span_cpus(led, need_of(Request(8, 1))) == ()
+    assert messages(f.span_cpus(led, need_of(Request(9, 1)))) == ["a: 8 free cores, needs 9"]
+    assert messages(f.span_memory(led, need_of(Request(1, 9000)))) == [
+        "a: 8 GiB free memory, needs 8.8 GiB"]
+    assert messages(f.span_nics(led, need_of(Request(1, 1, nics=3)))) == ["a: 2 NICs, needs 3"]
+
+
+def test_fit_modes() -> None:
+    led = ledger()
+    six = need_of(Request(6, 100))
+    assert not fit_host(led, six, "node").fits
+    spanning = fit_host(led, six, "either")
+    assert spanning.fits and len(spanning.options[0].shares) == 2
+    four = fit_host(led, need_of(Request(4, 100)), "either")
+    assert [o.shares for o in four.options] == [((0, 4, 100),), ((1, 4, 100),)]
+
+
+def test_split_gives_every_node_a_cpu_and_memory() -> None:
+    assert split(6, 1000, [(0, 4, 800), (1, 4, 800)]) == ((0, 4, 667), (1, 2, 333))
+    # A node with cpus but no memory cannot be a guest NUMA cell.
+    assert split(6, 100, [(0, 4, 0), (1, 4, 800)]) is None
+    assert split(2, 1000, [(0, 1, 300), (1, 1, 700)]) == ((0, 1, 300), (1, 1, 700))
+    assert split(1, 1000, [(0, 1, 500), (1, 1, 600)]) is None

@@ -179,3 +179,22 @@ def test_emulated_nic_appears_at_nic0(guest_env: Env) -> None:
     assert lines[0] == "0000:00:10.0 0000:00:11.0"
     assert lines[1] == "0x020000"  # an Ethernet controller sits at the address in $NIC0
     assert_nothing_left(guest_env)
+
+
+def test_killed_run_is_reaped_by_the_next_run(guest_env: Env) -> None:
+    proc = guest_env.popen("run", "--", "sh", "-c", "echo ready; sleep 120")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()  # SIGKILL: no chance to clean up; the guest and the reservation stay
+    proc.communicate(timeout=30)
+    assert len(our_domains()) == 1
+    assert reservations(guest_env) == 1
+    result = guest_env.vmjob("run", "--", "echo", "next")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "next\n"
+    assert "its vmjob process had died" in result.stderr
+    assert_nothing_left(guest_env)
+    store = Store(guest_env.spool / "state.db")
+    states = [j.state.value for j in store.jobs()]
+    store.close()
+    assert "LOST" in states

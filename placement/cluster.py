@@ -80,6 +80,11 @@ class Cluster:
             raise UnknownJob(job_id)
         return self._requests[job_id]
 
+    def allocation_of(self, job_id: str) -> Allocation:
+        if job_id not in self._allocs:
+            raise UnknownJob(job_id)
+        return self._allocs[job_id]
+
     def jobs_on(self, host: str) -> tuple[str, ...]:
         return tuple(sorted(self._jobs_on[self._host_id(host)]))
 
@@ -198,8 +203,27 @@ class Cluster:
             return explaining.not_now(need, fits)
         return explaining.never(need, fits, empty, mode)
 
-    def _find(self, need: Need, policy: Policy,
-              exclude: frozenset[str] = frozenset()) -> tuple[Option, HostLedger] | None:
+    def place_within(self, request: Request, policy: str = "pack",
+                     exclude: frozenset[str] = frozenset(),
+                     avoid: frozenset[tuple[str, int]] = frozenset()) -> Decision:
+        """`place` for planners: never on hosts in `exclude`, never touching (host, node) pairs
+        in `avoid`. Skips the full explanation; a failure says only what was ruled out."""
+        need = need_of(request)
+        if need.problem is None and (request.host is None or request.host in self._id):
+            found = self._find(need, POLICIES[policy], exclude, avoid)
+            if found is not None:
+                option, ledger = found
+                return Decision(_allocate(option, ledger, need), explaining.placed(option))
+        ruled_out = f" outside {', '.join(sorted(exclude))}" if exclude else ""
+        return Decision(None, Explanation(False, False, (), f"no host{ruled_out} has room"))
+
+    def _ledger(self, host: str) -> HostLedger:
+        """The live ledger of `host`, for planners in this package to copy and read."""
+        return self._ledgers[self._host_id(host)]
+
+    def _find(self, need: Need, policy: Policy, exclude: frozenset[str] = frozenset(),
+              avoid: frozenset[tuple[str, int]] = frozenset(),
+              ) -> tuple[Option, HostLedger] | None:
         for mode in MODES[need.request.numa]:
             best: tuple[float, Option, HostLedger] | None = None
             found = 0
@@ -208,9 +232,14 @@ class Cluster:
                 if ledger.host.name in exclude:
                     continue
                 fit = fit_host(ledger, need, mode)
-                if not fit.options:
+                options = fit.options
+                if avoid:
+                    name = ledger.host.name
+                    options = tuple(o for o in options
+                                    if not any((name, s[0]) in avoid for s in o.shares))
+                if not options:
                     continue
-                for option in fit.options:
+                for option in options:
                     value = score(policy, ledger, need, option)
                     if best is None or value > best[0]:
                         best = (value, option, ledger)

@@ -11,8 +11,9 @@ PAGE = 2048
 
 
 @st.composite
-def hosts(draw: st.DrawFn) -> list[Host]:
-    count = draw(st.integers(1, 4))
+def hosts(draw: st.DrawFn, plain: bool = False) -> list[Host]:
+    """Up to 4 small hosts; `plain` ones are all up, in one pool, without labels."""
+    count = draw(st.integers(2 if plain else 1, 4))
     built = []
     for i in range(count):
         nodes = draw(st.integers(1, 3))
@@ -29,12 +30,28 @@ def hosts(draw: st.DrawFn) -> list[Host]:
             nics_per_node=draw(st.integers(0, 2)),
             hugepages=draw(st.sampled_from([(), ((PAGE, 512),)])),
             reserved_cpus=reserved,
-            pool=draw(st.sampled_from(["default", "ci"])),
-            labels=draw(st.sampled_from([(), (("gpu", "yes"),)])),
-            state=draw(st.sampled_from([HostState.UP, HostState.UP, HostState.UP,
-                                        HostState.CORDONED, HostState.DOWN])),
+            pool="default" if plain else draw(st.sampled_from(["default", "ci"])),
+            labels=() if plain else draw(st.sampled_from([(), (("gpu", "yes"),)])),
+            state=HostState.UP if plain else draw(st.sampled_from(
+                [HostState.UP, HostState.UP, HostState.UP, HostState.CORDONED, HostState.DOWN])),
         ))
     return built
+
+
+@st.composite
+def plain_requests(draw: st.DrawFn) -> Request:
+    """Requests with no host, pool or label constraint: what planners can make room for."""
+    return Request(
+        cpus=draw(st.integers(1, 4)),
+        memory_mib=draw(st.integers(1, 2500)),
+        nics=draw(st.sampled_from([0, 0, 0, 1])),
+        numa=draw(st.sampled_from(list(NumaPolicy))),
+        threads=draw(st.sampled_from([ThreadPolicy.DEDICATED, ThreadPolicy.DEDICATED,
+                                      ThreadPolicy.ISOLATE])),
+        anti_affinity=draw(st.sampled_from([None, None, None, "g"])),
+        preemptible=draw(st.booleans()),
+        priority=draw(st.integers(0, 2)),
+    )
 
 
 @st.composite

@@ -1,0 +1,151 @@
+"""plan_to_fit and plan_rebalance: plans that, applied, do what they promise."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from placement import Allocation, Cluster, Host, NodeShare, NumaPolicy, Request
+from placement.plans import Checkpoint, Migrate, apply_plan, plan_rebalance, plan_to_fit
+from placement.synthetic import make_host
+from tests.placement.strategies import hosts, plain_requests
+
+STRICT = NumaPolicy.STRICT
+SETTINGS = settings(max_examples=80, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def pinned(cluster: Cluster, job: str, host: str, node: int, cpus: tuple[int, ...],
+           memory: int, request: Request | None = None) -> None:
+    request = request or Request(len(cpus), memory, numa=STRICT)
+    alloc = Allocation(host, cpus, memory, (NodeShare(node, cpus, memory),))
+    cluster.reserve(job, alloc, request)
+
+
+def fragmented() -> Cluster:
+    """Two hosts of 2 x 4 cores; every node has 2 cores taken, by jobs of rising memory."""
+    cluster = Cluster([make_host(n, nodes=2, cores=4, memory_mib=8192) for n in "ab"])
+    sizes = iter([1024, 2048, 3072, 4096])
+    for host in "ab":
+        pinned(cluster, f"{host}0", host, 0, (0, 1), next(sizes))
+        pinned(cluster, f"{host}1", host, 1, (4, 5), next(sizes))
+    return cluster
+
+
+def test_cheapest_migration_makes_room() -> None:
+    cluster = fragmented()
+    request = Request(4, 1024, numa=STRICT)
+    assert not cluster.place(request).fits
+    plan = plan_to_fit(cluster, request)
+    assert plan.found and plan.complete
+    assert [(type(a), a.job_id) for a in plan.actions] == [(Migrate, "a0")]
+    assert plan.cost_mib == 1024
+    assert plan.summary == "1 migration (1 GiB moved) makes room on a"
+    after = apply_plan(cluster, plan)
+    assert after.place(request).allocation == plan.allocation
+    assert cluster.allocation_of("a0").host == "a", "the original cluster is untouched"
+
+
+def test_fits_already_and_never_fits() -> None:
+    cluster = fragmented()
+    assert plan_to_fit(cluster, Request(2, 100, numa=STRICT)).actions == ()
+    never = plan_to_fit(cluster, Request(5, 100, numa=STRICT))
+    assert not never.found
+    assert never.summary == (
+        "largest NUMA node on any host has 4 cores; asked for 5 with --numa strict")
+
+
+def test_only_preemptible_jobs_are_checkpointed() -> None:
+    cluster = Cluster([make_host("a", nodes=1, cores=4)])
+    pinned(cluster, "keep", "a", 0, (0, 1), 1024)
+    pinned(cluster, "spot", "a", 0, (2, 3), 2048,
+           Request(2, 2048, numa=STRICT, preemptible=True))
+    plan = plan_to_fit(cluster, Request(2, 100, numa=STRICT))
+    assert plan.found and plan.actions == (Checkpoint("spot", 2048),)
+    nothing = plan_to_fit(cluster, Request(3, 100, numa=STRICT))
+    assert not nothing.found
+
+
+def test_higher_priority_jobs_are_not_checkpointed_for_lower() -> None:
+    cluster = Cluster([make_host("a", nodes=1, cores=2)])
+    pinned(cluster, "vip", "a", 0, (0, 1), 1024,
+           Request(2, 1024, numa=STRICT, preemptible=True, priority=5))
+    assert not plan_to_fit(cluster, Request(1, 100, priority=1)).found
+    assert plan_to_fit(cluster, Request(1, 100, priority=5)).found
+
+
+def test_jobs_without_a_request_never_move() -> None:
+    cluster = Cluster([make_host(n, nodes=1, cores=2) for n in "ab"])
+    cluster.reserve("x", Allocation("a", (0,), 10, (NodeShare(0, (0,), 10),)))
+    pinned(cluster, "y", "b", 0, (0,), 10)
+    plan = plan_to_fit(cluster, Request(2, 10, numa=STRICT))
+    assert plan.found and {a.job_id for a in plan.actions} == {"y"}
+
+
+def test_search_budget_is_reported() -> None:
+    cluster = fragmented()
+    plan = plan_to_fit(cluster, Request(4, 1024, numa=STRICT), max_steps=0)
+    assert not plan.found and not plan.complete
+
+
+@st.composite
+def busy(draw: st.DrawFn) -> tuple[Cluster, Request]:
+    built: list[Host] = draw(hosts(plain=True))
+    cluster = Cluster(built)
+    for i in range(draw(st.integers(0, 16))):
+        request = draw(plain_requests())
+        decision = cluster.place(request, draw(st.sampled_from(["pack", "spread"])))
+        if decision.allocation is not None:
+            cluster.reserve(f"j{i}", decision.allocation, request)
+    return cluster, draw(plain_requests())
+
+
+@SETTINGS
+@given(busy())
+def test_applying_a_plan_to_fit_then_placing_succeeds(case: tuple[Cluster, Request]) -> None:
+    cluster, request = case
+    before = dict(cluster.allocations())
+    plan = plan_to_fit(cluster, request, time_budget_s=None, max_steps=2000)
+    assert dict(cluster.allocations()) == before
+    if not plan.found:
+        assert not plan.actions
+        return
+    assert plan.cost_mib == sum(a.memory_mib for a in plan.actions)
+    for action in plan.actions:
+        theirs = cluster.request_of(action.job_id)
+        assert theirs is not None
+        if isinstance(action, Checkpoint):
+            assert theirs.preemptible and theirs.priority <= request.priority
+        else:
+            assert action.to_host != cluster.allocation_of(action.job_id).host
+    after = apply_plan(cluster, plan)
+    assert after.place(request).fits
+
+
+@SETTINGS
+@given(busy(), st.integers(0, 6))
+def test_rebalance_frees_whole_nodes_within_budget(case: tuple[Cluster, Request],
+                                                   moves: int) -> None:
+    cluster, _ = case
+    empty_before = {(h, n.node) for h in cluster.hosts for n in cluster.free(h).nodes
+                    if n.cpus_free == n.cpus_total and n.memory_free_mib == n.memory_total_mib}
+    plan = plan_rebalance(cluster, moves)
+    assert len(plan.actions) <= moves
+    assert all(isinstance(a, Migrate) for a in plan.actions)
+    after = apply_plan(cluster, plan)
+    for host, node in plan.freed:
+        usage = next(n for n in after.free(host).nodes if n.node == node)
+        assert usage.cpus_free == usage.cpus_total
+        assert usage.memory_free_mib == usage.memory_total_mib
+        assert (host, node) not in empty_before
+    for action in plan.actions:
+        assert isinstance(action, Migrate) and action.allocation is not None
+        for share in action.allocation.nodes:
+            assert (action.to_host, share.node) not in empty_before
+
+
+def test_rebalance_example() -> None:
+    plan = plan_rebalance(fragmented(), 2)
+    assert plan.found
+    assert plan.freed == (("a", 0), ("a", 1))
+    assert plan.summary == "frees 2 NUMA nodes with 2 migrations (3 GiB moved)"

@@ -390,15 +390,21 @@ def _open_tar(handle: BinaryIO, disk_size: int) -> tarfile.TarFile:
 
 def _checked_members(handle: BinaryIO, disk_size: int,
                      limit: int) -> list[tuple[tarfile.TarInfo, str | None]]:
+    members: list[tarfile.TarInfo] = []
     try:
         with _open_tar(handle, disk_size) as tar:
-            members = tar.getmembers()
+            while (member := tar.next()) is not None:
+                members.append(member)
             # tarfile also treats a damaged header after the first as the end of the archive;
             # a tar that busybox wrote ends with zero blocks, so anything else is refused.
             assert tar.fileobj is not None
             tar.fileobj.seek(tar.offset)
             trailer = tar.fileobj.read(HEADER_SIZE)
     except (tarfile.TarError, EOFError, OSError, UnicodeError) as exc:
+        # A member whose declared size runs past the disk makes tarfile fail on the next
+        # header; name that member rather than the symptom.
+        if members:
+            _check_extent(members[-1], disk_size)
         raise UnsafeOutput(f"output archive is not a readable tar: {exc}") from None
     if not members:
         # The guest archives /job/out itself, so even an empty output has its "./" member.
@@ -410,14 +416,18 @@ def _checked_members(handle: BinaryIO, disk_size: int,
     total = 0
     for member, _ in checked:
         if member.isreg():
-            if member.offset_data + member.size > disk_size - HEADER_SIZE:
-                raise UnsafeOutput(f"output archive member {member.name!r} runs past the end "
-                                   "of the disk")
+            _check_extent(member, disk_size)
             total += member.size
     if total > limit:
         raise UnsafeOutput(f"output archive holds {total} bytes, more than the {limit} allowed; "
                            "refused")
     return checked
+
+
+def _check_extent(member: tarfile.TarInfo, disk_size: int) -> None:
+    if member.offset_data + member.size > disk_size - HEADER_SIZE:
+        raise UnsafeOutput(f"output archive member {member.name!r} declares {member.size} "
+                           "bytes, more than the disk holds; refused")
 
 
 def _extract(handle: BinaryIO, disk_size: int,

@@ -330,7 +330,7 @@ def hostile(name: str) -> tuple[bytes, bytes, int, str]:
         "fifo": (ok, tar_bytes(lambda t: member(t, "p", type=tarfile.FIFOTYPE)), DISK_SIZE,
                  "'p'.*fifo"),
         "oversize": (ok, tar_bytes(lambda t: member(t, "big", b"x" * 300_000)), 256 << 10,
-                     "end of data"),
+                     "'big' declares 300000 bytes, more than the disk holds"),
         "garbage-tar": (ok, b"this is not a tar archive".ljust(1024, b"!"), DISK_SIZE,
                         "not a readable tar"),
         "no-tar": (ok, b"", DISK_SIZE, "archive is empty"),
@@ -386,7 +386,7 @@ def test_member_size_lying_past_the_disk_end_is_refused(jobdir: Path) -> None:
     info.size = 10 << 30
     head = info.tobuf(tarfile.GNU_FORMAT)
     disk = make_disk(jobdir / "out.raw", header("0"), head)
-    with pytest.raises(UnsafeOutput):
+    with pytest.raises(UnsafeOutput, match="'huge' declares 10737418240 bytes"):
         gp.read_output(disk, jobdir / "out")
     assert_nothing_written(jobdir)
 

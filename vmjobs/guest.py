@@ -16,9 +16,10 @@ import libvirt
 from placement import Allocation
 from vmjobs import domain_xml, guest_protocol
 from vmjobs.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs.errors import VmjobsError
 from vmjobs.hostconn import is_running
 from vmjobs.image import Image
-from vmjobs.jobs import domain_name
+from vmjobs.jobs import JobState, domain_name
 
 
 @dataclass(frozen=True)
@@ -157,3 +158,26 @@ def wait_stopped(dom: libvirt.virDomain, timeout_s: float,
             on_tick()
         time.sleep(0.1)
     return not is_running(dom)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a stopped guest's job ended, as the store should record it."""
+
+    state: JobState
+    reason: str
+    exit_code: int | None = None
+
+
+def collect(files: JobFiles, host: str) -> Verdict:
+    """The guest has stopped: read its exit status and extract its /job/out into `files.out`."""
+    try:
+        result = guest_protocol.read_output(files.output_disk, files.out)
+    except (VmjobsError, OSError) as exc:
+        return Verdict(JobState.FAILED, f"output refused: {exc}")
+    if result.exit_code is None:
+        return Verdict(JobState.FAILED,
+                       f"guest stopped without reporting an exit status ({result.status}); "
+                       f"console log: {files.console(host)}")
+    state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
+    return Verdict(state, f"exit status {result.exit_code}", result.exit_code)

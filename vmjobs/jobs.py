@@ -22,6 +22,7 @@ class JobState(StrEnum):
     CANCELLED = "CANCELLED"
     TIMEOUT = "TIMEOUT"
     LOST = "LOST"
+    EXPIRED = "EXPIRED"  # gave up waiting in the queue (--wait-timeout); it never ran
 
     @property
     def finished(self) -> bool:
@@ -29,8 +30,11 @@ class JobState(StrEnum):
 
 
 FINISHED = frozenset(
-    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.LOST}
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.LOST,
+     JobState.EXPIRED}
 )
+# States in which a job holds (or is about to hold) a guest on a host.
+ACTIVE = frozenset({JobState.PLACED, JobState.STARTING, JobState.RUNNING})
 
 
 def new_job_id() -> str:
@@ -56,3 +60,4 @@ class JobRecord:
     created: float = 0.0
     updated: float = 0.0
     allocation: dict[str, Any] | None = field(default=None)
+    request: dict[str, Any] | None = field(default=None)

@@ -84,17 +84,39 @@ class Held:
 class Store:
     """One connection to the store file; each process opens its own."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, shared: bool = False) -> None:
+        """`shared`: the connection may be used from several threads (the daemon), each use
+        serialized by the caller's lock."""
         try:
-            self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # e.g. a spool the user may not write: one line, not a traceback
+            raise VmjobsError(f"cannot open the state store {path}: {exc.strerror}") from None
+        try:
+            self.db = sqlite3.connect(path, timeout=60, isolation_level=None,
+                                      check_same_thread=not shared)
         except sqlite3.Error as exc:
             raise VmjobsError(f"cannot open the state store {path}: {exc}") from None
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self.db.executescript(SCHEMA)
+        self._setup(path)
+
+    def _setup(self, path: Path) -> None:
+        # Switching a new file to WAL can fail with "database is locked" at once, without
+        # waiting for the busy timeout, while another process does the same: two `vmjob run`
+        # started together on a fresh spool. Retry that for as long as a lock may be waited for.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.db.execute("PRAGMA busy_timeout=60000")
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self.db.executescript(SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    self.db.close()
+                    raise VmjobsError(f"cannot open the state store {path}: {exc}") from None
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()
@@ -122,18 +144,30 @@ class Store:
 
     def add_job(self, job: JobRecord, request: Request, allocation: Allocation | None,
                 reason: str) -> None:
-        """Insert a job and, when placed, its reservation. Call inside `reserving()`."""
+        """Insert a job and, when placed, its reservation: all of it or, on a conflict, nothing.
+
+        Call inside `reserving()` when the allocation was decided from what `held()` said.
+        """
         now = time.time()
-        self.db.execute(
-            "INSERT INTO jobs (id, owner, uid, state, spec, request, host, allocation, created,"
-            " updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job.id, job.owner, job.uid, job.state.value, json.dumps(job.spec),
-             json.dumps(request_to_dict(request)), allocation.host if allocation else None,
-             json.dumps(allocation_to_dict(allocation)) if allocation else None, now, now),
-        )
-        if allocation:
-            self._insert_reservation(job.id, allocation)
-        self._event(job.id, job.state, allocation.host if allocation else None, reason, now)
+        # A savepoint makes the inserts one unit even outside `reserving()`: a reservation that
+        # hits the UNIQUE key must not leave the job row (and its claimed allocation) behind.
+        self.db.execute("SAVEPOINT add_job")
+        try:
+            self.db.execute(
+                "INSERT INTO jobs (id, owner, uid, state, spec, request, host, allocation,"
+                " created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.owner, job.uid, job.state.value, json.dumps(job.spec),
+                 json.dumps(request_to_dict(request)), allocation.host if allocation else None,
+                 json.dumps(allocation_to_dict(allocation)) if allocation else None, now, now),
+            )
+            if allocation:
+                self._insert_reservation(job.id, allocation)
+            self._event(job.id, job.state, allocation.host if allocation else None, reason, now)
+        except BaseException:
+            self.db.execute("ROLLBACK TO add_job")
+            self.db.execute("RELEASE add_job")
+            raise
+        self.db.execute("RELEASE add_job")
 
     def _insert_reservation(self, job_id: str, alloc: Allocation) -> None:
         self.db.executemany(
@@ -199,6 +233,55 @@ class Store:
         return [Event(r["job_id"], r["time"], JobState(r["state"]), r["host"], r["reason"])
                 for r in rows]
 
+    # --- the daemon's queue ---------------------------------------------------------------------
+
+    def submit(self, job: JobRecord, request: Request, reason: str) -> None:
+        """Insert a QUEUED job (no reservation yet) with its first event, atomically."""
+        with self.reserving():
+            self.add_job(job, request, None, reason)
+
+    def assign(self, job_id: str, allocation: Allocation, reason: str) -> None:
+        """Give a queued job its reservation and make it PLACED. Call inside `reserving()`."""
+        now = time.time()
+        self.db.execute(
+            "UPDATE jobs SET state = ?, host = ?, allocation = ?, updated = ? WHERE id = ?",
+            (JobState.PLACED.value, allocation.host, json.dumps(allocation_to_dict(allocation)),
+             now, job_id),
+        )
+        self._insert_reservation(job_id, allocation)
+        self._event(job_id, JobState.PLACED, allocation.host, reason, now)
+
+    def queued(self) -> list[tuple[JobRecord, Request]]:
+        """Queued jobs in submission order (the caller applies priorities)."""
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE state = ? ORDER BY created, rowid", (JobState.QUEUED.value,)
+        )
+        return [(_record(r), request_from_dict(json.loads(r["request"]))) for r in rows]
+
+    def in_states(self, states: frozenset[JobState]) -> list[JobRecord]:
+        marks = ", ".join("?" for _ in states)
+        rows = self.db.execute(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created, rowid",
+            [s.value for s in states],
+        )
+        return [_record(r) for r in rows]
+
+    def started_at(self) -> dict[str, float]:
+        """When each job that ever ran first became RUNNING (from its events)."""
+        rows = self.db.execute(
+            "SELECT job_id, MIN(time) AS t FROM events WHERE state = ? GROUP BY job_id",
+            (JobState.RUNNING.value,),
+        )
+        return {r["job_id"]: r["t"] for r in rows}
+
+    def reservations(self) -> dict[str, int]:
+        """Rows held per job (cpus and devices): what must be empty when nothing runs."""
+        rows = self.db.execute(
+            "SELECT job_id, COUNT(*) AS n FROM (SELECT job_id FROM cpu_reservations"
+            " UNION ALL SELECT job_id FROM device_reservations) GROUP BY job_id"
+        )
+        return {r["job_id"]: int(r["n"]) for r in rows}
+
     def reserved_cpus(self, host: str) -> dict[int, str]:
         rows = self.db.execute("SELECT cpu, job_id FROM cpu_reservations WHERE host = ?", (host,))
         return {r["cpu"]: r["job_id"] for r in rows}
@@ -215,4 +298,5 @@ def _record(row: sqlite3.Row) -> JobRecord:
         spec=json.loads(row["spec"]), host=row["host"], exit_code=row["exit_code"],
         message=row["message"], created=row["created"], updated=row["updated"],
         allocation=json.loads(row["allocation"]) if row["allocation"] else None,
+        request=json.loads(row["request"]) if row["request"] else None,
     )

@@ -83,9 +83,11 @@ def main() -> None:
 def _register() -> None:
     from vmjobs.cli.hosts import hosts
     from vmjobs.cli.image import image
+    from vmjobs.cli.jobs import cancel, list_jobs, logs, show, submit, wait
     from vmjobs.cli.run import run
+    from vmjobs.cli.serve import serve
 
-    for command in (run, hosts, image):
+    for command in (run, hosts, image, serve, submit, list_jobs, show, logs, wait, cancel):
         cli.add_command(command)
 
 

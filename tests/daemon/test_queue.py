@@ -1,0 +1,92 @@
+"""The queue policy over real engine snapshots: FIFO within priority, EASY backfill, reasons."""
+
+from __future__ import annotations
+
+import placement
+from placement import Cpu, Host, HostState, Node, Request
+from vmjobs.daemon.queue import Holding, Waiting, order, plan
+
+NOW = 1_000_000.0
+
+
+def host(name: str = "a", cpus: int = 4, memory_mib: int = 8192) -> Host:
+    return Host(name, (Node(0, tuple(Cpu(i, i, 0, frozenset({i})) for i in range(cpus)),
+                            memory_mib),))
+
+
+def hold(cluster: placement.Cluster, job_id: str, cpus: int) -> None:
+    decision = cluster.place(Request(cpus=cpus, memory_mib=256))
+    assert decision.allocation is not None
+    cluster.reserve(job_id, decision.allocation)
+
+
+def wait(job_id: str, cpus: int, limit: float | None = None, priority: int = 0) -> Waiting:
+    return Waiting(job_id, Request(cpus=cpus, memory_mib=256, priority=priority), limit)
+
+
+def started(result_plan: object) -> list[str]:
+    return [s.job_id for s in result_plan.starts]  # type: ignore[attr-defined]
+
+
+def test_fifo_until_the_first_that_does_not_fit() -> None:
+    cluster = placement.Cluster([host(cpus=2)])
+    result = plan(cluster, [wait(f"j{i}", 1) for i in range(5)], [], NOW)
+    assert started(result) == ["j0", "j1"]
+    assert [(w.job_id, w.position) for w in result.waits] == [("j2", 1), ("j3", 2), ("j4", 3)]
+    assert result.waits[0].reason.startswith("first in line: ")
+    assert cluster.allocations() == {}  # the snapshot handed in is not changed
+
+
+def test_priority_first_then_submission_order() -> None:
+    queue = [wait("low1", 1), wait("high", 1, priority=5), wait("low2", 1),
+             wait("mid", 1, priority=1)]
+    assert [w.job_id for w in order(queue)] == ["high", "mid", "low1", "low2"]
+    result = plan(placement.Cluster([host(cpus=2)]), queue, [], NOW)
+    assert started(result) == ["high", "mid"]
+
+
+def test_backfill_only_when_it_ends_before_the_head_is_due() -> None:
+    cluster = placement.Cluster([host(cpus=5)])
+    hold(cluster, "r1", 2)  # ends in 100 s
+    hold(cluster, "r2", 1)  # no limit
+    holding = [Holding("r1", NOW + 100), Holding("r2", None)]
+    queue = [wait("big", 4), wait("short", 1, limit=50), wait("long", 1, limit=500),
+             wait("open", 1)]
+    result = plan(cluster, queue, holding, NOW)
+    assert started(result) == ["short"]
+    assert result.shadow == NOW + 100
+    reasons = {w.job_id: w.reason for w in result.waits}
+    assert "would delay big" in reasons["long"]
+    assert "--time-limit would let it start early" in reasons["open"]
+
+
+def test_backfill_beside_the_head_when_it_leaves_the_head_room() -> None:
+    cluster = placement.Cluster([host(cpus=4)])
+    hold(cluster, "r1", 3)  # the head needs 2: at r1's end 4 are free, so 2 may run beside
+    queue = [wait("head", 2), wait("side1", 1), wait("side2", 1), wait("side3", 1)]
+    result = plan(cluster, queue, [Holding("r1", NOW + 60)], NOW)
+    assert started(result) == ["side1"]  # only 1 cpu is free now
+    cluster2 = placement.Cluster([host(cpus=6)])
+    hold(cluster2, "r1", 4)
+    queue2 = [wait("head", 3), wait("side1", 1), wait("side2", 1), wait("side3", 1)]
+    result2 = plan(cluster2, queue2, [Holding("r1", NOW + 60)], NOW)
+    # 2 free now; at r1's end 6 free: side1 and side2 still leave the head its 3
+    assert started(result2) == ["side1", "side2"]
+
+
+def test_no_backfill_when_the_head_waits_for_jobs_without_limits() -> None:
+    cluster = placement.Cluster([host(cpus=2)])
+    hold(cluster, "r1", 1)
+    result = plan(cluster, [wait("head", 2), wait("small", 1, limit=1)],
+                  [Holding("r1", None)], NOW)
+    assert started(result) == []
+    assert "without a time limit" in result.waits[1].reason
+
+
+def test_head_waiting_for_a_down_host_does_not_block_others() -> None:
+    cluster = placement.Cluster([host("a", cpus=2), host("b", cpus=2)])
+    cluster.set_state("b", HostState.DOWN)
+    pinned = Waiting("pinned", Request(cpus=1, memory_mib=256, host="b"))
+    result = plan(cluster, [pinned, wait("other", 1)], [], NOW)
+    assert started(result) == ["other"]
+    assert result.waits[0].job_id == "pinned"

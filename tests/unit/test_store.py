@@ -1,0 +1,312 @@
+"""The state store (vmjobs.store): jobs, reservations, events, and no double booking ever."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from placement import Allocation, NodeShare, NumaPolicy, Request, ThreadPolicy
+from vmjobs.codec import allocation_from_dict
+from vmjobs.errors import VmjobsError
+from vmjobs.jobs import JobRecord, JobState
+from vmjobs.store import Held, Store
+
+HOST = "h1"
+
+
+def alloc(*cpus: int, host: str = HOST, devices: tuple[str, ...] = (),
+          idle: tuple[int, ...] = (), memory_mib: int = 512) -> Allocation:
+    return Allocation(host=host, cpus=cpus, memory_mib=memory_mib,
+                      nodes=(NodeShare(node=0, cpus=cpus, memory_mib=memory_mib),),
+                      devices=devices, idle_cpus=idle)
+
+
+def job(job_id: str, state: JobState = JobState.PLACED, uid: int = 1000) -> JobRecord:
+    return JobRecord(id=job_id, owner="alice", uid=uid, state=state,
+                     spec={"argv": ["sh", "-c", "echo hi"], "env": {"K": "V"}})
+
+
+REQUEST = Request(cpus=1, memory_mib=512)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "spool" / "state.db")
+    yield s
+    s.close()
+
+
+def tables(s: Store) -> set[str]:
+    return {r[0] for r in s.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_schema_created_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "state.db"  # missing directories are made
+    s = Store(path)
+    assert path.exists()
+    assert {"jobs", "cpu_reservations", "device_reservations", "events"} <= tables(s)
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    s.close()
+
+
+def test_reopening_keeps_the_data(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = Store(path)
+    first.add_job(job("a"), REQUEST, alloc(3), "placed")
+    first.close()
+    again = Store(path)  # creating the schema again is harmless
+    assert [j.id for j in again.jobs()] == ["a"]
+    assert again.reserved_cpus(HOST) == {3: "a"}
+    again.close()
+
+
+def test_unusable_location_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(VmjobsError, match="^cannot open the state store .*state.db: "):
+        Store(blocker / "spool" / "state.db")  # its parent cannot be a directory
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(VmjobsError, match="^cannot open the state store"):
+        Store(tmp_path / "dir.db")
+
+
+def test_add_job_and_held_round_trip(store: Store) -> None:
+    request = Request(cpus=2, memory_mib=2048, nics=1, nic_vendor="0x8086", nic_product="0x1572",
+                      numa=NumaPolicy.STRICT, threads=ThreadPolicy.ISOLATE, hugepage_kib=2048,
+                      host=HOST, pool="ci", labels=(("gen", "3"), ("rack", "r1")),
+                      anti_affinity="grp", priority=5, preemptible=True)
+    allocation = Allocation(
+        host=HOST, cpus=(2, 3), memory_mib=2048,
+        nodes=(NodeShare(node=0, cpus=(2, 3), memory_mib=2048),),
+        devices=("0000:3b:00.0",), hugepage_kib=2048, idle_cpus=(18, 19),
+    )
+    with store.reserving():
+        store.add_job(job("a"), request, allocation, "placed")
+    assert store.held() == [Held("a", allocation, request)]
+    # cpus, their idle siblings and the device are all rows under the UNIQUE keys
+    assert store.reserved_cpus(HOST) == {2: "a", 3: "a", 18: "a", 19: "a"}
+    assert store.reservation_count() == 5
+    record = store.job("a")
+    assert record is not None
+    assert (record.state, record.host, record.owner, record.uid) == (
+        JobState.PLACED, HOST, "alice", 1000)
+    assert record.spec == job("a").spec
+    assert record.allocation is not None
+    assert allocation_from_dict(record.allocation) == allocation
+    assert record.created > 0 and record.updated == record.created
+
+
+def test_queued_job_holds_nothing(store: Store) -> None:
+    store.add_job(job("q", JobState.QUEUED), REQUEST, None, "submitted")
+    assert store.held() == []
+    assert store.reservation_count() == 0
+    record = store.job("q")
+    assert record is not None and record.host is None and record.allocation is None
+    (event,) = store.events("q")
+    assert (event.state, event.host, event.reason) == (JobState.QUEUED, None, "submitted")
+
+
+def test_jobs_listing(store: Store) -> None:
+    store.add_job(job("a", uid=1000), REQUEST, alloc(0), "placed")
+    store.add_job(job("b", uid=1001), REQUEST, alloc(1), "placed")
+    store.add_job(job("c", uid=1000), REQUEST, None, "queued")
+    assert [j.id for j in store.jobs()] == ["a", "b", "c"]
+    assert [j.id for j in store.jobs(uid=1000)] == ["a", "c"]
+    assert store.job("nope") is None
+
+
+def test_transition_with_release_frees_the_reservation(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0, 1, devices=("0000:3b:00.0",), idle=(16,)), "p")
+    store.add_job(job("b"), REQUEST, alloc(2), "placed")
+    store.transition("a", JobState.RUNNING, "guest started")
+    assert store.reserved_cpus(HOST) == {0: "a", 1: "a", 16: "a", 2: "b"}  # not released
+
+    store.transition("a", JobState.COMPLETED, "exit 3", release=True, exit_code=3)
+    assert store.reserved_cpus(HOST) == {2: "b"}
+    assert store.reservation_count() == 1
+    assert [h.job_id for h in store.held()] == ["b"]
+    record = store.job("a")
+    assert record is not None
+    assert (record.state, record.exit_code, record.message, record.allocation) == (
+        JobState.COMPLETED, 3, "exit 3", None)
+    # what was freed can be reserved again, device included
+    store.add_job(job("c"), REQUEST, alloc(0, 16, devices=("0000:3b:00.0",)), "placed")
+    assert store.reserved_cpus(HOST) == {0: "c", 16: "c", 2: "b"}
+
+
+def test_transition_keeps_the_message_and_exit_code_unless_given(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0), "placed")
+    store.transition("a", JobState.FAILED, "guest crashed", exit_code=1)
+    store.transition("a", JobState.LOST, None)
+    record = store.job("a")
+    assert record is not None
+    assert (record.state, record.message, record.exit_code) == (JobState.LOST, "guest crashed", 1)
+    assert record.updated >= record.created
+
+
+def test_transition_of_an_unknown_job(store: Store) -> None:
+    with pytest.raises(VmjobsError, match="unknown job 'ghost'"):
+        store.transition("ghost", JobState.RUNNING, "x")
+    assert store.events("ghost") == []
+    assert not store.db.in_transaction
+
+
+def test_events_in_order(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0), "placed")
+    for state, reason in ((JobState.STARTING, "starting (qemu)"),
+                          (JobState.RUNNING, "guest started"),
+                          (JobState.COMPLETED, "exit 0")):
+        store.transition("a", state, reason, release=state == JobState.COMPLETED)
+    events = store.events("a")
+    assert [(e.state, e.reason) for e in events] == [
+        (JobState.PLACED, "placed"), (JobState.STARTING, "starting (qemu)"),
+        (JobState.RUNNING, "guest started"), (JobState.COMPLETED, "exit 0")]
+    assert all(e.host == HOST and e.job_id == "a" for e in events)
+    times = [e.time for e in events]
+    assert times == sorted(times)
+
+
+def test_delete_job_leaves_nothing(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0, devices=("0000:3b:00.0",)), "placed")
+    store.add_job(job("b"), REQUEST, alloc(1), "placed")
+    store.transition("a", JobState.STARTING, "starting")
+    store.delete_job("a")
+    assert store.job("a") is None
+    assert store.events("a") == []
+    assert store.reserved_cpus(HOST) == {1: "b"}
+    assert store.reservation_count() == 1
+    assert [j.id for j in store.jobs()] == ["b"]
+
+
+# --- no double booking -----------------------------------------------------------------------
+
+
+def snapshot(s: Store) -> tuple:
+    return (
+        [(j.id, j.state, j.allocation) for j in s.jobs()],
+        sorted(s.reserved_cpus(HOST).items()),
+        s.reservation_count(),
+        s.db.execute("SELECT COUNT(*) FROM events").fetchone()[0],
+    )
+
+
+@pytest.mark.parametrize("inside_reserving", [True, False])
+@pytest.mark.parametrize(
+    "taken",
+    [
+        alloc(1, 2),  # shares cpu 1
+        alloc(5, idle=(0,)),  # its idle sibling is a's cpu
+        alloc(4, devices=("0000:3b:00.0",)),  # shares the NIC
+    ],
+    ids=["cpu", "idle-sibling", "device"],
+)
+def test_reusing_a_held_cpu_or_device_fails_and_leaves_nothing(
+        store: Store, taken: Allocation, inside_reserving: bool) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0, 1, devices=("0000:3b:00.0",)), "placed")
+    before = snapshot(store)
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+        if inside_reserving:
+            with store.reserving():
+                store.add_job(job("b"), REQUEST, taken, "placed")
+        else:
+            store.add_job(job("b"), REQUEST, taken, "placed")
+    assert not store.db.in_transaction
+    assert snapshot(store) == before
+    assert store.job("b") is None
+    assert [h.job_id for h in store.held()] == ["a"]
+
+
+def test_same_cpu_on_another_host_is_fine(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0, 1), "placed")
+    store.add_job(job("b"), REQUEST, alloc(0, 1, host="h2"), "placed")
+    assert store.reserved_cpus(HOST) == {0: "a", 1: "a"}
+    assert store.reserved_cpus("h2") == {0: "b", 1: "b"}
+
+
+def test_reserving_rolls_back_on_error(store: Store) -> None:
+    with pytest.raises(RuntimeError), store.reserving():
+        store.add_job(job("a"), REQUEST, alloc(0), "placed")
+        raise RuntimeError("placement changed its mind")
+    assert store.jobs() == []
+    assert store.reservation_count() == 0
+    assert not store.db.in_transaction
+
+
+def test_reserving_excludes_other_writers(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first, second = Store(path), Store(path)
+    second.db.execute("PRAGMA busy_timeout = 50")
+    try:
+        with first.reserving():
+            with pytest.raises(sqlite3.OperationalError, match="locked"), second.reserving():
+                pass
+            # readers are not blocked and do not see the uncommitted reservation
+            first.add_job(job("a"), REQUEST, alloc(0), "placed")
+            assert second.reserved_cpus(HOST) == {}
+        assert second.reserved_cpus(HOST) == {0: "a"}
+        with second.reserving():  # free again once the first committed
+            second.add_job(job("b"), REQUEST, alloc(1), "placed")
+    finally:
+        first.close()
+        second.close()
+
+
+WORKERS = 8
+FRESH_STORES = 10
+
+
+def _reserve_lowest_free_cpu(spool: str, job_id: str, barrier, results) -> None:
+    """`vmjob run` in miniature, started by WORKERS processes at the same moment.
+
+    First they all open the same brand-new store files, one after the other (the race of
+    several first runs on a fresh spool); then each decides and reserves under the lock.
+    """
+    try:
+        barrier.wait()  # everyone starts at the same moment
+        for i in range(FRESH_STORES):
+            Store(Path(spool) / f"fresh-{i}" / "state.db").close()
+        store = Store(Path(spool) / "state.db")
+        try:
+            with store.reserving():
+                held = {c for h in store.held() for c in h.allocation.cpus}
+                free = min(set(range(WORKERS)) - held)
+                time.sleep(0.02)  # a wide window between reading and writing
+                store.add_job(job(job_id), REQUEST, alloc(free), "placed")
+        finally:
+            store.close()
+        results.put((job_id, free))
+    except BaseException as exc:
+        results.put((job_id, repr(exc)))
+        raise
+
+
+def test_concurrent_processes_never_share_a_cpu(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"  # not even created yet: they race for that too
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(WORKERS)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_reserve_lowest_free_cpu,
+                         args=(str(spool), f"job{i}", barrier, results))
+             for i in range(WORKERS)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * WORKERS, got
+    assert sorted(got.values()) == list(range(WORKERS)), got
+    s = Store(spool / "state.db")
+    try:
+        assert {cpu: job_id for job_id, cpu in got.items()} == s.reserved_cpus(HOST)
+        assert len(s.jobs()) == WORKERS
+    finally:
+        s.close()

@@ -1,0 +1,413 @@
+"""`vmjob submit|list|show|logs|wait|cancel`: the daemon's client commands.
+
+Each parses, makes one or two calls through `vmjobs.client`, and prints. The daemon decides
+who may do what (from the socket's peer credentials); these commands only show its answer.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from click.core import ParameterSource
+
+from vmjobs.cli.options import build_request, job_options, parse_env, parse_timeout
+from vmjobs.client import ApiFailure, Client
+from vmjobs.errors import VmjobsError
+from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
+from vmjobs.units import format_mib, parse_duration
+
+
+class NotStarted(VmjobsError):
+    """--no-wait found no room, or --wait-timeout expired."""
+
+    exit_code = EXIT_NOT_STARTED
+
+
+def url_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--url", default=None, metavar="URL", envvar="VMJOBS_URL",
+        help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head "
+             "(default: $VMJOBS_URL, else the config's socket).",
+    )(func)
+
+
+def client_for(url: str | None) -> Client:
+    config = click.get_current_context().obj.config
+    return Client.from_url(url, config.socket)
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+SPEC_KEYS = {"command", "cpus", "mem", "nics", "numa", "host", "image", "input", "output", "env",
+             "timeout", "time_limit", "priority", "wait_timeout", "no_wait"}
+# YAML key -> the click parameter it stands for
+SPEC_PARAMS = {"mem": "memory", "input": "input_dir", "output": "output_dir"}
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """A job.yaml: the same fields as the options; relative paths are relative to the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise VmjobsError(f"-f {path}: {exc.strerror}") from None
+    except yaml.YAMLError:
+        raise VmjobsError(f"-f {path}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise VmjobsError(f"-f {path}: must be a mapping of spec fields")
+    unknown = sorted(set(map(str, data)) - SPEC_KEYS)
+    if unknown:
+        raise VmjobsError(f"-f {path}: unknown field(s) {', '.join(unknown)} "
+                          f"(allowed: {', '.join(sorted(SPEC_KEYS))})")
+    spec: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("input", "output") and value is not None:
+            value = path.parent / str(value)
+        elif key == "env" and isinstance(value, dict):
+            value = tuple(f"{k}={v}" for k, v in value.items())
+        elif key == "command":
+            if isinstance(value, str):
+                value = ("sh", "-c", value)
+            elif isinstance(value, list) and all(isinstance(a, str | int) for a in value):
+                value = tuple(str(a) for a in value)
+            else:
+                raise VmjobsError(f"-f {path}: command must be a string or a list of strings")
+        elif key in ("timeout", "time_limit", "wait_timeout") and value is not None:
+            value = str(value)
+        spec[SPEC_PARAMS.get(key, key)] = value
+    return spec
+
+
+def merge_spec(ctx: click.Context, params: dict[str, Any], spec_file: Path | None) -> None:
+    """Values from -f, unless the same option was given on the command line."""
+    if spec_file is None:
+        return
+    for name, value in read_spec_file(spec_file).items():
+        target = "argv" if name == "command" else name
+        if target == "argv":
+            if not params["argv"]:
+                params["argv"] = value
+            continue
+        source = ctx.get_parameter_source(target)
+        if source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            params[target] = value
+
+
+def submission(params: dict[str, Any], client: Client) -> dict[str, Any]:
+    """The JSON body of POST /v1/jobs, from parsed options; uploads --input first."""
+    if not params["argv"]:
+        raise VmjobsError("no command given: put it after --, e.g. vmjob submit -- ./simulate")
+    request = build_request(params["cpus"], str(params["memory"]), params["nics"],
+                            params["numa"], params["host"])
+    time_limit = parse_timeout(params["timeout"])
+    if params["time_limit"] is not None:
+        limit = parse_duration(params["time_limit"], "--time-limit")
+        if time_limit is not None and time_limit != limit:
+            raise VmjobsError("--timeout and --time-limit are the same limit; give one")
+        time_limit = limit
+    wait_timeout = (parse_duration(params["wait_timeout"], "--wait-timeout")
+                    if params["wait_timeout"] is not None else None)
+    if params["no_wait"] and wait_timeout is not None:
+        raise VmjobsError("give either --no-wait or --wait-timeout, not both")
+    output = params["output_dir"]
+    if output is not None and Path(output).exists() and not Path(output).is_dir():
+        raise VmjobsError(f"--output {output}: exists and is not a directory")
+    body: dict[str, Any] = {
+        "argv": list(params["argv"]), "env": parse_env(tuple(params["env"] or ())),
+        "cpus": request.cpus, "memory_mib": request.memory_mib, "nics": request.nics,
+        "numa": request.numa.value, "host": request.host, "priority": int(params["priority"]),
+        "image": params["image"], "time_limit_s": time_limit, "wait_timeout_s": wait_timeout,
+        "no_wait": bool(params["no_wait"]),
+        "output": str(Path(output).absolute()) if output is not None else None,
+    }
+    if params["input_dir"] is not None:
+        body["input"] = client.upload_dir(Path(params["input_dir"]))
+    return body
+
+
+def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("-f", "--file", "spec_file", type=click.Path(path_type=Path), default=None,
+                     metavar="JOB.YAML", help="Read the job spec from YAML (same fields as the "
+                     "options; options given here win)."),
+        click.option("--time-limit", default=None, metavar="DURATION",
+                     help="Longest the job may run (same as --timeout); lets it start early "
+                          "when that cannot delay the job first in line."),
+        click.option("--priority", type=int, default=0, show_default=True,
+                     help="Higher starts first; FIFO within a priority."),
+        click.option("--wait-timeout", default=None, metavar="DURATION",
+                     help=f"Give up if the job has not started after this long (exit "
+                          f"{EXIT_NOT_STARTED}; nothing is left behind)."),
+        click.option("--no-wait", is_flag=True,
+                     help=f"Fail at once (exit {EXIT_NOT_STARTED}) unless the job can start now."),
+        url_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return client.submit(body)
+    except ApiFailure as exc:
+        if exc.code == "not_started":
+            raise NotStarted(str(exc)) from None
+        raise
+
+
+@click.command()
+@job_options
+@queue_options
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
+@click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
+@click.pass_context
+def submit(ctx: click.Context, as_json: bool, **params: Any) -> None:
+    """Queue CMD to run in its own guest; print the job's id.
+
+    The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
+    are free, then runs while nobody watches. Follow it with 'vmjob logs -f JOB', collect its
+    exit code with 'vmjob wait JOB'.
+
+    \b
+    Examples:
+      vmjob submit --cpus 8 --mem 64G -- ./simulate
+      JOB=$(vmjob submit --time-limit 10m -- make check) && vmjob wait "$JOB"
+      vmjob submit -f job.yaml --priority 5
+      vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
+    """
+    merge_spec(ctx, params, params.pop("spec_file"))
+    client = client_for(params.pop("url"))
+    try:
+        view = submit_job(client, submission(params, client))
+    finally:
+        client.close()
+    click.echo(json.dumps(view, indent=2) if as_json else view["id"])
+
+
+# --- list / show ----------------------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def _why(view: dict[str, Any]) -> str:
+    if view["state"] == "QUEUED":
+        return view.get("waiting_because") or "waiting for the scheduler"
+    return view.get("message") or ""
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)] + [row[-1]]
+        click.echo("  ".join(cells).rstrip())
+
+
+@click.command(name="list")
+@click.option("--all", "include_finished", is_flag=True,
+              help="Include jobs that have ended.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@url_option
+def list_jobs(include_finished: bool, as_json: bool, url: str | None) -> None:
+    """List your queued and running jobs (root and the admin group: everyone's).
+
+    Queued jobs show their place in line (POS) and why they wait.
+
+    \b
+    Examples:
+      vmjob list
+      vmjob list --all --json
+    """
+    client = client_for(url)
+    try:
+        views = client.jobs(include_finished)
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(views, indent=2))
+        return
+    if not views:
+        click.echo("no jobs" if include_finished else "no queued or running jobs "
+                   "(--all shows ended ones)")
+        return
+    now = time.time()
+    rows = [("JOB", "OWNER", "STATE", "HOST", "CPUS", "MEM", "AGE", "POS", "WHY")]
+    for v in views:
+        request = v.get("request") or {}
+        rows.append((v["id"], v["owner"], v["state"], v.get("host") or "-",
+                     str(request.get("cpus", "-")), format_mib(request.get("memory_mib", 0)),
+                     _age(now - v["created"]), str(v["position"] or "-"), _why(v)))
+    _table(rows)
+
+
+def _clock(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at * 1000) % 1000:03d}"
+
+
+@click.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@url_option
+def show(job: str, as_json: bool, url: str | None) -> None:
+    """Show a job: its spec, its placement and the timeline of its events.
+
+    \b
+    Examples:
+      vmjob show 3f9a1c2e
+      vmjob show 3f9a1c2e --json | jq .events
+    """
+    client = client_for(url)
+    try:
+        view = client.job(job)
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    request = view.get("request") or {}
+    alloc = view.get("allocation")
+    lines = [
+        ("job", f"{view['id']} (owner {view['owner']}, uid {view['uid']})"),
+        ("state", view["state"] + (f": {view['message']}" if view.get("message") else "")),
+        ("command", shlex.join(view.get("argv") or [])),
+        ("request", f"{request.get('cpus')} cpus, {format_mib(request.get('memory_mib', 0))}, "
+                    f"{request.get('nics', 0)} NICs, numa {request.get('numa')}, "
+                    f"priority {request.get('priority', 0)}"
+                    + (f", host {request['host']}" if request.get("host") else "")),
+        ("time limit", f"{view['time_limit_s']:g}s" if view.get("time_limit_s") else "none"),
+        ("image", str(view.get("image"))),
+    ]
+    if view.get("env"):
+        lines.append(("env", " ".join(f"{k}={shlex.quote(v)}" for k, v in view["env"].items())))
+    if view["state"] == "QUEUED":
+        lines.append(("queue", f"position {view.get('position') or '-'}: {_why(view)}"))
+    if alloc:
+        nodes = ", ".join(f"node{n['node']}: cpus {','.join(map(str, n['cpus']))}"
+                          for n in alloc["nodes"])
+        devices = f", NICs {', '.join(alloc['devices'])}" if alloc.get("devices") else ""
+        lines.append(("placement", f"{alloc['host']}: {nodes}, "
+                                   f"{format_mib(alloc['memory_mib'])}{devices}"))
+    elif view.get("host"):
+        lines.append(("host", view["host"]))
+    if view.get("exit_code") is not None:
+        lines.append(("exit code", str(view["exit_code"])))
+    for name, value in lines:
+        click.echo(f"{name:<11}{value}")
+    click.echo("events")
+    for event in view.get("events", []):
+        host = f" [{event['host']}]" if event.get("host") else ""
+        click.echo(f"  {_clock(event['time'])}  {event['state']:<10}{host} "
+                   f"{event.get('reason') or ''}".rstrip())
+
+
+# --- logs / wait / cancel -------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("job")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@url_option
+def logs(job: str, follow: bool, url: str | None) -> None:
+    """Print a job's output (its stdout and stderr, from the guest's console).
+
+    \b
+    Examples:
+      vmjob logs 3f9a1c2e
+      vmjob logs -f 3f9a1c2e
+    """
+    client = client_for(url)
+    try:
+        for chunk in client.logs(job, follow):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    finally:
+        client.close()
+
+
+def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int:
+    """Fetch the output when asked, say how a job ended unless it exited by itself; its code."""
+    code = exit_code(view)
+    target = output or (Path(view["output"]) if view.get("output") else None)
+    if target is not None and view["state"] in ("COMPLETED", "FAILED") \
+            and view.get("exit_code") is not None:
+        try:
+            client.fetch_output(view["id"], target)
+        except ApiFailure as exc:
+            if exc.status != 404:
+                raise
+    if view.get("exit_code") is None:
+        click.echo(f"vmjob: job {view['id']} {view['state']}: {view.get('message') or ''}"
+                   .rstrip(": "), err=True)
+    return code
+
+
+@click.command()
+@click.argument("job")
+@click.option("--output", "output_dir", type=click.Path(path_type=Path), default=None,
+              metavar="DIR", help="Write the job's /job/out here (default: the --output it "
+                                  "was submitted with, if any).")
+@url_option
+def wait(job: str, output_dir: Path | None, url: str | None) -> int:
+    """Wait for a job to end; exit with its exit code.
+
+    Exit codes: the job's own; 124 when its time limit stopped it; 125 when it left no exit
+    status (output refused, guest died, host lost); 130 when cancelled; 75 when it gave up
+    waiting to start (--wait-timeout).
+
+    \b
+    Examples:
+      vmjob wait 3f9a1c2e
+      vmjob wait 3f9a1c2e --output ./results
+    """
+    client = client_for(url)
+    try:
+        return report_end(client.wait(job), client, output_dir)
+    finally:
+        client.close()
+
+
+@click.command()
+@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+@url_option
+def cancel(jobs: tuple[str, ...], url: str | None) -> int:
+    """Cancel jobs: queued ones leave the queue, running ones have their guest destroyed.
+
+    Returns once each job has ended and released what it held.
+
+    \b
+    Examples:
+      vmjob cancel 3f9a1c2e
+      vmjob cancel $(vmjob list --json | jq -r '.[].id')
+    """
+    client = client_for(url)
+    failed = 0
+    try:
+        for job in jobs:
+            try:
+                view = client.cancel(job)
+            except ApiFailure as exc:
+                click.echo(f"vmjob: {exc}", err=True)
+                failed += 1
+                continue
+            click.echo(f"job {view['id']}: {view['state']}")
+    finally:
+        client.close()
+    return 1 if failed else 0

@@ -1,0 +1,184 @@
+"""The daemon's client: HTTP/1.1 + JSON over the unix socket (or SSH), one call per endpoint.
+
+Errors come back as one line: the daemon's own `error` text, or how to reach/start a daemon.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from vmjobs.errors import VmjobsError
+from vmjobs.transport import SshTunnel, Target, open_unix, parse_url
+
+START_HINT = ("start one with 'vmjob serve' as root (or scripts/start-vmjobd.sh), "
+              "or point --url / $VMJOBS_URL at one")
+
+
+class ApiFailure(VmjobsError):
+    """The daemon answered with an error."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, client: Client, timeout: float | None) -> None:
+        super().__init__("vmjobs", timeout=timeout)
+        self._client = client
+
+    def connect(self) -> None:
+        self.sock = self._client.open_socket(self.timeout)
+
+
+class Client:
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._tunnel: SshTunnel | None = None
+
+    @classmethod
+    def from_url(cls, url: str | None, default_socket: Path) -> Client:
+        url = url or os.environ.get("VMJOBS_URL")
+        return cls(parse_url(url, default_socket) if url else Target(default_socket))
+
+    def close(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.close()
+
+    def open_socket(self, timeout: float | None) -> Any:
+        if self.target.ssh_host is not None:
+            if self._tunnel is None:
+                self._tunnel = SshTunnel(self.target)
+            return self._tunnel.open()
+        path = self.target.socket
+        try:
+            return open_unix(path, timeout if isinstance(timeout, float | int) else None)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise VmjobsError(f"no vmjob daemon at {path}: {START_HINT}") from None
+        except PermissionError:
+            raise VmjobsError(f"no permission to connect to {path} (the daemon makes it "
+                              "world-writable; is this an old or foreign socket?)") from None
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, body: bytes | Any | None = None,
+              content_type: str = "application/json", length: int | None = None,
+              timeout: float | None = None) -> http.client.HTTPResponse:
+        conn = _Connection(self, timeout)
+        headers = {"Content-Type": content_type}
+        if body is not None:
+            headers["Content-Length"] = str(length if length is not None else len(body))
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            conn.close()
+            raise VmjobsError(f"lost the daemon at {self.target.describe()}: {exc}") from None
+        if response.status >= 400:
+            raise _failure(response)
+        return response
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             timeout: float | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        response = self._send(method, path, data, timeout=timeout)
+        try:
+            return json.loads(response.read())
+        finally:
+            response.close()
+
+    # --- endpoints ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self.call("GET", "/v1/status")
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/hosts")
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.call("POST", "/v1/jobs", spec)
+
+    def jobs(self, include_finished: bool = False) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/jobs" + ("?all=1" if include_finished else ""))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
+
+    def wait(self, job_id: str, poll_s: float = 300.0) -> dict[str, Any]:
+        """Until the job ends: long polls of `poll_s` each (the daemon answers at the end)."""
+        while True:
+            query = urlencode({"timeout": poll_s})
+            view = self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}/wait?{query}")
+            if view.get("finished"):
+                return view
+
+    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
+        """The job's output as it arrives (text chunks of whole lines)."""
+        path = f"/v1/jobs/{quote(job_id, safe='')}/logs" + ("?follow=1" if follow else "")
+        response = self._send("GET", path)
+        try:
+            while True:
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    return
+                yield chunk.decode("utf-8", errors="replace")
+        finally:
+            response.close()
+
+    def upload_dir(self, directory: Path) -> str:
+        """Pack `directory` (with the caller's own permissions) and upload it; a token."""
+        if not directory.is_dir():
+            raise VmjobsError(f"--input {directory}: not a directory")
+        with tempfile.TemporaryFile() as spool:
+            try:
+                with tarfile.open(fileobj=spool, mode="w:") as tar:
+                    tar.add(directory, arcname=".")
+            except OSError as exc:
+                raise VmjobsError(f"--input {directory}: {exc}") from None
+            length = spool.tell()
+            spool.seek(0)
+            response = self._send("POST", "/v1/uploads", spool, "application/x-tar", length)
+            try:
+                return str(json.loads(response.read())["upload"])
+            finally:
+                response.close()
+
+    def fetch_output(self, job_id: str, dest: Path) -> None:
+        """Unpack the job's /job/out into `dest` (the daemon already checked it; the `data`
+        filter refuses anything odd all the same)."""
+        response = self._send("GET", f"/v1/jobs/{quote(job_id, safe='')}/output")
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile() as spool:
+                shutil.copyfileobj(response, spool)
+                spool.seek(0)
+                with tarfile.open(fileobj=spool, mode="r:") as tar:
+                    tar.extractall(dest, filter="data")
+        except (OSError, tarfile.TarError) as exc:
+            raise VmjobsError(f"--output {dest}: {exc}") from None
+        finally:
+            response.close()
+
+
+def _failure(response: http.client.HTTPResponse) -> ApiFailure:
+    raw = response.read()
+    response.close()
+    try:
+        body = json.loads(raw)
+        message, code = str(body["error"]), body.get("code")
+    except (ValueError, KeyError, TypeError):
+        message, code = f"daemon answered {response.status} {response.reason}", None
+    return ApiFailure(response.status, message, code)

@@ -1,0 +1,265 @@
+"""The endpoints (documented in docs/api.md): who may do what, and the JSON they answer.
+
+Ownership is checked here, once per request, against the uid the socket reported: users see
+and act on their own jobs; root and the admin group on all. A job that is not yours answers
+403 with one line naming its owner — job ids are random, so naming the owner leaks nothing
+that `vmjob list` hides.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from vmjobs import __version__
+from vmjobs.daemon import logs
+from vmjobs.daemon.core import Daemon
+from vmjobs.daemon.identity import Caller, denial, may_act
+from vmjobs.daemon.scheduler import schedule
+from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
+from vmjobs.daemon.submission import Submission, parse
+from vmjobs.daemon.uploads import Uploads
+from vmjobs.errors import DoesNotFit, NotFound
+from vmjobs.guest import JobFiles
+from vmjobs.hosts_view import HostView
+from vmjobs.image import resolve_image
+from vmjobs.jobs import ACTIVE, JobRecord, JobState, new_job_id
+from vmjobs.runner import snapshot
+
+CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
+WAIT_MAX_S = 3600.0
+
+
+def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) -> dict[str, Any]:
+    """A job as the API shows it. Caller holds the daemon's lock."""
+    spec = record.spec
+    view: dict[str, Any] = {
+        "id": record.id, "owner": record.owner, "uid": record.uid,
+        "state": record.state.value, "host": record.host, "exit_code": record.exit_code,
+        "message": record.message, "created": record.created, "updated": record.updated,
+        "started": started, "argv": spec.get("argv"), "env": spec.get("env") or {},
+        "image": spec.get("image"), "request": record.request,
+        "time_limit_s": spec.get("timeout_s"), "wait_timeout_s": spec.get("wait_timeout_s"),
+        "output": spec.get("output"), "allocation": record.allocation,
+        "position": None, "waiting_because": None,
+    }
+    wait = daemon.waits.get(record.id)
+    if record.state == JobState.QUEUED and wait is not None:
+        view["position"] = wait.position
+        view["waiting_because"] = wait.reason
+    return view
+
+
+class Api:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.uploads = Uploads(daemon.config.spool)
+        self._submit_lock = threading.Lock()
+
+    def routes(self) -> Router:
+        router = Router()
+        router.add("GET", "/v1/status", self.status)
+        router.add("GET", "/v1/hosts", self.hosts)
+        router.add("GET", "/v1/jobs", self.list_jobs)
+        router.add("POST", "/v1/jobs", self.submit)
+        router.add("GET", "/v1/jobs/{id}", self.show)
+        router.add("POST", "/v1/jobs/{id}/cancel", self.cancel)
+        router.add("GET", "/v1/jobs/{id}/wait", self.wait)
+        router.add("GET", "/v1/jobs/{id}/logs", self.logs)
+        router.add("GET", "/v1/jobs/{id}/output", self.output)
+        router.add("POST", "/v1/uploads", self.upload)
+        return router
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _own(self, who: Caller, job_id: str) -> JobRecord:
+        """The job, if the caller may act on it. Caller holds the daemon's lock."""
+        record = self.daemon.store.job(job_id)
+        if record is None:
+            raise ApiError(404, f"no job {job_id}")
+        if not may_act(who, record):
+            raise ApiError(403, denial(who, record))
+        return record
+
+    # --- endpoints --------------------------------------------------------------------------
+
+    def status(self, req: ApiRequest) -> Json:
+        daemon = self.daemon
+        with daemon.lock:
+            queued = len(daemon.store.queued())
+            running = len(daemon.store.in_states(ACTIVE))
+        return Json({
+            "version": __version__, "pid": os.getpid(), "socket": str(daemon.config.socket),
+            "queued": queued, "active": running,
+            "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
+            "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
+        })
+
+    def hosts(self, _req: ApiRequest) -> Json:
+        daemon = self.daemon
+        with daemon.lock:
+            cluster = snapshot(daemon.store, daemon.hosts.inventory())
+        views = []
+        for host in daemon.config.hosts:
+            usage = cluster.free(host.name) if host.name in cluster.hosts else None
+            views.append(HostView(host.name, host.uri, usage,
+                                  daemon.hosts.error(host.name)).to_dict())
+        return Json(views)
+
+    def list_jobs(self, req: ApiRequest) -> Json:
+        """Visible jobs: queued and running ones; with ?all=1 finished ones too."""
+        include_finished = req.flag("all")
+        daemon = self.daemon
+        with daemon.lock:
+            records = daemon.store.jobs(None if req.caller.admin else req.caller.uid)
+            started = daemon.store.started_at()
+            views = [job_view(daemon, r, started.get(r.id)) for r in records
+                     if include_finished or not r.state.finished]
+        views.sort(key=lambda v: (v["position"] is None, v["position"] or 0, v["created"]))
+        return Json(views)
+
+    def show(self, req: ApiRequest) -> Json:
+        daemon = self.daemon
+        with daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+            view = job_view(daemon, record, daemon.store.started_at().get(record.id))
+            view["events"] = [
+                {"time": e.time, "state": e.state.value, "host": e.host, "reason": e.reason}
+                for e in daemon.store.events(record.id)
+            ]
+        return Json(view)
+
+    def submit(self, req: ApiRequest) -> Json:
+        submission = parse(req.json())
+        daemon = self.daemon
+        config = daemon.config
+        if submission.request.host is not None:
+            config.host(submission.request.host)  # unknown host: one line, nothing created
+        image = resolve_image(config.spool, submission.image)
+        with daemon.lock:
+            explanation = snapshot(daemon.store, daemon.hosts.inventory()).explain(
+                submission.request)
+        if explanation.never_fits:
+            raise DoesNotFit(explanation.summary)
+        job_id = new_job_id()
+        files = JobFiles.of(config.spool, job_id)
+        if submission.input is not None:
+            self.uploads.take(submission.input, req.caller.uid, files.dir / "input")
+        record = JobRecord(id=job_id, owner=req.caller.name, uid=req.caller.uid,
+                           state=JobState.QUEUED, spec=_spec(submission, image.id))
+        with daemon.lock:
+            daemon.store.submit(record, submission.request, f"submitted by {req.caller.name}")
+            if submission.no_wait:
+                return self._start_now_or_forget(record)
+            daemon.wake()
+            stored = daemon.store.job(job_id)
+            assert stored is not None
+            return Json(job_view(daemon, stored), status=201)
+
+    def _start_now_or_forget(self, record: JobRecord) -> Json:
+        """--no-wait: run the scheduling pass here; if it does not place the job, it never
+        existed. Caller holds the daemon's lock."""
+        daemon = self.daemon
+        result = schedule(daemon, time.time())
+        if any(s.job_id == record.id for s in result.starts):
+            stored = daemon.store.job(record.id)
+            assert stored is not None
+            return Json(job_view(daemon, stored), status=201)
+        why = next((w.reason for w in result.waits if w.job_id == record.id), "it cannot start")
+        daemon.waits.pop(record.id, None)
+        daemon.store.delete_job(record.id)
+        daemon.forget_files(record.id)
+        raise ApiError(409, f"cannot start now (--no-wait): {why}", code="not_started")
+
+    def cancel(self, req: ApiRequest) -> Json:
+        daemon = self.daemon
+        job_id = req.params["id"]
+        with daemon.lock:
+            record = self._own(req.caller, job_id)
+            if record.state.finished:
+                raise ApiError(409, f"job {job_id} already ended: {record.state.value}")
+        daemon.stop(job_id, JobState.CANCELLED, f"cancelled by {req.caller.name}")
+        with daemon.lock:
+            daemon.changed.wait_for(lambda: _finished(daemon, job_id), CANCEL_SETTLE_S)
+            final = daemon.store.job(job_id)
+            assert final is not None
+            return Json(job_view(daemon, final))
+
+    def wait(self, req: ApiRequest) -> Json:
+        """Long poll: answers when the job has ended, or after ?timeout= seconds."""
+        daemon = self.daemon
+        job_id = req.params["id"]
+        timeout = min(req.number("timeout") or WAIT_MAX_S, WAIT_MAX_S)
+        with daemon.lock:
+            self._own(req.caller, job_id)
+            daemon.changed.wait_for(lambda: _finished(daemon, job_id) or daemon.stopping,
+                                    timeout)
+            record = daemon.store.job(job_id)
+            assert record is not None
+            view = job_view(daemon, record, daemon.store.started_at().get(job_id))
+        view["finished"] = record.state.finished
+        return Json(view)
+
+    def logs(self, req: ApiRequest) -> Stream:
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+        return Stream(logs.stream(self.daemon, record.id, req.flag("follow")))
+
+    def output(self, req: ApiRequest) -> Stream:
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+        if not record.state.finished:
+            raise ApiError(409, f"job {record.id} has not ended yet ({record.state.value})")
+        out = JobFiles.of(self.daemon.config.spool, record.id).out
+        if not out.is_dir():
+            raise NotFound(f"job {record.id} left no output")
+        return Stream(_tar_stream(out), content_type="application/x-tar")
+
+    def upload(self, req: ApiRequest) -> Json:
+        token = self.uploads.receive(req.caller.uid, req.body, req.length)
+        return Json({"upload": token}, status=201)
+
+
+def _finished(daemon: Daemon, job_id: str) -> bool:
+    record = daemon.store.job(job_id)
+    return record is None or record.state.finished
+
+
+def _spec(submission: Submission, image_id: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "argv": list(submission.argv), "env": submission.env, "image": image_id,
+        "input": submission.input is not None, "output": submission.output,
+        "timeout_s": submission.time_limit_s, "wait_timeout_s": submission.wait_timeout_s,
+    }
+    if submission.wait_timeout_s is not None:
+        spec["wait_deadline"] = time.time() + submission.wait_timeout_s
+    return spec
+
+
+class _Pipe(io.RawIOBase):
+    """A write-only file whose writes become the chunks of a stream."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+
+def _tar_stream(directory: Any) -> Iterator[bytes]:
+    pipe = _Pipe()
+    with tarfile.open(fileobj=pipe, mode="w|") as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+            yield b"".join(pipe.chunks)
+            pipe.chunks.clear()
+    yield b"".join(pipe.chunks)

@@ -1,0 +1,279 @@
+"""The daemon's state and every change of a job's life under it.
+
+One lock guards the store connection and the in-memory state (`active`: the jobs that hold a
+guest or are about to). Slow work — writing a guest's files, starting it, destroying it,
+reading its output — happens outside the lock, in a thread per job; each re-checks under the
+lock that the job is still its to act on. Every change calls `wake()`: the scheduler, `wait`
+requests and `logs -f` streams all sleep on the one condition variable it notifies.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from vmjobs import virt_probe
+from vmjobs.codec import allocation_from_dict
+from vmjobs.config import Config
+from vmjobs.daemon.hosts import GuestStopped, HostDown, Hosts, HostUp, Note
+from vmjobs.daemon.metrics import Metrics
+from vmjobs.daemon.queue import Wait
+from vmjobs.errors import VmjobsError
+from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
+from vmjobs.hostconn import destroy_quietly, lookup_domain
+from vmjobs.image import resolve_image
+from vmjobs.jobs import ACTIVE, JobRecord, JobState, domain_name
+from vmjobs.store import Store
+
+log = logging.getLogger("vmjobs.daemon")
+
+
+@dataclass
+class Active:
+    """A job that holds a reservation: being launched, running, or being collected."""
+
+    job_id: str
+    host: str
+    time_limit_s: float | None
+    phase: str = "launching"  # launching | running | collecting
+    ends_at: float | None = None  # when its time limit stops it
+    stop: tuple[JobState, str] | None = None  # set by cancel / time limit: how it will end
+    stopped_at: float | None = None  # when its guest's STOPPED event arrived
+
+
+def time_limit_of(record: JobRecord) -> float | None:
+    value = record.spec.get("timeout_s")
+    return float(value) if value else None
+
+
+def is_ours(record: JobRecord) -> bool:
+    """Jobs the daemon runs; `vmjob run` without a daemon records its own process instead."""
+    return "runner" not in record.spec
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.state_db, shared=True)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
+        self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
+        self.active: dict[str, Active] = {}
+        self.waits: dict[str, Wait] = {}  # the last scheduling pass's verdict per queued job
+        self.dirty = True
+        self.stopping = False
+        self.metrics = Metrics()
+        # Called with a lost host's job record; returns the state it goes to (requeue or
+        # restore-from-checkpoint policies plug in here later).
+        self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
+
+    # --- waking -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Something changed: let the scheduler and every waiter look again."""
+        with self.lock:
+            self.dirty = True
+            self.changed.notify_all()
+
+    def spawn(self, target: Callable[..., Any], *args: Any, name: str) -> None:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+    # --- finishing --------------------------------------------------------------------------
+
+    def finish(self, job_id: str, verdict: Verdict) -> None:
+        """Record a job's end, free what it holds, forget it as active. Caller holds the lock."""
+        self.store.transition(job_id, verdict.state, verdict.reason, release=True,
+                              exit_code=verdict.exit_code)
+        self.active.pop(job_id, None)
+        self.metrics.finished(verdict.state)
+        log.info("job %s: %s (%s)", job_id, verdict.state.value, verdict.reason)
+        self.wake()
+
+    def forget_files(self, job_id: str) -> None:
+        shutil.rmtree(JobFiles.of(self.config.spool, job_id).dir, ignore_errors=True)
+
+    # --- launching ----------------------------------------------------------------------------
+
+    def launch(self, job_id: str) -> None:
+        """Thread: write the guest's files and start it. The job is PLACED and `active`."""
+        with self.lock:
+            active = self.active.get(job_id)
+            record = self.store.job(job_id)
+            if active is None or record is None:
+                return
+        try:
+            dom, virt_type = self._start_guest(record)
+        except Exception as exc:  # any failure to start ends the job, with the reason
+            message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else exc
+            with self.lock:
+                if self.active.get(job_id) is active:
+                    self.finish(job_id, Verdict(JobState.FAILED, f"could not start: {message}"))
+            return
+        with self.lock:
+            if self.active.get(job_id) is not active:  # its host was lost meanwhile
+                destroy_quietly(dom)
+                return
+            now = time.time()
+            active.phase = "running"
+            if active.time_limit_s is not None:
+                active.ends_at = now + active.time_limit_s
+            self.store.transition(job_id, JobState.RUNNING, f"guest started ({virt_type})")
+            self.metrics.started(now - record.created)
+            stop_now = active.stop is not None
+            collect_now = active.stopped_at is not None
+            if collect_now:
+                active.phase = "collecting"
+            self.wake()
+        if collect_now:
+            self.collect(active)
+        elif stop_now:
+            destroy_quietly(dom)  # its STOPPED event brings it to collect()
+
+    def _start_guest(self, record: JobRecord) -> tuple[libvirt.virDomain, str]:
+        assert record.allocation is not None
+        allocation = allocation_from_dict(record.allocation)
+        conn = self.hosts.conn(allocation.host)
+        if conn is None:
+            raise VmjobsError(f"host {allocation.host} is down")
+        host_config = self.config.host(allocation.host)
+        spec = record.spec
+        image = resolve_image(self.config.spool, spec["image"])
+        virt_type = virt_probe.virt_type(self.config, host_config, conn, image, allocation,
+                                         lambda text: log.info("%s", text))
+        files = JobFiles.of(self.config.spool, record.id)
+        input_dir = files.dir / "input"
+        xml = prepare(
+            GuestPlan(
+                job_id=record.id, owner=record.owner, owner_uid=record.uid,
+                argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
+                allocation=allocation, image=image, virt_type=virt_type,
+                output_disk_mib=self.config.output_disk_mib,
+                input_dir=input_dir if input_dir.is_dir() else None,
+                emulator_cpus=host_config.reserved_cpus,
+            ),
+            files,
+        )
+        with self.lock:
+            self.store.transition(record.id, JobState.STARTING, f"starting ({virt_type})")
+        return start(conn, xml), virt_type
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def stop(self, job_id: str, state: JobState, reason: str) -> bool:
+        """Ask a job to end as `state`: a queued one at once, an active one by destroying its
+        guest (the STOPPED event then records it). False if it had already ended."""
+        with self.lock:
+            record = self.store.job(job_id)
+            if record is None or record.state.finished:
+                return False
+            if record.state == JobState.QUEUED:
+                self.store.transition(job_id, state, reason)
+                self.forget_files(job_id)
+                self.wake()
+                return True
+            active = self.active.get(job_id)
+            if active is None:
+                return False
+            if active.stop is None:
+                active.stop = (state, reason)
+            running = active.phase == "running"
+            host = active.host
+        if running:
+            self.destroy_guest(host, job_id)
+        return True
+
+    def destroy_guest(self, host: str, job_id: str) -> None:
+        conn = self.hosts.conn(host)
+        if conn is None:
+            return
+        try:
+            destroy_quietly(lookup_domain(conn, domain_name(job_id)))
+        except libvirt.libvirtError as exc:
+            log.warning("job %s: destroying its guest failed: %s", job_id,
+                        exc.get_error_message())
+
+    # --- collecting ---------------------------------------------------------------------------
+
+    def collect(self, active: Active) -> None:
+        """The guest stopped: read its verdict and output, record the end, free everything."""
+        files = JobFiles.of(self.config.spool, active.job_id)
+        verdict = collect(files, active.host)
+        if verdict.exit_code is None and active.stop is not None:
+            # destroyed on purpose; a job that reported an exit status finished by itself
+            verdict = Verdict(*active.stop)
+        with self.lock:
+            if self.active.get(active.job_id) is not active:
+                return
+            self.finish(active.job_id, verdict)
+            if active.stopped_at is not None:
+                self.metrics.event_latency(time.time() - active.stopped_at)
+
+    # --- notes from the hosts -----------------------------------------------------------------
+
+    def notes_loop(self) -> None:
+        """Thread: act on what the libvirt callbacks reported, in order."""
+        while True:
+            note = self.notes.get()
+            if note is None:
+                return
+            try:
+                if isinstance(note, GuestStopped):
+                    self._guest_stopped(note)
+                elif isinstance(note, HostDown):
+                    self._host_down(note)
+                elif isinstance(note, HostUp):
+                    self._host_up(note)
+            except Exception:
+                log.exception("handling %s failed", note)
+
+    def _guest_stopped(self, note: GuestStopped) -> None:
+        with self.lock:
+            active = self.active.get(note.job_id)
+            if active is None or active.host != note.host or active.stopped_at is not None:
+                return  # not a job of ours, or one already handled
+            active.stopped_at = note.at
+            if active.phase != "running":
+                return  # still launching: launch() collects once it has recorded the start
+            active.phase = "collecting"
+        self.spawn(self.collect, active, name=f"collect-{note.job_id}")
+
+    def _host_down(self, note: HostDown) -> None:
+        with self.lock:
+            for active in [a for a in self.active.values() if a.host == note.host]:
+                record = self.store.job(active.job_id)
+                if record is None:
+                    continue
+                self.finish(active.job_id,
+                            Verdict(self.lost_state(record), f"host {note.host} lost: {note.why}"))
+            self.metrics.host_changed(note.host, up=False)
+            self.wake()
+
+    def _host_up(self, note: HostUp) -> None:
+        from vmjobs.daemon.recovery import reconcile_host
+
+        reconcile_host(self, note.host)
+        with self.lock:
+            self.metrics.host_changed(note.host, up=True)
+            self.wake()
+
+    # --- queries for the API --------------------------------------------------------------------
+
+    def active_records(self) -> list[JobRecord]:
+        with self.lock:
+            return self.store.in_states(ACTIVE)
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.changed.notify_all()
+        self.notes.put(None)
+        self.hosts.close()

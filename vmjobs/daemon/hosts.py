@@ -1,0 +1,221 @@
+"""One libvirt connection per host, with lifecycle events, keepalive and loss detection.
+
+libvirt delivers events through its default event loop, which one thread runs. Callbacks run
+on that thread and must not block it (keepalive replies are processed there too), so they only
+put a note on a queue; the daemon's event worker acts on it. A connection that closes (host
+down, libvirtd gone, keepalive timed out) is reported as host down; a reconnect thread per lost
+host tries again with a growing pause, and reports the host up when it answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import libvirt
+
+import placement
+from placement import HostState
+from vmjobs.config import Config, HostConfig
+from vmjobs.errors import VmjobsError
+from vmjobs.hostconn import connect
+from vmjobs.inventory import read_host
+
+log = logging.getLogger("vmjobs.daemon")
+KEEPALIVE_INTERVAL_S = 2  # libvirt pings an idle connection this often ...
+KEEPALIVE_COUNT = 3  # ... and closes it after this many unanswered pings
+RECONNECT_FIRST_S = 1.0
+RECONNECT_MAX_S = 30.0
+DOMAIN_PREFIX = "vmjob-"
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event loop and run it on a thread (once per process).
+
+    Must happen before the first connection is opened: connections opened earlier never
+    deliver events.
+    """
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+@dataclass(frozen=True)
+class GuestStopped:
+    host: str
+    job_id: str
+    at: float  # time.time() when the event reached us
+    detail: int
+
+
+@dataclass(frozen=True)
+class HostDown:
+    host: str
+    why: str
+
+
+@dataclass(frozen=True)
+class HostUp:
+    host: str
+
+
+Note = GuestStopped | HostDown | HostUp
+
+
+class Hosts:
+    """The connections and inventories of every configured host; thread-safe."""
+
+    def __init__(self, config: Config, notes: queue.SimpleQueue[Note]) -> None:
+        self.config = config
+        self.notes = notes
+        self._lock = threading.Lock()
+        self._conns: dict[str, libvirt.virConnect] = {}
+        self._inventory: dict[str, placement.Host] = {}
+        self._errors: dict[str, str] = {}
+        self._stopping = threading.Event()
+        self._reconnecting: set[str] = set()
+
+    # --- state -----------------------------------------------------------------------------
+
+    def conn(self, name: str) -> libvirt.virConnect | None:
+        with self._lock:
+            return self._conns.get(name)
+
+    def is_up(self, name: str) -> bool:
+        with self._lock:
+            return name in self._conns
+
+    def error(self, name: str) -> str | None:
+        with self._lock:
+            return self._errors.get(name)
+
+    def inventory(self) -> list[placement.Host]:
+        """Every host ever seen, in config order; those without a connection marked down."""
+        with self._lock:
+            hosts = []
+            for host_config in self.config.hosts:
+                host = self._inventory.get(host_config.name)
+                if host is None:
+                    continue
+                if host_config.name not in self._conns:
+                    host = replace(host, state=HostState.DOWN)
+                hosts.append(host)
+            return hosts
+
+    # --- connecting ------------------------------------------------------------------------
+
+    def connect_all(self) -> None:
+        """Connect every host; unreachable ones are retried in the background."""
+        for host_config in self.config.hosts:
+            try:
+                self._connect(host_config)
+            except VmjobsError as exc:
+                log.warning("%s", exc)
+                with self._lock:
+                    self._errors[host_config.name] = str(exc)
+                self._start_reconnect(host_config)
+
+    def _connect(self, host_config: HostConfig) -> None:
+        conn = connect(host_config)
+        try:
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+            conn.registerCloseCallback(self._on_close, host_config.name)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                        self._on_lifecycle, host_config.name)
+            inventory = read_host(conn, host_config, self.config.nic_backend)
+        except libvirt.libvirtError as exc:
+            _close_quietly(conn)
+            raise VmjobsError(
+                f"host {host_config.name}: cannot watch it: {exc.get_error_message()}"
+            ) from None
+        with self._lock:
+            self._conns[host_config.name] = conn
+            self._inventory[host_config.name] = inventory
+            self._errors.pop(host_config.name, None)
+        log.info("host %s: connected (%s)", host_config.name, host_config.uri)
+
+    def _start_reconnect(self, host_config: HostConfig) -> None:
+        with self._lock:
+            if host_config.name in self._reconnecting or self._stopping.is_set():
+                return
+            self._reconnecting.add(host_config.name)
+        threading.Thread(target=self._reconnect, args=(host_config,), daemon=True,
+                         name=f"reconnect-{host_config.name}").start()
+
+    def _reconnect(self, host_config: HostConfig) -> None:
+        pause = RECONNECT_FIRST_S
+        try:
+            while not self._stopping.wait(pause):
+                try:
+                    self._connect(host_config)
+                except VmjobsError as exc:
+                    with self._lock:
+                        self._errors[host_config.name] = str(exc)
+                    pause = min(pause * 2, RECONNECT_MAX_S)
+                    continue
+                self.notes.put(HostUp(host_config.name))
+                return
+        finally:
+            with self._lock:
+                self._reconnecting.discard(host_config.name)
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            conns, self._conns = self._conns, {}
+        for conn in conns.values():
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
+            _close_quietly(conn)
+
+    # --- libvirt callbacks (event loop thread: never block here) ----------------------------
+
+    def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int,
+                      detail: int, host: str) -> None:
+        if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            return
+        name = dom.name()
+        if name.startswith(DOMAIN_PREFIX):
+            self.notes.put(GuestStopped(host, name[len(DOMAIN_PREFIX):], time.time(), detail))
+
+    def _on_close(self, conn: libvirt.virConnect, reason: int, host: str) -> None:
+        with self._lock:
+            if self._conns.get(host) is not conn:
+                return  # an old connection we already replaced or closed
+            del self._conns[host]
+            why = _CLOSE_REASONS.get(reason, f"connection closed (reason {reason})")
+            self._errors[host] = why
+        log.warning("host %s: down: %s", host, why)
+        self.notes.put(HostDown(host, why))
+        # libvirt still holds a reference; closing from inside its callback is not allowed,
+        # so the reconnect thread (a fresh connection) is all we start here.
+        self._start_reconnect(self.config.host(host))
+
+
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection to libvirtd failed",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "libvirtd stopped answering keepalives",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "connection closed",
+}
+
+
+def _close_quietly(conn: libvirt.virConnect) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()

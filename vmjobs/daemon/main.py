@@ -1,0 +1,70 @@
+"""`vmjob serve`: wire the pieces together and run until SIGTERM or SIGINT.
+
+Order matters: libvirt's event loop before the first connection (or no events arrive); the
+socket claimed before recovery (clients queue in its backlog instead of being refused); the
+store reconciled with the hosts before the scheduler or any request may change it.
+Stopping the daemon leaves guests running: the next start finds them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections import Counter
+from pathlib import Path
+
+from vmjobs.config import Config
+from vmjobs.daemon import scheduler
+from vmjobs.daemon.api import Api
+from vmjobs.daemon.core import Daemon
+from vmjobs.daemon.hosts import start_event_loop
+from vmjobs.daemon.metrics import Present
+from vmjobs.daemon.recovery import recover
+from vmjobs.daemon.server import UnixHTTPServer
+from vmjobs.runner import snapshot
+
+log = logging.getLogger("vmjobs.daemon")
+
+
+def present(daemon: Daemon) -> Present:
+    with daemon.lock:
+        counts = Counter(r.state.value for r in daemon.store.jobs())
+        cluster = snapshot(daemon.store, daemon.hosts.inventory())
+    return Present(
+        jobs_by_state=dict(counts),
+        hosts_up={h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
+        usage=[cluster.free(name) for name in cluster.hosts],
+    )
+
+
+def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
+          metrics_address: str = "127.0.0.1") -> None:
+    start_event_loop()
+    daemon = Daemon(config)
+    api = Api(daemon)
+    server = UnixHTTPServer(socket_path, api.routes(), config.admin_group)
+    try:
+        daemon.hosts.connect_all()
+        recover(daemon)
+        daemon.metrics.watch(lambda: present(daemon))
+        if metrics_port is not None:
+            daemon.metrics.serve(metrics_port, metrics_address)
+            log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
+        for target, name in ((scheduler.run, "scheduler"), (daemon.notes_loop, "notes")):
+            threading.Thread(target=target, args=() if name == "notes" else (daemon,),
+                             name=name, daemon=True).start()
+
+        def stop(signum: int, _frame: object) -> None:
+            log.info("%s: stopping (jobs keep running)", signal.Signals(signum).name)
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("listening on %s", socket_path)
+        server.serve_forever()
+    finally:
+        daemon.shutdown()
+        daemon.metrics.close()
+        server.server_close()
+        socket_path.unlink(missing_ok=True)

@@ -1,0 +1,105 @@
+"""Prometheus metrics, with the official client library, on an optional TCP port.
+
+Counters and histograms are updated as things happen; gauges that describe the present (queue
+length, jobs per state, cores per host and node) are read from the daemon when scraped, so
+they can never drift from the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from placement import HostUsage
+from vmjobs.jobs import JobState
+
+WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
+
+
+@dataclass(frozen=True)
+class Present:
+    """What the gauges show, read under the daemon's lock at scrape time."""
+
+    jobs_by_state: dict[str, int]
+    hosts_up: dict[str, bool]
+    usage: list[HostUsage] = field(default_factory=list)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.wait = Histogram("vmjobs_queue_wait_seconds",
+                              "Time from submission to the guest running", buckets=WAIT_BUCKETS,
+                              registry=self.registry)
+        self.latency = Histogram("vmjobs_stop_to_record_seconds",
+                                 "Time from a guest's STOPPED event to its job's end being "
+                                 "recorded", buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ended = Counter("vmjobs_jobs_ended", "Jobs that ended, by final state",
+                             ["state"], registry=self.registry)
+        self.host_changes = Counter("vmjobs_host_transitions", "Hosts going down or up",
+                                    ["host", "to"], registry=self.registry)
+        self._server: Any = None
+
+    def started(self, waited_s: float) -> None:
+        self.wait.observe(max(waited_s, 0.0))
+
+    def finished(self, state: JobState) -> None:
+        self.ended.labels(state=state.value).inc()
+
+    def event_latency(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+
+    def host_changed(self, host: str, up: bool) -> None:
+        self.host_changes.labels(host=host, to="up" if up else "down").inc()
+
+    def watch(self, read: Callable[[], Present]) -> None:
+        self.registry.register(_PresentCollector(read))
+
+    def serve(self, port: int, address: str) -> None:
+        self._server, _thread = start_http_server(port, addr=address, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _PresentCollector(Collector):
+    def __init__(self, read: Callable[[], Present]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        present = self.read()
+        by_state = GaugeMetricFamily("vmjobs_jobs", "Jobs known to the store, by state",
+                                     labels=["state"])
+        for state in JobState:
+            by_state.add_metric([state.value], present.jobs_by_state.get(state.value, 0))
+        yield by_state
+        yield GaugeMetricFamily("vmjobs_queue_length", "Jobs waiting in the queue",
+                                value=present.jobs_by_state.get(JobState.QUEUED.value, 0))
+        up = GaugeMetricFamily("vmjobs_host_up", "1 when the host's libvirt connection is up",
+                               labels=["host"])
+        for host, is_up in present.hosts_up.items():
+            up.add_metric([host], 1 if is_up else 0)
+        yield up
+        used = GaugeMetricFamily("vmjobs_cpus_used", "Host cpus reserved by jobs",
+                                 labels=["host", "node"])
+        free = GaugeMetricFamily("vmjobs_cpus_free", "Host cpus a job could be given",
+                                 labels=["host", "node"])
+        mem_free = GaugeMetricFamily("vmjobs_memory_free_bytes", "Memory a job could be given",
+                                     labels=["host", "node"])
+        for usage in present.usage:
+            for node in usage.nodes:
+                labels = [usage.host, str(node.node)]
+                used.add_metric(labels, node.cpus_total - node.cpus_free)
+                free.add_metric(labels, node.cpus_free)
+                mem_free.add_metric(labels, node.memory_free_mib << 20)
+        yield used
+        yield free
+        yield mem_free

@@ -1,0 +1,103 @@
+"""The scheduler: wakes on a change (submit, job end, cancel, host up/down) or on the next
+deadline (a time limit, a --wait-timeout), never on a polling interval.
+
+Each pass, under the daemon's lock: expire what is due, then plan the queue (`queue.plan`) on
+a snapshot of hardware (libvirt inventory) and holdings (the store), and reserve what starts
+inside the store's write lock — the same transaction discipline as `vmjob run` — before
+launching the guests on their own threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from vmjobs.daemon.core import Active, Daemon, time_limit_of
+from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
+from vmjobs.jobs import ACTIVE, JobState
+from vmjobs.runner import snapshot
+
+log = logging.getLogger("vmjobs.daemon")
+
+
+def run(daemon: Daemon) -> None:
+    """Thread: the scheduler loop."""
+    with daemon.lock:
+        while not daemon.stopping:
+            daemon.dirty = False
+            now = time.time()
+            try:
+                expire(daemon, now)
+                schedule(daemon, now)
+            except Exception:  # a bug or a store error: keep serving, try again on next change
+                log.exception("scheduling pass failed")
+            due = next_deadline(daemon)
+            timeout = None if due is None else max(due - time.time(), 0.0)
+            daemon.changed.wait_for(lambda: daemon.dirty or daemon.stopping, timeout)
+
+
+def expire(daemon: Daemon, now: float) -> None:
+    """Queued jobs past their --wait-timeout give up; running jobs past their limit stop."""
+    for record, _request in daemon.store.queued():
+        deadline = record.spec.get("wait_deadline")
+        if deadline is not None and deadline <= now:
+            waited = now - record.created
+            daemon.stop(record.id, JobState.EXPIRED,
+                        f"gave up after waiting {waited:.0f}s (--wait-timeout); it never started")
+    for active in list(daemon.active.values()):
+        if active.ends_at is not None and active.ends_at <= now and active.stop is None:
+            reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
+            active.stop = (JobState.TIMEOUT, reason)
+            # destroying takes seconds: not under the lock
+            daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
+                         name=f"timeout-{active.job_id}")
+
+
+def next_deadline(daemon: Daemon) -> float | None:
+    times = [r.spec["wait_deadline"] for r, _ in daemon.store.queued()
+             if r.spec.get("wait_deadline") is not None]
+    times += [a.ends_at for a in daemon.active.values()
+              if a.ends_at is not None and a.stop is None]
+    return min(times, default=None)
+
+
+def holdings(daemon: Daemon, now: float) -> list[Holding]:
+    """Who holds resources and when each must end at the latest, from the time limits."""
+    started = daemon.store.started_at()
+    held = []
+    for record in daemon.store.in_states(ACTIVE):
+        limit = time_limit_of(record)
+        active = daemon.active.get(record.id)
+        if active is not None and active.ends_at is not None:
+            ends = active.ends_at
+        elif limit is None:
+            ends = None
+        else:
+            ends = started.get(record.id, now) + limit
+        held.append(Holding(record.id, ends))
+    return held
+
+
+def schedule(daemon: Daemon, now: float) -> Plan:
+    """One pass: reserve and launch what may start; remember why the others wait."""
+    queued = daemon.store.queued()
+    if not queued:
+        daemon.waits = {}
+        return Plan((), ())
+    waiting = [Waiting(r.id, request, time_limit_of(r)) for r, request in queued]
+    with daemon.store.reserving():
+        cluster = snapshot(daemon.store, daemon.hosts.inventory())
+        result = plan(cluster, waiting, holdings(daemon, now), now)
+        for start in result.starts:
+            how = "backfilled: it ends before the first in line is due or leaves it room" \
+                if start.backfilled else "placed in queue order"
+            daemon.store.assign(start.job_id, start.allocation, how)
+    daemon.waits = {w.job_id: w for w in result.waits}
+    limits = {w.job_id: w.time_limit_s for w in waiting}
+    for start in result.starts:
+        daemon.active[start.job_id] = Active(start.job_id, start.allocation.host,
+                                             limits[start.job_id])
+        daemon.spawn(daemon.launch, start.job_id, name=f"launch-{start.job_id}")
+    if result.starts:
+        daemon.wake()
+    return result

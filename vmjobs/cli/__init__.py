@@ -90,5 +90,9 @@ def _register() -> None:
     for command in (run, hosts, image, serve, submit, list_jobs, show, logs, wait, cancel):
         cli.add_command(command)
 
+    from vmjobs.cli.devcluster import devcluster_group
+
+    cli.add_command(devcluster_group, "devcluster")
+
 
 _register()

@@ -203,6 +203,15 @@ class Cluster:
             return explaining.not_now(need, fits)
         return explaining.never(need, fits, empty, mode)
 
+    def ever_fits(self, request: Request) -> bool:
+        """Whether `request` would fit this cluster emptied, with every host up: `not
+        explain(request).never_fits`, without the cost of gathering reasons."""
+        need = need_of(request)
+        if need.problem is not None or (request.host is not None and request.host not in self._id):
+            return False
+        mode = EXPLAIN_MODE[request.numa]
+        return any(fit_host(e, need, mode, STATIC_HOST_FILTERS).fits for e in self._empty)
+
     def place_within(self, request: Request, policy: str = "pack",
                      exclude: frozenset[str] = frozenset(),
                      avoid: frozenset[tuple[str, int]] = frozenset()) -> Decision:

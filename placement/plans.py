@@ -109,44 +109,94 @@ def _movable(cluster: Cluster, job_id: str, request: Request) -> bool:
     return theirs.host is None or (theirs.preemptible and theirs.priority <= request.priority)
 
 
-def _targets(cluster: Cluster, need: Need) -> list[_Target]:
+@dataclass(frozen=True)
+class _Pending:
+    """A target not built yet; built when the search first reaches it (most never are)."""
+
+    host: str
+    node: int | None
+    mode: str
+
+
+def _pending(cluster: Cluster, need: Need) -> list[tuple[float, _Pending]]:
+    """Every possible target with a cheap lower bound on the memory moved to make room there.
+
+    The bound takes the lowest memory-per-cpu of any job in the cluster, which no job on the
+    target can beat, so best-first search stays exact while it builds only the targets it
+    reaches (building one walks every job on its host).
+    """
     request = need.request
     modes = {NumaPolicy.STRICT: ("node",), NumaPolicy.PREFER: ("node", "span"),
              NumaPolicy.ANY: ("either",)}[request.numa]
-    targets = []
+    per_cpu = min((a.memory_mib / (len(a.cpus) + len(a.idle_cpus))
+                   for a in cluster.allocations().values()), default=0.0)
+    found = []
     for name in cluster.hosts:
         ledger = cluster._ledger(name)
-        if any(check(ledger, request) for check in HOST_FILTERS):
+        if not ledger.jobs or any(check(ledger, request) for check in HOST_FILTERS):
             continue
         for mode in modes:
             nodes = [n.shape.id for n in ledger.nodes] if mode == "node" else [None]
             for node in nodes:
-                target = _target(cluster, ledger, need, mode, node)
-                if target is not None:
-                    targets.append(target)
-    return targets
+                mine = [n for n in ledger.nodes if node is None or n.shape.id == node]
+                short_cpus = need.slots - sum(len(n.free) for n in mine)
+                bound = max(short_cpus, 0) * per_cpu
+                if need.page_kib is None:
+                    bound = max(bound, float(need.units - sum(n.memory_free for n in mine)))
+                found.append((bound, _Pending(name, node, mode)))
+    return found
 
 
-def _target(cluster: Cluster, ledger: HostLedger, need: Need, mode: str,
-            node: int | None) -> _Target | None:
+def _freeable(cluster: Cluster, ledger: HostLedger,
+              need: Need) -> list[tuple[str, int, dict[int, tuple[int, int, int]]]]:
+    """The host's movable jobs, once per host: (job, memory moved, node -> what it frees there
+    as (cpus with idle siblings, memory in the request's units, NICs the request accepts))."""
     request = need.request
-    mine = [n for n in ledger.nodes if node is None or n.shape.id == node]
-    node_ids = {n.shape.id for n in mine}
-    held = []
+    found = []
     for job_id in cluster.jobs_on(ledger.host.name):
-        alloc = cluster.allocation_of(job_id)
-        shares = [s for s in alloc.nodes if s.node in node_ids]
-        idle = [c for c in alloc.idle_cpus if ledger.node_of_cpu[c] in node_ids]
-        nics = [a for a in alloc.devices
-                if ledger.devices[a].node in node_ids and need.wants(ledger.devices[a])]
-        if not (shares or idle or nics) or not _movable(cluster, job_id, request):
+        if not _movable(cluster, job_id, request):
             continue
-        memory = 0
-        if alloc.hugepage_kib == need.page_kib:
-            memory = sum(s.memory_mib if need.page_kib is None
-                         else pages_for(s.memory_mib, need.page_kib) for s in shares)
-        cpus = sum(len(s.cpus) for s in shares) + len(idle)
-        held.append(_Held(job_id, alloc.memory_mib, cpus, memory, len(nics)))
+        alloc = cluster.allocation_of(job_id)
+        same_units = alloc.hugepage_kib == need.page_kib
+        per_node: dict[int, list[int]] = {}
+        for share in alloc.nodes:
+            memory = 0
+            if same_units:
+                memory = (share.memory_mib if need.page_kib is None
+                          else pages_for(share.memory_mib, need.page_kib))
+            per_node[share.node] = [len(share.cpus), memory, 0]
+        for cpu in alloc.idle_cpus:
+            per_node.setdefault(ledger.node_of_cpu[cpu], [0, 0, 0])[0] += 1
+        for address in alloc.devices:
+            device = ledger.devices[address]
+            if need.wants(device):
+                per_node.setdefault(device.node, [0, 0, 0])[2] += 1
+        found.append((job_id, alloc.memory_mib,
+                      {n: (c, m, k) for n, (c, m, k) in per_node.items()}))
+    return found
+
+
+def _target(ledger: HostLedger, need: Need,
+            freeable: list[tuple[str, int, dict[int, tuple[int, int, int]]]], mode: str,
+            node: int | None) -> _Target | None:
+    mine = [n for n in ledger.nodes if node is None or n.shape.id == node]
+    held = []
+    for job_id, cost, per_node in freeable:
+        cpus = memory = nics = 0
+        for node_id, (c, m, k) in per_node.items():
+            if node is None or node_id == node:
+                cpus += c
+                memory += m
+                nics += k
+        if cpus or memory or nics:
+            held.append(_Held(job_id, cost, cpus, memory, nics))
+    free_cpus = sum(len(n.free) for n in mine)
+    free_memory = sum(units(n, need) for n in mine)
+    nics_free = sum(len(free_nics(ledger, n, need)) for n in mine) if need.nics else 0
+    if (free_cpus + sum(h.cpus for h in held) < need.slots
+            or free_memory + sum(h.memory for h in held) < need.units
+            or nics_free + sum(h.nics for h in held) < need.nics):
+        return None  # even evicting everything movable would not make room
     held.sort(key=lambda h: (h.cost, h.job_id))
     suffix = [(0, 0, 0, float("inf"))]
     for h in reversed(held):
@@ -154,19 +204,16 @@ def _target(cluster: Cluster, ledger: HostLedger, need: Need, mode: str,
         mine_per_cpu = h.cost / h.cpus if h.cpus else float("inf")
         suffix.append((cpus + h.cpus, mem + h.memory, nics + h.nics, min(per_cpu, mine_per_cpu)))
     suffix.reverse()
-    target = _Target(
+    return _Target(
         host=ledger.host.name,
         node=node,
         mode=mode,
         jobs=tuple(held),
-        free_cpus=sum(len(n.free) for n in mine),
-        free_memory=sum(units(n, need) for n in mine),
-        free_nics=sum(len(free_nics(ledger, n, need)) for n in mine),
+        free_cpus=free_cpus,
+        free_memory=free_memory,
+        free_nics=nics_free,
         suffix=tuple(suffix),
     )
-    if _bound(target, need, 0, 0, 0, 0) is None:
-        return None  # even evicting everything movable would not make room
-    return target
 
 
 def _bound(target: _Target, need: Need, start: int, cpus: int, memory: int,
@@ -246,35 +293,55 @@ def plan_to_fit(cluster: Cluster, request: Request, *, policy: str = "pack",
     themselves made room for. The search stops after `time_budget_s` seconds or `max_steps`
     candidate sets (use the latter for reproducible runs); `Plan.complete` tells which.
     """
-    decision = cluster.place(request, policy)
-    if decision.fits:
-        return Plan(True, (), 0, "fits already; nothing to move", decision.allocation)
-    if decision.explanation.never_fits:
-        return Plan(False, (), 0, decision.explanation.summary)
-    need = need_of(request)
     deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s
+    need = need_of(request)
+    pending: list[tuple[float, _Pending]] = []
+    if need.problem is None:
+        # place_within: a failure here needs no explanation yet, and explaining costs a pass
+        # over every host twice.
+        decision = cluster.place_within(request, policy)
+        if decision.fits:
+            return Plan(True, (), 0, "fits already; nothing to move", decision.allocation)
+        pending = _pending(cluster, need)
+    if not cluster.ever_fits(request):
+        return Plan(False, (), 0, cluster.explain(request).summary)
+    if not pending:
+        return Plan(False, (), 0, "no set of movable jobs makes room")
     order = count()
-    heap: list[tuple[float, int, int, int, _Target, tuple[int, ...]]] = []
-    for target in _targets(cluster, need):
-        bound = _bound(target, need, 0, 0, 0, 0)
-        assert bound is not None
-        heapq.heappush(heap, (bound, 0, next(order), 0, target, ()))
-    work = cluster.copy()
+    heap: list[tuple[float, int, int, int, _Target | _Pending, tuple[int, ...]]] = [
+        (bound, 0, next(order), 0, target, ()) for bound, target in pending]
+    heapq.heapify(heap)
+    freeable: dict[str, list[tuple[str, int, dict[int, tuple[int, int, int]]]]] = {}
+    work: Cluster | None = None  # copied on first use: most candidate sets fail before it
     steps = 0
     while heap:
         steps += 1
-        if (deadline is not None and steps % 16 == 0 and time.perf_counter() > deadline) or (
+        if (deadline is not None and time.perf_counter() > deadline) or (
                 max_steps is not None and steps > max_steps):
             return Plan(False, (), 0, "no plan found within the search budget", complete=False)
         _, cost, _, _, target, chosen = heapq.heappop(heap)
+        if isinstance(target, _Pending):
+            steps -= 1  # building a target is not a candidate set
+            ledger = cluster._ledger(target.host)
+            if target.host not in freeable:
+                freeable[target.host] = _freeable(cluster, ledger, need)
+            built = _target(ledger, need, freeable[target.host], target.mode, target.node)
+            if built is not None:
+                bound = _bound(built, need, 0, 0, 0, 0)
+                assert bound is not None
+                heapq.heappush(heap, (bound, 0, next(order), 0, built, ()))
+            continue
         jobs = [target.jobs[i].job_id for i in chosen]
         freed = [target.jobs[i] for i in chosen]
-        short = _bound(target, need, len(target.jobs), sum(h.cpus for h in freed),
-                       sum(h.memory for h in freed), sum(h.nics for h in freed))
-        if chosen and short == 0.0 and _fits_after(work, target, need, jobs):
+        cpus = sum(h.cpus for h in freed)
+        memory = sum(h.memory for h in freed)
+        nics = sum(h.nics for h in freed)
+        short = _bound(target, need, len(target.jobs), cpus, memory, nics)
+        if chosen and short == 0.0 and _fits_after(cluster, target, need, jobs):
+            work = work or cluster.copy()
             actions = _relocate(work, target.host, request, jobs, policy)
             if actions is not None:
-                placed = work.place(request, policy).allocation
+                placed = work.place_within(request, policy).allocation
                 _undo(work, {j: (cluster.allocation_of(j), cluster.request_of(j))
                              for j in jobs}, actions)
                 if placed is not None:
@@ -284,13 +351,13 @@ def plan_to_fit(cluster: Cluster, request: Request, *, policy: str = "pack",
             continue
         start = chosen[-1] + 1 if chosen else 0
         for i in range(start, len(target.jobs)):
-            more = (*chosen, i)
-            picked = [target.jobs[k] for k in more]
-            bound = _bound(target, need, i + 1, sum(h.cpus for h in picked),
-                           sum(h.memory for h in picked), sum(h.nics for h in picked))
+            job = target.jobs[i]
+            bound = _bound(target, need, i + 1, cpus + job.cpus, memory + job.memory,
+                           nics + job.nics)
             if bound is None:
                 continue
-            spent = cost + target.jobs[i].cost
+            spent = cost + job.cost
+            more = (*chosen, i)
             heapq.heappush(heap, (spent + bound, spent, next(order), len(more), target, more))
     return Plan(False, (), 0, "no set of movable jobs makes room")
 

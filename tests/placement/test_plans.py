@@ -123,6 +123,29 @@ def test_applying_a_plan_to_fit_then_placing_succeeds(case: tuple[Cluster, Reque
 
 
 @SETTINGS
+@given(busy())
+def test_no_single_migration_is_cheaper_than_the_plan(case: tuple[Cluster, Request]) -> None:
+    """The search builds targets lazily behind a cheap bound; it must still find the cheapest
+    plan, so any one migration that would make room costs at least what the plan costs."""
+    cluster, request = case
+    if cluster.place(request).fits:
+        return
+    plan = plan_to_fit(cluster, request, time_budget_s=None, max_steps=2000)
+    for job, alloc in cluster.allocations().items():
+        theirs = cluster.request_of(job)
+        assert theirs is not None
+        trial = cluster.copy()
+        trial.release(job)
+        moved = trial.place_within(theirs, exclude=frozenset({alloc.host})).allocation
+        if moved is None:
+            continue
+        trial.reserve(job, moved, theirs)
+        if trial.place(request).fits:
+            assert plan.found, f"moving {job} alone would make room"
+            assert plan.cost_mib <= alloc.memory_mib
+
+
+@SETTINGS
 @given(busy(), st.integers(0, 6))
 def test_rebalance_frees_whole_nodes_within_budget(case: tuple[Cluster, Request],
                                                    moves: int) -> None:

@@ -106,6 +106,7 @@ def test_random_sequences_keep_every_invariant(built: list[Host], ops: list) -> 
         decision = cluster.place(request, policy)
         explanation = cluster.explain(request)
         assert explanation.fits == decision.fits == decision.explanation.fits
+        assert cluster.ever_fits(request) == (not explanation.never_fits)
         if not decision.fits:
             assert decision.explanation == explanation
             assert explanation.summary and "\n" not in explanation.summary

@@ -102,12 +102,13 @@ class Boot:
     out: Path
 
 
-def boot_job(img: Image, workdir: Path, spec: guest_protocol.JobSpec, first: str) -> Boot:
+def boot_job(img: Image, workdir: Path, spec: guest_protocol.JobSpec, first: str,
+             disk_bytes: int = 16 << 20) -> Boot:
     workdir.mkdir(mode=0o755)
     initrd, disk = workdir / "initrd", workdir / "output.raw"
     console = workdir / "console.log"
     guest_protocol.write_job_initrd(spec, img.initrd, initrd)
-    guest_protocol.create_output_disk(disk, 16 << 20)
+    guest_protocol.create_output_disk(disk, disk_bytes)
     conn = libvirt.open(URI)
     dom = None
     try:
@@ -181,6 +182,48 @@ def test_guest_environment_argv_and_input(built: Built, tmp_path: Path) -> None:
     ], boot.console
     assert parsed.exit_code == 0
     assert boot.result.exit_code == 0 and boot.result.status == "ok"
+
+
+def test_output_larger_than_the_disk_is_reported_as_overflow(built: Built) -> None:
+    spec = guest_protocol.JobSpec(
+        job_id=secrets.token_hex(4),
+        argv=("sh", "-c", "head -c 3000000 /dev/zero > out/big; echo wrote; exit 5"),
+        env={}, cpus=1, memory_mib=256,
+    )
+    boot = boot_job(built.image, built.spool / "jobs-c", spec, "wrote", disk_bytes=1 << 20)
+    assert boot.result == guest_protocol.GuestResult(5, "overflow", 0, 0)
+    assert not boot.out.exists()
+    parsed = guest_protocol.job_lines(boot.console, spec.job_id)
+    assert parsed.lines == ["wrote"] and parsed.exit_code == 5
+    assert any("output disk holds" in note for note in parsed.notes), parsed.notes
+
+
+def test_unknown_command_exits_127(built: Built) -> None:
+    spec = guest_protocol.JobSpec(job_id=secrets.token_hex(4), argv=("no-such-command",),
+                                  env={}, cpus=1, memory_mib=256)
+    boot = boot_job(built.image, built.spool / "jobs-d", spec, "no-such-command")
+    assert boot.result.exit_code == 127 and boot.result.status == "ok"
+    assert "not found" in " ".join(guest_protocol.job_lines(boot.console, spec.job_id).lines)
+
+
+def test_build_with_kernel_option_boots(built: Built, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cloud kernel unpacked as if it were the host's: /boot/vmlinuz-* + /lib/modules.
+    _, kdeb = image.resolve_debs(with_kernel=True)
+    assert kdeb is not None
+    host = tmp_path / "host"
+    image.unpack_deb(PERSISTENT / "cache" / kdeb.filename, host)
+    monkeypatch.setattr(image, "MODULES_ROOT", host / "lib" / "modules")
+    [kernel] = (host / "boot").glob("vmlinuz-*")
+    img, was_built = build_image(built.spool, kernel=kernel, name="hostkernel")
+    assert was_built and img.id != built.image.id
+    assert img.kernel_version == built.image.kernel_version
+    assert image.resolve_image(built.spool, "default").id == built.image.id
+    spec = guest_protocol.JobSpec(job_id=secrets.token_hex(4), argv=("uname", "-r"), env={},
+                                  cpus=1, memory_mib=256)
+    boot = boot_job(img, built.spool / "jobs-e", spec, img.kernel_version)
+    assert guest_protocol.job_lines(boot.console, spec.job_id).lines == [img.kernel_version]
+    assert boot.result.exit_code == 0
 
 
 def test_second_build_is_a_noop(built: Built) -> None:

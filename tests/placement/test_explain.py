@@ -138,3 +138,41 @@ def test_fits_summary() -> None:
     assert two().place(Request(1, 100, numa=STRICT)).explanation.summary == "fits on b/node0"
     assert two().explain(Request(1, 100)).summary == "fits now: 2 hosts have room, e.g. a/node0"
     assert two().place(Request(3, 100, numa=ANY)).explanation.summary == "fits on b/node0+node1"
+
+
+def test_invalid_memory_nics_and_page_size() -> None:
+    assert summary(two(), Request(1, 0)) == "a job needs some memory; asked for 0 MiB"
+    assert summary(two(), Request(1, 1, nics=-1)) == "asked for -1 NICs"
+    assert summary(two(), Request(1, 1024, hugepage_kib=0)) == (
+        "hugepage size must be positive; asked for 0 KiB")
+
+
+def test_never_fits_nic_vendor_and_product() -> None:
+    assert summary(two(), Request(1, 1, nics=1, nic_vendor="8086", nic_product="ffff")) == (
+        "largest host has 0 NICs matching 8086:ffff; asked for 1")
+    assert summary(two(), Request(1, 1, nics=1, nic_product="0xffff")) == (
+        "largest host has 0 NICs with product 0xffff; asked for 1")
+
+
+def test_never_fits_only_together_spanning() -> None:
+    # a has the cores, b the memory: no host has both, whatever nodes it combines.
+    cluster = Cluster([make_host("a", nodes=2, cores=4, memory_mib=100),
+                       make_host("b", nodes=2, cores=1, memory_mib=8000)])
+    assert summary(cluster, Request(4, 4000, numa=ANY)) == (
+        "no host has 4 cores and 3.9 GiB of memory on NUMA nodes it can combine")
+
+
+def test_free_cores_and_free_memory_on_different_nodes() -> None:
+    cluster = Cluster([make_host("a", nodes=2, cores=2, memory_mib=1000)])
+    # node0 keeps a core but no memory, node1 memory but no core.
+    cluster.reserve("j0", Allocation("a", (0,), 1000, (NodeShare(0, (0,), 1000),)))
+    cluster.reserve("j1", Allocation("a", (2, 3), 10, (NodeShare(1, (2, 3), 10),)))
+    got = cluster.explain(Request(1, 100, numa=ANY))
+    assert not got.fits and not got.never_fits
+    assert got.summary == (
+        "no host has room now: a: its free cores and free memory are on different NUMA nodes")
+    assert got.reasons[-1].kind == "numa"
+
+
+def test_pinned_host_outside_the_pool() -> None:
+    assert summary(two(), Request(1, 1, host="a", pool="ci")) == "a: not in pool ci"

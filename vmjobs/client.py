@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode
 from vmjobs.errors import VmjobsError
 from vmjobs.transport import SshTunnel, Target, open_unix, parse_url
 
-START_HINT = ("start one with 'vmjob serve' as root (or scripts/start-vmjobd.sh), "
+START_HINT = ("start one with 'vmjob serve' as root (see docs/operations.md), "
               "or point --url / $VMJOBS_URL at one")
 
 

@@ -59,7 +59,7 @@ class Interrupted(BaseException):
 
 
 @contextmanager
-def _interruptible() -> Iterator[None]:
+def interruptible() -> Iterator[None]:
     def raise_interrupted(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
@@ -202,7 +202,7 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
     files = JobFiles.of(config.spool, job_id)
     host_config = config.host(allocation.host)
     dom = None
-    with _interruptible():
+    with interruptible():
         try:
             virt_type = virt_probe.virt_type(config, host_config, conn, image, allocation,
                                               note)

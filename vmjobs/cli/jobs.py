@@ -20,6 +20,7 @@ from click.core import ParameterSource
 
 from vmjobs.cli.options import build_request, job_options, parse_env, parse_timeout
 from vmjobs.client import ApiFailure, Client
+from vmjobs.config import DEFAULT_SOCKET
 from vmjobs.errors import VmjobsError
 from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
 from vmjobs.units import format_mib, parse_duration
@@ -40,8 +41,11 @@ def url_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def client_for(url: str | None) -> Client:
-    config = click.get_current_context().obj.config
-    return Client.from_url(url, config.socket)
+    """The daemon at --url / $VMJOBS_URL, else at the config's socket. With a URL no config is
+    read: a remote user needs none (an ssh:// URL without a path means the head's default)."""
+    if url:
+        return Client.from_url(url, DEFAULT_SOCKET)
+    return Client.from_url(None, click.get_current_context().obj.config.socket)
 
 
 # --- submit ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from vmjobs.config import Config
@@ -40,6 +41,7 @@ def present(daemon: Daemon) -> Present:
 
 def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
           metrics_address: str = "127.0.0.1") -> None:
+    config = replace(config, socket=socket_path)  # what `status` reports
     start_event_loop()
     daemon = Daemon(config)
     api = Api(daemon)

@@ -166,10 +166,15 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = _dispatch  # noqa: N815 (stdlib's naming)
 
     def _json(self, status: int, body: Any) -> None:
+        if status >= 400:
+            # the request body may be unread: the connection cannot carry another request
+            self.close_connection = True
         data = (json.dumps(body) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

@@ -1,4 +1,8 @@
-"""The placement engine: pure Python, no libvirt, no I/O, no import from vmjobs."""
+"""The placement engine: pure Python, no libvirt, no I/O, no import from vmjobs.
+
+`placement.sim` (the trace simulator, `python -m placement.sim`) is not imported here: it is an
+entry point, and importing it from the package would make `-m` warn.
+"""
 
 from placement.cluster import Cluster
 from placement.errors import Conflict, UnknownHost, UnknownJob
@@ -14,12 +18,16 @@ from placement.model import (
     Request,
     ThreadPolicy,
 )
+from placement.plans import Checkpoint, Migrate, Plan, apply_plan, plan_rebalance, plan_to_fit
 from placement.results import Decision, Explanation, HostUsage, NodeUsage, Reason
 from placement.scorers import POLICIES
+from placement.swf import SwfJob, Trace, parse_swf
+from placement.synthetic import make_host, make_hosts
 
 __all__ = [
     "POLICIES",
     "Allocation",
+    "Checkpoint",
     "Cluster",
     "Conflict",
     "Cpu",
@@ -29,13 +37,23 @@ __all__ = [
     "Host",
     "HostState",
     "HostUsage",
+    "Migrate",
     "Node",
     "NodeShare",
     "NodeUsage",
     "NumaPolicy",
+    "Plan",
     "Reason",
     "Request",
+    "SwfJob",
     "ThreadPolicy",
+    "Trace",
     "UnknownHost",
     "UnknownJob",
+    "apply_plan",
+    "make_host",
+    "make_hosts",
+    "parse_swf",
+    "plan_rebalance",
+    "plan_to_fit",
 ]

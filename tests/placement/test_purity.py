@@ -30,3 +30,12 @@ def test_module_imports_nothing_impure(path: Path) -> None:
 
 def test_the_walk_sees_the_modules() -> None:
     assert len(list(PLACEMENT.rglob("*.py"))) >= 5
+
+
+def test_the_public_api_resolves() -> None:
+    import placement
+
+    missing = [name for name in placement.__all__ if not hasattr(placement, name)]
+    assert not missing
+    assert {"Cluster", "Request", "plan_to_fit", "plan_rebalance", "parse_swf"} <= set(
+        placement.__all__)

@@ -107,8 +107,8 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             active = Active(job_id, host, limit, phase="running",
                             ends_at=begun + limit if begun is not None and limit else None)
             daemon.active[job_id] = active
-            if record.state != JobState.RUNNING:
-                daemon.store.transition(job_id, JobState.RUNNING, "found running at recovery")
+            # in the job's timeline too: its guest outlived a daemon restart
+            daemon.store.transition(job_id, JobState.RUNNING, "found running at recovery")
             log.info("job %s: still running on %s", job_id, host)
         for job_id in actions.requeue:
             daemon.store.transition(job_id, JobState.QUEUED,

@@ -90,3 +90,24 @@ def test_head_waiting_for_a_down_host_does_not_block_others() -> None:
     result = plan(cluster, [pinned, wait("other", 1)], [], NOW)
     assert started(result) == ["other"]
     assert result.waits[0].job_id == "pinned"
+
+
+def test_a_stream_of_small_jobs_never_overtakes_a_large_head() -> None:
+    cluster = placement.Cluster([host(cpus=4)])
+    hold(cluster, "r1", 3)  # no time limit: when the head may start is unknown
+    queue = [wait("big", 4)] + [wait(f"s{i}", 1) for i in range(200)]
+    result = plan(cluster, queue, [Holding("r1", None)], NOW)
+    assert started(result) == []  # the one free cpu is kept for the head
+    assert [w.position for w in result.waits] == list(range(1, 202))
+    assert len({w.reason for w in result.waits[1:]}) == 1  # alike jobs, one explanation
+    assert "would delay big" in result.waits[1].reason
+
+
+def test_alike_jobs_that_do_not_fit_share_the_reason() -> None:
+    cluster = placement.Cluster([host(cpus=2)])
+    hold(cluster, "r1", 2)
+    result = plan(cluster, [wait("head", 2)] + [wait(f"s{i}", 1) for i in range(50)],
+                  [Holding("r1", NOW + 10)], NOW)
+    assert started(result) == []
+    reasons = {w.reason for w in result.waits[1:]}
+    assert len(reasons) == 1 and "0 free cores" in reasons.pop()

@@ -116,11 +116,17 @@ def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Sequen
     if shadow.at is not None:
         why += f"; starts by {_clock(shadow.at)} at the latest"
     waits = [Wait(head.job_id, 1, f"first in line: {why}")]
+    # The cluster only fills up during this loop, so a request that did not fit still does
+    # not: a long queue of alike jobs costs one placement, not one each.
+    refused: dict[Request, str] = {}
     for job in queue[i + 1:]:
+        if job.request in refused:
+            waits.append(Wait(job.job_id, len(waits) + 1, refused[job.request]))
+            continue
         decision = cluster.place(job.request, policy)
         allocation = decision.allocation
         if allocation is None:
-            reason = decision.explanation.summary
+            reason = refused[job.request] = decision.explanation.summary
         elif _harmless(job, allocation, shadow, head.request, now):
             cluster.reserve(job.job_id, allocation, job.request)
             starts.append(Start(job.job_id, allocation, backfilled=True))

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import time
 
+from placement import Request
 from vmjobs.daemon.core import Active, Daemon, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
-from vmjobs.jobs import ACTIVE, JobState
+from vmjobs.jobs import ACTIVE, JobRecord, JobState
 from vmjobs.runner import snapshot
 
 log = logging.getLogger("vmjobs.daemon")
+Queue = list[tuple[JobRecord, Request]]
 
 
 def run(daemon: Daemon) -> None:
@@ -26,24 +28,32 @@ def run(daemon: Daemon) -> None:
         while not daemon.stopping:
             daemon.dirty = False
             now = time.time()
+            queue: Queue = []
             try:
-                expire(daemon, now)
-                schedule(daemon, now)
+                # the queue is read once per pass: parsing it is most of a pass's cost
+                queue = daemon.store.queued()
+                gone = expire(daemon, now, queue)
+                queue = [(r, q) for r, q in queue if r.id not in gone]
+                started = {s.job_id for s in schedule(daemon, now, queue).starts}
+                queue = [(r, q) for r, q in queue if r.id not in started]
             except Exception:  # a bug or a store error: keep serving, try again on next change
                 log.exception("scheduling pass failed")
-            due = next_deadline(daemon)
+            due = next_deadline(daemon, queue)
             timeout = None if due is None else max(due - time.time(), 0.0)
             daemon.changed.wait_for(lambda: daemon.dirty or daemon.stopping, timeout)
 
 
-def expire(daemon: Daemon, now: float) -> None:
-    """Queued jobs past their --wait-timeout give up; running jobs past their limit stop."""
-    for record, _request in daemon.store.queued():
+def expire(daemon: Daemon, now: float, queue: Queue) -> set[str]:
+    """Queued jobs past their --wait-timeout give up (their ids are returned); running jobs
+    past their limit stop."""
+    gone = set()
+    for record, _request in queue:
         deadline = record.spec.get("wait_deadline")
         if deadline is not None and deadline <= now:
             waited = now - record.created
             daemon.stop(record.id, JobState.EXPIRED,
                         f"gave up after waiting {waited:.0f}s (--wait-timeout); it never started")
+            gone.add(record.id)
     for active in list(daemon.active.values()):
         if active.ends_at is not None and active.ends_at <= now and active.stop is None:
             reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
@@ -51,10 +61,11 @@ def expire(daemon: Daemon, now: float) -> None:
             # destroying takes seconds: not under the lock
             daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
                          name=f"timeout-{active.job_id}")
+    return gone
 
 
-def next_deadline(daemon: Daemon) -> float | None:
-    times = [r.spec["wait_deadline"] for r, _ in daemon.store.queued()
+def next_deadline(daemon: Daemon, queue: Queue) -> float | None:
+    times = [r.spec["wait_deadline"] for r, _ in queue
              if r.spec.get("wait_deadline") is not None]
     times += [a.ends_at for a in daemon.active.values()
               if a.ends_at is not None and a.stop is None]
@@ -78,9 +89,9 @@ def holdings(daemon: Daemon, now: float) -> list[Holding]:
     return held
 
 
-def schedule(daemon: Daemon, now: float) -> Plan:
+def schedule(daemon: Daemon, now: float, queue: Queue | None = None) -> Plan:
     """One pass: reserve and launch what may start; remember why the others wait."""
-    queued = daemon.store.queued()
+    queued = daemon.store.queued() if queue is None else queue
     if not queued:
         daemon.waits = {}
         return Plan((), ())

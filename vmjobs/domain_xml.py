@@ -20,6 +20,9 @@ FIRST_NIC_SLOT = 0x10
 MAX_NICS = 16
 OUTPUT_DISK_SLOT = 0x05
 CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1"
+# The virtio-serial port on which the guest init takes the wall-clock time after a migration
+# or a restore (see vmjobs/guestclock.py and images/init).
+CLOCK_CHANNEL = "org.vmjobs.clock.0"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class DomainSpec:
     emulator_cpus: frozenset[int] = frozenset()  # empty: the job's own cpus
     nics: tuple[Nic, ...] = ()
     cmdline: str = CMDLINE
+    clock_channel: bool = False  # the guest can be told the time after a move
 
 
 def build(spec: DomainSpec) -> str:
@@ -242,10 +246,19 @@ def devices(spec: DomainSpec) -> ET.Element:
     serial = ET.SubElement(devs, "serial", type="file")
     ET.SubElement(serial, "source", path=str(spec.console_log), append="on")
     ET.SubElement(serial, "target", port="0")
+    if spec.clock_channel:
+        devs.append(clock_channel())
     # Nothing the job did not ask for: no USB, no balloon, no graphics, no default network.
     ET.SubElement(devs, "controller", type="usb", model="none")
     ET.SubElement(devs, "memballoon", model="none")
     return devs
+
+
+def clock_channel() -> ET.Element:
+    # libvirt picks the socket path on each host; openChannel() reaches it through libvirt.
+    channel = ET.Element("channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name=CLOCK_CHANNEL)
+    return channel
 
 
 def output_disk(path: Path) -> ET.Element:

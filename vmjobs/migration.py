@@ -1,0 +1,503 @@
+"""Live migration of a running job's guest to another host, re-pinned for that host.
+
+Three layers, each usable on its own:
+
+- `retarget_xml`: a pure transform of a domain's migratable XML (or a save image's XML) for
+  another host: `<cputune>` and `<numatune>` rebuilt from the destination's allocation with
+  `domain_xml`'s own builders (pinning is recomputed, never copied), the `<metadata>`
+  allocation replaced, the console moved to the destination's segment `console.<host>.log`.
+  Everything else (machine type, device addresses, output disk path) is kept, so the guest's
+  ABI is unchanged; a destination whose NUMA split would change the guest's NUMA cells is
+  refused.
+- `migrate_domain`: one live migration driven through libvirt (`migrate3` with
+  `VIR_MIGRATE_PARAM_DEST_XML`, LIVE, transient on the destination) under a convergence
+  policy: start at the policy's max downtime and raise it in steps while the copy stalls,
+  optionally with auto-converge or a switch to post-copy; abort after a completion timeout
+  scaled per GiB of guest memory, or when no progress was made for `progress_timeout_s`.
+  Needs no store: the smoke test and the benchmark use it against bare libvirt URIs.
+- `migrate_job`: the job-level operation the daemon calls: reserve on the destination first
+  (through the placement engine), mark the job MIGRATING, migrate, then move the job's
+  reservation to the destination and release the source in one transaction. On any failure
+  the job keeps running on the source and the destination reservation is released.
+
+At most `Policy.max_outbound` migrations leave one host at a time (file locks in the spool,
+so CLI processes and the daemon share the limit); more wait their turn.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import libvirt
+
+import placement
+from placement import Allocation
+from vmjobs import domain_xml
+from vmjobs.codec import allocation_from_dict, allocation_to_dict, request_from_dict
+from vmjobs.config import Config
+from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
+from vmjobs.guest import JobFiles
+from vmjobs.hostconn import is_running, lookup_domain
+from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.store import Store
+
+METADATA = f"{{{domain_xml.METADATA_NS}}}"
+PLACEHOLDER_PREFIX = "mig-"
+
+
+class MigrationFailed(VmjobsError):
+    """The migration did not happen; the guest still runs on the source."""
+
+
+# --- the XML for the destination ----------------------------------------------------------------
+
+def _replace_child(parent: ET.Element, old_tag: str, new: ET.Element,
+                   after: tuple[str, ...] = ()) -> None:
+    old = parent.find(old_tag)
+    if old is not None:
+        index = list(parent).index(old)
+        parent.remove(old)
+        parent.insert(index, new)
+        return
+    children = list(parent)
+    position = max((children.index(c) + 1 for c in children if c.tag in after), default=0)
+    parent.insert(position, new)
+
+
+def _cells(root: ET.Element) -> list[tuple[str, int]]:
+    """The guest's NUMA cells as (vCPU list, MiB), as the XML declares them."""
+    cells = []
+    for cell in root.findall("./cpu/numa/cell"):
+        memory = int(cell.get("memory", "0"))
+        unit = cell.get("unit", "KiB")
+        mib = memory // 1024 if unit == "KiB" else memory * 1024 if unit == "GiB" else memory
+        cells.append((cell.get("cpus", ""), mib))
+    return cells
+
+
+def retarget_xml(xml: str, alloc: Allocation, emulator_cpus: frozenset[int],
+                 console_log: Path | None) -> str:
+    """The same guest, pinned and bound as `alloc` says, for the host `alloc.host`."""
+    root = ET.fromstring(xml)
+    vcpus = root.find("vcpu")
+    if vcpus is None or int(vcpus.text or "0") != len(alloc.cpus):
+        raise MigrationFailed(f"the destination allocation has {len(alloc.cpus)} cpus; the "
+                              f"guest has {vcpus.text if vcpus is not None else '?'} vCPUs")
+    wanted = [(domain_xml.format_cpu_list(v), mib) for v, mib in domain_xml.guest_cells(alloc)]
+    if _cells(root) != wanted:
+        raise MigrationFailed(
+            f"on {alloc.host} the job's memory and cpus would split over NUMA nodes "
+            f"{[s.node for s in alloc.nodes]} differently from the guest's NUMA cells; "
+            "the guest's topology cannot change while it runs"
+        )
+    _replace_child(root, "cputune", domain_xml.cputune(alloc, emulator_cpus),
+                   after=("vcpu", "iothreads"))
+    _replace_child(root, "numatune", domain_xml.numatune(alloc), after=("cputune",))
+    job = root.find(f"./metadata/{METADATA}job")
+    if job is not None:
+        old = job.find(f"{METADATA}allocation")
+        if old is not None:
+            job.remove(old)
+        job.append(domain_xml.allocation_element(alloc))
+    if console_log is not None:
+        for tag in ("serial", "console"):
+            for device in root.findall(f"./devices/{tag}[@type='file']"):
+                source = device.find("source")
+                if source is not None:
+                    source.set("path", str(console_log))
+    return ET.tostring(root, encoding="unicode")
+
+
+def pinning_of(dom: libvirt.virDomain) -> tuple[frozenset[int], ...]:
+    """The host cpus each vCPU of a running guest may run on, as libvirt reports them."""
+    return tuple(frozenset(i for i, on in enumerate(row) if on) for row in dom.vcpuPinInfo(0))
+
+
+# --- one live migration -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Policy:
+    """How hard to try before giving up; the defaults suit guests of up to a few GiB."""
+
+    max_downtime_ms: int = 300  # where the downtime limit starts
+    downtime_ceiling_ms: int = 2400  # raised in steps (x2) while stalled, never above this
+    stall_s: float = 2.0  # remaining memory made no new low for this long: stalled
+    bandwidth_mib_s: int | None = None
+    auto_converge: bool = False
+    postcopy: bool = False  # switch to post-copy once the downtime is at its ceiling
+    timeout_s: float | None = None  # completion timeout; None: base + per GiB
+    timeout_base_s: float = 30.0
+    timeout_per_gib_s: float = 60.0
+    progress_timeout_s: float = 30.0  # no new low for this long: abort
+    # libvirt calls a migration "unsafe" when it cannot prove a disk's storage is shared and
+    # the disk is cached. The only disk is the output disk, which the init writes once, at the
+    # job's end, and QEMU flushes at the switch-over; the spool is shared by contract.
+    shared_storage: bool = True
+    max_outbound: int = 1  # migrations leaving one host at once
+    slot_wait_s: float = 600.0  # how long to wait for an outbound slot
+
+    def completion_timeout(self, memory_mib: int) -> float:
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return self.timeout_base_s + self.timeout_per_gib_s * memory_mib / 1024
+
+
+@dataclass(frozen=True)
+class Progress:
+    elapsed_s: float
+    memory_total: int
+    memory_remaining: int
+    memory_processed: int
+    rate_bps: int
+    downtime_ms: int  # the limit in force
+    phase: str  # "copying" | "stalled" | "post-copy" | "aborting"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    duration_s: float
+    downtime_ms: int | None  # as libvirt measured it
+    memory_bytes: int | None  # transferred
+    downtime_limit_ms: int  # the limit in force at the end
+    postcopy: bool
+    steps: tuple[str, ...] = ()  # what the policy did, in order
+    dom: libvirt.virDomain | None = field(default=None, compare=False)  # on the destination
+
+
+def migration_uri(dest_libvirt_uri: str) -> str | None:
+    """Where QEMU should send the guest: the destination's address, taken from its libvirt
+    URI (the destination's own hostname may not resolve from the source)."""
+    host = urlparse(dest_libvirt_uri).hostname
+    return f"tcp://{host}" if host else None
+
+
+def _stat(stats: Mapping[str, Any], key: str) -> int:
+    value = stats.get(key)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: str,
+                   dest_uri: str | None, policy: Policy, memory_mib: int,
+                   on_progress: Callable[[Progress], None] | None = None,
+                   poll_s: float = 0.25) -> Outcome:
+    """Live-migrate `dom` to `dconn` as `dest_xml`; raise MigrationFailed if it did not move."""
+    flags = libvirt.VIR_MIGRATE_LIVE
+    if policy.auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if policy.postcopy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
+    if policy.shared_storage:
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
+    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
+    if dest_uri:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = dest_uri
+    if policy.bandwidth_mib_s:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = policy.bandwidth_mib_s
+    downtime = policy.max_downtime_ms
+    try:
+        dom.migrateSetMaxDowntime(downtime, 0)
+    except libvirt.libvirtError as exc:
+        raise MigrationFailed(f"cannot set the downtime limit: {exc.get_error_message()}") from None
+
+    result: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            result["dom"] = dom.migrate3(dconn, params, flags)
+        except libvirt.libvirtError as exc:
+            result["error"] = exc.get_error_message()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller's thread
+            result["error"] = str(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=worker, name="migrate3", daemon=True)
+    thread.start()
+    steps: list[str] = []
+    deadline = started + policy.completion_timeout(memory_mib)
+    best: int | None = None
+    best_at = started
+    stalled_since = started
+    in_postcopy = False
+    aborted: str | None = None
+    while thread.is_alive():
+        thread.join(poll_s)
+        if not thread.is_alive():
+            break
+        now = time.monotonic()
+        try:
+            stats = dom.jobStats(0)
+        except libvirt.libvirtError:
+            continue  # the job is ending; the worker will say how
+        remaining = _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING)
+        if _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL) and (best is None
+                                                                   or remaining < best):
+            best, best_at, stalled_since = remaining, now, now
+        phase = "post-copy" if in_postcopy else "copying"
+        if aborted is None and not in_postcopy and now - stalled_since >= policy.stall_s:
+            phase = "stalled"
+            stalled_since = now
+            if downtime < policy.downtime_ceiling_ms:
+                downtime = min(downtime * 2, policy.downtime_ceiling_ms)
+                try:
+                    dom.migrateSetMaxDowntime(downtime, 0)
+                    steps.append(f"{now - started:.1f}s: stalled, downtime limit {downtime} ms")
+                except libvirt.libvirtError as exc:
+                    steps.append(f"raising the downtime limit failed: {exc.get_error_message()}")
+            elif policy.postcopy:
+                try:
+                    dom.migrateStartPostCopy(0)
+                    in_postcopy = True
+                    steps.append(f"{now - started:.1f}s: stalled at the ceiling, post-copy")
+                except libvirt.libvirtError as exc:
+                    steps.append(f"post-copy refused: {exc.get_error_message()}")
+        if aborted is None and not in_postcopy:
+            if now >= deadline:
+                aborted = (f"did not complete within {deadline - started:.0f}s "
+                           f"({memory_mib} MiB guest)")
+            elif now - best_at >= policy.progress_timeout_s:
+                aborted = f"made no progress for {policy.progress_timeout_s:.0f}s"
+            if aborted is not None:
+                steps.append(f"{now - started:.1f}s: aborting: {aborted}")
+                phase = "aborting"
+                try:
+                    dom.abortJob()
+                except libvirt.libvirtError as exc:
+                    steps.append(f"abort failed: {exc.get_error_message()}")
+        if on_progress is not None:
+            on_progress(Progress(
+                elapsed_s=now - started,
+                memory_total=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL),
+                memory_remaining=remaining,
+                memory_processed=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED),
+                rate_bps=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_BPS),
+                downtime_ms=downtime, phase=phase,
+            ))
+    duration = time.monotonic() - started
+    if "error" in result or result.get("dom") is None:
+        why = aborted or result.get("error") or "migrate3 returned no domain"
+        raise MigrationFailed(why)
+    dest_dom: libvirt.virDomain = result["dom"]
+    downtime_measured = transferred = None
+    try:
+        done = dest_dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        if libvirt.VIR_DOMAIN_JOB_DOWNTIME in done:
+            downtime_measured = int(done[libvirt.VIR_DOMAIN_JOB_DOWNTIME])
+        if libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED in done:
+            transferred = int(done[libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED])
+    except libvirt.libvirtError:
+        pass
+    return Outcome(duration, downtime_measured, transferred, downtime, in_postcopy,
+                   tuple(steps), dest_dom)
+
+
+# --- outbound slots -----------------------------------------------------------------------------
+
+@contextmanager
+def outbound_slot(spool: Path, host: str, limit: int, wait_s: float,
+                  note: Callable[[str], None]) -> Iterator[int]:
+    """Hold one of `limit` outbound-migration slots of `host` (shared by every process)."""
+    locks = spool / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        for slot in range(max(limit, 1)):
+            handle = open(locks / f"migrate-out.{host}.{slot}", "w")  # noqa: SIM115
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield slot
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        if time.monotonic() >= deadline:
+            raise MigrationFailed(f"{host} already has {limit} outbound migration(s) running; "
+                                  f"waited {wait_s:.0f}s for a turn")
+        if not told:
+            note(f"waiting for an outbound migration slot on {host} ({limit} at a time)")
+            told = True
+        time.sleep(0.2)
+
+
+# --- the job-level operation --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Moved:
+    job_id: str
+    source: str
+    destination: str
+    allocation: Allocation
+    outcome: Outcome
+    clock: str  # what happened to the guest's wall clock
+
+
+def snapshot(store: Store, hosts: list[placement.Host]) -> placement.Cluster:
+    """The engine's view: hardware from libvirt, holdings from the store (placeholders too)."""
+    cluster = placement.Cluster(hosts)
+    for held in store.held():
+        if held.allocation.host in cluster.hosts:
+            cluster.reserve(held.job_id, held.allocation, held.request)
+    return cluster
+
+
+def placeholder_id(job_id: str) -> str:
+    return f"{PLACEHOLDER_PREFIX}{job_id}"
+
+
+def is_placeholder(record: JobRecord) -> bool:
+    return record.spec.get("placeholder_for") is not None
+
+
+def running_job(store: Store, job_id: str) -> tuple[JobRecord, Allocation]:
+    record = store.job(job_id)
+    if record is None:
+        raise NotFound(f"unknown job {job_id!r}")
+    if record.state != JobState.RUNNING or record.allocation is None or record.host is None:
+        raise VmjobsError(f"job {job_id} is {record.state.value}, not RUNNING")
+    return record, allocation_from_dict(record.allocation)
+
+
+def reserve_elsewhere(store: Store, hosts: list[placement.Host], record: JobRecord,
+                      to: str | None, reason: str) -> Allocation:
+    """Reserve room for `record`'s request on `to` (or wherever the engine chooses, never its
+    current host) under a placeholder job, in one transaction; the job keeps what it holds."""
+    if record.request is None:
+        raise VmjobsError(f"job {record.id} has no recorded request; it cannot be placed again")
+    request = replace(request_from_dict(record.request), host=to)
+    with store.reserving():
+        cluster = snapshot(store, hosts)
+        if to is not None:
+            if to == record.host:
+                raise VmjobsError(f"job {record.id} already runs on {to}")
+            decision = cluster.place(request)
+        else:
+            decision = cluster.place_within(request, exclude=frozenset({record.host or ""}))
+        if decision.allocation is None:
+            where = to or f"any host but {record.host}"
+            raise DoesNotFit(f"no room for job {record.id} on {where}: "
+                             f"{decision.explanation.summary}")
+        store.add_job(
+            JobRecord(id=placeholder_id(record.id), owner=record.owner, uid=record.uid,
+                      state=JobState.PLACED,
+                      spec={"placeholder_for": record.id, "reason": reason}),
+            request, decision.allocation, f"{reason} (placeholder for job {record.id})",
+        )
+        return decision.allocation
+
+
+def release_placeholder(store: Store, job_id: str) -> None:
+    if store.job(placeholder_id(job_id)) is not None:
+        store.delete_job(placeholder_id(job_id))
+
+
+def move_reservation(store: Store, job_id: str, allocation: Allocation) -> None:
+    """Give the job the placeholder's reservation and free its old one, atomically.
+
+    The store has no public call for this yet (the daemon's owner will add one: see
+    docs/multihost.md); until then this is the one place with SQL outside store.py.
+    """
+    placeholder = placeholder_id(job_id)
+    cpus = [(allocation.host, c, job_id) for c in (*allocation.cpus, *allocation.idle_cpus)]
+    devices = [(allocation.host, d, job_id) for d in allocation.devices]
+    with store.reserving():
+        db = store.db
+        for table in ("cpu_reservations", "device_reservations"):
+            db.execute(f"DELETE FROM {table} WHERE job_id IN (?, ?)", (job_id, placeholder))
+        db.execute("DELETE FROM events WHERE job_id = ?", (placeholder,))
+        db.execute("DELETE FROM jobs WHERE id = ?", (placeholder,))
+        db.execute("UPDATE jobs SET host = ?, allocation = ?, updated = ? WHERE id = ?",
+                   (allocation.host, json.dumps(allocation_to_dict(allocation)), time.time(),
+                    job_id))
+        db.executemany("INSERT INTO cpu_reservations (host, cpu, job_id) VALUES (?, ?, ?)", cpus)
+        db.executemany("INSERT INTO device_reservations (host, address, job_id) VALUES (?, ?, ?)",
+                       devices)
+
+
+def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
+                hosts: list[placement.Host], job_id: str, to: str | None = None,
+                policy: Policy | None = None,
+                on_progress: Callable[[Progress], None] | None = None,
+                note: Callable[[str], None] = lambda _m: None) -> Moved:
+    """Move a RUNNING job's guest to `to` (or where the engine says) while it runs."""
+    from vmjobs import guestclock
+
+    policy = policy or Policy()
+    record, source_alloc = running_job(store, job_id)
+    source = record.host or ""
+    if source_alloc.devices and config.nic_backend == "vfio":
+        raise MigrationFailed(f"job {job_id} has passthrough NICs "
+                              f"({', '.join(source_alloc.devices)}); they block live migration")
+    if to is not None:
+        config.host(to)  # unknown host: one line
+        if to not in conns:
+            raise VmjobsError(f"host {to} is not reachable")
+    dom = lookup_domain(conns[source], domain_name(job_id))
+    if dom is None or not is_running(dom):
+        raise VmjobsError(f"job {job_id}'s guest is not running on {source}")
+    with outbound_slot(config.spool, source, policy.max_outbound, policy.slot_wait_s, note):
+        alloc = reserve_elsewhere(store, hosts, record, to, f"migrating job {job_id} here")
+        dest = alloc.host
+        try:
+            store.transition(job_id, JobState.MIGRATING, f"live migration {source} -> {dest}")
+            files = JobFiles.of(config.spool, job_id)
+            dest_xml = retarget_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), alloc,
+                                    config.host(dest).reserved_cpus, files.console(dest))
+            outcome = migrate_domain(dom, conns[dest], dest_xml,
+                                     migration_uri(config.host(dest).uri), policy,
+                                     source_alloc.memory_mib, on_progress)
+        except BaseException as exc:
+            moved_anyway = _landed(conns[dest], job_id) and not is_running(dom)
+            if not moved_anyway:
+                release_placeholder(store, job_id)
+                message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) \
+                    else str(exc)
+                still = "still running on" if is_running(dom) else "NOT running on"
+                store.transition(job_id, JobState.RUNNING,
+                                 f"migration to {dest} failed: {message}; {still} {source}")
+                if isinstance(exc, VmjobsError | libvirt.libvirtError):
+                    raise MigrationFailed(f"job {job_id}: migration {source} -> {dest} failed: "
+                                          f"{message}; the job is {still} {source}") from None
+                raise
+            outcome = Outcome(0.0, None, None, policy.max_downtime_ms, False,
+                              ("the guest arrived although the migration reported an error",),
+                              lookup_domain(conns[dest], domain_name(job_id)))
+        move_reservation(store, job_id, alloc)
+        clock = guestclock.sync_quietly(conns[dest], domain_name(job_id))
+        downtime = f"{outcome.downtime_ms} ms" if outcome.downtime_ms is not None else "?"
+        store.transition(job_id, JobState.RUNNING,
+                         f"migrated from {source} in {outcome.duration_s:.1f}s, downtime "
+                         f"{downtime}; clock {clock}")
+        return Moved(job_id, source, dest, alloc, outcome, clock)
+
+
+def _landed(dconn: libvirt.virConnect, job_id: str) -> bool:
+    try:
+        dom = lookup_domain(dconn, domain_name(job_id))
+        return dom is not None and bool(dom.isActive()) and \
+            dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
+    except libvirt.libvirtError:
+        return False
+
+
+def format_progress(progress: Progress) -> str:
+    total = progress.memory_total or 1
+    done = 1 - progress.memory_remaining / total
+    bar = "#" * int(done * 20)
+    return (f"[{bar:<20}] {done:4.0%} {progress.memory_remaining >> 20} MiB left, "
+            f"{progress.rate_bps / (1 << 20):.0f} MiB/s, downtime limit "
+            f"{progress.downtime_ms} ms, {progress.elapsed_s:.1f}s {progress.phase}")
+

@@ -134,3 +134,48 @@ client.close()
                              env={**os.environ, "HOME": str(sshd["home"])})
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.strip() == "no jobs"
+
+
+def scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_on_a_tcp_port(make_daemon: Any) -> None:
+    """Prometheus exposition while a job holds a cpu of libvirt's test driver, and after."""
+    port = free_port()
+    daemon = make_daemon("metrics", hosts=[{"name": "t", "uri": "test:///default"}],
+                         metrics_port=port)
+    daemon.start()
+    client = daemon.client()
+    before = scrape(port)
+    assert before['vmjobs_host_up{host="t"}'] == 1
+    assert before["vmjobs_queue_length"] == 0
+    free = sum(v for k, v in before.items() if k.startswith('vmjobs_cpus_free{host="t"'))
+    assert free > 0
+    job_id = client.submit({"argv": ["true"], "cpus": 1})["id"]
+    deadline = time.monotonic() + 30
+    while client.job(job_id)["state"] != "RUNNING":
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.05)
+    during = scrape(port)
+    assert sum(v for k, v in during.items() if k.startswith('vmjobs_cpus_used{host="t"')) == 1
+    assert sum(v for k, v in during.items() if k.startswith('vmjobs_cpus_free{host="t"')) \
+        == free - 1
+    assert during['vmjobs_jobs{state="RUNNING"}'] == 1
+    assert during["vmjobs_queue_wait_seconds_count"] == 1
+    assert client.cancel(job_id)["state"] == "CANCELLED"  # the test driver's STOPPED event
+    after = scrape(port)
+    assert after['vmjobs_jobs_ended_total{state="CANCELLED"}'] == 1
+    assert after["vmjobs_stop_to_record_seconds_count"] == 1
+    assert sum(v for k, v in after.items() if k.startswith('vmjobs_cpus_used{')) == 0
+    assert daemon.reservations() == 0
+    client.close()
+    daemon.stop()

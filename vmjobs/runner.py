@@ -11,6 +11,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -186,6 +187,28 @@ def run(config: Config, job: RunRequest, write: Callable[[str], None],
     finally:
         store.close()
         reached.close()
+        poke_daemon(config.socket)
+
+
+def poke_daemon(socket_path: Path) -> None:
+    """Tell a daemon on this store (if one answers) that cores were freed behind its back.
+
+    A daemon started while this direct run went on sees the run's reservation in the store
+    and waits for it; nothing else would wake its scheduler when the run releases it.
+    Best effort: no daemon, no harm.
+    """
+    if not socket_path.exists():
+        return
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(2)
+        with sock:
+            sock.connect(str(socket_path))
+            sock.sendall(b"POST /v1/wake HTTP/1.1\r\nHost: vmjobs\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n")
+            sock.recv(512)
+    except OSError:
+        pass
 
 
 def _describe(alloc: Allocation) -> str:

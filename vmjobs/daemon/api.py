@@ -73,6 +73,7 @@ class Api:
         router.add("GET", "/v1/jobs/{id}/logs", self.logs)
         router.add("GET", "/v1/jobs/{id}/output", self.output)
         router.add("POST", "/v1/uploads", self.upload)
+        router.add("POST", "/v1/wake", self.wake)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -219,6 +220,12 @@ class Api:
         if not out.is_dir():
             raise NotFound(f"job {record.id} left no output")
         return Stream(_tar_stream(out), content_type="application/x-tar")
+
+    def wake(self, _req: ApiRequest) -> Json:
+        """Anyone may ask for a scheduling pass (a direct `vmjob run` freed cores): it only
+        makes the scheduler look again."""
+        self.daemon.wake()
+        return Json({"woken": True})
 
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)

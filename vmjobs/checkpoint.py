@@ -1,0 +1,146 @@
+"""Checkpoint a running job's guest to its spool directory, and restore it on any host.
+
+`checkpoint_job`: RUNNING -> CHECKPOINTING -> `virDomainSave` into
+`<spool>/jobs/<id>/checkpoint.save` -> CHECKPOINTED with the reservation released, in one
+transaction. A save that fails leaves the guest running (libvirt resumes it) and the job
+RUNNING; a partial file is removed.
+
+`restore_job`: place again under the job's original request (NUMA policy, NICs, pool; any
+host, or `to`), reserve, rewrite the save image's XML for the new host with
+`migration.retarget_xml` (the new host's vcpupin/numatune, the new console segment), restore
+with `restoreFlags(path, dxml)`, set the guest's wall clock, remove the file. A restore that
+fails releases the new reservation and leaves the job CHECKPOINTED with its file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import libvirt
+
+import placement
+from placement import Allocation
+from vmjobs import guestclock
+from vmjobs.codec import request_from_dict
+from vmjobs.config import Config
+from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
+from vmjobs.guest import JobFiles
+from vmjobs.hostconn import destroy_quietly, is_running, lookup_domain
+from vmjobs.jobs import JobState, domain_name
+from vmjobs.migration import retarget_xml, running_job, snapshot
+from vmjobs.store import Store
+
+SAVE_FILE = "checkpoint.save"
+
+
+class CheckpointFailed(VmjobsError):
+    pass
+
+
+def save_path(spool: Path, job_id: str) -> Path:
+    return JobFiles.of(spool, job_id).dir / SAVE_FILE
+
+
+@dataclass(frozen=True)
+class Saved:
+    job_id: str
+    host: str
+    path: Path
+    size_bytes: int
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Restored:
+    job_id: str
+    host: str
+    allocation: Allocation
+    duration_s: float
+    clock: str
+
+
+def checkpoint_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
+                   job_id: str) -> Saved:
+    record, _alloc = running_job(store, job_id)
+    host = record.host or ""
+    dom = lookup_domain(conns[host], domain_name(job_id))
+    if dom is None or not is_running(dom):
+        raise VmjobsError(f"job {job_id}'s guest is not running on {host}")
+    path = save_path(config.spool, job_id)
+    store.transition(job_id, JobState.CHECKPOINTING, f"saving to {path}")
+    started = time.monotonic()
+    try:
+        dom.save(str(path))
+    except libvirt.libvirtError as exc:
+        path.unlink(missing_ok=True)
+        still = "still running" if is_running(dom) else "NOT running"
+        store.transition(job_id, JobState.RUNNING,
+                         f"checkpoint failed: {exc.get_error_message()}; {still} on {host}")
+        raise CheckpointFailed(f"job {job_id}: checkpoint failed: {exc.get_error_message()}; "
+                               f"the job is {still} on {host}") from None
+    duration = time.monotonic() - started
+    size = path.stat().st_size
+    store.transition(job_id, JobState.CHECKPOINTED,
+                     f"saved on {host} in {duration:.1f}s ({size >> 20} MiB); reservation "
+                     "released", release=True)
+    return Saved(job_id, host, path, size, duration)
+
+
+def restore_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
+                hosts: list[placement.Host], job_id: str, to: str | None = None) -> Restored:
+    record = store.job(job_id)
+    if record is None:
+        raise NotFound(f"unknown job {job_id!r}")
+    if record.state != JobState.CHECKPOINTED:
+        raise VmjobsError(f"job {job_id} is {record.state.value}, not CHECKPOINTED")
+    path = save_path(config.spool, job_id)
+    if not path.exists():
+        raise VmjobsError(f"job {job_id}: its checkpoint {path} is missing")
+    if record.request is None:
+        raise VmjobsError(f"job {job_id} has no recorded request; it cannot be placed again")
+    if to is not None:
+        config.host(to)
+        if to not in conns:
+            raise VmjobsError(f"host {to} is not reachable")
+    request = replace(request_from_dict(record.request), host=to)
+    with store.reserving():
+        decision = snapshot(store, hosts).place(request)
+        if decision.allocation is None:
+            raise DoesNotFit(f"no room to restore job {job_id} on {to or 'any host'}: "
+                             f"{decision.explanation.summary}")
+        alloc = decision.allocation
+        store.assign(job_id, alloc, f"placed to restore on {alloc.host}")
+    conn = conns[alloc.host]
+    started = time.monotonic()
+    try:
+        store.transition(job_id, JobState.RESTORING, f"restoring on {alloc.host}")
+        xml = conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_XML_SECURE)
+        dxml = retarget_xml(xml, alloc, config.host(alloc.host).reserved_cpus,
+                            JobFiles.of(config.spool, job_id).console(alloc.host))
+        conn.restoreFlags(str(path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+    except BaseException as exc:
+        destroy_quietly(lookup_domain(conn, domain_name(job_id)))
+        message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+        store.transition(job_id, JobState.CHECKPOINTED,
+                         f"restore on {alloc.host} failed: {message}", release=True)
+        if isinstance(exc, VmjobsError | libvirt.libvirtError):
+            raise CheckpointFailed(f"job {job_id}: restore on {alloc.host} failed: {message}; "
+                                   f"the checkpoint is kept") from None
+        raise
+    duration = time.monotonic() - started
+    clock = guestclock.sync_quietly(conn, domain_name(job_id))
+    path.unlink(missing_ok=True)
+    store.transition(job_id, JobState.RUNNING,
+                     f"restored on {alloc.host} in {duration:.1f}s; clock {clock}")
+    return Restored(job_id, alloc.host, alloc, duration, clock)
+
+
+def discard(spool: Path, job_id: str) -> bool:
+    """Remove a checkpoint (cancelling a CHECKPOINTED job); True if there was one."""
+    path = save_path(spool, job_id)
+    existed = path.exists()
+    path.unlink(missing_ok=True)
+    return existed

@@ -93,6 +93,9 @@ def _register() -> None:
     from vmjobs.cli.devcluster import devcluster_group
 
     cli.add_command(devcluster_group, "devcluster")
+    from vmjobs.cli.smoke import smoke
+
+    cli.add_command(smoke)
 
 
 _register()

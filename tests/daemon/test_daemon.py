@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.daemon.conftest import Daemon, dump, events, our_domains
 from tests.daemon.users import ADMIN_GROUP, as_user, make_users
@@ -260,3 +262,75 @@ def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
                                      "'vmjob serve' as root (see docs/operations.md), or point "
                                      "--url / $VMJOBS_URL at one")
 
+
+
+def test_spec_file_and_time_limit(daemon: Daemon, tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("command: echo from yaml; sleep 120\ntime_limit: 6s\nmem: 256M\n"
+                    "env: {GREETING: hi}\n")
+    result = daemon.vmjob("submit", "-f", str(spec), "--priority", "2")
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    waited = daemon.vmjob("wait", job_id)
+    assert waited.returncode == 124, waited.stderr
+    assert waited.stderr.strip() == (f"vmjob: job {job_id} TIMEOUT: time limit of 6s reached; "
+                                     "guest stopped")
+    view = json.loads(daemon.vmjob("show", job_id, "--json").stdout)
+    assert view["argv"] == ["sh", "-c", "echo from yaml; sleep 120"]
+    assert view["env"] == {"GREETING": "hi"} and view["time_limit_s"] == 6
+    assert view["request"]["priority"] == 2
+    ran = events(view, "TIMEOUT")[0] - events(view, "RUNNING")[0]
+    assert 6 <= ran < 9, ran
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("command: true\ncpu: 2\n")
+    refused = daemon.vmjob("submit", "-f", str(bad))
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"vmjob: -f {bad}: unknown field(s) cpu (allowed: ")
+    assert_idle(daemon)
+
+
+def test_a_direct_run_and_the_daemon_never_share_a_core(daemon: Daemon,
+                                                          tmp_path: Path) -> None:
+    # the same spool and store, but a socket where no daemon answers yet: run goes direct
+    direct_config = tmp_path / "direct.yaml"
+    config = yaml.safe_load(daemon.config.read_text())
+    later = tmp_path / "later.sock"
+    direct_config.write_text(yaml.safe_dump({**config, "socket": str(later)}))
+    direct = subprocess.Popen(
+        [sys.executable, "-m", "vmjobs", "--config", str(direct_config), "run", "--", "sh",
+         "-c", "echo ready; sleep 60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    assert direct.stdout is not None
+    assert direct.stdout.readline() == "ready\n"
+    direct_id = [r["id"] for r in daemon.query("SELECT id FROM jobs WHERE state = 'RUNNING'")]
+    assert len(direct_id) == 1
+    direct_cpus = {r["cpu"] for r in daemon.query(
+        "SELECT cpu FROM cpu_reservations WHERE job_id = ?", direct_id[0])}
+
+    later.symlink_to(daemon.socket)  # as if the daemon had started there meanwhile
+    client = daemon.client()
+    first = client.submit({"argv": ["sh", "-c", "echo ready; sleep 60"]})["id"]
+    second = client.submit({"argv": ["true"]})["id"]
+    listing = {v["id"]: v for v in client.jobs()}
+    assert listing[first]["state"] != "QUEUED"
+    assert listing[second]["state"] == "QUEUED", dump(listing)
+    assert "0 free cores" in listing[second]["waiting_because"]
+    first_cpus = set(client.job(first)["allocation"]["cpus"])
+    assert first_cpus and not first_cpus & direct_cpus
+
+    direct.send_signal(signal.SIGINT)  # the direct run ends: its cpu is free in the store
+    direct.communicate(timeout=60)
+    assert direct.returncode == 130
+    released = time.time()
+    deadline = time.monotonic() + 30
+    while client.job(second)["state"] == "QUEUED":
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.05)
+    # woken by the run's poke, not by the end of `first` (which still runs)
+    assert time.time() - released < 2.0
+    assert client.job(first)["state"] == "RUNNING"
+    assert set(client.job(second)["allocation"]["cpus"]) == direct_cpus
+    client.cancel(first)
+    daemon.wait_all_ended([second], timeout=60)
+    client.close()
+    assert_idle(daemon)

@@ -9,8 +9,10 @@ built spool, --image-spool) on a host with room for exactly one 1-vCPU job, then
    by C client threads (each request its own connection, as the CLI does) and queue up;
    prints submits/s, then cancels them (cancels/s) — no guest boots in this phase;
 2. latency: M short jobs submitted at once run one after another; for each hand-over prints
-   the time from libvirt stopping the previous guest (its QEMU log) to the daemon recording
-   the end, from that record to the next job's reservation (PLACED), and to its guest running.
+   the time from the guest's power-off (its last console line) to the daemon recording the
+   end, from there to libvirt stopping the domain (its QEMU log: the cores are free only
+   then), from that stop to the next job's reservation (PLACED), and from the recorded end to
+   the next guest running.
 
 Figures, not assertions. Needs root, a running libvirtd and a built image.
 """
@@ -124,7 +126,7 @@ def stopped_at(job_id: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
 
 
-def latency(sock: Path, chain: int) -> None:
+def latency(sock: Path, spool: Path, chain: int) -> None:
     client = Client(Target(sock))
     ids = [client.submit({"argv": ["true"]})["id"] for _ in range(chain)]
     views = []
@@ -137,17 +139,20 @@ def latency(sock: Path, chain: int) -> None:
     def at(view: dict[str, Any], state: str) -> float:
         return next(e["time"] for e in view["events"] if e["state"] == state)
 
-    noticed, to_placed, to_running, per_job = [], [], [], []
+    noticed, qemu_gone, to_placed, to_running, per_job = [], [], [], [], []
     for previous, following in zip(views, views[1:], strict=False):
         end = previous["events"][-1]["time"]
-        noticed.append(end - stopped_at(previous["id"]))
-        to_placed.append(at(following, "PLACED") - end)
+        console = spool / "jobs" / previous["id"] / "console.local.log"
+        noticed.append(end - console.stat().st_mtime)
+        qemu_gone.append(stopped_at(previous["id"]) - end)
+        to_placed.append(at(following, "PLACED") - stopped_at(previous["id"]))
         to_running.append(at(following, "RUNNING") - end)
     for view in views:
         per_job.append(view["events"][-1]["time"] - at(view, "RUNNING"))
     print(f"chain of {chain} jobs ('true'), one at a time:")
-    print(describe("  libvirt stop -> end recorded", noticed))
-    print(describe("  end recorded -> next PLACED", to_placed))
+    print(describe("  guest power-off -> end recorded", noticed))
+    print(describe("  end recorded -> libvirt stop", qemu_gone))
+    print(describe("  libvirt stop -> next PLACED", to_placed))
     print(describe("  end recorded -> next RUNNING", to_running))
     print(describe("  guest running -> end recorded", per_job, "s", 1))
 
@@ -169,7 +174,7 @@ def main() -> None:
     proc, sock = start_daemon(args.root, args.image_spool)
     try:
         throughput(sock, args.submits, args.clients)
-        latency(sock, args.chain)
+        latency(sock, args.root / "spool", args.chain)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

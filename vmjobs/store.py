@@ -203,6 +203,11 @@ class Store:
             )
             self._event(job_id, state, row["host"], reason, now)
 
+    def release(self, job_id: str) -> None:
+        """Free what an ended job still holds (its guest has now gone), without a new state."""
+        with self.reserving():
+            self._release(job_id)
+
     def _release(self, job_id: str) -> None:
         self.db.execute("DELETE FROM cpu_reservations WHERE job_id = ?", (job_id,))
         self.db.execute("DELETE FROM device_reservations WHERE job_id = ?", (job_id,))

@@ -23,7 +23,7 @@ import libvirt
 from vmjobs import virt_probe
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
-from vmjobs.daemon.hosts import GuestStopped, HostDown, Hosts, HostUp, Note
+from vmjobs.daemon.hosts import GuestPoweredOff, GuestStopped, HostDown, Hosts, HostUp, Note
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Wait
 from vmjobs.errors import VmjobsError
@@ -43,9 +43,10 @@ class Active:
     job_id: str
     host: str
     time_limit_s: float | None
-    phase: str = "launching"  # launching | running | collecting
+    phase: str = "launching"  # launching | running | collecting | ended
     ends_at: float | None = None  # when its time limit stops it
     stop: tuple[JobState, str] | None = None  # set by cancel / time limit: how it will end
+    powered_off_at: float | None = None  # when the guest's own power-off was reported
     stopped_at: float | None = None  # when its guest's STOPPED event arrived
 
 
@@ -89,11 +90,13 @@ class Daemon:
 
     # --- finishing --------------------------------------------------------------------------
 
-    def finish(self, job_id: str, verdict: Verdict) -> None:
-        """Record a job's end, free what it holds, forget it as active. Caller holds the lock."""
-        self.store.transition(job_id, verdict.state, verdict.reason, release=True,
+    def finish(self, job_id: str, verdict: Verdict, release: bool = True) -> None:
+        """Record a job's end and, unless its guest is still going away, free what it holds and
+        forget it as active. Caller holds the lock."""
+        self.store.transition(job_id, verdict.state, verdict.reason, release=release,
                               exit_code=verdict.exit_code)
-        self.active.pop(job_id, None)
+        if release:
+            self.active.pop(job_id, None)
         self.metrics.finished(verdict.state)
         log.info("job %s: %s (%s)", job_id, verdict.state.value, verdict.reason)
         self.wake()
@@ -204,7 +207,8 @@ class Daemon:
     # --- collecting ---------------------------------------------------------------------------
 
     def collect(self, active: Active) -> None:
-        """The guest stopped: read its verdict and output, record the end, free everything."""
+        """The guest stopped (or powered itself off): read its verdict and output, record the
+        end, free everything (once the guest is gone)."""
         files = JobFiles.of(self.config.spool, active.job_id)
         verdict = collect(files, active.host)
         if verdict.exit_code is None and active.stop is not None:
@@ -213,9 +217,16 @@ class Daemon:
         with self.lock:
             if self.active.get(active.job_id) is not active:
                 return
-            self.finish(active.job_id, verdict)
-            if active.stopped_at is not None:
-                self.metrics.event_latency(time.time() - active.stopped_at)
+            noticed = active.powered_off_at or active.stopped_at
+            if active.powered_off_at is not None and active.stopped_at is None:
+                # The guest powered itself off: its verdict is final and the user hears it now;
+                # its cores stay reserved until QEMU is gone (the STOPPED event), ~1 s later.
+                active.phase = "ended"
+                self.finish(active.job_id, verdict, release=False)
+            else:
+                self.finish(active.job_id, verdict)
+            if noticed is not None:
+                self.metrics.event_latency(time.time() - noticed)
 
     # --- notes from the hosts -----------------------------------------------------------------
 
@@ -228,6 +239,8 @@ class Daemon:
             try:
                 if isinstance(note, GuestStopped):
                     self._guest_stopped(note)
+                elif isinstance(note, GuestPoweredOff):
+                    self._guest_powered_off(note)
                 elif isinstance(note, HostDown):
                     self._host_down(note)
                 elif isinstance(note, HostUp):
@@ -241,8 +254,26 @@ class Daemon:
             if active is None or active.host != note.host or active.stopped_at is not None:
                 return  # not a job of ours, or one already handled
             active.stopped_at = note.at
+            if active.phase == "ended":  # its end was recorded at power-off: free the cores
+                self.store.release(note.job_id)
+                self.active.pop(note.job_id, None)
+                self.wake()
+                return
             if active.phase != "running":
-                return  # still launching: launch() collects once it has recorded the start
+                # launching: launch() collects once it has recorded the start; collecting:
+                # collect() sees stopped_at and frees the cores with the end
+                return
+            active.phase = "collecting"
+        self.spawn(self.collect, active, name=f"collect-{note.job_id}")
+
+    def _guest_powered_off(self, note: GuestPoweredOff) -> None:
+        """The init powered the guest off after writing the output disk: collect now rather
+        than when QEMU is finally gone."""
+        with self.lock:
+            active = self.active.get(note.job_id)
+            if active is None or active.host != note.host or active.phase != "running":
+                return
+            active.powered_off_at = note.at
             active.phase = "collecting"
         self.spawn(self.collect, active, name=f"collect-{note.job_id}")
 
@@ -251,6 +282,10 @@ class Daemon:
             for active in [a for a in self.active.values() if a.host == note.host]:
                 record = self.store.job(active.job_id)
                 if record is None:
+                    continue
+                if active.phase == "ended":  # it ended before the host went: only free it
+                    self.store.release(active.job_id)
+                    self.active.pop(active.job_id, None)
                     continue
                 self.finish(active.job_id,
                             Verdict(self.lost_state(record), f"host {note.host} lost: {note.why}"))

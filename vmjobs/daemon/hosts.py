@@ -65,6 +65,15 @@ class GuestStopped:
 
 
 @dataclass(frozen=True)
+class GuestPoweredOff:
+    """The guest shut itself down (the init's power-off); QEMU is still going away."""
+
+    host: str
+    job_id: str
+    at: float
+
+
+@dataclass(frozen=True)
 class HostDown:
     host: str
     why: str
@@ -75,7 +84,7 @@ class HostUp:
     host: str
 
 
-Note = GuestStopped | HostDown | HostUp
+Note = GuestStopped | GuestPoweredOff | HostDown | HostUp
 
 
 class Hosts:
@@ -188,11 +197,14 @@ class Hosts:
 
     def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int,
                       detail: int, host: str) -> None:
-        if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
-            return
         name = dom.name()
-        if name.startswith(DOMAIN_PREFIX):
-            self.notes.put(GuestStopped(host, name[len(DOMAIN_PREFIX):], time.time(), detail))
+        if not name.startswith(DOMAIN_PREFIX):
+            return
+        job_id = name[len(DOMAIN_PREFIX):]
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            self.notes.put(GuestStopped(host, job_id, time.time(), detail))
+        elif event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN and detail in _GUEST_SHUTDOWN:
+            self.notes.put(GuestPoweredOff(host, job_id, time.time()))
 
     def _on_close(self, conn: libvirt.virConnect, reason: int, host: str) -> None:
         with self._lock:
@@ -207,6 +219,10 @@ class Hosts:
         # so the reconnect thread (a fresh connection) is all we start here.
         self._start_reconnect(self.config.host(host))
 
+
+# the guest's own power-off (not a shutdown the host asked for)
+_GUEST_SHUTDOWN = (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED,
+                   libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST)
 
 _CLOSE_REASONS = {
     libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection to libvirtd failed",

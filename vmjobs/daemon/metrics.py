@@ -38,8 +38,9 @@ class Metrics:
                               "Time from submission to the guest running", buckets=WAIT_BUCKETS,
                               registry=self.registry)
         self.latency = Histogram("vmjobs_stop_to_record_seconds",
-                                 "Time from a guest's STOPPED event to its job's end being "
-                                 "recorded", buckets=LATENCY_BUCKETS, registry=self.registry)
+                                 "Time from a guest's power-off (or STOPPED) event to its "
+                                 "job's end being recorded", buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
         self.ended = Counter("vmjobs_jobs_ended", "Jobs that ended, by final state",
                              ["state"], registry=self.registry)
         self.host_changes = Counter("vmjobs_host_transitions", "Hosts going down or up",

@@ -170,11 +170,19 @@ def test_users_see_and_act_only_on_their_own_jobs(daemon: Daemon) -> None:
         subprocess.run(["gpasswd", "-d", bob.name, ADMIN_GROUP], check=True,
                        capture_output=True)
 
+        # root reads alice's log (once her job has printed) ...
+        follow = daemon.popen("logs", "-f", a_id)
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == "alice\n"
+        # ... alice cancels her own job, root cancels bob's and waits on alice's
         cancelled = as_user(alice, "cancel", "--url", url, a_id)
         assert cancelled.code == 0 and "CANCELLED" in cancelled.out, cancelled
+        follow.communicate(timeout=30)
+        assert follow.returncode == 0  # the stream ended with the job
         result = daemon.vmjob("cancel", b_id)  # root
         assert result.returncode == 0 and "CANCELLED" in result.stdout, result.stderr
         assert as_user(bob, "wait", "--url", url, b_id).code == 130
+        assert daemon.vmjob("wait", a_id).returncode == 130
         client.close()
     assert_idle(daemon)
 
@@ -236,11 +244,20 @@ def test_logs_follow_a_running_job_to_its_end(daemon: Daemon) -> None:
     assert_idle(daemon)
 
 
-def test_run_goes_through_the_daemon_and_ctrl_c_cancels(daemon: Daemon) -> None:
-    result = daemon.vmjob("run", "--", "sh", "-c", "echo through the daemon; exit 7")
+def test_run_goes_through_the_daemon_and_ctrl_c_cancels(daemon: Daemon,
+                                                        tmp_path: Path) -> None:
+    # --input is packed and uploaded by the client, --output fetched by it
+    inp, out = tmp_path / "in", tmp_path / "out"
+    (inp / "sub").mkdir(parents=True)
+    (inp / "sub" / "data.txt").write_text("payload\n")
+    result = daemon.vmjob("run", "--input", str(inp), "--output", str(out), "--", "sh", "-c",
+                          "echo through the daemon; tr a-z A-Z < sub/data.txt > out/up.txt;"
+                          " exit 7")
     assert result.returncode == 7, result.stderr
     assert result.stdout == "through the daemon\n"
     assert "submitted" in result.stderr
+    assert (out / "up.txt").read_text() == "PAYLOAD\n"
+    assert not list((daemon.spool / "uploads").iterdir())  # the upload was claimed
 
     proc = daemon.popen("run", "--", "sh", "-c", "echo ready; sleep 60")
     assert proc.stdout is not None

@@ -179,9 +179,9 @@ def run(config: Config, job: RunRequest, write: Callable[[str], None],
             store.add_job(
                 JobRecord(id=job_id, owner=user, uid=os.getuid(), state=JobState.PLACED,
                           spec=spec),
-                job.request, allocation, "placed",
+                job.request, allocation, f"placed: {describe_allocation(allocation)}",
             )
-        note(f"job {job_id} on {allocation.host}: {_describe(allocation)}")
+        note(f"job {job_id} on {allocation.host}: {describe_allocation(allocation)}")
         return _launch_and_follow(config, store, conns[allocation.host], job, job_id, user,
                                   allocation, image, write, note)
     finally:
@@ -211,7 +211,8 @@ def poke_daemon(socket_path: Path) -> None:
         pass
 
 
-def _describe(alloc: Allocation) -> str:
+def describe_allocation(alloc: Allocation) -> str:
+    """One line: cpus, nodes, memory and NICs (also kept in the job's PLACED event)."""
     nodes = ", ".join(f"node{s.node}" for s in alloc.nodes)
     text = f"cpus {','.join(map(str, alloc.cpus))} ({nodes}), {alloc.memory_mib} MiB"
     if alloc.devices:

@@ -318,6 +318,9 @@ def test_spec_file_and_time_limit(daemon: Daemon, tmp_path: Path) -> None:
     assert view["argv"] == ["sh", "-c", "echo from yaml; sleep 120"]
     assert view["env"] == {"GREETING": "hi"} and view["time_limit_s"] == 6
     assert view["request"]["priority"] == 2
+    placed = next(e for e in view["events"] if e["state"] == "PLACED")
+    assert placed["reason"].startswith("placed in queue order: cpus ")  # kept after the end
+    assert view["allocation"] is None
     ran = events(view, "TIMEOUT")[0] - events(view, "RUNNING")[0]
     assert 6 <= ran < 9, ran
     bad = tmp_path / "bad.yaml"

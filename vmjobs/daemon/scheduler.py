@@ -16,7 +16,7 @@ from placement import Request
 from vmjobs.daemon.core import Active, Daemon, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
-from vmjobs.runner import snapshot
+from vmjobs.runner import describe_allocation, snapshot
 
 log = logging.getLogger("vmjobs.daemon")
 Queue = list[tuple[JobRecord, Request]]
@@ -102,7 +102,9 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None) -> Plan:
         for start in result.starts:
             how = "backfilled: it ends before the first in line is due or leaves it room" \
                 if start.backfilled else "placed in queue order"
-            daemon.store.assign(start.job_id, start.allocation, how)
+            # the placement stays in the timeline after the reservation is released
+            daemon.store.assign(start.job_id, start.allocation,
+                                f"{how}: {describe_allocation(start.allocation)}")
     daemon.waits = {w.job_id: w for w in result.waits}
     limits = {w.job_id: w.time_limit_s for w in waiting}
     for start in result.starts:

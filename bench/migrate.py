@@ -119,6 +119,10 @@ def main() -> int:
                              steps, f"{save_s:.2f}s", f"{restore_s:.2f}s",
                              f"{size / (1 << 20):.0f} MiB"))
                 print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+            except libvirt.libvirtError as exc:
+                rows.append((format_mib(memory_mib), load_name,
+                             f"failed: {exc.get_error_message()}", "-", "-", "-", "-", "-", "-"))
+                print("  ".join(rows[-1]), file=sys.stderr, flush=True)
             finally:
                 destroy_quietly(dom)
                 shutil.rmtree(workdir, ignore_errors=True)

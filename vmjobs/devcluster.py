@@ -548,11 +548,20 @@ def env_line(name: str = DEFAULT_NAME) -> str:
     return f"export VMJOBS_CONFIG={layout.config_path}"
 
 
-def restart_libvirtd(layout: Layout, host: str) -> None:
-    """Ask a host's init to start libvirtd again (after a test stopped it)."""
+def restart_libvirtd(layout: Layout, host: str, timeout_s: float = 30.0) -> None:
+    """Start a host's libvirtd again after it was stopped (tests stop it mid-migration).
+
+    Waits for the old libvirtd to be gone first (SIGKILL after `timeout_s`): the host's init
+    only starts a libvirtd when none runs.
+    """
     init = _init_pid(layout, host)
     if init is None:
         raise VmjobsError(f"{host}: not running")
+    old = libvirtd_pid(layout, host)
+    if old is not None and _wait_gone([old], timeout_s):
+        with suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+        _wait_gone([old], 10)
     os.kill(init, signal.SIGUSR1)
 
 

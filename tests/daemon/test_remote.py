@@ -179,3 +179,22 @@ def test_metrics_on_a_tcp_port(make_daemon: Any) -> None:
     assert daemon.reservations() == 0
     client.close()
     daemon.stop()
+
+
+def test_one_daemon_per_spool(api_daemon: Daemon, tmp_path: Path) -> None:
+    """A second daemon on the same spool, even on another socket, refuses to start with one
+    line and leaves the first one serving."""
+    import yaml
+
+    assert api_daemon.proc is not None
+    pid = api_daemon.proc.pid
+    config = yaml.safe_load(api_daemon.config.read_text())
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**config, "socket": str(tmp_path / "other.sock")}))
+    second = subprocess.run([sys.executable, "-m", "vmjobs", "--config", str(other), "serve"],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1
+    assert second.stderr.strip() == (
+        f"vmjob: another vmjob daemon (pid {pid}) already serves the spool {api_daemon.spool}")
+    assert not (tmp_path / "other.sock").exists()
+    api_daemon.client().status()  # the first one still answers

@@ -131,11 +131,13 @@ def allocation_of(store: Store, job_id: str) -> Allocation | None:
 
 
 def destroy_all(reached: Reached) -> None:
+    """Destroy every job guest on every host still reachable (a test may have killed one)."""
     for conn in reached.conns.values():
-        for dom in conn.listAllDomains():
-            if dom.name().startswith("vmjob-"):
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            for dom in conn.listAllDomains():
+                if dom.name().startswith("vmjob-"):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
 
 
 def host_pid() -> int:

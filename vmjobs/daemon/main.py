@@ -8,7 +8,9 @@ Stopping the daemon leaves guests running: the next start finds them again.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 from collections import Counter
@@ -23,6 +25,7 @@ from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.metrics import Present
 from vmjobs.daemon.recovery import recover
 from vmjobs.daemon.server import UnixHTTPServer
+from vmjobs.errors import VmjobsError
 from vmjobs.runner import snapshot
 
 log = logging.getLogger("vmjobs.daemon")
@@ -39,9 +42,28 @@ def present(daemon: Daemon) -> Present:
     )
 
 
+def claim_spool(spool: Path) -> int:
+    """One daemon per spool: two would each reconcile, requeue and collect the other's jobs.
+    The lock is held for the life of the process (the kernel drops it even on kill -9)."""
+    spool.mkdir(parents=True, exist_ok=True)
+    path = spool / "vmjobd.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise VmjobsError(f"another vmjob daemon (pid {holder}) already serves the spool "
+                          f"{spool}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
           metrics_address: str = "127.0.0.1") -> None:
     config = replace(config, socket=socket_path)  # what `status` reports
+    claim_spool(config.spool)
     start_event_loop()
     daemon = Daemon(config)
     api = Api(daemon)

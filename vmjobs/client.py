@@ -138,6 +138,27 @@ class Client:
         finally:
             response.close()
 
+    def progress(self, path: str, body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """A long operation (migrate, checkpoint, drain ...): what it reports as it goes, one
+        object at a time; the last one holds `results` or `error`."""
+        response = self._send("POST", path, json.dumps(body or {}).encode())
+        try:
+            for raw in response:
+                if raw.strip():
+                    yield json.loads(raw)
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise VmjobsError(f"lost the daemon at {self.target.describe()}: {exc}") from None
+        finally:
+            response.close()
+
+    def job_action(self, job_id: str, action: str,
+                   body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        return self.progress(f"/v1/jobs/{quote(job_id, safe='')}/{action}", body)
+
+    def host_action(self, host: str, action: str,
+                    body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        return self.progress(f"/v1/hosts/{quote(host, safe='')}/{action}", body)
+
     def upload_dir(self, directory: Path) -> str:
         """Pack `directory` (with the caller's own permissions) and upload it; a token."""
         if not directory.is_dir():

@@ -64,6 +64,9 @@ class Config:
     socket: Path = DEFAULT_SOCKET
     metrics_port: int | None = None
     admin_group: str | None = None
+    # when a queued job that is not preemptible does not fit, move preemptible jobs for it
+    preemption: bool = False
+    max_outbound_migrations: int = 1  # live migrations leaving one host at once
 
     @property
     def state_db(self) -> Path:
@@ -166,7 +169,7 @@ def parse(data: Any, path: str) -> Config:
     top = _Reader(data, path, "")
     top.check_known(
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
-         "socket", "metrics_port", "admin_group"}
+         "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -192,6 +195,9 @@ def parse(data: Any, path: str) -> Config:
     ):
         raise top.fail("metrics_port", "must be a TCP port number (1-65535)")
     admin_group = top.str("admin_group") if top.data.get("admin_group") is not None else None
+    preemption = top.data.get("preemption", False)
+    if not isinstance(preemption, bool):  # YAML reads on/off/true/false as booleans
+        raise top.fail("preemption", "must be on or off")
     return Config(
         path=path,
         spool=spool,
@@ -203,6 +209,8 @@ def parse(data: Any, path: str) -> Config:
         socket=socket,
         metrics_port=metrics_port,
         admin_group=admin_group,
+        preemption=preemption,
+        max_outbound_migrations=top.int("max_outbound_migrations", 1, minimum=1),
     )
 
 

@@ -48,8 +48,30 @@ class JobFiles:
     def domain_xml(self) -> Path:
         return self.dir / "domain.xml"
 
-    def console(self, host: str) -> Path:
-        return self.dir / f"console.{host}.log"
+    def console(self, host: str, visit: int = 0) -> Path:
+        """The console log of the job's `visit`-th stay on `host` (a job that moves away and
+        back gets a new file: segments are read in order, never interleaved)."""
+        suffix = f".{visit}" if visit else ""
+        return self.dir / f"console.{host}{suffix}.log"
+
+    def next_console(self, ran_on: list[str], host: str) -> Path:
+        """Where the console goes when the job (next) runs on `host`, given the hosts it ran
+        on so far: its current segment if it stays, else a new one."""
+        segments = console_segments(ran_on)
+        if segments and segments[-1][0] == host:
+            return self.console(*segments[-1])
+        return self.console(host, sum(1 for h, _ in segments if h == host))
+
+
+def console_segments(ran_on: list[str]) -> list[tuple[str, int]]:
+    """(host, visit) per stay, from the hosts of the job's RUNNING events in order: repeats
+    of the same host in a row (recovery, a failed move, a restore in place) are one stay."""
+    segments: list[tuple[str, int]] = []
+    for host in ran_on:
+        if segments and segments[-1][0] == host:
+            continue
+        segments.append((host, sum(1 for h, _ in segments if h == host)))
+    return segments
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,8 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             output_disk=files.output_disk,
             emulator_cpus=plan.emulator_cpus,
             nics=nics,
+            # every job may move: after a migration or restore its clock is set through this
+            clock_channel=True,
         )
     )
     files.domain_xml.write_text(xml)

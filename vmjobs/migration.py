@@ -5,7 +5,7 @@ Three layers, each usable on its own:
 - `retarget_xml`: a pure transform of a domain's migratable XML (or a save image's XML) for
   another host: `<cputune>` and `<numatune>` rebuilt from the destination's allocation with
   `domain_xml`'s own builders (pinning is recomputed, never copied), the `<metadata>`
-  allocation replaced, the console moved to the destination's segment `console.<host>.log`.
+  allocation replaced, the console moved to the destination's segment (`JobFiles.console`).
   Everything else (machine type, device addresses, output disk path) is kept, so the guest's
   ABI is unchanged; a destination whose NUMA split would change the guest's NUMA cells is
   refused.
@@ -27,7 +27,6 @@ so CLI processes and the daemon share the limit); more wait their turn.
 from __future__ import annotations
 
 import fcntl
-import json
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -43,7 +42,7 @@ import libvirt
 import placement
 from placement import Allocation
 from vmjobs import domain_xml
-from vmjobs.codec import allocation_from_dict, allocation_to_dict, request_from_dict
+from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles
@@ -404,29 +403,6 @@ def release_placeholder(store: Store, job_id: str) -> None:
         store.delete_job(placeholder_id(job_id))
 
 
-def move_reservation(store: Store, job_id: str, allocation: Allocation) -> None:
-    """Give the job the placeholder's reservation and free its old one, atomically.
-
-    The store has no public call for this yet (the daemon's owner will add one: see
-    docs/multihost.md); until then this is the one place with SQL outside store.py.
-    """
-    placeholder = placeholder_id(job_id)
-    cpus = [(allocation.host, c, job_id) for c in (*allocation.cpus, *allocation.idle_cpus)]
-    devices = [(allocation.host, d, job_id) for d in allocation.devices]
-    with store.reserving():
-        db = store.db
-        for table in ("cpu_reservations", "device_reservations"):
-            db.execute(f"DELETE FROM {table} WHERE job_id IN (?, ?)", (job_id, placeholder))
-        db.execute("DELETE FROM events WHERE job_id = ?", (placeholder,))
-        db.execute("DELETE FROM jobs WHERE id = ?", (placeholder,))
-        db.execute("UPDATE jobs SET host = ?, allocation = ?, updated = ? WHERE id = ?",
-                   (allocation.host, json.dumps(allocation_to_dict(allocation)), time.time(),
-                    job_id))
-        db.executemany("INSERT INTO cpu_reservations (host, cpu, job_id) VALUES (?, ?, ?)", cpus)
-        db.executemany("INSERT INTO device_reservations (host, address, job_id) VALUES (?, ?, ?)",
-                       devices)
-
-
 def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
                 hosts: list[placement.Host], job_id: str, to: str | None = None,
                 policy: Policy | None = None,
@@ -455,7 +431,8 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
             store.transition(job_id, JobState.MIGRATING, f"live migration {source} -> {dest}")
             files = JobFiles.of(config.spool, job_id)
             dest_xml = retarget_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), alloc,
-                                    config.host(dest).reserved_cpus, files.console(dest))
+                                    config.host(dest).reserved_cpus,
+                                    files.next_console(store.ran_on(job_id), dest))
             outcome = migrate_domain(dom, conns[dest], dest_xml,
                                      migration_uri(config.host(dest).uri), policy,
                                      source_alloc.memory_mib, on_progress)
@@ -475,7 +452,7 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
             outcome = Outcome(0.0, None, None, policy.max_downtime_ms, False,
                               ("the guest arrived although the migration reported an error",),
                               lookup_domain(conns[dest], domain_name(job_id)))
-        move_reservation(store, job_id, alloc)
+        store.move_reservation(job_id, placeholder_id(job_id), alloc)
         clock = guestclock.sync_quietly(conns[dest], domain_name(job_id))
         downtime = f"{outcome.downtime_ms} ms" if outcome.downtime_ms is not None else "?"
         store.transition(job_id, JobState.RUNNING,

@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS events (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
+CREATE TABLE IF NOT EXISTS cordons (
+    host TEXT PRIMARY KEY,
+    reason TEXT,
+    time REAL NOT NULL
+);
 """
 
 
@@ -213,12 +218,62 @@ class Store:
         self.db.execute("DELETE FROM device_reservations WHERE job_id = ?", (job_id,))
         self.db.execute("UPDATE jobs SET allocation = NULL WHERE id = ?", (job_id,))
 
+    def move_reservation(self, job_id: str, placeholder: str, allocation: Allocation) -> None:
+        """A migrated job takes over the reservation its placeholder held on the destination
+        and frees its old one; the placeholder is forgotten. One transaction."""
+        with self.reserving():
+            for job in (job_id, placeholder):
+                self._release(job)
+            self.db.execute("DELETE FROM events WHERE job_id = ?", (placeholder,))
+            self.db.execute("DELETE FROM jobs WHERE id = ?", (placeholder,))
+            self.db.execute("UPDATE jobs SET host = ?, allocation = ?, updated = ? WHERE id = ?",
+                            (allocation.host, json.dumps(allocation_to_dict(allocation)),
+                             time.time(), job_id))
+            self._insert_reservation(job_id, allocation)
+
     def delete_job(self, job_id: str) -> None:
         """Forget a job entirely: only for jobs refused before anything of them existed."""
         with self.reserving():
             self._release(job_id)
             self.db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
             self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def mark(self, job_id: str, **fields: object) -> None:
+        """Add or replace fields of a job's spec (None removes one): how it is to be handled
+        from now on, e.g. restored automatically after a preemption."""
+        with self.reserving():
+            row = self.db.execute("SELECT spec FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise VmjobsError(f"unknown job {job_id!r}")
+            spec = json.loads(row["spec"])
+            for key, value in fields.items():
+                if value is None:
+                    spec.pop(key, None)
+                else:
+                    spec[key] = value
+            self.db.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps(spec), job_id))
+
+    # --- cordoned hosts ---------------------------------------------------------------------
+
+    def cordon(self, host: str, reason: str) -> None:
+        with self.reserving():
+            self.db.execute("INSERT OR REPLACE INTO cordons (host, reason, time) VALUES (?, ?, ?)",
+                            (host, reason, time.time()))
+
+    def uncordon(self, host: str) -> bool:
+        with self.reserving():
+            return self.db.execute("DELETE FROM cordons WHERE host = ?", (host,)).rowcount > 0
+
+    def cordoned(self) -> dict[str, str]:
+        rows = self.db.execute("SELECT host, reason FROM cordons ORDER BY host")
+        return {r["host"]: r["reason"] or "" for r in rows}
+
+    def ran_on(self, job_id: str) -> list[str]:
+        """The host of each RUNNING event, in order: where the job's guest has run."""
+        rows = self.db.execute(
+            "SELECT host FROM events WHERE job_id = ? AND state = ? AND host IS NOT NULL "
+            "ORDER BY id", (job_id, JobState.RUNNING.value))
+        return [r["host"] for r in rows]
 
     def job(self, job_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

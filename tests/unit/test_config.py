@@ -177,7 +177,15 @@ BAD = [
     ({"output_disk_size": 0}, "output_disk_size", "greater than zero"),
     ({"kvm_probe_timeout": 0}, "kvm_probe_timeout", "> 0"),
     ({"kvm_probe_timeout": "soon"}, "kvm_probe_timeout", "> 0"),
+    ({"preemption": "sometimes"}, "preemption", "must be on or off"),
+    ({"max_outbound_migrations": 0}, "max_outbound_migrations", "integer >= 1"),
 ]
+
+
+def test_preemption_and_migration_limit(tmp_path: Path) -> None:
+    assert (load(str(write(tmp_path / "a.yaml", {}))).preemption is False)
+    config = load(str(write(tmp_path / "b.yaml", "preemption: on\nmax_outbound_migrations: 3\n")))
+    assert config.preemption is True and config.max_outbound_migrations == 3
 
 
 @pytest.mark.parametrize(("content", "key", "problem"), BAD,

@@ -406,3 +406,22 @@ def test_existing_destination_is_not_overwritten(jobdir: Path) -> None:
     with pytest.raises(VmjobsError, match="already exists"):
         gp.read_output(disk, jobdir / "out")
     assert [p.name for p in (jobdir / "out").iterdir()] == ["keep"]
+
+
+# --- console segments of a job that moves ----------------------------------------------------
+
+
+def test_console_segments_one_file_per_stay(tmp_path: Path) -> None:
+    from vmjobs.guest import JobFiles, console_segments
+
+    files = JobFiles(tmp_path)
+    # recovery / failed moves repeat a host in a row: still one stay
+    ran_on = ["h1", "h1", "h2", "h1", "h1", "h3", "h2"]
+    assert console_segments(ran_on) == [("h1", 0), ("h2", 0), ("h1", 1), ("h3", 0), ("h2", 1)]
+    assert files.console("h1") == tmp_path / "console.h1.log"
+    assert files.console("h1", 1) == tmp_path / "console.h1.1.log"
+    # the next stay: a new file on a host it left, the same file where it stays
+    assert files.next_console(ran_on, "h1") == tmp_path / "console.h1.2.log"
+    assert files.next_console(ran_on, "h2") == tmp_path / "console.h2.1.log"
+    assert files.next_console(ran_on, "h4") == tmp_path / "console.h4.log"
+    assert files.next_console([], "h1") == tmp_path / "console.h1.log"

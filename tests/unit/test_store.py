@@ -310,3 +310,49 @@ def test_concurrent_processes_never_share_a_cpu(tmp_path: Path) -> None:
         assert len(s.jobs()) == WORKERS
     finally:
         s.close()
+
+
+# --- moves: cordons, spec marks, a migrated job's reservation ------------------------------
+
+
+def test_cordons_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = Store(path)
+    first.cordon("h1", "draining")
+    first.cordon("h2", "maintenance")
+    assert first.uncordon("h2") is True
+    assert first.uncordon("h2") is False
+    first.close()
+    again = Store(path)
+    assert again.cordoned() == {"h1": "draining"}
+    again.close()
+
+
+def test_mark_adds_and_removes_spec_fields(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(1), "placed")
+    store.mark("a", restore="auto", time_left_s=12.5)
+    record = store.job("a")
+    assert record is not None and record.spec["restore"] == "auto"
+    assert record.spec["argv"] == ["sh", "-c", "echo hi"]  # the rest is kept
+    store.mark("a", restore=None)
+    record = store.job("a")
+    assert record is not None and "restore" not in record.spec
+    assert record.spec["time_left_s"] == 12.5
+    with pytest.raises(VmjobsError, match="unknown job"):
+        store.mark("zz", restore="auto")
+
+
+def test_move_reservation_hands_the_placeholders_room_to_the_job(store: Store) -> None:
+    store.add_job(job("a", JobState.RUNNING), REQUEST, alloc(1, devices=("d0",)), "placed")
+    store.add_job(job("mig-a"), REQUEST, alloc(5, host="h2", devices=("d9",)), "placeholder")
+    store.add_job(job("b"), REQUEST, alloc(2), "placed")
+    store.move_reservation("a", "mig-a", alloc(5, host="h2", devices=("d9",)))
+    assert store.job("mig-a") is None and store.events("mig-a") == []
+    record = store.job("a")
+    assert record is not None and record.host == "h2" and record.state == JobState.RUNNING
+    assert record.allocation is not None
+    assert allocation_from_dict(record.allocation) == alloc(5, host="h2", devices=("d9",))
+    assert store.reserved_cpus("h1") == {2: "b"}
+    assert store.reserved_cpus("h2") == {5: "a"}
+    rows = store.db.execute("SELECT host, address, job_id FROM device_reservations").fetchall()
+    assert [tuple(r) for r in rows] == [("h2", "d9", "a")]

@@ -51,7 +51,7 @@ def client_for(url: str | None) -> Client:
 # --- submit ---------------------------------------------------------------------------------
 
 SPEC_KEYS = {"command", "cpus", "mem", "nics", "numa", "host", "image", "input", "output", "env",
-             "timeout", "time_limit", "priority", "wait_timeout", "no_wait"}
+             "timeout", "time_limit", "priority", "preemptible", "wait_timeout", "no_wait"}
 # YAML key -> the click parameter it stands for
 SPEC_PARAMS = {"mem": "memory", "input": "input_dir", "output": "output_dir"}
 
@@ -127,6 +127,7 @@ def submission(params: dict[str, Any], client: Client) -> dict[str, Any]:
         "argv": list(params["argv"]), "env": parse_env(tuple(params["env"] or ())),
         "cpus": request.cpus, "memory_mib": request.memory_mib, "nics": request.nics,
         "numa": request.numa.value, "host": request.host, "priority": int(params["priority"]),
+        "preemptible": bool(params.get("preemptible")),
         "image": params["image"], "time_limit_s": time_limit, "wait_timeout_s": wait_timeout,
         "no_wait": bool(params["no_wait"]),
         "output": str(Path(output).absolute()) if output is not None else None,
@@ -146,6 +147,9 @@ def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "when that cannot delay the job first in line."),
         click.option("--priority", type=int, default=0, show_default=True,
                      help="Higher starts first; FIFO within a priority."),
+        click.option("--preemptible", is_flag=True,
+                     help="May be migrated or checkpointed (and restored later) to make room "
+                          "for jobs that are not (with the daemon's 'preemption: on')."),
         click.option("--wait-timeout", default=None, metavar="DURATION",
                      help=f"Give up if the job has not started after this long (exit "
                           f"{EXIT_NOT_STARTED}; nothing is left behind)."),

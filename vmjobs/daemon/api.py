@@ -9,22 +9,27 @@ that `vmjob list` hides.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
+import queue
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import placement
 from vmjobs import __version__
-from vmjobs.daemon import logs
+from vmjobs.daemon import logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.identity import Caller, denial, may_act
+from vmjobs.daemon.moves import MoveResult
 from vmjobs.daemon.scheduler import schedule
 from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
 from vmjobs.daemon.submission import Submission, parse
 from vmjobs.daemon.uploads import Uploads
-from vmjobs.errors import DoesNotFit, NotFound
+from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
@@ -74,6 +79,12 @@ class Api:
         router.add("GET", "/v1/jobs/{id}/output", self.output)
         router.add("POST", "/v1/uploads", self.upload)
         router.add("POST", "/v1/wake", self.wake)
+        router.add("POST", "/v1/jobs/{id}/migrate", self.migrate)
+        router.add("POST", "/v1/jobs/{id}/checkpoint", self.checkpoint)
+        router.add("POST", "/v1/jobs/{id}/restore", self.restore)
+        router.add("POST", "/v1/hosts/{host}/drain", self.drain)
+        router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
+        router.add("POST", "/v1/rebalance", self.rebalance)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -227,9 +238,150 @@ class Api:
         self.daemon.wake()
         return Json({"woken": True})
 
+    # --- moving jobs (progress streams: one JSON object a line, the last one the result) ----
+
+    def _admin(self, req: ApiRequest, what: str) -> None:
+        if not req.caller.admin:
+            raise ApiError(403, f"{what} is for administrators (root or the admin group); "
+                                f"you are {req.caller.name}")
+
+    def migrate(self, req: ApiRequest) -> Stream:
+        body = req.json()
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+        to = _opt_str(body, "to")
+        if to is not None:
+            self.daemon.config.host(to)
+        policy = moves.policy_for(
+            self.daemon, max_downtime_ms=_opt_int(body, "max_downtime_ms"),
+            bandwidth_mib_s=_opt_int(body, "bandwidth_mib_s"),
+            auto_converge=_opt_bool(body, "auto_converge"), postcopy=_opt_bool(body, "postcopy"),
+            timeout_s=_opt_number(body, "timeout_s"))
+        return progress_stream(lambda emit: [moves.migrate(
+            self.daemon, record.id, to, policy,
+            on_progress=lambda p: emit({"progress": migration_progress(p)}),
+            note=lambda m: emit({"note": m}))])
+
+    def checkpoint(self, req: ApiRequest) -> Stream:
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+        return progress_stream(lambda _emit: [moves.checkpoint_job(self.daemon, record.id)])
+
+    def restore(self, req: ApiRequest) -> Stream:
+        to = _opt_str(req.json(), "to")
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+        return progress_stream(lambda _emit: [moves.restore(self.daemon, record.id, to)])
+
+    def drain(self, req: ApiRequest) -> Stream:
+        self._admin(req, "draining a host")
+        body = req.json()
+        host = req.params["host"]
+        self.daemon.config.host(host)
+        unmovable = bool(_opt_bool(body, "checkpoint_unmovable"))
+        policy = moves.policy_for(self.daemon)
+        return progress_stream(lambda emit: moves.drain(
+            self.daemon, host, unmovable, policy, note=lambda m: emit({"note": m})))
+
+    def uncordon(self, req: ApiRequest) -> Json:
+        self._admin(req, "uncordoning a host")
+        host = req.params["host"]
+        was = moves.uncordon(self.daemon, host)
+        return Json({"host": host, "was_cordoned": was})
+
+    def rebalance(self, req: ApiRequest) -> Stream | Json:
+        self._admin(req, "rebalancing")
+        body = req.json()
+        max_moves = _opt_int(body, "max_moves")
+        plan = moves.rebalance_plan(self.daemon, 4 if max_moves is None else max_moves)
+        shown = plan_view(plan)
+        if _opt_bool(body, "dry_run"):
+            return Json(shown)
+        return progress_stream(lambda emit: (emit({"plan": shown}), moves.carry_out(
+            self.daemon, plan, moves.policy_for(self.daemon),
+            note=lambda m: emit({"note": m})))[1])
+
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)
         return Json({"upload": token}, status=201)
+
+
+def progress_stream(work: Callable[[Callable[[dict[str, Any]], None]], list[MoveResult]]
+                    ) -> Stream:
+    """Run `work` on its own thread; stream what it reports, then its results (or its error)
+    as the last line. The work goes on to its end even if the client goes away: a migration
+    half-done must finish or be rolled back, never abandoned."""
+    lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            results = work(lines.put)
+            lines.put({"results": [r.to_dict() for r in results]})
+        except VmjobsError as exc:
+            lines.put({"error": str(exc)})
+        except Exception as exc:  # a bug: still one line for the client, the trace in the log
+            logging.getLogger("vmjobs.daemon").exception("move failed")
+            lines.put({"error": f"internal error: {exc}"})
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=run, name="move", daemon=True).start()
+
+    def chunks() -> Iterator[bytes]:
+        while (line := lines.get()) is not None:
+            yield (json.dumps(line) + "\n").encode()
+
+    return Stream(chunks(), content_type="application/x-ndjson")
+
+
+def migration_progress(progress: Any) -> dict[str, Any]:
+    return {"elapsed_s": round(progress.elapsed_s, 2), "memory_total": progress.memory_total,
+            "memory_remaining": progress.memory_remaining, "rate_bps": progress.rate_bps,
+            "downtime_ms": progress.downtime_ms, "phase": progress.phase}
+
+
+def plan_view(plan: placement.Plan) -> dict[str, Any]:
+    actions = []
+    for action in plan.actions:
+        if isinstance(action, placement.Migrate):
+            actions.append({"action": "migrate", "job": action.job_id, "to": action.to_host,
+                            "memory_mib": action.memory_mib})
+        else:
+            actions.append({"action": "checkpoint", "job": action.job_id,
+                            "memory_mib": action.memory_mib})
+    return {"found": plan.found, "summary": plan.summary, "cost_mib": plan.cost_mib,
+            "actions": actions, "freed": [f"{h}/node{n}" for h, n in plan.freed]}
+
+
+def _opt(body: dict[str, Any], key: str, types: tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise VmjobsError(f"{key} must be {what}")
+    return value
+
+
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    return _opt(body, key, (str,), "a string")
+
+
+def _opt_int(body: dict[str, Any], key: str) -> int | None:
+    value = _opt(body, key, (int,), "a whole number >= 0")
+    if value is not None and value < 0:
+        raise VmjobsError(f"{key} must be a whole number >= 0")
+    return value
+
+
+def _opt_number(body: dict[str, Any], key: str) -> float | None:
+    value = _opt(body, key, (int, float), "a number > 0")
+    if value is not None and value <= 0:
+        raise VmjobsError(f"{key} must be a number > 0")
+    return value
+
+
+def _opt_bool(body: dict[str, Any], key: str) -> bool | None:
+    return _opt(body, key, (bool,), "true or false")
 
 
 def _finished(daemon: Daemon, job_id: str) -> bool:

@@ -43,7 +43,7 @@ class Active:
     job_id: str
     host: str
     time_limit_s: float | None
-    phase: str = "launching"  # launching | running | collecting | ended
+    phase: str = "launching"  # launching | running | moving | collecting | ended
     ends_at: float | None = None  # when its time limit stops it
     stop: tuple[JobState, str] | None = None  # set by cancel / time limit: how it will end
     powered_off_at: float | None = None  # when the guest's own power-off was reported
@@ -73,6 +73,9 @@ class Daemon:
         self.dirty = True
         self.stopping = False
         self.metrics = Metrics()
+        self.restoring: set[str] = set()  # checkpointed jobs being restored now
+        self.preempting: str | None = None  # the job that preemption is making room for
+        self.hosts.set_cordoned(frozenset(self.store.cordoned()))
         # Called with a lost host's job record; returns the state it goes to (requeue or
         # restore-from-checkpoint policies plug in here later).
         self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
@@ -183,6 +186,13 @@ class Daemon:
                 self.forget_files(job_id)
                 self.wake()
                 return True
+            if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
+                from vmjobs.checkpoint import discard
+
+                discard(self.config.spool, job_id)
+                self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
+                self.wake()
+                return True
             active = self.active.get(job_id)
             if active is None:
                 return False
@@ -253,6 +263,8 @@ class Daemon:
             active = self.active.get(note.job_id)
             if active is None or active.host != note.host or active.stopped_at is not None:
                 return  # not a job of ours, or one already handled
+            if active.phase == "moving":
+                return  # it left this host (migrated, saved); the mover looks where it is now
             active.stopped_at = note.at
             if active.phase == "ended":  # its end was recorded at power-off: free the cores
                 self.store.release(note.job_id)

@@ -2,8 +2,8 @@
 
 The console carries kernel and init messages too; `guest_protocol.ConsoleParser` keeps only
 the job's lines, between the init's markers. A job that ran on several hosts (after a
-migration or a restore) has one console file per host; they are stitched in the order of the
-job's events. Following wakes on every change of the daemon's state and at least every
+migration or a restore) has one console file per stay on a host; they are stitched in the
+order of the job's events. Following wakes on every change of the daemon's state and at least every
 FOLLOW_TICK_S to read what the guest wrote meanwhile (a file offers no event of its own).
 """
 
@@ -14,21 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmjobs.daemon.core import Daemon
-from vmjobs.guest import JobFiles
+from vmjobs.guest import JobFiles, console_segments
 from vmjobs.guest_protocol import ConsoleParser
-from vmjobs.jobs import JobState
 
 FOLLOW_TICK_S = 0.1
 CHUNK = 1 << 16
 
 
-def _segments(daemon: Daemon, job_id: str) -> list[str]:
-    """Hosts the job ran on, in event order."""
-    hosts: list[str] = []
-    for event in daemon.store.events(job_id):
-        if event.state == JobState.RUNNING and event.host and event.host not in hosts:
-            hosts.append(event.host)
-    return hosts
+Segment = tuple[str, int]  # (host, visit): one stay of the job on a host
 
 
 def _lines(parser: ConsoleParser, text: str) -> bytes:
@@ -40,19 +33,19 @@ def stream(daemon: Daemon, job_id: str, follow: bool) -> Iterator[bytes]:
     files = JobFiles.of(daemon.config.spool, job_id)
     parser = ConsoleParser(job_id)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    done: list[str] = []  # hosts whose console was read to its end
-    current: str | None = None
+    done: list[Segment] = []  # segments whose console was read to its end
+    current: Segment | None = None
     offset = 0
     while True:
         with daemon.lock:
             record = daemon.store.job(job_id)
             finished = record is None or record.state.finished
-            hosts = _segments(daemon, job_id)
+            hosts = console_segments(daemon.store.ran_on(job_id))
         if current is None:
             pending = [h for h in hosts if h not in done]
             current = pending[0] if pending else None
             offset = 0
-        data = _read(files.console(current), offset) if current else b""
+        data = _read(files.console(*current), offset) if current else b""
         if data:
             offset += len(data)
             out = _lines(parser, decoder.decode(data))

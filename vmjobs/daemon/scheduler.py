@@ -13,6 +13,7 @@ import logging
 import time
 
 from placement import Request
+from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
@@ -36,6 +37,7 @@ def run(daemon: Daemon) -> None:
                 queue = [(r, q) for r, q in queue if r.id not in gone]
                 started = {s.job_id for s in schedule(daemon, now, queue).starts}
                 queue = [(r, q) for r, q in queue if r.id not in started]
+                make_room(daemon, queue)
             except Exception:  # a bug or a store error: keep serving, try again on next change
                 log.exception("scheduling pass failed")
             due = next_deadline(daemon, queue)
@@ -62,6 +64,18 @@ def expire(daemon: Daemon, now: float, queue: Queue) -> set[str]:
             daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
                          name=f"timeout-{active.job_id}")
     return gone
+
+
+def make_room(daemon: Daemon, queue: Queue) -> None:
+    """With `preemption: on`, move preemptible jobs for the first in line; with nobody
+    waiting, bring back jobs that were checkpointed for others."""
+    head = next((w for w in daemon.waits.values() if w.position == 1), None)
+    if head is not None and daemon.config.preemption:
+        request = next((q for r, q in queue if r.id == head.job_id), None)
+        if request is not None:
+            moves.preempt_for(daemon, head.job_id, request)
+    if not queue:
+        moves.restore_waiting(daemon)
 
 
 def next_deadline(daemon: Daemon, queue: Queue) -> float | None:

@@ -13,7 +13,7 @@ from vmjobs.errors import VmjobsError
 from vmjobs.runner import RunRequest, validate
 
 FIELDS = {"argv", "env", "cpus", "memory_mib", "nics", "numa", "host", "pool", "priority",
-          "image", "time_limit_s", "wait_timeout_s", "no_wait", "input", "output"}
+          "preemptible", "image", "time_limit_s", "wait_timeout_s", "no_wait", "input", "output"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,13 @@ def _text(body: dict[str, Any], name: str) -> str | None:
     return value
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise VmjobsError(f"{name} must be true or false")
+    return value
+
+
 def parse(body: dict[str, Any]) -> Submission:
     unknown = sorted(set(body) - FIELDS)
     if unknown:
@@ -78,6 +85,7 @@ def parse(body: dict[str, Any]) -> Submission:
         host=_text(body, "host"),
         pool=_text(body, "pool"),
         priority=priority,
+        preemptible=_flag(body, "preemptible"),
     )
     time_limit = _seconds(body, "time_limit_s", 0.001)
     wait_timeout = _seconds(body, "wait_timeout_s", 0)

@@ -1,0 +1,213 @@
+"""`vmjob migrate|checkpoint|restore|drain|uncordon|rebalance`: moving running jobs.
+
+Each sends one request to the daemon and shows what it reports while it works: a progress bar
+on a terminal (memory left, rate, downtime limit), one line a step otherwise; the final result
+as a line per job, or as JSON with --json. A refusal is one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from vmjobs.cli.jobs import client_for, url_option
+from vmjobs.errors import VmjobsError
+from vmjobs.units import parse_duration
+
+
+class MoveFailed(VmjobsError):
+    """At least one job did not move; it is where it was (the message says where)."""
+
+
+def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the results as JSON.")(func)
+
+
+def _bar(progress: dict[str, Any]) -> str:
+    total = progress.get("memory_total") or 0
+    left = progress.get("memory_remaining") or 0
+    done = 1 - left / total if total else 0.0
+    return (f"\r[{'#' * int(done * 24):<24}] {done:4.0%}  {left >> 20} MiB left  "
+            f"{(progress.get('rate_bps') or 0) / (1 << 20):.0f} MiB/s  downtime limit "
+            f"{progress.get('downtime_ms')} ms  {progress.get('elapsed_s', 0):.1f}s "
+            f"{progress.get('phase', '')}   ")
+
+
+def follow(lines: Iterator[dict[str, Any]], as_json: bool) -> list[dict[str, Any]]:
+    """Show progress and notes on stderr; return the results, or raise the error."""
+    tty = sys.stderr.isatty()
+    drawn = False
+    for line in lines:
+        if "progress" in line:
+            if tty:
+                click.echo(_bar(line["progress"]), nl=False, err=True)
+                drawn = True
+            continue
+        if drawn:
+            click.echo("", err=True)
+            drawn = False
+        if "note" in line:
+            click.echo(f"vmjob: {line['note']}", err=True)
+        elif "plan" in line and not as_json:
+            click.echo(f"vmjob: plan: {line['plan']['summary']}", err=True)
+        elif "error" in line:
+            raise VmjobsError(str(line["error"]))
+        elif "results" in line:
+            return list(line["results"])
+    raise VmjobsError("the daemon ended the answer without a result")
+
+
+def report(results: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            where = " -> ".join(h for h in (r.get("from"), r.get("to")) if h)
+            click.echo(f"{r['job']}: {r['action']}{' ' + where if where else ''}: "
+                       f"{r['detail']}")
+    failed = [r for r in results if r["action"] == "failed"]
+    if failed:
+        raise MoveFailed(f"{len(failed)} of {len(results)} job(s) did not move: "
+                         + "; ".join(f"{r['job']}: {r['detail']}" for r in failed))
+
+
+@click.command()
+@click.argument("job")
+@click.option("--to", default=None, metavar="HOST",
+              help="Destination host (default: the placement engine chooses).")
+@click.option("--max-downtime", type=click.IntRange(min=1), default=None, metavar="MS",
+              help="Start with this downtime limit; raised in steps while the copy stalls "
+                   "[default: 300].")
+@click.option("--bandwidth", type=click.IntRange(min=1), default=None, metavar="MIB_S",
+              help="Limit the migration's bandwidth.")
+@click.option("--auto-converge", is_flag=True, help="Let QEMU throttle the guest's vCPUs "
+              "when the copy does not converge.")
+@click.option("--postcopy", is_flag=True, help="Switch to post-copy when the downtime limit "
+              "is at its ceiling and the copy still stalls.")
+@click.option("--timeout", default=None, metavar="DURATION",
+              help="Abort after this long [default: 30s + 60s per GiB of guest memory].")
+@json_option
+@url_option
+def migrate(job: str, to: str | None, max_downtime: int | None, bandwidth: int | None,
+            auto_converge: bool, postcopy: bool, timeout: str | None, as_json: bool,
+            url: str | None) -> None:
+    """Live-migrate a running job to another host, re-pinned there.
+
+    The destination is reserved first; the job's vCPUs and memory are pinned to the
+    destination's own reservation. On any failure the job keeps running where it was.
+
+    \b
+    Examples:
+      vmjob migrate 3f9a1c2e --to node2
+      vmjob migrate 3f9a1c2e --max-downtime 500 --auto-converge --timeout 5m
+    """
+    body = {"to": to, "max_downtime_ms": max_downtime, "bandwidth_mib_s": bandwidth,
+            "auto_converge": auto_converge or None, "postcopy": postcopy or None,
+            "timeout_s": parse_duration(timeout, "--timeout") if timeout else None}
+    client = client_for(url)
+    report(follow(client.job_action(job, "migrate", body), as_json), as_json)
+
+
+@click.command()
+@click.argument("job")
+@json_option
+@url_option
+def checkpoint(job: str, as_json: bool, url: str | None) -> None:
+    """Save a running job to disk and free its cores and memory.
+
+    The job becomes CHECKPOINTED; `vmjob restore` continues it on any host. Cancelling a
+    checkpointed job removes its checkpoint.
+
+    \b
+    Example:
+      vmjob checkpoint 3f9a1c2e && vmjob restore 3f9a1c2e --to node3
+    """
+    client = client_for(url)
+    report(follow(client.job_action(job, "checkpoint"), as_json), as_json)
+
+
+@click.command()
+@click.argument("job")
+@click.option("--to", default=None, metavar="HOST",
+              help="Host to restore on (default: wherever the job's request fits).")
+@json_option
+@url_option
+def restore(job: str, to: str | None, as_json: bool, url: str | None) -> None:
+    """Continue a checkpointed job, placed again under its original request.
+
+    \b
+    Example:
+      vmjob restore 3f9a1c2e --to node3
+    """
+    client = client_for(url)
+    report(follow(client.job_action(job, "restore", {"to": to}), as_json), as_json)
+
+
+@click.command()
+@click.argument("host")
+@click.option("--checkpoint-unmovable", is_flag=True,
+              help="Checkpoint jobs that cannot be migrated anywhere (restored automatically "
+                   "when they fit again); without it they stay and the command fails.")
+@json_option
+@url_option
+def drain(host: str, checkpoint_unmovable: bool, as_json: bool, url: str | None) -> None:
+    """Cordon a host and move every job off it (admins only).
+
+    Nothing new is placed on a cordoned host until `vmjob uncordon HOST`.
+
+    \b
+    Example:
+      vmjob drain node1 --checkpoint-unmovable
+    """
+    client = client_for(url)
+    body = {"checkpoint_unmovable": checkpoint_unmovable}
+    report(follow(client.host_action(host, "drain", body), as_json), as_json)
+
+
+@click.command()
+@click.argument("host")
+@url_option
+def uncordon(host: str, url: str | None) -> None:
+    """Let a cordoned (drained) host take jobs again (admins only).
+
+    \b
+    Example:
+      vmjob uncordon node1
+    """
+    answer = client_for(url).call("POST", f"/v1/hosts/{host}/uncordon")
+    click.echo(f"{host}: " + ("uncordoned" if answer["was_cordoned"] else "was not cordoned"))
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Show the plan; move nothing.")
+@click.option("--max-moves", type=click.IntRange(min=0), default=4, show_default=True,
+              help="At most this many migrations.")
+@json_option
+@url_option
+def rebalance(dry_run: bool, max_moves: int, as_json: bool, url: str | None) -> None:
+    """Migrate jobs so that whole NUMA nodes become free (admins only).
+
+    \b
+    Examples:
+      vmjob rebalance --dry-run
+      vmjob rebalance --max-moves 2
+    """
+    client = client_for(url)
+    body = {"dry_run": dry_run, "max_moves": max_moves}
+    if dry_run:
+        plan = client.call("POST", "/v1/rebalance", body)
+        if as_json:
+            click.echo(json.dumps(plan, indent=2))
+            return
+        click.echo(plan["summary"])
+        for action in plan["actions"]:
+            target = f" to {action['to']}" if action.get("to") else ""
+            click.echo(f"  {action['action']} {action['job']}{target} "
+                       f"({action['memory_mib']} MiB)")
+        return
+    report(follow(client.progress("/v1/rebalance", body), as_json), as_json)

@@ -1,0 +1,370 @@
+"""Moving running jobs under the daemon: live migration, checkpoint, restore, drain, rebalance
+and preemption.
+
+The job-level operations are `vmjobs.migration` and `vmjobs.checkpoint`; this module makes
+them safe next to the daemon's own event handling. While a job moves its `Active.phase` is
+"moving": the STOPPED event its guest's departure causes on the old host (migrated, saved) is
+not the job's end. When the move is over, under the daemon's lock, the job's host is updated
+and its guest looked up where it now is: a guest that ended meanwhile (it finished during the
+migration, or was cancelled) is collected then, so no end is ever lost between the two.
+
+Moves are slow and run outside the daemon's lock, each with a store connection of its own
+(one SQLite connection must not carry two threads' transactions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import libvirt
+
+import placement
+from placement import Checkpoint, Migrate, Request
+from vmjobs import checkpoint, migration
+from vmjobs.codec import request_from_dict
+from vmjobs.daemon.core import Active, Daemon, time_limit_of
+from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
+from vmjobs.hostconn import is_running, lookup_domain
+from vmjobs.jobs import JobState, domain_name
+from vmjobs.runner import describe_allocation
+from vmjobs.store import Store
+
+log = logging.getLogger("vmjobs.daemon")
+Note = Callable[[str], None]
+SETTLE_S = 60.0  # how long a drain waits for a job that is still starting
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    """What happened to one job: `action` is migrated | checkpointed | restored | failed."""
+
+    job_id: str
+    action: str
+    source: str | None
+    destination: str | None
+    detail: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"job": self.job_id, "action": self.action, "from": self.source,
+                "to": self.destination, "detail": self.detail}
+
+
+@contextlib.contextmanager
+def _own_store(daemon: Daemon) -> Iterator[Store]:
+    store = Store(daemon.config.state_db, shared=True)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def moving(daemon: Daemon, job_id: str) -> Iterator[Active]:
+    """Mark a running job as moving for the duration; afterwards find its guest again."""
+    with daemon.lock:
+        active = daemon.active.get(job_id)
+        record = daemon.store.job(job_id)
+        if record is None:
+            raise NotFound(f"no job {job_id}")
+        if active is None and record.state == JobState.RUNNING:
+            raise VmjobsError(f"job {job_id} was started by 'vmjob run' without the daemon; "
+                              "only the daemon's jobs can move")
+        if active is None or active.phase != "running" or record.state != JobState.RUNNING:
+            what = active.phase if active is not None and active.phase != "running" \
+                else record.state.value
+            raise VmjobsError(f"job {job_id} is {what}; only a RUNNING job can move")
+        active.phase = "moving"
+    try:
+        yield active
+    finally:
+        settle(daemon, active)
+
+
+def settle(daemon: Daemon, active: Active) -> None:
+    """After a move: the job runs where the store says, or it ended meanwhile and is collected;
+    a cancel or time limit that arrived during the move is carried out now."""
+    with daemon.lock:
+        if daemon.active.get(active.job_id) is not active:
+            return
+        record = daemon.store.job(active.job_id)
+        if record is None or record.state == JobState.CHECKPOINTED:
+            daemon.active.pop(active.job_id, None)  # it holds nothing any more
+            daemon.wake()
+            return
+        active.host = record.host or active.host
+        conn = daemon.hosts.conn(active.host)
+        try:
+            dom = lookup_domain(conn, domain_name(active.job_id)) if conn is not None else None
+            alive = dom is not None and is_running(dom)
+        except libvirt.libvirtError:
+            alive = False
+        if record.state != JobState.RUNNING:
+            daemon.store.transition(active.job_id, JobState.RUNNING, "move over")
+        if alive:
+            active.phase = "running"
+            stop = active.stop is not None
+        else:
+            active.phase = "collecting"
+            active.stopped_at = active.stopped_at or time.time()
+            stop = False
+        daemon.wake()
+    if not alive:
+        daemon.spawn(daemon.collect, active, name=f"collect-{active.job_id}")
+    elif stop:
+        daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
+                     name=f"stop-{active.job_id}")
+
+
+def policy_for(daemon: Daemon, **options: object) -> migration.Policy:
+    """The convergence policy: the defaults, the config's outbound limit, the caller's
+    options (None: keep the default)."""
+    chosen = {k: v for k, v in options.items() if v is not None}
+    return replace(migration.Policy(max_outbound=daemon.config.max_outbound_migrations),
+                   **chosen)  # type: ignore[arg-type]
+
+
+def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Policy,
+            on_progress: Callable[[migration.Progress], None] | None = None,
+            note: Note = lambda _m: None) -> MoveResult:
+    if to is not None:
+        daemon.config.host(to)
+    with moving(daemon, job_id) as active, _own_store(daemon) as store:
+        source = active.host
+        moved = migration.migrate_job(daemon.config, store, daemon.hosts.conns(),
+                                      daemon.hosts.inventory(), job_id, to, policy,
+                                      on_progress, note)
+    downtime = f"{moved.outcome.downtime_ms} ms" if moved.outcome.downtime_ms is not None \
+        else "?"
+    return MoveResult(job_id, "migrated", source, moved.destination,
+                      f"{moved.outcome.duration_s:.1f}s, downtime {downtime}, "
+                      f"{describe_allocation(moved.allocation)}; clock {moved.clock}")
+
+
+def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> MoveResult:
+    """Save the job's guest into its spool dir and free its reservation. `restore="auto"`:
+    the scheduler restores it when it fits again (preempted or drained jobs)."""
+    with moving(daemon, job_id) as active, _own_store(daemon) as store:
+        source = active.host
+        saved = checkpoint.checkpoint_job(daemon.config, store, daemon.hosts.conns(), job_id)
+        if restore is not None:
+            store.mark(job_id, restore=restore)
+        if active.ends_at is not None:  # the time limit resumes where it stopped
+            store.mark(job_id, time_left_s=max(active.ends_at - time.time(), 0.0))
+    return MoveResult(job_id, "checkpointed", source, None,
+                      f"{saved.size_bytes >> 20} MiB in {saved.duration_s:.1f}s to {saved.path}")
+
+
+def restore(daemon: Daemon, job_id: str, to: str | None = None,
+            claimed: bool = False) -> MoveResult:
+    """Restore a checkpointed job on `to` or wherever it fits. `claimed`: the caller already
+    put it in `daemon.restoring` (so that nobody else starts restoring it too)."""
+    if to is not None:
+        daemon.config.host(to)
+    with daemon.lock:
+        record = daemon.store.job(job_id)
+        if record is None:
+            if claimed:
+                daemon.restoring.discard(job_id)
+            raise NotFound(f"no job {job_id}")
+        if not claimed:
+            if job_id in daemon.restoring:
+                raise VmjobsError(f"job {job_id} is being restored already")
+            if record.state != JobState.CHECKPOINTED:
+                raise VmjobsError(f"job {job_id} is {record.state.value}, not CHECKPOINTED")
+            daemon.restoring.add(job_id)
+    try:
+        with _own_store(daemon) as store:
+            restored = checkpoint.restore_job(daemon.config, store, daemon.hosts.conns(),
+                                              daemon.hosts.inventory(), job_id, to)
+            left = (store.job(job_id) or record).spec.get("time_left_s")
+            store.mark(job_id, restore=None, time_left_s=None)
+        with daemon.lock:
+            limit = time_limit_of(record)
+            active = Active(job_id, restored.host, limit, phase="moving")
+            if left is not None:
+                active.ends_at = time.time() + float(left)
+            elif limit is not None:
+                active.ends_at = time.time() + limit
+            daemon.active[job_id] = active
+    finally:
+        with daemon.lock:
+            daemon.restoring.discard(job_id)
+    settle(daemon, active)
+    return MoveResult(job_id, "restored", None, restored.host,
+                      f"in {restored.duration_s:.1f}s, "
+                      f"{describe_allocation(restored.allocation)}; clock {restored.clock}")
+
+
+# --- many jobs -----------------------------------------------------------------------------
+
+def _failed(job_id: str, source: str | None, exc: Exception) -> MoveResult:
+    return MoveResult(job_id, "failed", source, None, str(exc))
+
+
+def drain(daemon: Daemon, host: str, checkpoint_unmovable: bool,
+          policy: migration.Policy, note: Note = lambda _m: None) -> list[MoveResult]:
+    """Cordon `host` and move every job off it: live, else (when allowed) by checkpoint."""
+    daemon.config.host(host)
+    cordon(daemon, host, "draining")
+    note(f"{host}: cordoned; nothing new is placed there")
+    results: list[MoveResult] = []
+    with daemon.lock:
+        daemon.changed.wait_for(
+            lambda: not [a for a in daemon.active.values()
+                         if a.host == host and a.phase == "launching"], SETTLE_S)
+        jobs = sorted(a.job_id for a in daemon.active.values()
+                      if a.host == host and a.phase == "running")
+    for job_id in jobs:
+        note(f"job {job_id}: migrating off {host}")
+        try:
+            results.append(migrate(daemon, job_id, None, policy, note=note))
+        except VmjobsError as exc:
+            if not checkpoint_unmovable:
+                results.append(_failed(job_id, host, exc))
+                note(f"job {job_id}: {exc}")
+                continue
+            note(f"job {job_id}: cannot migrate ({exc}); checkpointing it")
+            try:
+                results.append(checkpoint_job(daemon, job_id, restore="auto"))
+            except VmjobsError as again:
+                results.append(_failed(job_id, host, again))
+        note(f"job {job_id}: {results[-1].action} {results[-1].detail}")
+    return results
+
+
+def cordon(daemon: Daemon, host: str, reason: str) -> None:
+    with daemon.lock:
+        daemon.store.cordon(host, reason)
+        daemon.hosts.set_cordoned(frozenset(daemon.store.cordoned()))
+        daemon.wake()
+
+
+def uncordon(daemon: Daemon, host: str) -> bool:
+    daemon.config.host(host)
+    with daemon.lock:
+        was = daemon.store.uncordon(host)
+        daemon.hosts.set_cordoned(frozenset(daemon.store.cordoned()))
+        daemon.wake()
+        return was
+
+
+def rebalance_plan(daemon: Daemon, max_moves: int) -> placement.Plan:
+    with daemon.lock:
+        cluster = planning_cluster(daemon, movable=lambda _r: True)
+    return placement.plan_rebalance(cluster, max_moves)
+
+
+def carry_out(daemon: Daemon, plan: placement.Plan, policy: migration.Policy,
+              note: Note = lambda _m: None) -> list[MoveResult]:
+    """Carry out a plan's actions in order; stop at the first failure (later actions were
+    planned on the assumption that it succeeded)."""
+    results: list[MoveResult] = []
+    for action in plan.actions:
+        try:
+            if isinstance(action, Migrate):
+                note(f"job {action.job_id}: migrating to {action.to_host}")
+                results.append(migrate(daemon, action.job_id, action.to_host, policy,
+                                       note=note))
+            elif isinstance(action, Checkpoint):
+                note(f"job {action.job_id}: checkpointing (restored when it fits again)")
+                results.append(checkpoint_job(daemon, action.job_id, restore="auto"))
+        except VmjobsError as exc:
+            results.append(_failed(action.job_id, None, exc))
+            note(f"job {action.job_id}: {exc}; the rest of the plan is dropped")
+            break
+        note(f"job {action.job_id}: {results[-1].action} {results[-1].detail}")
+    return results
+
+
+def planning_cluster(daemon: Daemon, movable: Callable[[Request], bool]) -> placement.Cluster:
+    """The cluster as the planners see it: jobs that may not move are pinned to their host
+    (the planners only move jobs whose request names no host). Caller holds the lock."""
+    cluster = placement.Cluster(daemon.hosts.inventory())
+    running = {a.job_id for a in daemon.active.values() if a.phase == "running"}
+    for held in daemon.store.held():
+        if held.allocation.host not in cluster.hosts:
+            continue
+        request = held.request
+        if held.job_id not in running or not movable(request):
+            request = replace(request, host=held.allocation.host)
+        cluster.reserve(held.job_id, held.allocation, request)
+    return cluster
+
+
+# --- preemption (called by the scheduler) ------------------------------------------------------
+
+def preempt_for(daemon: Daemon, job_id: str, request: Request) -> bool:
+    """The queue's head does not fit: if moving preemptible jobs makes room, start doing so in
+    the background (one preemption at a time). Caller holds the lock. True if started."""
+    if daemon.preempting is not None or request.preemptible:
+        return False
+    cluster = planning_cluster(daemon, movable=lambda r: r.preemptible)
+    plan = placement.plan_to_fit(cluster, request)
+    if not plan.found or not plan.actions:
+        return False
+    daemon.preempting = job_id
+    log.info("job %s: preempting for it: %s", job_id, plan.summary)
+    daemon.spawn(_preempt, daemon, job_id, plan, name=f"preempt-{job_id}")
+    return True
+
+
+def _preempt(daemon: Daemon, job_id: str, plan: placement.Plan) -> None:
+    try:
+        results = carry_out(daemon, plan, policy_for(daemon),
+                            note=lambda m: log.info("preemption for %s: %s", job_id, m))
+        with daemon.lock:
+            for result in results:
+                daemon.store.transition(
+                    result.job_id, _state_of(daemon, result.job_id),
+                    f"preempted for job {job_id}: {result.action} {result.detail}")
+    except Exception:
+        log.exception("preemption for job %s failed", job_id)
+    finally:
+        with daemon.lock:
+            daemon.preempting = None
+            daemon.wake()
+
+
+def _state_of(daemon: Daemon, job_id: str) -> JobState:
+    record = daemon.store.job(job_id)
+    return record.state if record is not None else JobState.LOST
+
+
+def restore_waiting(daemon: Daemon) -> None:
+    """Restore jobs checkpointed for others (preemption, drain) once they fit again, one at a
+    time, after the queue had its turn. Caller holds the lock."""
+    if daemon.restoring or daemon.preempting is not None:
+        return
+    candidates = [r for r in daemon.store.in_states(frozenset({JobState.CHECKPOINTED}))
+                  if r.spec.get("restore") == "auto" and r.request is not None]
+    if not candidates:
+        return
+    cluster = planning_cluster(daemon, movable=lambda _r: False)
+    for record in sorted(candidates, key=lambda r: (-int((r.request or {}).get("priority", 0)),
+                                                    r.created)):
+        # as restore_job places it: any host, under the job's other constraints
+        request = replace(request_from_dict(record.request or {}), host=None)
+        if cluster.place(request).fits:
+            daemon.restoring.add(record.id)
+            daemon.spawn(_restore_quietly, daemon, record.id, name=f"restore-{record.id}")
+            return
+
+
+def _restore_quietly(daemon: Daemon, job_id: str) -> None:
+    try:
+        result = restore(daemon, job_id, claimed=True)
+        log.info("job %s: %s %s", job_id, result.action, result.detail)
+    except DoesNotFit:
+        return  # the room went to someone else meanwhile: tried again at the next change
+    except VmjobsError as exc:
+        # not again on every change: an admin restores it by hand (`vmjob restore`)
+        log.warning("job %s: automatic restore failed: %s", job_id, exc)
+        with daemon.lock:
+            daemon.store.mark(job_id, restore="manual")
+            daemon.store.transition(job_id, JobState.CHECKPOINTED,
+                                    f"automatic restore failed: {exc}; restore it by hand")
+    daemon.wake()

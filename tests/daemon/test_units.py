@@ -35,6 +35,8 @@ def test_a_minimal_submission_gets_the_defaults() -> None:
     assert sub.argv == ("echo", "hi")
     assert (sub.request.cpus, sub.request.memory_mib, sub.request.priority) == (1, 256, 0)
     assert not sub.no_wait and sub.wait_timeout_s is None
+    assert not sub.request.preemptible
+    assert parse({"argv": ["x"], "preemptible": True}).request.preemptible
 
 
 @pytest.mark.parametrize("body, message", [
@@ -53,6 +55,7 @@ def test_a_minimal_submission_gets_the_defaults() -> None:
     ({"argv": ["x"], "time_limit_s": 0}, "time_limit_s must be a number of seconds"),
     ({"argv": ["x"], "owner": "root"}, "unknown field(s) owner"),
     ({"argv": ["x"], "uid": 0}, "unknown field(s) uid"),
+    ({"argv": ["x"], "preemptible": "yes"}, "preemptible must be true or false"),
 ])
 def test_bad_submissions_are_refused_with_one_line(body: dict[str, object],
                                                    message: str) -> None:

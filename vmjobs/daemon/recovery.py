@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import libvirt
 
+from vmjobs.checkpoint import save_path
+from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, is_ours, time_limit_of
 from vmjobs.domain_xml import read_metadata
 from vmjobs.guest import JobFiles, Verdict
@@ -30,6 +32,7 @@ from vmjobs.jobs import ACTIVE, JobRecord, JobState
 from vmjobs.runner import reap_abandoned
 
 log = logging.getLogger("vmjobs.daemon")
+MOVING = frozenset({JobState.MIGRATING, JobState.CHECKPOINTING, JobState.RESTORING})
 
 
 @dataclass(frozen=True)
@@ -144,9 +147,53 @@ def _collect_found(daemon: Daemon, active: Active) -> None:
     daemon.collect(active)
 
 
+def finish_interrupted_moves(daemon: Daemon) -> None:
+    """Moves cut short by the daemon's end (its process drove them) are settled first, from
+    where the guests really are: a migration that completed keeps the destination's
+    reservation, one that did not gives it back; a checkpoint whose guest still runs did not
+    happen, one whose guest is gone left a save image; a restore whose guest does not run
+    leaves the job checkpointed."""
+    where: dict[str, str] = {}
+    for host in daemon.config.hosts:
+        conn = daemon.hosts.conn(host.name)
+        if conn is None:
+            continue
+        try:
+            where.update({j: host.name for j, f in domains_on(conn).items() if f.running})
+        except libvirt.libvirtError as exc:
+            log.warning("host %s: cannot list its domains: %s", host.name,
+                        exc.get_error_message())
+    store = daemon.store
+    with daemon.lock:
+        for record in store.jobs():
+            job_id = record.spec.get("placeholder_for")
+            if job_id is None:
+                continue
+            if record.allocation is not None and where.get(job_id) == record.host:
+                store.move_reservation(job_id, record.id, allocation_from_dict(record.allocation))
+                store.transition(job_id, JobState.RUNNING,
+                                 f"found on {record.host} after an interrupted migration")
+            else:
+                store.delete_job(record.id)
+        for record in store.in_states(MOVING):
+            running_here = record.host is not None and where.get(record.id) == record.host
+            saved = save_path(daemon.config.spool, record.id).exists()
+            if running_here or record.state == JobState.MIGRATING:
+                store.transition(record.id, JobState.RUNNING,
+                                 f"{record.state.value.lower()} interrupted by a daemon restart")
+            elif saved:
+                store.transition(record.id, JobState.CHECKPOINTED,
+                                 f"{record.state.value.lower()} interrupted by a daemon restart; "
+                                 "its checkpoint is kept", release=True)
+            else:
+                store.transition(record.id, JobState.RUNNING,
+                                 "checkpoint interrupted by a daemon restart")
+
+
 def recover(daemon: Daemon) -> None:
     """On start: every reachable host reconciled; jobs on unreachable hosts lost; reservations
     of jobs without a guest freed."""
+    finish_interrupted_moves(daemon)
     reap_abandoned(daemon.store, {h.name: c for h in daemon.config.hosts
                                   if (c := daemon.hosts.conn(h.name)) is not None})
     for host in daemon.config.hosts:

@@ -17,9 +17,11 @@ fi
 echo "==> installing packages (apt)"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
+# openssh-server: the --url ssh:// tests run a private sshd on a loopback port (none is started)
 apt-get install -y -q --no-install-recommends \
     libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils \
     libvirt-clients libvirt-dev pkg-config gcc python3-dev cpio busybox-static iproute2 libxml2-utils \
+    openssh-server \
     >/dev/null
 
 echo "==> installing vmjobs (pip)"

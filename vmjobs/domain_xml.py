@@ -242,7 +242,7 @@ def devices(spec: DomainSpec) -> ET.Element:
     devs = ET.Element("devices")
     devs.append(output_disk(spec.output_disk))
     for nic in spec.nics:
-        devs.append(emulated_nic(nic) if nic.emulated else hostdev_nic(nic))
+        devs.append(nic_element(nic))
     serial = ET.SubElement(devs, "serial", type="file")
     ET.SubElement(serial, "source", path=str(spec.console_log), append="on")
     ET.SubElement(serial, "target", port="0")
@@ -268,6 +268,10 @@ def output_disk(path: Path) -> ET.Element:
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
     disk.append(PciAddress(slot=OUTPUT_DISK_SLOT).element())
     return disk
+
+
+def nic_element(nic: Nic) -> ET.Element:
+    return emulated_nic(nic) if nic.emulated else hostdev_nic(nic)
 
 
 def hostdev_nic(nic: Nic) -> ET.Element:

@@ -108,7 +108,10 @@ def set_clock(conn: libvirt.virConnect, name: str, timeout_s: float = 10.0) -> C
         while True:
             answer = lines.read(deadline).split()
             if answer and answer[0] == "ok" and len(answer) == 3:
-                return ClockSet(int(answer[1]), int(answer[2]), time.time())
+                try:
+                    return ClockSet(int(answer[1]), int(answer[2]), time.time())
+                except ValueError:  # the guest's words are untrusted
+                    raise ClockError(f"the guest answered {' '.join(answer)[:40]!r}") from None
     except libvirt.libvirtError as exc:
         raise ClockError(exc.get_error_message()) from None
     finally:

@@ -41,11 +41,11 @@ import libvirt
 
 import placement
 from placement import Allocation
-from vmjobs import domain_xml
+from vmjobs import domain_xml, replug
 from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
-from vmjobs.guest import JobFiles
+from vmjobs.guest import JobFiles, nics_for
 from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
@@ -342,6 +342,7 @@ class Moved:
     allocation: Allocation
     outcome: Outcome
     clock: str  # what happened to the guest's wall clock
+    nics: str = ""  # with replug_nics: which NICs were plugged in on the destination
 
 
 def snapshot(store: Store, hosts: list[placement.Host]) -> placement.Cluster:
@@ -407,16 +408,25 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                 hosts: list[placement.Host], job_id: str, to: str | None = None,
                 policy: Policy | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
-                note: Callable[[str], None] = lambda _m: None) -> Moved:
-    """Move a RUNNING job's guest to `to` (or where the engine says) while it runs."""
+                note: Callable[[str], None] = lambda _m: None,
+                replug_nics: bool = False) -> Moved:
+    """Move a RUNNING job's guest to `to` (or where the engine says) while it runs.
+
+    `replug_nics`: unplug the job's NICs first and plug the destination's at the same guest
+    addresses afterwards (`vmjobs.replug`); required for passthrough (vfio) NICs, which cannot
+    be migrated.
+    """
     from vmjobs import guestclock
 
     policy = policy or Policy()
     record, source_alloc = running_job(store, job_id)
     source = record.host or ""
-    if source_alloc.devices and config.nic_backend == "vfio":
+    if source_alloc.devices and config.nic_backend == "vfio" and not replug_nics:
         raise MigrationFailed(f"job {job_id} has passthrough NICs "
-                              f"({', '.join(source_alloc.devices)}); they block live migration")
+                              f"({', '.join(source_alloc.devices)}); they block live migration "
+                              "(--replug-nics unplugs them and plugs equivalent NICs of the "
+                              "destination in at the same guest addresses)")
+    replugging = replug_nics and bool(source_alloc.devices)
     if to is not None:
         config.host(to)  # unknown host: one line
         if to not in conns:
@@ -427,8 +437,13 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
     with outbound_slot(config.spool, source, policy.max_outbound, policy.slot_wait_s, note):
         alloc = reserve_elsewhere(store, hosts, record, to, f"migrating job {job_id} here")
         dest = alloc.host
+        unplugged = False
         try:
             store.transition(job_id, JobState.MIGRATING, f"live migration {source} -> {dest}")
+            if replugging:
+                note(f"unplugging {len(source_alloc.devices)} NIC(s) on {source}")
+                replug.unplug(dom, nics_for(source_alloc))
+                unplugged = True
             files = JobFiles.of(config.spool, job_id)
             dest_xml = retarget_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), alloc,
                                     config.host(dest).reserved_cpus,
@@ -442,6 +457,9 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                 release_placeholder(store, job_id)
                 message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) \
                     else str(exc)
+                if unplugged and is_running(dom):  # the guest gets its own NICs back
+                    message += "; " + (replug.plug(dom, nics_for(source_alloc))
+                                       or "its NICs were plugged back")
                 still = "still running on" if is_running(dom) else "NOT running on"
                 store.transition(job_id, JobState.RUNNING,
                                  f"migration to {dest} failed: {message}; {still} {source}")
@@ -454,11 +472,17 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                               lookup_domain(conns[dest], domain_name(job_id)))
         store.move_reservation(job_id, placeholder_id(job_id), alloc)
         clock = guestclock.sync_quietly(conns[dest], domain_name(job_id))
+        nics = ""
+        if unplugged:
+            arrived = outcome.dom or lookup_domain(conns[dest], domain_name(job_id))
+            failed = replug.plug(arrived, nics_for(alloc)) if arrived is not None \
+                else "plugging NICs failed: the guest is not on the destination"
+            nics = failed or f"NICs {', '.join(alloc.devices)} plugged in"
         downtime = f"{outcome.downtime_ms} ms" if outcome.downtime_ms is not None else "?"
         store.transition(job_id, JobState.RUNNING,
                          f"migrated from {source} in {outcome.duration_s:.1f}s, downtime "
-                         f"{downtime}; clock {clock}")
-        return Moved(job_id, source, dest, alloc, outcome, clock)
+                         f"{downtime}; clock {clock}" + (f"; {nics}" if nics else ""))
+        return Moved(job_id, source, dest, alloc, outcome, clock, nics)
 
 
 def _landed(dconn: libvirt.virConnect, job_id: str) -> bool:

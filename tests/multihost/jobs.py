@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import libvirt
 
 from placement import Allocation, Request
-from vmjobs import domain_xml, guest_protocol
+from vmjobs import guest_protocol
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit
@@ -37,8 +36,8 @@ class Started:
 
 
 def start_job(config: Config, store: Store, reached: Reached, argv: list[str], host: str,
-              memory_mib: int = 128) -> Started:
-    request = Request(cpus=1, memory_mib=memory_mib, host=host)
+              memory_mib: int = 128, nics: int = 0) -> Started:
+    request = Request(cpus=1, memory_mib=memory_mib, host=host, nics=nics)
     job_id = new_job_id()
     with store.reserving():
         decision = snapshot(store, reached.hosts).place(request)
@@ -55,19 +54,14 @@ def start_job(config: Config, store: Store, reached: Reached, argv: list[str], h
                             allocation=alloc, image=image, virt_type="qemu",
                             output_disk_mib=16,
                             emulator_cpus=config.host(host).reserved_cpus), files)
-    xml = with_clock_channel(xml)
     store.transition(job_id, JobState.STARTING, "starting")
-    reached.conns[host].createXML(xml, 0)
+    try:
+        reached.conns[host].createXML(xml, 0)
+    except libvirt.libvirtError:
+        store.transition(job_id, JobState.FAILED, "could not start", release=True)
+        raise
     store.transition(job_id, JobState.RUNNING, "guest started")
     return Started(job_id, alloc)
-
-
-def with_clock_channel(xml: str) -> str:
-    root = ET.fromstring(xml)
-    devices = root.find("devices")
-    assert devices is not None
-    devices.append(domain_xml.clock_channel())
-    return ET.tostring(root, encoding="unicode")
 
 
 def console_text(spool: Path, job_id: str, hosts: list[str]) -> str:
@@ -142,3 +136,11 @@ def destroy_all(reached: Reached) -> None:
 
 def host_pid() -> int:
     return os.getpid()
+
+
+def end_all(store: Store, reached: Reached) -> None:
+    """After a test, whatever happened: no guest runs and the store holds nothing."""
+    destroy_all(reached)
+    for record in store.jobs():
+        if not record.state.finished:
+            store.transition(record.id, JobState.CANCELLED, "test over", release=True)

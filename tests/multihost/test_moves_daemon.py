@@ -221,3 +221,58 @@ def test_preemption_checkpoints_then_restores_the_preemptible_job(cluster: Clust
         assert daemon.vmjob("wait", blocker).returncode == 0
     _assert_nothing_held(daemon)
     assert not Path(daemon.spool / "jobs" / preemptible / "checkpoint.save").exists()
+
+
+def test_rebalance_frees_a_node(cluster: Cluster, daemon: Daemon) -> None:
+    jobs = [_submit(daemon, "--host", h, "--", "sh", "-c", COUNTER.format(n=50))
+            for h in ("h1", "h2")]
+    for job in jobs:
+        _wait_output(daemon, job, "line 2")
+    dry = daemon.vmjob("rebalance", "--dry-run", "--max-moves", "1", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["found"] and len(plan["actions"]) == 1, plan
+    (action,) = plan["actions"]
+    assert action["action"] == "migrate" and action["job"] in jobs
+    assert {_show(daemon, j)["host"] for j in jobs} == {"h1", "h2"}  # a dry run moves nothing
+
+    done = daemon.vmjob("rebalance", "--max-moves", "1", "--json", timeout=180)
+    assert done.returncode == 0, done.stderr + daemon.log_text()
+    (result,) = json.loads(done.stdout)
+    assert (result["job"], result["action"], result["to"]) == \
+        (action["job"], "migrated", action["to"])
+    hosts = [_show(daemon, j)["host"] for j in jobs]
+    assert hosts[0] == hosts[1], hosts  # both on one host: the other one's node is free
+    for job in jobs:
+        assert daemon.vmjob("wait", job, timeout=180).returncode == 3
+        assert _lines(daemon, job) == [f"line {i}" for i in range(50)]
+    _assert_nothing_held(daemon)
+
+
+def test_drain_checkpoints_what_cannot_move_and_restores_it_elsewhere(
+        cluster: Cluster, daemon: Daemon) -> None:
+    stuck = _submit(daemon, "--cpus", "2", "--host", "h1", "--", "sh", "-c",
+                    COUNTER.format(n=40).replace("exit 3", "exit 0"))
+    blockers = [_submit(daemon, "--cpus", "2", "--host", h, "--", "sleep", "20")
+                for h in ("h2", "h3")]
+    _wait_output(daemon, stuck, "line 3")
+    for blocker in blockers:
+        _wait_state(daemon, blocker, "RUNNING")
+    refused = daemon.vmjob("drain", "h1")  # nowhere to go, and no checkpoint allowed
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("vmjob: 1 of 1 job(s) did not move")
+    assert _show(daemon, stuck)["state"] == "RUNNING"
+
+    drained = daemon.vmjob("drain", "h1", "--checkpoint-unmovable", "--json", timeout=180)
+    assert drained.returncode == 0, drained.stderr + daemon.log_text()
+    (result,) = json.loads(drained.stdout)
+    assert result["action"] == "checkpointed"
+    done = daemon.vmjob("wait", stuck, timeout=240)
+    assert done.returncode == 0, done.stderr + daemon.log_text()
+    view = _show(daemon, stuck)
+    assert view["host"] in ("h2", "h3")  # h1 stays cordoned
+    assert _lines(daemon, stuck) == [f"line {i}" for i in range(40)]
+    assert daemon.vmjob("uncordon", "h1").returncode == 0
+    for blocker in blockers:
+        assert daemon.vmjob("wait", blocker).returncode == 0
+    _assert_nothing_held(daemon)

@@ -91,11 +91,15 @@ def report(results: list[dict[str, Any]], as_json: bool) -> None:
               "is at its ceiling and the copy still stalls.")
 @click.option("--timeout", default=None, metavar="DURATION",
               help="Abort after this long [default: 30s + 60s per GiB of guest memory].")
+@click.option("--replug-nics", is_flag=True,
+              help="Unplug the job's NICs, migrate, plug equivalent free NICs of the "
+                   "destination in at the same guest addresses ($NIC0.. stay valid). Needed "
+                   "for passthrough NICs, which cannot be migrated.")
 @json_option
 @url_option
 def migrate(job: str, to: str | None, max_downtime: int | None, bandwidth: int | None,
-            auto_converge: bool, postcopy: bool, timeout: str | None, as_json: bool,
-            url: str | None) -> None:
+            auto_converge: bool, postcopy: bool, timeout: str | None, replug_nics: bool,
+            as_json: bool, url: str | None) -> None:
     """Live-migrate a running job to another host, re-pinned there.
 
     The destination is reserved first; the job's vCPUs and memory are pinned to the
@@ -105,10 +109,12 @@ def migrate(job: str, to: str | None, max_downtime: int | None, bandwidth: int |
     Examples:
       vmjob migrate 3f9a1c2e --to node2
       vmjob migrate 3f9a1c2e --max-downtime 500 --auto-converge --timeout 5m
+      vmjob migrate 3f9a1c2e --to node2 --replug-nics
     """
     body = {"to": to, "max_downtime_ms": max_downtime, "bandwidth_mib_s": bandwidth,
             "auto_converge": auto_converge or None, "postcopy": postcopy or None,
-            "timeout_s": parse_duration(timeout, "--timeout") if timeout else None}
+            "timeout_s": parse_duration(timeout, "--timeout") if timeout else None,
+            "replug_nics": replug_nics or None}
     client = client_for(url)
     report(follow(client.job_action(job, "migrate", body), as_json), as_json)
 

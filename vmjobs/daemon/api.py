@@ -257,10 +257,11 @@ class Api:
             bandwidth_mib_s=_opt_int(body, "bandwidth_mib_s"),
             auto_converge=_opt_bool(body, "auto_converge"), postcopy=_opt_bool(body, "postcopy"),
             timeout_s=_opt_number(body, "timeout_s"))
+        replug_nics = bool(_opt_bool(body, "replug_nics"))
         return progress_stream(lambda emit: [moves.migrate(
             self.daemon, record.id, to, policy,
             on_progress=lambda p: emit({"progress": migration_progress(p)}),
-            note=lambda m: emit({"note": m}))])
+            note=lambda m: emit({"note": m}), replug_nics=replug_nics)])
 
     def checkpoint(self, req: ApiRequest) -> Stream:
         with self.daemon.lock:
@@ -271,6 +272,8 @@ class Api:
         to = _opt_str(req.json(), "to")
         with self.daemon.lock:
             record = self._own(req.caller, req.params["id"])
+        if to is not None:
+            self.daemon.config.host(to)
         return progress_stream(lambda _emit: [moves.restore(self.daemon, record.id, to)])
 
     def drain(self, req: ApiRequest) -> Stream:

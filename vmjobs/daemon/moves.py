@@ -93,6 +93,8 @@ def settle(daemon: Daemon, active: Active) -> None:
         record = daemon.store.job(active.job_id)
         if record is None or record.state == JobState.CHECKPOINTED:
             daemon.active.pop(active.job_id, None)  # it holds nothing any more
+            if record is not None and active.stop is not None:
+                daemon.stop(active.job_id, *active.stop)  # cancelled while it was being saved
             daemon.wake()
             return
         active.host = record.host or active.host
@@ -129,19 +131,20 @@ def policy_for(daemon: Daemon, **options: object) -> migration.Policy:
 
 def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Policy,
             on_progress: Callable[[migration.Progress], None] | None = None,
-            note: Note = lambda _m: None) -> MoveResult:
+            note: Note = lambda _m: None, replug_nics: bool = False) -> MoveResult:
     if to is not None:
         daemon.config.host(to)
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
         source = active.host
         moved = migration.migrate_job(daemon.config, store, daemon.hosts.conns(),
                                       daemon.hosts.inventory(), job_id, to, policy,
-                                      on_progress, note)
+                                      on_progress, note, replug_nics)
     downtime = f"{moved.outcome.downtime_ms} ms" if moved.outcome.downtime_ms is not None \
         else "?"
     return MoveResult(job_id, "migrated", source, moved.destination,
                       f"{moved.outcome.duration_s:.1f}s, downtime {downtime}, "
-                      f"{describe_allocation(moved.allocation)}; clock {moved.clock}")
+                      f"{describe_allocation(moved.allocation)}; clock {moved.clock}"
+                      + (f"; {moved.nics}" if moved.nics else ""))
 
 
 def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> MoveResult:

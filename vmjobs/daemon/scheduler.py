@@ -60,6 +60,8 @@ def expire(daemon: Daemon, now: float, queue: Queue) -> set[str]:
         if active.ends_at is not None and active.ends_at <= now and active.stop is None:
             reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
             active.stop = (JobState.TIMEOUT, reason)
+            if active.phase == "moving":
+                continue  # destroying it mid-move could strand it; the mover stops it after
             # destroying takes seconds: not under the lock
             daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
                          name=f"timeout-{active.job_id}")

@@ -224,17 +224,22 @@ def test_preemption_checkpoints_then_restores_the_preemptible_job(cluster: Clust
 
 
 def test_rebalance_frees_a_node(cluster: Cluster, daemon: Daemon) -> None:
-    jobs = [_submit(daemon, "--host", h, "--", "sh", "-c", COUNTER.format(n=50))
-            for h in ("h1", "h2")]
+    # packed onto one host, then one moved away by hand: two half-used nodes. (Jobs that
+    # asked for a host with --host are never moved by rebalance.)
+    jobs = [_submit(daemon, "--", "sh", "-c", COUNTER.format(n=60)) for _ in range(2)]
     for job in jobs:
         _wait_output(daemon, job, "line 2")
+    first = _show(daemon, jobs[0])["host"]
+    assert _show(daemon, jobs[1])["host"] == first
+    other = next(h for h in ("h1", "h2", "h3") if h != first)
+    assert daemon.vmjob("migrate", jobs[1], "--to", other, timeout=180).returncode == 0
     dry = daemon.vmjob("rebalance", "--dry-run", "--max-moves", "1", "--json")
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert plan["found"] and len(plan["actions"]) == 1, plan
     (action,) = plan["actions"]
     assert action["action"] == "migrate" and action["job"] in jobs
-    assert {_show(daemon, j)["host"] for j in jobs} == {"h1", "h2"}  # a dry run moves nothing
+    assert [_show(daemon, j)["host"] for j in jobs] == [first, other]  # a dry run moves nothing
 
     done = daemon.vmjob("rebalance", "--max-moves", "1", "--json", timeout=180)
     assert done.returncode == 0, done.stderr + daemon.log_text()
@@ -245,7 +250,7 @@ def test_rebalance_frees_a_node(cluster: Cluster, daemon: Daemon) -> None:
     assert hosts[0] == hosts[1], hosts  # both on one host: the other one's node is free
     for job in jobs:
         assert daemon.vmjob("wait", job, timeout=180).returncode == 3
-        assert _lines(daemon, job) == [f"line {i}" for i in range(50)]
+        assert _lines(daemon, job) == [f"line {i}" for i in range(60)]
     _assert_nothing_held(daemon)
 
 

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 
 import libvirt
 
+from vmjobs import replug
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, is_ours, time_limit_of
-from vmjobs.domain_xml import read_metadata
-from vmjobs.guest import JobFiles, Verdict
-from vmjobs.jobs import ACTIVE, JobRecord, JobState
+from vmjobs.domain_xml import Nic, read_metadata
+from vmjobs.guest import JobFiles, Verdict, nics_for
+from vmjobs.hostconn import lookup_domain
+from vmjobs.jobs import ACTIVE, JobRecord, JobState, domain_name
 from vmjobs.runner import reap_abandoned
 
 log = logging.getLogger("vmjobs.daemon")
@@ -165,6 +167,7 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
                         exc.get_error_message())
     store = daemon.store
     with daemon.lock:
+        migrating = [r.id for r in store.in_states(frozenset({JobState.MIGRATING}))]
         for record in store.jobs():
             job_id = record.spec.get("placeholder_for")
             if job_id is None:
@@ -188,6 +191,31 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
             else:
                 store.transition(record.id, JobState.RUNNING,
                                  "checkpoint interrupted by a daemon restart")
+        for job_id in migrating:  # --replug-nics may have unplugged them on the way
+            _plug_missing_nics(daemon, job_id)
+
+
+def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
+    """Plug back the NICs of its allocation that a running guest lacks. Caller holds the lock."""
+    record = daemon.store.job(job_id)
+    if record is None or record.allocation is None or not record.allocation.get("devices"):
+        return
+    alloc = allocation_from_dict(record.allocation)
+    conn = daemon.hosts.conn(alloc.host)
+    missing: list[Nic] = []
+    try:
+        dom = lookup_domain(conn, domain_name(job_id)) if conn is not None else None
+        if dom is None:
+            return
+        have = replug.plugged(dom.XMLDesc(0))
+        missing = [n for n in nics_for(alloc) if n.guest_address not in have]
+        failed = replug.plug(dom, missing) if missing else None
+    except libvirt.libvirtError as exc:
+        failed = exc.get_error_message()
+    if missing or failed:
+        daemon.store.transition(job_id, JobState.RUNNING, failed or
+                                f"{len(missing)} NIC(s) unplugged by an interrupted migration "
+                                "plugged back")
 
 
 def recover(daemon: Daemon) -> None:

@@ -281,3 +281,27 @@ def test_drain_checkpoints_what_cannot_move_and_restores_it_elsewhere(
     for blocker in blockers:
         assert daemon.vmjob("wait", blocker).returncode == 0
     _assert_nothing_held(daemon)
+
+
+def test_cancel_during_a_migration_ends_the_job_once_it_has_moved(cluster: Cluster,
+                                                                   daemon: Daemon) -> None:
+    """The guest is not destroyed mid-copy (that could strand it between two hosts): the
+    cancel is carried out where the move leaves it."""
+    job = _submit(daemon, "--", "sleep", "120")
+    _wait_state(daemon, job, "RUNNING")
+    mover = daemon.popen("migrate", job, "--bandwidth", "8", "--json")  # ~90 MiB: ~10 s
+    try:
+        _wait_state(daemon, job, "MIGRATING", timeout=60)
+        cancelled = daemon.vmjob("cancel", job, timeout=120)
+        assert cancelled.returncode == 0, cancelled.stderr + daemon.log_text()
+        assert cancelled.stdout.strip() == f"job {job}: CANCELLED"
+        out, err = mover.communicate(timeout=180)
+    finally:
+        if mover.poll() is None:
+            mover.kill()
+    assert mover.returncode == 0, err + daemon.log_text()
+    assert json.loads(out)[0]["action"] == "migrated"
+    states = [e["state"] for e in _show(daemon, job)["events"]]
+    assert states.index("MIGRATING") < states.index("CANCELLED"), states
+    assert not _domains(cluster, [job])
+    _assert_nothing_held(daemon)

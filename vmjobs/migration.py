@@ -48,6 +48,7 @@ from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles, nics_for
 from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.runner import snapshot
 from vmjobs.store import Store
 
 METADATA = f"{{{domain_xml.METADATA_NS}}}"
@@ -343,15 +344,6 @@ class Moved:
     outcome: Outcome
     clock: str  # what happened to the guest's wall clock
     nics: str = ""  # with replug_nics: which NICs were plugged in on the destination
-
-
-def snapshot(store: Store, hosts: list[placement.Host]) -> placement.Cluster:
-    """The engine's view: hardware from libvirt, holdings from the store (placeholders too)."""
-    cluster = placement.Cluster(hosts)
-    for held in store.held():
-        if held.allocation.host in cluster.hosts:
-            cluster.reserve(held.job_id, held.allocation, held.request)
-    return cluster
 
 
 def placeholder_id(job_id: str) -> str:

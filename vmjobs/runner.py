@@ -136,8 +136,12 @@ def reap_abandoned(store: Store, conns: dict[str, libvirt.virConnect]) -> list[s
 
 
 def snapshot(store: Store, hosts: list[placement.Host]) -> placement.Cluster:
-    """The engine's view: hardware from libvirt, holdings from the store."""
+    """The engine's view: hardware from libvirt, holdings from the store (migration
+    placeholders too), hosts cordoned in the store (drain) taking nothing new."""
     cluster = placement.Cluster(hosts)
+    for name in store.cordoned():
+        if name in cluster.hosts and cluster.hosts[name].state == placement.HostState.UP:
+            cluster.set_state(name, placement.HostState.CORDONED)
     for held in store.held():
         if held.allocation.host in cluster.hosts:
             try:

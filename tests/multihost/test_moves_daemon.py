@@ -139,6 +139,8 @@ def test_migrate_then_drain_through_the_daemon(cluster: Cluster, daemon: Daemon)
     assert result["action"] == "migrated" and result["to"] in ("h1", "h3")
     assert _show(daemon, job)["host"] == result["to"]
     assert not [h for h, _ in _domains(cluster, [job]) if h == "h2"]
+    shown = daemon.vmjob("hosts", "h2", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)[0]["state"] == "cordoned"
     # a cordoned host takes nothing new: a job that needs h2 waits, and says why
     pinned = _submit(daemon, "--host", "h2", "--", "true")
     view = _show(daemon, pinned)

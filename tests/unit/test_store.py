@@ -356,3 +356,23 @@ def test_move_reservation_hands_the_placeholders_room_to_the_job(store: Store) -
     assert store.reserved_cpus("h2") == {5: "a"}
     rows = store.db.execute("SELECT host, address, job_id FROM device_reservations").fetchall()
     assert [tuple(r) for r in rows] == [("h2", "d9", "a")]
+
+
+def test_the_engines_view_keeps_cordoned_hosts_for_the_jobs_they_hold(store: Store) -> None:
+    from dataclasses import replace as with_state
+
+    from placement import HostState, make_host
+    from vmjobs.runner import snapshot
+
+    hosts = [make_host("h1", nodes=1, cores=4), make_host("h2", nodes=1, cores=4),
+             with_state(make_host("h3", nodes=1, cores=4), state=HostState.DOWN)]
+    store.add_job(job("a", JobState.RUNNING), REQUEST, alloc(1, host="h1"), "placed")
+    store.cordon("h1", "draining")
+    store.cordon("h3", "maintenance")
+    cluster = snapshot(store, hosts)
+    assert cluster.hosts["h1"].state == HostState.CORDONED
+    assert cluster.hosts["h3"].state == HostState.DOWN  # down stays down
+    assert cluster.allocation_of("a").host == "h1"  # what it holds stays held
+    decision = cluster.place(Request(cpus=1, memory_mib=128))
+    assert decision.allocation is not None and decision.allocation.host == "h2"
+    assert "cordoned" in cluster.explain(Request(cpus=1, memory_mib=128, host="h1")).summary

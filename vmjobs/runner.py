@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from vmjobs.guest import GuestPlan, JobFiles, follow_console, prepare, start
 from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
-from vmjobs.store import Store
+from vmjobs.store import Held, Store
 
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_VMJOB_FAILED = 125  # the job ran but vmjob could not deliver its result
@@ -135,17 +135,22 @@ def reap_abandoned(store: Store, conns: dict[str, libvirt.virConnect]) -> list[s
     return reaped
 
 
-def snapshot(store: Store, hosts: list[placement.Host]) -> placement.Cluster:
+def snapshot(store: Store, hosts: list[placement.Host],
+             pinned: Callable[[Held], bool] = lambda _held: False) -> placement.Cluster:
     """The engine's view: hardware from libvirt, holdings from the store (migration
-    placeholders too), hosts cordoned in the store (drain) taking nothing new."""
+    placeholders too), hosts cordoned in the store (drain) taking nothing new. Holdings for
+    which `pinned` is true are held with their request tied to their host, so the planners
+    (which only move jobs whose request names no host) leave them where they are."""
     cluster = placement.Cluster(hosts)
     for name in store.cordoned():
         if name in cluster.hosts and cluster.hosts[name].state == placement.HostState.UP:
             cluster.set_state(name, placement.HostState.CORDONED)
     for held in store.held():
         if held.allocation.host in cluster.hosts:
+            request = replace(held.request, host=held.allocation.host) if pinned(held) \
+                else held.request
             try:
-                cluster.reserve(held.job_id, held.allocation, held.request)
+                cluster.reserve(held.job_id, held.allocation, request)
             except placement.Conflict as exc:
                 raise VmjobsError(
                     f"job {held.job_id}'s reservation no longer matches host "

@@ -75,7 +75,6 @@ class Daemon:
         self.metrics = Metrics()
         self.restoring: set[str] = set()  # checkpointed jobs being restored now
         self.preempting: str | None = None  # the job that preemption is making room for
-        self.hosts.set_cordoned(frozenset(self.store.cordoned()))
         # Called with a lost host's job record; returns the state it goes to (requeue or
         # restore-from-checkpoint policies plug in here later).
         self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST

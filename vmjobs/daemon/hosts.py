@@ -99,7 +99,6 @@ class Hosts:
         self._errors: dict[str, str] = {}
         self._stopping = threading.Event()
         self._reconnecting: set[str] = set()
-        self._cordoned: frozenset[str] = frozenset()
 
     # --- state -----------------------------------------------------------------------------
 
@@ -111,11 +110,6 @@ class Hosts:
         """The connections of every host that is up now."""
         with self._lock:
             return dict(self._conns)
-
-    def set_cordoned(self, names: frozenset[str]) -> None:
-        """Hosts that take no new jobs (drain, maintenance); their jobs keep running."""
-        with self._lock:
-            self._cordoned = names
 
     def is_up(self, name: str) -> bool:
         with self._lock:
@@ -135,8 +129,6 @@ class Hosts:
                     continue
                 if host_config.name not in self._conns:
                     host = replace(host, state=HostState.DOWN)
-                elif host_config.name in self._cordoned:
-                    host = replace(host, state=HostState.CORDONED)
                 hosts.append(host)
             return hosts
 

@@ -30,7 +30,7 @@ from vmjobs.daemon.core import Active, Daemon, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name
-from vmjobs.runner import describe_allocation
+from vmjobs.runner import describe_allocation, snapshot
 from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
@@ -242,7 +242,6 @@ def drain(daemon: Daemon, host: str, checkpoint_unmovable: bool,
 def cordon(daemon: Daemon, host: str, reason: str) -> None:
     with daemon.lock:
         daemon.store.cordon(host, reason)
-        daemon.hosts.set_cordoned(frozenset(daemon.store.cordoned()))
         daemon.wake()
 
 
@@ -250,7 +249,6 @@ def uncordon(daemon: Daemon, host: str) -> bool:
     daemon.config.host(host)
     with daemon.lock:
         was = daemon.store.uncordon(host)
-        daemon.hosts.set_cordoned(frozenset(daemon.store.cordoned()))
         daemon.wake()
         return was
 
@@ -284,18 +282,11 @@ def carry_out(daemon: Daemon, plan: placement.Plan, policy: migration.Policy,
 
 
 def planning_cluster(daemon: Daemon, movable: Callable[[Request], bool]) -> placement.Cluster:
-    """The cluster as the planners see it: jobs that may not move are pinned to their host
-    (the planners only move jobs whose request names no host). Caller holds the lock."""
-    cluster = placement.Cluster(daemon.hosts.inventory())
+    """The cluster as the planners see it: only running jobs whose request `movable` accepts
+    may be moved. Caller holds the lock."""
     running = {a.job_id for a in daemon.active.values() if a.phase == "running"}
-    for held in daemon.store.held():
-        if held.allocation.host not in cluster.hosts:
-            continue
-        request = held.request
-        if held.job_id not in running or not movable(request):
-            request = replace(request, host=held.allocation.host)
-        cluster.reserve(held.job_id, held.allocation, request)
-    return cluster
+    return snapshot(daemon.store, daemon.hosts.inventory(),
+                    pinned=lambda held: held.job_id not in running or not movable(held.request))
 
 
 # --- preemption (called by the scheduler) ------------------------------------------------------

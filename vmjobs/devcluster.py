@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ DEFAULT_NAME = "dev"
 DEFAULT_SUBNET = "10.231.0.0/24"
 FIRST_HOST_OCTET = 10  # hK gets .10+K
 MAX_HOSTS = 32
+LIBVIRTD_TCP_PORT = 16509
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9]{0,5}$")  # interface names are at most 15 chars
 Note = Callable[[str], None]
@@ -331,13 +333,16 @@ def _wait_libvirtd(layout: Layout, index: int, init: subprocess.Popen[bytes],
     last = "no answer"
     while time.monotonic() < deadline:
         if layout.ready_file(host).exists():
-            try:
-                conn = libvirt.open(layout.uri(index))
-            except libvirt.libvirtError as exc:
-                last = exc.get_error_message()
+            if not _port_open(layout.address(index)):
+                last = f"nothing answers on TCP port {LIBVIRTD_TCP_PORT}"
             else:
-                conn.close()
-                return
+                try:
+                    conn = libvirt.open(layout.uri(index))
+                except libvirt.libvirtError as exc:
+                    last = exc.get_error_message()
+                else:
+                    conn.close()
+                    return
         if init.poll() is not None:
             last = f"its init exited with status {init.returncode}"
             break
@@ -345,6 +350,16 @@ def _wait_libvirtd(layout: Layout, index: int, init: subprocess.Popen[bytes],
     tail = _tail(layout.log_file(host))
     raise VmjobsError(f"{host}: libvirtd did not answer at {layout.uri(index)} ({last}); "
                       f"log {layout.log_file(host)}: {tail}")
+
+
+def _port_open(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether libvirtd's TCP port answers, asked with a short timeout: a SYN lost while a
+    new bridge port settles would otherwise hold libvirt's own connect for minutes."""
+    try:
+        socket.create_connection((address, LIBVIRTD_TCP_PORT), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -310,6 +310,9 @@ def _start_host(layout: Layout, index: int, note: Note) -> None:
         _ip("-n", netns, "addr", "add", inner, "dev", "eth0")
     _ip("-n", netns, "link", "set", "eth0", "up")
     _ip("-n", netns, "link", "set", "lo", "up")
+    # A rebuilt host has the old address on a new veth (new MAC): the root namespace's ARP
+    # entry for it would send its traffic nowhere until it went stale (~30-60 s).
+    _ip("neigh", "flush", "to", layout.address(index), "dev", layout.bridge, check=False)
     etc = _libvirt_etc(layout, host)
     ready = layout.ready_file(host)
     ready.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ Errors come back as one line: the daemon's own `error` text, or how to reach/sta
 
 from __future__ import annotations
 
+import codecs
 import http.client
 import json
 import os
@@ -126,17 +127,24 @@ class Client:
                 return view
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
-        """The job's output as it arrives (text chunks of whole lines)."""
+        """The job's output as it arrives (text chunks; a character split between two reads
+        is decoded whole)."""
         path = f"/v1/jobs/{quote(job_id, safe='')}/logs" + ("?follow=1" if follow else "")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         response = self._send("GET", path)
         try:
             while True:
                 chunk = response.read1(1 << 16)
                 if not chunk:
-                    return
-                yield chunk.decode("utf-8", errors="replace")
+                    break
+                text = decoder.decode(chunk)
+                if text:
+                    yield text
         finally:
             response.close()
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
 
     def progress(self, path: str, body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """A long operation (migrate, checkpoint, drain ...): what it reports as it goes, one

@@ -6,6 +6,7 @@ entirely (no row, no spool directory); after, the job keeps its record and its c
 
 from __future__ import annotations
 
+import codecs
 import os
 import pwd
 import re
@@ -26,7 +27,7 @@ from placement import Allocation, Request
 from vmjobs import guest_protocol, virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, follow_console, prepare, start
+from vmjobs.guest import GuestPlan, JobFiles, follow_output, prepare, start
 from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
@@ -161,7 +162,10 @@ def snapshot(store: Store, hosts: list[placement.Host],
 
 def run(config: Config, job: RunRequest, write: Callable[[str], None],
         note: Callable[[str], None]) -> int:
-    """Run one job to its end; return the exit code `vmjob run` should exit with."""
+    """Run one job to its end; return the exit code `vmjob run` should exit with.
+
+    `write` gets the job's stdout and stderr as text, as it arrives (chunks, not lines);
+    `note` gets vmjob's own one-line messages."""
     validate(job)
     image = resolve_image(config.spool, job.image)
     reached = connect_hosts(config, job.request.host)
@@ -283,19 +287,22 @@ def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunReques
             allocation: Allocation, files: JobFiles, write: Callable[[str], None],
             note: Callable[[str], None]) -> int:
     deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
-    console = guest_protocol.ConsoleParser(job_id)
-    for chunk in follow_console(files.console(allocation.host), dom):
+    # a character split across two reads is completed by the next one, never replaced
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in follow_output(files, dom):
         if chunk:
-            for line in console.feed(chunk):
-                write(line)
+            text = decoder.decode(chunk)
+            if text:
+                write(text)
         if deadline is not None and time.monotonic() >= deadline:
             destroy_quietly(dom)
             reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
             store.transition(job_id, JobState.TIMEOUT, reason, release=True)
             note(f"job {job_id} {reason}")
             return EXIT_TIMEOUT
-    for line in console.finish():
-        write(line)
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        write(tail)
     return _collect(store, job, job_id, files, files.console(allocation.host), note)
 
 

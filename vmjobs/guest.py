@@ -263,14 +263,34 @@ class Verdict:
 
 
 def collect(files: JobFiles, host: str) -> Verdict:
-    """The guest has stopped: read its exit status and extract its /job/out into `files.out`."""
+    """The guest has stopped: read its exit status and extract its /job/out into `files.out`.
+
+    A job's exit status counts only with its output: an output the guest could not deliver
+    (larger than the disk, a write that failed) ends the job FAILED with no exit code (the
+    clients' 125), the reason naming what happened."""
     try:
         result = guest_protocol.read_output(files.output_disk, files.out)
     except (VmjobsError, OSError) as exc:
         return Verdict(JobState.FAILED, f"output refused: {exc}")
-    if result.exit_code is None:
-        return Verdict(JobState.FAILED,
-                       f"guest stopped without reporting an exit status ({result.status}); "
-                       f"console log: {files.console(host)}")
+    if result.status != "ok" or result.exit_code is None:
+        return Verdict(JobState.FAILED, no_result(result, files.console(host)))
     state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
     return Verdict(state, f"exit status {result.exit_code}", result.exit_code)
+
+
+def no_result(result: guest_protocol.GuestResult, console: Path) -> str:
+    """Why a guest's result is not the job's result, in one line."""
+    ran = "" if result.exit_code is None else \
+        f" (the job itself exited with status {result.exit_code})"
+    if result.status == "overflow":
+        if result.needed is not None:
+            sizes = (f"/job/out needs {result.needed} bytes as a tar and the output disk "
+                     f"holds {result.available}")
+        else:
+            sizes = "/job/out is larger than the output disk"
+        return f"output refused: {sizes}; raise output_disk_size{ran}"
+    if result.status == "error":
+        return (f"the guest could not write /job/out to its output disk{ran}; console log: "
+                f"{console}")
+    return (f"guest stopped without reporting an exit status ({result.status}); "
+            f"console log: {console}")

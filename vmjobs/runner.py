@@ -24,10 +24,10 @@ import libvirt
 
 import placement
 from placement import Allocation, Request
-from vmjobs import guest_protocol, virt_probe
+from vmjobs import virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, follow_output, prepare, start
+from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output, prepare, start
 from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
@@ -303,33 +303,23 @@ def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunReques
     tail = decoder.decode(b"", final=True)
     if tail:
         write(tail)
-    return _collect(store, job, job_id, files, files.console(allocation.host), note)
+    return _collect(store, job, job_id, files, allocation.host, note)
 
 
 def _seconds(value: float | None) -> str:
     return f"{value:g}s"
 
 
-def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, console: Path,
+def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: str,
              note: Callable[[str], None]) -> int:
     """The guest has stopped: read its verdict and its output, release everything."""
-    try:
-        result = guest_protocol.read_output(files.output_disk, files.out)
-    except VmjobsError as exc:
-        reason = f"output refused: {exc}"
-        store.transition(job_id, JobState.FAILED, reason, release=True)
-        note(f"job {job_id}: {reason}")
-        return EXIT_VMJOB_FAILED
-    if result.exit_code is None:
-        reason = (f"guest stopped without reporting an exit status ({result.status}); "
-                  f"console log: {console}")
-        store.transition(job_id, JobState.FAILED, reason, release=True)
-        note(f"job {job_id}: {reason}")
+    verdict = collect(files, host)
+    if verdict.exit_code is None:
+        store.transition(job_id, verdict.state, verdict.reason, release=True)
+        note(f"job {job_id}: {verdict.reason}")
         return EXIT_VMJOB_FAILED
     if job.output_dir is not None and files.out.exists():
         shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)
-    state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
-    store.transition(job_id, state, f"exit status {result.exit_code}", release=True,
-                     exit_code=result.exit_code)
-    return result.exit_code
-
+    store.transition(job_id, verdict.state, verdict.reason, release=True,
+                     exit_code=verdict.exit_code)
+    return verdict.exit_code

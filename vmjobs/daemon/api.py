@@ -109,6 +109,9 @@ class Api:
             "version": __version__, "pid": os.getpid(), "socket": str(daemon.config.socket),
             "queued": queued, "active": running,
             "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
+            "scheduler": {"running": daemon.scheduler.running,
+                          "failed_passes": daemon.scheduler.failed_passes,
+                          "last_failure": daemon.scheduler.last_failure},
             "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
         })
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -71,9 +72,12 @@ class ApiRequest:
         if value is None or value == "":
             return None
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            raise ApiError(400, f"query parameter {name}={value!r} is not a number") from None
+            number = math.nan
+        if not math.isfinite(number):  # nan, inf: a wait no clock can measure
+            raise ApiError(400, f"query parameter {name}={value!r} is not a number")
+        return number
 
 
 @dataclass

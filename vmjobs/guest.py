@@ -189,6 +189,17 @@ class OutputReader:
         self.offset = 0
         self.total = 0  # bytes returned so far
 
+    def skip(self, count: int) -> None:
+        """Start `count` bytes into the output (what a reader had before it reconnected);
+        at the end of what exists if there is less."""
+        self.total += count
+        for index in self.files.output_indexes():
+            size = _size(self.files.output(index))
+            self.index, self.offset = index, min(count, size)
+            if count <= size:
+                return
+            count -= size
+
     def read(self, final: bool = False, limit: int = READ_CHUNK) -> bytes:
         """Up to `limit` new bytes; b"" when nothing new has been written (yet)."""
         while True:

@@ -109,3 +109,36 @@ def test_an_output_larger_than_the_disk_fails_the_job_saying_how_much(
     assert (rows[0]["state"], rows[0]["exit_code"]) == ("FAILED", None)
     assert small_disk_daemon.reservations() == 0 or mode == "daemon"
     assert not our_domains()
+
+
+def test_clients_reconnect_after_a_daemon_restart_and_return_the_exit_code(
+        spool_daemon: Daemon) -> None:
+    in_mode(spool_daemon, "daemon")
+    script = "for i in $(seq 1 12); do echo line $i; sleep 1; done; exit 3"
+    expected = "".join(f"line {i}\n" for i in range(1, 13))
+    runner = spool_daemon.popen("run", "--", "sh", "-c", script)
+    submitted = spool_daemon.vmjob("submit", "--json", "--", "sh", "-c", script)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["id"]
+    follower = spool_daemon.popen("logs", "-f", job_id)
+    waiter = spool_daemon.popen("wait", job_id)
+    assert follower.stdout is not None and runner.stdout is not None
+    # both jobs run and both streams flow before the daemon dies
+    seen = follower.stdout.readline() + follower.stdout.readline()
+    ran = runner.stdout.readline()
+    assert (seen, ran) == ("line 1\nline 2\n", "line 1\n")
+    spool_daemon.kill9()
+    spool_daemon.start()
+
+    rest, follow_err = follower.communicate(timeout=180)
+    assert follower.returncode == 0, follow_err
+    assert seen + rest == expected  # nothing twice, nothing missing
+    assert "reconnecting" in follow_err and "Traceback" not in follow_err, follow_err
+    _out, wait_err = waiter.communicate(timeout=180)
+    assert waiter.returncode == 3, wait_err
+    assert "reconnecting" in wait_err and "Traceback" not in wait_err, wait_err
+    run_rest, run_err = runner.communicate(timeout=180)
+    assert runner.returncode == 3, run_err
+    assert ran + run_rest == expected
+    assert "reconnecting" in run_err and "Traceback" not in run_err, run_err
+    assert not our_domains()

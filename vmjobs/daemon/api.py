@@ -221,9 +221,14 @@ class Api:
         return Json(view)
 
     def logs(self, req: ApiRequest) -> Stream:
+        """The job's output; ?offset=N skips the first N bytes (a client that reconnects
+        after a daemon restart asks for what it has not had yet)."""
+        offset = req.number("offset") or 0
+        if offset < 0 or offset != int(offset):
+            raise ApiError(400, f"offset must be a whole number of bytes >= 0, not {offset:g}")
         with self.daemon.lock:
             record = self._own(req.caller, req.params["id"])
-        return Stream(logs.stream(self.daemon, record.id, req.flag("follow")))
+        return Stream(logs.stream(self.daemon, record.id, req.flag("follow"), int(offset)))
 
     def output(self, req: ApiRequest) -> Stream:
         with self.daemon.lock:

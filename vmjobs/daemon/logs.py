@@ -20,8 +20,10 @@ FOLLOW_TICK_S = 0.1
 CHUNK = 1 << 16
 
 
-def stream(daemon: Daemon, job_id: str, follow: bool) -> Iterator[bytes]:
+def stream(daemon: Daemon, job_id: str, follow: bool, offset: int = 0) -> Iterator[bytes]:
+    """The job's output bytes from byte `offset` on; with `follow`, until the job ends."""
     reader = OutputReader(JobFiles.of(daemon.config.spool, job_id))
+    reader.skip(offset)
     while True:
         with daemon.lock:
             record = daemon.store.job(job_id)

@@ -281,7 +281,10 @@ def clock_channel() -> ET.Element:
 
 def output_disk(path: Path) -> ET.Element:
     disk = ET.Element("disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="raw")
+    # A write the host cannot make (a full spool) is an I/O error for the guest, whose init
+    # then reports it; QEMU's default (werror=enospc) would pause the guest, holding its
+    # cores with nobody to notice.
+    ET.SubElement(disk, "driver", name="qemu", type="raw", error_policy="report")
     ET.SubElement(disk, "source", file=str(path))
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
     disk.append(PciAddress(slot=OUTPUT_DISK_SLOT).element())

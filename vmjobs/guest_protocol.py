@@ -171,11 +171,18 @@ def write_job_initrd(spec: JobSpec, base_initrd: Path, dest: Path) -> None:
 
 
 def create_output_disk(path: Path, size_bytes: int) -> None:
-    """A sparse raw disk, whole 512-byte sectors, all zeros (a zero header = no result yet)."""
+    """A sparse raw disk, whole 512-byte sectors, all zeros (a zero header = no result yet).
+
+    The header's block is written (allocated) now, so that the guest can still report its
+    verdict there when the spool has filled up meanwhile. Raises OSError (ENOSPC) if even
+    that does not fit."""
     if size_bytes < 2 * HEADER_SIZE:
         raise VmjobsError(f"output disk of {size_bytes} bytes is too small")
     with path.open("wb") as disk:
+        disk.write(b"\0" * HEADER_SIZE)
         disk.truncate(size_bytes + -size_bytes % HEADER_SIZE)
+        disk.flush()
+        os.fsync(disk.fileno())
 
 
 # ---------------------------------------------------------------- out of the guest: console

@@ -4,8 +4,10 @@ libvirt's test driver (`test:///default`), so no guest boots and no lock is need
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +21,11 @@ from tests.libvirt_test.test_recovery_moves import add, alloc, run_guest
 from tests.libvirt_test.test_recovery_moves import daemon as daemon  # noqa: F401 (fixture)
 from tests.libvirt_test.test_recovery_moves import guests as guests  # noqa: F401 (fixture)
 from vmjobs.daemon import core, scheduler
+from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Active, Daemon, time_limit_of
 from vmjobs.daemon.hosts import GuestPoweredOff
+from vmjobs.daemon.identity import Caller
+from vmjobs.daemon.server import ApiError, ApiRequest
 from vmjobs.jobs import JobRecord, JobState
 
 BOUND_S = 30.0  # generous: these wait on events, never on a timing
@@ -177,3 +182,40 @@ def test_a_launch_that_raises_after_the_guest_started_ends_the_job_failed(
         assert "vmjob-j2" not in [d.name() for d in conn.listAllDomains()]
     finally:
         conn.close()
+
+
+def test_an_end_the_full_store_cannot_take_is_reported_and_recorded_once_there_is_room(
+        daemon: Daemon, guests: list[str],  # noqa: F811
+        running_scheduler: threading.Thread, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = threading.Event()
+    full.set()
+    real = daemon.store.transition
+
+    def transition(job_id: str, state: JobState, *args: Any, **kwargs: Any) -> None:
+        if full.is_set() and state.finished:
+            raise sqlite3.OperationalError("database or disk is full")
+        real(job_id, state, *args, **kwargs)
+
+    monkeypatch.setattr(daemon.store, "transition", transition)
+    # libvirt's STOPPED event reaches the daemon through its notes thread
+    threading.Thread(target=daemon.notes_loop, name="notes", daemon=True).start()
+    add(daemon, "j3", JobState.RUNNING, alloc("a", 3))
+    run_guest(guests, "j3")
+    with daemon.lock:
+        daemon.active["j3"] = Active("j3", "a", None, phase="running")
+    request = ApiRequest("POST", "/v1/jobs/j3/cancel", {}, {"id": "j3"},
+                         Caller(0, "root", True), 0, io.BytesIO())
+    with pytest.raises(ApiError) as refused:  # the cancel says it could not be recorded
+        Api(daemon).cancel(request)
+    assert refused.value.status == 503
+    assert "database or disk is full" in str(refused.value)
+    assert state_of(daemon, "j3") == JobState.RUNNING  # nothing recorded that did not happen
+    assert daemon.store.reserved_cpus("a") == {3: "j3"}
+    cpu = time.process_time()
+    time.sleep(2.0)  # retries are spaced, not a spin
+    assert time.process_time() - cpu < 1.0
+    full.clear()  # room again: the end is recorded and everything freed
+    wait_until(daemon, lambda: state_of(daemon, "j3").finished and not daemon.unrecorded)
+    assert state_of(daemon, "j3") == JobState.CANCELLED
+    assert daemon.store.reserved_cpus("a") == {}
+    assert "j3" not in daemon.active

@@ -200,7 +200,13 @@ class Api:
                 raise ApiError(409, f"job {job_id} already ended: {record.state.value}")
         daemon.stop(job_id, JobState.CANCELLED, f"cancelled by {req.caller.name}")
         with daemon.lock:
-            daemon.changed.wait_for(lambda: _finished(daemon, job_id), CANCEL_SETTLE_S)
+            daemon.changed.wait_for(lambda: _finished(daemon, job_id)
+                                    or job_id in daemon.unrecorded, CANCEL_SETTLE_S)
+            pending = daemon.unrecorded.get(job_id)
+            if pending is not None:
+                raise ApiError(503, f"job {job_id}: its guest was stopped but the end could "
+                                    f"not be recorded ({pending.error}); the daemon records "
+                                    "it once the spool has room")
             final = daemon.store.job(job_id)
             assert final is not None
             return Json(job_view(daemon, final))

@@ -13,6 +13,7 @@ import logging
 import math
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,15 @@ def time_limit_of(record: JobRecord) -> float | None:
     return limit if limit is not None and math.isfinite(limit) and limit > 0 else None
 
 
+@dataclass(frozen=True)
+class Unrecorded:
+    """A job's end the store could not take (a full spool), to be recorded later."""
+
+    verdict: Verdict
+    release: bool
+    error: str
+
+
 @dataclass
 class SchedulerState:
     """What `/v1/status` says about the scheduler thread."""
@@ -93,6 +103,7 @@ class Daemon:
         self.restoring: set[str] = set()  # checkpointed jobs being restored now
         self.preempting: str | None = None  # the job that preemption is making room for
         self.scheduler = SchedulerState()
+        self.unrecorded: dict[str, Unrecorded] = {}  # ends waiting for room in the store
         # Called with a lost host's job record; returns the state it goes to (requeue or
         # restore-from-checkpoint policies plug in here later).
         self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
@@ -148,14 +159,38 @@ class Daemon:
 
     def finish(self, job_id: str, verdict: Verdict, release: bool = True) -> None:
         """Record a job's end and, unless its guest is still going away, free what it holds and
-        forget it as active. Caller holds the lock."""
-        self.store.transition(job_id, verdict.state, verdict.reason, release=release,
-                              exit_code=verdict.exit_code)
+        forget it as active. Caller holds the lock.
+
+        If the store cannot be written (a full spool: "database or disk is full"), the end is
+        kept in `unrecorded` and retried by the scheduler (`retry_unrecorded`) until it can
+        be; the job keeps its state and reservation meanwhile, and says why in `cancel`."""
+        try:
+            self.store.transition(job_id, verdict.state, verdict.reason, release=release,
+                                  exit_code=verdict.exit_code)
+        except sqlite3.OperationalError as exc:
+            first = job_id not in self.unrecorded
+            self.unrecorded[job_id] = Unrecorded(verdict, release, str(exc))
+            if first:  # the scheduler takes the retry into its deadlines
+                log.error("job %s: its end (%s: %s) could not be recorded: %s; retrying every "
+                          "few seconds", job_id, verdict.state.value, verdict.reason, exc)
+                self.wake()
+            return
+        self.unrecorded.pop(job_id, None)
         if release:
             self.active.pop(job_id, None)
         self.metrics.finished(verdict.state)
         log.info("job %s: %s (%s)", job_id, verdict.state.value, verdict.reason)
         self.wake()
+
+    def retry_unrecorded(self) -> None:
+        """Try again to record the ends a store error held back. Caller holds the lock."""
+        for job_id, pending in list(self.unrecorded.items()):
+            active = self.active.get(job_id)
+            # the guest's STOPPED event may have come meanwhile: then free its cores too
+            release = pending.release or (active is not None and active.stopped_at is not None)
+            if active is not None and not release:
+                active.phase = "ended"
+            self.finish(job_id, pending.verdict, release=release)
 
     def forget_files(self, job_id: str) -> None:
         shutil.rmtree(JobFiles.of(self.config.spool, job_id).dir, ignore_errors=True)

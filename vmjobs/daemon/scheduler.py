@@ -66,6 +66,7 @@ def one_pass(daemon: Daemon) -> float | None:
     queue: Queue = []
     current = Pass()
     try:
+        daemon.retry_unrecorded()
         # the queue is read once per pass: parsing it is most of a pass's cost
         queue = daemon.store.queued()
         gone = expire(daemon, now, queue, current)
@@ -160,6 +161,8 @@ def next_deadline(daemon: Daemon, queue: Queue) -> float | None:
              if r.spec.get("wait_deadline") is not None]
     times += [a.ends_at for a in daemon.active.values()
               if a.ends_at is not None and a.stop is None]
+    if daemon.unrecorded:  # ends the store could not take: try again shortly
+        times.append(time.time() + RETRY_AFTER_FAILURE_S)
     return min((t for t in times if math.isfinite(t)), default=None)
 
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -277,6 +278,13 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
             store.transition(job_id, JobState.CANCELLED, f"{name}: guest destroyed", release=True)
             note(f"job {job_id} cancelled ({name}); guest destroyed, reservation released")
             return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
+        except sqlite3.OperationalError as exc:  # the store is full or unwritable
+            destroy_quietly(dom)
+            raise VmjobsError(
+                f"job {job_id}: its end could not be recorded in {config.state_db} ({exc}); "
+                "its guest is stopped and its reservation is freed by the next vmjob run or "
+                "the daemon once there is room (this process, which held it, is gone)"
+            ) from None
         except BaseException as exc:
             destroy_quietly(dom)
             store.transition(job_id, JobState.FAILED, f"vmjob failed: {exc}", release=True)

@@ -28,7 +28,7 @@ from placement.model import Allocation, Request
 
 
 @dataclass(frozen=True)
-class Holder:
+class Holding:
     """A job holding resources now, and when it ends at the latest (seconds on the caller's
     clock; None: unknown, e.g. a job without a time limit)."""
 
@@ -78,7 +78,7 @@ class Reservation:
         return False
 
 
-def reserve_head(cluster: Cluster, head: Request, holders: Iterable[Holder], now: float,
+def reserve_head(cluster: Cluster, head: Request, holders: Iterable[Holding], now: float,
                  policy: str = "pack") -> Reservation:
     """The head's reservation: release holders in order of their end times (all those ending
     at one time together) until the head fits on the projected cluster.

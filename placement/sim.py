@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NoReturn
 
-from placement.backfill import Holder, reserve_head
+from placement.backfill import Holding, reserve_head
 from placement.cluster import Cluster
 from placement.model import Allocation, NumaPolicy, Request
 from placement.plans import Migrate, plan_to_fit
@@ -254,7 +254,7 @@ class _Simulation:
         cluster as it will be then, still fits with the job held."""
         reservation = reserve_head(
             self.cluster, self.queue[0].request,
-            [Holder(r.job.id, r.start + r.job.estimate) for r in self.running.values()],
+            [Holding(r.job.id, r.start + r.job.estimate) for r in self.running.values()],
             now, self.config.placement_policy)
         # A start only takes capacity, so a shape that failed stays failing for this pass.
         failed: set[tuple[int, int, NumaPolicy]] = set()

@@ -84,7 +84,7 @@ class Outcome:
     end: int | None = None
     host: str | None = None
     cpus: tuple[int, ...] = ()  # host cpu ids its vCPUs were pinned to
-    backfilled: bool = False  # started while a job submitted before it waited
+    backfilled: bool = False  # started by EASY backfill, ahead of the head of the queue
 
 
 @dataclass(frozen=True)
@@ -372,6 +372,28 @@ def parse_mib(text: str) -> int:
     return int(float(value[:-1]) * scale)
 
 
+def _count(text: str) -> int:
+    """A positive whole number, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _size(text: str) -> int:
+    """A memory size such as 64G or 65536 (MiB), for argparse."""
+    try:
+        value = parse_mib(text)
+    except (ValueError, OverflowError):  # "12Q", "G", "nanG"; "infG"
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 64G or 65536 (MiB)")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Bad usage: one line on stderr, exit 2 (argparse would add the whole usage)."""
@@ -381,20 +403,22 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(
         prog="python -m placement.sim",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Replay an SWF trace over a synthetic cluster with FIFO + EASY backfill.",
-        epilog="examples: python -m placement.sim trace.swf --hosts 8 --nodes-per-host 2 "
-               "--cores-per-node 16 --mem-per-node 64G --policy all;  "
-               "python -m placement.sim trace.swf --hosts 1 --nodes-per-host 1 "
+        epilog="examples:\n"
+               "  python -m placement.sim trace.swf --hosts 8 --nodes-per-host 2 "
+               "--cores-per-node 16 --mem-per-node 64G --policy all\n"
+               "  python -m placement.sim trace.swf --hosts 1 --nodes-per-host 1 "
                "--cores-per-node 128 --policy pack --jobs-csv starts.csv",
     )
     parser.add_argument("trace", help="SWF file (Parallel Workloads Archive format)")
-    parser.add_argument("--hosts", type=int, default=8)
-    parser.add_argument("--nodes-per-host", type=int, default=2)
-    parser.add_argument("--cores-per-node", type=int, default=16)
-    parser.add_argument("--mem-per-node", type=parse_mib, default=65536,
+    parser.add_argument("--hosts", type=_count, default=8)
+    parser.add_argument("--nodes-per-host", type=_count, default=2)
+    parser.add_argument("--cores-per-node", type=_count, default=16)
+    parser.add_argument("--mem-per-node", type=_size, default=65536,
                         help="memory per NUMA node, e.g. 64G or 65536 (MiB)")
     parser.add_argument("--policy", choices=(*POLICIES, "all"), default="all")
-    parser.add_argument("--plan-steps", type=int, default=200,
+    parser.add_argument("--plan-steps", type=_count, default=200,
                         help="search bound of each plan_to_fit attempt (pack+migrate)")
     parser.add_argument("--jobs-csv", metavar="FILE",
                         help="write one row per job (job,submit,start,end,host,cpus,status; "

@@ -220,6 +220,10 @@ def test_jobs_csv_has_one_row_per_trace_job(tmp_path: Path,
 @pytest.mark.parametrize("args, message", [
     (["--jobs-csv", "x.csv"], "--jobs-csv writes one policy's jobs: give --policy too"),
     (["--policy", "best"], "argument --policy: invalid choice"),
+    (["--hosts", "0"], "argument --hosts: '0' is not a whole number of at least 1"),
+    (["--cores-per-node", "x"], "argument --cores-per-node: 'x' is not a whole number"),
+    (["--mem-per-node", "12Q"], "'12Q' is not a memory size like 64G"),
+    (["--mem-per-node", "infG"], "'infG' is not a memory size like 64G"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:

@@ -90,19 +90,19 @@ def reserve_head(cluster: Cluster, head: Request, holders: Iterable[Holding], no
     """
     projected = cluster.copy()
     held = projected.allocations()
-    known = sorted((h for h in holders if h.job_id in held and h.ends_at is not None),
-                   key=lambda h: (h.ends_at, h.job_id))
+    # (end, job): one entry per held job with an end time (a job listed twice counts once).
+    known = sorted({h.job_id: (h.ends_at, h.job_id) for h in holders
+                    if h.job_id in held and h.ends_at is not None}.values())
     free = sum(projected.free(name).cpus_free for name in projected.hosts)
     i = 0
     while i < len(known):
-        at = known[i].ends_at
-        while i < len(known) and known[i].ends_at == at:
-            free += len(held[known[i].job_id].cpus) + len(held[known[i].job_id].idle_cpus)
-            projected.release(known[i].job_id)
+        at = known[i][0]
+        while i < len(known) and known[i][0] == at:
+            alloc = projected.release(known[i][1])
+            free += len(alloc.cpus) + len(alloc.idle_cpus)
             i += 1
         # Counting cpus first is a cheap bound: a fit needs at least as many free cpus.
         if free >= head.cpus and projected.place(head, policy).fits:
-            assert at is not None
             return Reservation(head, max(now, at), projected, policy)
     for job_id in projected.allocations():
         projected.release(job_id)

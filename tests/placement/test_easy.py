@@ -51,8 +51,10 @@ def textbook_easy(jobs: Sequence[Job], processors: int) -> dict[str, int]:
     free = processors
     i = 0
     while i < len(arrivals) or running:
-        now = min(arrivals[i].submit if i < len(arrivals) else running[0][0],
-                  running[0][0] if running else arrivals[i].submit)
+        times = [running[0][0]] if running else []
+        if i < len(arrivals):
+            times.append(arrivals[i].submit)
+        now = min(times)
         while running and running[0][0] == now:
             _, procs, job_id = heapq.heappop(running)
             free += procs
@@ -110,6 +112,45 @@ def sim_starts(jobs: Sequence[Job], processors: int) -> dict[str, int]:
     return dict(simulate(sim_jobs, flat(processors)).starts)
 
 
+def daemon_starts(jobs: Sequence[Job], processors: int) -> dict[str, int]:
+    """Start times when the daemon's queue policy (`vmjobs.daemon.queue.plan`) schedules at
+    every submit and end, jobs' time limits being their estimates."""
+    host = Host("a", (Node(0, tuple(Cpu(i, i, 0, frozenset({i})) for i in range(processors)),
+                           1 << 20),))
+    cluster = placement.Cluster([host])
+    arrivals = sorted(jobs, key=lambda j: j.submit)
+    by_id = {j.id: j for j in jobs}
+    waiting: list[Waiting] = []
+    holding: dict[str, Holding] = {}
+    ends: list[tuple[int, str]] = []
+    start: dict[str, int] = {}
+    i = 0
+    while i < len(arrivals) or ends:
+        times = [ends[0][0]] if ends else []
+        if i < len(arrivals):
+            times.append(arrivals[i].submit)
+        now = min(times)
+        while ends and ends[0][0] == now:
+            cluster.release(heapq.heappop(ends)[1])
+        while i < len(arrivals) and arrivals[i].submit == now:
+            job = arrivals[i]
+            if job.procs <= processors:
+                waiting.append(Waiting(job.id, Request(cpus=job.procs, memory_mib=1),
+                                       job.estimate))
+            i += 1
+        holders = [holding[job_id] for job_id in cluster.allocations()]
+        result = plan(cluster, waiting, holders, now)
+        for s in result.starts:
+            job = by_id[s.job_id]
+            cluster.reserve(job.id, s.allocation)
+            holding[job.id] = Holding(job.id, now + job.estimate)
+            heapq.heappush(ends, (now + job.run, job.id))
+            start[job.id] = now
+        begun = {s.job_id for s in result.starts}
+        waiting = [w for w in waiting if w.job_id not in begun]
+    return start
+
+
 # The issue's minimal case, 1 host x 1 node x 8 cores: at t=0 A (2 cores, 5 s), B (4 cores,
 # 100 s) and D (2 cores, 50 s) start; A ends at 5. At t=6 the head H asks for 6 cores: 8 are free
 # at t=100 when B ends (shadow time 100), 2 more than H needs. At t=7 C asks for 2 cores for
@@ -122,6 +163,7 @@ MINIMAL_STARTS = {"A": 0, "B": 0, "D": 0, "C": 7, "H": 100}
 
 def test_minimal_case_reference() -> None:
     assert textbook_easy(MINIMAL, 8) == MINIMAL_STARTS
+    assert daemon_starts(MINIMAL, 8) == MINIMAL_STARTS
 
 
 def test_minimal_case_simulator_from_a_trace() -> None:
@@ -176,6 +218,7 @@ def test_jobs_ending_at_the_shadow_time_all_count_as_free() -> None:
     expected = {"Z": 0, "X": 0, "Y": 0, "W": 0, "long": 2, "head": 10}
     assert textbook_easy(jobs, 5) == expected
     assert sim_starts(jobs, 5) == expected
+    assert daemon_starts(jobs, 5) == expected
 
 
 @st.composite
@@ -186,7 +229,8 @@ def flat_traces(draw: st.DrawFn) -> tuple[list[Job], int]:
     submit = 0
     for n in range(count):
         submit += draw(st.integers(0, 15))
-        run = draw(st.integers(0, 60))
+        # A few round run times, so that jobs often end at the same moment (ties matter).
+        run = draw(st.one_of(st.sampled_from([5, 10, 20]), st.integers(0, 60)))
         jobs.append(Job(f"j{n}", submit, run, run + draw(st.sampled_from([0, 0, 5, 30, 200])),
                         draw(st.integers(1, processors))))
     return jobs, processors
@@ -197,3 +241,10 @@ def test_same_start_times_as_textbook_easy_on_a_flat_cluster(
         trace: tuple[list[Job], int]) -> None:
     jobs, processors = trace
     assert sim_starts(jobs, processors) == textbook_easy(jobs, processors)
+
+
+@given(flat_traces())
+def test_daemon_queue_policy_starts_jobs_as_textbook_easy_on_a_flat_cluster(
+        trace: tuple[list[Job], int]) -> None:
+    jobs, processors = trace
+    assert daemon_starts(jobs, processors) == textbook_easy(jobs, processors)

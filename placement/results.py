@@ -13,7 +13,7 @@ class Reason:
 
     `message` is a whole line meant for people ("a/node0: 2 free cores, needs 4"); `kind` names
     the check that failed ("cpus", "memory", "hugepages", "nics", "state", "pool", "labels",
-    "host", "anti_affinity", "numa", "request") for programs.
+    "host", "anti_affinity", "numa", "threads", "request") for programs.
     """
 
     host: str

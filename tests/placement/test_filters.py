@@ -5,7 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from placement import Allocation, HostState, NodeShare, Reason, Request, ThreadPolicy
+from placement import (
+    Allocation,
+    Device,
+    HostState,
+    Node,
+    NodeShare,
+    NumaPolicy,
+    Reason,
+    Request,
+    ThreadPolicy,
+)
 from placement import filters as f
 from placement.fit import fit_host, split
 from placement.ledger import HostLedger, claim, empty_ledger
@@ -130,3 +140,83 @@ def test_split_gives_every_node_a_cpu_and_memory() -> None:
     assert split(6, 100, [(0, 4, 0), (1, 4, 800)]) is None
     assert split(2, 1000, [(0, 1, 300), (1, 1, 700)]) == ((0, 1, 300), (1, 1, 700))
     assert split(1, 1000, [(0, 1, 500), (1, 1, 600)]) is None
+
+
+# --- hardware that real hosts have: distances, memory-only nodes, SMT data -----------------
+
+# POWER8-like distances: nodes 0/1 on one chip and 16/17 on the other, 20 within, 40 across.
+POWER8 = {(0, 1): 20, (16, 17): 20}
+
+
+def power8_distance(a: int, b: int) -> int:
+    return 10 if a == b else POWER8.get((min(a, b), max(a, b)), 40)
+
+
+def test_split_takes_the_nearest_pair_with_room() -> None:
+    free = [(0, 6, 800), (1, 2, 800), (16, 6, 800), (17, 6, 800)]
+    # Without distances: the two nodes with most free cpus, 0 and 16 (distance 40).
+    assert split(10, 1000, free) == ((0, 6, 600), (16, 4, 400))
+    # With them: 16+17 (distance 20). From 0, its neighbour 1 has 2 cpus: 3 nodes needed.
+    assert split(10, 1000, free, power8_distance) == ((16, 6, 600), (17, 4, 400))
+
+
+def test_split_with_distances_still_prefers_fewer_nodes() -> None:
+    # 0+1 is near but short (8 cpus); one node further away (16) is enough with 0: 12 cpus.
+    free = [(0, 6, 800), (1, 2, 800), (16, 6, 800)]
+    assert split(12, 1200, free, power8_distance) == ((0, 6, 600), (16, 6, 600))
+
+
+def test_split_memory_only_nodes_supply_what_the_cpus_nodes_lack() -> None:
+    # 2 vCPUs and 6000 MiB; node 0 has the cpus and 4000 MiB, node 2 is memory-only.
+    assert split(2, 6000, [(0, 4, 4000)], None, [(2, 16000)]) == ((0, 2, 4000), (2, 0, 2000))
+    # The nearest memory-only node first: node 3 is 20 from node 0, node 2 is 40.
+    def distance(a: int, b: int) -> int:
+        return {(0, 2): 40, (0, 3): 20}.get((min(a, b), max(a, b)), 10)
+    assert split(2, 6000, [(0, 4, 4000)], distance, [(2, 16000), (3, 1000)]) == (
+        (0, 2, 4000), (2, 0, 1000), (3, 0, 1000))
+    # Not enough even with them.
+    assert split(2, 30000, [(0, 4, 4000)], None, [(2, 16000)]) is None
+
+
+def test_units_of_a_memory_only_node_count_only_when_asked() -> None:
+    host = make_host("a", nodes=1, cores=4, memory_mib=4096)
+    cxl = Node(id=1, cpus=(), memory_mib=16384)
+    led = empty_ledger(replace(host, nodes=(*host.nodes, cxl)))
+    node = led.node(1)
+    assert node is not None
+    assert f.units(node, need_of(Request(1, 100))) == 0
+    assert f.units(node, need_of(Request(1, 100, mem_nodes=True))) == 16384
+
+
+def test_threads_filter_refuses_isolate_without_sibling_data() -> None:
+    led = ledger()
+    assert f.threads(led, Request(1, 1, threads=ThreadPolicy.ISOLATE)) == ()
+    led.host = replace(led.host, siblings_known=False)
+    assert f.threads(led, Request(1, 1)) == ()
+    (reason,) = f.threads(led, Request(1, 1, threads=ThreadPolicy.ISOLATE))
+    assert reason.kind == "threads"
+    assert reason.message == ("a: libvirt reports no SMT sibling data, so --threads isolate "
+                              "cannot keep siblings idle")
+
+
+def test_mem_nodes_with_strict_is_a_request_problem() -> None:
+    need = need_of(Request(1, 100, numa=NumaPolicy.STRICT, mem_nodes=True))
+    assert need.problem is not None and "--numa prefer or any" in need.problem
+
+
+# --- NICs that cannot be split between jobs: IOMMU groups, SR-IOV ---------------------------
+
+
+def nic_host(*devices: Device) -> HostLedger:
+    return empty_ledger(replace(make_host("a", nodes=1, cores=4, memory_mib=4096),
+                                devices=devices))
+
+
+def test_free_nics_never_pairs_a_pf_with_its_vf() -> None:
+    pf = Device("0000:3b:00.0", 0, vfs=("0000:3b:02.0", "0000:3b:02.1"))
+    vf0 = Device("0000:3b:02.0", 0, pf="0000:3b:00.0")
+    vf1 = Device("0000:3b:02.1", 0, pf="0000:3b:00.0")
+    led = nic_host(pf, vf0, vf1)
+    node = led.nodes[0]
+    # VFs are kept before their PF: two VFs together, never the PF with one of them.
+    assert f.free_nics(led, node, need_of(Request(1, 1, nics=3))) == [vf0.address, vf1.address]

@@ -6,7 +6,7 @@ import libvirt
 
 from placement import Device
 from vmjobs.config import EmulatedNic, HostConfig
-from vmjobs.inventory import read_host
+from vmjobs.inventory import cell_memory_kib, read_host, read_topology
 
 
 def test_default_driver_two_cells(default_conn: libvirt.virConnect) -> None:
@@ -54,3 +54,21 @@ def test_custom_node_without_topology_is_one_node(node_conn: libvirt.virConnect)
     assert node.memory_mib == 128 * 1024
     assert all(c.siblings == frozenset({c.id}) for c in node.cpus)
     assert host.devices == ()  # nothing allowed, nothing offered
+
+
+def test_default_driver_topology_checks(default_conn: libvirt.virConnect) -> None:
+    topology = read_topology(default_conn)
+    # every cpu carries topology; the driver's fixed 8-entry online map (0, 2, 4 online) does
+    # not describe its 16 cpus, so it is ignored rather than leaving 3 cpus
+    assert [len(n.cpus) for n in topology.nodes] == [8, 8]
+    assert topology.siblings_known
+    assert topology.notes == (
+        "the online cpu map covers 8 cpus but cpu 15 is listed: map ignored",)
+    # distances: the default test host lists none
+    assert [n.distances for n in topology.nodes] == [(), ()]
+
+
+def test_cell_memory_falls_back_to_cells_free_memory(default_conn: libvirt.virConnect) -> None:
+    # The test driver has no getMemoryStats; getCellsFreeMemory answers 4194304 for its 4 GiB
+    # cell 1 (the API's unit is bytes: the driver puts its KiB figure there), read as bytes.
+    assert cell_memory_kib(default_conn, 1) == 4194304 // 1024

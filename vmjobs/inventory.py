@@ -11,10 +11,12 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import libvirt
 
 from placement import Cpu, Device, Host, HostState, Node
+from placement.ledger import empty_ledger
 from vmjobs.config import HostConfig
 from vmjobs.units import format_cpu_list, parse_cpu_list
 
@@ -259,10 +261,16 @@ def nic_devices(pci: Iterable[PciDevice], allow: Iterable[str]) -> tuple[Device,
             return True
         return _names_address(d, allow) and not d.vfs
 
+    return network_devices(d for d in pci if offered(d))
+
+
+def network_devices(pci: Iterable[PciDevice]) -> tuple[Device, ...]:
+    """Every network-class device of `pci` as a placement NIC, in address order, no allow-list
+    applied (for showing a host's hardware, never for handing devices out)."""
     return tuple(
         Device(address=d.address, node=d.node, kind="nic", vendor=d.vendor, product=d.product,
                iommu_group=d.iommu_group, pf=d.pf, vfs=d.vfs)
-        for d in pci if d.is_network and offered(d)
+        for d in sorted(pci, key=lambda d: d.address) if d.is_network
     )
 
 
@@ -357,3 +365,34 @@ def devices_by_node(host: Host) -> dict[int, list[Device]]:
     for device in host.devices:
         grouped[device.node].append(device)
     return dict(grouped)
+
+
+def describe(host: Host, notes: Iterable[str] = ()) -> dict[str, Any]:
+    """What the placement engine will see on `host`, as plain data (`vmjob inventory --json`).
+
+    Per node: `cpus` (ids a job can get: online, not reserved), `cores` (cores with such cpus),
+    `memory_mib` (ordinary memory, after hugepage pools and the OS reservation), `hugepages`
+    ({page size KiB: pages}), `distances` ({node id: SLIT distance}), `devices` (NICs jobs can
+    get on this node: `address`, `node`, `iommu_group`, `vendor`, `product`, `pf`, `vfs`).
+    """
+    ledger = empty_ledger(host)
+    by_node = devices_by_node(host)
+    nodes = []
+    for node, shape in zip(sorted(host.nodes, key=lambda n: n.id), (n.shape for n in ledger.nodes),
+                           strict=True):
+        nodes.append({
+            "id": node.id,
+            "cpus": sorted(shape.cpus),
+            "cores": len(shape.cores),
+            "memory_mib": node.memory_mib,
+            "memory_only": node.memory_only,
+            "hugepages": {str(size): count for size, count in node.hugepages},
+            "distances": {str(other): value for other, value in node.distances},
+            "devices": [
+                {"address": d.address, "node": d.node, "iommu_group": d.iommu_group,
+                 "vendor": d.vendor, "product": d.product, "pf": d.pf, "vfs": list(d.vfs)}
+                for d in sorted(by_node.get(node.id, []), key=lambda d: d.address)
+            ],
+        })
+    return {"host": host.name, "siblings_known": host.siblings_known,
+            "reserved_cpus": sorted(host.reserved_cpus), "nodes": nodes, "notes": list(notes)}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -430,3 +434,102 @@ def test_node_devices_of_one_iommu_group_go_to_one_job(pci: list[PciDevice]) -> 
     again = cluster.explain(Request(1, 100, nics=1, numa=NumaPolicy.STRICT))
     assert not again.fits
     assert "NIC 0000:02:00.1 shares IOMMU group 12 with a NIC held by job x" in again.summary
+
+
+# --- vmjob inventory: saved XML in, what the engine would see out ---------------------------
+
+
+def vmjob(*args: str, cwd: Path = DATA) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmjobs", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=60, check=False,
+                          env={**os.environ, "VMJOBS_CONFIG": "/nonexistent/vmjobs.yaml"})
+
+
+NIC_DUMPS = ("nodedev-bcm57416-group12-fn0.xml", "nodedev-bcm57416-group12-fn1.xml",
+             "nodedev-cx5-pf-sriov.xml", "nodedev-cx5-vf0.xml", "nodedev-cx5-vf1.xml",
+             "nodedev-nvme.xml", "nodedev-x710-node0.xml")
+
+
+def test_cli_inventory_json_with_a_config(tmp_path: Path) -> None:
+    config = tmp_path / "vmjobs.yaml"
+    config.write_text(
+        f"spool: {tmp_path}\n"
+        "hosts:\n"
+        "  - {name: n7, uri: 'qemu+ssh://n7/system', reserved_cpus: '0,16', "
+        "reserved_memory: 2G, nics: ['0000:d8:00.0', '14e4:16d8']}\n")
+    nodedevs = [a for name in NIC_DUMPS for a in ("--nodedev", name)]
+    done = vmjob("inventory", "--capabilities", "caps-2socket-smt.xml", *nodedevs,
+                 "--config", str(config), "--host", "n7", "--json")
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert view["host"] == "n7" and view["siblings_known"]
+    node0, node1 = view["nodes"]
+    # cpus 0 and 16, both threads of node 0's first core, are reserved: 14 cpus on 7 cores
+    assert node0["cpus"] == [*range(1, 8), *range(17, 24)] and node0["cores"] == 7
+    assert node1["cpus"] == [*range(8, 16), *range(24, 32)] and node1["cores"] == 8
+    # 59179 and 63998 MiB ordinary memory, less 1024 MiB each of the 2 GiB reservation
+    assert [node0["memory_mib"], node1["memory_mib"]] == [58155, 62974]
+    assert node0["hugepages"] == {"2048": 512, "1048576": 4}
+    assert node0["distances"] == {"0": 10, "1": 21}
+    # the group-12 pair by vendor:product, the ConnectX-5's VFs by its PF's address
+    assert [(d["address"], d["iommu_group"]) for d in node0["devices"]] == [
+        ("0000:02:00.0", 12), ("0000:02:00.1", 12)]
+    assert node1["devices"] == [
+        {"address": CX5_VF0, "node": 1, "iommu_group": 141, "vendor": "0x15b3",
+         "product": "0x1018", "pf": CX5_PF, "vfs": []},
+        {"address": CX5_VF1, "node": 1, "iommu_group": 142, "vendor": "0x15b3",
+         "product": "0x1018", "pf": CX5_PF, "vfs": []},
+    ]
+    assert view["notes"] == []
+
+
+def test_cli_inventory_text_without_config_lists_every_network_device() -> None:
+    done = vmjob("inventory", "--capabilities", "caps-cxl-memory-only.xml",
+                 "--nodedev", "nodedev-cx5-pf-sriov.xml", "--nodedev", "nodedev-nvme.xml")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "host caps-cxl-memory-only",
+        "NODE  CPUS  CORES  MEMORY  HUGEPAGES  DISTANCES",
+        "0     0-3   2      8 GiB   -          0:10 1:21 2:24",
+        "1     4-7   2      8 GiB   -          0:21 1:10 2:30",
+        "2     -     0      32 GiB  -          0:24 1:30 2:10",
+        "",
+        "NIC           NODE  IOMMU GROUP  VENDOR:PRODUCT  SR-IOV",
+        "0000:d8:00.0  1     140          15b3:1017       PF of 0000:d8:02.0, 0000:d8:02.1",
+    ]
+
+
+def test_cli_inventory_shows_what_it_left_out() -> None:
+    done = vmjob("inventory", "--capabilities", "caps-no-topology.xml")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "host caps-no-topology (no SMT sibling data: --threads isolate refused)"
+    assert lines[-1].startswith("note: libvirt reports no cpu topology")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "vmjob: Missing option '--capabilities'"),
+        (("--capabilities", "missing.xml"), "vmjob: Invalid value for '--capabilities'"),
+        (("--capabilities", "easy-backfill.swf"), "vmjob: Invalid value for --capabilities: "
+                                                  "easy-backfill.swf: not XML"),
+        (("--capabilities", "nodedev-nvme.xml"), "vmjob: Invalid value for --capabilities: "
+                                                 "nodedev-nvme.xml: no NUMA cells"),
+    ],
+)
+def test_cli_inventory_bad_input_is_one_line_and_exit_2(args: tuple[str, ...],
+                                                         message: str) -> None:
+    done = vmjob("inventory", *args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(message), done.stderr
+
+
+def test_cli_inventory_unknown_host_in_config(tmp_path: Path) -> None:
+    config = tmp_path / "vmjobs.yaml"
+    config.write_text(f"spool: {tmp_path}\nhosts:\n  - {{name: a, uri: 'test:///default'}}\n")
+    done = vmjob("inventory", "--capabilities", "caps-quirks.xml", "--config", str(config),
+                 "--host", "b")
+    assert done.returncode == 1
+    assert done.stderr == "vmjob: unknown host 'b' (configured: a)\n"

@@ -22,6 +22,7 @@ from placement import (
     Request,
     ThreadPolicy,
 )
+from vmjobs.cli.hosts import usage_rows
 from vmjobs.config import EmulatedNic, HostConfig
 from vmjobs.inventory import (
     PciDevice,
@@ -533,3 +534,23 @@ def test_cli_inventory_unknown_host_in_config(tmp_path: Path) -> None:
                  "--host", "b")
     assert done.returncode == 1
     assert done.stderr == "vmjob: unknown host 'b' (configured: a)\n"
+
+
+def test_hosts_display_shows_iommu_groups_and_who_blocks_a_nic(pci: list[PciDevice]) -> None:
+    nodes = parse_capabilities(read("caps-2socket-smt.xml"))
+    host = build_host(HostConfig(name="h", uri="x"), nodes,
+                      nic_devices(pci, ["14e4:16d8", CX5_PF]))
+    cluster = Cluster([host])
+    cluster.reserve("x", Allocation("h", (1,), 100, (NodeShare(0, (1,), 100),), (GROUP12[0],)))
+    rows = usage_rows("h", cluster.free("h"))
+    assert rows == [
+        # 59179 + 63998 = 123177 MiB = 120.3 GiB; less the job's 100 MiB = 120.2 GiB
+        ("h", "up", "1", "31/32", "120.2 GiB/120.3 GiB", "2/4"),
+        ("  node0", "", "", "15/16", "57.7 GiB/57.8 GiB", "0/2"),
+        ("    0000:02:00.0", "held", "x", "", "", "group 12"),
+        ("    0000:02:00.1", "blocked", "", "", "",
+         "group 12 (shares IOMMU group 12 with a NIC held by job x)"),
+        ("  node1", "", "", "16/16", "62.5 GiB/62.5 GiB", "2/2"),
+        ("    0000:d8:02.0", "free", "", "", "", f"group 141 VF of {CX5_PF}"),
+        ("    0000:d8:02.1", "free", "", "", "", f"group 142 VF of {CX5_PF}"),
+    ]

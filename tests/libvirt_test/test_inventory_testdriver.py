@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import libvirt
 
-from placement import Device
+from placement import Allocation, Device, NodeShare
+from tests.libvirt_test.domain_specs import _spec
+from tests.libvirt_test.test_domain_testdriver import for_test_driver
 from vmjobs.config import EmulatedNic, HostConfig
+from vmjobs.domain_xml import build
 from vmjobs.inventory import cell_memory_kib, read_host, read_topology
 
 
@@ -72,3 +77,21 @@ def test_cell_memory_falls_back_to_cells_free_memory(default_conn: libvirt.virCo
     # The test driver has no getMemoryStats; getCellsFreeMemory answers 4194304 for its 4 GiB
     # cell 1 (the API's unit is bytes: the driver puts its KiB figure there), read as bytes.
     assert cell_memory_kib(default_conn, 1) == 4194304 // 1024
+
+
+def test_memory_only_node_becomes_a_guest_cell_without_cpus(
+        default_conn: libvirt.virConnect) -> None:
+    # The allocation a --mem-nodes job gets on the CXL host of tests/data (see
+    # tests/placement/test_cluster.py): 2 vCPUs and 4096 MiB on node 0, 15904 MiB on node 2.
+    alloc = Allocation(host="c", cpus=(0, 1), memory_mib=20000, nodes=(
+        NodeShare(0, (0, 1), 4096), NodeShare(2, (), 15904)))
+    dom = default_conn.defineXML(for_test_driver(build(_spec("cx1", "qemu", alloc))))
+    try:
+        back = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    finally:
+        dom.undefine()
+    assert [(c.get("id"), c.get("cpus"), c.get("memory")) for c in back.findall(
+        "cpu/numa/cell")] == [("0", "0-1", str(4096 * 1024)), ("1", None, str(15904 * 1024))]
+    assert [m.attrib for m in back.findall("numatune/memnode")] == [
+        {"cellid": "0", "mode": "strict", "nodeset": "0"},
+        {"cellid": "1", "mode": "strict", "nodeset": "2"}]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from placement import (
     Allocation,
@@ -311,3 +313,54 @@ def test_isolate_is_refused_on_a_host_without_sibling_data() -> None:
     assert explanation.never_fits
     assert explanation.summary == ("no host matches: a: libvirt reports no SMT sibling data, "
                                    "so --threads isolate cannot keep siblings idle")
+
+
+def bound_nics() -> Cluster:
+    """Two nodes; node 0: a 2-function group and a lone NIC; node 1: a PF with two VFs."""
+    host = make_host("a", nodes=2, cores=4, memory_mib=4096)
+    return Cluster([replace(host, devices=(
+        Device(FN0, 0, iommu_group=12), Device(FN1, 0, iommu_group=12),
+        Device(OTHER, 0, iommu_group=13),
+        Device(PF, 1, iommu_group=40, vfs=(VF0, VF1)), Device(VF0, 1, iommu_group=41, pf=PF),
+        Device(VF1, 1, iommu_group=42, pf=PF)))])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.sampled_from(list(NumaPolicy))),
+                max_size=25))
+def test_bound_nics_are_never_split_between_jobs(steps: list[tuple[bool, int, NumaPolicy]]
+                                                 ) -> None:
+    cluster = bound_nics()
+    devices = {d.address: d for d in cluster.hosts["a"].devices}
+
+    def partners(a: str, b: str) -> bool:
+        x, y = devices[a], devices[b]
+        return (x.iommu_group == y.iommu_group) or x.pf == b or y.pf == a
+
+    for n, (add, nics, numa) in enumerate(steps):
+        held = cluster.allocations()
+        if add or not held:
+            request = Request(1, 100, nics=nics, numa=numa)
+            decision = cluster.place(request)
+            assert decision.fits == cluster.explain(request).fits
+            if decision.allocation is not None:
+                cluster.reserve(f"j{n}", decision.allocation, request)
+        else:
+            cluster.release(sorted(held)[0])
+        holder = {d: job for job, alloc in cluster.allocations().items() for d in alloc.devices}
+        for a, job in holder.items():
+            for b, other in holder.items():
+                if a != b and partners(a, b):
+                    assert job == other, f"{a} ({job}) and {b} ({other}) are bound"
+                if a != b and (devices[a].pf == b):
+                    assert job != other, f"{a} and its PF {b} in one job"
+        # free = held by nobody and no partner held (by anybody)
+        free = {u.address for node in cluster.free("a").nodes for u in node.nics
+                if u.holder is None and not u.blocked}
+        expected = {a for a in devices if a not in holder
+                    and not any(partners(a, b) for b in holder if b != a)}
+        assert free == expected
+        assert cluster.free("a").nics_free == len(expected)
+    for job in list(cluster.allocations()):
+        cluster.release(job)
+    assert cluster.free("a").nics_free == 6

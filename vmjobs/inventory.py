@@ -35,6 +35,7 @@ class PciDevice:
     driver: str | None
     pf: str | None = None  # SR-IOV: this VF's physical function
     vfs: tuple[str, ...] = ()  # SR-IOV: this PF's virtual functions (the enabled ones)
+    group_members: tuple[str, ...] = ()  # every address of its IOMMU group, itself included
 
     @property
     def is_network(self) -> bool:
@@ -217,6 +218,7 @@ def parse_pci_device(xml: str) -> PciDevice | None:
         pf=_address_element(pf) if pf is not None else None,
         vfs=tuple(sorted(_address_element(a) for a in
                          cap.findall("./capability[@type='virt_functions']/address"))),
+        group_members=tuple(sorted(_address_element(a) for a in cap.findall("iommuGroup/address"))),
     )
 
 
@@ -251,7 +253,15 @@ def nic_devices(pci: Iterable[PciDevice], allow: Iterable[str]) -> tuple[Device,
     An address naming an SR-IOV PF with VFs enabled stands for its VFs: the PF carries them
     and cannot be passed through without destroying them. (A vendor:product entry matching
     the PF still offers it; the placement engine then never gives it out while a VF is held.)
+    A NIC whose IOMMU group holds a device the host uses is left out (`unassignable`).
     """
+    pci = list(pci)
+    listed = _offered(pci, allow)
+    stuck = unassignable(pci, {d.address for d in listed})
+    return network_devices(d for d in listed if d.address not in stuck)
+
+
+def _offered(pci: Iterable[PciDevice], allow: Iterable[str]) -> list[PciDevice]:
     allow = tuple(allow)
     pci = sorted(pci, key=lambda d: d.address)
     named_pfs = {d.address for d in pci if d.vfs and _names_address(d, allow)}
@@ -261,7 +271,43 @@ def nic_devices(pci: Iterable[PciDevice], allow: Iterable[str]) -> tuple[Device,
             return True
         return _names_address(d, allow) and not d.vfs
 
-    return network_devices(d for d in pci if offered(d))
+    return [d for d in pci if d.is_network and offered(d)]
+
+
+# Drivers a device may keep while another device of its IOMMU group goes to a guest: the kernel
+# accepts vfio-pci and pci-stub (drivers/vfio/group.c, vfio_driver_allowed), or no driver.
+_VFIO_VIABLE_DRIVERS = (None, "vfio-pci", "pci-stub")
+PCI_BRIDGE_CLASS = 0x06  # base class "bridge": the kernel lets bridges keep their driver
+
+
+def unassignable(pci: Iterable[PciDevice], offered: set[str]) -> dict[str, str]:
+    """Offered NICs that VFIO could not assign, address -> why: a device of the same IOMMU
+    group is not offered to jobs and is bound to a host driver (the host itself uses it), so
+    the group is not viable. Only devices present in `pci` are judged; a group member not
+    listed there is assumed harmless."""
+    by_address = {d.address: d for d in pci}
+    stuck: dict[str, str] = {}
+    for address in sorted(offered):
+        device = by_address.get(address)
+        if device is None:
+            continue
+        for member in device.group_members:
+            mate = by_address.get(member)
+            if (member == address or member in offered or mate is None
+                    or mate.driver in _VFIO_VIABLE_DRIVERS
+                    or (mate.pci_class is not None and mate.pci_class >> 16 == PCI_BRIDGE_CLASS)):
+                continue
+            stuck[address] = (f"NIC {address} is not offered: IOMMU group {device.iommu_group} "
+                              f"also holds {member}, which the host uses (driver {mate.driver})")
+            break
+    return stuck
+
+
+def nic_notes(pci: Iterable[PciDevice], allow: Iterable[str]) -> list[str]:
+    """Why allow-listed NICs are left out (see `unassignable`), one line each."""
+    pci = list(pci)
+    listed = _offered(pci, allow)
+    return list(unassignable(pci, {d.address for d in listed}).values())
 
 
 def network_devices(pci: Iterable[PciDevice]) -> tuple[Device, ...]:

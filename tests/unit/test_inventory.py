@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from vmjobs.inventory import (
     devices_by_node,
     emulated_devices,
     nic_devices,
+    nic_notes,
     parse_capabilities,
     parse_pci_device,
     parse_topology,
@@ -138,7 +140,7 @@ def test_capabilities_64k_base_pages_are_not_hugepages() -> None:
 def test_parse_pci_nic_on_node_0() -> None:
     assert parse_pci_device(read("nodedev-x710-node0.xml")) == PciDevice(
         address=X710_0, pci_class=0x020000, vendor="0x8086", product="0x1572", node=0,
-        iommu_group=40, driver="i40e",
+        iommu_group=40, driver="i40e", group_members=(X710_0,),
     )
 
 
@@ -554,3 +556,52 @@ def test_hosts_display_shows_iommu_groups_and_who_blocks_a_nic(pci: list[PciDevi
         ("    0000:d8:02.0", "free", "", "", "", f"group 141 VF of {CX5_PF}"),
         ("    0000:d8:02.1", "free", "", "", "", f"group 142 VF of {CX5_PF}"),
     ]
+
+
+X550_HOST, X550_FREE = "0000:19:00.0", "0000:19:00.1"  # IOMMU group 31; .0 runs on ixgbe
+
+
+def test_group_members_read_from_node_devices() -> None:
+    device = parse_pci_device(read("nodedev-x550-vfio-fn1.xml"))
+    assert device is not None
+    assert device.group_members == (X550_HOST, X550_FREE)
+    assert device.driver == "vfio-pci"
+
+
+def test_nic_whose_group_the_host_uses_is_not_offered(pci: list[PciDevice]) -> None:
+    # 19:00.1 is allowed and bound to vfio-pci, but 19:00.0 of its group 31 is the host's,
+    # on ixgbe: VFIO cannot assign a group that is not wholly free of host drivers.
+    assert nic_devices(pci, [X550_FREE]) == ()
+    assert nic_notes(pci, [X550_FREE]) == [
+        "NIC 0000:19:00.1 is not offered: IOMMU group 31 also holds 0000:19:00.0, which the "
+        "host uses (driver ixgbe)"]
+    # Offering both functions gives the whole group to jobs: both are offered.
+    both = nic_devices(pci, ["8086:1563"])
+    assert [d.address for d in both] == [X550_HOST, X550_FREE]
+    assert nic_notes(pci, ["8086:1563"]) == []
+
+
+def test_a_bridge_or_unbound_group_mate_does_not_block() -> None:
+    nic = parse_pci_device(read("nodedev-x550-vfio-fn1.xml"))
+    mate = parse_pci_device(read("nodedev-x550-host-fn0.xml"))
+    assert nic is not None and mate is not None
+    bridge = replace(mate, pci_class=0x060400, driver="pcieport")
+    unbound = replace(mate, driver=None)
+    stub = replace(mate, driver="pci-stub")
+    for other in (bridge, unbound, stub):
+        assert [d.address for d in nic_devices([nic, other], [X550_FREE])] == [X550_FREE]
+
+
+def test_cli_inventory_notes_a_nic_left_out_for_its_group(tmp_path: Path) -> None:
+    config = tmp_path / "vmjobs.yaml"
+    config.write_text(f"spool: {tmp_path}\nhosts:\n"
+                      f"  - {{name: a, uri: 'test:///default', nics: ['{X550_FREE}']}}\n")
+    done = vmjob("inventory", "--capabilities", "caps-2socket-smt.xml",
+                 "--nodedev", "nodedev-x550-host-fn0.xml", "--nodedev", "nodedev-x550-vfio-fn1.xml",
+                 "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert [n["devices"] for n in view["nodes"]] == [[], []]
+    assert view["notes"] == [
+        "NIC 0000:19:00.1 is not offered: IOMMU group 31 also holds 0000:19:00.0, which the "
+        "host uses (driver ixgbe)"]

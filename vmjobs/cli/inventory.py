@@ -21,8 +21,10 @@ from vmjobs.inventory import (
     describe,
     network_devices,
     nic_devices,
+    nic_notes,
     parse_node_devices,
     parse_topology,
+    unassignable,
 )
 from vmjobs.units import format_cpu_list, format_mib
 
@@ -67,7 +69,8 @@ def inventory(obj: Any, capabilities: str, nodedevs: tuple[str, ...], config_pat
     """Show what vmjobs would see on a host, from saved libvirt XML.
 
     Without a config every network device is listed; with one, only the NICs its allow-list
-    gives jobs, and the host's reserved cpus and memory are taken out. Memory is ordinary
+    gives jobs (not those whose IOMMU group holds a device the host uses: a note says so), and
+    the host's reserved cpus and memory are taken out. Memory is ordinary
     memory (the node's total less its hugepage pools); cpus are those a job can get
     (offline cpus, cpus listed in two cells and reserved cpus are left out).
 
@@ -87,10 +90,12 @@ def inventory(obj: Any, capabilities: str, nodedevs: tuple[str, ...], config_pat
     if chosen is None:
         chosen = HostConfig(name=Path(capabilities).stem, uri="")
         devices = network_devices(pci)
+        notes = list(unassignable(pci, {d.address for d in devices}).values())
     else:
         devices = nic_devices(pci, chosen.nic_allow)
+        notes = nic_notes(pci, chosen.nic_allow)
     found = build_host(chosen, topology.nodes, devices, siblings_known=topology.siblings_known)
-    view = describe(found, topology.notes)
+    view = describe(found, [*topology.notes, *notes])
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return

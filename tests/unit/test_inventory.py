@@ -605,3 +605,17 @@ def test_cli_inventory_notes_a_nic_left_out_for_its_group(tmp_path: Path) -> Non
     assert view["notes"] == [
         "NIC 0000:19:00.1 is not offered: IOMMU group 31 also holds 0000:19:00.0, which the "
         "host uses (driver ixgbe)"]
+
+
+def test_cli_inventory_reads_several_devices_under_one_root(tmp_path: Path) -> None:
+    # What the --help example makes: every `virsh nodedev-dumpxml` output inside <devices>.
+    bundle = tmp_path / "pci.xml"
+    bundle.write_text("<devices>\n" + read("nodedev-cx5-vf0.xml") + read("nodedev-nvme.xml")
+                      + read("nodedev-bcm57416-group12-fn1.xml") + "</devices>\n")
+    done = vmjob("inventory", "--capabilities", "caps-2socket-smt.xml", "--nodedev",
+                 str(bundle), "--json")
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    # the NVMe disk is no network device
+    assert [[d["address"] for d in n["devices"]] for n in view["nodes"]] == [
+        [GROUP12[1]], [CX5_VF0]]

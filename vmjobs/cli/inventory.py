@@ -77,9 +77,11 @@ def inventory(obj: Any, capabilities: str, nodedevs: tuple[str, ...], config_pat
     \b
     Examples:
       virsh capabilities > caps.xml
-      for d in $(virsh nodedev-list --cap pci); do virsh nodedev-dumpxml $d > $d.xml; done
-      vmjob inventory --capabilities caps.xml --nodedev pci_0000_3b_00_0.xml
-      vmjob inventory --capabilities caps.xml --nodedev pci_*.xml --config new.yaml --host n7 --json
+      virsh nodedev-dumpxml pci_0000_3b_00_0 > nic.xml
+      vmjob inventory --capabilities caps.xml --nodedev nic.xml
+      (echo '<devices>'; for d in $(virsh nodedev-list --cap pci); do
+         virsh nodedev-dumpxml $d; done; echo '</devices>') > pci.xml
+      vmjob inventory --capabilities caps.xml --nodedev pci.xml --config new.yaml --host n7 --json
     """
     topology = parse_topology(_read(capabilities, "--capabilities"))
     if not topology.nodes:

@@ -18,6 +18,7 @@ import libvirt
 from placement import Cpu, Device, Host, HostState, Node
 from placement.ledger import empty_ledger
 from vmjobs.config import HostConfig
+from vmjobs.errors import VmjobsError
 from vmjobs.units import format_cpu_list, parse_cpu_list
 
 NETWORK_CLASS_PREFIX = 0x02  # PCI base class "network controller"
@@ -63,6 +64,10 @@ def _has_topology(cpu: ET.Element) -> bool:
     return cpu.get("siblings") is not None or cpu.get("core_id") is not None
 
 
+class InventoryError(VmjobsError):
+    """A capabilities or node-device document vmjobs cannot read (a malformed number)."""
+
+
 def parse_topology(xml: str) -> Topology:
     """A host's capabilities XML -> its NUMA cells as placement nodes, and what was left out.
 
@@ -71,7 +76,15 @@ def parse_topology(xml: str) -> Topology:
     cells. Hugepage pools are part of a cell's <memory> (the node's MemTotal), so they are taken
     out of its ordinary memory; the smallest page size a cell lists is its base page, not a
     hugepage. Distances are the cell's <distances> (ACPI SLIT values, 10 = local).
+    Raises InventoryError on a malformed number.
     """
+    try:
+        return _parse_topology(xml)
+    except (ValueError, VmjobsError) as exc:  # int() / parse_cpu_list on a malformed value
+        raise InventoryError(f"capabilities: malformed number ({exc})") from None
+
+
+def _parse_topology(xml: str) -> Topology:
     root = ET.fromstring(xml)
     cells = root.findall("./host/topology/cells/cell")
     listed = [(int(cell.get("id", "0")), cpu) for cell in cells
@@ -193,8 +206,15 @@ def parse_pci_device(xml: str) -> PciDevice | None:
     """One node-device XML document -> PciDevice, or None when it is not a PCI device.
 
     SR-IOV: a PF lists its enabled VFs under <capability type='virt_functions'>, a VF names
-    its PF under <capability type='phys_function'>.
+    its PF under <capability type='phys_function'>. Raises InventoryError on a malformed number.
     """
+    try:
+        return _parse_pci_device(xml)
+    except ValueError as exc:
+        raise InventoryError(f"node device: malformed number ({exc})") from None
+
+
+def _parse_pci_device(xml: str) -> PciDevice | None:
     root = ET.fromstring(xml)
     cap = root.find("./capability[@type='pci']")
     if cap is None:

@@ -619,3 +619,28 @@ def test_cli_inventory_reads_several_devices_under_one_root(tmp_path: Path) -> N
     # the NVMe disk is no network device
     assert [[d["address"] for d in n["devices"]] for n in view["nodes"]] == [
         [GROUP12[1]], [CX5_VF0]]
+
+
+@pytest.mark.parametrize(
+    ("option", "text", "message"),
+    [
+        ("--capabilities", "<capabilities><host><topology><cells><cell id='x'/></cells>"
+         "</topology></host></capabilities>",
+         "capabilities: malformed number (invalid literal for int() with base 10: 'x')"),
+        ("--capabilities", "<capabilities><host><topology><cells><cell id='0'><cpus>"
+         "<cpu id='0' siblings='0-zz'/></cpus></cell></cells></topology></host></capabilities>",
+         "capabilities: malformed number"),
+        ("--nodedev", "<device><capability type='pci'><bus>zz</bus></capability></device>",
+         "node device: malformed number (invalid literal for int() with base 0: 'zz')"),
+    ],
+)
+def test_cli_inventory_malformed_numbers(tmp_path: Path, option: str, text: str,
+                                         message: str) -> None:
+    bad = tmp_path / "bad.xml"
+    bad.write_text(text)
+    caps = str(DATA / "caps-quirks.xml") if option == "--nodedev" else str(bad)
+    args = ("--capabilities", caps) + (("--nodedev", str(bad)) if option == "--nodedev" else ())
+    done = vmjob("inventory", *args)
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"vmjob: Invalid value for {option}: {bad}: {message}")

@@ -17,6 +17,7 @@ import click
 from placement.units import format_page
 from vmjobs.config import HostConfig, load
 from vmjobs.inventory import (
+    InventoryError,
     build_host,
     describe,
     network_devices,
@@ -83,11 +84,19 @@ def inventory(obj: Any, capabilities: str, nodedevs: tuple[str, ...], config_pat
          virsh nodedev-dumpxml $d; done; echo '</devices>') > pci.xml
       vmjob inventory --capabilities caps.xml --nodedev pci.xml --config new.yaml --host n7 --json
     """
-    topology = parse_topology(_read(capabilities, "--capabilities"))
+    try:
+        topology = parse_topology(_read(capabilities, "--capabilities"))
+    except InventoryError as exc:
+        raise click.BadParameter(f"{capabilities}: {exc}", param_hint="--capabilities") from None
     if not topology.nodes:
         raise click.BadParameter(f"{capabilities}: no NUMA cells (<host><topology> is missing)",
                                  param_hint="--capabilities")
-    pci = [d for path in nodedevs for d in parse_node_devices(_read(path, "--nodedev"))]
+    pci = []
+    for path in nodedevs:
+        try:
+            pci.extend(parse_node_devices(_read(path, "--nodedev")))
+        except InventoryError as exc:
+            raise click.BadParameter(f"{path}: {exc}", param_hint="--nodedev") from None
     chosen = _host_config(obj, config_path, host)
     if chosen is None:
         chosen = HostConfig(name=Path(capabilities).stem, uri="")

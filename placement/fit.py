@@ -171,18 +171,20 @@ def span_option(ledger: HostLedger, need: Need) -> tuple[tuple[Option, ...], tup
         failed = check(ledger, need)
         if failed:
             return (), failed
+    distance = distance_of(ledger)
     shares = split(need.slots, need.units,
                    [(n.shape.id, slots(n, need), units(n, need)) for n in ledger.nodes
                     if n.shape.cpus],
-                   distance_of(ledger),
+                   distance,
                    [(n.shape.id, units(n, need)) for n in ledger.nodes if not n.shape.cpus])
     name = ledger.host.name
     if shares is None:
         message = f"{name}: its free cores and free memory are on different NUMA nodes"
         return (), (Reason(name, None, message, "numa"),)
-    used = {s[0] for s in shares}
-    # NICs next to the job's cpus first, then from the host's other nodes.
-    ordered = sorted(ledger.nodes, key=lambda n: (n.shape.id not in used, n.shape.id))
+    used = [s[0] for s in shares if s[1]]
+    # NICs next to the job's cpus first, then from the host's other nodes, nearest first.
+    ordered = sorted(ledger.nodes, key=lambda n: (n.shape.id not in used,
+                                                  _cost(n.shape.id, used, distance), n.shape.id))
     nics = compatible(ledger, [a for n in ordered for a in free_nics(ledger, n, need)])
     return (Option(name, shares, tuple(nics[: need.nics])),), ()
 

@@ -364,3 +364,25 @@ def test_bound_nics_are_never_split_between_jobs(steps: list[tuple[bool, int, Nu
     for job in list(cluster.allocations()):
         cluster.release(job)
     assert cluster.free("a").nics_free == 6
+
+
+def test_a_span_takes_nics_from_the_nearest_other_node() -> None:
+    """Nodes 0-3 of 4 cpus; 3 is 20 from 0 and 1, 2 is 30 from them. The job spans 0+1 (2 and 3
+    are full); its NIC comes from node 3, not from node 2 whose address sorts first."""
+    far = {frozenset({0, 2}): 30, frozenset({1, 2}): 30, frozenset({2, 3}): 30}
+
+    def distance(a: int, b: int) -> int:
+        return 10 if a == b else far.get(frozenset({a, b}), 20)
+
+    base = make_host("a", nodes=4, cores=4, memory_mib=4096)
+    nodes = tuple(replace(n, distances=tuple((o, distance(n.id, o)) for o in range(4)))
+                  for n in base.nodes)
+    cluster = Cluster([replace(base, nodes=nodes, devices=(
+        Device("0000:02:00.0", 2), Device("0000:03:00.0", 3)))])
+    full = tuple(range(8, 16))
+    cluster.reserve("busy", Allocation("a", full, 200, (NodeShare(2, full[:4], 100),
+                                                        NodeShare(3, full[4:], 100))))
+    alloc = cluster.place(Request(6, 600, nics=1, numa=NumaPolicy.ANY)).allocation
+    assert alloc is not None
+    assert [s.node for s in alloc.nodes] == [0, 1]
+    assert alloc.devices == ("0000:03:00.0",)

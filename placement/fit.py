@@ -122,39 +122,48 @@ def _cost(node: int, chosen: list[int], distance: Distance | None) -> int:
 def _choose(cpus: int, memory: int, usable: list[Free], distance: Distance | None) -> list[Free]:
     """The nodes a span uses: enough free slots for `cpus` and free memory for `memory`.
 
-    Without distances: the nodes with the most free slots first. With distances: grow a set
-    from every node in turn, adding the node nearest to those already chosen, and keep the
-    set with the fewest nodes, then the smallest sum of pairwise distances (a greedy
-    heuristic, O(n^3) for n nodes; trying every subset would be exponential). The
-    first set that has room in the no-distance order wins ties.
+    Without distances: the nodes with the most free slots first. With distances: that set is
+    one candidate; the others grow from every node in turn, adding the node nearest to those
+    already chosen until the set has room, then drop nodes it can do without, farthest
+    first. Of the candidates the one with the fewest nodes, then the smallest sum of pairwise
+    distances wins, so a span never uses more nodes than without distances (a greedy
+    heuristic, O(n^3) for n nodes; trying every subset would be exponential).
     """
     order = sorted(usable, key=lambda n: (-n[1], -n[2], n[0]))
 
     def enough(nodes: list[Free]) -> bool:
         return sum(n[1] for n in nodes) >= cpus and sum(n[2] for n in nodes) >= memory
 
-    if distance is None:
-        chosen: list[Free] = []
-        for node in order:
-            if enough(chosen):
-                break
-            chosen.append(node)
-        return chosen
-    best: tuple[tuple[int, int], list[Free]] | None = None
+    fullest: list[Free] = []
+    for node in order:
+        if enough(fullest):
+            break
+        fullest.append(node)
+    if distance is None or not enough(fullest):
+        return fullest
+
+    def spread(nodes: list[Free]) -> int:
+        ids = [n[0] for n in nodes]
+        return sum(_cost(a, ids[i + 1:], distance) for i, a in enumerate(ids))
+
+    best = (len(fullest), spread(fullest)), fullest
     for seed in order:
         chosen = [seed]
         rest = [n for n in order if n is not seed]
-        while rest and not enough(chosen):
+        while not enough(chosen):
             nearest = min(rest, key=lambda n: _cost(n[0], [c[0] for c in chosen], distance))
             chosen.append(nearest)
             rest.remove(nearest)
-        if not enough(chosen):
-            return chosen  # even every node together lacks room
-        ids = [c[0] for c in chosen]
-        key = (len(chosen), sum(_cost(a, ids[i + 1:], distance) for i, a in enumerate(ids)))
-        if best is None or key < best[0]:
-            best = (key, chosen)
-    return best[1] if best is not None else []
+        while len(chosen) > 1:
+            ids = [c[0] for c in chosen]
+            spare = [c for c in chosen if enough([o for o in chosen if o is not c])]
+            if not spare:
+                break
+            chosen.remove(max(spare, key=lambda c: _cost(c[0], ids, distance)))
+        key = (len(chosen), spread(chosen))
+        if key < best[0]:
+            best = key, chosen
+    return best[1]
 
 
 def distance_of(ledger: HostLedger) -> Distance | None:

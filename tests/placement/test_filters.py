@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from placement import (
     Allocation,
     Device,
@@ -220,3 +223,40 @@ def test_free_nics_never_pairs_a_pf_with_its_vf() -> None:
     node = led.nodes[0]
     # VFs are kept before their PF: two VFs together, never the PF with one of them.
     assert f.free_nics(led, node, need_of(Request(1, 1, nics=3))) == [vf0.address, vf1.address]
+
+
+def test_split_with_distances_never_uses_more_nodes_than_without() -> None:
+    # 1 is 20 from 0 and from 2, which are 40 apart. Grown from any node, the nearest-first
+    # set is 0+1+2; dropping 1 (not needed) leaves 0+2, the 2 nodes the fullest-first order
+    # takes too.
+    def distance(a: int, b: int) -> int:
+        return 10 if a == b else 40 if {a, b} == {0, 2} else 20
+
+    free = [(0, 6, 600), (1, 1, 600), (2, 6, 600)]
+    assert split(12, 1200, free) == ((0, 6, 600), (2, 6, 600))
+    assert split(12, 1200, free, distance) == ((0, 6, 600), (2, 6, 600))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 800)), min_size=1, max_size=6),
+       st.integers(1, 24), st.integers(1, 3000), st.lists(st.integers(11, 40), min_size=15,
+                                                         max_size=15))
+def test_split_with_distances_is_valid_and_no_wider(free: list[tuple[int, int]], cpus: int,
+                                                    memory: int, table: list[int]) -> None:
+    nodes = [(i, c, m) for i, (c, m) in enumerate(free)]
+    pairs = [(a, b) for a in range(6) for b in range(a + 1, 6)]
+    far = dict(zip(pairs, table, strict=True))
+
+    def distance(a: int, b: int) -> int:
+        return 10 if a == b else far[(min(a, b), max(a, b))]
+
+    plain = split(cpus, memory, nodes)
+    near = split(cpus, memory, nodes, distance)
+    if plain is not None:
+        assert near is not None and len(near) <= len(plain)
+    if near is None:
+        return
+    assert sum(s[1] for s in near) == cpus and sum(s[2] for s in near) == memory
+    by_id = {n[0]: n for n in nodes}
+    for node, given_cpus, given_mem in near:
+        assert 1 <= given_cpus <= by_id[node][1] and 1 <= given_mem <= by_id[node][2]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,18 +250,6 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def wait_stopped(dom: libvirt.virDomain, timeout_s: float,
-                 on_tick: Callable[[], None] | None = None) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if not is_running(dom):
-            return True
-        if on_tick:
-            on_tick()
-        time.sleep(0.1)
-    return not is_running(dom)
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,9 @@ class Reconnect:
 
     def lost(self, exc: DaemonLost) -> None:
         """Wait before the next attempt, or raise if retrying makes no sense (the daemon never
-        answered this client: nothing was started by it, so say how to start one) or the
+        accepted this client: there is none to wait for, so say how to start one) or the
         time is up."""
-        if not self.client.answered:
+        if not self.client.reached:
             raise exc
         now = time.monotonic()
         if self.since is None:
@@ -95,7 +95,7 @@ class Client:
     def __init__(self, target: Target, note: Callable[[str], None] = _stderr) -> None:
         self.target = target
         self.note = note  # one-line messages about the connection (reconnecting ...)
-        self.answered = False  # the daemon answered this client at least once
+        self.reached = False  # a daemon accepted this client's connection once
         self._tunnel: SshTunnel | None = None
 
     @classmethod
@@ -111,10 +111,14 @@ class Client:
         if self.target.ssh_host is not None:
             if self._tunnel is None:
                 self._tunnel = SshTunnel(self.target)
-            return self._tunnel.open()
+            channel = self._tunnel.open()
+            self.reached = True
+            return channel
         path = self.target.socket
         try:
-            return open_unix(path, timeout if isinstance(timeout, float | int) else None)
+            sock = open_unix(path, timeout if isinstance(timeout, float | int) else None)
+            self.reached = True
+            return sock
         except (FileNotFoundError, ConnectionRefusedError):
             raise NoDaemon(f"no vmjob daemon at {path}: {START_HINT}") from None
         except PermissionError:
@@ -136,7 +140,6 @@ class Client:
         except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             conn.close()
             raise self._lost(exc) from None
-        self.answered = True
         if response.status >= 400:
             raise _failure(response)
         return response

@@ -99,6 +99,14 @@ def settle(daemon: Daemon, active: Active) -> None:
             return
         active.host = record.host or active.host
         conn = daemon.hosts.conn(active.host)
+        if conn is None:
+            # its host went away during the move: the guest may run on there; it is
+            # UNREACHABLE until the host returns (recovery) or is declared lost
+            active.phase = "running"
+            daemon.store.transition(active.job_id, JobState.UNREACHABLE,
+                                    f"host {active.host} not responding after a move")
+            daemon.wake()
+            return
         try:
             dom = lookup_domain(conn, domain_name(active.job_id)) if conn is not None else None
             alive = dom is not None and is_running(dom)

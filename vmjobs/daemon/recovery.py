@@ -110,18 +110,27 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             assert record is not None
             limit = time_limit_of(record)
             begun = started.get(job_id)
+            before = daemon.active.get(job_id)  # the job was UNREACHABLE: keep its stop
             active = Active(job_id, host, limit, phase="running",
-                            ends_at=begun + limit if begun is not None and limit else None)
+                            ends_at=begun + limit if begun is not None and limit else None,
+                            stop=before.stop if before is not None else None)
             daemon.active[job_id] = active
-            # in the job's timeline too: its guest outlived a daemon restart
-            daemon.store.transition(job_id, JobState.RUNNING, "found running at recovery")
+            # in the job's timeline too: its guest outlived a daemon or libvirtd restart
+            daemon.store.transition(
+                job_id, JobState.RUNNING,
+                f"host {host} back: guest still running" if record.state == JobState.UNREACHABLE
+                else "found running at recovery")
             log.info("job %s: still running on %s", job_id, host)
+            if active.stop is not None:  # cancelled while its host was away: carried out now
+                daemon.spawn(daemon.destroy_guest, host, job_id, name=f"stop-{job_id}")
         for job_id in actions.requeue:
             daemon.store.transition(job_id, JobState.QUEUED,
                                     "back in the queue: the daemon stopped before starting it",
                                     release=True)
         for job_id in actions.collect:
-            active = Active(job_id, host, None, phase="collecting")
+            before = daemon.active.get(job_id)
+            active = Active(job_id, host, None, phase="collecting",
+                            stop=before.stop if before is not None else None)
             daemon.active[job_id] = active
             daemon.spawn(_collect_found, daemon, active, name=f"recover-{job_id}")
         for job_id in actions.unknown:
@@ -365,9 +374,21 @@ def recover(daemon: Daemon) -> None:
                 continue
             if record.host in names and daemon.hosts.is_up(record.host or ""):
                 continue
-            why = daemon.hosts.error(record.host or "") or "host no longer configured"
-            daemon.finish(record.id, Verdict(daemon.lost_state(record),
-                                             f"host {record.host} unreachable at recovery: {why}"))
+            if record.host not in names:
+                daemon.finish(record.id, Verdict(daemon.lost_state(record),
+                                                 f"host {record.host} no longer configured"))
+            elif record.state == JobState.PLACED:  # it never got a guest
+                daemon.store.transition(record.id, JobState.QUEUED,
+                                        f"back in the queue: host {record.host} unreachable",
+                                        release=True)
+            else:  # its guest may run on: wait for the host (hosts.py reports it lost in time)
+                why = daemon.hosts.error(record.host or "") or "unreachable"
+                daemon.active[record.id] = Active(record.id, record.host or "",
+                                                  time_limit_of(record), phase="running")
+                if record.state != JobState.UNREACHABLE:
+                    daemon.store.transition(
+                        record.id, JobState.UNREACHABLE,
+                        f"host {record.host} not responding at recovery: {why}")
         for job_id in daemon.store.reservations():
             record = daemon.store.job(job_id)
             if record is not None and record.state not in ACTIVE:

@@ -95,7 +95,7 @@ def test_a_stopped_host_is_unreachable_then_its_jobs_lost(make_daemon: Any, far:
     assert view["state"] == "LOST", dump(view)
     assert view["message"].startswith("host far lost: "), view["message"]
     # not responding first (its reservation kept), declared lost after host_down_after
-    events = [(e["state"], e["time"]) for e in view["events"]]
+    events = [(e["state"], e["time"]) for e in client.job(job_id)["events"]]
     states_seen = [state for state, _ in events]
     assert states_seen[-2:] == ["UNREACHABLE", "LOST"], events
     unreachable_at, lost_at = events[-2][1], events[-1][1]

@@ -383,10 +383,8 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                               "(--replug-nics unplugs them and plugs equivalent NICs of the "
                               "destination in at the same guest addresses)")
     replugging = replug_nics and bool(source_alloc.devices)
-    if to is not None:
-        config.host(to)  # unknown host: one line
-        if to not in conns:
-            raise VmjobsError(f"host {to} is not reachable")
+    if to is not None and to not in conns:  # a configured host (the API checked) that is down
+        raise VmjobsError(f"host {to} is not reachable")
     dom = lookup_domain(conns[source], domain_name(job_id))
     if dom is None or not is_running(dom):
         raise VmjobsError(f"job {job_id}'s guest is not running on {source}")

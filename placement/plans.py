@@ -14,6 +14,7 @@ import heapq
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from itertools import count
 
 from placement.cluster import Cluster
@@ -479,14 +480,34 @@ def _describe(actions: list[Action], placed: Allocation) -> str:
 # --- plan_rebalance -----------------------------------------------------------------------
 
 
-def plan_rebalance(cluster: Cluster, max_moves: int, *, policy: str = "pack",
-                   time_budget_s: float | None = 0.5) -> Plan:
-    """Migrations, at most `max_moves`, that each leave a whole NUMA node empty.
+class Objective(StrEnum):
+    """What plan_rebalance optimises."""
 
-    Greedy: nodes that are cheapest to empty (least memory to move) go first; their jobs go
-    to other hosts, never onto a node that is empty now or freed by the plan. A node is only
-    emptied if all of its jobs can move.
+    WHOLE_NODES = "whole-nodes"  # NUMA nodes left entirely free
+    FRAGMENTS = "fragments"  # fragment rate for jobs of a target size (placement.fragments)
+
+
+def plan_rebalance(cluster: Cluster, max_moves: int, *, policy: str = "pack",
+                   time_budget_s: float | None = 0.5,
+                   objective: Objective | str = Objective.WHOLE_NODES,
+                   target_cpus: int = 16) -> Plan:
+    """Moves, at most `max_moves` (the migration limit, MNL), that defragment the cluster.
+
+    objective "whole-nodes": migrations that each leave a whole NUMA node empty. Greedy: nodes
+    that are cheapest to empty (least memory to move) go first; their jobs go to other hosts,
+    never onto a node that is empty now or freed by the plan. A node is only emptied if all
+    of its jobs can move.
+
+    objective "fragments": re-pins and migrations that lower the fragment rate for jobs of
+    `target_cpus` cpus (`placement.fragments.plan_fragments`). Raises ValueError for an
+    unknown objective or target_cpus < 1.
     """
+    objective = Objective(objective)
+    if objective == Objective.FRAGMENTS:
+        # imported here: placement.fragments builds on this module's actions
+        from placement.fragments import plan_fragments
+        return plan_fragments(cluster, max_moves, target_cpus, policy=policy,
+                              time_budget_s=time_budget_s)
     deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s
     work = cluster.copy()
     protected = {

@@ -55,7 +55,6 @@ class _Job:
     node: NodeKey
     cpus: int  # cpus it holds there, idle siblings included
     memory: int  # MiB
-    pinned_host: bool  # asked for its host: may only move within it
 
 
 @dataclass
@@ -65,7 +64,6 @@ class _Model:
     free: dict[NodeKey, int]
     memory: dict[NodeKey, int]
     jobs: dict[NodeKey, list[_Job]]
-    version: dict[NodeKey, int]
 
 
 def _model(cluster: Cluster) -> _Model:
@@ -86,15 +84,16 @@ def _model(cluster: Cluster) -> _Model:
         if key in jobs:
             assert request is not None
             jobs[key].append(_Job(job_id, key, len(alloc.cpus) + len(alloc.idle_cpus),
-                                  alloc.memory_mib, request.host is not None))
-    return _Model(free, memory, jobs, dict.fromkeys(free, 0))
+                                  alloc.memory_mib))
+    return _Model(free, memory, jobs)
 
 
 def _movable(alloc: Allocation, request: Request | None) -> bool:
-    """Jobs the model can move: reserved with a request, on one node, ordinary memory (no
-    hugepages) and no NICs (a NIC ties a job to its node's devices)."""
-    return (request is not None and len(alloc.nodes) == 1 and alloc.hugepage_kib is None
-            and not alloc.devices)
+    """Jobs the model can move: reserved with a request naming no host (the daemon ties jobs
+    that may not move to their host), on one node, ordinary memory (no hugepages) and no NICs
+    (a NIC ties a job to its node's devices)."""
+    return (request is not None and request.host is None and len(alloc.nodes) == 1
+            and alloc.hugepage_kib is None and not alloc.devices)
 
 
 def move_to_node(work: Cluster, job_id: str, host: str, node: int,
@@ -147,8 +146,7 @@ def _land(work: Cluster, model: _Model, moving: tuple[_Job, ...], source: NodeKe
     for job in sorted(moving, key=lambda j: (-j.cpus, j.job_id)):
         spots = sorted((model.free[k] % size, k) for k in model.free
                        if k != source and model.free[k] % size >= job.cpus
-                       and model.memory[k] >= job.memory
-                       and (not job.pinned_host or k[0] == source[0]))
+                       and model.memory[k] >= job.memory)
         original = work.allocation_of(job.job_id)
         for _, key in spots:
             action = move_to_node(work, job.job_id, key[0], key[1], policy)

@@ -114,26 +114,32 @@ def move_to_node(work: Cluster, job_id: str, host: str, node: int,
     return Migrate(job_id, host, before.memory_mib, placed)
 
 
-def _best_set(jobs: list[_Job], short: int, most: int, room: int) -> tuple[_Job, ...] | None:
-    """The fewest jobs (at most `most`, none bigger than `room`, the largest remainder any
-    node has) holding at least `short` cpus together; among those, the fewest cpus, then the
-    least memory."""
+def _sets(jobs: list[_Job], short: int, most: int, room: int, *, first_only: bool = False,
+          limit: int = 32) -> list[tuple[_Job, ...]]:
+    """Sets of jobs holding at least `short` cpus together, none bigger than `room` (the
+    largest remainder any node has), at most `most` jobs: fewer jobs first, then fewer cpus,
+    then less memory; one set per multiset of sizes (they land alike), at most `limit` (the
+    first that can land wins). `first_only`: just the best set (a queue key)."""
     ordered = sorted((j for j in jobs if j.cpus <= room), key=lambda j: (-j.cpus, j.memory,
                                                                         j.job_id))
+    found: list[tuple[_Job, ...]] = []
     for k in range(1, min(most, len(ordered)) + 1):
         if sum(j.cpus for j in ordered[:k]) < short:
             continue
-        best = None
+        these = []
+        seen = set()
         for chosen in combinations(ordered, k):
             held = sum(j.cpus for j in chosen)
-            if held < short:
+            shape = tuple(j.cpus for j in chosen)
+            if held < short or shape in seen:
                 continue
-            key = (held, sum(j.memory for j in chosen))
-            if best is None or key < best[0]:
-                best = (key, chosen)
-        assert best is not None
-        return best[1]
-    return None
+            seen.add(shape)
+            these.append(((held, sum(j.memory for j in chosen)), chosen))
+        these.sort(key=lambda f: f[0])
+        found.extend(chosen for _, chosen in these)
+        if first_only or len(found) >= limit:
+            break
+    return found[:1] if first_only else found[:limit]
 
 
 def _land(work: Cluster, model: _Model, moving: tuple[_Job, ...], source: NodeKey, size: int,
@@ -175,8 +181,9 @@ def plan_fragments(cluster: Cluster, max_moves: int, target_cpus: int, *,
     """Re-pins and migrations, at most `max_moves`, that lower the fragment rate for jobs of
     `target_cpus` cpus.
 
-    Greedy over slot completions: for every node, the fewest movable jobs (at most `max_set`)
-    whose cpus complete a free S-cpu slot there; the node needing the fewest moves (then the
+    Greedy over slot completions: for every node, the fewest movable jobs (at most `max_set`,
+    then, once no such set is left, at most twice that) whose cpus complete a free S-cpu slot
+    there; the node needing the fewest moves (then the
     fewest cpus, then the least memory) goes first, its jobs landing in other nodes'
     remainders, tightest first, so that no node loses a slot. Every move is checked with the
     real filters on a copy. A plain one-move greedy stops when no single move completes a
@@ -196,53 +203,62 @@ def plan_fragments(cluster: Cluster, max_moves: int, target_cpus: int, *,
     def room() -> int:
         return max((f % size for f in model.free.values()), default=0)
 
-    def push(key: NodeKey, largest: int) -> None:
+    def push(key: NodeKey, largest: int, most: int) -> None:
         short = size - model.free[key] % size
-        chosen = _best_set(model.jobs[key], short, max_set, largest)
-        if chosen is not None:
+        found = _sets(model.jobs[key], short, most, largest, first_only=True)
+        if found:
+            chosen = found[0]
             heapq.heappush(heap, (len(chosen), sum(j.cpus for j in chosen),
                                   sum(j.memory for j in chosen), key[0], key[1], key))
 
-    largest = room()
-    for key in model.free:
-        push(key, largest)
     complete = True
-    while heap and len(actions) < max_moves:
-        if deadline is not None and time.perf_counter() > deadline:
-            complete = False
-            break
-        count, _, _, _, _, key = heapq.heappop(heap)
-        short = size - model.free[key] % size
-        chosen = _best_set(model.jobs[key], short, max_set, largest)
-        if chosen is None:
-            continue
-        if len(chosen) != count:  # stale: the node changed since it was queued
-            push(key, largest)
-            continue
-        if len(actions) + len(chosen) > max_moves:
-            continue
-        landed = _land(work, model, chosen, key, size, policy)
-        if landed is None:
-            blocked.append(key)
-            continue
-        actions.extend(landed)
-        gone = {j.job_id for j in chosen}
-        model.jobs[key] = [j for j in model.jobs[key] if j.job_id not in gone]
-        model.free[key] += sum(j.cpus for j in chosen)
-        model.memory[key] += sum(j.memory for j in chosen)
-        for action in landed:
-            alloc = action.allocation
-            assert alloc is not None
-            dest = (alloc.host, alloc.nodes[0].node)
-            job = next(j for j in chosen if j.job_id == action.job_id)
-            job.node = dest
-            model.jobs[dest].append(job)
-        # Remainders changed: nodes that could not place their set may now.
-        largest = room()
-        for again in {key, *blocked, *((a.allocation.host, a.allocation.nodes[0].node)
-                                       for a in landed if a.allocation is not None)}:
-            push(again, largest)
+    # Sets of up to `max_set` jobs; when that runs dry with moves left, once more with sets
+    # twice as large (many combinations, so only then: on big clusters the limit comes first).
+    for most in (max_set, 2 * max_set):
+        heap.clear()
         blocked.clear()
+        largest = room()
+        for key in model.free:
+            push(key, largest, most)
+        while heap and len(actions) < max_moves and complete:
+            if deadline is not None and time.perf_counter() > deadline:
+                complete = False
+                break
+            count, _, _, _, _, key = heapq.heappop(heap)
+            short = size - model.free[key] % size
+            found = _sets(model.jobs[key], short, most, largest)
+            if not found:
+                continue
+            if len(found[0]) != count:  # stale: the node changed since it was queued
+                push(key, largest, most)
+                continue
+            landed = None
+            for chosen in found:
+                if len(actions) + len(chosen) <= max_moves:
+                    landed = _land(work, model, chosen, key, size, policy)
+                    if landed is not None:
+                        break
+            if landed is None:
+                blocked.append(key)
+                continue
+            actions.extend(landed)
+            gone = {j.job_id for j in chosen}
+            model.jobs[key] = [j for j in model.jobs[key] if j.job_id not in gone]
+            model.free[key] += sum(j.cpus for j in chosen)
+            model.memory[key] += sum(j.memory for j in chosen)
+            for action in landed:
+                alloc = action.allocation
+                assert alloc is not None
+                dest = (alloc.host, alloc.nodes[0].node)
+                job = next(j for j in chosen if j.job_id == action.job_id)
+                job.node = dest
+                model.jobs[dest].append(job)
+            # Remainders changed: nodes that could not place their set may now.
+            largest = room()
+            for again in {key, *blocked, *((a.allocation.host, a.allocation.nodes[0].node)
+                                           for a in landed if a.allocation is not None)}:
+                push(again, largest, most)
+            blocked.clear()
     after = fragment_rate(work, size)
     cost = sum(a.memory_mib for a in actions)
     summary = (f"fragment rate for {size}-cpu jobs {before:.3f} -> {after:.3f} with "

@@ -65,16 +65,20 @@ def same_cells(before: Allocation, after: Allocation) -> bool:
 
 
 def apply_live(dom: libvirt.virDomain, alloc: Allocation, emulator_cpus: frozenset[int],
-               nodes_changed: bool) -> None:
+               nodes_changed: bool, done: list[str] | None = None) -> None:
     """Pin the running guest as `alloc` says and rewrite its metadata's allocation; raises
-    libvirt.libvirtError on the first refusal."""
+    libvirt.libvirtError on the first refusal. `done` collects the steps that took effect."""
+    done = [] if done is None else done
     host_cpus = dom.connect().getCPUMap(0)[0]
     for vcpu, cpu in enumerate(alloc.cpus):
         dom.pinVcpuFlags(vcpu, cpumap((cpu,), host_cpus), LIVE)
+        done.append(f"vcpu{vcpu}")
     dom.pinEmulator(cpumap(emulator_cpus or alloc.cpus, host_cpus), LIVE)
+    done.append("emulator")
     if nodes_changed:
         nodeset = format_cpu_list(sorted({s.node for s in alloc.nodes}))
         dom.setNumaParameters({libvirt.VIR_DOMAIN_NUMA_NODESET: nodeset}, LIVE)
+        done.append("nodeset")
     job = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                                      domain_xml.METADATA_NS, LIVE))
     for old in job.findall(f"{{{domain_xml.METADATA_NS}}}allocation"):
@@ -112,15 +116,18 @@ def repin_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConne
     except sqlite3.IntegrityError:
         raise VmjobsError(f"job {job_id}: {where} on {host} are held by another job") from None
     emulator = config.host(host).reserved_cpus
+    done: list[str] = []
     try:
-        apply_live(dom, alloc, emulator, nodes_changed)
+        apply_live(dom, alloc, emulator, nodes_changed, done)
     except libvirt.libvirtError as exc:
         message = exc.get_error_message()
-        try:
-            apply_live(dom, before, emulator, nodes_changed)
-            back = "its old pinning is back"
-        except libvirt.libvirtError as again:
-            back = f"putting its old pinning back failed too: {again.get_error_message()}"
+        back = "nothing had changed"
+        if done:
+            try:
+                apply_live(dom, before, emulator, nodes_changed)
+                back = "its old pinning is back"
+            except libvirt.libvirtError as again:
+                back = f"putting its old pinning back failed too: {again.get_error_message()}"
         store.repin_reservation(job_id, before, f"re-pin to {where} failed: {message}")
         raise RepinFailed(f"job {job_id}: libvirt refused the re-pin to {where}: {message}; "
                           f"{back}") from None

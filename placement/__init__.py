@@ -27,7 +27,7 @@ from placement.plans import (
     plan_rebalance,
     plan_to_fit,
 )
-from placement.results import Decision, Explanation, HostUsage, NodeUsage, Reason
+from placement.results import Decision, Explanation, HostUsage, NicUsage, NodeUsage, Reason
 from placement.scorers import POLICIES
 from placement.swf import SwfJob, Trace, parse_swf
 from placement.synthetic import make_host, make_hosts
@@ -46,6 +46,7 @@ __all__ = [
     "HostState",
     "HostUsage",
     "Migrate",
+    "NicUsage",
     "Node",
     "NodeShare",
     "NodeUsage",

@@ -79,13 +79,23 @@ def apply_live(dom: libvirt.virDomain, alloc: Allocation, emulator_cpus: frozens
         nodeset = format_cpu_list(sorted({s.node for s in alloc.nodes}))
         dom.setNumaParameters({libvirt.VIR_DOMAIN_NUMA_NODESET: nodeset}, LIVE)
         done.append("nodeset")
+    # libvirt hands the element out and takes it back without its namespace (it applies
+    # `uri` to the element and its children itself), so it is edited in plain names here.
     job = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                                      domain_xml.METADATA_NS, LIVE))
-    for old in job.findall(f"{{{domain_xml.METADATA_NS}}}allocation"):
+    for old in job.findall("allocation"):
         job.remove(old)
-    job.append(domain_xml.allocation_element(alloc))
+    job.append(_plain(domain_xml.allocation_element(alloc)))
     dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(job, encoding="unicode"),
                     "vmjob", domain_xml.METADATA_NS, LIVE)
+    done.append("metadata")
+
+
+def _plain(element: ET.Element) -> ET.Element:
+    """`element` and its children with the namespace taken off their tags."""
+    for node in element.iter():
+        node.tag = node.tag.rpartition("}")[2]
+    return element
 
 
 def repin_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],

@@ -112,3 +112,11 @@ def test_fragment_plans_never_make_it_worse(data: dict, moves: int, size: int) -
     after = apply_plan(cluster, plan)
     assert fragment_rate(after, size) <= fragment_rate(cluster, size) + 1e-12
     assert plan.found == (fragment_rate(after, size) < fragment_rate(cluster, size))
+
+
+@settings(max_examples=60, deadline=None)
+@given(snapshots())
+def test_snapshots_round_trip(data: dict) -> None:
+    """Jobs come back in id order; nothing else changes."""
+    again = snapshot_of(cluster_from_snapshot(data))
+    assert again == {"hosts": data["hosts"], "jobs": sorted(data["jobs"], key=lambda j: j["id"])}

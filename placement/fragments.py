@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from itertools import combinations
 
 from placement.cluster import Cluster
+from placement.ledger import NodeLedger
 from placement.model import Allocation, HostState, Request
 from placement.plans import Action, Migrate, Objective, Plan, Repin, moved_between_nodes
 from placement.units import format_mib, plural
@@ -44,7 +45,7 @@ def whole_free_nodes(cluster: Cluster) -> int:
     return sum(n.is_empty() for name in cluster.hosts for n in _up_nodes(cluster, name))
 
 
-def _up_nodes(cluster: Cluster, host: str) -> tuple:  # type: ignore[type-arg]
+def _up_nodes(cluster: Cluster, host: str) -> tuple[NodeLedger, ...]:
     ledger = cluster._ledger(host)
     return ledger.nodes if ledger.host.state == HostState.UP else ()
 

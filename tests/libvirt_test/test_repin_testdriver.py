@@ -15,7 +15,7 @@ import pytest
 from placement import Allocation, NodeShare, Repin, Request
 from tests.libvirt_test.domain_specs import _spec
 from tests.libvirt_test.test_domain_testdriver import for_test_driver
-from vmjobs.config import parse
+from vmjobs.config import Config, parse
 from vmjobs.daemon import moves
 from vmjobs.daemon.api import plan_view
 from vmjobs.daemon.core import Active, Daemon
@@ -33,8 +33,11 @@ def on(cpu: int, node: int = 0) -> Allocation:
     return Allocation("a", (cpu,), 128, (NodeShare(node, (cpu,), 128),))
 
 
+Setup = tuple[Store, libvirt.virConnect, libvirt.virDomain]
+
+
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Store, libvirt.virConnect, libvirt.virDomain]]:
+def setup(tmp_path: Path) -> Iterator[Setup]:
     conn = libvirt.open(URI)
     store = Store(tmp_path / "state.db")
     for job, cpu in (("j", 1), ("other", 3)):
@@ -48,7 +51,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Store, libvirt.virConnect, libvirt.v
     conn.close()
 
 
-def config(tmp_path: Path):  # type: ignore[no-untyped-def]
+def config(tmp_path: Path) -> Config:
     return parse({"spool": str(tmp_path / "spool"), "virt_type": "qemu",
                   "hosts": [{"name": "a", "uri": URI}]}, "test")
 
@@ -57,7 +60,7 @@ def held(store: Store, job: str) -> set[int]:
     return {c for c, owner in store.reserved_cpus("a").items() if owner == job}
 
 
-def test_a_refused_repin_puts_the_reservation_back(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_refused_repin_puts_the_reservation_back(setup: Setup, tmp_path: Path) -> None:
     store, conn, dom = setup
     with pytest.raises(RepinFailed, match=r"libvirt refused the re-pin to cpus 2, nodes 0: "
                                           r".*unsupported flags.*; nothing had changed"):
@@ -71,14 +74,14 @@ def test_a_refused_repin_puts_the_reservation_back(setup, tmp_path: Path) -> Non
     assert meta is not None and meta.allocation.cpus == (1,)
 
 
-def test_cpus_held_by_another_job_are_refused_before_libvirt(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cpus_held_by_another_job_are_refused_before_libvirt(setup: Setup, tmp_path: Path) -> None:
     store, conn, _ = setup
     with pytest.raises(VmjobsError, match="job j: cpus 3, nodes 0 on a are held by another job"):
         repin_job(config(tmp_path), store, {"a": conn}, "j", on(3))
     assert held(store, "j") == {1} and held(store, "other") == {3}
 
 
-def test_what_a_repin_cannot_be(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_what_a_repin_cannot_be(setup: Setup, tmp_path: Path) -> None:
     store, conn, _ = setup
     elsewhere = Allocation("b", (2,), 128, (NodeShare(0, (2,), 128),))
     with pytest.raises(VmjobsError, match="runs on a; a re-pin stays on its host"):

@@ -67,6 +67,11 @@ class Config:
     # when a queued job that is not preemptible does not fit, move preemptible jobs for it
     preemption: bool = False
     max_outbound_migrations: int = 1  # live migrations leaving one host at once
+    # room in the spool per user (unclaimed uploads + directories of jobs not ended), room
+    # the spool always keeps free, and how long an unclaimed upload is kept (daemon/uploads.py)
+    user_spool_quota_mib: int = 16 << 10
+    spool_min_free_mib: int = 1 << 10
+    upload_ttl_s: float = 600.0
 
     @property
     def state_db(self) -> Path:
@@ -169,7 +174,8 @@ def parse(data: Any, path: str) -> Config:
     top = _Reader(data, path, "")
     top.check_known(
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
-         "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations"}
+         "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
+         "user_spool_quota", "spool_min_free", "upload_ttl"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -211,6 +217,9 @@ def parse(data: Any, path: str) -> Config:
         admin_group=admin_group,
         preemption=preemption,
         max_outbound_migrations=top.int("max_outbound_migrations", 1, minimum=1),
+        user_spool_quota_mib=top.size_mib("user_spool_quota", Config.user_spool_quota_mib),
+        spool_min_free_mib=top.size_mib("spool_min_free", Config.spool_min_free_mib),
+        upload_ttl_s=float(top.int("upload_ttl", int(Config.upload_ttl_s), minimum=1)),
     )
 
 

@@ -22,6 +22,7 @@ from vmjobs.cli.options import build_request, job_options, parse_env, parse_time
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import DEFAULT_SOCKET
 from vmjobs.errors import VmjobsError
+from vmjobs.guest_protocol import input_entries
 from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
 from vmjobs.units import format_mib, parse_duration
 
@@ -133,6 +134,10 @@ def submission(params: dict[str, Any], client: Client) -> dict[str, Any]:
         "output": str(Path(output).absolute()) if output is not None else None,
     }
     if params["input_dir"] is not None:
+        # the guest protocol's own rules (regular files and directories only), here, before
+        # anything is sent: refused at submit with the user's path, not at start with the
+        # spool's
+        input_entries(Path(params["input_dir"]))
         body["input"] = client.upload_dir(Path(params["input_dir"]))
     return body
 

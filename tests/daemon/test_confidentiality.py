@@ -350,3 +350,24 @@ def test_an_upload_is_refused_when_the_spool_would_run_short(make_daemon: Any,
         assert uploads_left(full) == []
     finally:
         full.stop()
+
+
+def test_an_upload_is_claimed_by_its_uploader_only(daemon: Daemon, users: list[User]) -> None:
+    alice, bob = users
+    status, upload = upload_as(alice, daemon, tar_of([a_file("f", b"alice's\n")]))
+    assert status == 201, upload
+
+    def submit_with(socket_path: str, token: str) -> str:
+        client = Client(Target(Path(socket_path)))
+        try:
+            client.submit({"argv": ["true"], "input": token})
+            return "accepted"
+        except Exception as exc:  # the refusal, as the client reports it
+            return str(exc)
+        finally:
+            client.close()
+
+    refused = run_as(bob, submit_with, str(daemon.socket), upload["upload"])
+    assert refused.startswith(f"no upload '{upload['upload']}' of yours"), refused
+    assert str(daemon.spool) not in refused
+    assert uploads_left(daemon) == [upload["upload"]]  # still alice's, until its TTL

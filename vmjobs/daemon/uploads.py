@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 from vmjobs.daemon.server import ApiError
 from vmjobs.errors import VmjobsError
-from vmjobs.guest import JOB_DIR_MODE
+from vmjobs.guest import JobFiles, make_job_dir
 
 MAX_UPLOAD_BYTES = 16 << 30
 CHUNK = 1 << 20
@@ -140,9 +140,7 @@ class Uploads:
                                   f"{self.limits.ttl_s:g} s until used, or until the daemon "
                                   "restarts)")
             del self._pending[token]
-        for directory in (dest.parent.parent, dest.parent):
-            directory.mkdir(mode=JOB_DIR_MODE, exist_ok=True)
-            os.chmod(directory, JOB_DIR_MODE)
+        make_job_dir(JobFiles(dest.parent))
         os.rename(self.dir / token, dest)
 
     def drop_stale(self) -> int:

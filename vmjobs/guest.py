@@ -75,7 +75,8 @@ class JobFiles:
         fifo.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
         # a FIFO opened read-write never reads end-of-file: the guest's input stays quiet
-        fd = os.open(self.output(index), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # private like the job's other files (QEMU runs as root or is given it by libvirt)
+        fd = os.open(self.output(index), os.O_WRONLY | os.O_CREAT | os.O_EXCL, JOB_FILE_MODE)
         os.close(fd)
         return base
 
@@ -126,11 +127,25 @@ def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
     return tuple(Nic(guest_nic_address(i), dev) for i, dev in enumerate(allocation.devices))
 
 
+# A job's directory and files hold its argv, environment, inputs and outputs: only root
+# reads them. The directories are traversable (not listable) so that QEMU, running as
+# another user, reaches its own files, which libvirt's DAC driver (`dynamic_ownership`, on
+# by default) hands to that user for the guest's lifetime and gives back to root after.
+JOB_DIR_MODE = 0o711
+JOB_FILE_MODE = 0o600
+
+
+def make_job_dir(files: JobFiles) -> None:
+    """Create (or re-mode) `<spool>/jobs/<id>/` and `<spool>/jobs/` with JOB_DIR_MODE."""
+    for directory in (files.dir.parent, files.dir):
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, JOB_DIR_MODE)
+
+
 def prepare(plan: GuestPlan, files: JobFiles) -> str:
-    """Write the job's initrd, output disk and domain XML; return the XML."""
-    files.dir.mkdir(parents=True, exist_ok=True)
-    # QEMU runs as an unprivileged user on most hosts and must read/write these files.
-    os.chmod(files.dir, 0o755)
+    """Write the job's initrd, output disk and domain XML (each JOB_FILE_MODE, in a
+    JOB_DIR_MODE directory); return the XML."""
+    make_job_dir(files)
     nics = nics_for(plan.allocation)
     guest_protocol.write_job_initrd(
         guest_protocol.JobSpec(
@@ -146,6 +161,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
         files.initrd,
     )
     guest_protocol.create_output_disk(files.output_disk, plan.output_disk_mib << 20)
+    os.chmod(files.output_disk, JOB_FILE_MODE)
     output_pipe = files.new_output()
     xml = domain_xml.build(
         DomainSpec(
@@ -166,7 +182,9 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             output_pipe=output_pipe,
         )
     )
-    files.domain_xml.write_text(xml)
+    fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)
+    with os.fdopen(fd, "w") as out:
+        out.write(xml)
     return xml
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 import libvirt
 
 import placement
-from placement import Checkpoint, Migrate, Request
-from vmjobs import checkpoint, migration
+from placement import Allocation, Checkpoint, Migrate, Repin, Request
+from vmjobs import checkpoint, migration, repin
 from vmjobs.codec import request_from_dict
 from vmjobs.daemon.core import Active, Daemon, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
@@ -40,7 +40,8 @@ SETTLE_S = 60.0  # how long a drain waits for a job that is still starting
 
 @dataclass(frozen=True)
 class MoveResult:
-    """What happened to one job: `action` is migrated | checkpointed | restored | failed."""
+    """What happened to one job: `action` is migrated | repinned | checkpointed | restored |
+    failed."""
 
     job_id: str
     action: str
@@ -99,6 +100,14 @@ def settle(daemon: Daemon, active: Active) -> None:
             return
         active.host = record.host or active.host
         conn = daemon.hosts.conn(active.host)
+        if conn is None:
+            # its host went away during the move: the guest may run on there; it is
+            # UNREACHABLE until the host returns (recovery) or is declared lost
+            active.phase = "running"
+            daemon.store.transition(active.job_id, JobState.UNREACHABLE,
+                                    f"host {active.host} not responding after a move")
+            daemon.wake()
+            return
         try:
             dom = lookup_domain(conn, domain_name(active.job_id)) if conn is not None else None
             alive = dom is not None and is_running(dom)
@@ -122,6 +131,16 @@ def settle(daemon: Daemon, active: Active) -> None:
                      name=f"stop-{active.job_id}")
 
 
+def _stop_asked(active: Active) -> Callable[[], str | None]:
+    """For a move in progress: the reason of a stop (cancel, time limit) recorded for the job
+    since it started moving, which aborts the move; `settle` then carries the stop out on the
+    guest where it still runs."""
+    def asked() -> str | None:
+        stop = active.stop  # set under the daemon's lock; reading the one attribute is atomic
+        return stop[1] if stop is not None else None
+    return asked
+
+
 def policy_for(daemon: Daemon, **options: object) -> migration.Policy:
     """The convergence policy: the defaults, the config's outbound limit, the caller's
     options (None: keep the default)."""
@@ -133,13 +152,13 @@ def policy_for(daemon: Daemon, **options: object) -> migration.Policy:
 def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Policy,
             on_progress: Callable[[migration.Progress], None] | None = None,
             note: Note = lambda _m: None, replug_nics: bool = False) -> MoveResult:
-    if to is not None:
-        daemon.config.host(to)
+    """Live-migrate a daemon job; `to` was checked against the config by the API."""
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
         source = active.host
         moved = migration.migrate_job(daemon.config, store, daemon.hosts.conns(),
                                       daemon.hosts.inventory(), job_id, to, policy,
-                                      on_progress, note, replug_nics)
+                                      on_progress, note, replug_nics,
+                                      should_abort=_stop_asked(active))
     downtime = f"{moved.outcome.downtime_ms} ms" if moved.outcome.downtime_ms is not None \
         else "?"
     return MoveResult(job_id, "migrated", source, moved.destination,
@@ -148,12 +167,23 @@ def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Polic
                       + (f"; {moved.nics}" if moved.nics else ""))
 
 
+def repin_job(daemon: Daemon, job_id: str, allocation: Allocation) -> MoveResult:
+    """Re-pin a running job to other cpus / NUMA nodes of its own host, live."""
+    with moving(daemon, job_id) as active, _own_store(daemon) as store:
+        done = repin.repin_job(daemon.config, store, daemon.hosts.conns(), job_id, allocation)
+        host = active.host
+    return MoveResult(job_id, "repinned", host, host,
+                      f"{describe_allocation(done.after)} "
+                      f"({done.memory_moved_mib} MiB changed NUMA node)")
+
+
 def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> MoveResult:
     """Save the job's guest into its spool dir and free its reservation. `restore="auto"`:
     the scheduler restores it when it fits again (preempted or drained jobs)."""
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
         source = active.host
-        saved = checkpoint.checkpoint_job(daemon.config, store, daemon.hosts.conns(), job_id)
+        saved = checkpoint.checkpoint_job(daemon.config, store, daemon.hosts.conns(), job_id,
+                                          should_abort=_stop_asked(active))
         if restore is not None:
             store.mark(job_id, restore=restore)
         if active.ends_at is not None:  # the time limit resumes where it stopped
@@ -164,10 +194,9 @@ def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> M
 
 def restore(daemon: Daemon, job_id: str, to: str | None = None,
             claimed: bool = False) -> MoveResult:
-    """Restore a checkpointed job on `to` or wherever it fits. `claimed`: the caller already
-    put it in `daemon.restoring` (so that nobody else starts restoring it too)."""
-    if to is not None:
-        daemon.config.host(to)
+    """Restore a checkpointed job on `to` (checked by the API) or wherever it fits.
+    `claimed`: the caller already put it in `daemon.restoring` (so that nobody else starts
+    restoring it too)."""
     with daemon.lock:
         record = daemon.store.job(job_id)
         if record is None:
@@ -254,10 +283,12 @@ def uncordon(daemon: Daemon, host: str) -> bool:
         return was
 
 
-def rebalance_plan(daemon: Daemon, max_moves: int) -> placement.Plan:
+def rebalance_plan(daemon: Daemon, max_moves: int, objective: str = "whole-nodes",
+                   target_cpus: int = 16) -> placement.Plan:
     with daemon.lock:
         cluster = planning_cluster(daemon, movable=lambda _r: True)
-    return placement.plan_rebalance(cluster, max_moves)
+    return placement.plan_rebalance(cluster, max_moves, objective=objective,
+                                    target_cpus=target_cpus)
 
 
 def carry_out(daemon: Daemon, plan: placement.Plan, policy: migration.Policy,
@@ -267,7 +298,11 @@ def carry_out(daemon: Daemon, plan: placement.Plan, policy: migration.Policy,
     results: list[MoveResult] = []
     for action in plan.actions:
         try:
-            if isinstance(action, Migrate):
+            if isinstance(action, Repin):
+                assert action.allocation is not None
+                note(f"job {action.job_id}: re-pinning on {action.host}")
+                results.append(repin_job(daemon, action.job_id, action.allocation))
+            elif isinstance(action, Migrate):
                 note(f"job {action.job_id}: migrating to {action.to_host}")
                 results.append(migrate(daemon, action.job_id, action.to_host, policy,
                                        note=note))

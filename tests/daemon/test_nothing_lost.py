@@ -10,7 +10,9 @@ Run under the guest lock:
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +61,18 @@ def no_domains_left(timeout_s: float = 60) -> None:
     while our_domains():
         assert time.monotonic() < deadline, our_domains()
         time.sleep(0.1)
+
+
+def first_lines(proc: subprocess.Popen[str], count: int) -> str:
+    """The first `count` lines of its stdout, read from the pipe itself: a text readline
+    would buffer more, which communicate() (reading the pipe's fd) then never sees."""
+    assert proc.stdout is not None
+    data = b""
+    while data.count(b"\n") < count:
+        byte = os.read(proc.stdout.fileno(), 1)
+        assert byte, "the stream ended early"
+        data += byte
+    return data.decode()
 
 
 MODES = pytest.mark.parametrize("mode", ["direct", "daemon"])
@@ -136,8 +150,8 @@ def test_clients_reconnect_after_a_daemon_restart_and_return_the_exit_code(
     waiter = spool_daemon.popen("wait", job_id)
     assert follower.stdout is not None and runner.stdout is not None
     # both jobs run and both streams flow before the daemon dies
-    seen = follower.stdout.readline() + follower.stdout.readline()
-    ran = runner.stdout.readline()
+    seen = first_lines(follower, 2)
+    ran = first_lines(runner, 1)
     assert (seen, ran) == ("line 1\nline 2\n", "line 1\n")
     spool_daemon.kill9()
     spool_daemon.start()

@@ -206,7 +206,10 @@ class Api:
         """Long poll: answers when the job has ended, or after ?timeout= seconds."""
         daemon = self.daemon
         job_id = req.params["id"]
-        timeout = min(req.number("timeout") or WAIT_MAX_S, WAIT_MAX_S)
+        # 0 answers at once (a poll); absent means the longest wait
+        timeout = req.number("timeout", 0.0, WAIT_MAX_S)
+        if timeout is None:
+            timeout = WAIT_MAX_S
         with daemon.lock:
             self._own(req.caller, job_id)
             daemon.changed.wait_for(lambda: _finished(daemon, job_id) or daemon.stopping,

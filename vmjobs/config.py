@@ -8,6 +8,7 @@ Every error names the file, the key and what is wrong.
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import re
 from collections.abc import Mapping
@@ -238,6 +239,21 @@ def parse(data: Any, path: str) -> Config:
         max_connections_per_user=top.int("max_connections_per_user", 64, minimum=1),
         request_timeout_s=top.seconds("request_timeout", 10.0, 3600.0),
     )
+
+
+def system_warnings(config: Config) -> list[str]:
+    """What the config names that this machine lacks, one line each (the daemon logs them at
+    start and answers them in /v1/status; `vmjob hosts` prints them). A missing admin_group
+    is a warning, not an error: membership is read per request, so creating the group later
+    takes effect without a restart."""
+    warnings = []
+    if config.admin_group is not None:
+        try:
+            grp.getgrnam(config.admin_group)
+        except KeyError:
+            warnings.append(f"{config.path}: admin_group: no group {config.admin_group!r} on "
+                            "this system: only root acts on every job")
+    return warnings
 
 
 def same_host_key(uri: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 import placement
 from vmjobs import __version__
+from vmjobs.config import system_warnings
 from vmjobs.daemon import logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.identity import Caller, denial, may_act
@@ -110,6 +111,7 @@ class Api:
             "queued": queued, "active": running,
             "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
             "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
+            "warnings": system_warnings(daemon.config),
         })
 
     def hosts(self, _req: ApiRequest) -> Json:

@@ -9,7 +9,6 @@ Stopping the daemon leaves guests running: the next start finds them again.
 from __future__ import annotations
 
 import fcntl
-import grp
 import logging
 import os
 import resource
@@ -19,7 +18,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from vmjobs.config import Config
+from vmjobs.config import Config, system_warnings
 from vmjobs.daemon import scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
@@ -27,7 +26,7 @@ from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.metrics import Present
 from vmjobs.daemon.recovery import recover
 from vmjobs.daemon.server import Limits, UnixHTTPServer
-from vmjobs.errors import ConfigError, VmjobsError
+from vmjobs.errors import VmjobsError
 from vmjobs.runner import snapshot
 
 log = logging.getLogger("vmjobs.daemon")
@@ -62,17 +61,6 @@ def claim_spool(spool: Path) -> int:
     return fd
 
 
-def check_admin_group(config: Config) -> None:
-    """A misspelt admin_group would leave the admins without their rights, silently."""
-    if config.admin_group is None:
-        return
-    try:
-        grp.getgrnam(config.admin_group)
-    except KeyError:
-        raise ConfigError(config.path, "admin_group",
-                          f"no group {config.admin_group!r} on this system") from None
-
-
 def raise_open_files_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard one (every connection is a descriptor; the
     usual soft 1024 let one user's 1,200 idle connections lock everyone out). The soft limit
@@ -102,7 +90,8 @@ def connection_limits(config: Config, nofile: int) -> Limits:
 def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
           metrics_address: str = "127.0.0.1") -> None:
     config = replace(config, socket=socket_path)  # what `status` reports
-    check_admin_group(config)
+    for warning in system_warnings(config):
+        log.warning("%s", warning)
     limits = connection_limits(config, raise_open_files_limit())
     claim_spool(config.spool)
     start_event_loop()

@@ -207,7 +207,7 @@ def parse(data: Any, path: str) -> Config:
         # Two entries for one libvirtd each reconcile the other's guests as leftovers.
         other = seen.setdefault(same_host_key(host.uri), host.name)
         if other != host.name:
-            raise top.fail("hosts", f"hosts {other!r} and {host.name!r} have the same libvirt "
+            raise top.fail("hosts", f"{other!r} and {host.name!r} have the same libvirt "
                                     f"URI {host.uri!r}: one host, configured twice")
     socket = Path(top.str("socket", str(DEFAULT_SOCKET)))
     if not socket.is_absolute():

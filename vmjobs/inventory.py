@@ -156,10 +156,13 @@ def build_host(config: HostConfig, nodes: tuple[Node, ...], devices: tuple[Devic
     )
 
 
+def read_nodes(conn: libvirt.virConnect) -> tuple[Node, ...]:
+    """The host's NUMA nodes as libvirt reports them, before any reservation."""
+    return parse_capabilities(conn.getCapabilities()) or _nodes_without_topology(conn)
+
+
 def read_host(conn: libvirt.virConnect, config: HostConfig, nic_backend: str) -> Host:
-    nodes = parse_capabilities(conn.getCapabilities())
-    if not nodes:
-        nodes = _nodes_without_topology(conn)
+    nodes = read_nodes(conn)
     if nic_backend == "emulated":
         devices = emulated_devices(config)
     else:

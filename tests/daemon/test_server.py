@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -33,8 +34,9 @@ HALF_SENT = b"GET /v1/status HTTP/1.1\r\nHost: vmjobs\r\n"  # no blank line: nev
 BOUND_S = 60.0  # generous bound for anything the daemon must do "soon"
 
 
-def make(name: str, **extra: Any) -> Daemon:
-    """A daemon on libvirt's test driver with a spool of its own (not started)."""
+def make(name: str, hosts: list[dict[str, Any]] | None = None, **extra: Any) -> Daemon:
+    """A daemon (on libvirt's test driver unless `hosts` say otherwise) with a spool of its
+    own (not started)."""
     ROOT.mkdir(parents=True, exist_ok=True)
     ROOT.chmod(0o755)
     spool = ROOT / f"srv-{name}"
@@ -43,7 +45,7 @@ def make(name: str, **extra: Any) -> Daemon:
     spool.chmod(0o755)  # the users of these tests reach the socket inside
     socket_path = spool / "vmjobs.sock"
     config = write_config(spool / "config.yaml", spool, socket_path,
-                          [{"name": "t", "uri": "test:///default"}], **extra)
+                          hosts or [{"name": "t", "uri": "test:///default"}], **extra)
     return Daemon(name, spool, config, socket_path, spool / "daemon.log")
 
 
@@ -318,6 +320,25 @@ def test_a_missing_admin_group_is_a_warning_until_it_exists() -> None:
         with make_users(1):  # creates the group: membership is read per request
             assert client.status()["warnings"] == []
         client.close()
+
+
+def test_one_libvirt_host_under_two_names_is_connected_once() -> None:
+    """The config cannot tell that these two URIs reach one libvirtd; the host's UUID can.
+    (The daemon leaves guests of jobs it does not know alone: other tests' guests are safe.)"""
+    second = f"qemu:///system?socket={os.path.realpath('/var/run/libvirt/libvirt-sock')}"
+    daemon = make("twonames", hosts=[{"name": "a", "uri": "qemu:///system"},
+                                     {"name": "b", "uri": second}])
+    with running(daemon):
+        client = daemon.client()
+        views = {v["name"]: v for v in client.hosts()}
+        client.close()
+        assert views["a"]["state"] == "up"
+        assert views["b"]["state"] == "down"
+        assert re.fullmatch(r"host b: the same libvirt host as a \(host UUID [0-9a-f-]{36}\); "
+                            r"configure each host once", views["b"]["error"]), views["b"]
+    direct = daemon.vmjob("hosts", "--json")
+    assert direct.returncode == 0, direct.stderr
+    assert [v["state"] for v in json.loads(direct.stdout)] == ["up", "down"]
 
 
 # --- values and framing ----------------------------------------------------------------------

@@ -121,8 +121,8 @@ class Api:
         views = []
         for host in daemon.config.hosts:
             usage = cluster.free(host.name) if host.name in cluster.hosts else None
-            views.append(HostView(host.name, host.uri, usage,
-                                  daemon.hosts.error(host.name)).to_dict())
+            views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
+                                  tuple(daemon.hosts.warnings(host.name))).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:

@@ -265,7 +265,8 @@ class ConnectionGate:
             if self._users[uid] >= limits.per_user:
                 return 429, (f"{user_name(uid)} already has {limits.per_user} connections open "
                              "to the daemon, the limit per user; close some and retry")
-            if users + self._admins >= limits.total:
+            everyone = users + self._admins
+            if users >= limits.total or everyone >= limits.total + limits.admin_reserve:
                 return 503, (f"the daemon holds {limits.total} connections, its limit for "
                              "users; retry later")
             self._users[uid] += 1

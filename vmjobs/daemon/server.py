@@ -351,11 +351,12 @@ class _Body:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked streams
-    server_version = "vmjobd"
-    sys_version = ""  # no Python version in every answer
     server: UnixHTTPServer
     client_address: _Conn  # see UnixHTTPServer.process_request
     timeout = SEND_TIMEOUT_S
+
+    def version_string(self) -> str:
+        return "vmjobd"  # the Server header; no Python version in every answer
 
     def address_string(self) -> str:
         return f"uid {self.client_address.uid}"

@@ -392,8 +392,17 @@ HOSTILE = [
 
 @pytest.fixture(scope="module")
 def values_daemon() -> Iterator[Daemon]:
-    with running(make("values")) as daemon:
+    hosts = [{"name": "t", "uri": "test:///default", "reserved_cpus": "0,40"}]
+    with running(make("values", hosts=hosts)) as daemon:
         yield daemon
+
+
+def test_the_daemon_says_what_the_host_contradicts(values_daemon: Daemon) -> None:
+    warning = "host t: reserved_cpus: cpu 40 is not on this host (it has 0-15)"
+    client = values_daemon.client()
+    assert client.hosts()[0]["warnings"] == [warning]
+    client.close()
+    assert f"vmjobd: {warning}" in values_daemon.log_text()
 
 
 @pytest.mark.parametrize(("raw", "status", "error"), HOSTILE,

@@ -2,8 +2,8 @@
 admins), deadlines for requests, its own open-files limit, and HTTP-level values refused with
 a JSON 400 — tried as real unix users against a real `vmjob serve`.
 
-These daemons serve libvirt's test driver (no guest is booted), so they need neither the
-guest image nor the guest lock.
+These daemons serve libvirt's test driver (one test also connects to the real libvirtd);
+no guest is booted, so they need neither the guest image nor the guest lock.
 """
 
 from __future__ import annotations

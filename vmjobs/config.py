@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from vmjobs.errors import ConfigError, VmjobsError
-from vmjobs.units import parse_cpu_list, parse_size_mib
+from vmjobs.units import parse_cpu_list, parse_duration, parse_size_mib
 
 SYSTEM_CONFIG = Path("/etc/vmjobs/config.yaml")
 DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
@@ -75,6 +75,9 @@ class Config:
     max_connections: int = 512
     max_connections_per_user: int = 64
     request_timeout_s: float = 10.0
+    # how long a host may stay unreachable (its jobs UNREACHABLE, guests perhaps running on)
+    # before it is declared down and its jobs LOST; libvirtd restarts take seconds
+    host_down_after_s: float = 300.0
 
     @property
     def state_db(self) -> Path:
@@ -189,7 +192,7 @@ def parse(data: Any, path: str) -> Config:
     top.check_known(
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
-         "max_connections", "max_connections_per_user", "request_timeout"}
+         "max_connections", "max_connections_per_user", "request_timeout", "host_down_after"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -238,6 +241,7 @@ def parse(data: Any, path: str) -> Config:
         max_connections=top.int("max_connections", 512, minimum=1),
         max_connections_per_user=top.int("max_connections_per_user", 64, minimum=1),
         request_timeout_s=top.seconds("request_timeout", 10.0, 3600.0),
+        host_down_after_s=_host_down_after(top),
     )
 
 
@@ -274,6 +278,24 @@ def same_host_key(uri: str) -> str:
 
 
 _DEFAULT_PORTS = {"tcp": 16509, "tls": 16514, "ssh": 22, "libssh": 22, "libssh2": 22}
+
+
+MAX_HOST_DOWN_AFTER_S = 7 * 86400.0
+
+
+def _host_down_after(top: _Reader) -> float:
+    """`host_down_after`: seconds, or a duration such as 5m; finite, > 0, at most a week."""
+    value = top.data.get("host_down_after", 300)
+    problem = "must be a duration > 0 and at most 7d, e.g. 30s, 5m or 300"
+    if isinstance(value, bool):
+        raise top.fail("host_down_after", problem)
+    try:
+        seconds = parse_duration(value) if isinstance(value, str) else float(value)
+    except (VmjobsError, TypeError, ValueError):
+        raise top.fail("host_down_after", problem) from None
+    if not 0 < seconds <= MAX_HOST_DOWN_AFTER_S:  # also refuses NaN
+        raise top.fail("host_down_after", problem)
+    return seconds
 
 
 def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:

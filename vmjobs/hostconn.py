@@ -10,7 +10,7 @@ import placement
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
 from vmjobs.host_checks import duplicate_message, host_uuid, host_warnings, same_host
-from vmjobs.inventory import read_host, read_nodes
+from vmjobs.inventory import read_host, read_topology
 
 
 def _quiet(_ctx: object, _err: object) -> None:
@@ -92,7 +92,7 @@ def connect_hosts(config: Config, only: str | None = None) -> Reached:
             if other is not None and uuid is not None:
                 raise VmjobsError(duplicate_message(host_config.name, other, uuid))
             host = read_host(conn, host_config, config.nic_backend)
-            warnings = host_warnings(host_config, read_nodes(conn), config.nic_backend)
+            warnings = host_warnings(host_config, read_topology(conn).nodes, config.nic_backend)
         except (VmjobsError, libvirt.libvirtError) as exc:
             if conn is not None:
                 conn.close()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from vmjobs.cli import cli
 from vmjobs.config import EmulatedNic, HostConfig
 from vmjobs.host_checks import host_uuid, host_warnings, same_host
-from vmjobs.inventory import read_nodes
+from vmjobs.inventory import read_topology
 
 OK = HostConfig(name="t", uri="test:///default", reserved_cpus=frozenset({0, 8}),
                 reserved_memory_mib=1024, emulated_nics=(EmulatedNic("e0", 1),))
@@ -41,12 +41,12 @@ CASES = [
 @pytest.mark.parametrize(("host", "expected"), CASES, ids=[str(i) for i in range(len(CASES))])
 def test_warnings_from_the_hosts_own_topology(default_conn: libvirt.virConnect,
                                               host: HostConfig, expected: list[str]) -> None:
-    assert host_warnings(host, read_nodes(default_conn), "emulated") == expected
+    assert host_warnings(host, read_topology(default_conn).nodes, "emulated") == expected
 
 
 def test_emulated_nics_are_not_checked_under_vfio(default_conn: libvirt.virConnect) -> None:
     host = HostConfig("t", "test:///default", emulated_nics=(EmulatedNic("far", 99),))
-    assert host_warnings(host, read_nodes(default_conn), "vfio") == []
+    assert host_warnings(host, read_topology(default_conn).nodes, "vfio") == []
 
 
 def test_vmjob_hosts_shows_the_warnings(tmp_path: Path) -> None:

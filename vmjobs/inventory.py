@@ -244,9 +244,14 @@ def _parse_pci_device(xml: str) -> PciDevice | None:
 
 def parse_node_devices(xml: str) -> list[PciDevice]:
     """PCI devices of a saved node-device dump: one <device> (`virsh nodedev-dumpxml`) or
-    several under any root element; non-PCI devices are skipped."""
+    several under any root element; non-PCI devices are skipped. Raises InventoryError when
+    the document holds no <device> at all (another file given by mistake, e.g. capabilities:
+    taking it as "no devices" would hide every NIC without a word)."""
     root = ET.fromstring(xml)
     documents = [root] if root.tag == "device" else root.findall("device")
+    if not documents:
+        raise InventoryError(f"no <device> element under <{root.tag}> (not `virsh "
+                             "nodedev-dumpxml` output)")
     found = (parse_pci_device(ET.tostring(d, encoding="unicode")) for d in documents)
     return [d for d in found if d is not None]
 

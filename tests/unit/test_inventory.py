@@ -519,6 +519,11 @@ def test_cli_inventory_shows_what_it_left_out() -> None:
                                                   "easy-backfill.swf: not XML"),
         (("--capabilities", "nodedev-nvme.xml"), "vmjob: Invalid value for --capabilities: "
                                                  "nodedev-nvme.xml: no NUMA cells"),
+        # The files swapped: capabilities given as a node-device dump is refused, not read as
+        # "no devices".
+        (("--capabilities", "caps-quirks.xml", "--nodedev", "caps-2socket-smt.xml"),
+         "vmjob: Invalid value for --nodedev: caps-2socket-smt.xml: no <device> element under "
+         "<capabilities>"),
     ],
 )
 def test_cli_inventory_bad_input_is_one_line_and_exit_2(args: tuple[str, ...],

@@ -111,6 +111,10 @@ def test_plan_snapshot_of_the_live_cluster(tmp_path: Path) -> None:
     alloc = Allocation("t", (8, 9), 256, (NodeShare(1, (8, 9), 256),))
     store.add_job(JobRecord(id="j1", owner="root", uid=0, state=JobState.RUNNING,
                             spec={"argv": ["true"]}), Request(2, 256), alloc, "test")
+    # j2 names its host: the live planner never moves it, so neither may an offline plan.
+    store.add_job(JobRecord(id="j2", owner="root", uid=0, state=JobState.RUNNING,
+                            spec={"argv": ["true"]}), Request(1, 128, host="t"),
+                  Allocation("t", (10,), 128, (NodeShare(1, (10,), 128),)), "test")
     store.close()
     done = vmjob("plan", "snapshot", "-o", str(tmp_path / "snap.json"), config=config)
     assert done.returncode == 0, done.stderr
@@ -118,7 +122,10 @@ def test_plan_snapshot_of_the_live_cluster(tmp_path: Path) -> None:
     assert [(h["name"], [(n["id"], n["cpus"]) for n in h["nodes"]]) for h in snap["hosts"]] \
         == [("t", [(0, 8), (1, 8)])]
     assert snap["jobs"] == [{"id": "j1", "host": "t",
-                             "nodes": [{"node": 1, "cpus": 2, "memory_mib": 256}]}]
+                             "nodes": [{"node": 1, "cpus": 2, "memory_mib": 256}]},
+                            {"id": "j2", "host": "t",
+                             "nodes": [{"node": 1, "cpus": 1, "memory_mib": 128}],
+                             "movable": False}]
     again = vmjob("plan", "rebalance", "--snapshot", str(tmp_path / "snap.json"), "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["before"] == 1.0  # node 0 is whole-free

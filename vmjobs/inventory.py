@@ -123,7 +123,8 @@ def _parse_topology(xml: str) -> Topology:
         memory = cell.find("memory")
         if memory is None:
             no_memory.append(cell_id)
-            notes.append(f"node {cell_id} lists no memory")
+            notes.append(f"node {cell_id} lists no memory (on a live host vmjobs reads it from "
+                         "libvirt's getMemoryStats; from a saved file it counts as 0)")
         memory_mib = ordinary_mib(_to_kib(memory), hugepages) if memory is not None else 0
         distances = tuple(sorted((int(s.get("id", "0")), int(s.get("value", "0")))
                                  for s in cell.findall("./distances/sibling")))

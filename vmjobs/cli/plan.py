@@ -108,7 +108,9 @@ def rebalance(path: str, max_moves: int, objective: str, target_cpus: int,
 def snapshot_command(obj: Any, output: str | None) -> None:
     """Write the live cluster (hosts from libvirt, reservations from the store) as a snapshot.
 
-    Unreachable and cordoned hosts are left out.
+    Unreachable and cordoned hosts are left out. Jobs the live planner would not move (their
+    request names the host, or they hold hugepages or NICs) are marked "movable": false, so an
+    offline plan leaves them where they are too.
 
     \b
     Examples:

@@ -330,10 +330,22 @@ def unassignable(pci: Iterable[PciDevice], offered: set[str]) -> dict[str, str]:
 
 
 def nic_notes(pci: Iterable[PciDevice], allow: Iterable[str]) -> list[str]:
-    """Why allow-listed NICs are left out (see `unassignable`), one line each."""
+    """Why allow-listed NICs are left out, one line each: an address the device list does not
+    hold, a PF whose VFs (which it stands for) it does not hold, a group VFIO could not assign
+    (see `unassignable`). The first two matter for saved dumps, where a device is easily
+    forgotten: without a note the NIC would vanish silently."""
     pci = list(pci)
+    allow = tuple(allow)
+    known = {d.address for d in pci}
+    notes = [f"NIC {entry.lower()} of the allow-list is not among the devices given"
+             for entry in allow if "." in entry and entry.lower() not in known]
+    for d in pci:
+        missing = [vf for vf in d.vfs if vf not in known]
+        if missing and _names_address(d, allow):
+            notes.append(f"NIC {d.address} stands for its VFs; {', '.join(missing)} "
+                         "not among the devices given")
     listed = _offered(pci, allow)
-    return list(unassignable(pci, {d.address for d in listed}).values())
+    return [*notes, *unassignable(pci, {d.address for d in listed}).values()]
 
 
 def network_devices(pci: Iterable[PciDevice]) -> tuple[Device, ...]:

@@ -614,6 +614,24 @@ def test_cli_inventory_notes_a_nic_left_out_for_its_group(tmp_path: Path) -> Non
         "host uses (driver ixgbe)"]
 
 
+def test_cli_inventory_notes_allow_listed_nics_missing_from_the_dumps(tmp_path: Path) -> None:
+    """An allow-listed address with no dump, and a PF (which stands for its VFs) given without
+    its VFs' dumps: no NIC is offered, and two notes say why instead of nothing."""
+    config = tmp_path / "vmjobs.yaml"
+    config.write_text(f"spool: {tmp_path}\nhosts:\n"
+                      "  - {name: a, uri: 'test:///default', "
+                      "nics: ['0000:D8:00.0', '0000:3b:00.0']}\n")
+    done = vmjob("inventory", "--capabilities", "caps-2socket-smt.xml",
+                 "--nodedev", "nodedev-cx5-pf-sriov.xml", "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert [n["devices"] for n in view["nodes"]] == [[], []]
+    assert view["notes"] == [
+        "NIC 0000:3b:00.0 of the allow-list is not among the devices given",
+        "NIC 0000:d8:00.0 stands for its VFs; 0000:d8:02.0, 0000:d8:02.1 not among the "
+        "devices given"]
+
+
 def test_cli_inventory_reads_several_devices_under_one_root(tmp_path: Path) -> None:
     # What the --help example makes: every `virsh nodedev-dumpxml` output inside <devices>.
     bundle = tmp_path / "pci.xml"

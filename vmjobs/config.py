@@ -75,6 +75,11 @@ class Config:
     max_connections: int = 512
     max_connections_per_user: int = 64
     request_timeout_s: float = 10.0
+    # room in the spool per user (unclaimed uploads + directories of jobs not ended), room
+    # the spool always keeps free, and how long an unclaimed upload is kept (daemon/uploads.py)
+    user_spool_quota_mib: int = 16 << 10
+    spool_min_free_mib: int = 1 << 10
+    upload_ttl_s: float = 600.0
     # how long a host may stay unreachable (its jobs UNREACHABLE, guests perhaps running on)
     # before it is declared down and its jobs LOST; libvirtd restarts take seconds
     host_down_after_s: float = 300.0
@@ -192,7 +197,8 @@ def parse(data: Any, path: str) -> Config:
     top.check_known(
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
-         "max_connections", "max_connections_per_user", "request_timeout", "host_down_after"}
+         "max_connections", "max_connections_per_user", "request_timeout",
+         "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -241,6 +247,9 @@ def parse(data: Any, path: str) -> Config:
         max_connections=top.int("max_connections", 512, minimum=1),
         max_connections_per_user=top.int("max_connections_per_user", 64, minimum=1),
         request_timeout_s=top.seconds("request_timeout", 10.0, 3600.0),
+        user_spool_quota_mib=top.size_mib("user_spool_quota", Config.user_spool_quota_mib),
+        spool_min_free_mib=top.size_mib("spool_min_free", Config.spool_min_free_mib),
+        upload_ttl_s=float(top.int("upload_ttl", int(Config.upload_ttl_s), minimum=1)),
         host_down_after_s=_host_down_after(top),
     )
 

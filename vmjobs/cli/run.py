@@ -26,6 +26,12 @@ from vmjobs.runner import run as run_job
 from vmjobs.transport import Target
 
 
+def write_out(text: str) -> None:
+    """The job's output as it arrives, passed on unchanged (no newline added)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def note(message: str) -> None:
     click.echo(f"vmjob: {message}", err=True)
 
@@ -107,7 +113,7 @@ def _direct(config: Config, params: dict[str, Any]) -> int:
         timeout_s=parse_timeout(params["timeout"]),
         image=params["image"],
     )
-    return run_job(config, job, click.echo, note)
+    return run_job(config, job, write_out, note)
 
 
 def _through_daemon(client: Client, params: dict[str, Any]) -> int:

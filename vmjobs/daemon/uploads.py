@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vmjobs.errors import VmjobsError
+from vmjobs.safetar import extract_data
 
 MAX_UPLOAD_BYTES = 16 << 30
 CHUNK = 1 << 20
@@ -50,7 +51,7 @@ class Uploads:
             dest.mkdir()
             try:
                 with tarfile.open(archive, mode="r:") as tar:
-                    tar.extractall(dest, filter="data")
+                    extract_data(tar, dest)
             except (tarfile.TarError, OSError) as exc:
                 raise VmjobsError(f"input refused: {exc}") from None
         except BaseException:

@@ -88,7 +88,7 @@ def test_hostile_members_are_refused(tmp_path: Path, variant: str, case: str) ->
 
     dest = tmp_path / "dest"
     dest.mkdir()
-    if case == "absolute" and variant == "this-python":
+    if case == "absolute" and has_data_filter():
         # Python's filter strips the leading "/" instead: the file lands inside dest
         with tar_of(add) as tar:
             extract_data(tar, dest)
@@ -97,7 +97,7 @@ def test_hostile_members_are_refused(tmp_path: Path, variant: str, case: str) ->
     with tar_of(add) as tar, pytest.raises(tarfile.TarError) as info:
         extract_data(tar, dest)
     assert not (tmp_path / "escape").exists()
-    if variant == "no-data-filter":
+    if not has_data_filter():
         # our rules run before anything is written, and say which member broke them
         assert isinstance(info.value, RefusedMember)
         assert "\n" not in str(info.value)

@@ -96,7 +96,7 @@ def stats(report: dict[str, Any]) -> dict[str, int]:
 
 def task_results(report: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [task["hosts"]["local"] for play in report["plays"] for task in play["tasks"]
-            if task["task"]["name"] == name and "local" in task["hosts"]]
+            if task["task"]["name"].split(" : ")[-1] == name and "local" in task["hosts"]]
 
 
 def failures(report: dict[str, Any]) -> list[str]:

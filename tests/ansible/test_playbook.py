@@ -200,7 +200,8 @@ def test_first_run_provisions_this_machine(site: Site, first_run: dict[str, Any]
     # the package from the wheel, in a venv made from Debian's python
     version = subprocess.run([str(site.venv / "bin" / "python"), "-c",
                               "import sys, vmjobs; print(sys.base_prefix, vmjobs.__file__)"],
-                             capture_output=True, text=True, check=True).stdout.split()
+                             capture_output=True, text=True, check=True, cwd="/",
+                             env=clean_env()).stdout.split()
     assert version[0] == "/usr" and version[1].startswith(str(site.venv))
     assert (site.work / "bin" / "vmjob").resolve() == (site.venv / "bin" / "vmjob").resolve()
     # the config lists this machine from the inventory and passes the daemon's own check

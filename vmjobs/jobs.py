@@ -13,6 +13,9 @@ class JobState(StrEnum):
     PLACED = "PLACED"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
+    # its host does not answer (libvirtd restarting, stalled, or the machine down): the guest
+    # may well run on; LOST only once the host stays away for `host_down_after`
+    UNREACHABLE = "UNREACHABLE"
     MIGRATING = "MIGRATING"
     CHECKPOINTING = "CHECKPOINTING"
     CHECKPOINTED = "CHECKPOINTED"
@@ -34,7 +37,8 @@ FINISHED = frozenset(
      JobState.EXPIRED}
 )
 # States in which a job holds (or is about to hold) a guest on a host.
-ACTIVE = frozenset({JobState.PLACED, JobState.STARTING, JobState.RUNNING})
+ACTIVE = frozenset({JobState.PLACED, JobState.STARTING, JobState.RUNNING,
+                    JobState.UNREACHABLE})
 
 
 def new_job_id() -> str:

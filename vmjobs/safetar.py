@@ -21,7 +21,21 @@ from pathlib import Path
 
 
 class RefusedMember(tarfile.TarError):
-    """A member the `data` rules do not allow; the message is one line naming it."""
+    """A member the `data` rules do not allow; the message is one line naming it.
+
+    `kind` says which rule, the same with or without Python's filter: "absolute" (an absolute
+    path), "outside" (a path leaving the destination), "link" (a link the rules refuse),
+    "special" (a device, fifo or other non-data member)."""
+
+    def __init__(self, tarinfo: tarfile.TarInfo, kind: str, reason: str) -> None:
+        super().__init__(f"{tarinfo.name!r}: {reason}")
+        self.tarinfo, self.kind, self.reason = tarinfo, kind, reason
+
+
+# Python's filter errors (3.11.4+), by class name: the classes do not exist before.
+_NATIVE_KINDS = {"AbsolutePathError": "absolute", "OutsideDestinationError": "outside",
+                 "AbsoluteLinkError": "link", "LinkOutsideDestinationError": "link",
+                 "SpecialFileError": "special"}
 
 
 def has_data_filter() -> bool:
@@ -71,7 +85,11 @@ def extract_data(tar: tarfile.TarFile, dest: Path,
     """
     chosen = list(tar.getmembers() if members is None else members)
     if has_data_filter():
-        tar.extractall(dest, members=chosen, filter="data")
+        try:
+            tar.extractall(dest, members=chosen, filter="data")
+        except tarfile.FilterError as exc:
+            kind = _NATIVE_KINDS.get(type(exc).__name__, "special")
+            raise RefusedMember(exc.tarinfo, kind, str(exc)) from None
         return
     tar.extractall(dest, members=[_as_data(m) for m in chosen if relative_path(m)])
 
@@ -80,7 +98,7 @@ def _as_data(member: tarfile.TarInfo) -> tarfile.TarInfo:
     """A copy of `member` as the `data` filter would leave it (TarInfo.replace is 3.11.4+)."""
     reason = member_refusal(member)
     if reason is not None:
-        raise RefusedMember(f"{member.name!r}: {reason}")
+        raise RefusedMember(member, _kind(member), reason)
     clean = copy.copy(member)
     clean.name = relative_path(member)
     clean.uid, clean.gid, clean.uname, clean.gname = os.geteuid(), os.getegid(), "", ""
@@ -93,3 +111,13 @@ def _as_data(member: tarfile.TarInfo) -> tarfile.TarInfo:
         mode |= 0o700  # the filter leaves directories at the default; keep them usable
     clean.mode = mode
     return clean
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.name.startswith("/"):
+        return "absolute"
+    if ".." in member.name.split("/"):
+        return "outside"
+    if member.issym() or member.islnk():
+        return "link"
+    return "special"

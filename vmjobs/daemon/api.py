@@ -28,7 +28,7 @@ from vmjobs.daemon.moves import MoveResult
 from vmjobs.daemon.scheduler import schedule
 from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
 from vmjobs.daemon.submission import Submission, parse
-from vmjobs.daemon.uploads import Uploads
+from vmjobs.daemon.uploads import Limits, Uploads
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
@@ -63,7 +63,11 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
 class Api:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.uploads = Uploads(daemon.config.spool)
+        config = daemon.config
+        self.uploads = Uploads(config.spool, Limits(
+            user_quota_bytes=config.user_spool_quota_mib << 20,
+            min_free_bytes=config.spool_min_free_mib << 20, ttl_s=config.upload_ttl_s,
+        ), self._unfinished_dirs)
         self._submit_lock = threading.Lock()
 
     def routes(self) -> Router:
@@ -88,6 +92,13 @@ class Api:
         return router
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _unfinished_dirs(self, uid: int) -> list[Any]:
+        """The spool directories of `uid`'s jobs that have not ended (charged to its quota)."""
+        with self.daemon.lock:
+            records = self.daemon.store.jobs(uid)
+        return [JobFiles.of(self.daemon.config.spool, r.id).dir for r in records
+                if not r.state.finished]
 
     def _own(self, who: Caller, job_id: str) -> JobRecord:
         """The job, if the caller may act on it. Caller holds the daemon's lock."""
@@ -297,7 +308,14 @@ class Api:
         self._admin(req, "rebalancing")
         body = req.json()
         max_moves = _opt_int(body, "max_moves")
-        plan = moves.rebalance_plan(self.daemon, 4 if max_moves is None else max_moves)
+        objective = _opt_str(body, "objective") or "whole-nodes"
+        if objective not in ("whole-nodes", "fragments"):
+            raise VmjobsError("objective must be whole-nodes or fragments")
+        target = _opt_int(body, "target_cpus")
+        if target == 0:
+            raise VmjobsError("target_cpus must be a whole number >= 1")
+        plan = moves.rebalance_plan(self.daemon, 4 if max_moves is None else max_moves,
+                                    objective, 16 if target is None else target)
         shown = plan_view(plan)
         if _opt_bool(body, "dry_run"):
             return Json(shown)
@@ -349,6 +367,9 @@ def plan_view(plan: placement.Plan) -> dict[str, Any]:
     for action in plan.actions:
         if isinstance(action, placement.Migrate):
             actions.append({"action": "migrate", "job": action.job_id, "to": action.to_host,
+                            "memory_mib": action.memory_mib})
+        elif isinstance(action, placement.Repin):
+            actions.append({"action": "repin", "job": action.job_id, "to": action.host,
                             "memory_mib": action.memory_mib})
         else:
             actions.append({"action": "checkpoint", "job": action.job_id,

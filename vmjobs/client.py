@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from vmjobs.errors import VmjobsError
+from vmjobs.safetar import extract_data
 from vmjobs.transport import SshTunnel, Target, open_unix, parse_url
 
 START_HINT = ("start one with 'vmjob serve' as root (see docs/operations.md), "
@@ -284,7 +285,7 @@ class Client:
                 shutil.copyfileobj(response, spool)
                 spool.seek(0)
                 with tarfile.open(fileobj=spool, mode="r:") as tar:
-                    tar.extractall(dest, filter="data")
+                    extract_data(tar, dest)
         except (OSError, tarfile.TarError) as exc:
             raise VmjobsError(f"--output {dest}: {exc}") from None
         finally:

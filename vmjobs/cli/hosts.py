@@ -7,7 +7,7 @@ import json
 import click
 
 from placement import HostUsage
-from vmjobs.config import system_warnings
+from vmjobs.config import Config, HostConfig, system_warnings
 from vmjobs.hosts_view import host_views
 from vmjobs.units import format_mib
 
@@ -15,8 +15,10 @@ from vmjobs.units import format_mib
 @click.command()
 @click.argument("host", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--check", is_flag=True,
+              help="Only validate the config and list its hosts; connect to nothing.")
 @click.pass_obj
-def hosts(obj: object, host: str | None, as_json: bool) -> None:
+def hosts(obj: object, host: str | None, as_json: bool, check: bool) -> None:
     """Show cores, memory and NICs free/total per host and NUMA node.
 
     Cores reserved for the host OS (config `reserved_cpus`) are not counted; NICs are only
@@ -28,8 +30,12 @@ def hosts(obj: object, host: str | None, as_json: bool) -> None:
     Examples:
       vmjob hosts
       vmjob hosts node1 --json
+      vmjob --config /etc/vmjobs/config.yaml.new hosts --check   # before installing it
     """
-    config = click.get_current_context().obj.config
+    config = click.get_current_context().obj.config  # a bad config fails here, exit 1
+    if check:
+        _print_checked(config, host, as_json)
+        return
     views = host_views(config, host)
     if as_json:
         click.echo(json.dumps([v.to_dict() for v in views], indent=2))
@@ -67,3 +73,26 @@ def usage_rows(name: str, usage: HostUsage) -> list[tuple[str, str, str, str, st
             rows.append((f"    {nic.address}", state, nic.holder or "", "", "",
                          f"{group}{vf}{why}".strip()))
     return rows
+
+
+def _print_checked(config: Config, host: str | None, as_json: bool) -> None:
+    """The config's hosts as it was understood, without touching libvirt (for provisioning:
+    a template is checked before it replaces the real config)."""
+    chosen = [config.host(host)] if host else list(config.hosts)
+    if as_json:
+        click.echo(json.dumps({"config": config.path, "spool": str(config.spool),
+                               "socket": str(config.socket),
+                               "hosts": [_host_dict(h) for h in chosen]}, indent=2))
+        return
+    click.echo(f"{config.path}: valid; spool {config.spool}, socket {config.socket}, "
+               f"{len(config.hosts)} host(s)")
+    for h in chosen:
+        reserved = ",".join(map(str, sorted(h.reserved_cpus))) or "-"
+        click.echo(f"  {h.name}  {h.uri}  pool {h.pool}  reserved cpus {reserved}  "
+                   f"nics {','.join(h.nic_allow) or '-'}")
+
+
+def _host_dict(h: HostConfig) -> dict[str, object]:
+    return {"name": h.name, "uri": h.uri, "pool": h.pool,
+            "reserved_cpus": sorted(h.reserved_cpus), "labels": dict(h.labels),
+            "nics": list(h.nic_allow)}

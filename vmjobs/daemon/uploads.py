@@ -33,16 +33,17 @@ from typing import BinaryIO
 from vmjobs.daemon.server import ApiError
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import JobFiles, make_job_dir
+from vmjobs.safetar import RefusedMember, extract_data
 
 MAX_UPLOAD_BYTES = 16 << 30
 CHUNK = 1 << 20
 INPUT_DIR_MODE = 0o700
-_FILTER_REASONS: dict[type[Exception], str] = {
-    tarfile.AbsolutePathError: "an absolute path",
-    tarfile.OutsideDestinationError: "leads outside the input directory",
-    tarfile.AbsoluteLinkError: "links to an absolute path",
-    tarfile.LinkOutsideDestinationError: "links outside the input directory",
-    tarfile.SpecialFileError: "a special file",
+# by safetar's rule kinds: tarfile's own filter errors exist only from Python 3.11.4
+_REFUSALS: dict[str, str] = {
+    "absolute": "an absolute path",
+    "outside": "leads outside the input directory",
+    "link": "a link the input may not hold",
+    "special": "a special file",
 }
 
 
@@ -108,12 +109,12 @@ class Uploads:
             with tarfile.open(archive, mode="r:") as tar:
                 check_members(tar.getmembers(), length)
                 dest.mkdir(mode=INPUT_DIR_MODE)
-                tar.extractall(dest, filter="data")
-        except tarfile.FilterError as exc:
+                extract_data(tar, dest)
+        except RefusedMember as exc:
             self._forget(token)
             # its own message names the spool's path: say what is wrong in the archive's terms
             raise ApiError(400, f"input refused: {exc.tarinfo.name}: "
-                                f"{_FILTER_REASONS.get(type(exc), 'not allowed')}") from None
+                                f"{_REFUSALS.get(exc.kind, 'not allowed')}") from None
         except tarfile.TarError as exc:
             self._forget(token)
             raise ApiError(400, f"input refused: not a tar archive ({exc})") from None

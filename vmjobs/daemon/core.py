@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import libvirt
@@ -36,6 +37,17 @@ from vmjobs.store import Store
 log = logging.getLogger("vmjobs.daemon")
 
 
+class Phase(StrEnum):
+    """Where the daemon is with an active job's guest (finer than the job's state: a RUNNING
+    job's guest may be running, or stopped and being collected)."""
+
+    LAUNCHING = "launching"  # its files are written and its guest started (PLACED, STARTING)
+    RUNNING = "running"  # its guest runs; STOPPED / power-off events are acted on
+    MOVING = "moving"  # a migration, checkpoint or restore drives it; events are ignored
+    COLLECTING = "collecting"  # its guest stopped; its verdict and output are being read
+    ENDED = "ended"  # its end is recorded; its cores are freed when QEMU is gone
+
+
 @dataclass
 class Active:
     """A job that holds a reservation: being launched, running, or being collected."""
@@ -43,7 +55,7 @@ class Active:
     job_id: str
     host: str
     time_limit_s: float | None
-    phase: str = "launching"  # launching | running | moving | collecting | ended
+    phase: Phase = Phase.LAUNCHING
     ends_at: float | None = None  # when its time limit stops it
     stop: tuple[JobState, str] | None = None  # set by cancel / time limit: how it will end
     powered_off_at: float | None = None  # when the guest's own power-off was reported
@@ -128,7 +140,7 @@ class Daemon:
                 destroy_quietly(dom)
                 return
             now = time.time()
-            active.phase = "running"
+            active.phase = Phase.RUNNING
             if active.time_limit_s is not None:
                 active.ends_at = now + active.time_limit_s
             self.store.transition(job_id, JobState.RUNNING, f"guest started ({virt_type})")
@@ -136,7 +148,7 @@ class Daemon:
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
             if collect_now:
-                active.phase = "collecting"
+                active.phase = Phase.COLLECTING
             self.wake()
         if collect_now:
             self.collect(active)
@@ -197,7 +209,7 @@ class Daemon:
                 return False
             if active.stop is None:
                 active.stop = (state, reason)
-            running = active.phase == "running"
+            running = active.phase == Phase.RUNNING
             host = active.host
         if running:
             self.destroy_guest(host, job_id)
@@ -230,7 +242,7 @@ class Daemon:
             if active.powered_off_at is not None and active.stopped_at is None:
                 # The guest powered itself off: its verdict is final and the user hears it now;
                 # its cores stay reserved until QEMU is gone (the STOPPED event), ~1 s later.
-                active.phase = "ended"
+                active.phase = Phase.ENDED
                 self.finish(active.job_id, verdict, release=False)
             else:
                 self.finish(active.job_id, verdict)
@@ -262,19 +274,19 @@ class Daemon:
             active = self.active.get(note.job_id)
             if active is None or active.host != note.host or active.stopped_at is not None:
                 return  # not a job of ours, or one already handled
-            if active.phase == "moving":
+            if active.phase == Phase.MOVING:
                 return  # it left this host (migrated, saved); the mover looks where it is now
             active.stopped_at = note.at
-            if active.phase == "ended":  # its end was recorded at power-off: free the cores
+            if active.phase == Phase.ENDED:  # its end was recorded at power-off: free the cores
                 self.store.release(note.job_id)
                 self.active.pop(note.job_id, None)
                 self.wake()
                 return
-            if active.phase != "running":
+            if active.phase != Phase.RUNNING:
                 # launching: launch() collects once it has recorded the start; collecting:
                 # collect() sees stopped_at and frees the cores with the end
                 return
-            active.phase = "collecting"
+            active.phase = Phase.COLLECTING
         self.spawn(self.collect, active, name=f"collect-{note.job_id}")
 
     def _guest_powered_off(self, note: GuestPoweredOff) -> None:
@@ -282,19 +294,19 @@ class Daemon:
         than when QEMU is finally gone."""
         with self.lock:
             active = self.active.get(note.job_id)
-            if active is None or active.host != note.host or active.phase != "running":
+            if active is None or active.host != note.host or active.phase != Phase.RUNNING:
                 return
             active.powered_off_at = note.at
-            active.phase = "collecting"
+            active.phase = Phase.COLLECTING
         self.spawn(self.collect, active, name=f"collect-{note.job_id}")
 
     def _host_down(self, note: HostDown) -> None:
         with self.lock:
             for active in [a for a in self.active.values() if a.host == note.host]:
                 record = self.store.job(active.job_id)
-                if record is None:
-                    continue
-                if active.phase == "ended":  # it ended before the host went: only free it
+                if record is None or record.state == JobState.CHECKPOINTED:
+                    continue  # saved just before: its checkpoint is in the spool, not on the host
+                if active.phase == Phase.ENDED:  # it ended before the host went: only free it
                     self.store.release(active.job_id)
                     self.active.pop(active.job_id, None)
                     continue

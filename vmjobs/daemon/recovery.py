@@ -26,15 +26,15 @@ import libvirt
 from vmjobs import replug
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
-from vmjobs.daemon.core import Active, Daemon, is_ours, time_limit_of
+from vmjobs.daemon.core import Active, Phase, Daemon, is_ours, time_limit_of
 from vmjobs.domain_xml import Nic, read_metadata
 from vmjobs.guest import JobFiles, Verdict, nics_for
 from vmjobs.hostconn import lookup_domain
-from vmjobs.jobs import ACTIVE, JobRecord, JobState, domain_name
+from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
 from vmjobs.runner import reap_abandoned
+from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
-MOVING = frozenset({JobState.MIGRATING, JobState.CHECKPOINTING, JobState.RESTORING})
 
 
 @dataclass(frozen=True)
@@ -109,18 +109,18 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             assert record is not None
             limit = time_limit_of(record)
             begun = started.get(job_id)
-            active = Active(job_id, host, limit, phase="running",
+            active = Active(job_id, host, limit, phase=Phase.RUNNING,
                             ends_at=begun + limit if begun is not None and limit else None)
             daemon.active[job_id] = active
             # in the job's timeline too: its guest outlived a daemon restart
-            daemon.store.transition(job_id, JobState.RUNNING, "found running at recovery")
+            running_again(daemon.store, record, "found running at recovery")
             log.info("job %s: still running on %s", job_id, host)
         for job_id in actions.requeue:
             daemon.store.transition(job_id, JobState.QUEUED,
                                     "back in the queue: the daemon stopped before starting it",
                                     release=True)
         for job_id in actions.collect:
-            active = Active(job_id, host, None, phase="collecting")
+            active = Active(job_id, host, None, phase=Phase.COLLECTING)
             daemon.active[job_id] = active
             daemon.spawn(_collect_found, daemon, active, name=f"recover-{job_id}")
         for job_id in actions.unknown:
@@ -130,6 +130,15 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
         log.info("job %s: its guest on %s outlived it; destroying", job_id, host)
         daemon.destroy_guest(host, job_id)
     return actions
+
+
+def running_again(store: Store, record: JobRecord, reason: str) -> None:
+    """Record that `record`'s guest runs: a transition to RUNNING, or a note when the store
+    already says so."""
+    if record.state == JobState.RUNNING:
+        store.note(record.id, reason)
+    else:
+        store.transition(record.id, JobState.RUNNING, reason)
 
 
 def _collect_found(daemon: Daemon, active: Active) -> None:
@@ -174,8 +183,10 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
                 continue
             if record.allocation is not None and where.get(job_id) == record.host:
                 store.move_reservation(job_id, record.id, allocation_from_dict(record.allocation))
-                store.transition(job_id, JobState.RUNNING,
-                                 f"found on {record.host} after an interrupted migration")
+                moved = store.job(job_id)
+                if moved is not None:
+                    running_again(store, moved,
+                                  f"found on {record.host} after an interrupted migration")
             else:
                 store.delete_job(record.id)
         for record in store.in_states(MOVING):
@@ -213,9 +224,8 @@ def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
     except libvirt.libvirtError as exc:
         failed = exc.get_error_message()
     if missing or failed:
-        daemon.store.transition(job_id, JobState.RUNNING, failed or
-                                f"{len(missing)} NIC(s) unplugged by an interrupted migration "
-                                "plugged back")
+        daemon.store.note(job_id, failed or f"{len(missing)} NIC(s) unplugged by an interrupted "
+                          "migration plugged back")
 
 
 def recover(daemon: Daemon) -> None:
@@ -240,6 +250,5 @@ def recover(daemon: Daemon) -> None:
         for job_id in daemon.store.reservations():
             record = daemon.store.job(job_id)
             if record is not None and record.state not in ACTIVE:
-                daemon.store.transition(job_id, record.state, "reservation freed at recovery",
-                                        release=True)
+                daemon.store.note(job_id, "reservation freed at recovery", release=True)
         daemon.wake()

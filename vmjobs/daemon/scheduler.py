@@ -14,7 +14,7 @@ import time
 
 from placement import Request
 from vmjobs.daemon import moves
-from vmjobs.daemon.core import Active, Daemon, time_limit_of
+from vmjobs.daemon.core import Active, Phase, Daemon, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
 from vmjobs.runner import describe_allocation, snapshot
@@ -60,7 +60,7 @@ def expire(daemon: Daemon, now: float, queue: Queue) -> set[str]:
         if active.ends_at is not None and active.ends_at <= now and active.stop is None:
             reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
             active.stop = (JobState.TIMEOUT, reason)
-            if active.phase == "moving":
+            if active.phase == Phase.MOVING:
                 continue  # destroying it mid-move could strand it; the mover stops it after
             # destroying takes seconds: not under the lock
             daemon.spawn(daemon.destroy_guest, active.host, active.job_id,

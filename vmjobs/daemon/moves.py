@@ -26,7 +26,7 @@ import placement
 from placement import Checkpoint, Migrate, Request
 from vmjobs import checkpoint, migration
 from vmjobs.codec import request_from_dict
-from vmjobs.daemon.core import Active, Phase, Daemon, time_limit_of
+from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name

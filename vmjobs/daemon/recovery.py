@@ -26,7 +26,7 @@ import libvirt
 from vmjobs import replug
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
-from vmjobs.daemon.core import Active, Phase, Daemon, is_ours, time_limit_of
+from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.domain_xml import Nic, read_metadata
 from vmjobs.guest import JobFiles, Verdict, nics_for
 from vmjobs.hostconn import lookup_domain

@@ -14,7 +14,7 @@ import time
 
 from placement import Request
 from vmjobs.daemon import moves
-from vmjobs.daemon.core import Active, Phase, Daemon, time_limit_of
+from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
 from vmjobs.runner import describe_allocation, snapshot

@@ -32,6 +32,7 @@ from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import ACTIVE, JobRecord, JobState, domain_name
+from vmjobs.spec import time_limit_of as stored_time_limit
 from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
@@ -63,8 +64,7 @@ class Active:
 
 
 def time_limit_of(record: JobRecord) -> float | None:
-    value = record.spec.get("timeout_s")
-    return float(value) if value else None
+    return stored_time_limit(record.spec)
 
 
 def is_ours(record: JobRecord) -> bool:

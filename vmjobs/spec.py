@@ -312,7 +312,7 @@ class _Fields:
             for pair in value:
                 name, sep, text = str(pair).partition("=")
                 if not sep or not name:
-                    raise self.fail(key, f"{pair!r}: use NAME=VALUE")
+                    raise SpecError(f"invalid {self.name(key)} {pair!r}: use NAME=VALUE")
                 items.append((name, text))
         for name, text in items:
             problem = check(self._no_nul(key, name))

@@ -127,7 +127,8 @@ def test_command_line_text_is_converted_and_named_by_its_option() -> None:
         ({"time_limit": "300000d"}, "--time-limit '300000d' is longer than the longest"),
         ({"timeout": "300000d"}, "--timeout '300000d' is longer than the longest"),
         ({"timeout": "1h", "time_limit": "2h"}, "--timeout and --time-limit are the same"),
-        ({"label": ("rack",)}, "--label 'rack': use NAME=VALUE"),
+        ({"label": ("rack",)}, "invalid --label 'rack': use NAME=VALUE"),
+        ({"env": ("NOEQUALS",)}, "invalid --env 'NOEQUALS': use NAME=VALUE"),
         ({"env": ("A=x\0",)}, "--env contains a NUL byte"),
         ({"hugepages": "4K"}, "--hugepages must be one of 2M, 1G"),
     ]:

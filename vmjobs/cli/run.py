@@ -62,7 +62,7 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
-@click.argument("argv", nargs=-1, required=True, metavar="-- CMD [ARG...]")
+@click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
 def run(ctx: click.Context, **params: Any) -> int:
     """Run CMD in a new guest with dedicated cpus; stream its output; exit with its code.

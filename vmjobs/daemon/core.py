@@ -22,6 +22,7 @@ from typing import Any
 import libvirt
 
 from vmjobs import virt_probe
+from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.daemon.hosts import GuestPoweredOff, GuestStopped, HostDown, Hosts, HostUp, Note
@@ -31,7 +32,7 @@ from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
-from vmjobs.jobs import ACTIVE, JobRecord, JobState, domain_name
+from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.spec import time_limit_of as stored_time_limit
 from vmjobs.store import Store
 
@@ -90,6 +91,9 @@ class Daemon:
         # Called with a lost host's job record; returns the state it goes to (requeue or
         # restore-from-checkpoint policies plug in here later).
         self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
+        # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
+        # `daemon.main` (recovery builds on this module; importing it here made a cycle).
+        self.on_host_up: Callable[[str], object] = lambda _host: None
 
     # --- waking -------------------------------------------------------------------------------
 
@@ -198,8 +202,6 @@ class Daemon:
                 self.wake()
                 return True
             if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
-                from vmjobs.checkpoint import discard
-
                 discard(self.config.spool, job_id)
                 self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
                 self.wake()
@@ -316,18 +318,10 @@ class Daemon:
             self.wake()
 
     def _host_up(self, note: HostUp) -> None:
-        from vmjobs.daemon.recovery import reconcile_host
-
-        reconcile_host(self, note.host)
+        self.on_host_up(note.host)
         with self.lock:
             self.metrics.host_changed(note.host, up=True)
             self.wake()
-
-    # --- queries for the API --------------------------------------------------------------------
-
-    def active_records(self) -> list[JobRecord]:
-        with self.lock:
-            return self.store.in_states(ACTIVE)
 
     def shutdown(self) -> None:
         with self.lock:

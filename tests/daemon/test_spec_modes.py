@@ -125,3 +125,18 @@ def test_a_nul_byte_in_the_command_is_refused_alike(daemon: Daemon, direct_confi
     finally:
         client.close()
     assert (info.value.status, str(info.value)) == (400, NUL_ARGV)
+
+
+def test_labels_threads_and_hugepages_reach_the_engine_in_both_modes(
+        daemon: Daemon, direct_config: Path) -> None:
+    """The new options are asked of the placement engine, not dropped: a label no host
+    carries, or 1G hugepages the test host has none of, never fit — in either mode."""
+    for args, reason in ((["--label", "rack=r9"], "lacks label rack=r9"),
+                         (["--hugepages", "1G"], "hugepage")):
+        for mode, command in modes(daemon, direct_config).items():
+            result = subprocess.run([*command, *args, "--", "true"], capture_output=True,
+                                    text=True, timeout=60)
+            assert result.returncode == 1, (mode, result.stderr)
+            assert result.stderr.count("\n") == 1 and reason in result.stderr, \
+                (mode, result.stderr)
+    assert our_domains() == []

@@ -222,7 +222,13 @@ def show(job: str, as_json: bool, url: str | None) -> None:
         ("request", f"{request.get('cpus')} cpus, {format_mib(request.get('memory_mib', 0))}, "
                     f"{request.get('nics', 0)} NICs, numa {request.get('numa')}, "
                     f"priority {request.get('priority', 0)}"
-                    + (f", host {request['host']}" if request.get("host") else "")),
+                    + (f", host {request['host']}" if request.get("host") else "")
+                    + (f", threads {request['threads']}"
+                       if request.get("threads", "dedicated") != "dedicated" else "")
+                    + (f", hugepages {format_mib(request['hugepage_kib'] / 1024)}"
+                       if request.get("hugepage_kib") else "")
+                    + "".join(f", label {k}={v}"
+                              for k, v in sorted((request.get("labels") or {}).items()))),
         ("time limit", f"{view['time_limit']:g}s" if view.get("time_limit") else "none"),
         ("image", str(view.get("image"))),
     ]

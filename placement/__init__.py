@@ -19,7 +19,7 @@ from placement.model import (
     ThreadPolicy,
 )
 from placement.plans import Checkpoint, Migrate, Plan, apply_plan, plan_rebalance, plan_to_fit
-from placement.results import Decision, Explanation, HostUsage, NodeUsage, Reason
+from placement.results import Decision, Explanation, HostUsage, NicUsage, NodeUsage, Reason
 from placement.scorers import POLICIES
 from placement.swf import SwfJob, Trace, parse_swf
 from placement.synthetic import make_host, make_hosts
@@ -38,6 +38,7 @@ __all__ = [
     "HostState",
     "HostUsage",
     "Migrate",
+    "NicUsage",
     "Node",
     "NodeShare",
     "NodeUsage",

@@ -16,10 +16,10 @@ from placement.errors import Conflict, UnknownHost, UnknownJob
 from placement.filters import STATIC_HOST_FILTERS
 from placement.fit import Option, fit_host
 from placement.index import Buckets
-from placement.ledger import HostLedger, claim, copy_ledger, empty_ledger
+from placement.ledger import HostLedger, claim, copy_ledger, empty_ledger, nic_busy_text
 from placement.model import Allocation, Host, HostState, NodeShare, NumaPolicy, Request
 from placement.need import Need, need_of
-from placement.results import Decision, Explanation, HostUsage, NodeUsage
+from placement.results import Decision, Explanation, HostUsage, NicUsage, NodeUsage
 from placement.scorers import POLICIES, Policy, score
 
 # How each NUMA policy searches: one pass per mode, in order (see placement.fit).
@@ -161,6 +161,7 @@ class Cluster:
                     nics_total=len(n.shape.nics),
                     hugepages_free=tuple(sorted(n.pages_free.items())),
                     hugepages_total=tuple(sorted(n.shape.hugepages.items())),
+                    nics=tuple(_nic_usage(ledger, a, a in n.nics_free) for a in n.shape.nics),
                 )
                 for n in ledger.nodes
             ),
@@ -281,6 +282,13 @@ class Cluster:
         up = ledger.host.state == HostState.UP
         self._by_node.put(i, ledger.max_node_free if up else None)
         self._by_host.put(i, ledger.free_cpus if up else None)
+
+
+def _nic_usage(ledger: HostLedger, address: str, free: bool) -> NicUsage:
+    device = ledger.devices[address]
+    holder = ledger.nic_holders.get(address)
+    blocked = "" if free or holder is not None else nic_busy_text(ledger, address)
+    return NicUsage(address, device.iommu_group, device.pf, holder, blocked)
 
 
 def _allocate(option: Option, ledger: HostLedger, need: Need) -> Allocation:

@@ -13,7 +13,7 @@ from placement.units import format_mib, format_page, plural
 
 SHOWN = 4  # hosts named in a summary before "and N more"
 _ORDER = {"cpus": 0, "memory": 0, "hugepages": 0, "nics": 0, "numa": 0, "anti_affinity": 1,
-          "state": 2, "labels": 3, "pool": 3, "host": 4}
+          "state": 2, "labels": 3, "pool": 3, "threads": 3, "host": 4}
 
 
 def where(option: Option) -> str:
@@ -80,7 +80,7 @@ def never(need: Need, fits: Sequence[HostFit], empty: Sequence[tuple[HostLedger,
 
 
 def _static_failure(fit: HostFit) -> bool:
-    return bool(fit.reasons) and fit.reasons[0].kind in ("host", "pool", "labels")
+    return bool(fit.reasons) and fit.reasons[0].kind in ("host", "pool", "labels", "threads")
 
 
 def _no_host_matches(need: Need, fits: Sequence[HostFit]) -> str:

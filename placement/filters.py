@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from placement.ledger import HostLedger, NodeLedger
-from placement.model import HostState, Request
+from placement.ledger import HostLedger, NodeLedger, nic_busy_text, sriov_related
+from placement.model import HostState, Request, ThreadPolicy
 from placement.need import Need
 from placement.results import Reason
 from placement.units import format_mib, format_page, plural
@@ -65,9 +65,19 @@ def anti_affinity(ledger: HostLedger, request: Request) -> tuple[Reason, ...]:
                    "anti_affinity"),)
 
 
+def threads(ledger: HostLedger, request: Request) -> tuple[Reason, ...]:
+    """`isolate` keeps a vCPU's SMT siblings idle: impossible to promise without sibling data."""
+    if request.threads != ThreadPolicy.ISOLATE or ledger.host.siblings_known:
+        return PASS
+    name = ledger.host.name
+    return (Reason(name, None, f"{name}: libvirt reports no SMT sibling data, so "
+                   "--threads isolate cannot keep siblings idle", "threads"),)
+
+
 # Filters that hold whatever else runs: a request failing them on every host never fits.
-STATIC_HOST_FILTERS: tuple[HostFilter, ...] = (host_name, pool, labels)
-HOST_FILTERS: tuple[HostFilter, ...] = (host_name, host_state, pool, labels, anti_affinity)
+STATIC_HOST_FILTERS: tuple[HostFilter, ...] = (host_name, pool, labels, threads)
+HOST_FILTERS: tuple[HostFilter, ...] = (host_name, host_state, pool, labels, threads,
+                                        anti_affinity)
 
 
 # --- capacity as the filters count it -------------------------------------------------------
@@ -78,18 +88,44 @@ def slots(node: NodeLedger, need: Need) -> int:
 
 
 def units(node: NodeLedger, need: Need) -> int:
+    """Free memory units of `node` for `need`; a memory-only node's count only when asked for."""
+    if not node.shape.cpus and not need.request.mem_nodes:
+        return 0
     if need.page_kib is None:
         return node.memory_free
     return node.pages_free.get(need.page_kib, 0)
 
 
 def free_nics(ledger: HostLedger, node: NodeLedger, need: Need) -> list[str]:
-    """Free NICs on `node` the request accepts, in address order."""
+    """Free NICs on `node` the request accepts, in address order, never an SR-IOV PF together
+    with one of its VFs (the first in address order is kept)."""
     if not need.nics:
         return []
-    if need.vendor is None and need.product is None:
-        return sorted(node.nics_free)
-    return sorted(a for a in node.nics_free if need.wants(ledger.devices[a]))
+    return compatible(ledger, sorted(a for a in node.nics_free
+                                     if need.wants(ledger.devices[a])))
+
+
+def compatible(ledger: HostLedger, addresses: list[str]) -> list[str]:
+    """`addresses` (in their order) less any SR-IOV PF or VF of a NIC kept. VFs and plain NICs
+    are kept before PFs: a PF excludes all its VFs, a VF only its PF."""
+    kept: list[str] = []
+    for address in sorted(addresses, key=lambda a: bool(ledger.devices[a].vfs)):
+        device = ledger.devices[address]
+        if not any(sriov_related(device, ledger.devices[k]) for k in kept):
+            kept.append(address)
+    return [a for a in addresses if a in kept]
+
+
+def busy_nics_text(ledger: HostLedger, busy: list[str]) -> str:
+    """"NICs a, b in use" for held NICs, one clause per NIC a held partner keeps from jobs."""
+    held = [a for a in busy if a in ledger.nic_holders]
+    blocked = [a for a in busy if a not in ledger.nic_holders]
+    parts = []
+    if held:
+        listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        parts.append(f"{'NIC' if len(held) == 1 else 'NICs'} {listed} in use")
+    parts.extend(f"NIC {a} {nic_busy_text(ledger, a)}" for a in blocked[:3])
+    return "; ".join(parts) or "its free NICs are SR-IOV PFs and VFs of each other"
 
 
 def _cores_text(count: int, need: Need) -> str:
@@ -138,8 +174,7 @@ def node_nics(ledger: HostLedger, node: NodeLedger, need: Need) -> tuple[Reason,
     wanted = [a for a in node.shape.nics if need.wants(ledger.devices[a])]
     if len(wanted) >= need.nics:
         busy = [a for a in wanted if a not in node.nics_free]
-        listed = ", ".join(busy[:3]) + (", ..." if len(busy) > 3 else "")
-        message = f"{where}: {'NIC' if len(busy) == 1 else 'NICs'} {listed} in use"
+        message = f"{where}: {busy_nics_text(ledger, busy)}"
     else:
         count = plural(len(wanted), "NIC") if wanted else "no NICs"
         message = f"{where}: {count}{need.nic_filter_text()}, needs {need.nics}"
@@ -183,9 +218,9 @@ def span_nics(ledger: HostLedger, need: Need) -> tuple[Reason, ...]:
     name = ledger.host.name
     wanted = [a for n in ledger.nodes for a in n.shape.nics if need.wants(ledger.devices[a])]
     if len(wanted) >= need.nics:
-        busy = [a for a in wanted if a in ledger.nic_holders]
-        listed = ", ".join(busy[:3]) + (", ..." if len(busy) > 3 else "")
-        message = f"{name}: {'NIC' if len(busy) == 1 else 'NICs'} {listed} in use"
+        busy = [a for n in ledger.nodes for a in n.shape.nics
+                if a not in n.nics_free and need.wants(ledger.devices[a])]
+        message = f"{name}: {busy_nics_text(ledger, busy)}"
     else:
         count = plural(len(wanted), "NIC") if wanted else "no NICs"
         message = f"{name}: {count}{need.nic_filter_text()}, needs {need.nics}"

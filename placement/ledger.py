@@ -31,6 +31,7 @@ class NodeShape:
     memory_mib: int
     hugepages: Mapping[int, int]  # page size KiB -> pages
     nics: tuple[str, ...]  # addresses of this node's NICs, sorted
+    distances: Mapping[int, int] = field(default_factory=dict)  # node -> SLIT distance; {}: unknown
 
 
 @dataclass
@@ -55,6 +56,10 @@ class HostLedger:
     labels: Mapping[str, str]
     cpu_holders: dict[int, str] = field(default_factory=dict)  # cpu -> job holding it
     nic_holders: dict[str, str] = field(default_factory=dict)  # NIC address -> job holding it
+    # NIC address -> the host's other NICs that may not go to another job while it is held:
+    # functions of one IOMMU group, and an SR-IOV PF with its VFs (see `nic_partners`).
+    partners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    blocked: Counter[str] = field(default_factory=Counter)  # NIC -> held partners
     groups: Counter[str] = field(default_factory=Counter)  # anti-affinity group -> members here
     jobs: int = 0
 
@@ -89,6 +94,7 @@ def _shape(node: Node, reserved: frozenset[int], nics: tuple[str, ...]) -> NodeS
     core_of = {cpu: i for i, core in enumerate(cores) for cpu in core}
     return NodeShape(
         id=node.id,
+        distances=MappingProxyType(dict(node.distances)),
         cpus=frozenset(core_of),
         cores=tuple(cores),
         core_of=MappingProxyType(core_of),
@@ -101,6 +107,30 @@ def _shape(node: Node, reserved: frozenset[int], nics: tuple[str, ...]) -> NodeS
 
 def _whole_free(node: NodeLedger, core: int) -> bool:
     return node.shape.whole[core] and all(c in node.free for c in node.shape.cores[core])
+
+
+def sriov_related(a: Device, b: Device) -> bool:
+    """Whether one of the two is the SR-IOV physical function of the other."""
+    return a.pf == b.address or b.pf == a.address or a.address in b.vfs or b.address in a.vfs
+
+
+def nic_partners(devices: Mapping[str, Device]) -> dict[str, tuple[str, ...]]:
+    """For each NIC, the NICs that must not go to another job while it is held.
+
+    VFIO assigns a whole IOMMU group to one guest, so functions sharing a group go to one job
+    or stay free; an SR-IOV PF cannot be passed through while its VFs are in use (unbinding it
+    destroys them), nor a VF while its PF is (the PF's driver is gone). Source: the kernel's
+    Documentation/driver-api/vfio.rst ("Groups, Devices, and IOMMUs").
+    """
+    partners: dict[str, tuple[str, ...]] = {}
+    for address, device in devices.items():
+        partners[address] = tuple(sorted(
+            other.address for other in devices.values()
+            if other.address != address and (
+                (device.iommu_group is not None and other.iommu_group == device.iommu_group)
+                or sriov_related(device, other))
+        ))
+    return partners
 
 
 def empty_ledger(host: Host) -> HostLedger:
@@ -125,6 +155,7 @@ def empty_ledger(host: Host) -> HostLedger:
         node_of_cpu=MappingProxyType({c.id: n.id for n in host.nodes for c in n.cpus}),
         devices=MappingProxyType(nics),
         labels=MappingProxyType(dict(host.labels)),
+        partners=MappingProxyType(nic_partners(nics)),
     )
 
 
@@ -141,6 +172,8 @@ def copy_ledger(ledger: HostLedger) -> HostLedger:
         labels=ledger.labels,
         cpu_holders=dict(ledger.cpu_holders),
         nic_holders=dict(ledger.nic_holders),
+        partners=ledger.partners,
+        blocked=Counter(ledger.blocked),
         groups=Counter(ledger.groups),
         jobs=ledger.jobs,
     )
@@ -206,9 +239,32 @@ def _conflicts(ledger: HostLedger, alloc: Allocation) -> list[str]:
             continue
         node = ledger.node(device.node)
         if node is None or address not in node.nics_free:
-            holder = ledger.nic_holders.get(address, "?")
-            problems.append(f"NIC {address} on {name} is held by job {holder}")
+            problems.append(f"NIC {address} on {name} {nic_busy_text(ledger, address)}")
+        for other in alloc.devices:
+            if other > address and other in ledger.devices and sriov_related(
+                    device, ledger.devices[other]):
+                problems.append(f"NICs {address} and {other} are an SR-IOV PF and its VF")
     return problems
+
+
+def nic_busy_text(ledger: HostLedger, address: str) -> str:
+    """Why a NIC of this host is not free: "is held by job X", "shares IOMMU group 12 with a NIC
+    held by job X", "is a VF of 0000:3b:00.0, held by job X", "has VF ... held by job X"."""
+    holder = ledger.nic_holders.get(address)
+    if holder is not None:
+        return f"is held by job {holder}"
+    device = ledger.devices[address]
+    for other in ledger.partners.get(address, ()):
+        job = ledger.nic_holders.get(other)
+        if job is None:
+            continue
+        mate = ledger.devices[other]
+        if device.iommu_group is not None and mate.iommu_group == device.iommu_group:
+            return f"shares IOMMU group {device.iommu_group} with a NIC held by job {job}"
+        if device.pf == other:
+            return f"is a VF of {other}, held by job {job}"
+        return f"has VF {other} held by job {job}"
+    return "is not free"
 
 
 def _cpu_problems(ledger: HostLedger, checks: list[tuple[NodeLedger, int]]) -> list[str]:
@@ -270,15 +326,25 @@ def claim(ledger: HostLedger, alloc: Allocation, job_id: str, sign: int,
                                                                     alloc.hugepage_kib)
         else:
             node.memory_free -= sign * share.memory_mib
+    touched_nics: set[str] = set(alloc.devices)
     for address in alloc.devices:
-        node = ledger.node(ledger.devices[address].node)
-        assert node is not None
         if sign > 0:
-            node.nics_free.discard(address)
             ledger.nic_holders[address] = job_id
         else:
-            node.nics_free.add(address)
             ledger.nic_holders.pop(address, None)
+        for other in ledger.partners.get(address, ()):
+            ledger.blocked[other] += sign
+            if ledger.blocked[other] <= 0:
+                del ledger.blocked[other]
+            touched_nics.add(other)
+    # Free means: held by nobody, and no partner (group mate, PF or VF) held by anybody.
+    for address in touched_nics:
+        node = ledger.node(ledger.devices[address].node)
+        assert node is not None
+        if address in ledger.nic_holders or ledger.blocked.get(address, 0) > 0:
+            node.nics_free.discard(address)
+        else:
+            node.nics_free.add(address)
     if group is not None:
         ledger.groups[group] += sign
         if ledger.groups[group] <= 0:

@@ -43,15 +43,23 @@ class Device:
     kind: str = "nic"
     vendor: str = ""  # "0x8086"
     product: str = ""
-    iommu_group: int | None = None
+    iommu_group: int | None = None  # devices of one group can only go to one guest together
+    pf: str | None = None  # SR-IOV: address of the physical function this VF belongs to
+    vfs: tuple[str, ...] = ()  # SR-IOV: addresses of this PF's virtual functions
 
 
 @dataclass(frozen=True)
 class Node:
     id: int
     cpus: tuple[Cpu, ...]
-    memory_mib: int  # allocatable to jobs on this node
+    memory_mib: int  # ordinary memory allocatable to jobs: MemTotal - hugepage pools - reserved
     hugepages: tuple[tuple[int, int], ...] = ()  # (page size KiB, pages allocatable)
+    distances: tuple[tuple[int, int], ...] = ()  # (node id, ACPI SLIT distance), self is 10
+
+    @property
+    def memory_only(self) -> bool:
+        """A node with memory and no cpus (CXL, HBM): serves memory only to jobs asking."""
+        return not self.cpus
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class Host:
     labels: tuple[tuple[str, str], ...] = ()
     pool: str = "default"
     state: HostState = HostState.UP
+    siblings_known: bool = True  # False: libvirt gave no SMT sibling data, so no isolate
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class Request:
     anti_affinity: str | None = None  # members of one group go to distinct hosts
     priority: int = 0
     preemptible: bool = False
+    mem_nodes: bool = False  # memory-only nodes (CXL, HBM) may supply memory the cpus' nodes lack
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ def need_of(request: Request) -> Need:
         problem = f"a job needs some memory; asked for {request.memory_mib} MiB"
     elif request.nics < 0:
         problem = f"asked for {request.nics} NICs"
+    elif request.mem_nodes and request.numa == NumaPolicy.STRICT:
+        problem = ("memory-only nodes (--mem-nodes) need --numa prefer or any: "
+                   "strict keeps memory on the node of the job's cpus")
     elif page is not None:
         if page <= 0:
             problem = f"hugepage size must be positive; asked for {page} KiB"

@@ -13,7 +13,7 @@ class Reason:
 
     `message` is a whole line meant for people ("a/node0: 2 free cores, needs 4"); `kind` names
     the check that failed ("cpus", "memory", "hugepages", "nics", "state", "pool", "labels",
-    "host", "anti_affinity", "numa", "request") for programs.
+    "host", "anti_affinity", "numa", "threads", "request") for programs.
     """
 
     host: str
@@ -41,6 +41,18 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class NicUsage:
+    """One passthrough NIC: `holder` is the job holding it; `blocked` says why it is not free
+    although nobody holds it ("shares IOMMU group 12 with a NIC held by job x"), else ""."""
+
+    address: str
+    iommu_group: int | None
+    pf: str | None
+    holder: str | None
+    blocked: str = ""
+
+
+@dataclass(frozen=True)
 class NodeUsage:
     """One NUMA node's capacity. Host cpus reserved for the OS count in neither field.
 
@@ -59,6 +71,7 @@ class NodeUsage:
     nics_total: int
     hugepages_free: tuple[tuple[int, int], ...] = ()
     hugepages_total: tuple[tuple[int, int], ...] = ()
+    nics: tuple[NicUsage, ...] = ()  # this node's NICs, in address order
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,26 @@ by its cores). A job that fits one node in cores and memory gets `--numa strict`
 HPC job wants); a bigger one spans the nodes of one host (`--numa any`). A job bigger than a
 host never fits: gangs across hosts are out of scope, so it is rejected and counted. A job with
 no size, no run time or no submit time is skipped and counted: a run time is never invented.
-Migrations are instantaneous and free in simulated time; the figures count them.
+Migrations are instantaneous and free in simulated time; the figures count them. Backfill is
+EASY's (placement.backfill). `--jobs-csv FILE` writes every job's outcome, so that start times
+can be checked against any other simulator.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import heapq
 import math
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NoReturn
 
+from placement.backfill import Holding, reserve_head
 from placement.cluster import Cluster
-from placement.errors import Conflict
 from placement.model import Allocation, NumaPolicy, Request
 from placement.plans import Migrate, plan_to_fit
 from placement.swf import Trace, parse_swf
@@ -61,6 +66,27 @@ class SimJob:
     request: Request
 
 
+class Status(StrEnum):
+    RAN = "ran"
+    REJECTED = "rejected"  # can never fit the simulated cluster
+    SKIPPED = "skipped"  # no size, no run time or no submit time in the trace
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one trace job. Times in the trace's seconds; where it started (a
+    migration under pack+migrate may move it later)."""
+
+    job: str
+    submit: int  # -1 when the trace does not say
+    status: Status
+    start: int | None = None
+    end: int | None = None
+    host: str | None = None
+    cpus: tuple[int, ...] = ()  # host cpu ids its vCPUs were pinned to
+    backfilled: bool = False  # started by EASY backfill, ahead of the head of the queue
+
+
 @dataclass(frozen=True)
 class SimResult:
     policy: str
@@ -75,23 +101,30 @@ class SimResult:
     # that spans nodes, short of its cores or memory); 0 while the queue is empty.
     stranded_cores: float
     migrations: int
+    backfills: int = 0  # jobs EASY started ahead of the head of the queue
     starts: tuple[tuple[str, int], ...] = ()  # (job id, start time) in the order jobs started
+    # One per trace job: those that ran or were rejected in submit order, then skipped ones.
+    outcomes: tuple[Outcome, ...] = ()
     elapsed_s: float = field(default=0.0, compare=False)  # wall clock of the simulation itself
 
 
-def jobs_from_trace(trace: Trace, config: SimConfig) -> tuple[list[SimJob], int]:
-    """(jobs in submit order, how many trace jobs were skipped for lack of a size, a run time
-    or a submit time)."""
+def jobs_from_trace(trace: Trace, config: SimConfig) -> tuple[list[SimJob], list[Outcome]]:
+    """(jobs in submit order, then trace order; the trace jobs skipped for lack of a size, a
+    run time or a submit time, in trace order). Job ids are "j<number>", "j<number>.<k>" for
+    the k-th repeat of a number in the trace (skipped jobs count)."""
     default_kb = config.mem_per_node_mib * 1024 // max(config.cores_per_node, 1)
     numbered: list[tuple[int, int, SimJob]] = []
     seen: dict[int, int] = {}
-    skipped = 0
+    skipped: list[Outcome] = []
     for position, job in enumerate(trace.jobs):
+        repeat = seen.get(job.number, 0)
+        seen[job.number] = repeat + 1
+        name = f"j{job.number}" if not repeat else f"j{job.number}.{repeat}"
         procs = job.procs
         if procs <= 0 or job.run < 0 or job.submit < 0:
             # The requested time would be a guess at the run time, and usually a long one:
             # replaying it would add load the real cluster never carried.
-            skipped += 1
+            skipped.append(Outcome(name, max(job.submit, -1), Status.SKIPPED))
             continue
         # Unknown memory: a node's memory shared evenly by its cores, so cores bind first.
         kb = job.memory_kb_per_proc if job.memory_kb_per_proc > 0 else default_kb
@@ -99,9 +132,6 @@ def jobs_from_trace(trace: Trace, config: SimConfig) -> tuple[list[SimJob], int]
         one_node = procs <= config.cores_per_node and memory <= config.mem_per_node_mib
         request = Request(cpus=procs, memory_mib=memory,
                           numa=NumaPolicy.STRICT if one_node else NumaPolicy.ANY)
-        repeat = seen.get(job.number, 0)
-        seen[job.number] = repeat + 1
-        name = f"j{job.number}" if not repeat else f"j{job.number}.{repeat}"
         numbered.append((job.submit, position, SimJob(name, job.submit, job.run,
                                                       max(job.run, job.requested_time),
                                                       request)))
@@ -137,6 +167,8 @@ class _Simulation:
         self.stranded_seconds = 0.0
         self.stranded = 0
         self.starts: list[tuple[str, int]] = []
+        self.outcomes: dict[str, Outcome] = {}
+        self.backfills = 0
         self._ever: dict[tuple[int, int, NumaPolicy], bool] = {}
 
     def run(self, jobs: Sequence[SimJob]) -> tuple[int, int]:
@@ -160,6 +192,7 @@ class _Simulation:
                 i += 1
                 if not self._ever_fits(job.request):
                     self.rejected += 1
+                    self.outcomes[job.id] = Outcome(job.id, job.submit, Status.REJECTED)
                 else:
                     self.queue.append(job)
             self._schedule(now)
@@ -172,12 +205,15 @@ class _Simulation:
             self._ever[shape] = self.cluster.ever_fits(request)
         return self._ever[shape]
 
-    def _start(self, job: SimJob, alloc: Allocation, now: int) -> None:
+    def _start(self, job: SimJob, alloc: Allocation, now: int, backfilled: bool = False) -> None:
         self.cluster.reserve(job.id, alloc, job.request)
         self.running[job.id] = _Running(job, alloc, now)
         heapq.heappush(self.ends, (now + job.run, job.id))
         self.busy += len(alloc.cpus)
         self.starts.append((job.id, now))
+        self.outcomes[job.id] = Outcome(job.id, job.submit, Status.RAN, now, now + job.run,
+                                        alloc.host, alloc.cpus, backfilled)
+        self.backfills += backfilled
         wait = now - job.submit
         self.waits.append(wait)
         self.slowdowns.append(max(1.0, (wait + job.run) / max(job.run, TAU)))
@@ -212,32 +248,14 @@ class _Simulation:
             self.migrations += 1
         return True
 
-    def _shadow(self, head: SimJob, now: int) -> tuple[float, Cluster]:
-        """When the head could start if running jobs end as estimated (EASY's reservation), and
-        the cluster at that time with the head's cpus held."""
-        future = self.cluster.copy()
-        free = self.total - self.busy
-        order = sorted(self.running.values(), key=lambda r: (r.start + r.job.estimate, r.job.id))
-        for done in order:
-            future.release(done.job.id)
-            free += len(done.allocation.cpus)
-            if free < head.request.cpus:
-                continue
-            decision = future.place(head.request, self.config.placement_policy)
-            if decision.allocation is not None:
-                future.reserve("(head)", decision.allocation)
-                return max(now, done.start + done.job.estimate), future
-        return math.inf, future
-
     def _backfill(self, now: int) -> None:
-        """EASY: a later job may start now if it fits now and either ends (by its estimate)
-        before the head's reserved start, or leaves the head's reserved cpus and memory alone.
-
-        The second test is the topology-aware form of EASY's "extra nodes": the allocation the
-        job gets now is reserved in the cluster as it will be at the head's start, next to the
-        head; a conflict there means it would delay the head.
-        """
-        shadow, future = self._shadow(self.queue[0], now)
+        """EASY (see placement.backfill): a later job may start now if it fits now and either
+        ends (by its estimate) before the head's shadow time, or the head, re-placed on the
+        cluster as it will be then, still fits with the job held."""
+        reservation = reserve_head(
+            self.cluster, self.queue[0].request,
+            [Holding(r.job.id, r.start + r.job.estimate) for r in self.running.values()],
+            now, self.config.placement_policy)
         # A start only takes capacity, so a shape that failed stays failing for this pass.
         failed: set[tuple[int, int, NumaPolicy]] = set()
         for job in list(self.queue[1:]):
@@ -249,14 +267,11 @@ class _Simulation:
             if decision.allocation is None:
                 failed.add(shape)
                 continue
-            if now + job.estimate > shadow:
-                try:
-                    # Still running at the head's start: only if it leaves the head its room.
-                    future.reserve(job.id, decision.allocation)
-                except Conflict:
-                    continue
+            if not reservation.admits(job.id, decision.allocation, request,
+                                      now + job.estimate):
+                continue
             self.queue.remove(job)
-            self._start(job, decision.allocation, now)
+            self._start(job, decision.allocation, now, backfilled=True)
 
     def _stranded(self) -> int:
         """Free cores on nodes (hosts, for spanning jobs) that cannot take the head."""
@@ -275,7 +290,10 @@ class _Simulation:
         return stranded
 
 
-def simulate(jobs: Sequence[SimJob], config: SimConfig, skipped: int = 0) -> SimResult:
+def simulate(jobs: Sequence[SimJob], config: SimConfig,
+             skipped: Sequence[Outcome] = ()) -> SimResult:
+    """Replay `jobs` (in submit order, as `jobs_from_trace` gives them) on the cluster of
+    `config`; `skipped` are carried into the result's outcomes and count."""
     began = time.perf_counter()
     sim = _Simulation(config)
     first, last = sim.run(jobs)
@@ -285,14 +303,16 @@ def simulate(jobs: Sequence[SimJob], config: SimConfig, skipped: int = 0) -> Sim
         policy=config.policy,
         jobs=len(waits),
         rejected=sim.rejected,
-        skipped=skipped,
+        skipped=len(skipped),
         utilization=sim.busy_seconds / (sim.total * span),
         mean_wait_s=sum(waits) / len(waits) if waits else 0.0,
         p95_wait_s=float(_percentile(waits, 0.95)),
         bounded_slowdown=sum(sim.slowdowns) / len(sim.slowdowns) if sim.slowdowns else 0.0,
         stranded_cores=sim.stranded_seconds / span,
         migrations=sim.migrations,
+        backfills=sim.backfills,
         starts=tuple(sim.starts),
+        outcomes=(*(sim.outcomes[j.id] for j in jobs), *skipped),
         elapsed_s=time.perf_counter() - began,
     )
 
@@ -306,16 +326,33 @@ def _percentile(ordered: Sequence[int], q: float) -> int:
 
 def format_table(results: Sequence[SimResult]) -> str:
     head = (f"{'policy':<14}{'jobs':>6}{'rejected':>10}{'util %':>8}{'mean wait':>11}"
-            f"{'p95 wait':>10}{'bsld':>8}{'stranded':>10}{'migrations':>12}{'sim s':>8}")
+            f"{'p95 wait':>10}{'bsld':>8}{'stranded':>10}{'backfills':>11}{'migrations':>12}"
+            f"{'sim s':>8}")
     rows = [head]
     for r in results:
         rows.append(
             f"{r.policy:<14}{r.jobs:>6}{r.rejected:>10}{100 * r.utilization:>8.1f}"
             f"{_duration(r.mean_wait_s):>11}{_duration(r.p95_wait_s):>10}"
-            f"{r.bounded_slowdown:>8.2f}{r.stranded_cores:>10.2f}{r.migrations:>12}"
-            f"{r.elapsed_s:>8.1f}"
+            f"{r.bounded_slowdown:>8.2f}{r.stranded_cores:>10.2f}{r.backfills:>11}"
+            f"{r.migrations:>12}{r.elapsed_s:>8.1f}"
         )
     return "\n".join(rows)
+
+
+CSV_HEADER = ("job", "submit", "start", "end", "host", "cpus", "status")
+
+
+def csv_rows(outcomes: Sequence[Outcome]) -> list[tuple[str, ...]]:
+    """`--jobs-csv` rows, header first: times in the trace's seconds, `cpus` the host cpu ids
+    separated by spaces; fields a job does not have (a rejected job's start, an unknown
+    submit time) are empty."""
+    rows: list[tuple[str, ...]] = [CSV_HEADER]
+    for o in outcomes:
+        rows.append((o.job, str(o.submit) if o.submit >= 0 else "",
+                     "" if o.start is None else str(o.start),
+                     "" if o.end is None else str(o.end),
+                     o.host or "", " ".join(map(str, o.cpus)), o.status.value))
+    return rows
 
 
 def _duration(seconds: float) -> str:
@@ -335,26 +372,66 @@ def parse_mib(text: str) -> int:
     return int(float(value[:-1]) * scale)
 
 
+def _count(text: str) -> int:
+    """A positive whole number, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _size(text: str) -> int:
+    """A memory size such as 64G or 65536 (MiB), for argparse."""
+    try:
+        value = parse_mib(text)
+    except (ValueError, OverflowError):  # "12Q", "G", "nanG"; "infG"
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 64G or 65536 (MiB)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Bad usage: one line on stderr, exit 2 (argparse would add the whole usage)."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m placement.sim",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Replay an SWF trace over a synthetic cluster with FIFO + EASY backfill.",
-        epilog="example: python -m placement.sim trace.swf --hosts 8 --nodes-per-host 2 "
-               "--cores-per-node 16 --mem-per-node 64G --policy all",
+        epilog="examples:\n"
+               "  python -m placement.sim trace.swf --hosts 8 --nodes-per-host 2 "
+               "--cores-per-node 16 --mem-per-node 64G --policy all\n"
+               "  python -m placement.sim trace.swf --hosts 1 --nodes-per-host 1 "
+               "--cores-per-node 128 --policy pack --jobs-csv starts.csv",
     )
     parser.add_argument("trace", help="SWF file (Parallel Workloads Archive format)")
-    parser.add_argument("--hosts", type=int, default=8)
-    parser.add_argument("--nodes-per-host", type=int, default=2)
-    parser.add_argument("--cores-per-node", type=int, default=16)
-    parser.add_argument("--mem-per-node", type=parse_mib, default=65536,
+    parser.add_argument("--hosts", type=_count, default=8)
+    parser.add_argument("--nodes-per-host", type=_count, default=2)
+    parser.add_argument("--cores-per-node", type=_count, default=16)
+    parser.add_argument("--mem-per-node", type=_size, default=65536,
                         help="memory per NUMA node, e.g. 64G or 65536 (MiB)")
     parser.add_argument("--policy", choices=(*POLICIES, "all"), default="all")
-    parser.add_argument("--plan-steps", type=int, default=200,
+    parser.add_argument("--plan-steps", type=_count, default=200,
                         help="search bound of each plan_to_fit attempt (pack+migrate)")
+    parser.add_argument("--jobs-csv", metavar="FILE",
+                        help="write one row per job (job,submit,start,end,host,cpus,status; "
+                             "status ran|rejected|skipped) for a single --policy")
     args = parser.parse_args(argv)
-    # The one piece of I/O in placement/: reading the trace the user named.
-    with open(args.trace, encoding="utf-8", errors="replace") as handle:
-        trace = parse_swf(handle)
+    if args.jobs_csv is not None and args.policy == "all":
+        parser.error("--jobs-csv writes one policy's jobs: give --policy too")
+    # The only I/O in placement/: reading the trace the user named, writing the CSV asked for.
+    try:
+        with open(args.trace, encoding="utf-8", errors="replace") as handle:
+            trace = parse_swf(handle)
+    except OSError as e:
+        parser.error(f"cannot read {args.trace}: {e.strerror}")
     policies = POLICIES if args.policy == "all" else (args.policy,)
     results = []
     for policy in policies:
@@ -368,6 +445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.nodes_per_host} nodes x {args.cores_per_node} cores, "
           f"{args.mem_per_node} MiB per node")
     print(format_table(results))
+    if args.jobs_csv is not None:
+        try:
+            with open(args.jobs_csv, "w", encoding="utf-8", newline="") as out:
+                csv.writer(out).writerows(csv_rows(first.outcomes))
+        except OSError as e:
+            print(f"python -m placement.sim: cannot write {args.jobs_csv}: {e.strerror}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

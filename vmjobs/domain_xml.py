@@ -224,8 +224,11 @@ def cpu(alloc: Allocation, virt_type: str) -> ET.Element:
                   threads="1")
     numa = ET.SubElement(element, "numa")
     for cell, (vcpus, memory_mib) in enumerate(guest_cells(alloc)):
-        ET.SubElement(numa, "cell", id=str(cell), cpus=format_cpu_list(vcpus),
-                      memory=str(memory_mib), unit="MiB")
+        guest_cell = ET.SubElement(numa, "cell", id=str(cell))
+        if vcpus:  # a cell mirroring a memory-only host node has none (libvirt: no attribute)
+            guest_cell.set("cpus", format_cpu_list(vcpus))
+        guest_cell.set("memory", str(memory_mib))
+        guest_cell.set("unit", "MiB")
     return element
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from placement import (
     Allocation,
     Cluster,
+    Device,
     HostState,
     NodeShare,
     NumaPolicy,
@@ -176,3 +179,14 @@ def test_free_cores_and_free_memory_on_different_nodes() -> None:
 
 def test_pinned_host_outside_the_pool() -> None:
     assert summary(two(), Request(1, 1, host="a", pool="ci")) == "a: not in pool ci"
+
+
+def test_nic_kept_by_its_iommu_group_names_the_group_and_the_job() -> None:
+    host = make_host("a", nodes=1, cores=4, memory_mib=4096)
+    cluster = Cluster([replace(host, devices=(Device("0000:02:00.0", 0, iommu_group=12),
+                                              Device("0000:02:00.1", 0, iommu_group=12)))])
+    cluster.reserve("x", Allocation("a", (0,), 100, (NodeShare(0, (0,), 100),),
+                                    ("0000:02:00.0",)))
+    assert summary(cluster, Request(1, 100, nics=1, numa=STRICT)) == (
+        "no host has room now: a/node0: NIC 0000:02:00.0 in use; "
+        "NIC 0000:02:00.1 shares IOMMU group 12 with a NIC held by job x")

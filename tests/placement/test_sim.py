@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from placement.sim import (
     POLICIES,
     SimConfig,
     SimResult,
+    Status,
     jobs_from_trace,
     main,
     parse_mib,
@@ -82,7 +84,8 @@ def test_too_much_memory_for_a_host_is_rejected_and_for_a_node_spans() -> None:
 
 def test_requests_from_trace_jobs() -> None:
     jobs, skipped = jobs_from_trace(shipped("easy-backfill.swf"), EASY)
-    assert skipped == 2
+    assert [(o.job, o.submit, o.status) for o in skipped] == [
+        ("j8", 50, Status.SKIPPED), ("j9", 55, Status.SKIPPED)]
     by_id = {j.id: j for j in jobs}
     # Unknown memory: 16 GiB / 4 cores = 4 GiB per processor.
     assert by_id["j1"].request.memory_mib == 16 * GIB
@@ -178,3 +181,64 @@ def test_command_line_prints_every_policy(capsys: pytest.CaptureFixture[str]) ->
     assert out[1].split()[:4] == ["policy", "jobs", "rejected", "util"]
     assert [row.split()[0] for row in out[2:]] == list(POLICIES)
     assert out[2].split()[1:4] == ["6", "1", "29.4"]
+    assert out[1].split()[-4:] == ["backfills", "migrations", "sim", "s"]
+    assert out[2].split()[-3:-1] == ["2", "0"]  # j4 and j6 backfilled, nothing migrated
+
+
+def test_jobs_csv_has_one_row_per_trace_job(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "jobs.csv"
+    assert main([str(DATA / "easy-backfill.swf"), "--hosts", "1", "--nodes-per-host", "2",
+                 "--cores-per-node", "4", "--mem-per-node", "16G", "--policy", "pack",
+                 "--jobs-csv", str(out)]) == 0
+    with open(out, encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["job", "submit", "start", "end", "host", "cpus", "status"]
+    # Ran and rejected jobs in submit order, then the skipped ones; the starts worked out in
+    # test_easy_backfill_by_hand, each end = start + run time.
+    assert [(r[0], r[1], r[2], r[3], r[6]) for r in rows[1:]] == [
+        ("j1", "0", "0", "100", "ran"), ("j2", "0", "0", "100", "ran"),
+        ("j3", "10", "100", "150", "ran"), ("j4", "20", "20", "70", "ran"),
+        ("j5", "30", "150", "650", "ran"), ("j6", "40", "40", "70", "ran"),
+        ("j7", "45", "", "", "rejected"),
+        ("j8", "50", "", "", "skipped"), ("j9", "55", "", "", "skipped"),
+    ]
+    sizes = {"j1": 4, "j2": 1, "j3": 8, "j4": 2, "j5": 1, "j6": 1}
+    ran = [r for r in rows[1:] if r[6] == "ran"]
+    assert {r[4] for r in ran} == {"h0"}
+    cpus = {r[0]: {int(c) for c in r[5].split()} for r in ran}
+    assert {job: len(held) for job, held in cpus.items()} == sizes
+    assert all(r[4] == r[5] == "" for r in rows[1:] if r[6] != "ran")
+    # Jobs that overlap in time never share a cpu.
+    for a in ran:
+        for b in ran:
+            if a[0] < b[0] and int(a[2]) < int(b[3]) and int(b[2]) < int(a[3]):
+                assert not cpus[a[0]] & cpus[b[0]], (a, b)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jobs-csv", "x.csv"], "--jobs-csv writes one policy's jobs: give --policy too"),
+    (["--policy", "best"], "argument --policy: invalid choice"),
+    (["--hosts", "0"], "argument --hosts: '0' is not a whole number of at least 1"),
+    (["--cores-per-node", "x"], "argument --cores-per-node: 'x' is not a whole number"),
+    (["--mem-per-node", "12Q"], "'12Q' is not a memory size like 64G"),
+    (["--mem-per-node", "infG"], "'infG' is not a memory size like 64G"),
+])
+def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([str(DATA / "easy-backfill.swf"), *args])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_missing_trace_is_one_line_and_exit_2(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp_path / "absent.swf"), "--policy", "pack"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read" in err and "absent.swf" in err

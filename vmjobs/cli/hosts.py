@@ -6,6 +6,7 @@ import json
 
 import click
 
+from placement import HostUsage
 from vmjobs.hosts_view import host_views
 from vmjobs.units import format_mib
 
@@ -18,7 +19,9 @@ def hosts(obj: object, host: str | None, as_json: bool) -> None:
     """Show cores, memory and NICs free/total per host and NUMA node.
 
     Cores reserved for the host OS (config `reserved_cpus`) are not counted; NICs are only
-    those the config allows jobs to have.
+    those the config allows jobs to have. Each NIC is listed under its node with its IOMMU
+    group: a NIC nobody holds is "blocked" while a NIC of its group (or its SR-IOV PF/VF) is
+    held, since VFIO gives a whole group to one guest.
 
     \b
     Examples:
@@ -36,14 +39,27 @@ def hosts(obj: object, host: str | None, as_json: bool) -> None:
         if usage is None:
             rows.append((view.name, "down", "-", "-", "-", view.error or ""))
             continue
-        rows.append((view.name, usage.state.value, str(usage.jobs),
-                     f"{usage.cpus_free}/{usage.cpus_total}",
-                     f"{format_mib(usage.memory_free_mib)}/{format_mib(usage.memory_total_mib)}",
-                     f"{usage.nics_free}/{usage.nics_total}"))
-        for node in usage.nodes:
-            rows.append((f"  node{node.node}", "", "", f"{node.cpus_free}/{node.cpus_total}",
-                         f"{format_mib(node.memory_free_mib)}/{format_mib(node.memory_total_mib)}",
-                         f"{node.nics_free}/{node.nics_total}"))
+        rows.extend(usage_rows(view.name, usage))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def usage_rows(name: str, usage: HostUsage) -> list[tuple[str, str, str, str, str, str]]:
+    """The table rows of one reachable host: the host, each NUMA node, and under each node its
+    NICs with their state (free / held / blocked), the job holding them and their IOMMU group."""
+    rows = [(name, usage.state.value, str(usage.jobs), f"{usage.cpus_free}/{usage.cpus_total}",
+             f"{format_mib(usage.memory_free_mib)}/{format_mib(usage.memory_total_mib)}",
+             f"{usage.nics_free}/{usage.nics_total}")]
+    for node in usage.nodes:
+        rows.append((f"  node{node.node}", "", "", f"{node.cpus_free}/{node.cpus_total}",
+                     f"{format_mib(node.memory_free_mib)}/{format_mib(node.memory_total_mib)}",
+                     f"{node.nics_free}/{node.nics_total}"))
+        for nic in node.nics:
+            state = "held" if nic.holder else "blocked" if nic.blocked else "free"
+            group = "" if nic.iommu_group is None else f"group {nic.iommu_group}"
+            why = f" ({nic.blocked})" if nic.blocked else ""
+            vf = f" VF of {nic.pf}" if nic.pf else ""
+            rows.append((f"    {nic.address}", state, nic.holder or "", "", "",
+                         f"{group}{vf}{why}".strip()))
+    return rows

@@ -5,8 +5,10 @@ that waits, why. Jobs start in order while the first one fits. The first job tha
 fit is the *head*: from the running jobs' time limits the pass computes the *shadow time*, the
 latest moment at which the head will fit, and the cluster as it will be then. A later job may
 start early (backfill) only if it cannot delay the head: it ends before the shadow time (it has
-a `--time-limit`), or the head still fits at the shadow time with the later job still running.
-So a large job at the head is never starved by a stream of small ones.
+a `--time-limit`), or the head, re-placed on the cluster as it will be at the shadow time,
+still fits with the later job still running. So a large job at the head is never starved by a
+stream of small ones. The reservation is `placement.backfill`'s, which the trace simulator
+shares.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 
 import placement
 from placement import Allocation, Request
+from placement.backfill import Holding, Reservation, reserve_head
+
+__all__ = ["Holding", "Plan", "Start", "Wait", "Waiting", "order", "plan"]
 
 
 @dataclass(frozen=True)
@@ -26,14 +31,6 @@ class Waiting:
     job_id: str
     request: Request
     time_limit_s: float | None = None
-
-
-@dataclass(frozen=True)
-class Holding:
-    """A job that holds resources now, and when it must end at the latest (None: unknown)."""
-
-    job_id: str
-    ends_at: float | None
 
 
 @dataclass(frozen=True)
@@ -62,30 +59,6 @@ def order(waiting: Sequence[Waiting]) -> list[Waiting]:
     return sorted(waiting, key=lambda w: -w.request.priority)
 
 
-@dataclass
-class _Shadow:
-    at: float | None  # None: the head's start depends on jobs without a time limit
-    cluster: placement.Cluster | None  # None: the head waits for hosts, not for jobs
-
-
-def _shadow(cluster: placement.Cluster, head: Request,
-            holding: Sequence[Holding]) -> _Shadow:
-    """Release holders in the order they must end until the head fits."""
-    sim = cluster.copy()
-    held = set(sim.allocations())
-    limited = sorted((h for h in holding if h.ends_at is not None and h.job_id in held),
-                     key=lambda h: h.ends_at or 0.0)
-    for holder in limited:
-        sim.release(holder.job_id)
-        if sim.place(head).fits:
-            return _Shadow(holder.ends_at, sim)
-    for job_id in sim.allocations():
-        sim.release(job_id)
-    if sim.place(head).fits:
-        return _Shadow(None, sim)
-    return _Shadow(None, None)
-
-
 def _clock(at: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at))
 
@@ -111,10 +84,10 @@ def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Sequen
         return Plan(tuple(starts), ())
 
     head = queue[i]
-    shadow = _shadow(cluster, head.request, holders)
+    reservation = reserve_head(cluster, head.request, holders, now, policy)
     why = cluster.explain(head.request).summary
-    if shadow.at is not None:
-        why += f"; starts by {_clock(shadow.at)} at the latest"
+    if reservation.shadow is not None:
+        why += f"; starts by {_clock(reservation.shadow)} at the latest"
     waits = [Wait(head.job_id, 1, f"first in line: {why}")]
     # The cluster only fills up during this loop, so a request that did not fit still does
     # not: a long queue of alike jobs costs one placement, not one each.
@@ -127,40 +100,24 @@ def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Sequen
         allocation = decision.allocation
         if allocation is None:
             reason = refused[job.request] = decision.explanation.summary
-        elif _harmless(job, allocation, shadow, head.request, now):
+        elif reservation.admits(job.job_id, allocation, job.request, _ends(job, now)):
             cluster.reserve(job.job_id, allocation, job.request)
             starts.append(Start(job.job_id, allocation, backfilled=True))
             continue
         else:
-            reason = _would_delay(job, head, shadow)
+            reason = _would_delay(job, head, reservation)
         waits.append(Wait(job.job_id, len(waits) + 1, reason))
-    return Plan(tuple(starts), tuple(waits), shadow.at)
+    return Plan(tuple(starts), tuple(waits), reservation.shadow)
 
 
 def _ends(job: Waiting, now: float) -> float | None:
     return now + job.time_limit_s if job.time_limit_s is not None else None
 
 
-def _harmless(job: Waiting, allocation: Allocation, shadow: _Shadow, head: Request,
-              now: float) -> bool:
-    """May `job` start now without delaying the head? Records it in the shadow if so."""
-    if shadow.cluster is None:
-        return True  # the head waits for a host to come (back) up; jobs here cannot delay it
-    ends = _ends(job, now)
-    if shadow.at is not None and ends is not None and ends <= shadow.at:
-        return True  # gone before the head is due
-    trial = shadow.cluster.copy()
-    trial.reserve(job.job_id, allocation, job.request)
-    if not trial.place(head).fits:
-        return False
-    shadow.cluster = trial  # later backfill candidates must leave room alongside this one
-    return True
-
-
-def _would_delay(job: Waiting, head: Waiting, shadow: _Shadow) -> str:
-    if shadow.at is None:
+def _would_delay(job: Waiting, head: Waiting, reservation: Reservation) -> str:
+    if reservation.shadow is None:
         return (f"room now, but it would delay {head.job_id} (first in line), whose start "
                 "depends on jobs without a time limit")
     limit = "" if job.time_limit_s is not None else "; a --time-limit would let it start early"
     return (f"room now, but it would delay {head.job_id} (first in line, due by "
-            f"{_clock(shadow.at)}){limit}")
+            f"{_clock(reservation.shadow)}){limit}")

@@ -10,7 +10,8 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `mem`: a size (`"512M"`, `"1.5G"`) or an integer number of bytes
 - `numa` (`strict|prefer|any`), `threads` (`dedicated|isolate`), `hugepages` (`2M|1G`)
 - `host`, `pool`, `image`: strings
-- `preemptible`, `no_wait`: true / false (`--preemptible`, `--no-wait`)
+- `preemptible`, `no_wait`, `mem_nodes`: true / false (`--preemptible`, `--no-wait`,
+  `--mem-nodes`: memory-only NUMA nodes, CXL or HBM, may supply memory)
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
@@ -48,9 +49,9 @@ RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
-FIELDS = ("argv", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "labels", "host",
-          "pool", "image", "priority", "preemptible", "time_limit", "wait_timeout", "no_wait",
-          "input", "output")
+FIELDS = ("argv", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
+          "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
+          "wait_timeout", "no_wait", "input", "output")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
 RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "time_limit",
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
@@ -76,6 +77,7 @@ class Spec:
     numa: NumaPolicy = NumaPolicy.PREFER
     threads: ThreadPolicy = ThreadPolicy.DEDICATED
     hugepages: str | None = None  # a key of HUGEPAGE_KIB
+    mem_nodes: bool = False  # memory-only nodes (CXL, HBM) may supply memory
     labels: Mapping[str, str] = field(default_factory=dict)
     host: str | None = None
     pool: str | None = None
@@ -94,7 +96,8 @@ class Spec:
                        threads=self.threads,
                        hugepage_kib=HUGEPAGE_KIB[self.hugepages] if self.hugepages else None,
                        host=self.host, pool=self.pool, labels=tuple(sorted(self.labels.items())),
-                       priority=self.priority, preemptible=self.preemptible)
+                       priority=self.priority, preemptible=self.preemptible,
+                       mem_nodes=self.mem_nodes)
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form: what the CLI sends to the API and the store keeps.
@@ -103,6 +106,7 @@ class Spec:
             "argv": list(self.argv), "env": dict(self.env), "cpus": self.cpus,
             "mem": f"{self.mem}M", "nics": self.nics, "numa": self.numa.value,
             "threads": self.threads.value, "hugepages": self.hugepages,
+            "mem_nodes": self.mem_nodes,
             "labels": dict(self.labels), "host": self.host, "pool": self.pool,
             "image": self.image, "priority": self.priority, "preemptible": self.preemptible,
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
@@ -141,6 +145,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         threads=ThreadPolicy(fields.choice("threads", [t.value for t in ThreadPolicy],
                                            ThreadPolicy.DEDICATED.value)),
         hugepages=fields.choice("hugepages", list(HUGEPAGE_KIB), None),
+        mem_nodes=fields.flag("mem_nodes"),
         labels=fields.pairs("labels", _label_name), host=fields.text("host"),
         pool=fields.text("pool"), image=fields.text("image") or "default",
         priority=fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY),

@@ -16,7 +16,8 @@ from vmjobs.spec import MAX_DURATION_S, Spec, SpecError, parse, time_limit_of, w
 
 FULL = {
     "argv": ["sh", "-c", "echo hi"], "env": {"A": "1"}, "cpus": 4, "mem": "1.5G", "nics": 2,
-    "numa": "strict", "threads": "isolate", "hugepages": "1G", "labels": {"rack": "r1"},
+    "numa": "prefer", "threads": "isolate", "hugepages": "1G", "labels": {"rack": "r1"},
+    "mem_nodes": True,
     "host": "h1", "pool": "gpu", "image": "default", "priority": -3, "preemptible": True,
     "time_limit": "1h30m", "wait_timeout": 60, "no_wait": False, "input": "tok",
     "output": "/tmp/out",
@@ -27,9 +28,9 @@ def test_a_full_spec_and_its_request() -> None:
     spec = parse(FULL)
     assert spec.mem == 1536 and spec.time_limit == 5400.0 and spec.wait_timeout == 60.0
     assert spec.request() == Request(
-        cpus=4, memory_mib=1536, nics=2, numa=NumaPolicy.STRICT, threads=ThreadPolicy.ISOLATE,
+        cpus=4, memory_mib=1536, nics=2, numa=NumaPolicy.PREFER, threads=ThreadPolicy.ISOLATE,
         hugepage_kib=1 << 20, host="h1", pool="gpu", labels=(("rack", "r1"),), priority=-3,
-        preemptible=True)
+        preemptible=True, mem_nodes=True)
 
 
 def test_the_canonical_form_parses_back_to_the_same_spec_through_json() -> None:
@@ -68,6 +69,7 @@ REFUSED = [
     ({"preemptible": "no"}, "preemptible must be true or false, not 'no'"),
     ({"preemptible": 0}, "preemptible must be true or false, not 0"),
     ({"no_wait": "yes"}, "no_wait must be true or false"),
+    ({"mem_nodes": "true"}, "mem_nodes must be true or false, not 'true'"),
     ({"time_limit": math.nan}, "time_limit must be a positive number of seconds, not nan"),
     ({"time_limit": math.inf}, "time_limit must be a positive number of seconds, not inf"),
     ({"time_limit": "nan"}, "invalid time_limit 'nan'"),
@@ -114,10 +116,11 @@ def test_bad_fields_are_refused_with_one_line_as_usage_errors(fields: dict[str, 
 def test_command_line_text_is_converted_and_named_by_its_option() -> None:
     spec = spec_from_options({"argv": ("true",), "cpus": "2", "memory": "512M",
                               "label": ("rack=r1", "zone=a"), "env": ("A=1",),
-                              "threads": "isolate", "hugepages": "2M", "timeout": "90"})
+                              "threads": "isolate", "hugepages": "2M", "timeout": "90",
+                              "mem_nodes": True})
     assert (spec.cpus, spec.mem, spec.time_limit) == (2, 512, 90.0)
     assert dict(spec.labels) == {"rack": "r1", "zone": "a"} and dict(spec.env) == {"A": "1"}
-    assert spec.request().hugepage_kib == 2048
+    assert spec.request().hugepage_kib == 2048 and spec.request().mem_nodes
     for params, message in [
         ({"cpus": "four"}, "--cpus must be an integer from 1 to 4096, not 'four'"),
         ({"memory": "1024"}, "--mem 1024 bytes is too small to boot a guest (at least 64M); "

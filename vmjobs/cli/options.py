@@ -14,11 +14,12 @@ from vmjobs.spec import DEFAULT_MEMORY_MIB, HUGEPAGE_KIB, Spec, SpecError, parse
 
 # spec field -> the click parameter that gives it on the command line
 PARAMS = {"cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
-          "threads": "threads", "hugepages": "hugepages", "labels": "label", "host": "host",
+          "threads": "threads", "hugepages": "hugepages", "mem_nodes": "mem_nodes",
+          "labels": "label", "host": "host",
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
           "env": "env", "priority": "priority", "preemptible": "preemptible",
           "wait_timeout": "wait_timeout", "no_wait": "no_wait"}
-FLAGS = frozenset({"preemptible", "no_wait"})  # click gives these as booleans
+FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,6 +46,9 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--hugepages", default=None, metavar="|".join(HUGEPAGE_KIB),
                      help="Back guest memory with hugepages of this size (the host must "
                           "have them free on the job's node)."),
+        click.option("--mem-nodes", "mem_nodes", is_flag=True,
+                     help="Memory-only NUMA nodes (CXL, HBM) may supply the memory the nodes "
+                          "of the job's cpus lack (--numa prefer or any)."),
         click.option("--label", "label", multiple=True, metavar="K=V",
                      help="Run only on hosts carrying this label (repeatable; see the "
                           "config's hosts[].labels)."),

@@ -73,7 +73,7 @@ def test_twenty_jobs_start_in_priority_then_fifo_order_with_their_codes_and_outp
         ids.append(client.submit({
             "argv": ["sh", "-c", 'echo "result $0" > out/r; echo "line $0"; exit $1',
                      str(i), str(i % 4)],
-            "memory_mib": 256, "priority": 5 if i >= 15 else 0,
+            "mem": "256M", "priority": 5 if i >= 15 else 0,
         })["id"])
     submitted = time.time()
     listing = client.jobs()

@@ -21,7 +21,7 @@ from vmjobs.client import ApiFailure
 # command-line options -> the line after "vmjob: "
 OPTION_CASES = {
     "mem in bytes": (["--mem", "1024"], "--mem 1024 bytes is too small to boot a guest "
-                                        "(at least 64M); did you mean 1024M?"),
+                                        "(at least 128M); did you mean 1024M?"),
     "mem unit": (["--mem", "12Q"], "invalid --mem '12Q': use a number of bytes or a size "
                                    "like 512M, 1.5G, 64G"),
     "time limit too long": (["--timeout", "300000d"],
@@ -47,7 +47,7 @@ FILE_CASES = {
     "Infinity": ({"wait_timeout": float("inf")}, "wait_timeout must be a positive number of "
                                                  "seconds, not inf"),
     "mem in bytes": ({"mem": 1024}, "mem 1024 bytes is too small to boot a guest (at least "
-                                    "64M); did you mean 1024M?"),
+                                    "128M); did you mean 1024M?"),
     "env NUL": ({"env": {"A": "x\0y"}}, "env contains a NUL byte"),
 }
 NUL_ARGV = "argument 'a\\x00b' of the command contains a NUL byte"

@@ -78,11 +78,11 @@ REFUSED = [
     ({"time_limit": "300000d"}, "time_limit '300000d' is longer than the longest supported"),
     ({"wait_timeout": MAX_DURATION_S + 1}, "wait_timeout 31622401 is longer than"),
     ({"no_wait": True, "wait_timeout": 5}, "give either --no-wait or --wait-timeout, not both"),
-    ({"mem": 1024}, "mem 1024 bytes is too small to boot a guest (at least 64M); "
+    ({"mem": 1024}, "mem 1024 bytes is too small to boot a guest (at least 128M); "
                     "did you mean 1024M?"),
-    ({"mem": "1024"}, "mem 1024 bytes is too small to boot a guest (at least 64M); "
+    ({"mem": "1024"}, "mem 1024 bytes is too small to boot a guest (at least 128M); "
                       "did you mean 1024M?"),
-    ({"mem": "16M"}, "mem 16M is too small to boot a guest (at least 64M)"),
+    ({"mem": "64M"}, "mem 64M is too small to boot a guest (at least 128M)"),
     ({"mem": "12Q"}, "invalid mem '12Q'"),
     ({"mem": 2.5e9}, "mem must be a size"),
     ({"mem": math.nan}, "mem must be a size"),
@@ -123,7 +123,7 @@ def test_command_line_text_is_converted_and_named_by_its_option() -> None:
     assert spec.request().hugepage_kib == 2048 and spec.request().mem_nodes
     for params, message in [
         ({"cpus": "four"}, "--cpus must be an integer from 1 to 4096, not 'four'"),
-        ({"memory": "1024"}, "--mem 1024 bytes is too small to boot a guest (at least 64M); "
+        ({"memory": "1024"}, "--mem 1024 bytes is too small to boot a guest (at least 128M); "
                              "did you mean 1024M?"),
         ({"memory": "12Q"}, "invalid --mem '12Q'"),
         ({"priority": "high"}, "--priority must be an integer"),

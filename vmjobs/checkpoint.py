@@ -3,7 +3,8 @@
 `checkpoint_job`: RUNNING -> CHECKPOINTING -> `virDomainSave` into
 `<spool>/jobs/<id>/checkpoint.save` -> CHECKPOINTED with the reservation released, in one
 transaction. A save that fails leaves the guest running (libvirt resumes it) and the job
-RUNNING; a partial file is removed.
+RUNNING; a partial file is removed. A stop asked for during the save (`should_abort`: a cancel,
+a time limit) aborts it the same way, so the caller acts on the running guest at once.
 
 `restore_job`: place again under the job's original request (NUMA policy, NICs, pool; any
 host, or `to`), reserve, rewrite the save image's XML for the new host with
@@ -14,8 +15,10 @@ fails releases the new reservation and leaves the job CHECKPOINTED with its file
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import libvirt
 
 import placement
 from placement import Allocation
-from vmjobs import guestclock
+from vmjobs import failpoints, guestclock
 from vmjobs.codec import request_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
@@ -63,8 +66,23 @@ class Restored:
     clock: str
 
 
+def _abort_when_asked(dom: libvirt.virDomain, should_abort: Callable[[], str | None],
+                      done: threading.Event, asked: list[str], poll_s: float = 0.25) -> None:
+    """Thread: while a save runs, abort it (`abortJob`) once `should_abort` gives a reason,
+    which is appended to `asked`."""
+    while not done.wait(poll_s):
+        failpoints.hit("checkpoint:saving")
+        reason = should_abort()
+        if reason:
+            asked.append(reason)
+            # the save may have ended meanwhile: the caller sees how
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.abortJob()
+            return
+
+
 def checkpoint_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
-                   job_id: str) -> Saved:
+                   job_id: str, should_abort: Callable[[], str | None] = lambda: None) -> Saved:
     record, _alloc = running_job(store, job_id)
     host = record.host or ""
     dom = lookup_domain(conns[host], domain_name(job_id))
@@ -73,15 +91,22 @@ def checkpoint_job(config: Config, store: Store, conns: Mapping[str, libvirt.vir
     path = save_path(config.spool, job_id)
     store.transition(job_id, JobState.CHECKPOINTING, f"saving to {path}")
     started = time.monotonic()
+    done, asked = threading.Event(), []
+    watcher = threading.Thread(target=_abort_when_asked, args=(dom, should_abort, done, asked),
+                               name=f"save-abort-{job_id}", daemon=True)
+    watcher.start()
     try:
         dom.save(str(path))
     except libvirt.libvirtError as exc:
         path.unlink(missing_ok=True)
         still = "still running" if is_running(dom) else "NOT running"
-        store.transition(job_id, JobState.RUNNING,
-                         f"checkpoint failed: {exc.get_error_message()}; {still} on {host}")
-        raise CheckpointFailed(f"job {job_id}: checkpoint failed: {exc.get_error_message()}; "
+        why = f"stopped: {asked[0]}" if asked else exc.get_error_message()
+        store.transition(job_id, JobState.RUNNING, f"checkpoint failed: {why}; {still} on {host}")
+        raise CheckpointFailed(f"job {job_id}: checkpoint failed: {why}; "
                                f"the job is {still} on {host}") from None
+    finally:
+        done.set()
+    failpoints.hit("checkpoint:saved")
     duration = time.monotonic() - started
     size = path.stat().st_size
     store.transition(job_id, JobState.CHECKPOINTED,
@@ -118,6 +143,7 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
     started = time.monotonic()
     try:
         store.transition(job_id, JobState.RESTORING, f"restoring on {alloc.host}")
+        failpoints.hit("restore:placed")
         xml = conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_XML_SECURE)
         dxml = retarget_xml(xml, alloc, config.host(alloc.host).reserved_cpus,
                             JobFiles.of(config.spool, job_id).next_console(
@@ -132,6 +158,7 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
             raise CheckpointFailed(f"job {job_id}: restore on {alloc.host} failed: {message}; "
                                    f"the checkpoint is kept") from None
         raise
+    failpoints.hit("restore:restored")
     duration = time.monotonic() - started
     clock = guestclock.sync_quietly(conn, domain_name(job_id))
     path.unlink(missing_ok=True)

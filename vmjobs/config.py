@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from vmjobs.errors import ConfigError, VmjobsError
-from vmjobs.units import parse_cpu_list, parse_size_mib
+from vmjobs.units import parse_cpu_list, parse_duration, parse_size_mib
 
 SYSTEM_CONFIG = Path("/etc/vmjobs/config.yaml")
 DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
@@ -67,6 +67,9 @@ class Config:
     # when a queued job that is not preemptible does not fit, move preemptible jobs for it
     preemption: bool = False
     max_outbound_migrations: int = 1  # live migrations leaving one host at once
+    # how long a host may stay unreachable (its jobs UNREACHABLE, guests perhaps running on)
+    # before it is declared down and its jobs LOST; libvirtd restarts take seconds
+    host_down_after_s: float = 300.0
 
     @property
     def state_db(self) -> Path:
@@ -169,7 +172,8 @@ def parse(data: Any, path: str) -> Config:
     top = _Reader(data, path, "")
     top.check_known(
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
-         "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations"}
+         "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
+         "host_down_after"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -211,7 +215,26 @@ def parse(data: Any, path: str) -> Config:
         admin_group=admin_group,
         preemption=preemption,
         max_outbound_migrations=top.int("max_outbound_migrations", 1, minimum=1),
+        host_down_after_s=_host_down_after(top),
     )
+
+
+MAX_HOST_DOWN_AFTER_S = 7 * 86400.0
+
+
+def _host_down_after(top: _Reader) -> float:
+    """`host_down_after`: seconds, or a duration such as 5m; finite, > 0, at most a week."""
+    value = top.data.get("host_down_after", 300)
+    problem = "must be a duration > 0 and at most 7d, e.g. 30s, 5m or 300"
+    if isinstance(value, bool):
+        raise top.fail("host_down_after", problem)
+    try:
+        seconds = parse_duration(value) if isinstance(value, str) else float(value)
+    except (VmjobsError, TypeError, ValueError):
+        raise top.fail("host_down_after", problem) from None
+    if not 0 < seconds <= MAX_HOST_DOWN_AFTER_S:  # also refuses NaN
+        raise top.fail("host_down_after", problem)
+    return seconds
 
 
 def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:

@@ -20,6 +20,9 @@ class JobState(StrEnum):
     PLACED = "PLACED"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
+    # its host does not answer (libvirtd restarting, stalled, or the machine down): the guest
+    # may well run on; LOST only once the host stays away for `host_down_after`
+    UNREACHABLE = "UNREACHABLE"
     MIGRATING = "MIGRATING"
     CHECKPOINTING = "CHECKPOINTING"
     CHECKPOINTED = "CHECKPOINTED"
@@ -41,7 +44,8 @@ FINISHED = frozenset(
      JobState.EXPIRED}
 )
 # States in which a job holds (or is about to hold) a guest on a host.
-ACTIVE = frozenset({JobState.PLACED, JobState.STARTING, JobState.RUNNING})
+ACTIVE = frozenset({JobState.PLACED, JobState.STARTING, JobState.RUNNING,
+                    JobState.UNREACHABLE})
 # States of a job whose guest is being moved (live migration, save, restore).
 MOVING = frozenset({JobState.MIGRATING, JobState.CHECKPOINTING, JobState.RESTORING})
 
@@ -60,13 +64,18 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.PLACED: frozenset({_S.STARTING, _S.FAILED, _S.LOST, _S.QUEUED, _S.RESTORING,
                           _S.CHECKPOINTED}),
     # the guest runs; or it ended before its start was recorded (collected at recovery);
-    # never started after all (recovery: no console) -> queued again
-    _S.STARTING: frozenset({_S.RUNNING, _S.LOST, _S.QUEUED} | _ENDS),
-    _S.RUNNING: frozenset({_S.MIGRATING, _S.CHECKPOINTING, _S.LOST, _S.QUEUED} | _ENDS),
-    # a move ends with the guest running (here or there) or its host lost
-    _S.MIGRATING: frozenset({_S.RUNNING, _S.LOST}),
-    _S.CHECKPOINTING: frozenset({_S.CHECKPOINTED, _S.RUNNING, _S.LOST}),
-    _S.RESTORING: frozenset({_S.RUNNING, _S.CHECKPOINTED, _S.LOST}),
+    # never started after all (recovery: no console) -> queued again; host not answering at
+    # recovery -> unreachable
+    _S.STARTING: frozenset({_S.RUNNING, _S.UNREACHABLE, _S.LOST, _S.QUEUED} | _ENDS),
+    # moves; its end; its host stops answering; requeued at recovery (no console)
+    _S.RUNNING: frozenset({_S.MIGRATING, _S.CHECKPOINTING, _S.UNREACHABLE, _S.LOST, _S.QUEUED}
+                          | _ENDS),
+    # its host came back (guest running, or stopped and collected) or stayed away too long
+    _S.UNREACHABLE: frozenset({_S.RUNNING, _S.LOST, _S.QUEUED} | _ENDS),
+    # a move ends with the guest running (here or there), its host not answering, or lost
+    _S.MIGRATING: frozenset({_S.RUNNING, _S.UNREACHABLE, _S.LOST}),
+    _S.CHECKPOINTING: frozenset({_S.CHECKPOINTED, _S.RUNNING, _S.UNREACHABLE, _S.LOST}),
+    _S.RESTORING: frozenset({_S.RUNNING, _S.CHECKPOINTED, _S.UNREACHABLE, _S.LOST}),
     # restored (placed again first); cancelled or out of time while saved
     _S.CHECKPOINTED: frozenset({_S.PLACED, _S.CANCELLED, _S.TIMEOUT}),
     **{end: frozenset() for end in FINISHED},

@@ -41,7 +41,7 @@ import libvirt
 
 import placement
 from placement import Allocation
-from vmjobs import domain_xml, replug
+from vmjobs import domain_xml, failpoints, replug
 from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
@@ -189,8 +189,15 @@ def _stat(stats: Mapping[str, Any], key: str) -> int:
 def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: str,
                    dest_uri: str | None, policy: Policy, memory_mib: int,
                    on_progress: Callable[[Progress], None] | None = None,
-                   poll_s: float = 0.25) -> Outcome:
-    """Live-migrate `dom` to `dconn` as `dest_xml`; raise MigrationFailed if it did not move."""
+                   poll_s: float = 0.25,
+                   should_abort: Callable[[], str | None] = lambda: None) -> Outcome:
+    """Live-migrate `dom` to `dconn` as `dest_xml`; raise MigrationFailed if it did not move.
+
+    `should_abort` is asked every `poll_s` seconds: a reason (a cancel, a time limit reached)
+    aborts the migration while the guest still runs on the source, so the caller can act on
+    it there within a poll instead of waiting for the copy to end. Once in post-copy the
+    guest runs on the destination and the migration is never aborted.
+    """
     flags = libvirt.VIR_MIGRATE_LIVE
     if policy.auto_converge:
         flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
@@ -239,6 +246,8 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
         except libvirt.libvirtError:
             continue  # the job is ending; the worker will say how
         remaining = _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING)
+        if remaining:
+            failpoints.hit("migrate:copying")
         if _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL) and (best is None
                                                                    or remaining < best):
             best, best_at, stalled_since = remaining, now, now
@@ -261,7 +270,10 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
                 except libvirt.libvirtError as exc:
                     steps.append(f"post-copy refused: {exc.get_error_message()}")
         if aborted is None and not in_postcopy:
-            if now >= deadline:
+            stop_reason = should_abort()
+            if stop_reason:
+                aborted = f"stopped: {stop_reason}"
+            elif now >= deadline:
                 aborted = (f"did not complete within {deadline - started:.0f}s "
                            f"({memory_mib} MiB guest)")
             elif now - best_at >= policy.progress_timeout_s:
@@ -397,8 +409,12 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                 policy: Policy | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
                 note: Callable[[str], None] = lambda _m: None,
-                replug_nics: bool = False) -> Moved:
+                replug_nics: bool = False,
+                should_abort: Callable[[], str | None] = lambda: None) -> Moved:
     """Move a RUNNING job's guest to `to` (or where the engine says) while it runs.
+
+    `should_abort`: see `migrate_domain`; an aborted migration raises MigrationFailed and
+    leaves the job running on its source.
 
     `replug_nics`: unplug the job's NICs first and plug the destination's at the same guest
     addresses afterwards (`vmjobs.replug`); required for passthrough (vfio) NICs, which cannot
@@ -428,6 +444,7 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
         unplugged = False
         try:
             store.transition(job_id, JobState.MIGRATING, f"live migration {source} -> {dest}")
+            failpoints.hit("migrate:reserved")
             if replugging:
                 note(f"unplugging {len(source_alloc.devices)} NIC(s) on {source}")
                 replug.unplug(dom, nics_for(source_alloc))
@@ -438,7 +455,8 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                                     files.next_console(store.ran_on(job_id), dest))
             outcome = migrate_domain(dom, conns[dest], dest_xml,
                                      migration_uri(config.host(dest).uri), policy,
-                                     source_alloc.memory_mib, on_progress)
+                                     source_alloc.memory_mib, on_progress,
+                                     should_abort=should_abort)
         except BaseException as exc:
             moved_anyway = _landed(conns[dest], job_id) and not is_running(dom)
             if not moved_anyway:
@@ -458,6 +476,7 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
             outcome = Outcome(0.0, None, None, policy.max_downtime_ms, False,
                               ("the guest arrived although the migration reported an error",),
                               lookup_domain(conns[dest], domain_name(job_id)))
+        failpoints.hit("migrate:landed")
         store.move_reservation(job_id, placeholder_id(job_id), alloc)
         clock = guestclock.sync_quietly(conns[dest], domain_name(job_id))
         nics = ""

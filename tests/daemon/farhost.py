@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,46 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
         except (OSError, IndexError, ValueError):
             proc.kill()
         proc.wait(timeout=30)
+
+
+def libvirtd_pid(proc: subprocess.Popen[bytes]) -> int:
+    """The host's libvirtd (a child of its PID 1)."""
+    init = init_pid(proc)
+    for child in Path(f"/proc/{init}/task/{init}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/comm").read_text().strip() == "libvirtd":
+                return int(child)
+    raise RuntimeError("the far host runs no libvirtd")
+
+
+def disturb_libvirtd(proc: subprocess.Popen[bytes], directory: Path, how: str,
+                     stall_s: float = 15.0, timeout: float = 60.0) -> float:
+    """Do to the host's libvirtd what upgrades and hangs do, its guests left running:
+    `term` (a graceful stop, then a new libvirtd), `kill` (kill -9, then a new one) or `stop`
+    (SIGSTOP for `stall_s`, then SIGCONT). Returns time.time() when libvirtd answers again."""
+    pid = libvirtd_pid(proc)
+    if how == "stop":
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(stall_s)
+        os.kill(pid, signal.SIGCONT)
+        return time.time()
+    sock = directory / "sock" / "libvirt-sock"
+    os.kill(pid, signal.SIGTERM if how == "term" else signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():  # PID 1 of the namespace reaps it
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"libvirtd {pid} did not exit after SIG{how.upper()}")
+        time.sleep(0.05)
+    sock.unlink(missing_ok=True)
+    # a new libvirtd in the host's namespaces; it daemonizes, and PID 1 there adopts it
+    subprocess.run(["nsenter", "--target", str(init_pid(proc)), "--mount", "--pid", "--",
+                    "libvirtd", "-d", "-p", "/run/libvirt/libvirtd.pid"], check=True,
+                   timeout=timeout)
+    while not sock.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the new libvirtd did not start")
+        time.sleep(0.05)
+    return time.time()
 
 
 def _main(directory: Path) -> None:

@@ -105,9 +105,10 @@ class Api:
         with daemon.lock:
             queued = len(daemon.store.queued())
             running = len(daemon.store.in_states(ACTIVE))
+            unreachable = len(daemon.store.in_states(frozenset({JobState.UNREACHABLE})))
         return Json({
             "version": __version__, "pid": os.getpid(), "socket": str(daemon.config.socket),
-            "queued": queued, "active": running,
+            "queued": queued, "active": running, "unreachable": unreachable,
             "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
             "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
         })

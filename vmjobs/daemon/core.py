@@ -25,7 +25,15 @@ from vmjobs import virt_probe
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
-from vmjobs.daemon.hosts import GuestPoweredOff, GuestStopped, HostDown, Hosts, HostUp, Note
+from vmjobs.daemon.hosts import (
+    GuestPoweredOff,
+    GuestStopped,
+    HostDown,
+    HostLost,
+    Hosts,
+    HostUp,
+    Note,
+)
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Wait
 from vmjobs.errors import VmjobsError
@@ -268,6 +276,8 @@ class Daemon:
                     self._host_down(note)
                 elif isinstance(note, HostUp):
                     self._host_up(note)
+                elif isinstance(note, HostLost):
+                    self._host_lost(note)
             except Exception:
                 log.exception("handling %s failed", note)
 
@@ -303,6 +313,9 @@ class Daemon:
         self.spawn(self.collect, active, name=f"collect-{note.job_id}")
 
     def _host_down(self, note: HostDown) -> None:
+        """The host stopped answering: its running jobs are UNREACHABLE, not lost — libvirt is
+        built so that guests outlive a libvirtd restart. They keep their reservations until the
+        host returns (recovery takes them back) or stays away for `host_down_after`."""
         with self.lock:
             for active in [a for a in self.active.values() if a.host == note.host]:
                 record = self.store.job(active.job_id)
@@ -312,9 +325,32 @@ class Daemon:
                     self.store.release(active.job_id)
                     self.active.pop(active.job_id, None)
                     continue
+                if record.state == JobState.RUNNING:
+                    self.store.transition(
+                        active.job_id, JobState.UNREACHABLE,
+                        f"host {note.host} not responding: {note.why}; declared lost after "
+                        f"{self.config.host_down_after_s:g}s unless it returns")
+            self.metrics.host_changed(note.host, up=False)
+            self.wake()
+
+    def _host_lost(self, note: HostLost) -> None:
+        """The host stayed away for `host_down_after`: its jobs are lost (or whatever the
+        lost-host policy says)."""
+        with self.lock:
+            if self.hosts.is_up(note.host):
+                return  # it came back just now: recovery took its jobs back
+            for active in [a for a in self.active.values() if a.host == note.host]:
+                record = self.store.job(active.job_id)
+                if record is None:
+                    continue
+                if active.phase == Phase.ENDED:
+                    self.store.release(active.job_id)
+                    self.active.pop(active.job_id, None)
+                    continue
+                if active.phase == Phase.MOVING:
+                    continue  # the mover settles it; a move off a lost host fails there
                 self.finish(active.job_id,
                             Verdict(self.lost_state(record), f"host {note.host} lost: {note.why}"))
-            self.metrics.host_changed(note.host, up=False)
             self.wake()
 
     def _host_up(self, note: HostUp) -> None:

@@ -3,8 +3,9 @@
 libvirt delivers events through its default event loop, which one thread runs. Callbacks run
 on that thread and must not block it (keepalive replies are processed there too), so they only
 put a note on a queue; the daemon's event worker acts on it. A connection that closes (host
-down, libvirtd gone, keepalive timed out) is reported as host down; a reconnect thread per lost
-host tries again with a growing pause, and reports the host up when it answers.
+down, libvirtd gone, keepalive timed out) is reported as host down (unreachable: its guests may
+run on); a reconnect thread per such host tries again every few seconds, reports the host up
+when it answers, and reports it lost if it stays away for the configured `host_down_after`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from vmjobs.inventory import read_host
 log = logging.getLogger("vmjobs.daemon")
 KEEPALIVE_INTERVAL_S = 2  # libvirt pings an idle connection this often ...
 KEEPALIVE_COUNT = 3  # ... and closes it after this many unanswered pings
-RECONNECT_FIRST_S = 1.0
-RECONNECT_MAX_S = 30.0
+RECONNECT_FIRST_S = 0.5
+# A refused or failed connection attempt costs next to nothing, and a libvirtd restart takes
+# seconds: try again at most this far apart, so a returning host is back within seconds.
+RECONNECT_MAX_S = 3.0
 DOMAIN_PREFIX = "vmjob-"
 
 _event_loop_lock = threading.Lock()
@@ -84,7 +87,15 @@ class HostUp:
     host: str
 
 
-Note = GuestStopped | GuestPoweredOff | HostDown | HostUp
+@dataclass(frozen=True)
+class HostLost:
+    """The host stayed unreachable for `host_down_after`: it is down, its jobs are lost."""
+
+    host: str
+    why: str
+
+
+Note = GuestStopped | GuestPoweredOff | HostDown | HostUp | HostLost
 
 
 class Hosts:
@@ -99,6 +110,8 @@ class Hosts:
         self._errors: dict[str, str] = {}
         self._stopping = threading.Event()
         self._reconnecting: set[str] = set()
+        # since when each unreachable host has been so (monotonic); None once reported lost
+        self._down_since: dict[str, float | None] = {}
 
     # --- state -----------------------------------------------------------------------------
 
@@ -162,10 +175,14 @@ class Hosts:
             self._conns[host_config.name] = conn
             self._inventory[host_config.name] = inventory
             self._errors.pop(host_config.name, None)
+            self._down_since.pop(host_config.name, None)
         log.info("host %s: connected (%s)", host_config.name, host_config.uri)
 
     def _start_reconnect(self, host_config: HostConfig) -> None:
         with self._lock:
+            if host_config.name not in self._down_since:
+                self._down_since[host_config.name] = time.monotonic()
+                self._watch_down(host_config.name, self.config.host_down_after_s)
             if host_config.name in self._reconnecting or self._stopping.is_set():
                 return
             self._reconnecting.add(host_config.name)
@@ -188,6 +205,35 @@ class Hosts:
         finally:
             with self._lock:
                 self._reconnecting.discard(host_config.name)
+
+    def _watch_down(self, name: str, after_s: float) -> None:
+        """In `after_s` seconds, report the host lost (HostLost) if it has been unreachable
+        without a break for `host_down_after` by then; otherwise look again when it could be.
+        A timer of its own, because a connection attempt to a stalled libvirtd can block the
+        reconnect thread for as long as the stall lasts. Like Slurm's "not responding" before
+        "down"."""
+        def check() -> None:
+            with self._lock:
+                since = self._down_since.get(name)
+                why = self._errors.get(name) or "unreachable"
+            if since is None or self._stopping.is_set():
+                return  # it came back (a later loss starts a timer of its own)
+            left = since + self.config.host_down_after_s - time.monotonic()
+            if left > 0:
+                self._watch_down(name, left)
+                return
+            with self._lock:
+                if self._down_since.get(name) != since:
+                    return
+                self._down_since[name] = None  # reported once per loss
+            log.warning("host %s: down for good after %.0fs: %s", name,
+                        self.config.host_down_after_s, why)
+            self.notes.put(HostLost(name, why))
+
+        timer = threading.Timer(after_s, check)
+        timer.daemon = True
+        timer.name = f"down-{name}"
+        timer.start()
 
     def close(self) -> None:
         self._stopping.set()

@@ -99,6 +99,17 @@ def settle(daemon: Daemon, active: Active) -> None:
             return
         active.host = record.host or active.host
         conn = daemon.hosts.conn(active.host)
+        if conn is None:
+            # its host went away during the move: the guest may run on there; it is
+            # UNREACHABLE until the host returns (recovery) or is declared lost
+            active.phase = Phase.RUNNING
+            why = f"host {active.host} not responding after a move"
+            if record.state == JobState.UNREACHABLE:  # already said while it moved
+                daemon.store.note(active.job_id, why)
+            else:
+                daemon.store.transition(active.job_id, JobState.UNREACHABLE, why)
+            daemon.wake()
+            return
         try:
             dom = lookup_domain(conn, domain_name(active.job_id)) if conn is not None else None
             alive = dom is not None and is_running(dom)
@@ -121,6 +132,16 @@ def settle(daemon: Daemon, active: Active) -> None:
                      name=f"stop-{active.job_id}")
 
 
+def _stop_asked(active: Active) -> Callable[[], str | None]:
+    """For a move in progress: the reason of a stop (cancel, time limit) recorded for the job
+    since it started moving, which aborts the move; `settle` then carries the stop out on the
+    guest where it still runs."""
+    def asked() -> str | None:
+        stop = active.stop  # set under the daemon's lock; reading the one attribute is atomic
+        return stop[1] if stop is not None else None
+    return asked
+
+
 def policy_for(daemon: Daemon, **options: object) -> migration.Policy:
     """The convergence policy: the defaults, the config's outbound limit, the caller's
     options (None: keep the default)."""
@@ -138,7 +159,8 @@ def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Polic
         source = active.host
         moved = migration.migrate_job(daemon.config, store, daemon.hosts.conns(),
                                       daemon.hosts.inventory(), job_id, to, policy,
-                                      on_progress, note, replug_nics)
+                                      on_progress, note, replug_nics,
+                                      should_abort=_stop_asked(active))
     downtime = f"{moved.outcome.downtime_ms} ms" if moved.outcome.downtime_ms is not None \
         else "?"
     return MoveResult(job_id, "migrated", source, moved.destination,
@@ -152,7 +174,8 @@ def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> M
     the scheduler restores it when it fits again (preempted or drained jobs)."""
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
         source = active.host
-        saved = checkpoint.checkpoint_job(daemon.config, store, daemon.hosts.conns(), job_id)
+        saved = checkpoint.checkpoint_job(daemon.config, store, daemon.hosts.conns(), job_id,
+                                          should_abort=_stop_asked(active))
         if restore is not None:
             store.mark(job_id, restore=restore)
         if active.ends_at is not None:  # the time limit resumes where it stopped

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import libvirt
 
-from vmjobs import replug
+from vmjobs import guestclock, replug
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.domain_xml import Nic, read_metadata
 from vmjobs.guest import JobFiles, Verdict, nics_for
-from vmjobs.hostconn import lookup_domain
+from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
 from vmjobs.runner import reap_abandoned
 from vmjobs.store import Store
@@ -109,18 +110,27 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             assert record is not None
             limit = time_limit_of(record)
             begun = started.get(job_id)
+            before = daemon.active.get(job_id)  # the job was UNREACHABLE: keep its stop
             active = Active(job_id, host, limit, phase=Phase.RUNNING,
-                            ends_at=begun + limit if begun is not None and limit else None)
+                            ends_at=begun + limit if begun is not None and limit else None,
+                            stop=before.stop if before is not None else None)
             daemon.active[job_id] = active
-            # in the job's timeline too: its guest outlived a daemon restart
-            running_again(daemon.store, record, "found running at recovery")
+            # in the job's timeline too: its guest outlived a daemon or libvirtd restart
+            running_again(
+                daemon.store, record,
+                f"host {host} back: guest still running" if record.state == JobState.UNREACHABLE
+                else "found running at recovery")
             log.info("job %s: still running on %s", job_id, host)
+            if active.stop is not None:  # cancelled while its host was away: carried out now
+                daemon.spawn(daemon.destroy_guest, host, job_id, name=f"stop-{job_id}")
         for job_id in actions.requeue:
             daemon.store.transition(job_id, JobState.QUEUED,
                                     "back in the queue: the daemon stopped before starting it",
                                     release=True)
         for job_id in actions.collect:
-            active = Active(job_id, host, None, phase=Phase.COLLECTING)
+            before = daemon.active.get(job_id)
+            active = Active(job_id, host, None, phase=Phase.COLLECTING,
+                            stop=before.stop if before is not None else None)
             daemon.active[job_id] = active
             daemon.spawn(_collect_found, daemon, active, name=f"recover-{job_id}")
         for job_id in actions.unknown:
@@ -158,52 +168,180 @@ def _collect_found(daemon: Daemon, active: Active) -> None:
     daemon.collect(active)
 
 
-def finish_interrupted_moves(daemon: Daemon) -> None:
-    """Moves cut short by the daemon's end (its process drove them) are settled first, from
-    where the guests really are: a migration that completed keeps the destination's
-    reservation, one that did not gives it back; a checkpoint whose guest still runs did not
-    happen, one whose guest is gone left a save image; a restore whose guest does not run
-    leaves the job checkpointed."""
-    where: dict[str, str] = {}
+@dataclass(frozen=True)
+class Copy:
+    """One copy of a job's guest found on a host after a move was cut short."""
+
+    host: str
+    running: bool  # libvirt's RUNNING state; a paused copy is never taken for a running one
+
+
+@dataclass(frozen=True)
+class Survivor:
+    """Which copy of a job's guest lives on after an interrupted move."""
+
+    keep: Copy | None
+    resume: bool  # the kept copy is paused and must be resumed
+    destroy: tuple[Copy, ...]
+
+
+def choose_copy(source: str | None, destination: str | None, copies: list[Copy]) -> Survivor:
+    """Pure: the copy that survives an interrupted move; every other copy goes.
+
+    A running copy wins over a paused one: a migration's hand-over leaves the destination
+    running and the source paused, and the source must never be taken for the live one (it
+    is stale the moment the destination runs). Two running copies never happen with libvirt;
+    if they did, the destination's is the one that ran last. With only paused copies, the
+    source's is resumed: libvirt resumes the source when a migration is cancelled, and a
+    destination copy that was never resumed has not run.
+    """
+    order = {destination: 0, source: 1}
+    running = sorted((c for c in copies if c.running), key=lambda c: order.get(c.host, 2))
+    if running:
+        keep, resume = running[0], False
+    else:
+        paused = sorted(copies, key=lambda c: {source: 0, destination: 1}.get(c.host, 2))
+        keep, resume = (paused[0], True) if paused else (None, False)
+    return Survivor(keep, resume, tuple(c for c in copies if c is not keep))
+
+
+OUTGOING = frozenset({libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE,
+                      libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT})
+QUIESCE_S = 120.0
+
+
+def _quiesce(dom: libvirt.virDomain, deadline: float) -> None:
+    """Let a libvirt job that outlived the daemon end before anything is decided: a save or an
+    outgoing migration is aborted (the guest resumes where it was), a restore or an incoming
+    migration is waited for."""
+    aborted = False
+    while time.monotonic() < deadline:
+        try:
+            if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                return
+            if not aborted and dom.jobStats().get(libvirt.VIR_DOMAIN_JOB_OPERATION) in OUTGOING:
+                dom.abortJob()
+                aborted = True
+        except libvirt.libvirtError:
+            return  # the domain is gone: the job ended
+        time.sleep(0.2)
+
+
+def _copies(daemon: Daemon, job_ids: set[str]) -> dict[str, list[tuple[Copy, libvirt.virDomain]]]:
+    """Every copy of these jobs' guests on every reachable host, once their libvirt jobs
+    have ended."""
+    found: dict[str, list[tuple[Copy, libvirt.virDomain]]] = {}
+    deadline = time.monotonic() + QUIESCE_S
     for host in daemon.config.hosts:
         conn = daemon.hosts.conn(host.name)
         if conn is None:
             continue
-        try:
-            where.update({j: host.name for j, f in domains_on(conn).items() if f.running})
-        except libvirt.libvirtError as exc:
-            log.warning("host %s: cannot list its domains: %s", host.name,
-                        exc.get_error_message())
+        for job_id in job_ids:
+            try:
+                dom = lookup_domain(conn, domain_name(job_id))
+                if dom is None:
+                    continue
+                _quiesce(dom, deadline)
+                if not dom.isActive():
+                    continue
+                running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
+            found.setdefault(job_id, []).append((Copy(host.name, running), dom))
+    return found
+
+
+def finish_interrupted_moves(daemon: Daemon) -> None:
+    """Moves cut short by the daemon's end (its process drove them) are settled first, from
+    the copies of the guests the hosts really have, so that each job ends with exactly one
+    guest, running, or a complete checkpoint and none:
+
+    - a migration keeps the copy `choose_copy` picks, with the reservation of its host (the
+      destination's placeholder becomes the job's, or is dropped); the other copy is destroyed;
+    - a checkpoint whose guest still exists did not happen: the guest runs on, the partial
+      file is removed; one whose guest is gone left a complete save (libvirt stops the guest
+      only once the file is written): CHECKPOINTED;
+    - a restore whose guest exists happened: the save file is removed; one whose guest does
+      not exist did not: CHECKPOINTED, the file kept.
+    A guest that arrived somewhere new gets its clock set."""
     store = daemon.store
     with daemon.lock:
-        migrating = [r.id for r in store.in_states(frozenset({JobState.MIGRATING}))]
-        for record in store.jobs():
-            job_id = record.spec.get("placeholder_for")
-            if job_id is None:
+        placeholders = {r.spec["placeholder_for"]: r for r in store.jobs()
+                        if r.spec.get("placeholder_for") is not None}
+        moving = {r.id: r for r in store.in_states(MOVING)}
+    copies = _copies(daemon, set(moving) | set(placeholders))
+    arrived: list[tuple[str, str]] = []  # (job, host) whose clock must be set
+    with daemon.lock:
+        for job_id in sorted(set(moving) | set(placeholders)):
+            record = moving.get(job_id) or store.job(job_id)
+            if record is None:
                 continue
-            if record.allocation is not None and where.get(job_id) == record.host:
-                store.move_reservation(job_id, record.id, allocation_from_dict(record.allocation))
-                moved = store.job(job_id)
-                if moved is not None:
-                    running_again(store, moved,
-                                  f"found on {record.host} after an interrupted migration")
-            else:
-                store.delete_job(record.id)
-        for record in store.in_states(MOVING):
-            running_here = record.host is not None and where.get(record.id) == record.host
-            saved = save_path(daemon.config.spool, record.id).exists()
-            if running_here or record.state == JobState.MIGRATING:
-                store.transition(record.id, JobState.RUNNING,
-                                 f"{record.state.value.lower()} interrupted by a daemon restart")
-            elif saved:
-                store.transition(record.id, JobState.CHECKPOINTED,
-                                 f"{record.state.value.lower()} interrupted by a daemon restart; "
-                                 "its checkpoint is kept", release=True)
-            else:
-                store.transition(record.id, JobState.RUNNING,
-                                 "checkpoint interrupted by a daemon restart")
-        for job_id in migrating:  # --replug-nics may have unplugged them on the way
-            _plug_missing_nics(daemon, job_id)
+            placeholder = placeholders.get(job_id)
+            found = copies.get(job_id, [])
+            survivor = choose_copy(record.host, placeholder.host if placeholder else None,
+                                   [c for c, _dom in found])
+            doms = {c.host: dom for c, dom in found}
+            for gone in survivor.destroy:
+                log.info("job %s: destroying its %s copy on %s left by an interrupted move",
+                         job_id, "running" if gone.running else "paused", gone.host)
+                destroy_quietly(doms[gone.host])
+            keep = survivor.keep
+            if keep is not None and survivor.resume:
+                try:
+                    doms[keep.host].resume()
+                except libvirt.libvirtError as exc:
+                    log.warning("job %s: resuming its guest on %s failed: %s", job_id,
+                                keep.host, exc.get_error_message())
+            _settle_record(daemon, record, placeholder, keep, arrived)
+        for job_id in [r.id for r in moving.values() if r.state == JobState.MIGRATING]:
+            _plug_missing_nics(daemon, job_id)  # --replug-nics may have unplugged them
+    for job_id, host in arrived:
+        conn = daemon.hosts.conn(host)
+        if conn is not None:
+            clock = guestclock.sync_quietly(conn, domain_name(job_id))
+            with daemon.lock:
+                daemon.store.note(job_id, f"clock {clock}")
+
+
+def _settle_record(daemon: Daemon, record: JobRecord, placeholder: JobRecord | None,
+                   keep: Copy | None, arrived: list[tuple[str, str]]) -> None:
+    """The store follows the surviving copy (see `finish_interrupted_moves`). Caller holds the
+    lock."""
+    store = daemon.store
+    job_id = record.id
+    state = record.state.value.lower()
+    saved = save_path(daemon.config.spool, job_id)
+    if placeholder is not None:
+        if keep is not None and keep.host == placeholder.host and placeholder.allocation:
+            store.move_reservation(job_id, placeholder.id,
+                                   allocation_from_dict(placeholder.allocation))
+            running_again(store, record,
+                          f"found on {keep.host} after an interrupted migration")
+            arrived.append((job_id, keep.host))
+            return
+        store.delete_job(placeholder.id)
+    if record.state == JobState.RESTORING:
+        if keep is not None:
+            saved.unlink(missing_ok=True)
+            store.transition(job_id, JobState.RUNNING,
+                             f"restored on {keep.host}; found after an interrupted restore")
+            arrived.append((job_id, keep.host))
+        else:
+            store.transition(job_id, JobState.CHECKPOINTED,
+                             "restore interrupted by a daemon restart; its checkpoint is kept",
+                             release=True)
+        return
+    if record.state == JobState.CHECKPOINTING and keep is None and saved.exists():
+        store.transition(job_id, JobState.CHECKPOINTED,
+                         "checkpoint interrupted by a daemon restart; its save was complete",
+                         release=True)
+        return
+    if record.state == JobState.CHECKPOINTING:
+        saved.unlink(missing_ok=True)  # a save that did not finish: its guest runs on
+    if record.state in MOVING:
+        where = f"still on {keep.host}" if keep is not None else "its guest is gone"
+        store.transition(job_id, JobState.RUNNING,
+                         f"{state} interrupted by a daemon restart; {where}")
 
 
 def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
@@ -244,9 +382,21 @@ def recover(daemon: Daemon) -> None:
                 continue
             if record.host in names and daemon.hosts.is_up(record.host or ""):
                 continue
-            why = daemon.hosts.error(record.host or "") or "host no longer configured"
-            daemon.finish(record.id, Verdict(daemon.lost_state(record),
-                                             f"host {record.host} unreachable at recovery: {why}"))
+            if record.host not in names:
+                daemon.finish(record.id, Verdict(daemon.lost_state(record),
+                                                 f"host {record.host} no longer configured"))
+            elif record.state == JobState.PLACED:  # it never got a guest
+                daemon.store.transition(record.id, JobState.QUEUED,
+                                        f"back in the queue: host {record.host} unreachable",
+                                        release=True)
+            else:  # its guest may run on: wait for the host (hosts.py reports it lost in time)
+                why = daemon.hosts.error(record.host or "") or "unreachable"
+                daemon.active[record.id] = Active(record.id, record.host or "",
+                                                  time_limit_of(record), phase=Phase.RUNNING)
+                if record.state != JobState.UNREACHABLE:
+                    daemon.store.transition(
+                        record.id, JobState.UNREACHABLE,
+                        f"host {record.host} not responding at recovery: {why}")
         for job_id in daemon.store.reservations():
             record = daemon.store.job(job_id)
             if record is not None and record.state not in ACTIVE:

@@ -61,7 +61,7 @@ def expire(daemon: Daemon, now: float, queue: Queue) -> set[str]:
             reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
             active.stop = (JobState.TIMEOUT, reason)
             if active.phase == Phase.MOVING:
-                continue  # destroying it mid-move could strand it; the mover stops it after
+                continue  # never destroyed mid-move: the mover aborts the move, settle() stops it
             # destroying takes seconds: not under the lock
             daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
                          name=f"timeout-{active.job_id}")

@@ -18,7 +18,15 @@ from placement.model import (
     Request,
     ThreadPolicy,
 )
-from placement.plans import Checkpoint, Migrate, Plan, apply_plan, plan_rebalance, plan_to_fit
+from placement.plans import (
+    Checkpoint,
+    Migrate,
+    Plan,
+    Repin,
+    apply_plan,
+    plan_rebalance,
+    plan_to_fit,
+)
 from placement.results import Decision, Explanation, HostUsage, NicUsage, NodeUsage, Reason
 from placement.scorers import POLICIES
 from placement.swf import SwfJob, Trace, parse_swf
@@ -45,6 +53,7 @@ __all__ = [
     "NumaPolicy",
     "Plan",
     "Reason",
+    "Repin",
     "Request",
     "SwfJob",
     "ThreadPolicy",

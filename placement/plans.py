@@ -14,10 +14,11 @@ import heapq
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from itertools import count
 
 from placement.cluster import Cluster
-from placement.filters import HOST_FILTERS, free_nics, units
+from placement.filters import HOST_FILTERS, anti_affinity, free_nics, units
 from placement.fit import fit_host
 from placement.ledger import HostLedger, claim, copy_ledger, pages_for
 from placement.model import Allocation, HostState, NumaPolicy, Request
@@ -34,20 +35,32 @@ class Migrate:
 
 
 @dataclass(frozen=True)
+class Repin:
+    """Move a job to other cpus / NUMA nodes of the host it runs on (live: vCPU affinity and
+    memory binding change; nothing crosses the network)."""
+
+    job_id: str
+    host: str
+    memory_mib: int = 0  # what moving it costs: memory that changes NUMA node
+    allocation: Allocation | None = None  # where it lands, as planned
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     job_id: str
     memory_mib: int = 0
 
 
-Action = Migrate | Checkpoint
+Action = Migrate | Repin | Checkpoint
 
 
 @dataclass(frozen=True)
 class Plan:
     """`found` says whether the goal is met after `actions`, applied in order.
 
-    cost_mib: memory moved (migrated or written to disk). `allocation`: where the request goes
-    afterwards (plan_to_fit). `freed`: (host, node) pairs left empty (plan_rebalance).
+    cost_mib: memory moved (migrated, written to disk, or between NUMA nodes by a re-pin).
+    `allocation`: where the request goes afterwards (plan_to_fit). `freed`: (host, node)
+    pairs left empty (plan_rebalance).
     `complete` is False when the search stopped at its budget, so a cheaper plan may exist.
     """
 
@@ -66,7 +79,10 @@ def apply_plan(cluster: Cluster, plan: Plan) -> Cluster:
     for action in plan.actions:
         request = after.request_of(action.job_id)
         after.release(action.job_id)
-        if isinstance(action, Migrate):
+        if isinstance(action, Repin):
+            assert action.allocation is not None
+            after.reserve(action.job_id, action.allocation, request)
+        elif isinstance(action, Migrate):
             assert request is not None
             alloc = action.allocation
             if alloc is None:
@@ -82,7 +98,7 @@ def apply_plan(cluster: Cluster, plan: Plan) -> Cluster:
 @dataclass(frozen=True)
 class _Held:
     job_id: str
-    cost: int
+    cost: int  # a lower bound on the memory moved to take it off the target
     cpus: int  # cpus it frees on the target (idle siblings included)
     memory: int  # memory units it frees on the target, in the request's units
     nics: int  # NICs it frees on the target that the request accepts
@@ -90,16 +106,34 @@ class _Held:
 
 @dataclass(frozen=True)
 class _Target:
-    """Where the request should fit after evictions: one node of a host, or the whole host."""
+    """Where the request should fit after evictions: one node of a host, or the whole host.
+
+    `required`: members of the request's anti-affinity group on the host; every plan for this
+    target moves them off the host, so their freed capacity counts as free and their memory
+    as already spent.
+    """
 
     host: str
     node: int | None
     mode: str
-    jobs: tuple[_Held, ...]  # evictable jobs touching the target, cheapest first
+    jobs: tuple[_Held, ...]  # optional evictions touching the target, cheapest first
+    required: tuple[_Held, ...]
     free_cpus: int
     free_memory: int
     free_nics: int
     suffix: tuple[tuple[int, int, int, float], ...]  # from i on: cpus, memory, nics, min cost/cpu
+
+    @property
+    def required_cost(self) -> int:
+        return sum(h.cost for h in self.required)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A candidate set whose relocation worked but cost more than its lower bound: queued at
+    its real cost, so it is returned only once nothing cheaper can still turn up."""
+
+    plan: Plan
 
 
 def _movable(cluster: Cluster, job_id: str, request: Request) -> bool:
@@ -107,6 +141,12 @@ def _movable(cluster: Cluster, job_id: str, request: Request) -> bool:
     if theirs is None:
         return False
     return theirs.host is None or (theirs.preemptible and theirs.priority <= request.priority)
+
+
+def _in_group(cluster: Cluster, job_id: str, request: Request) -> bool:
+    theirs = cluster.request_of(job_id)
+    return (request.anti_affinity is not None and theirs is not None
+            and theirs.anti_affinity == request.anti_affinity)
 
 
 @dataclass(frozen=True)
@@ -118,22 +158,28 @@ class _Pending:
     mode: str
 
 
+# Host filters a plan can change: a host that fails only these may become a target.
+_FIXABLE = (anti_affinity,)
+
+
 def _pending(cluster: Cluster, need: Need) -> list[tuple[float, _Pending]]:
     """Every possible target with a cheap lower bound on the memory moved to make room there.
 
-    The bound takes the lowest memory-per-cpu of any job in the cluster, which no job on the
+    The bound takes the lowest memory-per-cpu any job holds on any node, which no job on the
     target can beat, so best-first search stays exact while it builds only the targets it
-    reaches (building one walks every job on its host).
+    reaches (building one walks every job on its host). A host that fails only the
+    anti-affinity filter is a target too: moving the group's member off it makes room.
     """
     request = need.request
     modes = {NumaPolicy.STRICT: ("node",), NumaPolicy.PREFER: ("node", "span"),
              NumaPolicy.ANY: ("either",)}[request.numa]
-    per_cpu = min((a.memory_mib / (len(a.cpus) + len(a.idle_cpus))
-                   for a in cluster.allocations().values()), default=0.0)
+    per_cpu = min((cost / cpus for a in cluster.allocations().values()
+                   for cost, cpus in _per_node_cost(a).values() if cpus), default=0.0)
     found = []
     for name in cluster.hosts:
         ledger = cluster._ledger(name)
-        if not ledger.jobs or any(check(ledger, request) for check in HOST_FILTERS):
+        if not ledger.jobs or any(check(ledger, request) for check in HOST_FILTERS
+                                  if check not in _FIXABLE):
             continue
         for mode in modes:
             nodes = [n.shape.id for n in ledger.nodes] if mode == "node" else [None]
@@ -147,14 +193,28 @@ def _pending(cluster: Cluster, need: Need) -> list[tuple[float, _Pending]]:
     return found
 
 
-def _freeable(cluster: Cluster, ledger: HostLedger,
-              need: Need) -> list[tuple[str, int, dict[int, tuple[int, int, int]]]]:
-    """The host's movable jobs, once per host: (job, memory moved, node -> what it frees there
-    as (cpus with idle siblings, memory in the request's units, NICs the request accepts))."""
+def _per_node_cost(alloc: Allocation) -> dict[int, tuple[int, int]]:
+    """node -> (MiB the job holds there, cpus it holds there); idle siblings are not counted
+    (their node is the ledger's to say), which only lowers the bound."""
+    return {s.node: (s.memory_mib, len(s.cpus)) for s in alloc.nodes}
+
+
+# What one movable job holds on its host: (job, whole memory, in the request's group,
+# node -> (cpus with idle siblings, memory in the request's units, NICs the request accepts,
+# MiB held there)).
+_Freeable = tuple[str, int, bool, dict[int, tuple[int, int, int, int]]]
+
+
+def _freeable(cluster: Cluster, ledger: HostLedger, need: Need) -> list[_Freeable] | None:
+    """The host's movable jobs, once per host; None when a member of the request's
+    anti-affinity group holds a place there and cannot move (the host is then no target)."""
     request = need.request
     found = []
     for job_id in cluster.jobs_on(ledger.host.name):
+        in_group = _in_group(cluster, job_id, request)
         if not _movable(cluster, job_id, request):
+            if in_group:
+                return None
             continue
         alloc = cluster.allocation_of(job_id)
         same_units = alloc.hugepage_kib == need.page_kib
@@ -164,35 +224,42 @@ def _freeable(cluster: Cluster, ledger: HostLedger,
             if same_units:
                 memory = (share.memory_mib if need.page_kib is None
                           else pages_for(share.memory_mib, need.page_kib))
-            per_node[share.node] = [len(share.cpus), memory, 0]
+            per_node[share.node] = [len(share.cpus), memory, 0, share.memory_mib]
         for cpu in alloc.idle_cpus:
-            per_node.setdefault(ledger.node_of_cpu[cpu], [0, 0, 0])[0] += 1
+            per_node.setdefault(ledger.node_of_cpu[cpu], [0, 0, 0, 0])[0] += 1
         for address in alloc.devices:
             device = ledger.devices[address]
             if need.wants(device):
-                per_node.setdefault(device.node, [0, 0, 0])[2] += 1
-        found.append((job_id, alloc.memory_mib,
-                      {n: (c, m, k) for n, (c, m, k) in per_node.items()}))
+                per_node.setdefault(device.node, [0, 0, 0, 0])[2] += 1
+        found.append((job_id, alloc.memory_mib, in_group,
+                      {n: (c, m, k, mib) for n, (c, m, k, mib) in per_node.items()}))
     return found
 
 
-def _target(ledger: HostLedger, need: Need,
-            freeable: list[tuple[str, int, dict[int, tuple[int, int, int]]]], mode: str,
+def _target(ledger: HostLedger, need: Need, freeable: list[_Freeable], mode: str,
             node: int | None) -> _Target | None:
     mine = [n for n in ledger.nodes if node is None or n.shape.id == node]
     held = []
-    for job_id, cost, per_node in freeable:
-        cpus = memory = nics = 0
-        for node_id, (c, m, k) in per_node.items():
+    required = []
+    for job_id, whole, in_group, per_node in freeable:
+        cpus = memory = nics = mib = 0
+        for node_id, (c, m, k, b) in per_node.items():
             if node is None or node_id == node:
                 cpus += c
                 memory += m
                 nics += k
-        if cpus or memory or nics:
+                mib += b
+        # Off a node it may move to another node of the same host (memory moved: at least
+        # what it holds on the node); off a host, or out of the group's way, all of it moves.
+        cost = whole if node is None or in_group else mib
+        if in_group:
+            required.append(_Held(job_id, whole, cpus, memory, nics))
+        elif cpus or memory or nics:
             held.append(_Held(job_id, cost, cpus, memory, nics))
-    free_cpus = sum(len(n.free) for n in mine)
-    free_memory = sum(units(n, need) for n in mine)
+    free_cpus = sum(len(n.free) for n in mine) + sum(h.cpus for h in required)
+    free_memory = sum(units(n, need) for n in mine) + sum(h.memory for h in required)
     nics_free = sum(len(free_nics(ledger, n, need)) for n in mine) if need.nics else 0
+    nics_free += sum(h.nics for h in required)
     if (free_cpus + sum(h.cpus for h in held) < need.slots
             or free_memory + sum(h.memory for h in held) < need.units
             or nics_free + sum(h.nics for h in held) < need.nics):
@@ -209,6 +276,7 @@ def _target(ledger: HostLedger, need: Need,
         node=node,
         mode=mode,
         jobs=tuple(held),
+        required=tuple(required),
         free_cpus=free_cpus,
         free_memory=free_memory,
         free_nics=nics_free,
@@ -248,10 +316,23 @@ def _fits_after(cluster: Cluster, target: _Target, need: Need, jobs: Iterable[st
     return fit_host(ledger, need, target.mode).fits
 
 
+def moved_between_nodes(before: Allocation, after: Allocation) -> int:
+    """MiB of memory that changes NUMA node when a job is re-pinned from `before` to `after` on
+    the same host: what each node holds less afterwards, summed (0 for a change of cpus within
+    the same nodes)."""
+    now = {s.node: s.memory_mib for s in after.nodes}
+    return sum(max(0, s.memory_mib - now.get(s.node, 0)) for s in before.nodes)
+
+
 def _relocate(work: Cluster, away_from: str, request: Request, jobs: Iterable[str],
-              policy: str) -> list[Action] | None:
+              policy: str, off_node: int | None = None,
+              must_leave: frozenset[str] = frozenset()) -> list[Action] | None:
     """Move `jobs` off host `away_from` on `work`, biggest first; None (and `work` as it was)
-    when one of them can be neither migrated nor checkpointed."""
+    when one of them can be neither re-pinned, migrated nor checkpointed.
+
+    With `off_node`, a job (other than those in `must_leave`) first tries another node of the
+    same host — a re-pin moves only the memory that changes node, and nothing over the
+    network — then another host."""
     held = {j: (work.allocation_of(j), work.request_of(j)) for j in jobs}
     for job_id in held:
         work.release(job_id)
@@ -259,6 +340,14 @@ def _relocate(work: Cluster, away_from: str, request: Request, jobs: Iterable[st
     for job_id in sorted(held, key=lambda j: (-held[j][0].memory_mib, j)):
         alloc, theirs = held[job_id]
         assert theirs is not None
+        if off_node is not None and job_id not in must_leave:
+            local = work.place_within(replace(theirs, host=away_from), policy,
+                                      avoid=frozenset({(away_from, off_node)})).allocation
+            if local is not None:
+                work.reserve(job_id, local, theirs)
+                actions.append(Repin(job_id, away_from, moved_between_nodes(alloc, local),
+                                     local))
+                continue
         placed = None
         if theirs.host is None:
             placed = work.place_within(theirs, policy, exclude=frozenset({away_from})).allocation
@@ -276,20 +365,28 @@ def _relocate(work: Cluster, away_from: str, request: Request, jobs: Iterable[st
 def _undo(work: Cluster, held: dict[str, tuple[Allocation, Request | None]],
           actions: list[Action]) -> None:
     for action in actions:
-        if isinstance(action, Migrate):
+        if not isinstance(action, Checkpoint):
             work.release(action.job_id)
     for job_id, (alloc, theirs) in held.items():
         work.reserve(job_id, alloc, theirs)
 
 
+_Entry = tuple[float, float, int, int, "_Target | _Pending | _Found", tuple[int, ...]]
+
+
 def plan_to_fit(cluster: Cluster, request: Request, *, policy: str = "pack",
                 time_budget_s: float | None = 0.05, max_actions: int = 4,
                 max_steps: int | None = None) -> Plan:
-    """The cheapest migrations / checkpoints after which `request` fits (cost: memory moved).
+    """The cheapest re-pins / migrations / checkpoints after which `request` fits (cost: MiB of
+    memory moved — between hosts, to disk, or between NUMA nodes of one host for a re-pin).
 
     Best-first (A*) over sets of jobs to evict from one target (a node for strict, a host
-    otherwise), cheapest set first; each candidate set is checked with the real filters, then
-    its jobs are re-placed elsewhere with `policy` (or checkpointed). Evicted jobs are not
+    otherwise), cheapest lower bound first; each candidate set is checked with the real
+    filters, then its jobs are re-placed with `policy`: off a node, onto another node of the
+    same host when one has room (a `Repin`), else onto another host (a `Migrate`), else
+    checkpointed. When that costs more than the set's lower bound the plan is queued at its
+    real cost, so the plan returned is the cheapest the search can build. Members of the
+    request's anti-affinity group on the target host always move. Evicted jobs are not
     themselves made room for. The search stops after `time_budget_s` seconds or `max_steps`
     candidate sets (use the latter for reproducible runs); `Plan.complete` tells which.
     """
@@ -308,10 +405,9 @@ def plan_to_fit(cluster: Cluster, request: Request, *, policy: str = "pack",
     if not pending:
         return Plan(False, (), 0, "no set of movable jobs makes room")
     order = count()
-    heap: list[tuple[float, int, int, int, _Target | _Pending, tuple[int, ...]]] = [
-        (bound, 0, next(order), 0, target, ()) for bound, target in pending]
+    heap: list[_Entry] = [(bound, 0, next(order), 0, target, ()) for bound, target in pending]
     heapq.heapify(heap)
-    freeable: dict[str, list[tuple[str, int, dict[int, tuple[int, int, int]]]]] = {}
+    freeable: dict[str, list[_Freeable] | None] = {}
     work: Cluster | None = None  # copied on first use: most candidate sets fail before it
     steps = 0
     while heap:
@@ -320,33 +416,43 @@ def plan_to_fit(cluster: Cluster, request: Request, *, policy: str = "pack",
                 max_steps is not None and steps > max_steps):
             return Plan(False, (), 0, "no plan found within the search budget", complete=False)
         _, cost, _, _, target, chosen = heapq.heappop(heap)
+        if isinstance(target, _Found):
+            return target.plan
         if isinstance(target, _Pending):
             steps -= 1  # building a target is not a candidate set
             ledger = cluster._ledger(target.host)
             if target.host not in freeable:
                 freeable[target.host] = _freeable(cluster, ledger, need)
-            built = _target(ledger, need, freeable[target.host], target.mode, target.node)
+            jobs_here = freeable[target.host]
+            built = None
+            if jobs_here is not None:
+                built = _target(ledger, need, jobs_here, target.mode, target.node)
             if built is not None:
                 bound = _bound(built, need, 0, 0, 0, 0)
                 assert bound is not None
-                heapq.heappush(heap, (bound, 0, next(order), 0, built, ()))
+                spent = built.required_cost
+                heapq.heappush(heap, (spent + bound, spent, next(order), 0, built, ()))
             continue
-        jobs = [target.jobs[i].job_id for i in chosen]
+        jobs = [h.job_id for h in target.required] + [target.jobs[i].job_id for i in chosen]
         freed = [target.jobs[i] for i in chosen]
         cpus = sum(h.cpus for h in freed)
         memory = sum(h.memory for h in freed)
         nics = sum(h.nics for h in freed)
         short = _bound(target, need, len(target.jobs), cpus, memory, nics)
-        if chosen and short == 0.0 and _fits_after(cluster, target, need, jobs):
+        if jobs and short == 0.0 and _fits_after(cluster, target, need, jobs):
             work = work or cluster.copy()
-            actions = _relocate(work, target.host, request, jobs, policy)
+            actions = _relocate(work, target.host, request, jobs, policy, target.node,
+                                frozenset(h.job_id for h in target.required))
             if actions is not None:
                 placed = work.place_within(request, policy).allocation
                 _undo(work, {j: (cluster.allocation_of(j), cluster.request_of(j))
                              for j in jobs}, actions)
                 if placed is not None:
                     moved = sum(a.memory_mib for a in actions)
-                    return Plan(True, tuple(actions), moved, _describe(actions, placed), placed)
+                    plan = Plan(True, tuple(actions), moved, _describe(actions, placed), placed)
+                    if moved <= cost:
+                        return plan
+                    heapq.heappush(heap, (moved, moved, next(order), 0, _Found(plan), ()))
         if len(chosen) >= max_actions:
             continue
         start = chosen[-1] + 1 if chosen else 0
@@ -363,13 +469,9 @@ def plan_to_fit(cluster: Cluster, request: Request, *, policy: str = "pack",
 
 
 def _describe(actions: list[Action], placed: Allocation) -> str:
-    moves = sum(isinstance(a, Migrate) for a in actions)
-    saves = len(actions) - moves
-    parts = []
-    if moves:
-        parts.append(plural(moves, "migration"))
-    if saves:
-        parts.append(plural(saves, "checkpoint"))
+    kinds = [(Repin, "re-pin"), (Migrate, "migration"), (Checkpoint, "checkpoint")]
+    parts = [plural(n, word) for kind, word in kinds
+             if (n := sum(isinstance(a, kind) for a in actions))]
     moved = format_mib(sum(a.memory_mib for a in actions))
     verb = "makes" if len(actions) == 1 else "make"
     return f"{' and '.join(parts)} ({moved} moved) {verb} room on {placed.host}"
@@ -378,14 +480,34 @@ def _describe(actions: list[Action], placed: Allocation) -> str:
 # --- plan_rebalance -----------------------------------------------------------------------
 
 
-def plan_rebalance(cluster: Cluster, max_moves: int, *, policy: str = "pack",
-                   time_budget_s: float | None = 0.5) -> Plan:
-    """Migrations, at most `max_moves`, that each leave a whole NUMA node empty.
+class Objective(StrEnum):
+    """What plan_rebalance optimises."""
 
-    Greedy: nodes that are cheapest to empty (least memory to move) go first; their jobs go
-    to other hosts, never onto a node that is empty now or freed by the plan. A node is only
-    emptied if all of its jobs can move.
+    WHOLE_NODES = "whole-nodes"  # NUMA nodes left entirely free
+    FRAGMENTS = "fragments"  # fragment rate for jobs of a target size (placement.fragments)
+
+
+def plan_rebalance(cluster: Cluster, max_moves: int, *, policy: str = "pack",
+                   time_budget_s: float | None = 0.5,
+                   objective: Objective | str = Objective.WHOLE_NODES,
+                   target_cpus: int = 16) -> Plan:
+    """Moves, at most `max_moves` (the migration limit, MNL), that defragment the cluster.
+
+    objective "whole-nodes": migrations that each leave a whole NUMA node empty. Greedy: nodes
+    that are cheapest to empty (least memory to move) go first; their jobs go to other hosts,
+    never onto a node that is empty now or freed by the plan. A node is only emptied if all
+    of its jobs can move.
+
+    objective "fragments": re-pins and migrations that lower the fragment rate for jobs of
+    `target_cpus` cpus (`placement.fragments.plan_fragments`). Raises ValueError for an
+    unknown objective or target_cpus < 1.
     """
+    objective = Objective(objective)
+    if objective == Objective.FRAGMENTS:
+        # imported here: placement.fragments builds on this module's actions
+        from placement.fragments import plan_fragments
+        return plan_fragments(cluster, max_moves, target_cpus, policy=policy,
+                              time_budget_s=time_budget_s)
     deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s
     work = cluster.copy()
     protected = {

@@ -31,7 +31,7 @@ from typing import NoReturn
 from placement.backfill import Holding, reserve_head
 from placement.cluster import Cluster
 from placement.model import Allocation, NumaPolicy, Request
-from placement.plans import Migrate, plan_to_fit
+from placement.plans import Migrate, Repin, plan_to_fit
 from placement.swf import Trace, parse_swf
 from placement.synthetic import make_hosts
 
@@ -240,7 +240,7 @@ class _Simulation:
         if not plan.found:
             return False
         for action in plan.actions:
-            assert isinstance(action, Migrate) and action.allocation is not None
+            assert isinstance(action, Migrate | Repin) and action.allocation is not None
             self.cluster.release(action.job_id)
             self.cluster.reserve(action.job_id, action.allocation, self.running[
                 action.job_id].job.request)

@@ -269,6 +269,23 @@ class Store:
                              time.time(), job_id))
             self._insert_reservation(job_id, allocation)
 
+    def repin_reservation(self, job_id: str, allocation: Allocation, reason: str) -> None:
+        """A job re-pinned on its own host: its reservation becomes `allocation` (which may
+        share cpus with the old one), with an event saying why. One transaction: a cpu held
+        by another job raises (UNIQUE key) and leaves the old reservation in place."""
+        with self.reserving():
+            row = self.db.execute("SELECT host, state FROM jobs WHERE id = ?",
+                                  (job_id,)).fetchone()
+            if row is None or row["host"] != allocation.host:
+                raise VmjobsError(f"job {job_id} does not run on {allocation.host}")
+            self._release(job_id)
+            self.db.execute("UPDATE jobs SET allocation = ?, updated = ? WHERE id = ?",
+                            (json.dumps(allocation_to_dict(allocation)), time.time(), job_id))
+            self._insert_reservation(job_id, allocation)
+            # a note: the job's state does not change
+            self._event(job_id, JobState(row["state"]), allocation.host, reason, time.time(),
+                        note=True)
+
     def delete_job(self, job_id: str) -> None:
         """Forget a job entirely: only for jobs refused before anything of them existed."""
         with self.reserving():

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from placement import Allocation, Cluster, Host, NodeShare, NumaPolicy, Request
-from placement.plans import Checkpoint, Migrate, apply_plan, plan_rebalance, plan_to_fit
+from placement.plans import Checkpoint, Migrate, Repin, apply_plan, plan_rebalance, plan_to_fit
 from placement.synthetic import make_host
 from tests.placement.strategies import hosts, plain_requests
 
@@ -32,18 +32,49 @@ def fragmented() -> Cluster:
     return cluster
 
 
-def test_cheapest_migration_makes_room() -> None:
+def test_cheapest_move_is_a_repin_on_the_same_host() -> None:
+    """The issue's case: 2 nodes x 4 cores, 2 cores used on each; a 4-core strict job fits
+    once one job moves to the other node of its own host."""
     cluster = fragmented()
     request = Request(4, 1024, numa=STRICT)
     assert not cluster.place(request).fits
     plan = plan_to_fit(cluster, request)
     assert plan.found and plan.complete
-    assert [(type(a), a.job_id) for a in plan.actions] == [(Migrate, "a0")]
-    assert plan.cost_mib == 1024
-    assert plan.summary == "1 migration (1 GiB moved) makes room on a"
+    assert [(type(a), a.job_id) for a in plan.actions] == [(Repin, "a0")]
+    repin = plan.actions[0]
+    assert isinstance(repin, Repin) and repin.host == "a" and repin.allocation is not None
+    assert {s.node for s in repin.allocation.nodes} == {1}
+    assert plan.cost_mib == 1024, "its 1 GiB moves from node 0 to node 1"
+    assert plan.summary == "1 re-pin (1 GiB moved) makes room on a"
     after = apply_plan(cluster, plan)
     assert after.place(request).allocation == plan.allocation
     assert cluster.allocation_of("a0").host == "a", "the original cluster is untouched"
+    assert cluster.allocation_of("a0").nodes[0].node == 0
+
+
+def test_one_host_repin() -> None:
+    """One host alone: without intra-host moves there is no plan at all."""
+    cluster = Cluster([make_host("a", nodes=2, cores=4, memory_mib=8192)])
+    pinned(cluster, "x", "a", 0, (0, 1), 512)
+    pinned(cluster, "y", "a", 1, (4, 5), 2048)
+    plan = plan_to_fit(cluster, Request(4, 1024, numa=STRICT))
+    assert plan.found and [(type(a), a.job_id) for a in plan.actions] == [(Repin, "x")]
+    assert plan.cost_mib == 512
+    assert apply_plan(cluster, plan).place(Request(4, 1024, numa=STRICT)).fits
+
+
+def test_cheapest_migration_makes_room() -> None:
+    """Single-node hosts: no other node to re-pin to, so the cheapest job migrates."""
+    cluster = Cluster([make_host(n, nodes=1, cores=4, memory_mib=8192) for n in "ab"])
+    pinned(cluster, "a0", "a", 0, (0, 1), 1024)
+    pinned(cluster, "b0", "b", 0, (0,), 2048)
+    request = Request(4, 1024, numa=STRICT)
+    plan = plan_to_fit(cluster, request)
+    assert plan.found and plan.complete
+    assert [(type(a), a.job_id) for a in plan.actions] == [(Migrate, "a0")]
+    assert plan.cost_mib == 1024
+    assert plan.summary == "1 migration (1 GiB moved) makes room on a"
+    assert apply_plan(cluster, plan).place(request).allocation == plan.allocation
 
 
 def test_fits_already_and_never_fits() -> None:
@@ -116,6 +147,8 @@ def test_applying_a_plan_to_fit_then_placing_succeeds(case: tuple[Cluster, Reque
         assert theirs is not None
         if isinstance(action, Checkpoint):
             assert theirs.preemptible and theirs.priority <= request.priority
+        elif isinstance(action, Repin):
+            assert action.host == cluster.allocation_of(action.job_id).host
         else:
             assert action.to_host != cluster.allocation_of(action.job_id).host
     after = apply_plan(cluster, plan)
@@ -172,3 +205,57 @@ def test_rebalance_example() -> None:
     assert plan.found
     assert plan.freed == (("a", 0), ("a", 1))
     assert plan.summary == "frees 2 NUMA nodes with 2 migrations (3 GiB moved)"
+
+
+# --- falsifying examples of test_no_single_migration_is_cheaper_than_the_plan -------------
+# Both come from the planner skipping every host that failed a host filter, anti-affinity
+# included: a host holding a member of the request's group was never a target, although
+# moving that member off it makes room.
+
+
+def group_cluster() -> Cluster:
+    """a: one member of group g (1 of 2 cores); b: full; c: one core taken, one free."""
+    cluster = Cluster([make_host(n, nodes=1, cores=2, memory_mib=4096) for n in "abc"])
+    pinned(cluster, "member", "a", 0, (0,), 1,
+           Request(1, 1, numa=STRICT, anti_affinity="g"))
+    pinned(cluster, "full", "b", 0, (0, 1), 2)
+    return cluster
+
+
+def test_moving_the_group_member_is_the_only_plan() -> None:
+    """Found by hypothesis as "no plan where moving one job makes room"."""
+    cluster = group_cluster()
+    pinned(cluster, "stuck", "c", 0, (0,), 3000,  # asked for host c: never moves
+           Request(1, 3000, numa=STRICT, host="c"))
+    request = Request(2, 1, numa=STRICT, anti_affinity="g")
+    assert not cluster.place(request).fits
+    plan = plan_to_fit(cluster, request, time_budget_s=None)
+    assert plan.found
+    assert [(type(a), a.job_id, a.to_host) for a in plan.actions if isinstance(a, Migrate)] \
+        == [(Migrate, "member", "c")]
+    assert plan.cost_mib == 1 and plan.allocation is not None and plan.allocation.host == "a"
+    assert apply_plan(cluster, plan).place(request).fits
+
+
+def test_moving_the_group_member_beats_a_dearer_migration() -> None:
+    """Found by hypothesis as "a plan costing 2 MiB where a 1 MiB migration does": the old
+    planner moved a bigger job onto a's free core instead of the member off a."""
+    cluster = group_cluster()
+    pinned(cluster, "dear", "c", 0, (0,), 2)
+    request = Request(2, 1, numa=STRICT, anti_affinity="g")
+    assert not cluster.place(request).fits
+    plan = plan_to_fit(cluster, request, time_budget_s=None)
+    assert plan.found and plan.cost_mib == 1
+    assert [a.job_id for a in plan.actions] == ["member"]
+
+
+def test_an_unmovable_member_rules_its_host_out() -> None:
+    cluster = group_cluster()
+    cluster.release("member")
+    pinned(cluster, "member", "a", 0, (0,), 1,
+           Request(1, 1, numa=STRICT, anti_affinity="g", host="a"))
+    pinned(cluster, "dear", "c", 0, (0,), 2)
+    plan = plan_to_fit(cluster, Request(2, 1, numa=STRICT, anti_affinity="g"),
+                       time_budget_s=None)
+    assert plan.found and [a.job_id for a in plan.actions] == ["dear"]
+    assert plan.allocation is not None and plan.allocation.host == "c"

@@ -86,11 +86,12 @@ def _register() -> None:
     from vmjobs.cli.inventory import inventory
     from vmjobs.cli.jobs import cancel, list_jobs, logs, show, submit, wait
     from vmjobs.cli.moves import checkpoint, drain, migrate, rebalance, restore, uncordon
+    from vmjobs.cli.plan import plan
     from vmjobs.cli.run import run
     from vmjobs.cli.serve import serve
 
     for command in (run, hosts, inventory, image, serve, submit, list_jobs, show, logs, wait,
-                    cancel, migrate, checkpoint, restore, drain, uncordon, rebalance):
+                    cancel, migrate, checkpoint, restore, drain, uncordon, rebalance, plan):
         cli.add_command(command)
 
     from vmjobs.cli.devcluster import devcluster_group

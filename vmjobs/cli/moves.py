@@ -192,19 +192,29 @@ def uncordon(host: str, url: str | None) -> None:
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Show the plan; move nothing.")
 @click.option("--max-moves", type=click.IntRange(min=0), default=4, show_default=True,
-              help="At most this many migrations.")
+              help="At most this many moves (migrations and re-pins).")
+@click.option("--objective", type=click.Choice(["whole-nodes", "fragments"]),
+              default="whole-nodes", show_default=True,
+              help="whole-nodes: free whole NUMA nodes; fragments: lower the fragment rate "
+                   "for jobs of --target-cpus.")
+@click.option("--target-cpus", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Job size S of the fragment rate, Σ(free cpus mod S) / Σ free cpus.")
 @json_option
 @url_option
-def rebalance(dry_run: bool, max_moves: int, as_json: bool, url: str | None) -> None:
-    """Migrate jobs so that whole NUMA nodes become free (admins only).
+def rebalance(dry_run: bool, max_moves: int, objective: str, target_cpus: int, as_json: bool,
+              url: str | None) -> None:
+    """Move jobs so that whole NUMA nodes, or whole slots for jobs of a target size, become
+    free (admins only). Moves inside a host re-pin the guest live.
 
     \b
     Examples:
       vmjob rebalance --dry-run
       vmjob rebalance --max-moves 2
+      vmjob rebalance --objective fragments --target-cpus 16 --max-moves 25 --dry-run
     """
     client = client_for(url)
-    body = {"dry_run": dry_run, "max_moves": max_moves}
+    body = {"dry_run": dry_run, "max_moves": max_moves, "objective": objective,
+            "target_cpus": target_cpus}
     if dry_run:
         plan = client.call("POST", "/v1/rebalance", body)
         if as_json:

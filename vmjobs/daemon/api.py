@@ -301,7 +301,14 @@ class Api:
         self._admin(req, "rebalancing")
         body = req.json()
         max_moves = _opt_int(body, "max_moves")
-        plan = moves.rebalance_plan(self.daemon, 4 if max_moves is None else max_moves)
+        objective = _opt_str(body, "objective") or "whole-nodes"
+        if objective not in ("whole-nodes", "fragments"):
+            raise VmjobsError("objective must be whole-nodes or fragments")
+        target = _opt_int(body, "target_cpus")
+        if target == 0:
+            raise VmjobsError("target_cpus must be a whole number >= 1")
+        plan = moves.rebalance_plan(self.daemon, 4 if max_moves is None else max_moves,
+                                    objective, 16 if target is None else target)
         shown = plan_view(plan)
         if _opt_bool(body, "dry_run"):
             return Json(shown)
@@ -353,6 +360,9 @@ def plan_view(plan: placement.Plan) -> dict[str, Any]:
     for action in plan.actions:
         if isinstance(action, placement.Migrate):
             actions.append({"action": "migrate", "job": action.job_id, "to": action.to_host,
+                            "memory_mib": action.memory_mib})
+        elif isinstance(action, placement.Repin):
+            actions.append({"action": "repin", "job": action.job_id, "to": action.host,
                             "memory_mib": action.memory_mib})
         else:
             actions.append({"action": "checkpoint", "job": action.job_id,

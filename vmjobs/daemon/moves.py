@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 import libvirt
 
 import placement
-from placement import Checkpoint, Migrate, Request
-from vmjobs import checkpoint, migration
+from placement import Allocation, Checkpoint, Migrate, Repin, Request
+from vmjobs import checkpoint, migration, repin
 from vmjobs.codec import request_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
@@ -40,7 +40,8 @@ SETTLE_S = 60.0  # how long a drain waits for a job that is still starting
 
 @dataclass(frozen=True)
 class MoveResult:
-    """What happened to one job: `action` is migrated | checkpointed | restored | failed."""
+    """What happened to one job: `action` is migrated | repinned | checkpointed | restored |
+    failed."""
 
     job_id: str
     action: str
@@ -169,6 +170,16 @@ def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Polic
                       + (f"; {moved.nics}" if moved.nics else ""))
 
 
+def repin_job(daemon: Daemon, job_id: str, allocation: Allocation) -> MoveResult:
+    """Re-pin a running job to other cpus / NUMA nodes of its own host, live."""
+    with moving(daemon, job_id) as active, _own_store(daemon) as store:
+        done = repin.repin_job(daemon.config, store, daemon.hosts.conns(), job_id, allocation)
+        host = active.host
+    return MoveResult(job_id, "repinned", host, host,
+                      f"{describe_allocation(done.after)} "
+                      f"({done.memory_moved_mib} MiB changed NUMA node)")
+
+
 def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> MoveResult:
     """Save the job's guest into its spool dir and free its reservation. `restore="auto"`:
     the scheduler restores it when it fits again (preempted or drained jobs)."""
@@ -276,10 +287,12 @@ def uncordon(daemon: Daemon, host: str) -> bool:
         return was
 
 
-def rebalance_plan(daemon: Daemon, max_moves: int) -> placement.Plan:
+def rebalance_plan(daemon: Daemon, max_moves: int, objective: str = "whole-nodes",
+                   target_cpus: int = 16) -> placement.Plan:
     with daemon.lock:
         cluster = planning_cluster(daemon, movable=lambda _r: True)
-    return placement.plan_rebalance(cluster, max_moves)
+    return placement.plan_rebalance(cluster, max_moves, objective=objective,
+                                    target_cpus=target_cpus)
 
 
 def carry_out(daemon: Daemon, plan: placement.Plan, policy: migration.Policy,
@@ -289,7 +302,11 @@ def carry_out(daemon: Daemon, plan: placement.Plan, policy: migration.Policy,
     results: list[MoveResult] = []
     for action in plan.actions:
         try:
-            if isinstance(action, Migrate):
+            if isinstance(action, Repin):
+                assert action.allocation is not None
+                note(f"job {action.job_id}: re-pinning on {action.host}")
+                results.append(repin_job(daemon, action.job_id, action.allocation))
+            elif isinstance(action, Migrate):
                 note(f"job {action.job_id}: migrating to {action.to_host}")
                 results.append(migrate(daemon, action.job_id, action.to_host, policy,
                                        note=note))

@@ -81,8 +81,10 @@ def test_plan_snapshot_of_the_live_cluster(tmp_path: Path) -> None:
                                       "hosts": [{"name": "t", "uri": "test:///default"}]}))
     store = Store(spool / "state.db")
     alloc = Allocation("t", (8, 9), 256, (NodeShare(1, (8, 9), 256),))
-    store.add_job(JobRecord(id="j1", owner="root", uid=0, state=JobState.RUNNING,
+    store.add_job(JobRecord(id="j1", owner="root", uid=0, state=JobState.PLACED,
                             spec={"argv": ["true"]}), Request(2, 256), alloc, "test")
+    for state in (JobState.STARTING, JobState.RUNNING):  # the state machine's way
+        store.transition("j1", state, "test")
     store.close()
     done = vmjob("plan", "snapshot", "-o", str(tmp_path / "snap.json"), config=config)
     assert done.returncode == 0, done.stderr

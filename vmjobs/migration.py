@@ -10,11 +10,12 @@ Three layers, each usable on its own:
   ABI is unchanged; a destination whose NUMA split would change the guest's NUMA cells is
   refused.
 - `migrate_domain`: one live migration driven through libvirt (`migrate3` with
-  `VIR_MIGRATE_PARAM_DEST_XML`, LIVE, transient on the destination) under a convergence
-  policy: start at the policy's max downtime and raise it in steps while the copy stalls,
-  optionally with auto-converge or a switch to post-copy; abort after a completion timeout
-  scaled per GiB of guest memory, or when no progress was made for `progress_timeout_s`.
-  Needs no store: the smoke test and the benchmark use it against bare libvirt URIs.
+  `VIR_MIGRATE_PARAM_DEST_XML`, LIVE, transient on the destination): a thin loop that polls
+  `jobStats` and carries out what the pure `convergence.step` decides (start at the policy's
+  max downtime and raise it in steps while the copy stalls, optionally a switch to post-copy;
+  abort after a completion timeout scaled per GiB of guest memory, when no progress was made
+  for `progress_timeout_s`, or when the caller asks). Needs no store: the smoke test and the
+  benchmark use it against bare libvirt URIs.
 - `migrate_job`: the job-level operation the daemon calls: reserve on the destination first
   (through the placement engine), mark the job MIGRATING, migrate, then move the job's
   reservation to the destination and release the source in one transaction. On any failure
@@ -41,9 +42,10 @@ import libvirt
 
 import placement
 from placement import Allocation
-from vmjobs import domain_xml, failpoints, replug
+from vmjobs import convergence, domain_xml, failpoints, replug
 from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.config import Config
+from vmjobs.convergence import Policy
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles, nics_for
 from vmjobs.hostconn import is_running, lookup_domain
@@ -126,33 +128,6 @@ def pinning_of(dom: libvirt.virDomain) -> tuple[frozenset[int], ...]:
 # --- one live migration -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Policy:
-    """How hard to try before giving up; the defaults suit guests of up to a few GiB."""
-
-    max_downtime_ms: int = 300  # where the downtime limit starts
-    downtime_ceiling_ms: int = 2400  # raised in steps (x2) while stalled, never above this
-    stall_s: float = 2.0  # remaining memory made no new low for this long: stalled
-    bandwidth_mib_s: int | None = None
-    auto_converge: bool = False
-    postcopy: bool = False  # switch to post-copy once the downtime is at its ceiling
-    timeout_s: float | None = None  # completion timeout; None: base + per GiB
-    timeout_base_s: float = 30.0
-    timeout_per_gib_s: float = 60.0
-    progress_timeout_s: float = 30.0  # no new low for this long: abort
-    # libvirt calls a migration "unsafe" when it cannot prove a disk's storage is shared and
-    # the disk is cached. The only disk is the output disk, which the init writes once, at the
-    # job's end, and QEMU flushes at the switch-over; the spool is shared by contract.
-    shared_storage: bool = True
-    max_outbound: int = 1  # migrations leaving one host at once
-    slot_wait_s: float = 600.0  # how long to wait for an outbound slot
-
-    def completion_timeout(self, memory_mib: int) -> float:
-        if self.timeout_s is not None:
-            return self.timeout_s
-        return self.timeout_base_s + self.timeout_per_gib_s * memory_mib / 1024
-
-
-@dataclass(frozen=True)
 class Progress:
     elapsed_s: float
     memory_total: int
@@ -210,9 +185,8 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
         params[libvirt.VIR_MIGRATE_PARAM_URI] = dest_uri
     if policy.bandwidth_mib_s:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = policy.bandwidth_mib_s
-    downtime = policy.max_downtime_ms
     try:
-        dom.migrateSetMaxDowntime(downtime, 0)
+        dom.migrateSetMaxDowntime(policy.max_downtime_ms, 0)
     except libvirt.libvirtError as exc:
         raise MigrationFailed(f"cannot set the downtime limit: {exc.get_error_message()}") from None
 
@@ -230,12 +204,7 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
     thread = threading.Thread(target=worker, name="migrate3", daemon=True)
     thread.start()
     steps: list[str] = []
-    deadline = started + policy.completion_timeout(memory_mib)
-    best: int | None = None
-    best_at = started
-    stalled_since = started
-    in_postcopy = False
-    aborted: str | None = None
+    w = convergence.watch(policy, memory_mib, started)
     while thread.is_alive():
         thread.join(poll_s)
         if not thread.is_alive():
@@ -248,43 +217,22 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
         remaining = _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING)
         if remaining:
             failpoints.hit("migrate:copying")
-        if _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL) and (best is None
-                                                                   or remaining < best):
-            best, best_at, stalled_since = remaining, now, now
-        phase = "post-copy" if in_postcopy else "copying"
-        if aborted is None and not in_postcopy and now - stalled_since >= policy.stall_s:
-            phase = "stalled"
-            stalled_since = now
-            if downtime < policy.downtime_ceiling_ms:
-                downtime = min(downtime * 2, policy.downtime_ceiling_ms)
-                try:
-                    dom.migrateSetMaxDowntime(downtime, 0)
-                    steps.append(f"{now - started:.1f}s: stalled, downtime limit {downtime} ms")
-                except libvirt.libvirtError as exc:
-                    steps.append(f"raising the downtime limit failed: {exc.get_error_message()}")
-            elif policy.postcopy:
-                try:
-                    dom.migrateStartPostCopy(0)
-                    in_postcopy = True
-                    steps.append(f"{now - started:.1f}s: stalled at the ceiling, post-copy")
-                except libvirt.libvirtError as exc:
-                    steps.append(f"post-copy refused: {exc.get_error_message()}")
-        if aborted is None and not in_postcopy:
-            stop_reason = should_abort()
-            if stop_reason:
-                aborted = f"stopped: {stop_reason}"
-            elif now >= deadline:
-                aborted = (f"did not complete within {deadline - started:.0f}s "
-                           f"({memory_mib} MiB guest)")
-            elif now - best_at >= policy.progress_timeout_s:
-                aborted = f"made no progress for {policy.progress_timeout_s:.0f}s"
-            if aborted is not None:
-                steps.append(f"{now - started:.1f}s: aborting: {aborted}")
-                phase = "aborting"
-                try:
-                    dom.abortJob()
-                except libvirt.libvirtError as exc:
-                    steps.append(f"abort failed: {exc.get_error_message()}")
+        decided = convergence.step(w, policy, now, remaining,
+                                   _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL),
+                                   None if w.aborted or w.in_postcopy else should_abort())
+        w = decided.watch
+        steps += decided.notes
+        try:
+            if decided.set_downtime_ms is not None:
+                dom.migrateSetMaxDowntime(decided.set_downtime_ms, 0)
+            if decided.start_postcopy:
+                dom.migrateStartPostCopy(0)
+            if decided.abort is not None:
+                dom.abortJob()
+        except libvirt.libvirtError as exc:
+            steps.append(f"{decided.phase}: libvirt refused: {exc.get_error_message()}")
+            if decided.start_postcopy:
+                w = replace(w, in_postcopy=False)
         if on_progress is not None:
             on_progress(Progress(
                 elapsed_s=now - started,
@@ -292,11 +240,11 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
                 memory_remaining=remaining,
                 memory_processed=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED),
                 rate_bps=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_BPS),
-                downtime_ms=downtime, phase=phase,
+                downtime_ms=w.downtime_ms, phase=decided.phase,
             ))
     duration = time.monotonic() - started
     if "error" in result or result.get("dom") is None:
-        why = aborted or result.get("error") or "migrate3 returned no domain"
+        why = w.aborted or result.get("error") or "migrate3 returned no domain"
         raise MigrationFailed(why)
     dest_dom: libvirt.virDomain = result["dom"]
     downtime_measured = transferred = None
@@ -308,7 +256,7 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
             transferred = int(done[libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED])
     except libvirt.libvirtError:
         pass
-    return Outcome(duration, downtime_measured, transferred, downtime, in_postcopy,
+    return Outcome(duration, downtime_measured, transferred, w.downtime_ms, w.in_postcopy,
                    tuple(steps), dest_dom)
 
 
@@ -431,10 +379,8 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                               "(--replug-nics unplugs them and plugs equivalent NICs of the "
                               "destination in at the same guest addresses)")
     replugging = replug_nics and bool(source_alloc.devices)
-    if to is not None:
-        config.host(to)  # unknown host: one line
-        if to not in conns:
-            raise VmjobsError(f"host {to} is not reachable")
+    if to is not None and to not in conns:  # a configured host (the API checked) that is down
+        raise VmjobsError(f"host {to} is not reachable")
     dom = lookup_domain(conns[source], domain_name(job_id))
     if dom is None or not is_running(dom):
         raise VmjobsError(f"job {job_id}'s guest is not running on {source}")

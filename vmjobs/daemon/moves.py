@@ -154,8 +154,7 @@ def policy_for(daemon: Daemon, **options: object) -> migration.Policy:
 def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Policy,
             on_progress: Callable[[migration.Progress], None] | None = None,
             note: Note = lambda _m: None, replug_nics: bool = False) -> MoveResult:
-    if to is not None:
-        daemon.config.host(to)
+    """Live-migrate a daemon job; `to` was checked against the config by the API."""
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
         source = active.host
         moved = migration.migrate_job(daemon.config, store, daemon.hosts.conns(),
@@ -197,10 +196,9 @@ def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> M
 
 def restore(daemon: Daemon, job_id: str, to: str | None = None,
             claimed: bool = False) -> MoveResult:
-    """Restore a checkpointed job on `to` or wherever it fits. `claimed`: the caller already
-    put it in `daemon.restoring` (so that nobody else starts restoring it too)."""
-    if to is not None:
-        daemon.config.host(to)
+    """Restore a checkpointed job on `to` (checked by the API) or wherever it fits.
+    `claimed`: the caller already put it in `daemon.restoring` (so that nobody else starts
+    restoring it too)."""
     with daemon.lock:
         record = daemon.store.job(job_id)
         if record is None:

@@ -67,6 +67,11 @@ class Config:
     # when a queued job that is not preemptible does not fit, move preemptible jobs for it
     preemption: bool = False
     max_outbound_migrations: int = 1  # live migrations leaving one host at once
+    # room in the spool per user (unclaimed uploads + directories of jobs not ended), room
+    # the spool always keeps free, and how long an unclaimed upload is kept (daemon/uploads.py)
+    user_spool_quota_mib: int = 16 << 10
+    spool_min_free_mib: int = 1 << 10
+    upload_ttl_s: float = 600.0
     # how long a host may stay unreachable (its jobs UNREACHABLE, guests perhaps running on)
     # before it is declared down and its jobs LOST; libvirtd restarts take seconds
     host_down_after_s: float = 300.0
@@ -173,7 +178,7 @@ def parse(data: Any, path: str) -> Config:
     top.check_known(
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
-         "host_down_after"}
+         "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -215,6 +220,9 @@ def parse(data: Any, path: str) -> Config:
         admin_group=admin_group,
         preemption=preemption,
         max_outbound_migrations=top.int("max_outbound_migrations", 1, minimum=1),
+        user_spool_quota_mib=top.size_mib("user_spool_quota", Config.user_spool_quota_mib),
+        spool_min_free_mib=top.size_mib("spool_min_free", Config.spool_min_free_mib),
+        upload_ttl_s=float(top.int("upload_ttl", int(Config.upload_ttl_s), minimum=1)),
         host_down_after_s=_host_down_after(top),
     )
 

@@ -95,11 +95,25 @@ def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
     return tuple(Nic(guest_nic_address(i), dev) for i, dev in enumerate(allocation.devices))
 
 
+# A job's directory and files hold its argv, environment, inputs and outputs: only root
+# reads them. The directories are traversable (not listable) so that QEMU, running as
+# another user, reaches its own files, which libvirt's DAC driver (`dynamic_ownership`, on
+# by default) hands to that user for the guest's lifetime and gives back to root after.
+JOB_DIR_MODE = 0o711
+JOB_FILE_MODE = 0o600
+
+
+def make_job_dir(files: JobFiles) -> None:
+    """Create (or re-mode) `<spool>/jobs/<id>/` and `<spool>/jobs/` with JOB_DIR_MODE."""
+    for directory in (files.dir.parent, files.dir):
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, JOB_DIR_MODE)
+
+
 def prepare(plan: GuestPlan, files: JobFiles) -> str:
-    """Write the job's initrd, output disk and domain XML; return the XML."""
-    files.dir.mkdir(parents=True, exist_ok=True)
-    # QEMU runs as an unprivileged user on most hosts and must read/write these files.
-    os.chmod(files.dir, 0o755)
+    """Write the job's initrd, output disk and domain XML (each JOB_FILE_MODE, in a
+    JOB_DIR_MODE directory); return the XML."""
+    make_job_dir(files)
     nics = nics_for(plan.allocation)
     guest_protocol.write_job_initrd(
         guest_protocol.JobSpec(
@@ -115,6 +129,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
         files.initrd,
     )
     guest_protocol.create_output_disk(files.output_disk, plan.output_disk_mib << 20)
+    os.chmod(files.output_disk, JOB_FILE_MODE)
     xml = domain_xml.build(
         DomainSpec(
             name=domain_name(plan.job_id),
@@ -133,7 +148,9 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             clock_channel=True,
         )
     )
-    files.domain_xml.write_text(xml)
+    fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)
+    with os.fdopen(fd, "w") as out:
+        out.write(xml)
     return xml
 
 

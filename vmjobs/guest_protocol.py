@@ -157,7 +157,7 @@ def write_job_initrd(spec: JobSpec, base_initrd: Path, dest: Path) -> None:
             out.write(b"\0" * (-out.tell() % 4))
             # Level 1: this archive is written for every job and read once.
             write_gzip_newc(entries, out, level=1)
-        os.chmod(tmp, 0o644)  # QEMU, running as another user, reads it
+        # mkstemp made it 0600: root's alone; libvirt hands it to QEMU's user while it runs
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -342,7 +342,7 @@ def read_output(disk: Path, dest: Path, max_bytes: int | None = None) -> GuestRe
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
         try:
             _extract(handle, size, members, tmp)
-            os.chmod(tmp, 0o755)
+            os.chmod(tmp, 0o700)  # the owner gets it through the API, nobody reads it here
             os.rename(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

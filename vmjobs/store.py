@@ -9,10 +9,11 @@ from reading what is held to writing the new reservation.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,19 @@ class Held:
     request: Request
 
 
+STORE_MODE = 0o600
+
+
+def _make_private(path: Path) -> None:
+    """The store holds every job's argv and environment: root's alone. Create it 0600 before
+    SQLite opens it (SQLite gives its -wal and -shm files the main file's mode) and narrow
+    the files of a store made before this rule."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, STORE_MODE))
+    for suffix in ("", "-wal", "-shm"):
+        with suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", STORE_MODE)
+
+
 class Store:
     """One connection to the store file; each process opens its own."""
 
@@ -100,8 +114,11 @@ class Store:
             # e.g. a spool the user may not write: one line, not a traceback
             raise VmjobsError(f"cannot open the state store {path}: {exc.strerror}") from None
         try:
+            _make_private(path)
             self.db = sqlite3.connect(path, timeout=60, isolation_level=None,
                                       check_same_thread=not shared)
+        except OSError as exc:
+            raise VmjobsError(f"cannot open the state store {path}: {exc.strerror}") from None
         except sqlite3.Error as exc:
             raise VmjobsError(f"cannot open the state store {path}: {exc}") from None
         self.db.row_factory = sqlite3.Row

@@ -20,6 +20,7 @@ from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import DEFAULT_SOCKET
 from vmjobs.errors import VmjobsError
+from vmjobs.guest_protocol import input_entries
 from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
 from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.units import format_mib
@@ -57,6 +58,10 @@ def submission(spec: Spec, client: Client) -> dict[str, Any]:
     if spec.output is not None:
         body["output"] = str(Path(spec.output).absolute())
     if spec.input is not None:
+        # the guest protocol's own rules (regular files and directories only), here, before
+        # anything is sent: refused at submit with the user's path, not at start with the
+        # spool's
+        input_entries(Path(spec.input))
         body["input"] = client.upload_dir(Path(spec.input))
     return body
 
@@ -280,12 +285,30 @@ def logs(job: str, follow: bool, url: str | None) -> None:
         client.close()
 
 
+def recorded_output(view: dict[str, Any], client: Client) -> Path | None:
+    """The --output the job was submitted with, only when the caller is the job's owner (as
+    the daemon knows the caller: the socket's peer, or the ssh login).
+
+    The path is the submitter's word: an admin waiting on another user's job must not write
+    where that user chose (into a directory only the admin may write, say). Without
+    --output, an admin's `wait` therefore writes nothing; the owner's writes with the
+    owner's own permissions (this process), never the daemon's."""
+    if not view.get("output"):
+        return None
+    if client.status()["you"]["uid"] != view.get("uid"):
+        click.echo(f"vmjob: job {view['id']} is {view.get('owner')}'s: its output is not "
+                   "written where they asked (give --output DIR to fetch it)", err=True)
+        return None
+    return Path(view["output"])
+
+
 def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int:
     """Fetch the output when asked, say how a job ended unless it exited by itself; its code."""
     code = exit_code(view)
-    target = output or (Path(view["output"]) if view.get("output") else None)
-    if target is not None and view["state"] in ("COMPLETED", "FAILED") \
-            and view.get("exit_code") is not None:
+    ended_with_output = view["state"] in ("COMPLETED", "FAILED") \
+        and view.get("exit_code") is not None
+    target = output or (recorded_output(view, client) if ended_with_output else None)
+    if target is not None and ended_with_output:
         try:
             client.fetch_output(view["id"], target)
         except ApiFailure as exc:
@@ -301,7 +324,7 @@ def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int
 @click.argument("job")
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), default=None,
               metavar="DIR", help="Write the job's /job/out here (default: the --output it "
-                                  "was submitted with, if any).")
+                                  "was submitted with, if it is your job).")
 @url_option
 def wait(job: str, output_dir: Path | None, url: str | None) -> int:
     """Wait for a job to end; exit with its exit code.

@@ -28,7 +28,7 @@ from vmjobs.daemon.moves import MoveResult
 from vmjobs.daemon.scheduler import schedule
 from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
 from vmjobs.daemon.submission import parse
-from vmjobs.daemon.uploads import Uploads
+from vmjobs.daemon.uploads import Limits, Uploads
 from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
@@ -64,7 +64,11 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
 class Api:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.uploads = Uploads(daemon.config.spool)
+        config = daemon.config
+        self.uploads = Uploads(config.spool, Limits(
+            user_quota_bytes=config.user_spool_quota_mib << 20,
+            min_free_bytes=config.spool_min_free_mib << 20, ttl_s=config.upload_ttl_s,
+        ), self._unfinished_dirs)
 
     def routes(self) -> Router:
         router = Router()
@@ -88,6 +92,13 @@ class Api:
         return router
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def _unfinished_dirs(self, uid: int) -> list[Any]:
+        """The spool directories of `uid`'s jobs that have not ended (charged to its quota)."""
+        with self.daemon.lock:
+            records = self.daemon.store.jobs(uid)
+        return [JobFiles.of(self.daemon.config.spool, r.id).dir for r in records
+                if not r.state.finished]
 
     def _own(self, who: Caller, job_id: str) -> JobRecord:
         """The job, if the caller may act on it. Caller holds the daemon's lock."""

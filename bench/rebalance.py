@@ -153,14 +153,29 @@ def row(label: str, snapshot: dict[str, Any], with_exact: bool, seconds: float) 
         print(" | ".join(cells))
 
 
-def main() -> int:
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (a snapshot of no host has no fragment rate)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small-hosts", type=int, default=6)
-    parser.add_argument("--hosts", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--small-hosts", type=_positive, default=6,
+                        help="hosts of the three small snapshots, solved exactly too (default 6)")
+    parser.add_argument("--hosts", type=_positive, default=300,
+                        help="hosts of the large snapshot, ours vs greedy only (default 300)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="first seed; the small snapshots use it and the next two (default 1)")
     parser.add_argument("--exact-s", type=float, default=20.0,
-                        help="CP-SAT time limit per solve; '*' marks a solve not proven optimal")
-    args = parser.parse_args()
+                        help="CP-SAT time limit per solve (default 20); '*' marks a solve not "
+                             "proven optimal")
+    args = parser.parse_args(argv)
     print("snapshot | MNL | before | whole-nodes | ours | moves | s | greedy | moves | s | "
           "exact | s")
     for seed in range(args.seed, args.seed + 3):

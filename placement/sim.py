@@ -432,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             trace = parse_swf(handle)
     except OSError as e:
         parser.error(f"cannot read {args.trace}: {e.strerror}")
+    if not trace.jobs and trace.malformed:
+        # Every line malformed: another file given by mistake, not an empty workload.
+        parser.error(f"{args.trace} is not an SWF trace: no job lines, "
+                     f"{len(trace.malformed)} malformed (first: line {trace.malformed[0]})")
     policies = POLICIES if args.policy == "all" else (args.policy,)
     results = []
     for policy in policies:

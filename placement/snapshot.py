@@ -4,11 +4,16 @@ Format (JSON-ready dicts; documented in docs/placement.md):
 
     {"hosts": [{"name": str, "nodes": [{"id": int, "cpus": int, "memory_mib": int}]}],
      "jobs": [{"id": str, "host": str,
-               "nodes": [{"node": int, "cpus": int, "memory_mib": int}]}]}
+               "nodes": [{"node": int, "cpus": int, "memory_mib": int}],
+               "movable": bool}]}     # optional, default true
 
 A snapshot counts cpus, not cpu ids: node i's cpus get consecutive ids, one core each, and
 each job is given the lowest free ids of its nodes. Jobs are movable (reserved with a request
-for their cpus and memory: strict on one node, prefer when they span).
+for their cpus and memory: strict on one node, prefer when they span) unless `"movable":
+false`: then their request names their host, which keeps every planner from moving them. A
+live job that names its host, uses hugepages or holds NICs is written so: a snapshot carries
+no pools, devices or host constraints, and an offline plan moving it would be one the live
+planner could not carry out.
 """
 
 from __future__ import annotations
@@ -112,8 +117,12 @@ def cluster_from_snapshot(data: Any) -> Cluster:
         memory = sum(s.memory_mib for s in shares)
         alloc = Allocation(host, cpus_held, memory, tuple(shares))
         numa = NumaPolicy.STRICT if len(shares) == 1 else NumaPolicy.PREFER
+        movable = entry.get("movable", True)
+        if not isinstance(movable, bool):
+            raise SnapshotError(f"{where}.movable must be true or false")
+        request = Request(len(cpus_held), memory, numa=numa, host=None if movable else host)
         try:
-            cluster.reserve(job_id, alloc, Request(len(cpus_held), memory, numa=numa))
+            cluster.reserve(job_id, alloc, request)
         except Conflict as exc:
             raise SnapshotError(f"{where}: {exc}") from None
     return cluster
@@ -121,7 +130,9 @@ def cluster_from_snapshot(data: Any) -> Cluster:
 
 def snapshot_of(cluster: Cluster) -> dict[str, Any]:
     """`cluster` in the snapshot format: up hosts, with usable cpus and allocatable memory per
-    node; every job held on them (idle siblings counted as the job's cpus)."""
+    node; every job held on them (idle siblings counted as the job's cpus), `"movable": false`
+    on those held without a request, whose request names their host, or that hold hugepages
+    or NICs."""
     hosts = []
     for name in cluster.hosts:
         ledger = cluster._ledger(name)
@@ -139,7 +150,12 @@ def snapshot_of(cluster: Cluster) -> dict[str, Any]:
         idle: dict[int, int] = {}
         for cpu in alloc.idle_cpus:
             idle[ledger.node_of_cpu[cpu]] = idle.get(ledger.node_of_cpu[cpu], 0) + 1
-        jobs.append({"id": job_id, "host": alloc.host, "nodes": [
+        job: dict[str, Any] = {"id": job_id, "host": alloc.host, "nodes": [
             {"node": s.node, "cpus": len(s.cpus) + idle.get(s.node, 0),
-             "memory_mib": s.memory_mib} for s in alloc.nodes]})
+             "memory_mib": s.memory_mib} for s in alloc.nodes]}
+        request = cluster.request_of(job_id)
+        # Held without a request, the planners never move it either.
+        if request is None or request.host is not None or alloc.hugepage_kib or alloc.devices:
+            job["movable"] = False
+        jobs.append(job)
     return {"hosts": hosts, "jobs": jobs}

@@ -79,8 +79,17 @@ class Client:
         if body is not None:
             headers["Content-Length"] = str(length if length is not None else len(body))
         try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
+            try:
+                conn.request(method, path, body=body, headers=headers)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # The daemon may refuse (403, 413 ...) before reading the whole body and
+                # close; its answer is then waiting to be read: that is what to show.
+                try:
+                    response = conn.getresponse()
+                except (OSError, http.client.HTTPException):
+                    raise exc from None
+            else:
+                response = conn.getresponse()
         except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             conn.close()
             raise VmjobsError(f"lost the daemon at {self.target.describe()}: {exc}") from None

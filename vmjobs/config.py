@@ -7,12 +7,15 @@ Every error names the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -67,6 +70,11 @@ class Config:
     # when a queued job that is not preemptible does not fit, move preemptible jobs for it
     preemption: bool = False
     max_outbound_migrations: int = 1  # live migrations leaving one host at once
+    # the daemon's connections: ordinary users' together, one user's, and how long a request
+    # line + headers may take to arrive (see vmjobs.daemon.server.Limits)
+    max_connections: int = 512
+    max_connections_per_user: int = 64
+    request_timeout_s: float = 10.0
     # room in the spool per user (unclaimed uploads + directories of jobs not ended), room
     # the spool always keeps free, and how long an unclaimed upload is kept (daemon/uploads.py)
     user_spool_quota_mib: int = 16 << 10
@@ -110,9 +118,12 @@ def load(explicit: str | None = None) -> Config:
     if path is None:
         return parse(DEFAULT, EMBEDDED)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise VmjobsError(f"{path}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), f"line {line}", "not UTF-8 text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -157,6 +168,14 @@ class _Reader:
             raise self.fail(name, f"must be an integer >= {minimum}")
         return value
 
+    def seconds(self, name: str, default: float, maximum: float) -> float:
+        """A number of seconds in (0, maximum]: never NaN, infinite or a boolean."""
+        value = self.data.get(name, default)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 < value <= maximum):  # NaN fails every comparison
+            raise self.fail(name, f"must be a number of seconds > 0 and <= {maximum:g}")
+        return float(value)
+
     def size_mib(self, name: str, default: int) -> int:
         value = self.data.get(name)
         if value is None:
@@ -178,6 +197,7 @@ def parse(data: Any, path: str) -> Config:
     top.check_known(
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
+         "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
@@ -191,9 +211,13 @@ def parse(data: Any, path: str) -> Config:
     for name in names:
         if names.count(name) > 1:
             raise top.fail("hosts", f"host name {name!r} appears twice")
-    timeout = top.data.get("kvm_probe_timeout", 10)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise top.fail("kvm_probe_timeout", "must be a number of seconds > 0")
+    seen: dict[str, str] = {}
+    for host in hosts:
+        # Two entries for one libvirtd each reconcile the other's guests as leftovers.
+        other = seen.setdefault(same_host_key(host.uri), host.name)
+        if other != host.name:
+            raise top.fail("hosts", f"{other!r} and {host.name!r} have the same libvirt "
+                                    f"URI {host.uri!r}: one host, configured twice")
     socket = Path(top.str("socket", str(DEFAULT_SOCKET)))
     if not socket.is_absolute():
         raise top.fail("socket", "must be an absolute path")
@@ -214,17 +238,55 @@ def parse(data: Any, path: str) -> Config:
         virt_type=top.str("virt_type", "auto", VIRT_TYPES),
         nic_backend=top.str("nic_backend", "vfio", NIC_BACKENDS),
         output_disk_mib=top.size_mib("output_disk_size", 256),
-        kvm_probe_timeout_s=float(timeout),
+        kvm_probe_timeout_s=top.seconds("kvm_probe_timeout", 10.0, 3600.0),
         socket=socket,
         metrics_port=metrics_port,
         admin_group=admin_group,
         preemption=preemption,
         max_outbound_migrations=top.int("max_outbound_migrations", 1, minimum=1),
+        max_connections=top.int("max_connections", 512, minimum=1),
+        max_connections_per_user=top.int("max_connections_per_user", 64, minimum=1),
+        request_timeout_s=top.seconds("request_timeout", 10.0, 3600.0),
         user_spool_quota_mib=top.size_mib("user_spool_quota", Config.user_spool_quota_mib),
         spool_min_free_mib=top.size_mib("spool_min_free", Config.spool_min_free_mib),
         upload_ttl_s=float(top.int("upload_ttl", int(Config.upload_ttl_s), minimum=1)),
         host_down_after_s=_host_down_after(top),
     )
+
+
+def system_warnings(config: Config) -> list[str]:
+    """What the config names that this machine lacks, one line each (the daemon logs them at
+    start and answers them in /v1/status; `vmjob hosts` prints them). A missing admin_group
+    is a warning, not an error: membership is read per request, so creating the group later
+    takes effect without a restart."""
+    warnings = []
+    if config.admin_group is not None:
+        try:
+            grp.getgrnam(config.admin_group)
+        except KeyError:
+            warnings.append(f"{config.path}: admin_group: no group {config.admin_group!r} on "
+                            "this system: only root acts on every job")
+    return warnings
+
+
+def same_host_key(uri: str) -> str:
+    """What makes two libvirt URIs name one daemon as far as the text tells: scheme and
+    host case-insensitive, default ports and a trailing slash ignored. (Two names for one
+    machine are caught when connecting, by the hosts' UUIDs.)"""
+    parts = urlsplit(uri.strip())
+    driver, _, transport = parts.scheme.lower().partition("+")
+    host = (parts.hostname or "").lower()
+    port = None
+    with contextlib.suppress(ValueError):
+        port = parts.port
+    default_port = _DEFAULT_PORTS.get(transport or ("tls" if host else ""))
+    where = f"{host}:{port}" if port not in (None, default_port) else host
+    # neither user nor transport matters: qemu+ssh://root@a/system and qemu+tcp://a/system
+    # reach one libvirtd
+    return f"{driver}://{where}{parts.path.rstrip('/')}?{parts.query}"
+
+
+_DEFAULT_PORTS = {"tcp": 16509, "tls": 16514, "ssh": 22, "libssh": 22, "libssh2": 22}
 
 
 MAX_HOST_DOWN_AFTER_S = 7 * 86400.0

@@ -9,7 +9,8 @@ import libvirt
 import placement
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
-from vmjobs.inventory import read_host
+from vmjobs.host_checks import duplicate_message, host_uuid, host_warnings, same_host
+from vmjobs.inventory import read_host, read_topology
 
 
 def _quiet(_ctx: object, _err: object) -> None:
@@ -67,6 +68,7 @@ class Reached:
     conns: dict[str, libvirt.virConnect] = field(default_factory=dict)
     hosts: list[placement.Host] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # see vmjobs.host_checks
 
     def close(self) -> None:
         for conn in self.conns.values():
@@ -80,16 +82,28 @@ def connect_hosts(config: Config, only: str | None = None) -> Reached:
     """
     chosen = [config.host(only)] if only else list(config.hosts)
     reached = Reached()
+    uuids: dict[str, str | None] = {}
     for host_config in chosen:
+        conn = None
         try:
             conn = connect(host_config)
+            uuid = host_uuid(conn.getCapabilities())
+            other = same_host(host_config.name, uuid, uuids)
+            if other is not None and uuid is not None:
+                raise VmjobsError(duplicate_message(host_config.name, other, uuid))
             host = read_host(conn, host_config, config.nic_backend)
+            warnings = host_warnings(host_config, read_topology(conn).nodes, config.nic_backend)
         except (VmjobsError, libvirt.libvirtError) as exc:
+            if conn is not None:
+                conn.close()
             message = str(exc) if isinstance(exc, VmjobsError) else exc.get_error_message()
             if len(chosen) == 1:
                 raise VmjobsError(message) from None
             reached.errors[host_config.name] = message
             continue
+        uuids[host_config.name] = uuid
         reached.conns[host_config.name] = conn
         reached.hosts.append(host)
+        if warnings:
+            reached.warnings[host_config.name] = warnings
     return reached

@@ -18,12 +18,15 @@ class HostView:
     uri: str
     usage: HostUsage | None  # None: the host could not be reached
     error: str | None = None
+    warnings: tuple[str, ...] = ()  # see vmjobs.host_checks
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "uri": self.uri,
                                 "state": self.usage.state.value if self.usage else "down"}
         if self.error:
             data["error"] = self.error
+        if self.warnings:
+            data["warnings"] = list(self.warnings)
         if self.usage:
             data.update(
                 jobs=self.usage.jobs,
@@ -47,6 +50,6 @@ def host_views(config: Config, only: str | None = None) -> list[HostView]:
     chosen = [config.host(only)] if only else config.hosts
     return [
         HostView(h.name, h.uri, cluster.free(h.name) if h.name in cluster.hosts else None,
-                 reached.errors.get(h.name))
+                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())))
         for h in chosen
     ]

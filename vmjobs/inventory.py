@@ -123,7 +123,8 @@ def _parse_topology(xml: str) -> Topology:
         memory = cell.find("memory")
         if memory is None:
             no_memory.append(cell_id)
-            notes.append(f"node {cell_id} lists no memory")
+            notes.append(f"node {cell_id} lists no memory (on a live host vmjobs reads it from "
+                         "libvirt's getMemoryStats; from a saved file it counts as 0)")
         memory_mib = ordinary_mib(_to_kib(memory), hugepages) if memory is not None else 0
         distances = tuple(sorted((int(s.get("id", "0")), int(s.get("value", "0")))
                                  for s in cell.findall("./distances/sibling")))
@@ -244,9 +245,14 @@ def _parse_pci_device(xml: str) -> PciDevice | None:
 
 def parse_node_devices(xml: str) -> list[PciDevice]:
     """PCI devices of a saved node-device dump: one <device> (`virsh nodedev-dumpxml`) or
-    several under any root element; non-PCI devices are skipped."""
+    several under any root element; non-PCI devices are skipped. Raises InventoryError when
+    the document holds no <device> at all (another file given by mistake, e.g. capabilities:
+    taking it as "no devices" would hide every NIC without a word)."""
     root = ET.fromstring(xml)
     documents = [root] if root.tag == "device" else root.findall("device")
+    if not documents:
+        raise InventoryError(f"no <device> element under <{root.tag}> (not `virsh "
+                             "nodedev-dumpxml` output)")
     found = (parse_pci_device(ET.tostring(d, encoding="unicode")) for d in documents)
     return [d for d in found if d is not None]
 
@@ -324,10 +330,22 @@ def unassignable(pci: Iterable[PciDevice], offered: set[str]) -> dict[str, str]:
 
 
 def nic_notes(pci: Iterable[PciDevice], allow: Iterable[str]) -> list[str]:
-    """Why allow-listed NICs are left out (see `unassignable`), one line each."""
+    """Why allow-listed NICs are left out, one line each: an address the device list does not
+    hold, a PF whose VFs (which it stands for) it does not hold, a group VFIO could not assign
+    (see `unassignable`). The first two matter for saved dumps, where a device is easily
+    forgotten: without a note the NIC would vanish silently."""
     pci = list(pci)
+    allow = tuple(allow)
+    known = {d.address for d in pci}
+    notes = [f"NIC {entry.lower()} of the allow-list is not among the devices given"
+             for entry in allow if "." in entry and entry.lower() not in known]
+    for d in pci:
+        missing = [vf for vf in d.vfs if vf not in known]
+        if missing and _names_address(d, allow):
+            notes.append(f"NIC {d.address} stands for its VFs; {', '.join(missing)} "
+                         "not among the devices given")
     listed = _offered(pci, allow)
-    return list(unassignable(pci, {d.address for d in listed}).values())
+    return [*notes, *unassignable(pci, {d.address for d in listed}).values()]
 
 
 def network_devices(pci: Iterable[PciDevice]) -> tuple[Device, ...]:

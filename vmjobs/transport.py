@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -63,14 +64,24 @@ def parse_url(url: str, default_socket: Path) -> Target:
 
 
 def open_unix(path: Path, timeout: float | None = None) -> socket.socket:
+    """A connection to the daemon's socket. A unix socket's connect does not wait when the
+    listen queue is full but fails with EAGAIN (a busy daemon): try again for a while."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    give_up = time.monotonic() + (timeout or CONNECT_TIMEOUT_S)
     try:
-        sock.connect(str(path))
+        while True:
+            try:
+                sock.connect(str(path))
+                return sock
+            except BlockingIOError:
+                if time.monotonic() > give_up:
+                    raise VmjobsError(f"the daemon at {path} accepts no more connections "
+                                      "(its queue is full); retry later") from None
+                time.sleep(0.05)
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
 class _StreamlocalTransport(paramiko.Transport):

@@ -50,8 +50,13 @@ def parse_duration(text: str, what: str = "duration") -> float:
     return seconds
 
 
+# Linux's largest NR_CPUS (x86 MAXSMP): no host has a cpu id above this
+MAX_CPU_ID = 8191
+
+
 def parse_cpu_list(text: str) -> frozenset[int]:
-    """libvirt-style cpu list: '0-3,^2,6' -> {0, 1, 3, 6}."""
+    """libvirt-style cpu list: '0-3,^2,6' -> {0, 1, 3, 6}. Raises VmjobsError for bad syntax
+    and for ids above MAX_CPU_ID (checked before any range is built)."""
     chosen: set[int] = set()
     excluded: set[int] = set()
     for raw in str(text).split(","):
@@ -62,18 +67,32 @@ def parse_cpu_list(text: str) -> frozenset[int]:
         item = item.lstrip("^")
         try:
             if "-" in item:
-                low, high = (int(x) for x in item.split("-", 1))
-                if low > high or low < 0:
+                low_text, high_text = item.split("-", 1)
+                if not low_text.strip():
+                    raise ValueError  # "-3": a negative id
+                low, high = _cpu_id(low_text, text), _cpu_id(high_text, text)
+                if low > high:
                     raise ValueError
                 target.update(range(low, high + 1))
             else:
-                value = int(item)
-                if value < 0:
-                    raise ValueError
-                target.add(value)
+                target.add(_cpu_id(item, text))
         except ValueError:
-            raise VmjobsError(f"invalid cpu list {text!r}: use e.g. 0-3,^2,6") from None
+            raise VmjobsError(f"invalid cpu list {_clip(text)!r}: use e.g. 0-3,^2,6") from None
     return frozenset(chosen - excluded)
+
+
+def _cpu_id(text: str, whole: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    if value > MAX_CPU_ID:
+        raise VmjobsError(f"invalid cpu list {_clip(whole)!r}: cpu {value} is beyond the "
+                          f"largest cpu id Linux has ({MAX_CPU_ID})")
+    return value
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def format_cpu_list(cpus: frozenset[int] | set[int] | tuple[int, ...] | list[int]) -> str:

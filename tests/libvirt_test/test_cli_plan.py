@@ -58,8 +58,10 @@ def test_plan_rebalance_bad_input(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"hosts": [{"name": "a", "nodes": [{"id": 0, "cpus": -1}]}]}')
     cases = [
-        ((str(tmp_path / "missing.json"),), 1,
-         f"vmjob: cannot read {tmp_path / 'missing.json'}: No such file or directory"),
+        # A missing file is a usage error (exit 2), like `vmjob inventory`'s.
+        ((str(tmp_path / "missing.json"),), 2,
+         f"vmjob: Invalid value for '--snapshot': File '{tmp_path / 'missing.json'}' does not "
+         "exist. (see 'vmjob plan rebalance --help')"),
         ((str(bad),), 1, f"vmjob: {bad}: hosts[0].nodes[0].cpus must be a whole number >= 0"),
         ((str(bad), "--target-cpus", "0"), 2, None),
     ]
@@ -69,6 +71,32 @@ def test_plan_rebalance_bad_input(tmp_path: Path) -> None:
         assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
         if message is not None:
             assert done.stderr.strip() == message
+
+
+def test_plan_rebalance_whole_nodes_text_counts_nodes(tmp_path: Path) -> None:
+    """The whole-nodes figure is a count of nodes: printed "1 -> 2", not "1.000 -> 2.000"."""
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(SNAPSHOT))
+    done = vmjob("plan", "rebalance", "--snapshot", str(path), "--max-moves", "3")
+    assert done.returncode == 0, done.stderr
+    # No node is whole-free before; whatever the plan, both figures are whole numbers.
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("whole free NUMA nodes: 0 -> "), first
+    assert "." not in first.split(":")[1].split("with")[0], first
+
+
+def test_plan_snapshot_to_an_unwritable_file_is_one_line(tmp_path: Path) -> None:
+    """`-o` into a missing directory: one line on stderr, exit 1, no traceback."""
+    config = tmp_path / "config.yaml"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    config.write_text(yaml.safe_dump({"spool": str(spool), "virt_type": "qemu",
+                                      "hosts": [{"name": "t", "uri": "test:///default"}]}))
+    target = tmp_path / "no-such-dir" / "snap.json"
+    done = vmjob("plan", "snapshot", "-o", str(target), config=config)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"vmjob: cannot write {target}: No such file or directory"
+    assert not target.parent.exists()
 
 
 def test_plan_snapshot_of_the_live_cluster(tmp_path: Path) -> None:
@@ -85,6 +113,12 @@ def test_plan_snapshot_of_the_live_cluster(tmp_path: Path) -> None:
                             spec={"argv": ["true"]}), Request(2, 256), alloc, "test")
     for state in (JobState.STARTING, JobState.RUNNING):  # the state machine's way
         store.transition("j1", state, "test")
+    # j2 names its host: the live planner never moves it, so neither may an offline plan.
+    store.add_job(JobRecord(id="j2", owner="root", uid=0, state=JobState.PLACED,
+                            spec={"argv": ["true"]}), Request(1, 128, host="t"),
+                  Allocation("t", (10,), 128, (NodeShare(1, (10,), 128),)), "test")
+    for state in (JobState.STARTING, JobState.RUNNING):
+        store.transition("j2", state, "test")
     store.close()
     done = vmjob("plan", "snapshot", "-o", str(tmp_path / "snap.json"), config=config)
     assert done.returncode == 0, done.stderr
@@ -92,7 +126,10 @@ def test_plan_snapshot_of_the_live_cluster(tmp_path: Path) -> None:
     assert [(h["name"], [(n["id"], n["cpus"]) for n in h["nodes"]]) for h in snap["hosts"]] \
         == [("t", [(0, 8), (1, 8)])]
     assert snap["jobs"] == [{"id": "j1", "host": "t",
-                             "nodes": [{"node": 1, "cpus": 2, "memory_mib": 256}]}]
+                             "nodes": [{"node": 1, "cpus": 2, "memory_mib": 256}]},
+                            {"id": "j2", "host": "t",
+                             "nodes": [{"node": 1, "cpus": 1, "memory_mib": 128}],
+                             "movable": False}]
     again = vmjob("plan", "rebalance", "--snapshot", str(tmp_path / "snap.json"), "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["before"] == 1.0  # node 0 is whole-free

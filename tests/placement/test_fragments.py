@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from placement import Migrate, Repin, apply_plan, plan_rebalance
+from placement import Allocation, Migrate, NodeShare, Repin, apply_plan, plan_rebalance
 from placement.fragments import fragment_rate, objective_value, plan_fragments
 from placement.snapshot import SnapshotError, cluster_from_snapshot, snapshot_of
 
@@ -71,6 +71,31 @@ def test_moves_inside_a_host_are_repins() -> None:
     assert plan.cost_mib == 100
 
 
+def test_unmovable_jobs_stay_put_in_offline_plans() -> None:
+    """A job written `"movable": false` (its live request names its host, or it holds
+    hugepages or NICs) is not moved by an offline plan: the re-pin of "one" that the plan
+    makes when it is movable is not made; the flag survives the round trip."""
+    data = snap({"a": [8, 8]}, [("one", "a", 0, 1), ("six", "a", 1, 6)])
+    assert [a.job_id for a in plan_fragments(cluster_from_snapshot(data), 1, 8).actions] \
+        == ["one"]
+    data["jobs"][0]["movable"] = False
+    cluster = cluster_from_snapshot(data)
+    # The planners may still move "six" to "one"'s node; never "one".
+    assert "one" not in {a.job_id for a in plan_fragments(cluster, 1, 8).actions}
+    assert "one" not in {a.job_id for a in plan_rebalance(cluster, 4).actions}
+    assert snapshot_of(cluster)["jobs"][0] == data["jobs"][0]
+    assert "movable" not in snapshot_of(cluster)["jobs"][1]
+
+
+def test_a_job_held_without_a_request_is_written_unmovable() -> None:
+    """The planners never move a job held without a request; its snapshot says so."""
+    cluster = cluster_from_snapshot(snap({"a": [4]}, []))
+    cluster.reserve("x", Allocation("a", (0,), 100, (NodeShare(0, (0,), 100),)))
+    assert snapshot_of(cluster)["jobs"] == [
+        {"id": "x", "host": "a", "nodes": [{"node": 0, "cpus": 1, "memory_mib": 100}],
+         "movable": False}]
+
+
 def test_snapshot_round_trip_and_errors() -> None:
     data = snap({"a": [4, 4]}, [("x", "a", 1, 2)])
     cluster = cluster_from_snapshot(data)
@@ -81,6 +106,9 @@ def test_snapshot_round_trip_and_errors() -> None:
         (snap({"a": [4]}, [("x", "a", 0, 5)]),
          "jobs[0].nodes[0]: node 0 of a has 4 cpus free, job x holds 5"),
         (snap({"a": [4]}, [("x", "a", 3, 1)]), "jobs[0].nodes[0].node: host a has no node 3"),
+        ({**snap({"a": [4]}, []), "jobs": [{**snap({"a": [4]}, [("x", "a", 0, 1)])["jobs"][0],
+                                            "movable": "no"}]},
+         "jobs[0].movable must be true or false"),
     ]:
         with pytest.raises(SnapshotError) as err:
             cluster_from_snapshot(bad)

@@ -235,6 +235,19 @@ def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_a_file_that_is_not_swf_is_one_line_and_exit_2(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An XML file given as the trace: every line malformed, no job. Refused (exit 2), not
+    replayed as an empty workload with a table of zeros and exit 0."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(DATA / "caps-quirks.xml"), "--policy", "pack"])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and "is not an SWF trace: no job lines" in err
+    assert "(first: line 1)" in err
+
+
 def test_missing_trace_is_one_line_and_exit_2(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

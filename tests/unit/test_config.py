@@ -181,6 +181,80 @@ BAD = [
     ({"max_outbound_migrations": 0}, "max_outbound_migrations", "integer >= 1"),
 ]
 
+# Hostile configs (issue 15): each gives exactly this one line, never a traceback.
+SAME_URI = "hosts: 'a' and 'b' have the same libvirt URI"
+HOSTILE = [
+    # (file content: YAML text, a mapping, or raw bytes; the whole message after "<path>: ")
+    ({"hosts": [{"name": "a", "uri": "qemu:///system"}, {"name": "b", "uri": "qemu:///system"}]},
+     f"{SAME_URI} 'qemu:///system': one host, configured twice"),
+    ({"hosts": [{"name": "a", "uri": "qemu:///system"},
+                {"name": "b", "uri": "QEMU:///system/"}]},
+     f"{SAME_URI} 'QEMU:///system/': one host, configured twice"),
+    ({"hosts": [{"name": "a", "uri": "qemu+ssh://root@n1/system"},
+                {"name": "b", "uri": "qemu+tcp://N1:16509/system"}]},
+     f"{SAME_URI} 'qemu+tcp://N1:16509/system': one host, configured twice"),
+    (b"spool: /x\nhosts:\n  - name: caf\xe9\n", "line 3: not UTF-8 text"),
+    (one_host(reserved_cpus="0-1000000000"),
+     "hosts[0].reserved_cpus: invalid cpu list '0-1000000000': cpu 1000000000 is beyond the "
+     "largest cpu id Linux has (8191)"),
+    (one_host(reserved_cpus="-1"), "hosts[0].reserved_cpus: invalid cpu list '-1': use e.g. "
+     "0-3,^2,6"),
+    ("kvm_probe_timeout: .nan\n",
+     "kvm_probe_timeout: must be a number of seconds > 0 and <= 3600"),
+    ("kvm_probe_timeout: .inf\n",
+     "kvm_probe_timeout: must be a number of seconds > 0 and <= 3600"),
+    ("request_timeout: .nan\n", "request_timeout: must be a number of seconds > 0 and <= 3600"),
+    ("request_timeout: 0\n", "request_timeout: must be a number of seconds > 0 and <= 3600"),
+    ("request_timeout: true\n",
+     "request_timeout: must be a number of seconds > 0 and <= 3600"),
+    ({"max_connections": 0}, "max_connections: must be an integer >= 1"),
+    ({"max_connections_per_user": -5}, "max_connections_per_user: must be an integer >= 1"),
+    ({"max_connections": 1e9}, "max_connections: must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), HOSTILE,
+                         ids=[f"{i}" for i in range(len(HOSTILE))])
+def test_hostile_config_gives_one_line(tmp_path: Path, content: Any, message: str) -> None:
+    path = tmp_path / "hostile.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        write(path, content)
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_connection_settings_and_their_defaults(tmp_path: Path) -> None:
+    default = load(str(write(tmp_path / "a.yaml", {})))
+    assert (default.max_connections, default.max_connections_per_user,
+            default.request_timeout_s) == (512, 64, 10.0)
+    cfg = load(str(write(tmp_path / "b.yaml", {"max_connections": 100,
+                                               "max_connections_per_user": 5,
+                                               "request_timeout": 2.5})))
+    assert (cfg.max_connections, cfg.max_connections_per_user, cfg.request_timeout_s) == (
+        100, 5, 2.5)
+
+
+def test_different_hosts_with_alike_uris_are_accepted(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path / "c.yaml", {"hosts": [
+        {"name": "sys", "uri": "qemu:///system"}, {"name": "ses", "uri": "qemu:///session"},
+        {"name": "n1", "uri": "qemu+tcp://n1/system"},
+        {"name": "n1b", "uri": "qemu+tcp://n1:16600/system"},
+        {"name": "n2", "uri": "qemu+ssh://n2/system"}]})))
+    assert [h.name for h in cfg.hosts] == ["sys", "ses", "n1", "n1b", "n2"]
+
+
+def test_missing_admin_group_is_a_warning(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", {"admin_group": "vmjobs-no-such-group-here"})
+    cfg = load(str(path))
+    assert config.system_warnings(cfg) == [
+        f"{path}: admin_group: no group 'vmjobs-no-such-group-here' on this system: only root "
+        "acts on every job"]
+    assert config.system_warnings(load(str(write(tmp_path / "d.yaml", {"admin_group": "root"})))
+                                  ) == []
+
 
 def test_preemption_and_migration_limit(tmp_path: Path) -> None:
     assert (load(str(write(tmp_path / "a.yaml", {}))).preemption is False)

@@ -362,7 +362,9 @@ def test_cpu_in_two_cells_and_cell_without_memory() -> None:
     assert topology.notes == (
         "cpu 3 is listed in cells 0 and 1: not used",
         "node 0: cpus 4 have no topology (offline): not used",
-        "node 1 lists no memory",
+        # The saved file's 0 MiB is not what a live host gets: the note says so.
+        "node 1 lists no memory (on a live host vmjobs reads it from libvirt's "
+        "getMemoryStats; from a saved file it counts as 0)",
     )
     filled = with_cell_memory(topology, {1: 2097152})
     assert [n.memory_mib for n in filled.nodes] == [3896, 2048]
@@ -519,6 +521,11 @@ def test_cli_inventory_shows_what_it_left_out() -> None:
                                                   "easy-backfill.swf: not XML"),
         (("--capabilities", "nodedev-nvme.xml"), "vmjob: Invalid value for --capabilities: "
                                                  "nodedev-nvme.xml: no NUMA cells"),
+        # The files swapped: capabilities given as a node-device dump is refused, not read as
+        # "no devices".
+        (("--capabilities", "caps-quirks.xml", "--nodedev", "caps-2socket-smt.xml"),
+         "vmjob: Invalid value for --nodedev: caps-2socket-smt.xml: no <device> element under "
+         "<capabilities>"),
     ],
 )
 def test_cli_inventory_bad_input_is_one_line_and_exit_2(args: tuple[str, ...],
@@ -605,6 +612,24 @@ def test_cli_inventory_notes_a_nic_left_out_for_its_group(tmp_path: Path) -> Non
     assert view["notes"] == [
         "NIC 0000:19:00.1 is not offered: IOMMU group 31 also holds 0000:19:00.0, which the "
         "host uses (driver ixgbe)"]
+
+
+def test_cli_inventory_notes_allow_listed_nics_missing_from_the_dumps(tmp_path: Path) -> None:
+    """An allow-listed address with no dump, and a PF (which stands for its VFs) given without
+    its VFs' dumps: no NIC is offered, and two notes say why instead of nothing."""
+    config = tmp_path / "vmjobs.yaml"
+    config.write_text(f"spool: {tmp_path}\nhosts:\n"
+                      "  - {name: a, uri: 'test:///default', "
+                      "nics: ['0000:D8:00.0', '0000:3b:00.0']}\n")
+    done = vmjob("inventory", "--capabilities", "caps-2socket-smt.xml",
+                 "--nodedev", "nodedev-cx5-pf-sriov.xml", "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    view = json.loads(done.stdout)
+    assert [n["devices"] for n in view["nodes"]] == [[], []]
+    assert view["notes"] == [
+        "NIC 0000:3b:00.0 of the allow-list is not among the devices given",
+        "NIC 0000:d8:00.0 stands for its VFs; 0000:d8:02.0, 0000:d8:02.1 not among the "
+        "devices given"]
 
 
 def test_cli_inventory_reads_several_devices_under_one_root(tmp_path: Path) -> None:

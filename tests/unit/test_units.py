@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from vmjobs.errors import VmjobsError
 from vmjobs.units import (
+    MAX_CPU_ID,
     format_cpu_list,
     format_mib,
     parse_cpu_list,
@@ -99,6 +100,25 @@ def test_cpu_list_refused_with_one_line(text: str) -> None:
         parse_cpu_list(text)
     assert "\n" not in str(info.value)
     assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["0-1000000000", "8192", "0,8192", "^9000", "1-99999999999"])
+def test_cpu_ids_beyond_linux_are_refused_before_any_range_is_built(text: str) -> None:
+    """'0-1000000000' in a config used to build a billion-element set (MemoryError)."""
+    with pytest.raises(VmjobsError) as info:
+        parse_cpu_list(text)
+    assert str(info.value).startswith(f"invalid cpu list {text!r}: cpu ")
+    assert str(info.value).endswith(f" is beyond the largest cpu id Linux has ({MAX_CPU_ID})")
+
+
+def test_the_largest_cpu_id_is_accepted() -> None:
+    assert parse_cpu_list(f"{MAX_CPU_ID - 1}-{MAX_CPU_ID}") == {MAX_CPU_ID - 1, MAX_CPU_ID}
+
+
+def test_a_huge_cpu_list_is_quoted_clipped() -> None:
+    with pytest.raises(VmjobsError) as info:
+        parse_cpu_list("x" * 10_000)
+    assert len(str(info.value)) < 120
 
 
 @pytest.mark.parametrize(

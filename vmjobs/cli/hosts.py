@@ -7,6 +7,7 @@ import json
 import click
 
 from placement import HostUsage
+from vmjobs.config import system_warnings
 from vmjobs.hosts_view import host_views
 from vmjobs.units import format_mib
 
@@ -28,7 +29,8 @@ def hosts(obj: object, host: str | None, as_json: bool) -> None:
       vmjob hosts
       vmjob hosts node1 --json
     """
-    views = host_views(click.get_current_context().obj.config, host)
+    config = click.get_current_context().obj.config
+    views = host_views(config, host)
     if as_json:
         click.echo(json.dumps([v.to_dict() for v in views], indent=2))
         return
@@ -43,6 +45,8 @@ def hosts(obj: object, host: str | None, as_json: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for line in system_warnings(config) + [w for view in views for w in view.warnings]:
+        click.echo(f"warning: {line}", err=True)
 
 
 def usage_rows(name: str, usage: HostUsage) -> list[tuple[str, str, str, str, str, str]]:

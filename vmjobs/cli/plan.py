@@ -47,7 +47,8 @@ def moves_of(plan_: Plan, hosts_before: dict[str, str]) -> list[dict[str, Any]]:
 
 
 @plan.command("rebalance")
-@click.option("--snapshot", "path", required=True, type=click.Path(dir_okay=False),
+@click.option("--snapshot", "path", required=True,
+              type=click.Path(exists=True, dir_okay=False, readable=True),
               help="Cluster snapshot (JSON; see docs/placement.md).")
 @click.option("--max-moves", type=click.IntRange(min=0), default=4, show_default=True,
               help="Migration limit: at most this many moves (re-pins and migrations).")
@@ -91,7 +92,10 @@ def rebalance(path: str, max_moves: int, objective: str, target_cpus: int,
         return
     what = (f"fragment rate for {target_cpus}-cpu jobs" if objective == "fragments"
             else "whole free NUMA nodes")
-    click.echo(f"{what}: {before:.3f} -> {after:.3f} with {len(moves)} move(s)")
+    # A count of whole nodes reads as one ("0 -> 2"), a rate with three decimals.
+    figure = "{:.3f}" if objective == "fragments" else "{:.0f}"
+    click.echo(f"{what}: {figure.format(before)} -> {figure.format(after)} "
+               f"with {len(moves)} move(s)")
     for move in moves:
         nodes = ",".join(str(n["node"]) for n in move["to_nodes"])
         click.echo(f"  {move['job']}: {move['from_host']} -> {move['to_host']} node {nodes}")
@@ -104,7 +108,9 @@ def rebalance(path: str, max_moves: int, objective: str, target_cpus: int,
 def snapshot_command(obj: Any, output: str | None) -> None:
     """Write the live cluster (hosts from libvirt, reservations from the store) as a snapshot.
 
-    Unreachable and cordoned hosts are left out.
+    Unreachable and cordoned hosts are left out. Jobs the live planner would not move (their
+    request names the host, or they hold hugepages or NICs) are marked "movable": false, so an
+    offline plan leaves them where they are too.
 
     \b
     Examples:
@@ -123,4 +129,7 @@ def snapshot_command(obj: Any, output: str | None) -> None:
     if output is None:
         click.echo(text, nl=False)
         return
-    Path(output).write_text(text, encoding="utf-8")
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None

@@ -21,6 +21,7 @@ from typing import Any
 
 import placement
 from vmjobs import __version__
+from vmjobs.config import system_warnings
 from vmjobs.daemon import logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.identity import Caller, denial, may_act
@@ -122,6 +123,7 @@ class Api:
             "queued": queued, "active": running, "unreachable": unreachable,
             "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
             "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
+            "warnings": system_warnings(daemon.config),
         })
 
     def hosts(self, _req: ApiRequest) -> Json:
@@ -131,8 +133,8 @@ class Api:
         views = []
         for host in daemon.config.hosts:
             usage = cluster.free(host.name) if host.name in cluster.hosts else None
-            views.append(HostView(host.name, host.uri, usage,
-                                  daemon.hosts.error(host.name)).to_dict())
+            views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
+                                  tuple(daemon.hosts.warnings(host.name))).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:
@@ -222,7 +224,10 @@ class Api:
         """Long poll: answers when the job has ended, or after ?timeout= seconds."""
         daemon = self.daemon
         job_id = req.params["id"]
-        timeout = min(req.number("timeout") or WAIT_MAX_S, WAIT_MAX_S)
+        # 0 answers at once (a poll); absent means the longest wait
+        timeout = req.number("timeout", 0.0, WAIT_MAX_S)
+        if timeout is None:
+            timeout = WAIT_MAX_S
         with daemon.lock:
             self._own(req.caller, job_id)
             daemon.changed.wait_for(lambda: _finished(daemon, job_id) or daemon.stopping,

@@ -23,8 +23,9 @@ import placement
 from placement import HostState
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
+from vmjobs.host_checks import duplicate_message, host_uuid, host_warnings, same_host
 from vmjobs.hostconn import connect
-from vmjobs.inventory import read_host
+from vmjobs.inventory import read_host, read_topology
 
 log = logging.getLogger("vmjobs.daemon")
 KEEPALIVE_INTERVAL_S = 2  # libvirt pings an idle connection this often ...
@@ -108,6 +109,8 @@ class Hosts:
         self._conns: dict[str, libvirt.virConnect] = {}
         self._inventory: dict[str, placement.Host] = {}
         self._errors: dict[str, str] = {}
+        self._uuids: dict[str, str | None] = {}
+        self._warnings: dict[str, list[str]] = {}
         self._stopping = threading.Event()
         self._reconnecting: set[str] = set()
         # since when each unreachable host has been so (monotonic); None once reported lost
@@ -131,6 +134,11 @@ class Hosts:
     def error(self, name: str) -> str | None:
         with self._lock:
             return self._errors.get(name)
+
+    def warnings(self, name: str) -> list[str]:
+        """What the host's config entry says that the host contradicts (host_checks)."""
+        with self._lock:
+            return list(self._warnings.get(name, ()))
 
     def inventory(self) -> list[placement.Host]:
         """Every host ever seen, in config order; those without a connection marked down."""
@@ -159,24 +167,39 @@ class Hosts:
                 self._start_reconnect(host_config)
 
     def _connect(self, host_config: HostConfig) -> None:
+        name = host_config.name
         conn = connect(host_config)
         try:
+            uuid = host_uuid(conn.getCapabilities())
+            with self._lock:
+                other = same_host(name, uuid, {n: self._uuids.get(n) for n in self._conns})
+            if other is not None and uuid is not None:
+                raise VmjobsError(duplicate_message(name, other, uuid))
             _keepalive(conn)
-            conn.registerCloseCallback(self._on_close, host_config.name)
+            conn.registerCloseCallback(self._on_close, name)
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        self._on_lifecycle, host_config.name)
+                                        self._on_lifecycle, name)
             inventory = read_host(conn, host_config, self.config.nic_backend)
+            warnings = host_warnings(host_config, read_topology(conn).nodes,
+                                     self.config.nic_backend)
         except libvirt.libvirtError as exc:
             _close_quietly(conn)
             raise VmjobsError(
-                f"host {host_config.name}: cannot watch it: {exc.get_error_message()}"
+                f"host {name}: cannot watch it: {exc.get_error_message()}"
             ) from None
+        except VmjobsError:
+            _close_quietly(conn)
+            raise
         with self._lock:
-            self._conns[host_config.name] = conn
-            self._inventory[host_config.name] = inventory
-            self._errors.pop(host_config.name, None)
-            self._down_since.pop(host_config.name, None)
-        log.info("host %s: connected (%s)", host_config.name, host_config.uri)
+            self._conns[name] = conn
+            self._inventory[name] = inventory
+            self._uuids[name] = uuid
+            self._warnings[name] = warnings
+            self._errors.pop(name, None)
+            self._down_since.pop(name, None)
+        log.info("host %s: connected (%s)", name, host_config.uri)
+        for warning in warnings:
+            log.warning("%s", warning)
 
     def _start_reconnect(self, host_config: HostConfig) -> None:
         with self._lock:

@@ -11,20 +11,21 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import signal
 import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from vmjobs.config import Config
+from vmjobs.config import Config, system_warnings
 from vmjobs.daemon import scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.metrics import Present
 from vmjobs.daemon.recovery import reconcile_host, recover
-from vmjobs.daemon.server import UnixHTTPServer
+from vmjobs.daemon.server import Limits, UnixHTTPServer
 from vmjobs.errors import VmjobsError
 from vmjobs.runner import snapshot
 
@@ -60,15 +61,44 @@ def claim_spool(spool: Path) -> int:
     return fd
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (every connection is a descriptor; the
+    usual soft 1024 let one user's 1,200 idle connections lock everyone out). The soft limit
+    now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = int(Path("/proc/sys/fs/nr_open").read_text())
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def connection_limits(config: Config, nofile: int) -> Limits:
+    wanted = Limits(total=config.max_connections, per_user=config.max_connections_per_user,
+                    request_timeout_s=config.request_timeout_s)
+    limits = wanted.fit_to_fds(nofile)
+    if limits != wanted:
+        log.warning("open-files limit %d: at most %d user connections (max_connections %d)",
+                    nofile, limits.total, wanted.total)
+    return limits
+
+
 def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
           metrics_address: str = "127.0.0.1") -> None:
     config = replace(config, socket=socket_path)  # what `status` reports
+    for warning in system_warnings(config):
+        log.warning("%s", warning)
+    limits = connection_limits(config, raise_open_files_limit())
     claim_spool(config.spool)
     start_event_loop()
     daemon = Daemon(config)
     daemon.on_host_up = lambda host: reconcile_host(daemon, host)
     api = Api(daemon)
-    server = UnixHTTPServer(socket_path, api.routes(), config.admin_group)
+    server = UnixHTTPServer(socket_path, api.routes(), config.admin_group, limits)
     try:
         daemon.hosts.connect_all()
         recover(daemon)

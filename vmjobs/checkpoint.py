@@ -143,9 +143,10 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
         store.transition(job_id, JobState.RESTORING, f"restoring on {alloc.host}")
         failpoints.hit("restore:placed")
         xml = conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_XML_SECURE)
+        files = JobFiles.of(config.spool, job_id)
         dxml = retarget_xml(xml, alloc, config.host(alloc.host).reserved_cpus,
-                            JobFiles.of(config.spool, job_id).next_console(
-                                store.ran_on(job_id), alloc.host))
+                            files.next_console(store.ran_on(job_id), alloc.host),
+                            files.new_output())
         conn.restoreFlags(str(path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
     except BaseException as exc:
         destroy_quietly(lookup_domain(conn, domain_name(job_id)))

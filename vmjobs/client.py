@@ -5,13 +5,16 @@ Errors come back as one line: the daemon's own `error` text, or how to reach/sta
 
 from __future__ import annotations
 
+import codecs
 import http.client
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -21,6 +24,53 @@ from vmjobs.transport import SshTunnel, Target, open_unix, parse_url
 
 START_HINT = ("start one with 'vmjob serve' as root (see docs/operations.md), "
               "or point --url / $VMJOBS_URL at one")
+
+
+RECONNECT_S = 60.0  # how long wait/logs keep trying to reach a daemon that went away
+RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0)  # between attempts; the last one repeats
+
+
+class DaemonLost(VmjobsError):
+    """The daemon did not answer or the connection broke mid-answer (a restart looks so)."""
+
+
+class NoDaemon(DaemonLost):
+    """Nothing listens on the socket."""
+
+
+class Reconnect:
+    """Bounded retries of idempotent requests after the daemon went away: a line when the
+    connection is lost, a line when it is back, an error once RECONNECT_S have passed."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.since: float | None = None
+        self.attempt = 0
+
+    def lost(self, exc: DaemonLost) -> None:
+        """Wait before the next attempt, or raise if retrying makes no sense (the daemon never
+        accepted this client: there is none to wait for, so say how to start one) or the
+        time is up."""
+        if not self.client.reached:
+            raise exc
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            self.client.note(f"{exc}; reconnecting (for up to {RECONNECT_S:g}s)")
+        elif now - self.since >= RECONNECT_S:
+            raise DaemonLost(f"{exc}; gave up reconnecting after {RECONNECT_S:g}s") from None
+        time.sleep(RECONNECT_DELAYS_S[min(self.attempt, len(RECONNECT_DELAYS_S) - 1)])
+        self.attempt += 1
+
+    def ok(self) -> None:
+        if self.since is not None:
+            self.client.note(f"reconnected to the daemon after "
+                             f"{time.monotonic() - self.since:.1f}s")
+        self.since, self.attempt = None, 0
+
+
+def _stderr(message: str) -> None:
+    print(f"vmjob: {message}", file=sys.stderr, flush=True)
 
 
 class ApiFailure(VmjobsError):
@@ -42,8 +92,10 @@ class _Connection(http.client.HTTPConnection):
 
 
 class Client:
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, note: Callable[[str], None] = _stderr) -> None:
         self.target = target
+        self.note = note  # one-line messages about the connection (reconnecting ...)
+        self.reached = False  # a daemon accepted this client's connection once
         self._tunnel: SshTunnel | None = None
 
     @classmethod
@@ -59,12 +111,16 @@ class Client:
         if self.target.ssh_host is not None:
             if self._tunnel is None:
                 self._tunnel = SshTunnel(self.target)
-            return self._tunnel.open()
+            channel = self._tunnel.open()
+            self.reached = True
+            return channel
         path = self.target.socket
         try:
-            return open_unix(path, timeout if isinstance(timeout, float | int) else None)
+            sock = open_unix(path, timeout if isinstance(timeout, float | int) else None)
+            self.reached = True
+            return sock
         except (FileNotFoundError, ConnectionRefusedError):
-            raise VmjobsError(f"no vmjob daemon at {path}: {START_HINT}") from None
+            raise NoDaemon(f"no vmjob daemon at {path}: {START_HINT}") from None
         except PermissionError:
             raise VmjobsError(f"no permission to connect to {path} (the daemon makes it "
                               "world-writable; is this an old or foreign socket?)") from None
@@ -92,10 +148,14 @@ class Client:
                 response = conn.getresponse()
         except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             conn.close()
-            raise VmjobsError(f"lost the daemon at {self.target.describe()}: {exc}") from None
+            raise self._lost(exc) from None
         if response.status >= 400:
             raise _failure(response)
         return response
+
+    def _lost(self, exc: BaseException) -> DaemonLost:
+        why = str(exc) or type(exc).__name__
+        return DaemonLost(f"lost the daemon at {self.target.describe()}: {why}")
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
@@ -103,6 +163,8 @@ class Client:
         response = self._send(method, path, data, timeout=timeout)
         try:
             return json.loads(response.read())
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise self._lost(exc) from None
         finally:
             response.close()
 
@@ -127,25 +189,51 @@ class Client:
         return self.call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
 
     def wait(self, job_id: str, poll_s: float = 300.0) -> dict[str, Any]:
-        """Until the job ends: long polls of `poll_s` each (the daemon answers at the end)."""
+        """Until the job ends: long polls of `poll_s` each (the daemon answers at the end).
+        A daemon that goes away meanwhile (a restart) is waited for (`Reconnect`)."""
+        retry = Reconnect(self)
         while True:
             query = urlencode({"timeout": poll_s})
-            view = self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}/wait?{query}")
+            try:
+                view = self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}/wait?{query}")
+            except DaemonLost as exc:
+                retry.lost(exc)
+                continue
+            retry.ok()
             if view.get("finished"):
                 return view
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
-        """The job's output as it arrives (text chunks of whole lines)."""
-        path = f"/v1/jobs/{quote(job_id, safe='')}/logs" + ("?follow=1" if follow else "")
-        response = self._send("GET", path)
-        try:
-            while True:
-                chunk = response.read1(1 << 16)
-                if not chunk:
-                    return
-                yield chunk.decode("utf-8", errors="replace")
-        finally:
-            response.close()
+        """The job's output as it arrives (text chunks; a character split between two reads
+        is decoded whole). After a daemon restart it reconnects (`Reconnect`) and goes on
+        from the byte it had reached."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        retry = Reconnect(self)
+        received = 0
+        while True:
+            query = {"follow": 1} if follow else {}
+            if received:
+                query["offset"] = received
+            path = f"/v1/jobs/{quote(job_id, safe='')}/logs" + \
+                (f"?{urlencode(query)}" if query else "")
+            try:
+                response = self._send("GET", path)
+                retry.ok()
+                try:
+                    while chunk := response.read1(1 << 16):
+                        received += len(chunk)
+                        if text := decoder.decode(chunk):
+                            yield text
+                except (ConnectionError, http.client.HTTPException) as exc:
+                    raise self._lost(exc) from None
+                finally:
+                    response.close()
+            except DaemonLost as exc:
+                retry.lost(exc)
+                continue
+            break
+        if tail := decoder.decode(b"", final=True):
+            yield tail
 
     def progress(self, path: str, body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """A long operation (migrate, checkpoint, drain ...): what it reports as it goes, one

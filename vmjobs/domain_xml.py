@@ -23,6 +23,8 @@ CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1"
 # The virtio-serial port on which the guest init takes the wall-clock time after a migration
 # or a restore (see vmjobs/guestclock.py and images/init).
 CLOCK_CHANNEL = "org.vmjobs.clock.0"
+# The virtio-serial port the guest init sends the job's stdout and stderr to (images/init).
+OUTPUT_CHANNEL = "org.vmjobs.output.0"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class DomainSpec:
     nics: tuple[Nic, ...] = ()
     cmdline: str = CMDLINE
     clock_channel: bool = False  # the guest can be told the time after a move
+    output_pipe: Path | None = None  # the job's output: QEMU writes <output_pipe>.out
 
 
 def build(spec: DomainSpec) -> str:
@@ -251,10 +254,25 @@ def devices(spec: DomainSpec) -> ET.Element:
     ET.SubElement(serial, "target", port="0")
     if spec.clock_channel:
         devs.append(clock_channel())
+    if spec.output_pipe is not None:
+        devs.append(output_channel(spec.output_pipe))
     # Nothing the job did not ask for: no USB, no balloon, no graphics, no default network.
     ET.SubElement(devs, "controller", type="usb", model="none")
     ET.SubElement(devs, "memballoon", model="none")
     return devs
+
+
+def output_channel(pipe: Path) -> ET.Element:
+    """The job's output port. A `pipe` chardev makes QEMU open `<pipe>.in` and `<pipe>.out`
+    itself: `.out` is a regular file it writes to, `.in` a FIFO nobody writes to. A `file`
+    chardev would go through libvirt's log daemon, which rotates it at 2 MiB and drops the
+    oldest data (virtlogd.conf max_size/max_backups, a host-wide setting); this way nothing
+    stands between the guest and the spool, whatever the host's settings. The kernel's and
+    the init's messages stay on the serial console (small, rotation does not matter)."""
+    channel = ET.Element("channel", type="pipe")
+    ET.SubElement(channel, "source", path=str(pipe))
+    ET.SubElement(channel, "target", type="virtio", name=OUTPUT_CHANNEL)
+    return channel
 
 
 def clock_channel() -> ET.Element:
@@ -266,7 +284,10 @@ def clock_channel() -> ET.Element:
 
 def output_disk(path: Path) -> ET.Element:
     disk = ET.Element("disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="raw")
+    # A write the host cannot make (a full spool) is an I/O error for the guest, whose init
+    # then reports it; QEMU's default (werror=enospc) would pause the guest, holding its
+    # cores with nobody to notice.
+    ET.SubElement(disk, "driver", name="qemu", type="raw", error_policy="report")
     ET.SubElement(disk, "source", file=str(path))
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
     disk.append(PciAddress(slot=OUTPUT_DISK_SLOT).element())

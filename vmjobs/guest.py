@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from vmjobs.errors import VmjobsError
 from vmjobs.hostconn import is_running
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
+
+READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,36 @@ class JobFiles:
     @property
     def domain_xml(self) -> Path:
         return self.dir / "domain.xml"
+
+    def output(self, index: int) -> Path:
+        """The job's stdout and stderr as its `index`-th guest process wrote them: each start
+        of a QEMU for the job (launch, migration, restore) gets the next file, since QEMU
+        writes a `pipe` chardev's file from its start (it has no append mode)."""
+        return self.dir / f"output.{index}.out"
+
+    def output_indexes(self) -> list[int]:
+        """The indexes of the output files that exist, in order."""
+        found = []
+        for path in self.dir.glob("output.*.out"):
+            middle = path.name[len("output."):-len(".out")]
+            if middle.isdigit():
+                found.append(int(middle))
+        return sorted(found)
+
+    def new_output(self) -> Path:
+        """Create the next output file and its FIFO; return the pipe's base path for the
+        domain XML (`domain_xml.output_channel`). Called before every start of a guest
+        process for the job, by the one thread that starts it."""
+        index = max(self.output_indexes(), default=-1) + 1
+        base = self.dir / f"output.{index}"
+        fifo = base.with_name(base.name + ".in")
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        # a FIFO opened read-write never reads end-of-file: the guest's input stays quiet
+        # private like the job's other files (QEMU runs as root or is given it by libvirt)
+        fd = os.open(self.output(index), os.O_WRONLY | os.O_CREAT | os.O_EXCL, JOB_FILE_MODE)
+        os.close(fd)
+        return base
 
     def console(self, host: str, visit: int = 0) -> Path:
         """The console log of the job's `visit`-th stay on `host` (a job that moves away and
@@ -130,6 +162,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
     )
     guest_protocol.create_output_disk(files.output_disk, plan.output_disk_mib << 20)
     os.chmod(files.output_disk, JOB_FILE_MODE)
+    output_pipe = files.new_output()
     xml = domain_xml.build(
         DomainSpec(
             name=domain_name(plan.job_id),
@@ -146,6 +179,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             nics=nics,
             # every job may move: after a migration or restore its clock is set through this
             clock_channel=True,
+            output_pipe=output_pipe,
         )
     )
     fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)
@@ -159,20 +193,60 @@ def start(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
     return conn.createXML(xml, 0)
 
 
-def follow_console(console: Path, dom: libvirt.virDomain,
-                   poll_s: float = 0.05) -> Iterator[str | None]:
-    """Yield the console's new text as it is written, until the domain stops.
+class OutputReader:
+    """Reads a job's output files (`JobFiles.output`) in order, as they grow.
+
+    File n is complete once a later file holds data (the guest process that wrote n was
+    paused for good before the next one ran) or once the job's guest is gone for good
+    (`final`). A later file that stays empty (a migration that failed) is skipped over.
+    """
+
+    def __init__(self, files: JobFiles) -> None:
+        self.files = files
+        self.index = 0
+        self.offset = 0
+        self.total = 0  # bytes returned so far
+
+    def skip(self, count: int) -> None:
+        """Start `count` bytes into the output (what a reader had before it reconnected);
+        at the end of what exists if there is less."""
+        self.total += count
+        for index in self.files.output_indexes():
+            size = _size(self.files.output(index))
+            self.index, self.offset = index, min(count, size)
+            if count <= size:
+                return
+            count -= size
+
+    def read(self, final: bool = False, limit: int = READ_CHUNK) -> bytes:
+        """Up to `limit` new bytes; b"" when nothing new has been written (yet)."""
+        while True:
+            data = _read_from(self.files.output(self.index), self.offset, limit)
+            if data:
+                self.offset += len(data)
+                self.total += len(data)
+                return data
+            later = [i for i in self.files.output_indexes() if i > self.index]
+            if not later:
+                return b""
+            if not final and all(_size(self.files.output(i)) == 0 for i in later):
+                return b""  # the current guest process may still write to this file
+            self.index, self.offset = later[0], 0
+
+
+def follow_output(files: JobFiles, dom: libvirt.virDomain,
+                  poll_s: float = 0.05) -> Iterator[bytes | None]:
+    """Yield the job's output bytes as the guest writes them, until the domain stops.
 
     Yields None on each idle poll so the caller can check its own deadline; ends once the
-    domain is gone and the file has been read to its end.
+    domain is gone and every file has been read to its end.
     """
-    offset = 0
+    reader = OutputReader(files)
     while True:
         running = is_running(dom)
-        chunk = _read_from(console, offset)
+        chunk = reader.read(final=not running)
         if chunk:
-            offset += len(chunk)
-            yield chunk.decode("utf-8", errors="replace")
+            yield chunk
         elif not running:
             return
         else:
@@ -180,25 +254,20 @@ def follow_console(console: Path, dom: libvirt.virDomain,
             yield None
 
 
-def _read_from(path: Path, offset: int) -> bytes:
+def _read_from(path: Path, offset: int, limit: int) -> bytes:
     try:
         with path.open("rb") as handle:
             handle.seek(offset)
-            return handle.read()
+            return handle.read(limit)
     except FileNotFoundError:
         return b""
 
 
-def wait_stopped(dom: libvirt.virDomain, timeout_s: float,
-                 on_tick: Callable[[], None] | None = None) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if not is_running(dom):
-            return True
-        if on_tick:
-            on_tick()
-        time.sleep(0.1)
-    return not is_running(dom)
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -211,14 +280,34 @@ class Verdict:
 
 
 def collect(files: JobFiles, host: str) -> Verdict:
-    """The guest has stopped: read its exit status and extract its /job/out into `files.out`."""
+    """The guest has stopped: read its exit status and extract its /job/out into `files.out`.
+
+    A job's exit status counts only with its output: an output the guest could not deliver
+    (larger than the disk, a write that failed) ends the job FAILED with no exit code (the
+    clients' 125), the reason naming what happened."""
     try:
         result = guest_protocol.read_output(files.output_disk, files.out)
     except (VmjobsError, OSError) as exc:
         return Verdict(JobState.FAILED, f"output refused: {exc}")
-    if result.exit_code is None:
-        return Verdict(JobState.FAILED,
-                       f"guest stopped without reporting an exit status ({result.status}); "
-                       f"console log: {files.console(host)}")
+    if result.status != "ok" or result.exit_code is None:
+        return Verdict(JobState.FAILED, no_result(result, files.console(host)))
     state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
     return Verdict(state, f"exit status {result.exit_code}", result.exit_code)
+
+
+def no_result(result: guest_protocol.GuestResult, console: Path) -> str:
+    """Why a guest's result is not the job's result, in one line."""
+    ran = "" if result.exit_code is None else \
+        f" (the job itself exited with status {result.exit_code})"
+    if result.status == "overflow":
+        if result.needed is not None:
+            sizes = (f"/job/out needs {result.needed} bytes as a tar and the output disk "
+                     f"holds {result.available}")
+        else:
+            sizes = "/job/out is larger than the output disk"
+        return f"output refused: {sizes}; raise output_disk_size{ran}"
+    if result.status == "error":
+        return (f"the guest could not write /job/out to its output disk{ran}; console log: "
+                f"{console}")
+    return (f"guest stopped without reporting an exit status ({result.status}); "
+            f"console log: {console}")

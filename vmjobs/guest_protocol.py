@@ -4,9 +4,12 @@ In:  the base initramfs followed by a per-job gzip newc archive holding
      /vmjob/argv/<i>    one file per argument, exact bytes
      /vmjob/env/<NAME>  one file per environment variable, its value
      /job/...           the --input directory: the job's working directory
-Out: the serial console (job output between two marker lines) and a raw output disk: a
-     512-byte header `VMJOB-OUT 1 <rc|-> <ok|overflow|error>\\n` padded with NULs, then from
-     byte 512 an uncompressed tar of /job/out. The guest is untrusted, so is all of this.
+Out: the job's stdout and stderr on the virtio port org.vmjobs.output.0 (a file in the spool,
+     `guest.OutputReader`); the serial console (kernel and init messages, the job between two
+     marker lines); and a raw output disk: a 512-byte header
+     `VMJOB-OUT 1 <rc|-> <ok|overflow|error>[ <needed> <available>]\\n` (the sizes in bytes,
+     after `overflow` only: the tar of /job/out and the disk's room) padded with NULs, then
+     from byte 512 an uncompressed tar of /job/out. The guest is untrusted, so is all of this.
 
 The guest side is `images/init`; docs/guest-protocol.md describes both.
 """
@@ -29,7 +32,8 @@ from vmjobs.cpio import Entry, write_gzip_newc
 from vmjobs.errors import UnsafeOutput, VmjobsError
 
 HEADER_SIZE = 512
-HEADER_RE = re.compile(rb"VMJOB-OUT 1 (0|[1-9][0-9]{0,2}|-) (ok|overflow|error)\n\0*")
+HEADER_RE = re.compile(rb"VMJOB-OUT 1 (0|[1-9][0-9]{0,2}|-) (ok|overflow|error)"
+                       rb"(?: (0|[1-9][0-9]{0,18}) (0|[1-9][0-9]{0,18}))?\n\0*")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
@@ -61,6 +65,8 @@ class GuestResult:
     status: str  # ok | overflow | error | missing
     files: int
     bytes: int
+    needed: int | None = None  # overflow: bytes /job/out needs as a tar
+    available: int | None = None  # overflow: bytes the output disk holds
 
 
 # ---------------------------------------------------------------- into the guest
@@ -165,11 +171,18 @@ def write_job_initrd(spec: JobSpec, base_initrd: Path, dest: Path) -> None:
 
 
 def create_output_disk(path: Path, size_bytes: int) -> None:
-    """A sparse raw disk, whole 512-byte sectors, all zeros (a zero header = no result yet)."""
+    """A sparse raw disk, whole 512-byte sectors, all zeros (a zero header = no result yet).
+
+    The header's block is written (allocated) now, so that the guest can still report its
+    verdict there when the spool has filled up meanwhile. Raises OSError (ENOSPC) if even
+    that does not fit."""
     if size_bytes < 2 * HEADER_SIZE:
         raise VmjobsError(f"output disk of {size_bytes} bytes is too small")
     with path.open("wb") as disk:
+        disk.write(b"\0" * HEADER_SIZE)
         disk.truncate(size_bytes + -size_bytes % HEADER_SIZE)
+        disk.flush()
+        os.fsync(disk.fileno())
 
 
 # ---------------------------------------------------------------- out of the guest: console
@@ -277,7 +290,15 @@ def job_lines(console: str | Iterable[str], job_id: str) -> ConsoleOutput:
 
 
 def parse_header(block: bytes) -> tuple[int | None, str] | None:
-    """(exit code, status) from the disk's first block; None if the guest never wrote one."""
+    """(exit code, status) from the disk's first block; None if the guest never wrote one.
+    Raises UnsafeOutput for a header that is not the protocol's."""
+    header = parse_header_sizes(block)
+    return None if header is None else (header[0], header[1])
+
+
+def parse_header_sizes(block: bytes) -> tuple[int | None, str, int | None, int | None] | None:
+    """(exit code, status, needed bytes, available bytes) from the disk's first block (the
+    sizes only with `overflow`, from guests that report them); None if never written."""
     if len(block) < HEADER_SIZE:
         raise UnsafeOutput(f"output disk is truncated ({len(block)} bytes, no full header)")
     if not block.strip(b"\0"):
@@ -289,7 +310,10 @@ def parse_header(block: bytes) -> tuple[int | None, str] | None:
     rc = None if match.group(1) == b"-" else int(match.group(1))
     if rc is not None and rc > 255:
         raise UnsafeOutput(f"output disk header has exit status {rc} (more than 255)")
-    return rc, match.group(2).decode()
+    status = match.group(2).decode()
+    if match.group(3) is None or status != "overflow":
+        return rc, status, None, None
+    return rc, status, int(match.group(3)), int(match.group(4))
 
 
 def _check_member(member: tarfile.TarInfo) -> str | None:
@@ -327,12 +351,12 @@ def read_output(disk: Path, dest: Path, max_bytes: int | None = None) -> GuestRe
     """
     with disk.open("rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        header = parse_header(handle.read(HEADER_SIZE))
+        header = parse_header_sizes(handle.read(HEADER_SIZE))
         if header is None:
             return GuestResult(None, "missing", 0, 0)
-        rc, status = header
+        rc, status, needed, available = header
         if status != "ok":
-            return GuestResult(rc, status, 0, 0)
+            return GuestResult(rc, status, 0, 0, needed, available)
         limit = size - HEADER_SIZE if max_bytes is None else max_bytes
         members = _checked_members(handle, size, limit)
         files = sum(1 for m, _ in members if m.isreg())

@@ -88,8 +88,9 @@ def _cells(root: ET.Element) -> list[tuple[str, int]]:
 
 
 def retarget_xml(xml: str, alloc: Allocation, emulator_cpus: frozenset[int],
-                 console_log: Path | None) -> str:
-    """The same guest, pinned and bound as `alloc` says, for the host `alloc.host`."""
+                 console_log: Path | None, output_pipe: Path | None = None) -> str:
+    """The same guest, pinned and bound as `alloc` says, for the host `alloc.host`; its
+    console to `console_log` and its job output to `output_pipe` (`JobFiles.new_output`)."""
     root = ET.fromstring(xml)
     vcpus = root.find("vcpu")
     if vcpus is None or int(vcpus.text or "0") != len(alloc.cpus):
@@ -117,6 +118,12 @@ def retarget_xml(xml: str, alloc: Allocation, emulator_cpus: frozenset[int],
                 source = device.find("source")
                 if source is not None:
                     source.set("path", str(console_log))
+    if output_pipe is not None:
+        for device in root.findall("./devices/channel[@type='pipe']"):
+            target, source = device.find("target"), device.find("source")
+            if target is not None and source is not None \
+                    and target.get("name") == domain_xml.OUTPUT_CHANNEL:
+                source.set("path", str(output_pipe))
     return ET.tostring(root, encoding="unicode")
 
 
@@ -398,7 +405,8 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
             files = JobFiles.of(config.spool, job_id)
             dest_xml = retarget_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), alloc,
                                     config.host(dest).reserved_cpus,
-                                    files.next_console(store.ran_on(job_id), dest))
+                                    files.next_console(store.ran_on(job_id), dest),
+                                    files.new_output())
             outcome = migrate_domain(dom, conns[dest], dest_xml,
                                      migration_uri(config.host(dest).uri), policy,
                                      source_alloc.memory_mib, on_progress,

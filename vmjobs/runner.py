@@ -6,11 +6,13 @@ entirely (no row, no spool directory); after, the job keeps its record and its c
 
 from __future__ import annotations
 
+import codecs
 import os
 import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,10 +24,10 @@ import libvirt
 
 import placement
 from placement import Allocation, Request
-from vmjobs import guest_protocol, virt_probe
+from vmjobs import virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, follow_console, prepare, start
+from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output, prepare, start
 from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
@@ -153,7 +155,10 @@ def snapshot(store: Store, hosts: list[placement.Host],
 
 def run(config: Config, job: RunRequest, write: Callable[[str], None],
         note: Callable[[str], None]) -> int:
-    """Run one job to its end; return the exit code `vmjob run` should exit with."""
+    """Run one job to its end; return the exit code `vmjob run` should exit with.
+
+    `write` gets the job's stdout and stderr as text, as it arrives (chunks, not lines);
+    `note` gets vmjob's own one-line messages."""
     validate(job)
     image = resolve_image(config.spool, job.image)
     reached = connect_hosts(config, job.request.host)
@@ -265,6 +270,13 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
             store.transition(job_id, JobState.CANCELLED, f"{name}: guest destroyed", release=True)
             note(f"job {job_id} cancelled ({name}); guest destroyed, reservation released")
             return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
+        except sqlite3.OperationalError as exc:  # the store is full or unwritable
+            destroy_quietly(dom)
+            raise VmjobsError(
+                f"job {job_id}: its end could not be recorded in {config.state_db} ({exc}); "
+                "its guest is stopped and its reservation is freed by the next vmjob run or "
+                "the daemon once there is room (this process, which held it, is gone)"
+            ) from None
         except BaseException as exc:
             destroy_quietly(dom)
             store.transition(job_id, JobState.FAILED, f"vmjob failed: {exc}", release=True)
@@ -275,46 +287,39 @@ def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunReques
             allocation: Allocation, files: JobFiles, write: Callable[[str], None],
             note: Callable[[str], None]) -> int:
     deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
-    console = guest_protocol.ConsoleParser(job_id)
-    for chunk in follow_console(files.console(allocation.host), dom):
+    # a character split across two reads is completed by the next one, never replaced
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in follow_output(files, dom):
         if chunk:
-            for line in console.feed(chunk):
-                write(line)
+            text = decoder.decode(chunk)
+            if text:
+                write(text)
         if deadline is not None and time.monotonic() >= deadline:
             destroy_quietly(dom)
             reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
             store.transition(job_id, JobState.TIMEOUT, reason, release=True)
             note(f"job {job_id} {reason}")
             return EXIT_TIMEOUT
-    for line in console.finish():
-        write(line)
-    return _collect(store, job, job_id, files, files.console(allocation.host), note)
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        write(tail)
+    return _collect(store, job, job_id, files, allocation.host, note)
 
 
 def _seconds(value: float | None) -> str:
     return f"{value:g}s"
 
 
-def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, console: Path,
+def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: str,
              note: Callable[[str], None]) -> int:
     """The guest has stopped: read its verdict and its output, release everything."""
-    try:
-        result = guest_protocol.read_output(files.output_disk, files.out)
-    except VmjobsError as exc:
-        reason = f"output refused: {exc}"
-        store.transition(job_id, JobState.FAILED, reason, release=True)
-        note(f"job {job_id}: {reason}")
-        return EXIT_VMJOB_FAILED
-    if result.exit_code is None:
-        reason = (f"guest stopped without reporting an exit status ({result.status}); "
-                  f"console log: {console}")
-        store.transition(job_id, JobState.FAILED, reason, release=True)
-        note(f"job {job_id}: {reason}")
+    verdict = collect(files, host)
+    if verdict.exit_code is None:
+        store.transition(job_id, verdict.state, verdict.reason, release=True)
+        note(f"job {job_id}: {verdict.reason}")
         return EXIT_VMJOB_FAILED
     if job.output_dir is not None and files.out.exists():
         shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)
-    state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
-    store.transition(job_id, state, f"exit status {result.exit_code}", release=True,
-                     exit_code=result.exit_code)
-    return result.exit_code
-
+    store.transition(job_id, verdict.state, verdict.reason, release=True,
+                     exit_code=verdict.exit_code)
+    return verdict.exit_code

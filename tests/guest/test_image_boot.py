@@ -191,7 +191,11 @@ def test_output_larger_than_the_disk_is_reported_as_overflow(built: Built) -> No
         env={}, cpus=1, memory_mib=256,
     )
     boot = boot_job(built.image, built.spool / "jobs-c", spec, "wrote", disk_bytes=1 << 20)
-    assert boot.result == guest_protocol.GuestResult(5, "overflow", 0, 0)
+    # the init reports what it needed (the tar of 3,000,000 bytes) and what the disk holds
+    needed = boot.result.needed
+    assert needed is not None and 3000000 < needed < 3010000
+    assert boot.result == guest_protocol.GuestResult(5, "overflow", 0, 0, needed,
+                                                     (1 << 20) - 512)
     assert not boot.out.exists()
     parsed = guest_protocol.job_lines(boot.console, spec.job_id)
     assert parsed.lines == ["wrote"] and parsed.exit_code == 5

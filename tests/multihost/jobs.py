@@ -21,7 +21,7 @@ from vmjobs import guest_protocol
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit
-from vmjobs.guest import GuestPlan, JobFiles, prepare
+from vmjobs.guest import GuestPlan, JobFiles, OutputReader, prepare
 from vmjobs.hostconn import Reached, connect_hosts, is_running, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import TRANSITIONS, JobRecord, JobState, domain_name, new_job_id
@@ -64,20 +64,33 @@ def start_job(config: Config, store: Store, reached: Reached, argv: list[str], h
     return Started(job_id, alloc)
 
 
+def output_text(spool: Path, job_id: str, last_only: bool = False) -> str:
+    """The job's own output (its output files, in order; `last_only`: the current guest
+    process's file only)."""
+    files = JobFiles.of(spool, job_id)
+    if last_only:
+        indexes = files.output_indexes()
+        return files.output(indexes[-1]).read_text(errors="replace") if indexes else ""
+    reader = OutputReader(files)
+    chunks = []
+    while chunk := reader.read(final=True):
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def console_text(spool: Path, job_id: str, hosts: list[str]) -> str:
+    """The hosts' console segments (kernel, init, markers), then the job's own output."""
     files = JobFiles.of(spool, job_id)
     parts = []
     for host in hosts:
         path = files.console(host)
         if path.exists():
             parts.append(path.read_text(errors="replace"))
-    return "".join(parts)
+    return "".join(parts) + output_text(spool, job_id)
 
 
-def job_lines(spool: Path, job_id: str, hosts: list[str]) -> list[str]:
-    parser = guest_protocol.ConsoleParser(job_id)
-    lines = parser.feed(console_text(spool, job_id, hosts))
-    return lines + parser.finish()
+def job_lines(spool: Path, job_id: str) -> list[str]:
+    return output_text(spool, job_id).splitlines()
 
 
 def wait_for_line(spool: Path, job_id: str, hosts: list[str], needle: str,

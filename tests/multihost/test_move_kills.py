@@ -66,15 +66,17 @@ def _ends_whole(daemon: Daemon, job: str) -> None:
 def _paused_copy(cluster: Cluster, running_on: str, on: str, job: str, scratch: Path) -> None:
     """What a kill in a migration's hand-over leaves: besides the guest running on the
     destination, a paused copy of it on the source (without the shared disk, which the running
-    copy holds locked, and with a console of its own)."""
+    copy holds locked, or its channels, and with a console of its own)."""
     src = libvirt.open(cluster.layout.uri(int(running_on[1:])))
     dst = libvirt.open(cluster.layout.uri(int(on[1:])))
     try:
         root = ET.fromstring(src.lookupByName(f"vmjob-{job}").XMLDesc(0))
         devices = root.find("devices")
         assert devices is not None
-        for disk in devices.findall("disk"):
-            devices.remove(disk)
+        # the shared disk and the output pipe are the running copy's (QEMU would lock the one
+        # and reopen the other); a stale paused copy needs neither
+        for device in devices.findall("disk") + devices.findall("channel"):
+            devices.remove(device)
         for source in root.iter("source"):
             if source.get("path", "").endswith(".log"):
                 source.set("path", str(scratch))

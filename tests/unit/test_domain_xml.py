@@ -322,3 +322,25 @@ def test_validates_against_libvirt_schema(name: str, tmp_path: Path) -> None:
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr + result.stdout
 
+
+
+def test_the_output_port_is_a_pipe_qemu_writes_and_a_move_retargets_it() -> None:
+    from dataclasses import replace
+
+    from vmjobs.domain_xml import OUTPUT_CHANNEL, build
+    from vmjobs.migration import retarget_xml
+
+    spec = replace(SPECS["1node-emulated-nic"](), output_pipe=Path("/spool/jobs/j/output.0"))
+    root = ET.fromstring(build(spec))
+    channels = [c for c in root.findall("./devices/channel")
+                if c.find("target") is not None
+                and c.find("target").get("name") == OUTPUT_CHANNEL]  # type: ignore[union-attr]
+    assert len(channels) == 1
+    assert channels[0].get("type") == "pipe"  # not "file": no log daemon, no rotation
+    assert channels[0].find("source").get("path") == "/spool/jobs/j/output.0"  # type: ignore[union-attr]
+    assert channels[0].find("target").get("type") == "virtio"  # type: ignore[union-attr]
+    moved = ET.fromstring(retarget_xml(build(spec), spec.allocation, frozenset(), None,
+                                       Path("/spool/jobs/j/output.1")))
+    paths = [c.find("source").get("path")  # type: ignore[union-attr]
+             for c in moved.findall("./devices/channel[@type='pipe']")]
+    assert paths == ["/spool/jobs/j/output.1"]

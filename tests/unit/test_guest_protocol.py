@@ -293,6 +293,7 @@ def test_guest_that_never_wrote_a_header(jobdir: Path) -> None:
 
 @pytest.mark.parametrize("rc, status, expected", [
     ("7", "overflow", gp.GuestResult(7, "overflow", 0, 0)),
+    ("7", "overflow 6003200 4193792", gp.GuestResult(7, "overflow", 0, 0, 6003200, 4193792)),
     ("-", "error", gp.GuestResult(None, "error", 0, 0)),
     ("0", "error", gp.GuestResult(0, "error", 0, 0)),
 ])
@@ -426,3 +427,24 @@ def test_console_segments_one_file_per_stay(tmp_path: Path) -> None:
     assert files.next_console(ran_on, "h2") == tmp_path / "console.h2.1.log"
     assert files.next_console(ran_on, "h4") == tmp_path / "console.h4.log"
     assert files.next_console([], "h1") == tmp_path / "console.h1.log"
+
+
+@pytest.mark.parametrize("rc, status, reason", [
+    ("0", "overflow 6003200 4193792",
+     "output refused: /job/out needs 6003200 bytes as a tar and the output disk holds 4193792; "
+     "raise output_disk_size (the job itself exited with status 0)"),
+    ("0", "overflow", "output refused: /job/out is larger than the output disk; raise "
+                      "output_disk_size (the job itself exited with status 0)"),
+    ("0", "error", "the guest could not write /job/out to its output disk (the job itself "
+                   "exited with status 0); console log: "),
+])
+def test_a_refused_output_fails_the_job_whatever_its_own_exit_status(
+        tmp_path: Path, rc: str, status: str, reason: str) -> None:
+    from vmjobs.guest import JobFiles, collect
+    from vmjobs.jobs import JobState
+
+    files = JobFiles(tmp_path)
+    make_disk(files.output_disk, header(rc, status), b"")
+    verdict = collect(files, "h1")
+    assert (verdict.state, verdict.exit_code) == (JobState.FAILED, None)  # exit 125
+    assert verdict.reason.startswith(reason)

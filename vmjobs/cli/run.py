@@ -27,6 +27,12 @@ from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.transport import Target
 
 
+def write_out(text: str) -> None:
+    """The job's output as it arrives, passed on unchanged (no newline added)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def note(message: str) -> None:
     click.echo(f"vmjob: {message}", err=True)
 
@@ -108,7 +114,7 @@ def _direct(config: Config, spec: Spec) -> int:
         output_dir=Path(spec.output) if spec.output is not None else None,
         timeout_s=spec.time_limit, image=spec.image,
     )
-    return run_job(config, job, click.echo, note)
+    return run_job(config, job, write_out, note)
 
 
 def _through_daemon(client: Client, spec: Spec) -> int:

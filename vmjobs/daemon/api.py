@@ -122,6 +122,9 @@ class Api:
             "version": __version__, "pid": os.getpid(), "socket": str(daemon.config.socket),
             "queued": queued, "active": running, "unreachable": unreachable,
             "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
+            "scheduler": {"running": daemon.scheduler.running,
+                          "failed_passes": daemon.scheduler.failed_passes,
+                          "last_failure": daemon.scheduler.last_failure},
             "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
             "warnings": system_warnings(daemon.config),
         })
@@ -215,7 +218,13 @@ class Api:
                 raise ApiError(409, f"job {job_id} already ended: {record.state.value}")
         daemon.stop(job_id, JobState.CANCELLED, f"cancelled by {req.caller.name}")
         with daemon.lock:
-            daemon.changed.wait_for(lambda: _finished(daemon, job_id), CANCEL_SETTLE_S)
+            daemon.changed.wait_for(lambda: _finished(daemon, job_id)
+                                    or job_id in daemon.unrecorded, CANCEL_SETTLE_S)
+            pending = daemon.unrecorded.get(job_id)
+            if pending is not None:
+                raise ApiError(503, f"job {job_id}: its guest was stopped but the end could "
+                                    f"not be recorded ({pending.error}); the daemon records "
+                                    "it once the spool has room")
             final = daemon.store.job(job_id)
             assert final is not None
             return Json(job_view(daemon, final))
@@ -239,9 +248,14 @@ class Api:
         return Json(view)
 
     def logs(self, req: ApiRequest) -> Stream:
+        """The job's output; ?offset=N skips the first N bytes (a client that reconnects
+        after a daemon restart asks for what it has not had yet)."""
+        offset = req.number("offset", 0, 2**63) or 0
+        if offset != int(offset):
+            raise ApiError(400, f"offset must be a whole number of bytes, not {offset:g}")
         with self.daemon.lock:
             record = self._own(req.caller, req.params["id"])
-        return Stream(logs.stream(self.daemon, record.id, req.flag("follow")))
+        return Stream(logs.stream(self.daemon, record.id, req.flag("follow"), int(offset)))
 
     def output(self, req: ApiRequest) -> Stream:
         with self.daemon.lock:

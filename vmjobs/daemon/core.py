@@ -10,8 +10,10 @@ requests and `logs -f` streams all sleep on the one condition variable it notifi
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +43,6 @@ from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
-from vmjobs.spec import time_limit_of as stored_time_limit
 from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
@@ -73,7 +74,33 @@ class Active:
 
 
 def time_limit_of(record: JobRecord) -> float | None:
-    return stored_time_limit(record.spec)
+    """The job's time limit in seconds; None without one. A value that is not a positive
+    finite number (a record written before submissions were checked) counts as none rather
+    than as a deadline no clock reaches (NaN) or one in the past."""
+    value = record.spec.get("time_limit", record.spec.get("timeout_s"))  # before: timeout_s
+    try:
+        limit = float(value) if value else None
+    except (TypeError, ValueError):
+        return None
+    return limit if limit is not None and math.isfinite(limit) and limit > 0 else None
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """A job's end the store could not take (a full spool), to be recorded later."""
+
+    verdict: Verdict
+    release: bool
+    error: str
+
+
+@dataclass
+class SchedulerState:
+    """What `/v1/status` says about the scheduler thread."""
+
+    running: bool = False
+    failed_passes: int = 0
+    last_failure: str | None = None
 
 
 def is_ours(record: JobRecord) -> bool:
@@ -96,6 +123,8 @@ class Daemon:
         self.metrics = Metrics()
         self.restoring: set[str] = set()  # checkpointed jobs being restored now
         self.preempting: str | None = None  # the job that preemption is making room for
+        self.scheduler = SchedulerState()
+        self.unrecorded: dict[str, Unrecorded] = {}  # ends waiting for room in the store
         # Called with a lost host's job record; returns the state it goes to (requeue or
         # restore-from-checkpoint policies plug in here later).
         self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
@@ -111,21 +140,81 @@ class Daemon:
             self.dirty = True
             self.changed.notify_all()
 
-    def spawn(self, target: Callable[..., Any], *args: Any, name: str) -> None:
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+    def spawn(self, target: Callable[..., Any], *args: Any, name: str,
+              job_id: str | None = None) -> None:
+        """Run `target(*args)` on a thread of its own. A worker for one job (`job_id`) that
+        dies on an unexpected error ends that job FAILED instead of stranding it."""
+        threading.Thread(target=self._worker, args=(target, args, job_id), name=name,
+                         daemon=True).start()
+
+    def _worker(self, target: Callable[..., Any], args: tuple[Any, ...],
+                job_id: str | None) -> None:
+        try:
+            target(*args)
+        except Exception as exc:
+            where = f"job {job_id}: " if job_id else ""
+            log.exception("%s%s failed", where, threading.current_thread().name)
+            if job_id is not None:
+                self.fail_stranded(job_id, f"vmjob failed: {type(exc).__name__}: {exc}")
+
+    def fail_stranded(self, job_id: str, reason: str) -> None:
+        """A worker acting for a job died on an unexpected error: end the job FAILED with
+        `reason` and free what it holds. Its guest, if any, is destroyed first: nobody would
+        collect it any more. A job being moved is left to its mover (which settles it)."""
+        with self.lock:
+            active = self.active.get(job_id)
+            if active is None or active.phase == Phase.MOVING:
+                return
+            host = active.host
+        self.destroy_guest(host, job_id)
+        with self.lock:
+            if self.active.get(job_id) is not active:
+                return  # something else ended it meanwhile
+            record = self.store.job(job_id)
+            if record is None or record.state.finished:
+                # its end was recorded; only the release was left to do
+                self.store.release(job_id)
+                self.active.pop(job_id, None)
+                self.wake()
+                return
+            self.finish(job_id, Verdict(JobState.FAILED, reason))
 
     # --- finishing --------------------------------------------------------------------------
 
     def finish(self, job_id: str, verdict: Verdict, release: bool = True) -> None:
         """Record a job's end and, unless its guest is still going away, free what it holds and
-        forget it as active. Caller holds the lock."""
-        self.store.transition(job_id, verdict.state, verdict.reason, release=release,
-                              exit_code=verdict.exit_code)
+        forget it as active. Caller holds the lock.
+
+        If the store cannot be written (a full spool: "database or disk is full"), the end is
+        kept in `unrecorded` and retried by the scheduler (`retry_unrecorded`) until it can
+        be; the job keeps its state and reservation meanwhile, and says why in `cancel`."""
+        try:
+            self.store.transition(job_id, verdict.state, verdict.reason, release=release,
+                                  exit_code=verdict.exit_code)
+        except sqlite3.OperationalError as exc:
+            first = job_id not in self.unrecorded
+            self.unrecorded[job_id] = Unrecorded(verdict, release, str(exc))
+            if first:  # the scheduler takes the retry into its deadlines
+                log.error("job %s: its end (%s: %s) could not be recorded: %s; retrying every "
+                          "few seconds", job_id, verdict.state.value, verdict.reason, exc)
+                self.wake()
+            return
+        self.unrecorded.pop(job_id, None)
         if release:
             self.active.pop(job_id, None)
         self.metrics.finished(verdict.state)
         log.info("job %s: %s (%s)", job_id, verdict.state.value, verdict.reason)
         self.wake()
+
+    def retry_unrecorded(self) -> None:
+        """Try again to record the ends a store error held back. Caller holds the lock."""
+        for job_id, pending in list(self.unrecorded.items()):
+            active = self.active.get(job_id)
+            # the guest's STOPPED event may have come meanwhile: then free its cores too
+            release = pending.release or (active is not None and active.stopped_at is not None)
+            if active is not None and not release:
+                active.phase = Phase.ENDED
+            self.finish(job_id, pending.verdict, release=release)
 
     def forget_files(self, job_id: str) -> None:
         shutil.rmtree(JobFiles.of(self.config.spool, job_id).dir, ignore_errors=True)
@@ -299,7 +388,7 @@ class Daemon:
                 # collect() sees stopped_at and frees the cores with the end
                 return
             active.phase = Phase.COLLECTING
-        self.spawn(self.collect, active, name=f"collect-{note.job_id}")
+        self.spawn(self.collect, active, name=f"collect-{note.job_id}", job_id=note.job_id)
 
     def _guest_powered_off(self, note: GuestPoweredOff) -> None:
         """The init powered the guest off after writing the output disk: collect now rather
@@ -310,7 +399,7 @@ class Daemon:
                 return
             active.powered_off_at = note.at
             active.phase = Phase.COLLECTING
-        self.spawn(self.collect, active, name=f"collect-{note.job_id}")
+        self.spawn(self.collect, active, name=f"collect-{note.job_id}", job_id=note.job_id)
 
     def _host_down(self, note: HostDown) -> None:
         """The host stopped answering: its running jobs are UNREACHABLE, not lost — libvirt is

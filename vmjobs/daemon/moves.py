@@ -127,7 +127,8 @@ def settle(daemon: Daemon, active: Active) -> None:
             stop = False
         daemon.wake()
     if not alive:
-        daemon.spawn(daemon.collect, active, name=f"collect-{active.job_id}")
+        daemon.spawn(daemon.collect, active, name=f"collect-{active.job_id}",
+                     job_id=active.job_id)
     elif stop:
         daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
                      name=f"stop-{active.job_id}")

@@ -132,7 +132,8 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             active = Active(job_id, host, None, phase=Phase.COLLECTING,
                             stop=before.stop if before is not None else None)
             daemon.active[job_id] = active
-            daemon.spawn(_collect_found, daemon, active, name=f"recover-{job_id}")
+            daemon.spawn(_collect_found, daemon, active, name=f"recover-{job_id}",
+                         job_id=job_id)
         for job_id in actions.unknown:
             log.info("host %s: leaving guest of unknown job %s alone", host, job_id)
         daemon.wake()

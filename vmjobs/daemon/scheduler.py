@@ -10,7 +10,9 @@ launching the guests on their own threads.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 
 from placement import Request
 from vmjobs.daemon import moves
@@ -23,33 +25,105 @@ log = logging.getLogger("vmjobs.daemon")
 Queue = list[tuple[JobRecord, Request]]
 
 
+# The longest the loop sleeps without a change: a deadline further away (or one that is not a
+# number) is looked at again then. Condition.wait refuses NaN and timeouts past time_t.
+MAX_SLEEP_S = 3600.0
+RETRY_AFTER_FAILURE_S = 5.0
+
+
+@dataclass
+class Pass:
+    """What a scheduling pass is doing, so that a failure names the job it concerns."""
+
+    job_id: str | None = None
+
+
 def run(daemon: Daemon) -> None:
-    """Thread: the scheduler loop."""
+    """Thread: the scheduler loop. It never ends on an error: a pass that fails is logged with
+    the job it concerns (which ends FAILED with the error, so that it cannot block the queue
+    pass after pass) and the next change or deadline brings another pass. `/v1/status` shows
+    whether it runs (`Daemon.scheduler`)."""
     with daemon.lock:
-        while not daemon.stopping:
-            daemon.dirty = False
-            now = time.time()
-            queue: Queue = []
-            try:
-                # the queue is read once per pass: parsing it is most of a pass's cost
-                queue = daemon.store.queued()
-                gone = expire(daemon, now, queue)
-                queue = [(r, q) for r, q in queue if r.id not in gone]
-                started = {s.job_id for s in schedule(daemon, now, queue).starts}
-                queue = [(r, q) for r, q in queue if r.id not in started]
-                make_room(daemon, queue)
-            except Exception:  # a bug or a store error: keep serving, try again on next change
-                log.exception("scheduling pass failed")
-            due = next_deadline(daemon, queue)
-            timeout = None if due is None else max(due - time.time(), 0.0)
-            daemon.changed.wait_for(lambda: daemon.dirty or daemon.stopping, timeout)
+        daemon.scheduler.running = True
+    try:
+        with daemon.lock:
+            while not daemon.stopping:
+                daemon.dirty = False
+                timeout = one_pass(daemon)
+                daemon.changed.wait_for(lambda: daemon.dirty or daemon.stopping, timeout)
+    finally:
+        with daemon.lock:
+            daemon.scheduler.running = False
+            if not daemon.stopping:
+                log.critical("the scheduler stopped: no job will start until the daemon "
+                             "is restarted")
 
 
-def expire(daemon: Daemon, now: float, queue: Queue) -> set[str]:
+def one_pass(daemon: Daemon) -> float | None:
+    """Expire, plan and launch; how long to sleep before the next pass unless woken.
+    Caller holds the lock. Raises nothing (a failure is handled by `pass_failed`)."""
+    now = time.time()
+    queue: Queue = []
+    current = Pass()
+    try:
+        daemon.retry_unrecorded()
+        # the queue is read once per pass: parsing it is most of a pass's cost
+        queue = daemon.store.queued()
+        gone = expire(daemon, now, queue, current)
+        queue = [(r, q) for r, q in queue if r.id not in gone]
+        started = {s.job_id for s in schedule(daemon, now, queue, current).starts}
+        queue = [(r, q) for r, q in queue if r.id not in started]
+        current.job_id = None
+        make_room(daemon, queue)
+        return sleep_for(next_deadline(daemon, queue), time.time())
+    except Exception as exc:
+        pass_failed(daemon, current.job_id, exc)
+        # ending the job woke the loop already; if even that failed (a store error), try
+        # again after a while rather than at once, pass after pass
+        return RETRY_AFTER_FAILURE_S
+
+
+def sleep_for(due: float | None, now: float) -> float | None:
+    """Seconds until `due`, within [0, MAX_SLEEP_S]; None (until woken) without a deadline."""
+    if due is None:
+        return None
+    if not math.isfinite(due):
+        return MAX_SLEEP_S
+    return min(max(due - now, 0.0), MAX_SLEEP_S)
+
+
+def pass_failed(daemon: Daemon, job_id: str | None, exc: Exception) -> None:
+    """A pass failed on a bug or a store error: log it with its job, end that job FAILED with
+    the error as its message (it would fail every pass again). Caller holds the lock."""
+    where = f" on job {job_id}" if job_id else ""
+    log.exception("scheduling pass failed%s", where)
+    daemon.scheduler.failed_passes += 1
+    daemon.scheduler.last_failure = f"{job_id or 'queue'}: {type(exc).__name__}: {exc}"
+    if job_id is None:
+        return
+    reason = f"vmjob failed while scheduling it: {type(exc).__name__}: {exc}"
+    try:
+        record = daemon.store.job(job_id)
+        if record is None or record.state.finished:
+            return
+        if job_id in daemon.active:
+            daemon.spawn(daemon.fail_stranded, job_id, reason, name=f"fail-{job_id}")
+        elif record.state == JobState.QUEUED:
+            daemon.stop(job_id, JobState.FAILED, reason)
+        else:  # placed in the store but never handed to a launcher
+            daemon.store.transition(job_id, JobState.FAILED, reason, release=True)
+            daemon.wake()
+    except Exception:
+        log.exception("job %s: could not record the scheduling failure", job_id)
+
+
+def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None) -> set[str]:
     """Queued jobs past their --wait-timeout give up (their ids are returned); running jobs
     past their limit stop."""
+    current = current or Pass()
     gone = set()
     for record, _request in queue:
+        current.job_id = record.id
         deadline = record.spec.get("wait_deadline")
         if deadline is not None and deadline <= now:
             waited = now - record.created
@@ -57,6 +131,7 @@ def expire(daemon: Daemon, now: float, queue: Queue) -> set[str]:
                         f"gave up after waiting {waited:.0f}s (--wait-timeout); it never started")
             gone.add(record.id)
     for active in list(daemon.active.values()):
+        current.job_id = active.job_id
         if active.ends_at is not None and active.ends_at <= now and active.stop is None:
             reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
             active.stop = (JobState.TIMEOUT, reason)
@@ -81,11 +156,14 @@ def make_room(daemon: Daemon, queue: Queue) -> None:
 
 
 def next_deadline(daemon: Daemon, queue: Queue) -> float | None:
-    times = [r.spec["wait_deadline"] for r, _ in queue
+    """The earliest finite deadline (s since the epoch); a NaN would poison min()."""
+    times = [float(r.spec["wait_deadline"]) for r, _ in queue
              if r.spec.get("wait_deadline") is not None]
     times += [a.ends_at for a in daemon.active.values()
               if a.ends_at is not None and a.stop is None]
-    return min(times, default=None)
+    if daemon.unrecorded:  # ends the store could not take: try again shortly
+        times.append(time.time() + RETRY_AFTER_FAILURE_S)
+    return min((t for t in times if math.isfinite(t)), default=None)
 
 
 def holdings(daemon: Daemon, now: float) -> list[Holding]:
@@ -105,8 +183,10 @@ def holdings(daemon: Daemon, now: float) -> list[Holding]:
     return held
 
 
-def schedule(daemon: Daemon, now: float, queue: Queue | None = None) -> Plan:
+def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
+             current: Pass | None = None) -> Plan:
     """One pass: reserve and launch what may start; remember why the others wait."""
+    current = current or Pass()
     queued = daemon.store.queued() if queue is None else queue
     if not queued:
         daemon.waits = {}
@@ -116,6 +196,7 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None) -> Plan:
         cluster = snapshot(daemon.store, daemon.hosts.inventory())
         result = plan(cluster, waiting, holdings(daemon, now), now)
         for start in result.starts:
+            current.job_id = start.job_id
             how = "backfilled: it ends before the first in line is due or leaves it room" \
                 if start.backfilled else "placed in queue order"
             # the placement stays in the timeline after the reservation is released
@@ -124,9 +205,11 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None) -> Plan:
     daemon.waits = {w.job_id: w for w in result.waits}
     limits = {w.job_id: w.time_limit_s for w in waiting}
     for start in result.starts:
+        current.job_id = start.job_id
         daemon.active[start.job_id] = Active(start.job_id, start.allocation.host,
                                              limits[start.job_id])
-        daemon.spawn(daemon.launch, start.job_id, name=f"launch-{start.job_id}")
+        daemon.spawn(daemon.launch, start.job_id, name=f"launch-{start.job_id}",
+                     job_id=start.job_id)
     if result.starts:
         daemon.wake()
     return result

@@ -7,6 +7,12 @@ class VmjobsError(Exception):
     exit_code = 1
 
 
+class UsageError(VmjobsError):
+    """Bad input from the user (an option, a job spec): exit code 2, as for click's own."""
+
+    exit_code = 2
+
+
 class ConfigError(VmjobsError):
     def __init__(self, path: str, key: str, problem: str) -> None:
         super().__init__(f"{path}: {key}: {problem}")

@@ -1,4 +1,11 @@
-"""What a job is: its states and the record the store keeps of it."""
+"""What a job is: its states, the transitions allowed between them, and the record the store
+keeps of it.
+
+The state machine is `TRANSITIONS`: the store refuses any change of state not listed there
+(`IllegalTransition`, a bug, never a user error). Events that change nothing (a guest found
+running at recovery, NICs plugged back, a reservation freed late) are notes
+(`Store.note`), not transitions.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +46,64 @@ FINISHED = frozenset(
 # States in which a job holds (or is about to hold) a guest on a host.
 ACTIVE = frozenset({JobState.PLACED, JobState.STARTING, JobState.RUNNING,
                     JobState.UNREACHABLE})
+# States of a job whose guest is being moved (live migration, save, restore).
+MOVING = frozenset({JobState.MIGRATING, JobState.CHECKPOINTING, JobState.RESTORING})
+
+_S = JobState
+# The states a job is created in: QUEUED (the daemon's queue), PLACED (a direct `vmjob run`,
+# a migration's placeholder on its destination).
+INITIAL = frozenset({_S.QUEUED, _S.PLACED})
+# Every change of state any code path makes, and no other. "ends" are the verdicts a stopped
+# guest's job can get (its exit status, a cancel, its time limit).
+_ENDS = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.TIMEOUT})
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # placed by the scheduler; cancelled or given up (--wait-timeout) while waiting
+    _S.QUEUED: frozenset({_S.PLACED, _S.CANCELLED, _S.EXPIRED}),
+    # launching; failing to launch; host lost; back to the queue at recovery (no guest yet);
+    # a restore's new placement, then restoring or (restore refused) checkpointed again
+    _S.PLACED: frozenset({_S.STARTING, _S.FAILED, _S.LOST, _S.QUEUED, _S.RESTORING,
+                          _S.CHECKPOINTED}),
+    # the guest runs; or it ended before its start was recorded (collected at recovery);
+    # never started after all (recovery: no console) -> queued again; host not answering at
+    # recovery -> unreachable
+    _S.STARTING: frozenset({_S.RUNNING, _S.UNREACHABLE, _S.LOST, _S.QUEUED} | _ENDS),
+    # moves; its end; its host stops answering; requeued at recovery (no console)
+    _S.RUNNING: frozenset({_S.MIGRATING, _S.CHECKPOINTING, _S.UNREACHABLE, _S.LOST, _S.QUEUED}
+                          | _ENDS),
+    # its host came back (guest running, or stopped and collected) or stayed away too long
+    _S.UNREACHABLE: frozenset({_S.RUNNING, _S.LOST, _S.QUEUED} | _ENDS),
+    # a move ends with the guest running (here or there), its host not answering, or lost
+    _S.MIGRATING: frozenset({_S.RUNNING, _S.UNREACHABLE, _S.LOST}),
+    _S.CHECKPOINTING: frozenset({_S.CHECKPOINTED, _S.RUNNING, _S.UNREACHABLE, _S.LOST}),
+    _S.RESTORING: frozenset({_S.RUNNING, _S.CHECKPOINTED, _S.UNREACHABLE, _S.LOST}),
+    # restored (placed again first); cancelled or out of time while saved
+    _S.CHECKPOINTED: frozenset({_S.PLACED, _S.CANCELLED, _S.TIMEOUT}),
+    **{end: frozenset() for end in FINISHED},
+}
+
+
+class IllegalTransition(Exception):
+    """A change of state not in `TRANSITIONS`: a bug in vmjobs, not a user error (hence not a
+    `VmjobsError`, which the CLI prints as one line)."""
+
+    def __init__(self, job_id: str, old: JobState | None, new: JobState) -> None:
+        start = old.value if old is not None else "(new)"
+        super().__init__(f"job {job_id}: {start} -> {new.value} is not a transition of the "
+                         "job state machine")
+        self.job_id, self.old, self.new = job_id, old, new
+
+
+def allowed(old: JobState | None, new: JobState) -> bool:
+    """Whether a job may go from `old` to `new` (`old` None: a job being created)."""
+    if old is None:
+        return new in INITIAL
+    return new in TRANSITIONS[old]
+
+
+def check_transition(job_id: str, old: JobState | None, new: JobState) -> None:
+    """Raise `IllegalTransition` unless `allowed(old, new)`."""
+    if not allowed(old, new):
+        raise IllegalTransition(job_id, old, new)
 
 
 def new_job_id() -> str:

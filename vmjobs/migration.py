@@ -317,10 +317,6 @@ def placeholder_id(job_id: str) -> str:
     return f"{PLACEHOLDER_PREFIX}{job_id}"
 
 
-def is_placeholder(record: JobRecord) -> bool:
-    return record.spec.get("placeholder_for") is not None
-
-
 def running_job(store: Store, job_id: str) -> tuple[JobRecord, Allocation]:
     record = store.job(job_id)
     if record is None:
@@ -457,13 +453,3 @@ def _landed(dconn: libvirt.virConnect, job_id: str) -> bool:
             dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
     except libvirt.libvirtError:
         return False
-
-
-def format_progress(progress: Progress) -> str:
-    total = progress.memory_total or 1
-    done = 1 - progress.memory_remaining / total
-    bar = "#" * int(done * 20)
-    return (f"[{bar:<20}] {done:4.0%} {progress.memory_remaining >> 20} MiB left, "
-            f"{progress.rate_bps / (1 << 20):.0f} MiB/s, downtime limit "
-            f"{progress.downtime_ms} ms, {progress.elapsed_s:.1f}s {progress.phase}")
-

@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -32,14 +31,14 @@ from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output, prepare, s
 from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
+from vmjobs.spec import check_paths
+from vmjobs.spec import parse as parse_spec
 from vmjobs.store import Held, Store
 
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_VMJOB_FAILED = 125  # the job ran but vmjob could not deliver its result
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM")
 
 
 @dataclass(frozen=True)
@@ -75,18 +74,11 @@ def interruptible() -> Iterator[None]:
 
 
 def validate(job: RunRequest) -> None:
-    """Refuse bad input before anything is reserved or written."""
-    if not job.argv:
-        raise VmjobsError("no command given: put it after --, e.g. vmjob run -- ./simulate")
-    for name in job.env:
-        if not _ENV_NAME.match(name):
-            raise VmjobsError(f"invalid --env name {name!r}: use letters, digits and _")
-        if name in RESERVED_ENV or re.fullmatch(r"NIC\d+", name):
-            raise VmjobsError(f"--env {name} is set by vmjob and cannot be overridden")
-    if job.input_dir is not None and not job.input_dir.is_dir():
-        raise VmjobsError(f"--input {job.input_dir}: not a directory")
-    if job.output_dir is not None and job.output_dir.exists() and not job.output_dir.is_dir():
-        raise VmjobsError(f"--output {job.output_dir}: exists and is not a directory")
+    """Refuse bad input before anything is reserved or written: the rules of every job spec
+    (`vmjobs.spec`; the CLI has applied them already) and the local directories."""
+    spec = parse_spec({"argv": list(job.argv), "env": dict(job.env)})
+    check_paths(replace(spec, input=str(job.input_dir) if job.input_dir else None,
+                        output=str(job.output_dir) if job.output_dir else None))
 
 
 def _runner_identity() -> dict[str, Any]:
@@ -183,7 +175,7 @@ def run(config: Config, job: RunRequest, write: Callable[[str], None],
             "argv": list(job.argv), "env": job.env, "image": image.id,
             "input": str(job.input_dir) if job.input_dir else None,
             "output": str(job.output_dir) if job.output_dir else None,
-            "timeout_s": job.timeout_s, "runner": _runner_identity(),
+            "time_limit": job.timeout_s, "runner": _runner_identity(),
         }
         with store.reserving():
             decision = snapshot(store, hosts).place(job.request)

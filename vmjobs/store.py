@@ -25,7 +25,7 @@ from vmjobs.codec import (
     request_to_dict,
 )
 from vmjobs.errors import VmjobsError
-from vmjobs.jobs import JobRecord, JobState
+from vmjobs.jobs import JobRecord, JobState, check_transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS events (
     time REAL NOT NULL,
     state TEXT NOT NULL,
     host TEXT,
-    reason TEXT
+    reason TEXT,
+    note INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
 CREATE TABLE IF NOT EXISTS cordons (
@@ -78,6 +79,7 @@ class Event:
     state: JobState
     host: str | None
     reason: str | None
+    note: bool = False  # a note (`Store.note`): `state` is the state it was made in, unchanged
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,24 @@ class Store:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA foreign_keys=ON")
                 self.db.executescript(SCHEMA)
+                self._upgrade()
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     self.db.close()
                     raise VmjobsError(f"cannot open the state store {path}: {exc}") from None
             time.sleep(0.05)
+
+    def _upgrade(self) -> None:
+        """Bring a store written by an older vmjobs to this schema; its records stay readable."""
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(events)")}
+        if "note" not in columns:
+            # before notes existed, a note was an event repeating the job's state
+            try:
+                self.db.execute("ALTER TABLE events ADD COLUMN note INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another process upgraded it first
+                    raise
 
     def close(self) -> None:
         self.db.close()
@@ -170,6 +184,7 @@ class Store:
 
         Call inside `reserving()` when the allocation was decided from what `held()` said.
         """
+        check_transition(job.id, None, job.state)
         now = time.time()
         # A savepoint makes the inserts one unit even outside `reserving()`: a reservation that
         # hits the UNIQUE key must not leave the job row (and its claimed allocation) behind.
@@ -202,20 +217,31 @@ class Store:
         )
 
     def _event(self, job_id: str, state: JobState, host: str | None, reason: str | None,
-               now: float) -> None:
+               now: float, note: bool = False) -> None:
         self.db.execute(
-            "INSERT INTO events (job_id, time, state, host, reason) VALUES (?, ?, ?, ?, ?)",
-            (job_id, now, state.value, host, reason),
+            "INSERT INTO events (job_id, time, state, host, reason, note)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, now, state.value, host, reason, int(note)),
         )
+
+    def _current(self, job_id: str) -> sqlite3.Row:
+        row = self.db.execute("SELECT state, host FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise VmjobsError(f"unknown job {job_id!r}")
+        return row
 
     def transition(self, job_id: str, state: JobState, reason: str | None = None, *,
                    release: bool = False, exit_code: int | None = None) -> None:
-        """Change a job's state, with its event, and optionally free what it holds — atomically."""
+        """Change a job's state, with its event, and optionally free what it holds — atomically.
+
+        Raises `IllegalTransition` (a bug) when `jobs.TRANSITIONS` does not allow the change,
+        including to the state the job is already in (use `note` for that), and VmjobsError
+        for an unknown job.
+        """
         now = time.time()
         with self.reserving():
-            row = self.db.execute("SELECT host FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise VmjobsError(f"unknown job {job_id!r}")
+            row = self._current(job_id)
+            check_transition(job_id, JobState(row["state"]), state)
             if release:
                 self._release(job_id)
             self.db.execute(
@@ -224,6 +250,18 @@ class Store:
                 (state.value, now, reason, exit_code, job_id),
             )
             self._event(job_id, state, row["host"], reason, now)
+
+    def note(self, job_id: str, reason: str, *, release: bool = False) -> None:
+        """Record an event that changes no state (e.g. a guest found still running at recovery,
+        NICs plugged back), and optionally free what the job still holds — atomically. Notes
+        show in the job's timeline; they never count as a (re)start."""
+        now = time.time()
+        with self.reserving():
+            row = self._current(job_id)
+            if release:
+                self._release(job_id)
+            self.db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (now, job_id))
+            self._event(job_id, JobState(row["state"]), row["host"], reason, now, note=True)
 
     def release(self, job_id: str) -> None:
         """Free what an ended job still holds (its guest has now gone), without a new state."""
@@ -261,7 +299,9 @@ class Store:
             self.db.execute("UPDATE jobs SET allocation = ?, updated = ? WHERE id = ?",
                             (json.dumps(allocation_to_dict(allocation)), time.time(), job_id))
             self._insert_reservation(job_id, allocation)
-            self._event(job_id, JobState(row["state"]), allocation.host, reason, time.time())
+            # a note: the job's state does not change
+            self._event(job_id, JobState(row["state"]), allocation.host, reason, time.time(),
+                        note=True)
 
     def delete_job(self, job_id: str) -> None:
         """Forget a job entirely: only for jobs refused before anything of them existed."""
@@ -304,7 +344,7 @@ class Store:
         """The host of each RUNNING event, in order: where the job's guest has run."""
         rows = self.db.execute(
             "SELECT host FROM events WHERE job_id = ? AND state = ? AND host IS NOT NULL "
-            "ORDER BY id", (job_id, JobState.RUNNING.value))
+            "AND note = 0 ORDER BY id", (job_id, JobState.RUNNING.value))
         return [r["host"] for r in rows]
 
     def job(self, job_id: str) -> JobRecord | None:
@@ -322,8 +362,8 @@ class Store:
         rows = self.db.execute(
             "SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)
         )
-        return [Event(r["job_id"], r["time"], JobState(r["state"]), r["host"], r["reason"])
-                for r in rows]
+        return [Event(r["job_id"], r["time"], JobState(r["state"]), r["host"], r["reason"],
+                      bool(r["note"])) for r in rows]
 
     # --- the daemon's queue ---------------------------------------------------------------------
 
@@ -333,7 +373,9 @@ class Store:
             self.add_job(job, request, None, reason)
 
     def assign(self, job_id: str, allocation: Allocation, reason: str) -> None:
-        """Give a queued job its reservation and make it PLACED. Call inside `reserving()`."""
+        """Give a queued (or checkpointed) job its reservation and make it PLACED. Call inside
+        `reserving()`. Raises `IllegalTransition` from any other state."""
+        check_transition(job_id, JobState(self._current(job_id)["state"]), JobState.PLACED)
         now = time.time()
         self.db.execute(
             "UPDATE jobs SET state = ?, host = ?, allocation = ?, updated = ? WHERE id = ?",
@@ -361,7 +403,8 @@ class Store:
     def started_at(self) -> dict[str, float]:
         """When each job that ever ran first became RUNNING (from its events)."""
         rows = self.db.execute(
-            "SELECT job_id, MIN(time) AS t FROM events WHERE state = ? GROUP BY job_id",
+            "SELECT job_id, MIN(time) AS t FROM events WHERE state = ? AND note = 0 "
+            "GROUP BY job_id",
             (JobState.RUNNING.value,),
         )
         return {r["job_id"]: r["t"] for r in rows}

@@ -21,6 +21,8 @@ def parse_size_mib(text: str, what: str = "size") -> int:
         )
     number, unit = float(match.group(1)), match.group(2).lower()
     size_bytes = number * (1 << _SIZE_SHIFT[unit])
+    if not math.isfinite(size_bytes):
+        raise VmjobsError(f"invalid {what} {text!r}: too large")
     if size_bytes <= 0:
         raise VmjobsError(f"invalid {what} {text!r}: must be greater than zero")
     return max(1, math.ceil(size_bytes / MIB))

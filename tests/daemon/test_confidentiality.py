@@ -161,7 +161,7 @@ def test_an_admins_wait_never_writes_where_the_owner_asked(daemon: Daemon, users
     for name, target in (("root", root_only / "out"), ("bob", bobs / "out"),
                          ("alice", alices / "out")):
         view = run_as(alice, api_submit, str(daemon.socket),
-                      {"argv": job, "memory_mib": 256, "output": str(target)})
+                      {"argv": job, "mem": "256M", "output": str(target)})
         ids[name] = view["id"]
     daemon.wait_all_ended(list(ids.values()), timeout=300)
 

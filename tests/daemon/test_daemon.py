@@ -73,7 +73,7 @@ def test_twenty_jobs_start_in_priority_then_fifo_order_with_their_codes_and_outp
         ids.append(client.submit({
             "argv": ["sh", "-c", 'echo "result $0" > out/r; echo "line $0"; exit $1',
                      str(i), str(i % 4)],
-            "memory_mib": 256, "priority": 5 if i >= 15 else 0,
+            "mem": "256M", "priority": 5 if i >= 15 else 0,
         })["id"])
     submitted = time.time()
     listing = client.jobs()
@@ -305,7 +305,7 @@ def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
 
 def test_spec_file_and_time_limit(daemon: Daemon, tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text("command: echo from yaml; sleep 120\ntime_limit: 6s\nmem: 256M\n"
+    spec.write_text("argv: [sh, -c, echo from yaml; sleep 120]\ntime_limit: 6s\nmem: 256M\n"
                     "env: {GREETING: hi}\n")
     result = daemon.vmjob("submit", "-f", str(spec), "--priority", "2")
     assert result.returncode == 0, result.stderr
@@ -316,7 +316,7 @@ def test_spec_file_and_time_limit(daemon: Daemon, tmp_path: Path) -> None:
                                      "guest stopped")
     view = json.loads(daemon.vmjob("show", job_id, "--json").stdout)
     assert view["argv"] == ["sh", "-c", "echo from yaml; sleep 120"]
-    assert view["env"] == {"GREETING": "hi"} and view["time_limit_s"] == 6
+    assert view["env"] == {"GREETING": "hi"} and view["time_limit"] == 6
     assert view["request"]["priority"] == 2
     placed = next(e for e in view["events"] if e["state"] == "PLACED")
     assert placed["reason"].startswith("placed in queue order: cpus ")  # kept after the end
@@ -324,9 +324,9 @@ def test_spec_file_and_time_limit(daemon: Daemon, tmp_path: Path) -> None:
     ran = events(view, "TIMEOUT")[0] - events(view, "RUNNING")[0]
     assert 6 <= ran < 9, ran
     bad = tmp_path / "bad.yaml"
-    bad.write_text("command: true\ncpu: 2\n")
+    bad.write_text("argv: [\"true\"]\ncpu: 2\n")
     refused = daemon.vmjob("submit", "-f", str(bad))
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert refused.stderr.startswith(f"vmjob: -f {bad}: unknown field(s) cpu (allowed: ")
     assert_idle(daemon)
 

@@ -11,7 +11,6 @@ import pytest
 from vmjobs.daemon.identity import Caller, caller, denial, in_group, may_act
 from vmjobs.daemon.recovery import Found, classify
 from vmjobs.daemon.server import ApiError, Router
-from vmjobs.daemon.submission import parse
 from vmjobs.errors import VmjobsError
 from vmjobs.jobs import JobRecord, JobState
 from vmjobs.outcome import exit_code
@@ -26,43 +25,6 @@ def record(job_id: str, state: JobState, host: str | None = "a", uid: int = 1000
     if runner:
         spec["runner"] = {"pid": 1}
     return JobRecord(id=job_id, owner="alice", uid=uid, state=state, spec=spec, host=host)
-
-
-# --- submissions ----------------------------------------------------------------------------
-
-def test_a_minimal_submission_gets_the_defaults() -> None:
-    sub = parse({"argv": ["echo", "hi"]})
-    assert sub.argv == ("echo", "hi")
-    assert (sub.request.cpus, sub.request.memory_mib, sub.request.priority) == (1, 256, 0)
-    assert not sub.no_wait and sub.wait_timeout_s is None
-    assert not sub.request.preemptible
-    assert parse({"argv": ["x"], "preemptible": True}).request.preemptible
-
-
-@pytest.mark.parametrize("body, message", [
-    ({}, "argv must be a list of strings"),
-    ({"argv": "echo hi"}, "argv must be a list of strings"),
-    ({"argv": []}, "no command given"),
-    ({"argv": ["x"], "cpus": 0}, "cpus must be an integer >= 1"),
-    ({"argv": ["x"], "cpus": True}, "cpus must be an integer >= 1"),
-    ({"argv": ["x"], "memory_mib": "1G"}, "memory_mib must be an integer >= 1"),
-    ({"argv": ["x"], "numa": "loose"}, "numa must be one of"),
-    ({"argv": ["x"], "priority": 1.5}, "priority must be an integer"),
-    ({"argv": ["x"], "env": {"A B": "1"}}, "invalid --env name 'A B'"),
-    ({"argv": ["x"], "env": {"VMJOB_ID": "1"}}, "--env VMJOB_ID is set by vmjob"),
-    ({"argv": ["x"], "env": {"A": 1}}, "env must map names to strings"),
-    ({"argv": ["x"], "no_wait": True, "wait_timeout_s": 5}, "give either --no-wait or"),
-    ({"argv": ["x"], "time_limit_s": 0}, "time_limit_s must be a number of seconds"),
-    ({"argv": ["x"], "owner": "root"}, "unknown field(s) owner"),
-    ({"argv": ["x"], "uid": 0}, "unknown field(s) uid"),
-    ({"argv": ["x"], "preemptible": "yes"}, "preemptible must be true or false"),
-])
-def test_bad_submissions_are_refused_with_one_line(body: dict[str, object],
-                                                   message: str) -> None:
-    with pytest.raises(VmjobsError) as info:
-        parse(body)
-    assert message in str(info.value)
-    assert "\n" not in str(info.value)
 
 
 # --- ownership ------------------------------------------------------------------------------

@@ -109,12 +109,16 @@ def test_plan_snapshot_of_the_live_cluster(tmp_path: Path) -> None:
                                       "hosts": [{"name": "t", "uri": "test:///default"}]}))
     store = Store(spool / "state.db")
     alloc = Allocation("t", (8, 9), 256, (NodeShare(1, (8, 9), 256),))
-    store.add_job(JobRecord(id="j1", owner="root", uid=0, state=JobState.RUNNING,
+    store.add_job(JobRecord(id="j1", owner="root", uid=0, state=JobState.PLACED,
                             spec={"argv": ["true"]}), Request(2, 256), alloc, "test")
+    for state in (JobState.STARTING, JobState.RUNNING):  # the state machine's way
+        store.transition("j1", state, "test")
     # j2 names its host: the live planner never moves it, so neither may an offline plan.
-    store.add_job(JobRecord(id="j2", owner="root", uid=0, state=JobState.RUNNING,
+    store.add_job(JobRecord(id="j2", owner="root", uid=0, state=JobState.PLACED,
                             spec={"argv": ["true"]}), Request(1, 128, host="t"),
                   Allocation("t", (10,), 128, (NodeShare(1, (10,), 128),)), "test")
+    for state in (JobState.STARTING, JobState.RUNNING):
+        store.transition("j2", state, "test")
     store.close()
     done = vmjob("plan", "snapshot", "-o", str(tmp_path / "snap.json"), config=config)
     assert done.returncode == 0, done.stderr

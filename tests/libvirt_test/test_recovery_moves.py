@@ -32,9 +32,11 @@ def alloc(host: str, cpu: int) -> Allocation:
 
 def add(daemon: Daemon, job_id: str, state: JobState, where: Allocation,
         **spec: object) -> None:
-    record = JobRecord(id=job_id, owner="root", uid=0, state=state,
+    record = JobRecord(id=job_id, owner="root", uid=0, state=JobState.PLACED,
                        spec={"argv": ["true"], **spec})
     daemon.store.add_job(record, Request(cpus=1, memory_mib=128), where, "test")
+    # seeded straight into `state`, as a daemon killed mid-move leaves it
+    daemon.store.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state.value, job_id))
 
 
 @pytest.fixture

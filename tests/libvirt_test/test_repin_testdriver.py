@@ -41,8 +41,10 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     conn = libvirt.open(URI)
     store = Store(tmp_path / "state.db")
     for job, cpu in (("j", 1), ("other", 3)):
-        store.add_job(JobRecord(id=job, owner="root", uid=0, state=JobState.RUNNING,
+        store.add_job(JobRecord(id=job, owner="root", uid=0, state=JobState.PLACED,
                                 spec={"argv": ["true"]}), Request(1, 128), on(cpu), "test")
+        for state in (JobState.STARTING, JobState.RUNNING):  # the state machine's way
+            store.transition(job, state, "test")
     dom = conn.createXML(for_test_driver(build(_spec("j", "qemu", on(1)))), 0)
     yield store, conn, dom
     with contextlib.suppress(libvirt.libvirtError):
@@ -113,9 +115,11 @@ def test_the_daemon_plans_a_repin_and_a_refusal_leaves_the_job_running(daemon: D
     store = daemon.store
     for job, alloc in (("j", on(1)), ("k", Allocation("a", (8, 9), 128,
                                                       (NodeShare(1, (8, 9), 128),)))):
-        store.add_job(JobRecord(id=job, owner="root", uid=0, state=JobState.RUNNING,
+        store.add_job(JobRecord(id=job, owner="root", uid=0, state=JobState.PLACED,
                                 spec={"argv": ["true"]}),
                       Request(len(alloc.cpus), 128), alloc, "test")
+        for state in (JobState.STARTING, JobState.RUNNING):  # the state machine's way
+            store.transition(job, state, "test")
     conn = libvirt.open(URI)
     dom = conn.createXML(for_test_driver(build(_spec("j", "qemu", on(1)))), 0)
     try:

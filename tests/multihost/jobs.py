@@ -24,7 +24,7 @@ from vmjobs.errors import DoesNotFit
 from vmjobs.guest import GuestPlan, JobFiles, OutputReader, prepare
 from vmjobs.hostconn import Reached, connect_hosts, is_running, lookup_domain
 from vmjobs.image import resolve_image
-from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
+from vmjobs.jobs import TRANSITIONS, JobRecord, JobState, domain_name, new_job_id
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
 
@@ -155,5 +155,7 @@ def end_all(store: Store, reached: Reached) -> None:
     """After a test, whatever happened: no guest runs and the store holds nothing."""
     destroy_all(reached)
     for record in store.jobs():
-        if not record.state.finished:
+        if JobState.CANCELLED in TRANSITIONS[record.state]:
             store.transition(record.id, JobState.CANCELLED, "test over", release=True)
+        elif not record.state.finished:  # cut short mid-move (or a placeholder): forget it
+            store.delete_job(record.id)

@@ -125,7 +125,7 @@ def _hold(store: Store, job_id: str, host: str, cpus: tuple[int, ...]) -> None:
     alloc = Allocation(host=host, cpus=cpus, memory_mib=128,
                        nodes=(NodeShare(node=0, cpus=cpus, memory_mib=128),))
     with store.reserving():
-        store.add_job(JobRecord(id=job_id, owner="root", uid=0, state=JobState.RUNNING,
+        store.add_job(JobRecord(id=job_id, owner="root", uid=0, state=JobState.PLACED,
                                 spec={}), Request(cpus=len(cpus), memory_mib=128), alloc, "held")
 
 

@@ -12,7 +12,7 @@ import pytest
 from placement import Allocation, NodeShare, NumaPolicy, Request, ThreadPolicy
 from vmjobs.codec import allocation_from_dict
 from vmjobs.errors import VmjobsError
-from vmjobs.jobs import JobRecord, JobState
+from vmjobs.jobs import FINISHED, INITIAL, TRANSITIONS, IllegalTransition, JobRecord, JobState
 from vmjobs.store import Held, Store
 
 HOST = "h1"
@@ -31,6 +31,14 @@ def job(job_id: str, state: JobState = JobState.PLACED, uid: int = 1000) -> JobR
 
 
 REQUEST = Request(cpus=1, memory_mib=512)
+
+
+def _in_state(store: Store, job_id: str, state: JobState) -> None:
+    """Put a job in `state` directly, past the state machine (test setup only); a job not yet
+    in the store is created first, without a reservation."""
+    if store.job(job_id) is None:
+        store.add_job(job(job_id), REQUEST, None, "placed")
+    store.db.execute("UPDATE jobs SET state = ? WHERE id = ?", (state.value, job_id))
 
 
 @pytest.fixture
@@ -123,6 +131,7 @@ def test_jobs_listing(store: Store) -> None:
 def test_transition_with_release_frees_the_reservation(store: Store) -> None:
     store.add_job(job("a"), REQUEST, alloc(0, 1, devices=("0000:3b:00.0",), idle=(16,)), "p")
     store.add_job(job("b"), REQUEST, alloc(2), "placed")
+    store.transition("a", JobState.STARTING, "starting")
     store.transition("a", JobState.RUNNING, "guest started")
     assert store.reserved_cpus(HOST) == {0: "a", 1: "a", 16: "a", 2: "b"}  # not released
 
@@ -141,7 +150,7 @@ def test_transition_with_release_frees_the_reservation(store: Store) -> None:
 
 def test_transition_keeps_the_message_and_exit_code_unless_given(store: Store) -> None:
     store.add_job(job("a"), REQUEST, alloc(0), "placed")
-    store.transition("a", JobState.FAILED, "guest crashed", exit_code=1)
+    store.transition("a", JobState.STARTING, "guest crashed", exit_code=1)
     store.transition("a", JobState.LOST, None)
     record = store.job("a")
     assert record is not None
@@ -343,7 +352,8 @@ def test_mark_adds_and_removes_spec_fields(store: Store) -> None:
 
 
 def test_move_reservation_hands_the_placeholders_room_to_the_job(store: Store) -> None:
-    store.add_job(job("a", JobState.RUNNING), REQUEST, alloc(1, devices=("d0",)), "placed")
+    store.add_job(job("a"), REQUEST, alloc(1, devices=("d0",)), "placed")
+    _in_state(store, "a", JobState.RUNNING)
     store.add_job(job("mig-a"), REQUEST, alloc(5, host="h2", devices=("d9",)), "placeholder")
     store.add_job(job("b"), REQUEST, alloc(2), "placed")
     store.move_reservation("a", "mig-a", alloc(5, host="h2", devices=("d9",)))
@@ -366,7 +376,8 @@ def test_the_engines_view_keeps_cordoned_hosts_for_the_jobs_they_hold(store: Sto
 
     hosts = [make_host("h1", nodes=1, cores=4), make_host("h2", nodes=1, cores=4),
              with_state(make_host("h3", nodes=1, cores=4), state=HostState.DOWN)]
-    store.add_job(job("a", JobState.RUNNING), REQUEST, alloc(1, host="h1"), "placed")
+    store.add_job(job("a"), REQUEST, alloc(1, host="h1"), "placed")
+    _in_state(store, "a", JobState.RUNNING)
     store.cordon("h1", "draining")
     store.cordon("h3", "maintenance")
     cluster = snapshot(store, hosts)
@@ -376,3 +387,114 @@ def test_the_engines_view_keeps_cordoned_hosts_for_the_jobs_they_hold(store: Sto
     decision = cluster.place(Request(cpus=1, memory_mib=128))
     assert decision.allocation is not None and decision.allocation.host == "h2"
     assert "cordoned" in cluster.explain(Request(cpus=1, memory_mib=128, host="h1")).summary
+
+
+# --- the job state machine ---------------------------------------------------------------------
+
+
+
+def test_the_table_covers_every_state_and_finished_states_are_final() -> None:
+    assert set(TRANSITIONS) == set(JobState)
+    assert all(not TRANSITIONS[s] for s in FINISHED)
+    assert all(old not in TRANSITIONS[old] for old in JobState)  # a repeat is a note
+    # every state but the initial ones can be reached, and every state can end
+    reached = set(INITIAL) | {new for news in TRANSITIONS.values() for new in news}
+    assert reached == set(JobState)
+
+
+@pytest.mark.parametrize("old", list(JobState))
+def test_every_allowed_transition_is_accepted_and_every_other_refused(store: Store,
+                                                                     old: JobState) -> None:
+    for new in JobState:
+        job_id = f"{old.value[:4]}-{new.value}".lower()
+        _in_state(store, job_id, old)
+        before = store.events(job_id)
+        if new in TRANSITIONS[old]:
+            store.transition(job_id, new, "ok")
+            assert store.job(job_id).state == new  # type: ignore[union-attr]
+            assert store.events(job_id)[-1].state == new
+        else:
+            with pytest.raises(IllegalTransition, match=f"{old.value} -> {new.value} is not"):
+                store.transition(job_id, new, "refused", release=True)
+            record = store.job(job_id)
+            assert record is not None and record.state == old  # nothing written
+            assert store.events(job_id) == before
+            assert not store.db.in_transaction
+
+
+@pytest.mark.parametrize("state", list(JobState))
+def test_a_job_is_created_only_queued_or_placed(store: Store, state: JobState) -> None:
+    record = job("n", state)
+    if state in INITIAL:
+        store.add_job(record, REQUEST, alloc(0) if state == JobState.PLACED else None, "new")
+        assert store.job("n").state == state  # type: ignore[union-attr]
+    else:
+        with pytest.raises(IllegalTransition, match=r"\(new\) -> "):
+            store.add_job(record, REQUEST, alloc(0), "new")
+        assert store.job("n") is None and store.reservation_count() == 0
+
+
+@pytest.mark.parametrize("state", list(JobState))
+def test_assign_places_only_queued_or_checkpointed_jobs(store: Store, state: JobState) -> None:
+    _in_state(store, "q", state)
+    with store.reserving():
+        if JobState.PLACED in TRANSITIONS[state]:
+            store.assign("q", alloc(0), "placed")
+        else:
+            with pytest.raises(IllegalTransition):
+                store.assign("q", alloc(0), "placed")
+    assert store.reservation_count() == (1 if JobState.PLACED in TRANSITIONS[state] else 0)
+
+
+def test_a_note_keeps_the_state_and_is_no_restart(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0), "placed")
+    store.transition("a", JobState.STARTING, "starting")
+    store.transition("a", JobState.RUNNING, "guest started")
+    started = store.started_at()["a"]
+    store.note("a", "found running at recovery")
+    record = store.job("a")
+    assert record is not None and record.state == JobState.RUNNING
+    assert record.message == "guest started"  # a note is history, not the job's message
+    last = store.events("a")[-1]
+    assert (last.state, last.reason, last.note, last.host) == (
+        JobState.RUNNING, "found running at recovery", True, HOST)
+    assert store.ran_on("a") == [HOST]  # one stay: the note is not a new console segment
+    assert store.started_at()["a"] == started
+    with pytest.raises(IllegalTransition):
+        store.transition("a", JobState.RUNNING, "repeat")  # a repeat must be a note
+
+
+def test_a_note_can_free_what_an_ended_job_still_holds(store: Store) -> None:
+    store.add_job(job("a"), REQUEST, alloc(0, 1), "placed")
+    store.transition("a", JobState.FAILED, "could not start")
+    store.note("a", "reservation freed at recovery", release=True)
+    assert store.reservation_count() == 0
+    assert store.job("a").state == JobState.FAILED  # type: ignore[union-attr]
+    with pytest.raises(VmjobsError, match="unknown job 'ghost'"):
+        store.note("ghost", "x")
+
+
+def test_a_store_written_before_notes_is_upgraded_and_stays_readable(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, uid INTEGER NOT NULL,
+            state TEXT NOT NULL, spec TEXT NOT NULL, request TEXT NOT NULL, host TEXT,
+            allocation TEXT, exit_code INTEGER, message TEXT, created REAL NOT NULL,
+            updated REAL NOT NULL);
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
+            time REAL NOT NULL, state TEXT NOT NULL, host TEXT, reason TEXT);
+        INSERT INTO jobs VALUES ('old', 'alice', 1000, 'COMPLETED',
+            '{"argv": ["true"], "timeout_s": 60}', '{"cpus": 1, "memory_mib": 256}', 'h1',
+            NULL, 0, 'exit status 0', 1.0, 2.0);
+        INSERT INTO events (job_id, time, state, host, reason)
+            VALUES ('old', 1.0, 'RUNNING', 'h1', 'guest started');
+    """)
+    old.close()
+    s = Store(path)
+    record = s.job("old")
+    assert record is not None and record.state == JobState.COMPLETED
+    assert [(e.reason, e.note) for e in s.events("old")] == [("guest started", False)]
+    assert s.ran_on("old") == ["h1"]
+    s.close()
+    Store(path).close()  # upgrading twice is harmless

@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
-from click.core import ParameterSource
 
-from vmjobs.cli.options import build_request, job_options, parse_env, parse_timeout
+from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import DEFAULT_SOCKET
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
 from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
-from vmjobs.units import format_mib, parse_duration
+from vmjobs.spec import Spec, SpecError, check_paths
+from vmjobs.units import format_mib
 
 
 class NotStarted(VmjobsError):
@@ -51,107 +50,29 @@ def client_for(url: str | None) -> Client:
 
 # --- submit ---------------------------------------------------------------------------------
 
-SPEC_KEYS = {"command", "cpus", "mem", "nics", "numa", "host", "image", "input", "output", "env",
-             "timeout", "time_limit", "priority", "preemptible", "wait_timeout", "no_wait"}
-# YAML key -> the click parameter it stands for
-SPEC_PARAMS = {"mem": "memory", "input": "input_dir", "output": "output_dir"}
-
-
-def read_spec_file(path: Path) -> dict[str, Any]:
-    """A job.yaml: the same fields as the options; relative paths are relative to the file."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise VmjobsError(f"-f {path}: {exc.strerror}") from None
-    except yaml.YAMLError:
-        raise VmjobsError(f"-f {path}: not valid YAML") from None
-    if not isinstance(data, dict):
-        raise VmjobsError(f"-f {path}: must be a mapping of spec fields")
-    unknown = sorted(set(map(str, data)) - SPEC_KEYS)
-    if unknown:
-        raise VmjobsError(f"-f {path}: unknown field(s) {', '.join(unknown)} "
-                          f"(allowed: {', '.join(sorted(SPEC_KEYS))})")
-    spec: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("input", "output") and value is not None:
-            value = path.parent / str(value)
-        elif key == "env" and isinstance(value, dict):
-            value = tuple(f"{k}={v}" for k, v in value.items())
-        elif key == "command":
-            if isinstance(value, str):
-                value = ("sh", "-c", value)
-            elif isinstance(value, list) and all(isinstance(a, str | int) for a in value):
-                value = tuple(str(a) for a in value)
-            else:
-                raise VmjobsError(f"-f {path}: command must be a string or a list of strings")
-        elif key in ("timeout", "time_limit", "wait_timeout") and value is not None:
-            value = str(value)
-        spec[SPEC_PARAMS.get(key, key)] = value
-    return spec
-
-
-def merge_spec(ctx: click.Context, params: dict[str, Any], spec_file: Path | None) -> None:
-    """Values from -f, unless the same option was given on the command line."""
-    if spec_file is None:
-        return
-    for name, value in read_spec_file(spec_file).items():
-        target = "argv" if name == "command" else name
-        if target == "argv":
-            if not params["argv"]:
-                params["argv"] = value
-            continue
-        source = ctx.get_parameter_source(target)
-        if source in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
-            params[target] = value
-
-
-def submission(params: dict[str, Any], client: Client) -> dict[str, Any]:
-    """The JSON body of POST /v1/jobs, from parsed options; uploads --input first."""
-    if not params["argv"]:
-        raise VmjobsError("no command given: put it after --, e.g. vmjob submit -- ./simulate")
-    request = build_request(params["cpus"], str(params["memory"]), params["nics"],
-                            params["numa"], params["host"])
-    time_limit = parse_timeout(params["timeout"])
-    if params["time_limit"] is not None:
-        limit = parse_duration(params["time_limit"], "--time-limit")
-        if time_limit is not None and time_limit != limit:
-            raise VmjobsError("--timeout and --time-limit are the same limit; give one")
-        time_limit = limit
-    wait_timeout = (parse_duration(params["wait_timeout"], "--wait-timeout")
-                    if params["wait_timeout"] is not None else None)
-    if params["no_wait"] and wait_timeout is not None:
-        raise VmjobsError("give either --no-wait or --wait-timeout, not both")
-    output = params["output_dir"]
-    if output is not None and Path(output).exists() and not Path(output).is_dir():
-        raise VmjobsError(f"--output {output}: exists and is not a directory")
-    body: dict[str, Any] = {
-        "argv": list(params["argv"]), "env": parse_env(tuple(params["env"] or ())),
-        "cpus": request.cpus, "memory_mib": request.memory_mib, "nics": request.nics,
-        "numa": request.numa.value, "host": request.host, "priority": int(params["priority"]),
-        "preemptible": bool(params.get("preemptible")),
-        "image": params["image"], "time_limit_s": time_limit, "wait_timeout_s": wait_timeout,
-        "no_wait": bool(params["no_wait"]),
-        "output": str(Path(output).absolute()) if output is not None else None,
-    }
-    if params["input_dir"] is not None:
+def submission(spec: Spec, client: Client) -> dict[str, Any]:
+    """The JSON body of POST /v1/jobs: the spec's canonical form, with --input uploaded first
+    (its token instead of the path) and --output made absolute."""
+    check_paths(spec)
+    body = spec.to_dict()
+    if spec.output is not None:
+        body["output"] = str(Path(spec.output).absolute())
+    if spec.input is not None:
         # the guest protocol's own rules (regular files and directories only), here, before
         # anything is sent: refused at submit with the user's path, not at start with the
         # spool's
-        input_entries(Path(params["input_dir"]))
-        body["input"] = client.upload_dir(Path(params["input_dir"]))
+        input_entries(Path(spec.input))
+        body["input"] = client.upload_dir(Path(spec.input))
     return body
 
 
 def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("-f", "--file", "spec_file", type=click.Path(path_type=Path), default=None,
-                     metavar="JOB.YAML", help="Read the job spec from YAML (same fields as the "
-                     "options; options given here win)."),
         click.option("--time-limit", default=None, metavar="DURATION",
                      help="Longest the job may run (same as --timeout); lets it start early "
                           "when that cannot delay the job first in line."),
-        click.option("--priority", type=int, default=0, show_default=True,
-                     help="Higher starts first; FIFO within a priority."),
+        click.option("--priority", default=None, metavar="N",
+                     help="Higher starts first; FIFO within a priority.  [default: 0]"),
         click.option("--preemptible", is_flag=True,
                      help="May be migrated or checkpointed (and restored later) to make room "
                           "for jobs that are not (with the daemon's 'preemption: on')."),
@@ -173,6 +94,8 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
     except ApiFailure as exc:
         if exc.code == "not_started":
             raise NotStarted(str(exc)) from None
+        if exc.code == "usage":  # a daemon stricter than this client: still a usage error
+            raise SpecError(str(exc)) from None
         raise
 
 
@@ -181,8 +104,7 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 @queue_options
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
-@click.pass_context
-def submit(ctx: click.Context, as_json: bool, **params: Any) -> None:
+def submit(as_json: bool, **params: Any) -> None:
     """Queue CMD to run in its own guest; print the job's id.
 
     The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
@@ -195,11 +117,12 @@ def submit(ctx: click.Context, as_json: bool, **params: Any) -> None:
       JOB=$(vmjob submit --time-limit 10m -- make check) && vmjob wait "$JOB"
       vmjob submit -f job.yaml --priority 5
       vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
+      vmjob submit --threads isolate --hugepages 1G --label rack=r1 -- ./latency-bench
     """
-    merge_spec(ctx, params, params.pop("spec_file"))
+    spec = spec_from_options(params, params.pop("spec_file"))
     client = client_for(params.pop("url"))
     try:
-        view = submit_job(client, submission(params, client))
+        view = submit_job(client, submission(spec, client))
     finally:
         client.close()
     click.echo(json.dumps(view, indent=2) if as_json else view["id"])
@@ -304,8 +227,14 @@ def show(job: str, as_json: bool, url: str | None) -> None:
         ("request", f"{request.get('cpus')} cpus, {format_mib(request.get('memory_mib', 0))}, "
                     f"{request.get('nics', 0)} NICs, numa {request.get('numa')}, "
                     f"priority {request.get('priority', 0)}"
-                    + (f", host {request['host']}" if request.get("host") else "")),
-        ("time limit", f"{view['time_limit_s']:g}s" if view.get("time_limit_s") else "none"),
+                    + (f", host {request['host']}" if request.get("host") else "")
+                    + (f", threads {request['threads']}"
+                       if request.get("threads", "dedicated") != "dedicated" else "")
+                    + (f", hugepages {format_mib(request['hugepage_kib'] / 1024)}"
+                       if request.get("hugepage_kib") else "")
+                    + "".join(f", label {k}={v}"
+                              for k, v in sorted((request.get("labels") or {}).items()))),
+        ("time limit", f"{view['time_limit']:g}s" if view.get("time_limit") else "none"),
         ("image", str(view.get("image"))),
     ]
     if view.get("env"):
@@ -327,7 +256,8 @@ def show(job: str, as_json: bool, url: str | None) -> None:
     click.echo("events")
     for event in view.get("events", []):
         host = f" [{event['host']}]" if event.get("host") else ""
-        click.echo(f"  {_clock(event['time'])}  {event['state']:<10}{host} "
+        state = "note" if event.get("note") else event["state"]  # a note changes no state
+        click.echo(f"  {_clock(event['time'])}  {state:<10}{host} "
                    f"{event.get('reason') or ''}".rstrip())
 
 

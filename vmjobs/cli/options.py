@@ -1,4 +1,5 @@
-"""Option bundles shared by the commands that describe a job (run now; submit later)."""
+"""Option bundles shared by the commands that describe a job (`run`, `submit`), and the one
+way their values (with `-f job.yaml`) become a checked `vmjobs.spec.Spec`."""
 
 from __future__ import annotations
 
@@ -7,29 +8,56 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
-from placement import NumaPolicy, Request
-from vmjobs.errors import VmjobsError
-from vmjobs.units import parse_duration, parse_size_mib
+from vmjobs.spec import DEFAULT_MEMORY_MIB, HUGEPAGE_KIB, Spec, SpecError, parse
 
-DEFAULT_MEMORY = "256M"
+# spec field -> the click parameter that gives it on the command line
+PARAMS = {"cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
+          "threads": "threads", "hugepages": "hugepages", "mem_nodes": "mem_nodes",
+          "labels": "label", "host": "host",
+          "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
+          "env": "env", "priority": "priority", "preemptible": "preemptible",
+          "wait_timeout": "wait_timeout", "no_wait": "no_wait"}
+FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    # Values stay text here: `vmjobs.spec` checks them, so an option, a YAML field and an API
+    # field refuse the same value with the same line (exit 2).
     options = [
-        click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="vCPUs, each pinned to its own host cpu."),
-        click.option("--mem", "memory", default=DEFAULT_MEMORY, show_default=True,
-                     metavar="SIZE", help="Guest memory: 512M, 1.5G, 64G or bytes."),
-        click.option("--nics", type=click.IntRange(min=0, max=16), default=0,
+        click.option("-f", "--file", "spec_file", type=click.Path(path_type=Path),
+                     default=None, metavar="JOB.YAML",
+                     help="Read the job spec from YAML (fields as in docs/user-guide.md; "
+                          "options given here win)."),
+        click.option("--cpus", default=None, metavar="N",
+                     help="vCPUs, each pinned to its own host cpu.  [default: 1]"),
+        click.option("--mem", "memory", default=None, metavar="SIZE",
+                     help=f"Guest memory: 512M, 1.5G, 64G or bytes.  "
+                          f"[default: {DEFAULT_MEMORY_MIB}M]"),
+        click.option("--nics", default=None, metavar="N",
                      help="NICs passed through to the job ($NIC0.. in its environment)."),
-        click.option("--numa", type=click.Choice([p.value for p in NumaPolicy]),
-                     default=NumaPolicy.PREFER.value, show_default=True,
+        click.option("--numa", default=None, metavar="strict|prefer|any",
                      help="strict: cpus, memory and NICs on one NUMA node; prefer: one node "
-                          "when possible; any: may span nodes."),
+                          "when possible; any: may span nodes.  [default: prefer]"),
+        click.option("--threads", default=None, metavar="dedicated|isolate",
+                     help="isolate: keep the SMT siblings of the job's cpus idle too.  "
+                          "[default: dedicated]"),
+        click.option("--hugepages", default=None, metavar="|".join(HUGEPAGE_KIB),
+                     help="Back guest memory with hugepages of this size (the host must "
+                          "have them free on the job's node)."),
+        click.option("--mem-nodes", "mem_nodes", is_flag=True,
+                     help="Memory-only NUMA nodes (CXL, HBM) may supply the memory the nodes "
+                          "of the job's cpus lack (--numa prefer or any)."),
+        click.option("--label", "label", multiple=True, metavar="K=V",
+                     help="Run only on hosts carrying this label (repeatable; see the "
+                          "config's hosts[].labels)."),
         click.option("--host", default=None, metavar="NAME", help="Run on this host only."),
-        click.option("--image", default="default", show_default=True, metavar="NAME",
-                     help="Guest image name or id (see 'vmjob image list')."),
+        click.option("--pool", default=None, metavar="NAME",
+                     help="Run on a host of this pool only."),
+        click.option("--image", default=None, metavar="NAME",
+                     help="Guest image name or id (see 'vmjob image list').  "
+                          "[default: default]"),
         click.option("--input", "input_dir", type=click.Path(path_type=Path), default=None,
                      metavar="DIR", help="Copied into the guest as /job, the working directory."),
         click.option("--output", "output_dir", type=click.Path(path_type=Path), default=None,
@@ -37,27 +65,57 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--env", "env", multiple=True, metavar="K=V",
                      help="Environment variable for the job (repeatable)."),
         click.option("--timeout", default=None, metavar="DURATION",
-                     help="Stop the job after this long (90, 30s, 5m, 2h)."),
+                     help="Stop the job after this long (90, 30s, 5m, 2h; at most 366d)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise VmjobsError(f"invalid --env {pair!r}: use NAME=VALUE")
-        env[name] = value
-    return env
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """A job.yaml: spec fields with their YAML types; relative `input`/`output` paths are
+    relative to the file. Field checks are `parse`'s."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"-f {path}: {exc.strerror}") from None
+    except yaml.YAMLError:
+        raise SpecError(f"-f {path}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"-f {path}: must be a mapping of spec fields")
+    for key in ("input", "output"):
+        if isinstance(data.get(key), str) and data[key]:
+            data[key] = str(path.parent / data[key])
+    return data
 
 
-def build_request(cpus: int, memory: str, nics: int, numa: str, host: str | None) -> Request:
-    return Request(cpus=cpus, memory_mib=parse_size_mib(memory, "--mem"), nics=nics,
-                   numa=NumaPolicy(numa), host=host)
+def spec_from_options(params: dict[str, Any], spec_file: Path | None = None) -> Spec:
+    """The checked spec from a command's parameters over `-f` (options given win).
 
-
-def parse_timeout(timeout: str | None) -> float | None:
-    return parse_duration(timeout, "--timeout") if timeout is not None else None
+    Raises SpecError (exit 2) on the first bad value.
+    """
+    fields: dict[str, Any] = read_spec_file(spec_file) if spec_file is not None else {}
+    typed = set(fields)
+    for name, param in PARAMS.items():
+        value = params.get(param)
+        if value is None or value == () or value is False:
+            continue  # not given here: -f's value (if any) or the default stands
+        fields[name] = str(value) if isinstance(value, Path) else value
+        if name in FLAGS:
+            typed.add(name)
+        else:
+            typed.discard(name)
+    limits = {o: params.get(p) for o, p in (("--timeout", "timeout"),
+                                            ("--time-limit", "time_limit"))
+              if params.get(p) is not None}
+    if len(limits) == 2 and len(set(limits.values())) == 2:
+        raise SpecError("--timeout and --time-limit are the same limit; give one")
+    names: dict[str, str] = {}
+    if limits:
+        option, fields["time_limit"] = next(iter(limits.items()))
+        typed.discard("time_limit")
+        names["time_limit"] = option
+    if params.get("argv"):
+        fields["argv"] = tuple(params["argv"])
+    return parse(fields, typed=frozenset(typed),
+                 source=f"-f {spec_file}" if spec_file is not None else "", options=names)

@@ -16,13 +16,14 @@ from typing import Any
 import click
 
 from vmjobs.cli.jobs import client_for, report_end, submission, submit_job
-from vmjobs.cli.options import build_request, job_options, parse_env, parse_timeout
+from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.outcome import EXIT_NOT_STARTED
 from vmjobs.runner import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunRequest, interruptible
 from vmjobs.runner import run as run_job
+from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.transport import Target
 
 
@@ -56,8 +57,8 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @job_options
-@click.option("--priority", type=int, default=0, show_default=True,
-              help="Daemon only: higher starts first; FIFO within a priority.")
+@click.option("--priority", default=None, metavar="N",
+              help="Daemon only: higher starts first; FIFO within a priority.  [default: 0]")
 @click.option("--wait-timeout", default=None, metavar="DURATION",
               help=f"Daemon only: give up if the job has not started after this long (exit "
                    f"{EXIT_NOT_STARTED}; nothing is left behind).")
@@ -67,7 +68,7 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
-@click.argument("argv", nargs=-1, required=True, metavar="-- CMD [ARG...]")
+@click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
 def run(ctx: click.Context, **params: Any) -> int:
     """Run CMD in a new guest with dedicated cpus; stream its output; exit with its code.
@@ -77,8 +78,8 @@ def run(ctx: click.Context, **params: Any) -> int:
 
     Exit codes: the job's own; 124 when --timeout stopped it; 125 when the guest gave no exit
     status or its output was refused; 130/143 when interrupted (the guest is destroyed and
-    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 1
-    for errors before the job started.
+    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 2
+    for a bad option or job spec; 1 for other errors before the job started.
 
     \b
     Examples:
@@ -86,38 +87,38 @@ def run(ctx: click.Context, **params: Any) -> int:
       vmjob run --cpus 2 --mem 1G --input ./data --output ./results -- ./simulate
       vmjob run --nics 2 --numa strict --timeout 2h -- ./bench.sh
       vmjob run --wait-timeout 2h -- make check
+      vmjob run --threads isolate --hugepages 2M --label nic=x710 -- ./latency
+      vmjob run -f job.yaml --cpus 4
     """
+    spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
+    check_paths(spec)
     config = ctx.obj.config
     client = reachable_daemon(params["url"], config)
     if client is None:
-        return _direct(config, params)
+        return _direct(config, spec)
     try:
-        return _through_daemon(client, params)
+        return _through_daemon(client, spec)
     finally:
         client.close()
 
 
-def _direct(config: Config, params: dict[str, Any]) -> int:
-    if params["wait_timeout"] is not None or params["priority"] != 0:
-        option = "--wait-timeout" if params["wait_timeout"] is not None else "--priority"
-        raise VmjobsError(f"{option} needs the daemon, and none answers at {config.socket} "
-                          "(start one with 'vmjob serve'); without it run starts at once "
-                          "or fails")
+def _direct(config: Config, spec: Spec) -> int:
+    if spec.wait_timeout is not None or spec.priority != 0:
+        option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
+        raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
+                        "(start one with 'vmjob serve'); without it run starts at once "
+                        "or fails")
     job = RunRequest(
-        argv=params["argv"],
-        request=build_request(params["cpus"], params["memory"], params["nics"],
-                              params["numa"], params["host"]),
-        env=parse_env(params["env"]),
-        input_dir=params["input_dir"],
-        output_dir=params["output_dir"],
-        timeout_s=parse_timeout(params["timeout"]),
-        image=params["image"],
+        argv=spec.argv, request=spec.request(), env=dict(spec.env),
+        input_dir=Path(spec.input) if spec.input is not None else None,
+        output_dir=Path(spec.output) if spec.output is not None else None,
+        timeout_s=spec.time_limit, image=spec.image,
     )
     return run_job(config, job, write_out, note)
 
 
-def _through_daemon(client: Client, params: dict[str, Any]) -> int:
-    body = submission({**params, "time_limit": None}, client)
+def _through_daemon(client: Client, spec: Spec) -> int:
+    body = submission(spec, client)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = view["id"]
     if view["state"] == "QUEUED" and view.get("position"):
@@ -141,5 +142,4 @@ def _through_daemon(client: Client, params: dict[str, Any]) -> int:
         if final["state"] == "CANCELLED":
             note(f"job {job_id} cancelled ({name}); guest destroyed, reservation released")
             return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
-    output = params["output_dir"]
-    return report_end(final, client, Path(output) if output is not None else None)
+    return report_end(final, client, Path(spec.output) if spec.output is not None else None)

@@ -28,14 +28,15 @@ from vmjobs.daemon.identity import Caller, denial, may_act
 from vmjobs.daemon.moves import MoveResult
 from vmjobs.daemon.scheduler import schedule
 from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
-from vmjobs.daemon.submission import Submission, parse
+from vmjobs.daemon.submission import parse
 from vmjobs.daemon.uploads import Limits, Uploads
-from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
+from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
 from vmjobs.jobs import ACTIVE, JobRecord, JobState, new_job_id
 from vmjobs.runner import snapshot
+from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
 WAIT_MAX_S = 3600.0
@@ -50,7 +51,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "message": record.message, "created": record.created, "updated": record.updated,
         "started": started, "argv": spec.get("argv"), "env": spec.get("env") or {},
         "image": spec.get("image"), "request": record.request,
-        "time_limit_s": spec.get("timeout_s"), "wait_timeout_s": spec.get("wait_timeout_s"),
+        "time_limit": time_limit_of(spec), "wait_timeout": wait_timeout_of(spec),
         "output": spec.get("output"), "allocation": record.allocation,
         "position": None, "waiting_because": None,
     }
@@ -69,7 +70,6 @@ class Api:
             user_quota_bytes=config.user_spool_quota_mib << 20,
             min_free_bytes=config.spool_min_free_mib << 20, ttl_s=config.upload_ttl_s,
         ), self._unfinished_dirs)
-        self._submit_lock = threading.Lock()
 
     def routes(self) -> Router:
         router = Router()
@@ -158,21 +158,25 @@ class Api:
             record = self._own(req.caller, req.params["id"])
             view = job_view(daemon, record, daemon.store.started_at().get(record.id))
             view["events"] = [
-                {"time": e.time, "state": e.state.value, "host": e.host, "reason": e.reason}
+                {"time": e.time, "state": e.state.value, "host": e.host, "reason": e.reason,
+                 "note": e.note}
                 for e in daemon.store.events(record.id)
             ]
         return Json(view)
 
     def submit(self, req: ApiRequest) -> Json:
-        submission = parse(req.json())
+        try:
+            submission = parse(req.json())
+        except UsageError as exc:
+            raise ApiError(400, str(exc), code="usage") from None
+        request = submission.request()
         daemon = self.daemon
         config = daemon.config
-        if submission.request.host is not None:
-            config.host(submission.request.host)  # unknown host: one line, nothing created
+        if request.host is not None:
+            config.host(request.host)  # unknown host: one line, nothing created
         image = resolve_image(config.spool, submission.image)
         with daemon.lock:
-            explanation = snapshot(daemon.store, daemon.hosts.inventory()).explain(
-                submission.request)
+            explanation = snapshot(daemon.store, daemon.hosts.inventory()).explain(request)
         if explanation.never_fits:
             raise DoesNotFit(explanation.summary)
         job_id = new_job_id()
@@ -182,7 +186,7 @@ class Api:
         record = JobRecord(id=job_id, owner=req.caller.name, uid=req.caller.uid,
                            state=JobState.QUEUED, spec=_spec(submission, image.id))
         with daemon.lock:
-            daemon.store.submit(record, submission.request, f"submitted by {req.caller.name}")
+            daemon.store.submit(record, request, f"submitted by {req.caller.name}")
             if submission.no_wait:
                 return self._start_now_or_forget(record)
             daemon.wake()
@@ -433,14 +437,12 @@ def _finished(daemon: Daemon, job_id: str) -> bool:
     return record is None or record.state.finished
 
 
-def _spec(submission: Submission, image_id: str) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "argv": list(submission.argv), "env": submission.env, "image": image_id,
-        "input": submission.input is not None, "output": submission.output,
-        "timeout_s": submission.time_limit_s, "wait_timeout_s": submission.wait_timeout_s,
-    }
-    if submission.wait_timeout_s is not None:
-        spec["wait_deadline"] = time.time() + submission.wait_timeout_s
+def _spec(submission: Spec, image_id: str) -> dict[str, Any]:
+    """What the store keeps: the spec in its canonical form, the image resolved to its id,
+    `input` whether an upload came with it (its token is spent)."""
+    spec = {**submission.to_dict(), "image": image_id, "input": submission.input is not None}
+    if submission.wait_timeout is not None:
+        spec["wait_deadline"] = time.time() + submission.wait_timeout
     return spec
 
 

@@ -18,11 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import libvirt
 
 from vmjobs import virt_probe
+from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.daemon.hosts import (
@@ -40,10 +42,21 @@ from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
-from vmjobs.jobs import ACTIVE, JobRecord, JobState, domain_name
+from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
+
+
+class Phase(StrEnum):
+    """Where the daemon is with an active job's guest (finer than the job's state: a RUNNING
+    job's guest may be running, or stopped and being collected)."""
+
+    LAUNCHING = "launching"  # its files are written and its guest started (PLACED, STARTING)
+    RUNNING = "running"  # its guest runs; STOPPED / power-off events are acted on
+    MOVING = "moving"  # a migration, checkpoint or restore drives it; events are ignored
+    COLLECTING = "collecting"  # its guest stopped; its verdict and output are being read
+    ENDED = "ended"  # its end is recorded; its cores are freed when QEMU is gone
 
 
 @dataclass
@@ -53,7 +66,7 @@ class Active:
     job_id: str
     host: str
     time_limit_s: float | None
-    phase: str = "launching"  # launching | running | moving | collecting | ended
+    phase: Phase = Phase.LAUNCHING
     ends_at: float | None = None  # when its time limit stops it
     stop: tuple[JobState, str] | None = None  # set by cancel / time limit: how it will end
     powered_off_at: float | None = None  # when the guest's own power-off was reported
@@ -64,7 +77,7 @@ def time_limit_of(record: JobRecord) -> float | None:
     """The job's time limit in seconds; None without one. A value that is not a positive
     finite number (a record written before submissions were checked) counts as none rather
     than as a deadline no clock reaches (NaN) or one in the past."""
-    value = record.spec.get("timeout_s")
+    value = record.spec.get("time_limit", record.spec.get("timeout_s"))  # before: timeout_s
     try:
         limit = float(value) if value else None
     except (TypeError, ValueError):
@@ -115,6 +128,9 @@ class Daemon:
         # Called with a lost host's job record; returns the state it goes to (requeue or
         # restore-from-checkpoint policies plug in here later).
         self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
+        # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
+        # `daemon.main` (recovery builds on this module; importing it here made a cycle).
+        self.on_host_up: Callable[[str], object] = lambda _host: None
 
     # --- waking -------------------------------------------------------------------------------
 
@@ -147,7 +163,7 @@ class Daemon:
         collect it any more. A job being moved is left to its mover (which settles it)."""
         with self.lock:
             active = self.active.get(job_id)
-            if active is None or active.phase == "moving":
+            if active is None or active.phase == Phase.MOVING:
                 return
             host = active.host
         self.destroy_guest(host, job_id)
@@ -197,7 +213,7 @@ class Daemon:
             # the guest's STOPPED event may have come meanwhile: then free its cores too
             release = pending.release or (active is not None and active.stopped_at is not None)
             if active is not None and not release:
-                active.phase = "ended"
+                active.phase = Phase.ENDED
             self.finish(job_id, pending.verdict, release=release)
 
     def forget_files(self, job_id: str) -> None:
@@ -225,7 +241,7 @@ class Daemon:
                 destroy_quietly(dom)
                 return
             now = time.time()
-            active.phase = "running"
+            active.phase = Phase.RUNNING
             if active.time_limit_s is not None:
                 active.ends_at = now + active.time_limit_s
             self.store.transition(job_id, JobState.RUNNING, f"guest started ({virt_type})")
@@ -233,7 +249,7 @@ class Daemon:
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
             if collect_now:
-                active.phase = "collecting"
+                active.phase = Phase.COLLECTING
             self.wake()
         if collect_now:
             self.collect(active)
@@ -283,8 +299,6 @@ class Daemon:
                 self.wake()
                 return True
             if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
-                from vmjobs.checkpoint import discard
-
                 discard(self.config.spool, job_id)
                 self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
                 self.wake()
@@ -294,7 +308,7 @@ class Daemon:
                 return False
             if active.stop is None:
                 active.stop = (state, reason)
-            running = active.phase == "running"
+            running = active.phase == Phase.RUNNING
             host = active.host
         if running:
             self.destroy_guest(host, job_id)
@@ -327,7 +341,7 @@ class Daemon:
             if active.powered_off_at is not None and active.stopped_at is None:
                 # The guest powered itself off: its verdict is final and the user hears it now;
                 # its cores stay reserved until QEMU is gone (the STOPPED event), ~1 s later.
-                active.phase = "ended"
+                active.phase = Phase.ENDED
                 self.finish(active.job_id, verdict, release=False)
             else:
                 self.finish(active.job_id, verdict)
@@ -361,19 +375,19 @@ class Daemon:
             active = self.active.get(note.job_id)
             if active is None or active.host != note.host or active.stopped_at is not None:
                 return  # not a job of ours, or one already handled
-            if active.phase == "moving":
+            if active.phase == Phase.MOVING:
                 return  # it left this host (migrated, saved); the mover looks where it is now
             active.stopped_at = note.at
-            if active.phase == "ended":  # its end was recorded at power-off: free the cores
+            if active.phase == Phase.ENDED:  # its end was recorded at power-off: free the cores
                 self.store.release(note.job_id)
                 self.active.pop(note.job_id, None)
                 self.wake()
                 return
-            if active.phase != "running":
+            if active.phase != Phase.RUNNING:
                 # launching: launch() collects once it has recorded the start; collecting:
                 # collect() sees stopped_at and frees the cores with the end
                 return
-            active.phase = "collecting"
+            active.phase = Phase.COLLECTING
         self.spawn(self.collect, active, name=f"collect-{note.job_id}", job_id=note.job_id)
 
     def _guest_powered_off(self, note: GuestPoweredOff) -> None:
@@ -381,10 +395,10 @@ class Daemon:
         than when QEMU is finally gone."""
         with self.lock:
             active = self.active.get(note.job_id)
-            if active is None or active.host != note.host or active.phase != "running":
+            if active is None or active.host != note.host or active.phase != Phase.RUNNING:
                 return
             active.powered_off_at = note.at
-            active.phase = "collecting"
+            active.phase = Phase.COLLECTING
         self.spawn(self.collect, active, name=f"collect-{note.job_id}", job_id=note.job_id)
 
     def _host_down(self, note: HostDown) -> None:
@@ -394,9 +408,9 @@ class Daemon:
         with self.lock:
             for active in [a for a in self.active.values() if a.host == note.host]:
                 record = self.store.job(active.job_id)
-                if record is None:
-                    continue
-                if active.phase == "ended":  # it ended before the host went: only free it
+                if record is None or record.state == JobState.CHECKPOINTED:
+                    continue  # saved just before: its checkpoint is in the spool, not on the host
+                if active.phase == Phase.ENDED:  # it ended before the host went: only free it
                     self.store.release(active.job_id)
                     self.active.pop(active.job_id, None)
                     continue
@@ -418,29 +432,21 @@ class Daemon:
                 record = self.store.job(active.job_id)
                 if record is None:
                     continue
-                if active.phase == "ended":
+                if active.phase == Phase.ENDED:
                     self.store.release(active.job_id)
                     self.active.pop(active.job_id, None)
                     continue
-                if active.phase == "moving":
+                if active.phase == Phase.MOVING:
                     continue  # the mover settles it; a move off a lost host fails there
                 self.finish(active.job_id,
                             Verdict(self.lost_state(record), f"host {note.host} lost: {note.why}"))
             self.wake()
 
     def _host_up(self, note: HostUp) -> None:
-        from vmjobs.daemon.recovery import reconcile_host
-
-        reconcile_host(self, note.host)
+        self.on_host_up(note.host)
         with self.lock:
             self.metrics.host_changed(note.host, up=True)
             self.wake()
-
-    # --- queries for the API --------------------------------------------------------------------
-
-    def active_records(self) -> list[JobRecord]:
-        with self.lock:
-            return self.store.in_states(ACTIVE)
 
     def shutdown(self) -> None:
         with self.lock:

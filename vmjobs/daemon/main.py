@@ -24,7 +24,7 @@ from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.metrics import Present
-from vmjobs.daemon.recovery import recover
+from vmjobs.daemon.recovery import reconcile_host, recover
 from vmjobs.daemon.server import Limits, UnixHTTPServer
 from vmjobs.errors import VmjobsError
 from vmjobs.runner import snapshot
@@ -96,6 +96,7 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
     claim_spool(config.spool)
     start_event_loop()
     daemon = Daemon(config)
+    daemon.on_host_up = lambda host: reconcile_host(daemon, host)
     api = Api(daemon)
     server = UnixHTTPServer(socket_path, api.routes(), config.admin_group, limits)
     try:

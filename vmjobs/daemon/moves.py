@@ -26,7 +26,7 @@ import placement
 from placement import Allocation, Checkpoint, Migrate, Repin, Request
 from vmjobs import checkpoint, migration, repin
 from vmjobs.codec import request_from_dict
-from vmjobs.daemon.core import Active, Daemon, time_limit_of
+from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name
@@ -74,11 +74,11 @@ def moving(daemon: Daemon, job_id: str) -> Iterator[Active]:
         if active is None and record.state == JobState.RUNNING:
             raise VmjobsError(f"job {job_id} was started by 'vmjob run' without the daemon; "
                               "only the daemon's jobs can move")
-        if active is None or active.phase != "running" or record.state != JobState.RUNNING:
-            what = active.phase if active is not None and active.phase != "running" \
+        if active is None or active.phase != Phase.RUNNING or record.state != JobState.RUNNING:
+            what = active.phase if active is not None and active.phase != Phase.RUNNING \
                 else record.state.value
             raise VmjobsError(f"job {job_id} is {what}; only a RUNNING job can move")
-        active.phase = "moving"
+        active.phase = Phase.MOVING
     try:
         yield active
     finally:
@@ -103,9 +103,12 @@ def settle(daemon: Daemon, active: Active) -> None:
         if conn is None:
             # its host went away during the move: the guest may run on there; it is
             # UNREACHABLE until the host returns (recovery) or is declared lost
-            active.phase = "running"
-            daemon.store.transition(active.job_id, JobState.UNREACHABLE,
-                                    f"host {active.host} not responding after a move")
+            active.phase = Phase.RUNNING
+            why = f"host {active.host} not responding after a move"
+            if record.state == JobState.UNREACHABLE:  # already said while it moved
+                daemon.store.note(active.job_id, why)
+            else:
+                daemon.store.transition(active.job_id, JobState.UNREACHABLE, why)
             daemon.wake()
             return
         try:
@@ -116,10 +119,10 @@ def settle(daemon: Daemon, active: Active) -> None:
         if record.state != JobState.RUNNING:
             daemon.store.transition(active.job_id, JobState.RUNNING, "move over")
         if alive:
-            active.phase = "running"
+            active.phase = Phase.RUNNING
             stop = active.stop is not None
         else:
-            active.phase = "collecting"
+            active.phase = Phase.COLLECTING
             active.stopped_at = active.stopped_at or time.time()
             stop = False
         daemon.wake()
@@ -217,7 +220,7 @@ def restore(daemon: Daemon, job_id: str, to: str | None = None,
             store.mark(job_id, restore=None, time_left_s=None)
         with daemon.lock:
             limit = time_limit_of(record)
-            active = Active(job_id, restored.host, limit, phase="moving")
+            active = Active(job_id, restored.host, limit, phase=Phase.MOVING)
             if left is not None:
                 active.ends_at = time.time() + float(left)
             elif limit is not None:
@@ -248,9 +251,9 @@ def drain(daemon: Daemon, host: str, checkpoint_unmovable: bool,
     with daemon.lock:
         daemon.changed.wait_for(
             lambda: not [a for a in daemon.active.values()
-                         if a.host == host and a.phase == "launching"], SETTLE_S)
+                         if a.host == host and a.phase == Phase.LAUNCHING], SETTLE_S)
         jobs = sorted(a.job_id for a in daemon.active.values()
-                      if a.host == host and a.phase == "running")
+                      if a.host == host and a.phase == Phase.RUNNING)
     for job_id in jobs:
         note(f"job {job_id}: migrating off {host}")
         try:
@@ -320,7 +323,7 @@ def carry_out(daemon: Daemon, plan: placement.Plan, policy: migration.Policy,
 def planning_cluster(daemon: Daemon, movable: Callable[[Request], bool]) -> placement.Cluster:
     """The cluster as the planners see it: only running jobs whose request `movable` accepts
     may be moved. Caller holds the lock."""
-    running = {a.job_id for a in daemon.active.values() if a.phase == "running"}
+    running = {a.job_id for a in daemon.active.values() if a.phase == Phase.RUNNING}
     return snapshot(daemon.store, daemon.hosts.inventory(),
                     pinned=lambda held: held.job_id not in running or not movable(held.request))
 
@@ -348,20 +351,15 @@ def _preempt(daemon: Daemon, job_id: str, plan: placement.Plan) -> None:
                             note=lambda m: log.info("preemption for %s: %s", job_id, m))
         with daemon.lock:
             for result in results:
-                daemon.store.transition(
-                    result.job_id, _state_of(daemon, result.job_id),
-                    f"preempted for job {job_id}: {result.action} {result.detail}")
+                if daemon.store.job(result.job_id) is not None:
+                    daemon.store.note(result.job_id, f"preempted for job {job_id}: "
+                                      f"{result.action} {result.detail}")
     except Exception:
         log.exception("preemption for job %s failed", job_id)
     finally:
         with daemon.lock:
             daemon.preempting = None
             daemon.wake()
-
-
-def _state_of(daemon: Daemon, job_id: str) -> JobState:
-    record = daemon.store.job(job_id)
-    return record.state if record is not None else JobState.LOST
 
 
 def restore_waiting(daemon: Daemon) -> None:
@@ -395,6 +393,5 @@ def _restore_quietly(daemon: Daemon, job_id: str) -> None:
         log.warning("job %s: automatic restore failed: %s", job_id, exc)
         with daemon.lock:
             daemon.store.mark(job_id, restore="manual")
-            daemon.store.transition(job_id, JobState.CHECKPOINTED,
-                                    f"automatic restore failed: {exc}; restore it by hand")
+            daemon.store.note(job_id, f"automatic restore failed: {exc}; restore it by hand")
     daemon.wake()

@@ -27,15 +27,15 @@ import libvirt
 from vmjobs import guestclock, replug
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
-from vmjobs.daemon.core import Active, Daemon, is_ours, time_limit_of
+from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.domain_xml import Nic, read_metadata
 from vmjobs.guest import JobFiles, Verdict, nics_for
 from vmjobs.hostconn import destroy_quietly, lookup_domain
-from vmjobs.jobs import ACTIVE, JobRecord, JobState, domain_name
+from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
 from vmjobs.runner import reap_abandoned
+from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
-MOVING = frozenset({JobState.MIGRATING, JobState.CHECKPOINTING, JobState.RESTORING})
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,13 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             limit = time_limit_of(record)
             begun = started.get(job_id)
             before = daemon.active.get(job_id)  # the job was UNREACHABLE: keep its stop
-            active = Active(job_id, host, limit, phase="running",
+            active = Active(job_id, host, limit, phase=Phase.RUNNING,
                             ends_at=begun + limit if begun is not None and limit else None,
                             stop=before.stop if before is not None else None)
             daemon.active[job_id] = active
             # in the job's timeline too: its guest outlived a daemon or libvirtd restart
-            daemon.store.transition(
-                job_id, JobState.RUNNING,
+            running_again(
+                daemon.store, record,
                 f"host {host} back: guest still running" if record.state == JobState.UNREACHABLE
                 else "found running at recovery")
             log.info("job %s: still running on %s", job_id, host)
@@ -129,7 +129,7 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
                                     release=True)
         for job_id in actions.collect:
             before = daemon.active.get(job_id)
-            active = Active(job_id, host, None, phase="collecting",
+            active = Active(job_id, host, None, phase=Phase.COLLECTING,
                             stop=before.stop if before is not None else None)
             daemon.active[job_id] = active
             daemon.spawn(_collect_found, daemon, active, name=f"recover-{job_id}",
@@ -141,6 +141,15 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
         log.info("job %s: its guest on %s outlived it; destroying", job_id, host)
         daemon.destroy_guest(host, job_id)
     return actions
+
+
+def running_again(store: Store, record: JobRecord, reason: str) -> None:
+    """Record that `record`'s guest runs: a transition to RUNNING, or a note when the store
+    already says so."""
+    if record.state == JobState.RUNNING:
+        store.note(record.id, reason)
+    else:
+        store.transition(record.id, JobState.RUNNING, reason)
 
 
 def _collect_found(daemon: Daemon, active: Active) -> None:
@@ -292,7 +301,7 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
         if conn is not None:
             clock = guestclock.sync_quietly(conn, domain_name(job_id))
             with daemon.lock:
-                daemon.store.transition(job_id, JobState.RUNNING, f"clock {clock}")
+                daemon.store.note(job_id, f"clock {clock}")
 
 
 def _settle_record(daemon: Daemon, record: JobRecord, placeholder: JobRecord | None,
@@ -307,8 +316,8 @@ def _settle_record(daemon: Daemon, record: JobRecord, placeholder: JobRecord | N
         if keep is not None and keep.host == placeholder.host and placeholder.allocation:
             store.move_reservation(job_id, placeholder.id,
                                    allocation_from_dict(placeholder.allocation))
-            store.transition(job_id, JobState.RUNNING,
-                             f"found on {keep.host} after an interrupted migration")
+            running_again(store, record,
+                          f"found on {keep.host} after an interrupted migration")
             arrived.append((job_id, keep.host))
             return
         store.delete_job(placeholder.id)
@@ -354,9 +363,8 @@ def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
     except libvirt.libvirtError as exc:
         failed = exc.get_error_message()
     if missing or failed:
-        daemon.store.transition(job_id, JobState.RUNNING, failed or
-                                f"{len(missing)} NIC(s) unplugged by an interrupted migration "
-                                "plugged back")
+        daemon.store.note(job_id, failed or f"{len(missing)} NIC(s) unplugged by an interrupted "
+                          "migration plugged back")
 
 
 def recover(daemon: Daemon) -> None:
@@ -385,7 +393,7 @@ def recover(daemon: Daemon) -> None:
             else:  # its guest may run on: wait for the host (hosts.py reports it lost in time)
                 why = daemon.hosts.error(record.host or "") or "unreachable"
                 daemon.active[record.id] = Active(record.id, record.host or "",
-                                                  time_limit_of(record), phase="running")
+                                                  time_limit_of(record), phase=Phase.RUNNING)
                 if record.state != JobState.UNREACHABLE:
                     daemon.store.transition(
                         record.id, JobState.UNREACHABLE,
@@ -393,6 +401,5 @@ def recover(daemon: Daemon) -> None:
         for job_id in daemon.store.reservations():
             record = daemon.store.job(job_id)
             if record is not None and record.state not in ACTIVE:
-                daemon.store.transition(job_id, record.state, "reservation freed at recovery",
-                                        release=True)
+                daemon.store.note(job_id, "reservation freed at recovery", release=True)
         daemon.wake()

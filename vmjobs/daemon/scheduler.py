@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from placement import Request
 from vmjobs.daemon import moves
-from vmjobs.daemon.core import Active, Daemon, time_limit_of
+from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
 from vmjobs.runner import describe_allocation, snapshot
@@ -135,7 +135,7 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
         if active.ends_at is not None and active.ends_at <= now and active.stop is None:
             reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
             active.stop = (JobState.TIMEOUT, reason)
-            if active.phase == "moving":
+            if active.phase == Phase.MOVING:
                 continue  # never destroyed mid-move: the mover aborts the move, settle() stops it
             # destroying takes seconds: not under the lock
             daemon.spawn(daemon.destroy_guest, active.host, active.job_id,

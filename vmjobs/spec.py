@@ -1,0 +1,328 @@
+"""The job spec: what to run and what it needs, parsed and checked once, the same way for the
+command line (`vmjob run|submit` options), `-f job.yaml` and the API (`POST /v1/jobs`).
+
+One set of field names everywhere (docs/user-guide.md, docs/api.md):
+
+- `argv`: list of strings (command line: `-- CMD [ARG...]`)
+- `env`, `labels`: map name -> string (`--env NAME=VALUE`, `--label NAME=VALUE`, repeatable);
+  `labels` are the labels the host must carry
+- `cpus`, `nics`, `priority`: integers
+- `mem`: a size (`"512M"`, `"1.5G"`) or an integer number of bytes
+- `numa` (`strict|prefer|any`), `threads` (`dedicated|isolate`), `hugepages` (`2M|1G`)
+- `host`, `pool`, `image`: strings
+- `preemptible`, `no_wait`, `mem_nodes`: true / false (`--preemptible`, `--no-wait`,
+  `--mem-nodes`: memory-only NUMA nodes, CXL or HBM, may supply memory)
+- `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
+  or a number of seconds
+- `input`, `output`: paths (at the API `input` is an upload token)
+
+Types are strict: a boolean is `true`/`false`, never the string "no"; a number is never NaN
+or infinite; no string carries a NUL byte. Every refusal is a `SpecError`: one line, exit 2,
+HTTP 400 at the API.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from placement import NumaPolicy, Request, ThreadPolicy
+from vmjobs.errors import UsageError, VmjobsError
+from vmjobs.units import parse_duration, parse_size_mib
+
+# The smallest guest known to boot the image (kernel + initramfs unpacked in RAM): 128 MiB
+# guests run in the multi-host tests; a 64 MiB one stopped before its first console line.
+MIN_MEMORY_MIB = 128
+MAX_MEMORY_MIB = 1 << 30  # 1 PiB: beyond any host; keeps the arithmetic finite
+MAX_CPUS = 4096
+MAX_NICS = 16
+MAX_PRIORITY = 1_000_000
+# The longest time limit or wait: far past any job, far below what a timer can wait for
+# (threading's TIMEOUT_MAX; `--time-limit 300000d` once killed the scheduler thread).
+MAX_DURATION_S = 366 * 86400
+HUGEPAGE_KIB = {"2M": 2048, "1G": 1 << 20}
+DEFAULT_MEMORY_MIB = 256
+RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
+
+FIELDS = ("argv", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
+          "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
+          "wait_timeout", "no_wait", "input", "output")
+# names used before this spec existed (YAML, API, store): a refusal names the new one
+RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "time_limit",
+           "time_limit_s": "time_limit", "timeout_s": "time_limit",
+           "wait_timeout_s": "wait_timeout", "label": "labels"}
+# the command-line option of each field, for messages about values typed there
+OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
+           "wait_timeout": "--wait-timeout", "labels": "--label"}
+
+
+class SpecError(UsageError):
+    """A job spec that is refused: one line, a usage error (exit 2; HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A checked job spec. Units: `mem` MiB, `time_limit`/`wait_timeout` seconds."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cpus: int = 1
+    mem: int = DEFAULT_MEMORY_MIB
+    nics: int = 0
+    numa: NumaPolicy = NumaPolicy.PREFER
+    threads: ThreadPolicy = ThreadPolicy.DEDICATED
+    hugepages: str | None = None  # a key of HUGEPAGE_KIB
+    mem_nodes: bool = False  # memory-only nodes (CXL, HBM) may supply memory
+    labels: Mapping[str, str] = field(default_factory=dict)
+    host: str | None = None
+    pool: str | None = None
+    image: str = "default"
+    priority: int = 0
+    preemptible: bool = False
+    time_limit: float | None = None
+    wait_timeout: float | None = None
+    no_wait: bool = False
+    input: str | None = None
+    output: str | None = None
+
+    def request(self) -> Request:
+        """What the placement engine is asked for."""
+        return Request(cpus=self.cpus, memory_mib=self.mem, nics=self.nics, numa=self.numa,
+                       threads=self.threads,
+                       hugepage_kib=HUGEPAGE_KIB[self.hugepages] if self.hugepages else None,
+                       host=self.host, pool=self.pool, labels=tuple(sorted(self.labels.items())),
+                       priority=self.priority, preemptible=self.preemptible,
+                       mem_nodes=self.mem_nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical JSON form: what the CLI sends to the API and the store keeps.
+        `parse(spec.to_dict()) == spec`."""
+        return {
+            "argv": list(self.argv), "env": dict(self.env), "cpus": self.cpus,
+            "mem": f"{self.mem}M", "nics": self.nics, "numa": self.numa.value,
+            "threads": self.threads.value, "hugepages": self.hugepages,
+            "mem_nodes": self.mem_nodes,
+            "labels": dict(self.labels), "host": self.host, "pool": self.pool,
+            "image": self.image, "priority": self.priority, "preemptible": self.preemptible,
+            "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
+            "no_wait": self.no_wait, "input": self.input, "output": self.output,
+        }
+
+
+def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
+          source: str = "", options: Mapping[str, str] | None = None) -> Spec:
+    """Check every field of `data` and build a `Spec`.
+
+    Values of the fields named in `typed` (default: all) must have their JSON/YAML type; the
+    others came from the command line as text (`"4"` for `cpus`, `("K=V",)` for `env`) and
+    are named by their option in messages. `source` prefixes messages about typed values
+    (e.g. "-f job.yaml"); `options` overrides the option names (e.g. `--timeout` for
+    `time_limit`). Raises SpecError (one line) on the first problem.
+    """
+    typed = frozenset(data) if typed is None else typed
+    unknown = sorted(set(map(str, data)) - set(FIELDS))
+    if unknown:
+        hints = [f"{k} (now: {RENAMED[k]})" if k in RENAMED else k for k in unknown]
+        where = f"{source}: " if source else ""
+        raise SpecError(f"{where}unknown field(s) {', '.join(hints)} (allowed: "
+                        f"{', '.join(FIELDS)}; see docs/user-guide.md)")
+    fields = _Fields(data, typed, source, {**OPTIONS, **(options or {})})
+    no_wait = fields.flag("no_wait")
+    wait_timeout = fields.duration("wait_timeout")
+    if no_wait and wait_timeout is not None:
+        raise SpecError("give either --no-wait or --wait-timeout, not both")
+    return Spec(
+        argv=fields.argv(), env=fields.pairs("env", _env_name), cpus=fields.integer(
+            "cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
+            "nics", 0, 0, MAX_NICS),
+        numa=NumaPolicy(fields.choice("numa", [p.value for p in NumaPolicy],
+                                      NumaPolicy.PREFER.value)),
+        threads=ThreadPolicy(fields.choice("threads", [t.value for t in ThreadPolicy],
+                                           ThreadPolicy.DEDICATED.value)),
+        hugepages=fields.choice("hugepages", list(HUGEPAGE_KIB), None),
+        mem_nodes=fields.flag("mem_nodes"),
+        labels=fields.pairs("labels", _label_name), host=fields.text("host"),
+        pool=fields.text("pool"), image=fields.text("image") or "default",
+        priority=fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
+        preemptible=fields.flag("preemptible"), time_limit=fields.duration("time_limit"),
+        wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
+        output=fields.text("output"),
+    )
+
+
+def check_paths(spec: Spec) -> None:
+    """The local directories a command-line spec names (before anything is reserved)."""
+    if spec.input is not None and not Path(spec.input).is_dir():
+        raise SpecError(f"--input {spec.input}: not a directory")
+    if spec.output is not None and Path(spec.output).exists() \
+            and not Path(spec.output).is_dir():
+        raise SpecError(f"--output {spec.output}: exists and is not a directory")
+
+
+def time_limit_of(stored: Mapping[str, Any]) -> float | None:
+    """A stored spec's time limit in seconds (records written before the spec: `timeout_s`)."""
+    value = stored.get("time_limit", stored.get("timeout_s"))
+    return float(value) if value else None
+
+
+def wait_timeout_of(stored: Mapping[str, Any]) -> float | None:
+    value = stored.get("wait_timeout", stored.get("wait_timeout_s"))
+    return float(value) if value is not None else None
+
+
+def _env_name(name: str) -> str | None:
+    if not _ENV_NAME.match(name):
+        return f"invalid --env name {name!r}: use letters, digits and _"
+    if name in RESERVED_ENV or re.fullmatch(r"NIC\d+", name):
+        return f"--env {name} is set by vmjob and cannot be overridden"
+    return None
+
+
+def _label_name(name: str) -> str | None:
+    if not _LABEL_NAME.match(name):
+        return f"invalid --label name {name!r}: use letters, digits and . _ - /"
+    return None
+
+
+class _Fields:
+    """The per-field checks; each names the field as its source spells it."""
+
+    def __init__(self, data: Mapping[str, Any], typed: frozenset[str], source: str,
+                 options: Mapping[str, str]) -> None:
+        self.data, self.typed, self.source, self.options = data, typed, source, options
+
+    def name(self, key: str) -> str:
+        if key in self.typed:
+            return f"{self.source}: {key}" if self.source else key
+        return self.options.get(key, "--" + key.replace("_", "-"))
+
+    def fail(self, key: str, problem: str) -> SpecError:
+        return SpecError(f"{self.name(key)} {problem}")
+
+    def _no_nul(self, key: str, value: str) -> str:
+        if "\0" in value:
+            raise self.fail(key, "contains a NUL byte")
+        return value
+
+    def argv(self) -> tuple[str, ...]:
+        value = self.data.get("argv")
+        if value is None or (isinstance(value, list | tuple) and not value):
+            raise SpecError("no command given: put it after --, e.g. vmjob run -- ./simulate")
+        if not isinstance(value, list | tuple) or not all(isinstance(a, str) for a in value):
+            raise self.fail("argv", "must be a list of strings")
+        for arg in value:
+            if "\0" in arg:
+                raise SpecError(f"argument {arg!r} of the command contains a NUL byte")
+        return tuple(value)
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if key not in self.typed and isinstance(value, str) \
+                and re.fullmatch(r"[+-]?\d{1,12}", value.strip()):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"must be an integer from {low} to {high}, not {value!r}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.data.get(key, False)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, not {value!r}")
+        return value
+
+    def text(self, key: str) -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "must be a non-empty string")
+        return self._no_nul(key, value)
+
+    def choice(self, key: str, allowed: list[str], default: str | None) -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise self.fail(key, f"must be one of {', '.join(allowed)}, not {value!r}")
+        return str(value)
+
+    def duration(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                seconds = parse_duration(self._no_nul(key, value), self.name(key))
+            except VmjobsError as exc:
+                raise SpecError(str(exc)) from None
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+            if not math.isfinite(seconds) or seconds <= 0:
+                raise self.fail(key, f"must be a positive number of seconds, not {value!r}")
+        else:
+            raise self.fail(key, f"must be a duration (90s, 5m, 2h) or seconds, not {value!r}")
+        if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
+            raise self.fail(key, f"{value!r} is longer than the longest supported "
+                                 f"({MAX_DURATION_S // 86400}d)")
+        return seconds
+
+    def memory(self) -> int:
+        key = "mem"
+        value = self.data.get(key)
+        if value is None:
+            return DEFAULT_MEMORY_MIB
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise self.fail(key, f"must be a size (512M, 1.5G) or a number of bytes, "
+                                 f"not {value!r}")
+        text = self._no_nul(key, str(value)).strip()
+        try:
+            mib = parse_size_mib(text, self.name(key))
+        except VmjobsError as exc:
+            raise SpecError(str(exc)) from None
+        if mib > MAX_MEMORY_MIB:
+            raise self.fail(key, f"{value!r} is larger than any host")
+        bytes_only = text.isdigit()
+        if mib < MIN_MEMORY_MIB or (bytes_only and int(text) < MIN_MEMORY_MIB << 20):
+            hint = f"; did you mean {text}M?" if bytes_only else ""
+            unit = " bytes" if bytes_only else ""
+            raise self.fail(key, f"{text}{unit} is too small to boot a guest (at least "
+                                 f"{MIN_MEMORY_MIB}M){hint}")
+        return mib
+
+    def pairs(self, key: str, check: Any) -> dict[str, str]:
+        """`env`/`labels`: a mapping (typed) or NAME=VALUE texts (command line)."""
+        value = self.data.get(key)
+        if value is None:
+            return {}
+        pairs: dict[str, str] = {}
+        if key in self.typed:
+            if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise self.fail(key, "must map names to strings")
+            items = list(value.items())
+        else:
+            items = []
+            for pair in value:
+                name, sep, text = str(pair).partition("=")
+                if not sep or not name:
+                    raise SpecError(f"invalid {self.name(key)} {pair!r}: use NAME=VALUE")
+                items.append((name, text))
+        for name, text in items:
+            problem = check(self._no_nul(key, name))
+            if problem:
+                raise SpecError(problem)
+            pairs[name] = self._no_nul(key, text)
+        return pairs

@@ -57,8 +57,9 @@ INITIAL = frozenset({_S.QUEUED, _S.PLACED})
 # guest's job can get (its exit status, a cancel, its time limit).
 _ENDS = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.TIMEOUT})
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    # placed by the scheduler; cancelled or given up (--wait-timeout) while waiting
-    _S.QUEUED: frozenset({_S.PLACED, _S.CANCELLED, _S.EXPIRED}),
+    # placed by the scheduler; cancelled or given up (--wait-timeout) while waiting; failed
+    # when a scheduling pass raised on it (the scheduler ends that job and goes on)
+    _S.QUEUED: frozenset({_S.PLACED, _S.CANCELLED, _S.EXPIRED, _S.FAILED}),
     # launching; failing to launch; host lost; back to the queue at recovery (no guest yet);
     # a restore's new placement, then restoring or (restore refused) checkpointed again
     _S.PLACED: frozenset({_S.STARTING, _S.FAILED, _S.LOST, _S.QUEUED, _S.RESTORING,

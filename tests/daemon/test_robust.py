@@ -160,6 +160,8 @@ def test_a_launch_that_raises_after_the_guest_started_ends_the_job_failed(
         daemon: Daemon, guests: list[str],  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
     def started(record: JobRecord) -> tuple[libvirt.virDomain, str]:
+        with daemon.lock:  # as the real one does before createXML
+            daemon.store.transition(record.id, JobState.STARTING, "starting (test)")
         run_guest(guests, record.id)
         return libvirt.open("test:///default").lookupByName(f"vmjob-{record.id}"), "test"
 

@@ -95,8 +95,16 @@ STORE_MODE = 0o600
 def _make_private(path: Path) -> None:
     """The store holds every job's argv and environment: root's alone. Create it 0600 before
     SQLite opens it (SQLite gives its -wal and -shm files the main file's mode) and narrow
-    the files of a store made before this rule."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, STORE_MODE))
+    the files of a store made before this rule.
+
+    An existing store file is never opened here: closing any descriptor of a file drops every
+    POSIX lock this process holds on it, including those of SQLite connections the process
+    already has (the daemon's own, when a mover opens a second one). SQLite then takes itself
+    for the last user, checkpoints and resets the WAL under the other connection, whose
+    later commits land in a file nobody reads: a job's end recorded, logged and lost."""
+    if not path.exists():
+        with suppress(FileExistsError):  # another process made it meanwhile
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, STORE_MODE))
     for suffix in ("", "-wal", "-shm"):
         with suppress(FileNotFoundError):
             os.chmod(f"{path}{suffix}", STORE_MODE)

@@ -498,3 +498,35 @@ def test_a_store_written_before_notes_is_upgraded_and_stays_readable(tmp_path: P
     assert s.ran_on("old") == ["h1"]
     s.close()
     Store(path).close()  # upgrading twice is harmless
+
+
+def test_a_second_store_in_one_process_never_loses_the_first_ones_writes(tmp_path: Path) -> None:
+    """Opening (and closing) another connection in the same process — the daemon's movers do —
+    must not drop the first connection's locks: its later commits stay visible to everyone."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    path = tmp_path / "state.db"
+    first = Store(path, shared=True)
+    first.add_job(JobRecord(id="a", owner="u", uid=1, state=JobState.QUEUED, spec={}),
+                  Request(cpus=1, memory_mib=128), None, "submitted")
+    second = Store(path, shared=True)
+    second.note("a", "seen by the second connection")
+    second.close()
+    code = ("import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+            "print(db.execute(\"SELECT state FROM jobs WHERE id = 'a'\").fetchone()[0]); "
+            "db.close()")
+
+    def state_seen_by_another_process() -> str:
+        # a reader that closes last in its own view checkpoints and resets the WAL unless the
+        # first connection's locks still tell it otherwise (`vmjob` clients do this all day)
+        seen = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                              text=True, timeout=60)
+        return seen.stdout.strip() or seen.stderr
+
+    assert state_seen_by_another_process() == "QUEUED"
+    first.transition("a", JobState.CANCELLED, "cancelled through the first connection")
+    assert state_seen_by_another_process() == "CANCELLED"
+    first.close()
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM events").fetchone()[0] == 3

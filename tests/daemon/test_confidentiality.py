@@ -16,14 +16,14 @@ import socket
 import subprocess
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.daemon.conftest import Daemon
-from tests.daemon.users import User, as_user, make_users
+from tests.daemon.users import User, as_user, make_users, run_as
 from vmjobs.client import Client
 from vmjobs.transport import Target
 
@@ -46,31 +46,6 @@ def daemon(make_daemon: Any) -> Iterator[Daemon]:
 
 
 # --- acting as a user ------------------------------------------------------------------------
-
-
-def run_as(user: User, fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) in a child that has become `user` (uid, gid, groups); its JSON result."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            os.close(read_end)
-            os.setgroups(os.getgrouplist(user.name, user.gid))
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-            result = fn(*args)
-            with os.fdopen(write_end, "w") as pipe:
-                json.dump(result, pipe)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, f"child failed: {fn.__name__}"
-    return json.loads(data)
 
 
 def try_reads(paths: list[str]) -> dict[str, str]:

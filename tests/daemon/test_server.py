@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.daemon.conftest import ROOT, Daemon, write_config
-from tests.daemon.users import ADMIN_GROUP, User, as_user, make_users
+from tests.daemon.users import ADMIN_GROUP, User, as_user, become, make_users, run_as
 from vmjobs.client import ApiFailure, Client
 from vmjobs.errors import VmjobsError
 from vmjobs.transport import Target
@@ -69,12 +69,6 @@ def running(daemon: Daemon, soft_nofile: int | None = None) -> Iterator[Daemon]:
 # --- acting as another unix user -------------------------------------------------------------
 
 
-def _become(user: User) -> None:
-    os.setgroups(os.getgrouplist(user.name, user.gid))
-    os.setgid(user.gid)
-    os.setuid(user.uid)
-
-
 def connect_as(user: User, path: Path, count: int, send: bytes = HALF_SENT
                ) -> list[socket.socket]:
     """`count` connections made by `user` (SO_PEERCRED is fixed at connect), each having sent
@@ -85,7 +79,7 @@ def connect_as(user: User, path: Path, count: int, send: bytes = HALF_SENT
         code = 1
         try:
             ours.close()
-            _become(user)
+            become(user)
             for _ in range(count):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.connect(str(path))  # blocking: waits while the listen queue is full
@@ -111,32 +105,6 @@ def connect_as(user: User, path: Path, count: int, send: bytes = HALF_SENT
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return socks
-
-
-def run_as(user: User, work: Callable[[], Any]) -> Any:
-    """`work()` in a child running as `user`; its JSON-able result, or {"raised": message}."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_end)
-            _become(user)
-            try:
-                result = work()
-            except Exception as exc:  # reported to the parent, which asserts on it
-                result = {"raised": f"{type(exc).__name__}: {exc}"}
-            with os.fdopen(write_end, "w") as pipe:
-                json.dump(result, pipe)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data
-    return json.loads(data)
 
 
 def status_of(path: Path, timeout: float = BOUND_S) -> Callable[[], Any]:

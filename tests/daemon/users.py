@@ -11,9 +11,10 @@ import json
 import os
 import pwd
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from click.testing import CliRunner
 
@@ -50,25 +51,29 @@ def make_users(count: int) -> Iterator[list[User]]:
         subprocess.run(["groupdel", ADMIN_GROUP], check=False, capture_output=True)
 
 
-def as_user(user: User, *args: str) -> Result:
-    """`vmjob ARGS...` as `user`: exit code, stdout, stderr."""
-    from vmjobs.cli import cli
+def become(user: User) -> None:
+    """Drop to `user`'s uid, gid and groups (in a forked child: there is no way back)."""
+    os.setgroups(os.getgrouplist(user.name, user.gid))
+    os.setgid(user.gid)
+    os.setuid(user.uid)
 
+
+def run_as(user: User, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a forked child that has become `user`; its JSON-able result. An exception
+    in fn comes back as {"raised": "Type: message"} for the caller to assert on."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: become the user, run the CLI, report, never return
+    if pid == 0:  # the child: become the user, run, report, never return
         code = 99
         try:
             os.close(read_end)
-            os.setgroups(os.getgrouplist(user.name, user.gid))
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-            os.environ["HOME"] = "/"
-            os.environ.pop("VMJOBS_URL", None)
-            result = CliRunner().invoke(cli, list(args))
-            payload = {"code": result.exit_code, "out": result.stdout, "err": result.stderr}
+            become(user)
+            try:
+                result = fn(*args)
+            except Exception as exc:  # reported to the parent, which asserts on it
+                result = {"raised": f"{type(exc).__name__}: {exc}"}
             with os.fdopen(write_end, "w") as pipe:
-                json.dump(payload, pipe)
+                json.dump(result, pipe)
             code = 0
         finally:
             os._exit(code)
@@ -76,6 +81,20 @@ def as_user(user: User, *args: str) -> Result:
     with os.fdopen(read_end) as pipe:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, f"child failed: {args}"
-    payload = json.loads(data)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, \
+        f"child failed: {getattr(fn, '__name__', fn)}"
+    return json.loads(data)
+
+
+def as_user(user: User, *args: str) -> Result:
+    """`vmjob ARGS...` as `user`: exit code, stdout, stderr."""
+    def invoke() -> dict[str, Any]:
+        from vmjobs.cli import cli
+
+        os.environ["HOME"] = "/"
+        os.environ.pop("VMJOBS_URL", None)
+        result = CliRunner().invoke(cli, list(args))
+        return {"code": result.exit_code, "out": result.stdout, "err": result.stderr}
+
+    payload = run_as(user, invoke)
     return Result(payload["code"], payload["out"], payload["err"])

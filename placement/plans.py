@@ -18,6 +18,7 @@ from enum import StrEnum
 from itertools import count
 
 from placement.cluster import Cluster
+from placement.errors import Conflict
 from placement.filters import HOST_FILTERS, anti_affinity, free_nics, units
 from placement.fit import fit_host
 from placement.ledger import HostLedger, claim, copy_ledger, pages_for
@@ -359,7 +360,48 @@ def _relocate(work: Cluster, away_from: str, request: Request, jobs: Iterable[st
         else:
             _undo(work, held, actions)
             return None
-    return actions
+    ordered = _executable_order(work, held, actions)
+    if ordered is None:
+        _undo(work, held, actions)
+    return ordered
+
+
+def _executable_order(work: Cluster, held: dict[str, tuple[Allocation, Request | None]],
+                      actions: list[Action]) -> list[Action] | None:
+    """`actions` in an order in which each can be carried out, one at a time, from the cluster
+    as it is before any of them; None when there is none (two jobs trading places).
+
+    The jobs were released together and placed one by one, so a job re-pinned on the host may
+    have been given cpus (or node memory) that another job being moved still holds until its
+    own move: that move must come first. Migrations and checkpoints leave the host and never
+    wait; re-pins go as soon as what they land on is free."""
+    if sum(isinstance(a, Repin) for a in actions) == 0 or len(actions) < 2:
+        return actions
+    trial = work.copy()
+    for action in actions:
+        if not isinstance(action, Checkpoint):
+            trial.release(action.job_id)
+    for job_id, (alloc, theirs) in held.items():
+        trial.reserve(job_id, alloc, theirs)
+    pending = sorted(actions, key=lambda a: isinstance(a, Repin))  # stable: moves away first
+    order: list[Action] = []
+    while pending:
+        for action in pending:
+            alloc, theirs = held[action.job_id]
+            trial.release(action.job_id)
+            if isinstance(action, Checkpoint):
+                break
+            assert action.allocation is not None
+            try:
+                trial.reserve(action.job_id, action.allocation, theirs)
+                break
+            except Conflict:
+                trial.reserve(action.job_id, alloc, theirs)  # not yet: put it back
+        else:
+            return None
+        order.append(action)
+        pending.remove(action)
+    return order
 
 
 def _undo(work: Cluster, held: dict[str, tuple[Allocation, Request | None]],

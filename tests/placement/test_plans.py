@@ -6,7 +6,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from placement import Allocation, Cluster, Host, NodeShare, NumaPolicy, Request
-from placement.plans import Checkpoint, Migrate, Repin, apply_plan, plan_rebalance, plan_to_fit
+from placement.plans import (
+    Checkpoint,
+    Migrate,
+    Plan,
+    Repin,
+    _relocate,
+    apply_plan,
+    plan_rebalance,
+    plan_to_fit,
+)
 from placement.synthetic import make_host
 from tests.placement.strategies import hosts, plain_requests
 
@@ -259,3 +268,26 @@ def test_an_unmovable_member_rules_its_host_out() -> None:
                        time_budget_s=None)
     assert plan.found and [a.job_id for a in plan.actions] == ["dear"]
     assert plan.allocation is not None and plan.allocation.host == "c"
+
+
+
+def test_a_repin_waits_for_the_job_whose_cpus_it_takes() -> None:
+    """Making room on node 1 of `a` moves `big` (node 1) and `span` (nodes 0 and 1) off it.
+    Released together and placed biggest first, `big` is re-pinned onto cpus 2, 3 of node 0,
+    which `span` holds until its own move to `b`: carried out in that order the re-pin hits a
+    Conflict (Hypothesis found this shape). The plan's order puts `span`'s move first."""
+    cluster = Cluster([make_host("a", nodes=2, cores=4, memory_mib=8192),
+                       make_host("b", nodes=1, cores=4, memory_mib=8192)])
+    pinned(cluster, "other", "a", 0, (0, 1), 512)
+    pinned(cluster, "big", "a", 1, (5, 6), 4096)
+    span = Allocation("a", (2, 3, 4), 1024, (NodeShare(0, (2, 3), 512), NodeShare(1, (4,), 512)))
+    cluster.reserve("span", span, Request(3, 1024, numa=NumaPolicy.PREFER))
+    work = cluster.copy()
+    actions = _relocate(work, "a", Request(4, 1024, numa=NumaPolicy.STRICT), ["big", "span"],
+                        "pack", off_node=1)
+    assert actions is not None
+    assert [(type(a), a.job_id) for a in actions] == [(Migrate, "span"), (Repin, "big")]
+    assert actions[1].allocation is not None and set(actions[1].allocation.cpus) == {2, 3}
+    # carried out one at a time, in order, on the cluster as it was
+    after = apply_plan(cluster, Plan(True, tuple(actions), 0, ""))
+    assert after.allocation_of("big") == actions[1].allocation

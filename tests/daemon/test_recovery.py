@@ -133,9 +133,8 @@ def test_a_libvirtd_restart_or_stall_is_not_a_lost_job(make_daemon: Any, far: An
     script = (f"i=0; while [ $i -lt {LINES} ]; do echo line $i; i=$((i+1)); sleep 0.5; done; "
               "exit 7")
     job_id = client.submit({"argv": ["sh", "-c", script], "host": "far"})["id"]
-    console = daemon.spool / "jobs" / job_id / "console.far.log"
-    wait_for(lambda: console.exists() and "line 3" in console.read_text(errors="replace"),
-             90, "the job printing", daemon)
+    wait_for(lambda: "line 3" in daemon.vmjob("logs", job_id).stdout, 90, "the job printing",
+             daemon)
 
     back = farhost.disturb_libvirtd(far, far_dir, how)
     wait_for(lambda: states(daemon, [job_id])[job_id] == "RUNNING"

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from placement import Cluster, apply_plan, plan_rebalance  # noqa: E402
 from placement.fragments import fragment_rate, move_to_node  # noqa: E402
 from placement.plans import Action, Plan  # noqa: E402
+from placement.sim import positive_count  # noqa: E402
 from placement.snapshot import cluster_from_snapshot  # noqa: E402
 
 SIZES = (1, 2, 4, 8, 16, 32)
@@ -153,22 +154,11 @@ def row(label: str, snapshot: dict[str, Any], with_exact: bool, seconds: float) 
         print(" | ".join(cells))
 
 
-def _positive(text: str) -> int:
-    """argparse type: a whole number >= 1 (a snapshot of no host has no fragment rate)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small-hosts", type=_positive, default=6,
+    parser.add_argument("--small-hosts", type=positive_count, default=6,
                         help="hosts of the three small snapshots, solved exactly too (default 6)")
-    parser.add_argument("--hosts", type=_positive, default=300,
+    parser.add_argument("--hosts", type=positive_count, default=300,
                         help="hosts of the large snapshot, ours vs greedy only (default 300)")
     parser.add_argument("--seed", type=int, default=1,
                         help="first seed; the small snapshots use it and the next two (default 1)")

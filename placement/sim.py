@@ -372,8 +372,8 @@ def parse_mib(text: str) -> int:
     return int(float(value[:-1]) * scale)
 
 
-def _count(text: str) -> int:
-    """A positive whole number, for argparse."""
+def positive_count(text: str) -> int:
+    """A whole number >= 1, for argparse (also the benchmarks' argument type)."""
     try:
         value = int(text)
     except ValueError:
@@ -412,13 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--cores-per-node 128 --policy pack --jobs-csv starts.csv",
     )
     parser.add_argument("trace", help="SWF file (Parallel Workloads Archive format)")
-    parser.add_argument("--hosts", type=_count, default=8)
-    parser.add_argument("--nodes-per-host", type=_count, default=2)
-    parser.add_argument("--cores-per-node", type=_count, default=16)
+    parser.add_argument("--hosts", type=positive_count, default=8)
+    parser.add_argument("--nodes-per-host", type=positive_count, default=2)
+    parser.add_argument("--cores-per-node", type=positive_count, default=16)
     parser.add_argument("--mem-per-node", type=_size, default=65536,
                         help="memory per NUMA node, e.g. 64G or 65536 (MiB)")
     parser.add_argument("--policy", choices=(*POLICIES, "all"), default="all")
-    parser.add_argument("--plan-steps", type=_count, default=200,
+    parser.add_argument("--plan-steps", type=positive_count, default=200,
                         help="search bound of each plan_to_fit attempt (pack+migrate)")
     parser.add_argument("--jobs-csv", metavar="FILE",
                         help="write one row per job (job,submit,start,end,host,cpus,status; "

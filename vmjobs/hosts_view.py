@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import placement
 from placement import HostUsage
 from vmjobs.config import Config
-from vmjobs.hostconn import connect_hosts
+from vmjobs.hostconn import Reached, connect_hosts
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
 
@@ -39,14 +40,21 @@ class HostView:
         return data
 
 
-def host_views(config: Config, only: str | None = None) -> list[HostView]:
+def live_cluster(config: Config, only: str | None = None) -> tuple[placement.Cluster, Reached]:
+    """The engine's view of the configured hosts (or `only`) as they are now: inventory from
+    libvirt, holdings and cordons from the store. The connections are closed on return; the
+    `Reached` is kept for what it says about the hosts (errors, warnings)."""
     reached = connect_hosts(config, only)
     store = Store(config.state_db)
     try:
-        cluster = snapshot(store, reached.hosts)
+        return snapshot(store, reached.hosts), reached
     finally:
         store.close()
         reached.close()
+
+
+def host_views(config: Config, only: str | None = None) -> list[HostView]:
+    cluster, reached = live_cluster(config, only)
     chosen = [config.host(only)] if only else config.hosts
     return [
         HostView(h.name, h.uri, cluster.free(h.name) if h.name in cluster.hosts else None,

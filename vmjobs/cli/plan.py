@@ -13,9 +13,7 @@ from placement import Migrate, Plan, Repin, apply_plan, plan_rebalance
 from placement.fragments import objective_value
 from placement.plans import Objective
 from placement.snapshot import SnapshotError, cluster_from_snapshot, snapshot_of
-from vmjobs.hostconn import connect_hosts
-from vmjobs.runner import snapshot
-from vmjobs.store import Store
+from vmjobs.hosts_view import live_cluster
 
 OBJECTIVES = click.Choice([o.value for o in Objective])
 
@@ -117,14 +115,7 @@ def snapshot_command(obj: Any, output: str | None) -> None:
       vmjob plan snapshot > cluster.json
       vmjob plan snapshot -o cluster.json
     """
-    config = obj.config
-    reached = connect_hosts(config, None)
-    store = Store(config.state_db)
-    try:
-        cluster = snapshot(store, reached.hosts)
-    finally:
-        store.close()
-        reached.close()
+    cluster, _reached = live_cluster(obj.config)
     text = json.dumps(snapshot_of(cluster), indent=2) + "\n"
     if output is None:
         click.echo(text, nl=False)

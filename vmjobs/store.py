@@ -71,6 +71,43 @@ CREATE TABLE IF NOT EXISTS cordons (
 );
 """
 
+# Indexes for every query the daemon makes per request or per pass, so each costs O(answer),
+# not O(table). Created on open, so a spool written before them gets them then.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+CREATE INDEX IF NOT EXISTS jobs_uid ON jobs(uid, state, created);
+CREATE INDEX IF NOT EXISTS jobs_held ON jobs(created) WHERE allocation IS NOT NULL;
+CREATE INDEX IF NOT EXISTS cpu_reservations_job ON cpu_reservations(job_id);
+CREATE INDEX IF NOT EXISTS device_reservations_job ON device_reservations(job_id);
+"""
+
+# The change log of holdings: a row for every job whose allocation changes (placed, released,
+# moved, re-pinned, created or deleted holding something) and every host cordoned or
+# uncordoned, written by triggers, so every writer shows up in it — the daemon's connection,
+# a mover's own connection, a direct `vmjob run` in another process, an older vmjobs — and a
+# rolled-back transaction leaves nothing. The daemon's live cluster model
+# (`vmjobs.daemon.live`) reads it from the last row it applied, O(changes).
+CHANGES = """
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT,
+    host TEXT
+);
+CREATE TRIGGER IF NOT EXISTS changes_job_insert AFTER INSERT ON jobs
+    WHEN NEW.allocation IS NOT NULL
+    BEGIN INSERT INTO changes (job_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS changes_job_update AFTER UPDATE OF allocation ON jobs
+    WHEN OLD.allocation IS NOT NEW.allocation
+    BEGIN INSERT INTO changes (job_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS changes_job_delete AFTER DELETE ON jobs
+    WHEN OLD.allocation IS NOT NULL
+    BEGIN INSERT INTO changes (job_id) VALUES (OLD.id); END;
+CREATE TRIGGER IF NOT EXISTS changes_cordon_insert AFTER INSERT ON cordons
+    BEGIN INSERT INTO changes (host) VALUES (NEW.host); END;
+CREATE TRIGGER IF NOT EXISTS changes_cordon_delete AFTER DELETE ON cordons
+    BEGIN INSERT INTO changes (host) VALUES (OLD.host); END;
+"""
+
 
 @dataclass(frozen=True)
 class Event:
@@ -144,6 +181,7 @@ class Store:
                 self.db.execute("PRAGMA foreign_keys=ON")
                 self.db.executescript(SCHEMA)
                 self._upgrade()
+                self.db.executescript(INDEXES + CHANGES)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -176,15 +214,59 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[Store]:
+        """One consistent view for several reads (a WAL read transaction); inside another
+        transaction, that one's view."""
+        if self.db.in_transaction:
+            yield self
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.db.execute("COMMIT")
+
     def held(self) -> list[Held]:
         rows = self.db.execute(
             "SELECT id, allocation, request FROM jobs WHERE allocation IS NOT NULL ORDER BY created"
         )
-        return [
-            Held(r["id"], allocation_from_dict(json.loads(r["allocation"])),
-                 request_from_dict(json.loads(r["request"])))
-            for r in rows
-        ]
+        return [_held(r) for r in rows]
+
+    def holding(self, job_id: str) -> Held | None:
+        """What one job holds now; None if it holds nothing (or does not exist)."""
+        row = self.db.execute("SELECT id, allocation, request FROM jobs WHERE id = ? AND "
+                              "allocation IS NOT NULL", (job_id,)).fetchone()
+        return _held(row) if row else None
+
+    # --- the change log of holdings (see CHANGES) ---------------------------------------------
+
+    def last_change(self) -> int:
+        """The sequence number of the latest change of holdings or cordons (0: none yet)."""
+        return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+
+    def changes_since(self, seq: int) -> tuple[int, set[str], set[str]]:
+        """(latest seq, jobs whose holding changed, hosts whose cordon changed) after `seq`."""
+        jobs: set[str] = set()
+        hosts: set[str] = set()
+        last = seq
+        for row in self.db.execute("SELECT seq, job_id, host FROM changes WHERE seq > ?"
+                                   " ORDER BY seq", (seq,)):
+            last = row["seq"]
+            if row["job_id"] is not None:
+                jobs.add(row["job_id"])
+            if row["host"] is not None:
+                hosts.add(row["host"])
+        return last, jobs, hosts
+
+    def forget_changes(self, upto: int) -> None:
+        """Drop the change log up to `upto` (applied by its only reader, the daemon)."""
+        self.db.execute("DELETE FROM changes WHERE seq <= ?", (upto,))
+
+    def cordon_of(self, host: str) -> str | None:
+        """Why `host` is cordoned; None if it is not."""
+        row = self.db.execute("SELECT reason FROM cordons WHERE host = ?", (host,)).fetchone()
+        return None if row is None else row["reason"] or ""
 
     def add_job(self, job: JobRecord, request: Request, allocation: Allocation | None,
                 reason: str) -> None:
@@ -400,21 +482,43 @@ class Store:
         )
         return [(_record(r), request_from_dict(json.loads(r["request"]))) for r in rows]
 
-    def in_states(self, states: frozenset[JobState]) -> list[JobRecord]:
+    def in_states(self, states: frozenset[JobState], uid: int | None = None) -> list[JobRecord]:
+        """Jobs in `states` (of `uid` only, when given), oldest first; through the `jobs_state`
+        or `jobs_uid` index, O(answer)."""
         marks = ", ".join("?" for _ in states)
-        rows = self.db.execute(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created, rowid",
-            [s.value for s in states],
-        )
+        values: list[object] = [s.value for s in states]
+        where = f"state IN ({marks})"
+        if uid is not None:
+            where = f"uid = ? AND {where}"
+            values.insert(0, uid)
+        rows = self.db.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY created, rowid",
+                               values)
         return [_record(r) for r in rows]
 
-    def started_at(self) -> dict[str, float]:
-        """When each job that ever ran first became RUNNING (from its events)."""
-        rows = self.db.execute(
-            "SELECT job_id, MIN(time) AS t FROM events WHERE state = ? AND note = 0 "
-            "GROUP BY job_id",
-            (JobState.RUNNING.value,),
-        )
+    def count_in(self, states: frozenset[JobState]) -> int:
+        marks = ", ".join("?" for _ in states)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})",
+                                   [s.value for s in states]).fetchone()[0])
+
+    def started_at(self, job_ids: list[str] | None = None) -> dict[str, float]:
+        """When each job that ever ran first became RUNNING (from its events); only those of
+        `job_ids` when given (O(their events) through the `events_job` index, not O(events))."""
+        if job_ids is None:
+            rows = list(self.db.execute(
+                "SELECT job_id, MIN(time) AS t FROM events WHERE state = ? AND note = 0 "
+                "GROUP BY job_id",
+                (JobState.RUNNING.value,),
+            ))
+        else:
+            rows = []
+            for chunk in range(0, len(job_ids), 500):  # SQLite's limit on bound values
+                ids = job_ids[chunk:chunk + 500]
+                marks = ", ".join("?" for _ in ids)
+                rows += self.db.execute(
+                    f"SELECT job_id, MIN(time) AS t FROM events WHERE job_id IN ({marks}) "
+                    "AND state = ? AND note = 0 GROUP BY job_id",
+                    (*ids, JobState.RUNNING.value),
+                )
         return {r["job_id"]: r["t"] for r in rows}
 
     def reservations(self) -> dict[str, int]:
@@ -433,6 +537,11 @@ class Store:
         cpus = self.db.execute("SELECT COUNT(*) FROM cpu_reservations").fetchone()[0]
         devices = self.db.execute("SELECT COUNT(*) FROM device_reservations").fetchone()[0]
         return int(cpus) + int(devices)
+
+
+def _held(row: sqlite3.Row) -> Held:
+    return Held(row["id"], allocation_from_dict(json.loads(row["allocation"])),
+                request_from_dict(json.loads(row["request"])))
 
 
 def _record(row: sqlite3.Row) -> JobRecord:

@@ -495,6 +495,10 @@ class Store:
                                values)
         return [_record(r) for r in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
     def count_in(self, states: frozenset[JobState]) -> int:
         marks = ", ".join("?" for _ in states)
         return int(self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})",

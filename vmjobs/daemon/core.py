@@ -36,8 +36,9 @@ from vmjobs.daemon.hosts import (
     HostUp,
     Note,
 )
+from vmjobs.daemon.live import LiveCluster
 from vmjobs.daemon.metrics import Metrics
-from vmjobs.daemon.queue import Wait
+from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
 from vmjobs.hostconn import destroy_quietly, lookup_domain
@@ -95,6 +96,18 @@ class Unrecorded:
 
 
 @dataclass
+class LastPass:
+    """The scheduler's last pass: what it decided on which cluster. While the cluster has not
+    changed since (`LiveCluster.version`) and the queue is the same with jobs
+    added at its end, the next pass only decides those (`queue.Planner.offer`)."""
+
+    planner: Planner
+    version: tuple[int, int, int]  # the live model's, after this pass's own reservations
+    at: float  # when the full pass it carries on was made
+    queue: tuple[str, ...]  # the jobs left waiting, in queue order
+
+
+@dataclass
 class SchedulerState:
     """What `/v1/status` says about the scheduler thread."""
 
@@ -116,6 +129,11 @@ class Daemon:
         self.changed = threading.Condition(self.lock)
         self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
+        # the engine's view, kept current by change (never rebuilt per pass)
+        self.live = LiveCluster(self.store, self.hosts.inventory,
+                                lambda: self.hosts.generation)
+        # the scheduler's last pass, carried on while only the queue's end changes
+        self.last_pass: LastPass | None = None
         self.active: dict[str, Active] = {}
         self.waits: dict[str, Wait] = {}  # the last scheduling pass's verdict per queued job
         self.dirty = True

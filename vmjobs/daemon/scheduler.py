@@ -1,8 +1,9 @@
 """The scheduler: wakes on a change (submit, job end, cancel, host up/down) or on the next
 deadline (a time limit, a --wait-timeout), never on a polling interval.
 
-Each pass, under the daemon's lock: expire what is due, then plan the queue (`queue.plan`) on
-a snapshot of hardware (libvirt inventory) and holdings (the store), and reserve what starts
+Each pass, under the daemon's lock: expire what is due, then plan the queue (`queue.Planner`)
+on the live cluster model (`daemon.live`: hardware and holdings, kept current by change), and
+reserve what starts
 inside the store's write lock — the same transaction discipline as `vmjob run` — before
 launching the guests on their own threads.
 """
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 
 from placement import Request
 from vmjobs.daemon import moves
-from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
-from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
+from vmjobs.daemon.core import Active, Daemon, LastPass, Phase, time_limit_of
+from vmjobs.daemon.queue import Holding, Plan, Planner, Waiting, order
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
-from vmjobs.runner import describe_allocation, snapshot
+from vmjobs.runner import describe_allocation
 
 log = logging.getLogger("vmjobs.daemon")
 Queue = list[tuple[JobRecord, Request]]
@@ -29,6 +30,8 @@ Queue = list[tuple[JobRecord, Request]]
 # number) is looked at again then. Condition.wait refuses NaN and timeouts past time_t.
 MAX_SLEEP_S = 3600.0
 RETRY_AFTER_FAILURE_S = 5.0
+# A pass carried on with new jobs (see `schedule`) is replaced by a full one this often.
+FULL_PASS_EVERY_S = 30.0
 
 
 @dataclass
@@ -167,10 +170,12 @@ def next_deadline(daemon: Daemon, queue: Queue) -> float | None:
 
 
 def holdings(daemon: Daemon, now: float) -> list[Holding]:
-    """Who holds resources and when each must end at the latest, from the time limits."""
-    started = daemon.store.started_at()
+    """Who holds resources and when each must end at the latest, from the time limits.
+    O(active jobs): read only when a job waits (`queue.plan` asks for it then)."""
+    records = daemon.store.in_states(ACTIVE)
+    started = daemon.store.started_at([r.id for r in records])
     held = []
-    for record in daemon.store.in_states(ACTIVE):
+    for record in records:
         limit = time_limit_of(record)
         active = daemon.active.get(record.id)
         if active is not None and active.ends_at is not None:
@@ -185,16 +190,34 @@ def holdings(daemon: Daemon, now: float) -> list[Holding]:
 
 def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
              current: Pass | None = None) -> Plan:
-    """One pass: reserve and launch what may start; remember why the others wait."""
+    """One pass: reserve and launch what may start; remember why the others wait.
+
+    The pass plans on the live cluster model (`daemon.live`), refreshed inside the store's
+    write lock from what changed since the last pass. When nothing changed but jobs added at
+    the queue's end, the last pass is carried on with those alone (`LastPass`), so a submit
+    to a full cluster costs O(the new job), not O(queue + holders); a full pass is made at
+    least every FULL_PASS_EVERY_S, so that running jobs' end times (backfill) stay current."""
     current = current or Pass()
     queued = daemon.store.queued() if queue is None else queue
     if not queued:
         daemon.waits = {}
+        daemon.last_pass = None
         return Plan((), ())
-    waiting = [Waiting(r.id, request, time_limit_of(r)) for r, request in queued]
+    waiting = order([Waiting(r.id, request, time_limit_of(r)) for r, request in queued])
     with daemon.store.reserving():
-        cluster = snapshot(daemon.store, daemon.hosts.inventory())
-        result = plan(cluster, waiting, holdings(daemon, now), now)
+        daemon.live.refresh()
+        last = daemon.last_pass
+        ids = tuple(w.job_id for w in waiting)
+        carried = (last is not None and last.version == daemon.live.version
+                   and now - last.at < FULL_PASS_EVERY_S
+                   and ids[:len(last.queue)] == last.queue)
+        if carried:
+            assert last is not None
+            planner = last.planner
+            result = planner.offer(waiting[len(last.queue):], now)
+        else:
+            planner = Planner(daemon.live.cluster(), lambda: holdings(daemon, now))
+            result = planner.offer(waiting, now)
         for start in result.starts:
             current.job_id = start.job_id
             how = "backfilled: it ends before the first in line is due or leaves it room" \
@@ -202,7 +225,16 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
             # the placement stays in the timeline after the reservation is released
             daemon.store.assign(start.job_id, start.allocation,
                                 f"{how}: {describe_allocation(start.allocation)}")
-    daemon.waits = {w.job_id: w for w in result.waits}
+        daemon.live.refresh()  # this pass's own reservations: O(starts)
+        daemon.live.prune()
+        started = {s.job_id for s in result.starts}
+        since = last.at if carried and last is not None else now
+        daemon.last_pass = LastPass(planner, daemon.live.version, since,
+                                    tuple(i for i in ids if i not in started))
+    if carried:
+        daemon.waits.update((w.job_id, w) for w in result.waits)
+    else:
+        daemon.waits = {w.job_id: w for w in result.waits}
     limits = {w.job_id: w.time_limit_s for w in waiting}
     for start in result.starts:
         current.job_id = start.job_id

@@ -117,13 +117,16 @@ class Api:
             queued = daemon.store.count_in(frozenset({JobState.QUEUED}))
             running = daemon.store.count_in(ACTIVE)
             unreachable = daemon.store.count_in(frozenset({JobState.UNREACHABLE}))
+            recent = [[round(t * 1000, 3), n] for t, n in daemon.scheduler.recent]
         return Json({
             "version": __version__, "pid": os.getpid(), "socket": str(daemon.config.socket),
             "queued": queued, "active": running, "unreachable": unreachable,
             "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
             "scheduler": {"running": daemon.scheduler.running,
                           "failed_passes": daemon.scheduler.failed_passes,
-                          "last_failure": daemon.scheduler.last_failure},
+                          "last_failure": daemon.scheduler.last_failure,
+                          "passes": daemon.scheduler.passes,
+                          "recent_passes": recent},
             "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
             "warnings": system_warnings(daemon.config),
         })

@@ -9,6 +9,7 @@ requests and `logs -f` streams all sleep on the one condition variable it notifi
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -17,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -47,6 +48,7 @@ from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
+RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
 
 
 class Phase(StrEnum):
@@ -114,6 +116,14 @@ class SchedulerState:
     running: bool = False
     failed_passes: int = 0
     last_failure: str | None = None
+    passes: int = 0
+    # the last passes: (seconds, jobs started), for bench/scale.py and /v1/status
+    recent: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_PASSES))
+
+    def record(self, seconds: float, starts: int) -> None:
+        self.passes += 1
+        self.recent.append((seconds, starts))
 
 
 def is_ours(record: JobRecord) -> bool:

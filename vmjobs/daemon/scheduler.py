@@ -66,6 +66,7 @@ def one_pass(daemon: Daemon) -> float | None:
     """Expire, plan and launch; how long to sleep before the next pass unless woken.
     Caller holds the lock. Raises nothing (a failure is handled by `pass_failed`)."""
     now = time.time()
+    began = time.perf_counter()
     queue: Queue = []
     current = Pass()
     try:
@@ -78,6 +79,7 @@ def one_pass(daemon: Daemon) -> float | None:
         queue = [(r, q) for r, q in queue if r.id not in started]
         current.job_id = None
         make_room(daemon, queue)
+        daemon.scheduler.record(time.perf_counter() - began, len(started))
         return sleep_for(next_deadline(daemon, queue), time.time())
     except Exception as exc:
         pass_failed(daemon, current.job_id, exc)

@@ -25,7 +25,7 @@ from vmjobs.codec import (
     request_to_dict,
 )
 from vmjobs.errors import VmjobsError
-from vmjobs.jobs import JobRecord, JobState, check_transition
+from vmjobs.jobs import UNFINISHED, JobRecord, JobState, check_transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -77,6 +77,7 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
 CREATE INDEX IF NOT EXISTS jobs_uid ON jobs(uid, state, created);
 CREATE INDEX IF NOT EXISTS jobs_held ON jobs(created) WHERE allocation IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_host ON jobs(host, state);
 CREATE INDEX IF NOT EXISTS cpu_reservations_job ON cpu_reservations(job_id);
 CREATE INDEX IF NOT EXISTS device_reservations_job ON device_reservations(job_id);
 """
@@ -494,6 +495,20 @@ class Store:
         rows = self.db.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY created, rowid",
                                values)
         return [_record(r) for r in rows]
+
+    def jobs_concerning(self, host: str, job_ids: list[str]) -> list[JobRecord]:
+        """The unfinished jobs on `host` and the jobs `job_ids` (e.g. those whose guests were
+        found there), oldest first: what recovery of one host needs, O(answer)."""
+        marks = ", ".join("?" for _ in UNFINISHED)
+        rows = {r["id"]: r for r in self.db.execute(
+            f"SELECT * FROM jobs WHERE host = ? AND state IN ({marks})",
+            (host, *(s.value for s in UNFINISHED)))}
+        for job_id in job_ids:
+            if job_id not in rows:
+                row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None:
+                    rows[job_id] = row
+        return [_record(r) for r in sorted(rows.values(), key=lambda r: (r["created"], r["id"]))]
 
     def count_by_state(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")

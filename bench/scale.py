@@ -176,11 +176,7 @@ def placements(sock: Path, count: int) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise SystemExit(f"job {job_id} not placed after 600 s")
             time.sleep(0.002)
-    status = client.status()["scheduler"]
-    passes: list[float] = []
-    if before is not None:  # a daemon that reports its passes
-        recent = status["recent_passes"][-(status["passes"] - before):]
-        passes = [t / 1000 for t, started in recent if started == 1]
+    passes = [t for t, started in recent_passes(client, before) if started == 1]
     client.close()
     return {"pass_one_start_s": passes, "submit_to_placed_s": latencies}
 
@@ -216,13 +212,25 @@ def submit_many(sock: str, count: int) -> list[str]:
     return ids
 
 
+def recent_passes(client: Client, since: int | None) -> list[list[float]]:
+    """The daemon's passes after the `since`-th: [seconds, jobs started] each."""
+    status = client.status()["scheduler"]
+    if since is None or "recent_passes" not in status:
+        return []
+    return [[t / 1000, n] for t, n in status["recent_passes"][-(status["passes"] - since):]]
+
+
 def submits(sock: Path, count: int, clients: int) -> dict[str, Any]:
     shares = [count // clients + (1 if i < count % clients else 0) for i in range(clients)]
+    client = Client(Target(sock))
+    before = client.status()["scheduler"].get("passes")
     began = time.perf_counter()
     waits = [as_user(SUBMIT_UID, submit_many, str(sock), n) for n in shares]
     done = [wait() for wait in waits]
     took = time.perf_counter() - began
-    return {"submits": sum(len(d) for d in done), "submit_s": took}
+    passes = [t for t, _n in recent_passes(client, before)]
+    client.close()
+    return {"submits": sum(len(d) for d in done), "submit_s": took, "submit_passes_s": passes}
 
 
 def list_many(sock: str, count: int) -> list[float]:
@@ -280,6 +288,8 @@ def report(result: dict[str, Any]) -> None:
     rate = result["submits"] / result["submit_s"]
     print(f"  submits through the API       {rate:8.1f} /s  ({result['submits']} by "
           f"the clients in {result['submit_s']:.1f} s, all queued)")
+    print(f"  passes while they queued      {ms(result['submit_passes_s'])}  max "
+          f"{max(result['submit_passes_s'], default=0) * 1000:.0f} ms")
     print(f"  list, {LISTED} queued               {ms(result['list_s'])}")
 
 

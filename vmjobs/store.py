@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from placement import Allocation, Request
@@ -82,18 +82,28 @@ CREATE INDEX IF NOT EXISTS cpu_reservations_job ON cpu_reservations(job_id);
 CREATE INDEX IF NOT EXISTS device_reservations_job ON device_reservations(job_id);
 """
 
-# The change log of holdings: a row for every job whose allocation changes (placed, released,
-# moved, re-pinned, created or deleted holding something) and every host cordoned or
-# uncordoned, written by triggers, so every writer shows up in it — the daemon's connection,
-# a mover's own connection, a direct `vmjob run` in another process, an older vmjobs — and a
-# rolled-back transaction leaves nothing. The daemon's live cluster model
-# (`vmjobs.daemon.live`) reads it from the last row it applied, O(changes).
+# The change log: a row for every job whose allocation changes (placed, released, moved,
+# re-pinned, created or deleted holding something), every host cordoned or uncordoned, and
+# every job that enters or leaves the queue, written by triggers, so every writer shows up in
+# it — the daemon's connection, a mover's own connection, a direct `vmjob run` in another
+# process, an older vmjobs — and a rolled-back transaction leaves nothing. The daemon's live
+# models (`vmjobs.daemon.live`) read it from the last row they applied, O(changes).
 CHANGES = """
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT,
-    host TEXT
+    host TEXT,
+    queue INTEGER NOT NULL DEFAULT 0  -- 1: the job entered or left the queue
 );
+CREATE TRIGGER IF NOT EXISTS changes_queue_insert AFTER INSERT ON jobs
+    WHEN NEW.state = 'QUEUED'
+    BEGIN INSERT INTO changes (job_id, queue) VALUES (NEW.id, 1); END;
+CREATE TRIGGER IF NOT EXISTS changes_queue_update AFTER UPDATE OF state ON jobs
+    WHEN (OLD.state = 'QUEUED') <> (NEW.state = 'QUEUED')
+    BEGIN INSERT INTO changes (job_id, queue) VALUES (NEW.id, 1); END;
+CREATE TRIGGER IF NOT EXISTS changes_queue_delete AFTER DELETE ON jobs
+    WHEN OLD.state = 'QUEUED'
+    BEGIN INSERT INTO changes (job_id, queue) VALUES (OLD.id, 1); END;
 CREATE TRIGGER IF NOT EXISTS changes_job_insert AFTER INSERT ON jobs
     WHEN NEW.allocation IS NOT NULL
     BEGIN INSERT INTO changes (job_id) VALUES (NEW.id); END;
@@ -125,6 +135,16 @@ class Held:
     job_id: str
     allocation: Allocation
     request: Request
+
+
+@dataclass
+class Changes:
+    """What the change log holds after a sequence number."""
+
+    last: int  # the latest sequence number read
+    jobs: set[str] = field(default_factory=set)  # whose holding changed
+    hosts: set[str] = field(default_factory=set)  # cordoned or uncordoned
+    queue: set[str] = field(default_factory=set)  # entered or left the queue
 
 
 STORE_MODE = 0o600
@@ -246,19 +266,25 @@ class Store:
         """The sequence number of the latest change of holdings or cordons (0: none yet)."""
         return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
 
-    def changes_since(self, seq: int) -> tuple[int, set[str], set[str]]:
-        """(latest seq, jobs whose holding changed, hosts whose cordon changed) after `seq`."""
-        jobs: set[str] = set()
-        hosts: set[str] = set()
-        last = seq
-        for row in self.db.execute("SELECT seq, job_id, host FROM changes WHERE seq > ?"
+    def changes_since(self, seq: int) -> Changes:
+        """What changed after `seq` (see CHANGES)."""
+        found = Changes(seq)
+        for row in self.db.execute("SELECT seq, job_id, host, queue FROM changes WHERE seq > ?"
                                    " ORDER BY seq", (seq,)):
-            last = row["seq"]
-            if row["job_id"] is not None:
-                jobs.add(row["job_id"])
+            found.last = row["seq"]
+            if row["queue"]:
+                found.queue.add(row["job_id"])
+            elif row["job_id"] is not None:
+                found.jobs.add(row["job_id"])
             if row["host"] is not None:
-                hosts.add(row["host"])
-        return last, jobs, hosts
+                found.hosts.add(row["host"])
+        return found
+
+    def queued_job(self, job_id: str) -> tuple[JobRecord, Request] | None:
+        """The job and its request if it is QUEUED now."""
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ? AND state = ?",
+                              (job_id, JobState.QUEUED.value)).fetchone()
+        return (_record(row), request_from_dict(json.loads(row["request"]))) if row else None
 
     def forget_changes(self, upto: int) -> None:
         """Drop the change log up to `upto` (applied by its only reader, the daemon)."""

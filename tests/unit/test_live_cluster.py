@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import placement
 from placement import HostState, Request
 from placement.synthetic import make_host
-from vmjobs.daemon.live import LiveCluster, differences
+from vmjobs.daemon.live import LiveCluster, LiveQueue, differences
 from vmjobs.jobs import JobRecord, JobState
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
@@ -61,6 +61,7 @@ class World:
         self.other = Store(path)  # another connection: a mover, a direct run elsewhere
         self.inventory = Inventory()
         self.live = LiveCluster(self.store, self.inventory, lambda: self.inventory.generation)
+        self.queue = LiveQueue(self.store, lambda _record: None)
         self.count = 0
 
     def close(self) -> None:
@@ -91,7 +92,13 @@ def apply(world: World, event: str, n: int) -> None:
     held = world.held()
     job = held[n % len(held)] if held else None
     host = HOSTS[n % len(HOSTS)]
-    if event == "reserve":
+    if event == "submit":
+        world.count += 1
+        store.submit(record(f"s{world.count}", JobState.QUEUED),
+                     Request(cpus=1, memory_mib=256, priority=n % 3), "submitted")
+    elif event == "cancel" and (queued := store.queued()):
+        store.transition(queued[n % len(queued)][0].id, JobState.CANCELLED, "cancelled")
+    elif event == "reserve":
         world.place(store, Request(cpus=1 + n % 3, memory_mib=512))
     elif event == "assign":  # a queued job placed by the scheduler
         world.count += 1
@@ -137,8 +144,16 @@ def apply(world: World, event: str, n: int) -> None:
             store.move_reservation(job, placeholder, moved.allocation)
 
 
-EVENTS = ["reserve", "assign", "release", "release-only", "delete", "cordon", "uncordon",
-          "host-flip", "host-new", "repin", "migrate"]
+EVENTS = ["submit", "cancel", "reserve", "assign", "release", "release-only", "delete",
+          "cordon", "uncordon", "host-flip", "host-new", "repin", "migrate"]
+
+
+def assert_queue(world: World) -> None:
+    """The followed queue is the store's, in queue order: priority, then submission."""
+    world.live.refresh()
+    followed = [(r.id, q) for r, q in world.queue.follow(world.live)]
+    truth = sorted(world.store.queued(), key=lambda e: (-e[1].priority, e[0].created, e[0].id))
+    assert followed == [(r.id, q) for r, q in truth]
 
 
 @pytest.fixture
@@ -151,7 +166,7 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
 @settings(max_examples=60)
 @given(st.lists(st.tuples(st.sampled_from(EVENTS), st.integers(0, 11), st.booleans()),
                 max_size=30))
-def test_after_any_events_the_model_equals_one_rebuilt_from_the_store(
+def test_after_any_events_the_models_equal_the_store(
         tmp_path_factory: pytest.TempPathFactory,
         events: list[tuple[str, int, bool]]) -> None:
     world = World(tmp_path_factory.mktemp("live") / "state.db")
@@ -162,7 +177,9 @@ def test_after_any_events_the_model_equals_one_rebuilt_from_the_store(
             if look:  # the scheduler looks after some events, not after each
                 world.live.refresh()
                 assert world.live.check() == []
+                assert_queue(world)
         assert differences(world.live.cluster(), world.truth()) == []
+        assert_queue(world)
     finally:
         world.close()
 
@@ -213,5 +230,5 @@ def test_the_change_log_is_pruned_once_applied(world: World,
     world.live.refresh()
     with world.store.reserving():
         world.live.prune()
-    assert world.store.changes_since(0)[1] == set()
+    assert world.store.changes_since(0).jobs == set()
     assert world.live.check() == []

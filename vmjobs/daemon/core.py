@@ -24,6 +24,7 @@ from typing import Any
 
 import libvirt
 
+from placement import Request
 from vmjobs import virt_probe
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
@@ -37,7 +38,7 @@ from vmjobs.daemon.hosts import (
     HostUp,
     Note,
 )
-from vmjobs.daemon.live import LiveCluster
+from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.errors import VmjobsError
@@ -104,7 +105,7 @@ class LastPass:
     added at its end, the next pass only decides those (`queue.Planner.offer`)."""
 
     planner: Planner
-    version: tuple[int, int, int]  # the live model's, after this pass's own reservations
+    version: tuple[int, int]  # the live model's, after this pass's own reservations
     at: float  # when the full pass it carries on was made
     queue: tuple[str, ...]  # the jobs left waiting, in queue order
 
@@ -142,6 +143,7 @@ class Daemon:
         # the engine's view, kept current by change (never rebuilt per pass)
         self.live = LiveCluster(self.store, self.hosts.inventory,
                                 lambda: self.hosts.generation)
+        self.queue = LiveQueue(self.store, time_limit_of)
         # the scheduler's last pass, carried on while only the queue's end changes
         self.last_pass: LastPass | None = None
         self.active: dict[str, Active] = {}
@@ -206,6 +208,12 @@ class Daemon:
                 self.wake()
                 return
             self.finish(job_id, Verdict(JobState.FAILED, reason))
+
+    def queued(self) -> list[tuple[JobRecord, Request]]:
+        """The queue in queue order, as the store has it now (followed by change). Caller holds
+        the lock."""
+        self.live.refresh()
+        return self.queue.follow(self.live)
 
     # --- finishing --------------------------------------------------------------------------
 

@@ -25,12 +25,15 @@ recovery's own check).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import replace
 
 import placement
 from placement import Allocation, Cluster, HostState, Request
+from vmjobs.daemon.queue import Waiting
+from vmjobs.jobs import JobRecord
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
 
@@ -62,7 +65,12 @@ class LiveCluster:
         self._seen_generation = -1
         self._seq = 0
         self._pruned = 0
+        self._edits = 0  # changes applied since the last build
         self.rebuilds = 0  # how often it was built from scratch (tests, /v1/status)
+        # jobs that entered or left the queue, read from the log for the `LiveQueue`; when
+        # the model is rebuilt (the log skipped), the queue must be read again too
+        self.queue_changes: set[str] = set()
+        self.queue_stale = True
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -74,10 +82,10 @@ class LiveCluster:
         return self._cluster
 
     @property
-    def version(self) -> tuple[int, int, int]:
-        """Changes whenever the model does (as of the last refresh): rebuilds, the hosts'
-        generation seen, the last change of the store's log applied."""
-        return (self.rebuilds, self._seen_generation, self._seq)
+    def version(self) -> tuple[int, int]:
+        """Changes whenever the model does (as of the last refresh); not when only the queue
+        does."""
+        return (self.rebuilds, self._edits)
 
     # --- following --------------------------------------------------------------------------
 
@@ -96,8 +104,13 @@ class LiveCluster:
                     return True
                 self._seen_generation = generation
                 changed = True
-            last, jobs, hosts = self._store.changes_since(self._seq)
-            if last == self._seq:
+            found = self._store.changes_since(self._seq)
+            self.queue_changes |= found.queue
+            self._seq = found.last
+            jobs, hosts = found.jobs, found.hosts
+            if not jobs and not hosts:
+                if changed:
+                    self._edits += 1
                 return changed
             try:
                 for host in hosts:
@@ -114,7 +127,7 @@ class LiveCluster:
                             exc)
                 self._build(generation)
                 return True
-            self._seq = last
+            self._edits += 1
             return True
 
     def rebuild(self) -> None:
@@ -152,7 +165,10 @@ class LiveCluster:
         self._up = {h.name: h.state == HostState.UP for h in hosts}
         self._cordoned = set(self._store.cordoned())
         self._seen_generation = generation
+        self._edits = 0
         self.rebuilds += 1
+        self.queue_changes = set()
+        self.queue_stale = True
 
     def _follow_hosts(self) -> bool:
         """Take hosts gone up or down; False when the model must be rebuilt instead (a host
@@ -227,3 +243,57 @@ def differences(model: Cluster, truth: Cluster) -> list[str]:
                          f"{truth.request_of(job)}")
     return found
 
+
+
+class LiveQueue:
+    """The queued jobs in queue order (priority, then submission), followed through the same
+    change log (`LiveCluster.queue_changes`): a pass reads O(jobs that entered or left the
+    queue), not the whole queue with its JSON.
+
+    State guarded: each queued job's record, request and `Waiting` (built once), and their
+    order. The caller holds the daemon's lock.
+    """
+
+    def __init__(self, store: Store, time_limit: Callable[[JobRecord], float | None]) -> None:
+        self._store = store
+        self._time_limit = time_limit
+        self._entries: dict[str, tuple[JobRecord, Request, Waiting]] = {}
+        self._order: list[tuple[int, float, str]] = []  # (-priority, created, id), sorted
+
+    def follow(self, live: LiveCluster) -> list[tuple[JobRecord, Request]]:
+        """The queue now, in queue order, after taking what `live` read from the log."""
+        if live.queue_stale:
+            self._entries.clear()
+            self._order.clear()
+            for record, request in self._store.queued():
+                self._add(record, request)
+            live.queue_stale = False
+            live.queue_changes.clear()
+        else:
+            for job_id in live.queue_changes:
+                self._drop(job_id)
+                found = self._store.queued_job(job_id)
+                if found is not None:
+                    self._add(*found)
+            live.queue_changes.clear()
+        return [self._entries[job_id][:2] for _, _, job_id in self._order]
+
+    def waiting(self, record: JobRecord, request: Request) -> Waiting:
+        """The job as the queue policy sees it (built once per queued job)."""
+        entry = self._entries.get(record.id)
+        if entry is not None:
+            return entry[2]
+        return Waiting(record.id, request, self._time_limit(record))
+
+    def _add(self, record: JobRecord, request: Request) -> None:
+        key = (-request.priority, record.created, record.id)
+        self._entries[record.id] = (record, request,
+                                    Waiting(record.id, request, self._time_limit(record)))
+        bisect.insort(self._order, key)
+
+    def _drop(self, job_id: str) -> None:
+        entry = self._entries.pop(job_id, None)
+        if entry is not None:
+            record, request, _ = entry
+            key = (-request.priority, record.created, record.id)
+            del self._order[bisect.bisect_left(self._order, key)]

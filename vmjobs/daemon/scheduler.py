@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from placement import Request
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, Phase, time_limit_of
-from vmjobs.daemon.queue import Holding, Plan, Planner, Waiting, order
+from vmjobs.daemon.queue import Holding, Plan, Planner, order
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
 from vmjobs.runner import describe_allocation
 
@@ -71,8 +71,8 @@ def one_pass(daemon: Daemon) -> float | None:
     current = Pass()
     try:
         daemon.retry_unrecorded()
-        # the queue is read once per pass: parsing it is most of a pass's cost
-        queue = daemon.store.queued()
+        # the queue is followed by change (`LiveQueue`), not read whole each pass
+        queue = daemon.queued()
         gone = expire(daemon, now, queue, current)
         queue = [(r, q) for r, q in queue if r.id not in gone]
         started = {s.job_id for s in schedule(daemon, now, queue, current).starts}
@@ -200,12 +200,13 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
     to a full cluster costs O(the new job), not O(queue + holders); a full pass is made at
     least every FULL_PASS_EVERY_S, so that running jobs' end times (backfill) stay current."""
     current = current or Pass()
-    queued = daemon.store.queued() if queue is None else queue
+    queued = daemon.queued() if queue is None else queue
     if not queued:
         daemon.waits = {}
         daemon.last_pass = None
         return Plan((), ())
-    waiting = order([Waiting(r.id, request, time_limit_of(r)) for r, request in queued])
+    # in queue order already: the sort is one linear pass
+    waiting = order([daemon.queue.waiting(r, q) for r, q in queued])
     with daemon.store.reserving():
         daemon.live.refresh()
         last = daemon.last_pass

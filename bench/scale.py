@@ -144,8 +144,9 @@ def start_daemon(root: Path, config: Path) -> tuple[subprocess.Popen[bytes], flo
     env = dict(os.environ, PYTHONPATH=str(CODE))
     log = (root / "daemon.log").open("wb")
     began = time.perf_counter()
+    # cwd: `python -m` puts the working directory first on sys.path, before PYTHONPATH
     proc = subprocess.Popen([sys.executable, "-m", "vmjobs", "--config", str(config), "serve"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     client = Client(Target(root / "vmjobs.sock"))
     while time.perf_counter() - began < 1800:
         try:

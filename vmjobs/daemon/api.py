@@ -96,9 +96,8 @@ class Api:
     def _unfinished_dirs(self, uid: int) -> list[Any]:
         """The spool directories of `uid`'s jobs that have not ended (charged to its quota)."""
         with self.daemon.lock:
-            records = self.daemon.store.jobs(uid)
-        return [JobFiles.of(self.daemon.config.spool, r.id).dir for r in records
-                if not r.state.finished]
+            records = self.daemon.store.in_states(UNFINISHED, uid)
+        return [JobFiles.of(self.daemon.config.spool, r.id).dir for r in records]
 
     def _own(self, who: Caller, job_id: str) -> JobRecord:
         """The job, if the caller may act on it. Caller holds the daemon's lock."""

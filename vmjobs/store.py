@@ -536,6 +536,29 @@ class Store:
                     rows[job_id] = row
         return [_record(r) for r in sorted(rows.values(), key=lambda r: (r["created"], r["id"]))]
 
+    def time_limits(self, states: frozenset[JobState]) -> list[tuple[str, object]]:
+        """(job id, the time limit its spec holds) for the jobs in `states`: what the
+        scheduler's backfill needs of every holder, read in SQL without parsing any JSON in
+        Python (at 50,000 jobs that took ~5 s here). The spec's `time_limit`, or for records
+        written before it, `timeout_s`; unchecked (the caller validates it)."""
+        marks = ", ".join("?" for _ in states)
+        # SQLite's JSON refuses what Python's json writes for NaN and Infinity (a record made
+        # before submissions were checked): those few specs are parsed here instead
+        rows = self.db.execute(
+            "SELECT id, CASE WHEN NOT json_valid(spec) THEN NULL"
+            " WHEN json_type(spec, '$.time_limit') IS NOT NULL"
+            " THEN json_extract(spec, '$.time_limit') ELSE json_extract(spec, '$.timeout_s')"
+            " END AS t, CASE WHEN json_valid(spec) THEN NULL ELSE spec END AS raw"
+            f" FROM jobs WHERE state IN ({marks})", [s.value for s in states])
+        found: list[tuple[str, object]] = []
+        for r in rows:
+            if r["raw"] is None:
+                found.append((r["id"], r["t"]))
+            else:
+                spec = json.loads(r["raw"])
+                found.append((r["id"], spec.get("time_limit", spec.get("timeout_s"))))
+        return found
+
     def count_by_state(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: int(r["n"]) for r in rows}

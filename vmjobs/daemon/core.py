@@ -81,9 +81,14 @@ def time_limit_of(record: JobRecord) -> float | None:
     """The job's time limit in seconds; None without one. A value that is not a positive
     finite number (a record written before submissions were checked) counts as none rather
     than as a deadline no clock reaches (NaN) or one in the past."""
-    value = record.spec.get("time_limit", record.spec.get("timeout_s"))  # before: timeout_s
+    # records written before the spec have timeout_s
+    return limit_of(record.spec.get("time_limit", record.spec.get("timeout_s")))
+
+
+def limit_of(value: object) -> float | None:
+    """`time_limit_of` for the value the spec holds."""
     try:
-        limit = float(value) if value else None
+        limit = float(value) if value else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
     return limit if limit is not None and math.isfinite(limit) and limit > 0 else None

@@ -189,6 +189,11 @@ class _Simulation:
             self.stranded_seconds += self.stranded * (nxt - now)
             self._advance(int(nxt) - now)
             now = int(nxt)
+            # Only owner events start a scheduling pass: a pass at an unchanged state may still
+            # start jobs (EASY tries candidates in queue order, so one pass need not be a fixed
+            # point), and the other layer's events must not change this layer's replay.
+            changed = bool(self.ends and self.ends[0][0] == now
+                           or i < len(arrivals) and arrivals[i].submit == now)
             while self.ends and self.ends[0][0] == now:
                 _, job_id = heapq.heappop(self.ends)
                 done = self.running.pop(job_id)
@@ -202,8 +207,9 @@ class _Simulation:
                     self.outcomes[job.id] = Outcome(job.id, job.submit, Status.REJECTED)
                 else:
                     self.queue.append(job)
-            self._schedule(now)
-            self.stranded = self._stranded()
+            if changed:
+                self._schedule(now)
+                self.stranded = self._stranded()
             self._after(now)
         return first, now
 

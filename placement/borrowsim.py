@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from placement.lending import owner_use
 from placement.model import Allocation, NumaPolicy
@@ -61,13 +62,22 @@ def borrows(job: SimJob, config: BorrowConfig) -> bool:
     return job.request.cpus <= config.max_cpus and job.request.numa == NumaPolicy.STRICT
 
 
+class Why(StrEnum):
+    """Why an owner wanted a core a borrower was on."""
+
+    RECLAIM = "reclaim"  # the owner's serial phase ended: it uses all its cores now
+    START = "start"  # the owner started on a free core the borrower had taken
+    MOVE = "move"  # a running owner was migrated or re-pinned there (+migrate)
+
+
 @dataclass(frozen=True)
 class GiveBack:
     """One give-back: at `time` the borrower left cores an owner wanted."""
 
     time: int
     borrower: str
-    owners: tuple[str, ...]  # owners that wanted cores back (none: a core freed by no owner)
+    owners: tuple[str, ...]  # owners that wanted cores back
+    why: Why  # the first that applies to any of them: reclaim, start, move
     migrated: bool  # False: checkpointed
     cpus: tuple[tuple[str, int], ...]  # (host, cpu) it left
     to: tuple[tuple[str, int], ...] = ()  # (host, cpu) it went to when migrated
@@ -218,6 +228,9 @@ class _BorrowSimulation(_Simulation):
             for owner in owners:
                 # Fair sharing for give_back_s, the owner at the pace of its slowest core.
                 self.delay[owner] = self.delay.get(owner, 0.0) + self.borrow.give_back_s / 2
+            why = (Why.RECLAIM if any(self.lend_window.get(o, (0, 0))[1] == now for o in owners)
+                   else Why.START if any(self.running[o].start == now for o in owners)
+                   else Why.MOVE)
             left = borrower.cpus
             self._stop(borrower, now)
             borrower.remaining = borrower.end - now
@@ -225,7 +238,7 @@ class _BorrowSimulation(_Simulation):
             if target is not None:
                 borrower.remaining += self.borrow.migrate_s
                 self._run(borrower, target, now)
-                self.give_backs.append(GiveBack(now, borrower.job.id, owners, True, left,
+                self.give_backs.append(GiveBack(now, borrower.job.id, owners, why, True, left,
                                                 target))
                 continue
             del self.on[borrower.job.id]
@@ -234,7 +247,7 @@ class _BorrowSimulation(_Simulation):
             heapq.heappush(self.wake, borrower.ready_at)
             self.waiting.append(borrower)
             self.waiting.sort(key=lambda b: (b.job.submit, b.job.id))
-            self.give_backs.append(GiveBack(now, borrower.job.id, owners, False, left))
+            self.give_backs.append(GiveBack(now, borrower.job.id, owners, why, False, left))
 
     def _start_waiting(self, now: int, holders: dict[Core, str]) -> None:
         for borrower in list(self.waiting):
@@ -333,13 +346,14 @@ class Figures:
     borrowers_mean_wait_s: float
     migrations: int  # give-backs by migration
     checkpoints: int  # give-backs by checkpoint
+    reclaims: int  # give-backs of lent cores (the rest: free cores an owner started on, moves)
     owner_delay_s: float  # largest bound on one owner's delay from give-backs
     elapsed_s: float = field(default=0.0, compare=False)
 
 
 def _figures(label: str, ran: Sequence[Outcome], runs: dict[str, int],
-             borrower_ids: set[str], utilization: float, lent: float, migrations: int,
-             checkpoints: int, owner_delay_s: float, elapsed_s: float) -> Figures:
+             borrower_ids: set[str], utilization: float, lent: float,
+             give_backs: Sequence[GiveBack], owner_delay_s: float, elapsed_s: float) -> Figures:
     """Waits and Feitelson's bounded slowdown (Feitelson, Rudolph, Schwiegelshohn, Sevcik,
     Wong, "Theory and practice in parallel job scheduling", JSSPP 1997: the response time over
     the run time, both at least TAU = 10 s) over the jobs in `ran`."""
@@ -354,7 +368,9 @@ def _figures(label: str, ran: Sequence[Outcome], runs: dict[str, int],
     return Figures(label, len(ran), sum(1 for o in ran if o.job in borrower_ids), utilization,
                    lent, mean(waits), float(_percentile(waits, 0.95)),
                    sum(slow) / len(slow) if slow else 0.0, mean(owners), mean(lenders),
-                   migrations, checkpoints, owner_delay_s, elapsed_s)
+                   sum(1 for g in give_backs if g.migrated),
+                   sum(1 for g in give_backs if not g.migrated),
+                   sum(1 for g in give_backs if g.why == Why.RECLAIM), owner_delay_s, elapsed_s)
 
 
 def compare(jobs: Sequence[SimJob], config: SimConfig,
@@ -364,14 +380,12 @@ def compare(jobs: Sequence[SimJob], config: SimConfig,
     runs = {j.id: j.run for j in jobs}
     borrower_ids = {j.id for j in jobs if borrows(j, borrow)}
     before = _figures(config.policy, [o for o in base.outcomes if o.status == Status.RAN], runs,
-                      borrower_ids, base.utilization, 0.0, 0, 0, 0.0, base.elapsed_s)
+                      borrower_ids, base.utilization, 0.0, (), 0.0, base.elapsed_s)
     result = simulate_borrowing(jobs, config, borrow)
     span = max(result.last - result.first, 1) * result.total_cores
     ran = [o for o in (*result.owners, *result.borrowers) if o.status == Status.RAN]
-    migrated = sum(1 for g in result.give_backs if g.migrated)
     after = _figures(f"{config.policy}+borrow", ran, runs, borrower_ids,
-                     result.held_core_s / span, result.lent_core_s / span, migrated,
-                     len(result.give_backs) - migrated,
+                     result.held_core_s / span, result.lent_core_s / span, result.give_backs,
                      max((d for _, d in result.owner_delay_s), default=0.0), result.elapsed_s)
     return before, after, result
 
@@ -379,7 +393,8 @@ def compare(jobs: Sequence[SimJob], config: SimConfig,
 def format_comparison(rows: Sequence[Figures]) -> str:
     head = (f"{'policy':<20}{'jobs':>6}{'borrow':>8}{'util %':>8}{'lent %':>8}"
             f"{'mean wait':>11}{'p95 wait':>10}{'bsld':>8}{'owners wait':>13}"
-            f"{'borrowers wait':>16}{'migrated':>10}{'checkpointed':>14}{'owner delay':>13}"
+            f"{'borrowers wait':>16}{'migrated':>10}{'checkpointed':>14}{'reclaims':>10}"
+            f"{'owner delay':>13}"
             f"{'sim s':>8}")
     lines = [head]
     for r in rows:
@@ -388,6 +403,7 @@ def format_comparison(rows: Sequence[Figures]) -> str:
             f"{100 * r.lent:>8.2f}{_duration(r.mean_wait_s):>11}{_duration(r.p95_wait_s):>10}"
             f"{r.bounded_slowdown:>8.2f}{_duration(r.owners_mean_wait_s):>13}"
             f"{_duration(r.borrowers_mean_wait_s):>16}{r.migrations:>10}{r.checkpoints:>14}"
+            f"{r.reclaims:>10}"
             f"{r.owner_delay_s:>11.1f} s{r.elapsed_s:>8.1f}")
     return "\n".join(lines)
 

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from placement.borrowsim import BorrowConfig, Interval, compare, simulate_borrowing, split
+from placement.borrowsim import (
+    BorrowConfig,
+    Interval,
+    Why,
+    compare,
+    simulate_borrowing,
+    split,
+)
 from placement.lending import OwnerUse, owner_use
 from placement.sim import POLICIES, SimConfig, Status, jobs_from_trace, main, simulate
 from placement.swf import parse_swf
@@ -88,7 +95,8 @@ def test_a_borrower_starts_in_idle_cores_and_migrates_when_they_are_wanted() -> 
     assert first == Interval("j2", (("h0", held[1]), ("h0", held[2])), 150, 400)
     # At 400 the owner wants them: migrated to node 1; 250 s of work left + 30 s migration.
     (back,) = result.give_backs
-    assert (back.time, back.owners, back.migrated, back.cpus) == (400, ("j1",), True, first.cpus)
+    assert (back.time, back.owners, back.why, back.migrated, back.cpus) == (
+        400, ("j1",), Why.RECLAIM, True, first.cpus)
     assert second.start == 400 and second.end == 680
     assert not {c for _, c in second.cpus} & set(held)
     assert (borrower.start, borrower.end) == (150, 680)
@@ -100,7 +108,7 @@ def test_with_nowhere_to_go_the_borrower_is_checkpointed_and_restored() -> None:
     result = simulate_borrowing(jobs, config, RULES)
     (owner,), (borrower,) = result.owners, result.borrowers
     (back,) = result.give_backs
-    assert (back.time, back.migrated, back.to) == (400, False, ())
+    assert (back.time, back.why, back.migrated, back.to) == (400, Why.RECLAIM, False, ())
     # Saved by 460, but every core is the owner's until it ends at 1000; then the 250 s left
     # plus the 60 s restore.
     assert [(i.start, i.end) for i in result.intervals] == [(150, 400), (1000, 1310)]
@@ -190,6 +198,14 @@ def test_borrowing_never_touches_owners_and_every_job_finishes(
     # ... and a borrower shares an owner's core only while that core is idle: inside the
     # owner's lend window and never the core of its serial phase.
     window = {owner: (since, until) for owner, since, until in result.lends}
+    # Every give-back is wanted: at the end of a lend window or at an owner's start.
+    starts = {(o.job, o.start) for o in result.owners}
+    for back in result.give_backs:
+        if back.why == Why.RECLAIM:
+            assert any(window[o][1] == back.time for o in back.owners)
+        else:
+            assert back.why == Why.START
+            assert any((o, back.time) in starts for o in back.owners)
     for outcome in result.owners:
         if outcome.status != Status.RAN:
             continue
@@ -222,8 +238,9 @@ def test_command_line_prints_both_replays_side_by_side(
     assert [row.split()[0] for row in out[3:]] == ["pack", "pack+borrow"]
     # jobs, borrowers; then (at the end) migrated, checkpointed, owner delay.
     assert out[3].split()[1:3] == out[4].split()[1:3] == ["2", "1"]
-    assert out[4].split()[-5:-1] == ["0", "1", "2.5", "s"]
-    assert out[3].split()[-5:-1] == ["0", "0", "0.0", "s"]
+    # migrated, checkpointed, reclaims, owner delay
+    assert out[4].split()[-6:-1] == ["0", "1", "1", "2.5", "s"]
+    assert out[3].split()[-6:-1] == ["0", "0", "0", "0.0", "s"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -107,7 +108,8 @@ class BorrowResult:
     first: int
     last: int
     total_cores: int
-    owner_delay_s: tuple[tuple[str, float], ...]  # (owner, bound) for owners that gave back
+    # (owner, bound) for owners that wanted cores back: give_back_s / 2 per time they did.
+    owner_delay_s: tuple[tuple[str, float], ...]
     elapsed_s: float = field(default=0.0, compare=False)
 
 
@@ -149,7 +151,7 @@ class _BorrowSimulation(_Simulation):
         self.intervals: list[Interval] = []
         self.outcomes_b: dict[str, Outcome] = {}
         self.rejected_b: list[Outcome] = []
-        self.delay: dict[str, float] = {}
+        self.contended: set[tuple[str, int]] = set()  # (owner, time) of its give-backs
         self.lent_cores = 0
         self.unheld_cores = 0
         self.lent_core_s = 0.0
@@ -225,9 +227,9 @@ class _BorrowSimulation(_Simulation):
             if not wanted:
                 continue
             owners = tuple(sorted({holders[c] for c in wanted}))
-            for owner in owners:
-                # Fair sharing for give_back_s, the owner at the pace of its slowest core.
-                self.delay[owner] = self.delay.get(owner, 0.0) + self.borrow.give_back_s / 2
+            # Fair sharing for give_back_s, the owner at the pace of its slowest core: once per
+            # owner and time, however many borrowers leave it then.
+            self.contended.update((owner, now) for owner in owners)
             why = (Why.RECLAIM if any(self.lend_window.get(o, (0, 0))[1] == now for o in owners)
                    else Why.START if any(self.running[o].start == now for o in owners)
                    else Why.MOVE)
@@ -324,7 +326,9 @@ def simulate_borrowing(jobs: Sequence[SimJob], config: SimConfig,
         first=first,
         last=last,
         total_cores=sim.total,
-        owner_delay_s=tuple(sorted(sim.delay.items())),
+        owner_delay_s=tuple(sorted(
+            (owner, borrow.give_back_s / 2 * count)
+            for owner, count in Counter(owner for owner, _ in sim.contended).items())),
         elapsed_s=time.perf_counter() - began,
     )
 

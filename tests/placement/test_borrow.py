@@ -259,3 +259,16 @@ def test_bad_borrow_usage_is_one_line_and_exit_2(args: list[str], message: str, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_the_owner_delay_bound_counts_each_give_back_time_once() -> None:
+    config = SimConfig(hosts=1, nodes_per_host=1, cores_per_node=4, mem_per_node_mib=16 * GIB,
+                       policy="pack")
+    jobs, _ = jobs_from_trace(parse_swf([BY_HAND[0], swf(2, 150, 500, 1), swf(3, 150, 500, 1)]),
+                              config)
+    result = simulate_borrowing(jobs, config, RULES)
+    # Both borrowers sit on the owner's idle cores and both are checkpointed at 400, when the
+    # owner wants its cores: one give-back window for the owner, so give_back_s / 2 once.
+    assert [(g.borrower, g.time, g.migrated) for g in result.give_backs] == [
+        ("j2", 400, False), ("j3", 400, False)]
+    assert result.owner_delay_s == (("j1", 2.5),)

@@ -12,7 +12,8 @@ host never fits: gangs across hosts are out of scope, so it is rejected and coun
 no size, no run time or no submit time is skipped and counted: a run time is never invented.
 Migrations are instantaneous and free in simulated time; the figures count them. Backfill is
 EASY's (placement.backfill). `--jobs-csv FILE` writes every job's outcome, so that start times
-can be checked against any other simulator.
+can be checked against any other simulator. `--borrow` replays each policy twice, without and
+with borrowing (placement.borrowsim, docs/borrowing.md), and prints both side by side.
 """
 
 from __future__ import annotations
@@ -446,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "  python -m placement.sim trace.swf --hosts 8 --nodes-per-host 2 "
                "--cores-per-node 16 --mem-per-node 64G --policy all\n"
                "  python -m placement.sim trace.swf --hosts 1 --nodes-per-host 1 "
-               "--cores-per-node 128 --policy pack --jobs-csv starts.csv",
+               "--cores-per-node 128 --policy pack --jobs-csv starts.csv\n"
+               "  python -m placement.sim trace.swf --policy pack --borrow --lend-after-s 600 "
+               "--give-back-s 5",
     )
     parser.add_argument("trace", help="SWF file (Parallel Workloads Archive format)")
     parser.add_argument("--hosts", type=positive_count, default=8)

@@ -99,7 +99,8 @@ class BorrowResult:
     """One replay with borrowing. `owners` is the owner layer as `placement.sim` gives it."""
 
     owners: tuple[Outcome, ...]  # every owner job: ran / rejected, in submit order
-    borrowers: tuple[Outcome, ...]  # start: first start; end: when its work was done
+    # start: first start; end: when its work was done; host and cpus: where it finished.
+    borrowers: tuple[Outcome, ...]
     give_backs: tuple[GiveBack, ...]
     intervals: tuple[Interval, ...]  # where borrowers ran, for checking
     lends: tuple[tuple[str, int, int], ...]  # (owner, from, until): its idle cores lendable

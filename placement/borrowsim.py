@@ -30,7 +30,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from placement.lending import owner_use
@@ -353,6 +353,10 @@ class Figures:
     checkpoints: int  # give-backs by checkpoint
     reclaims: int  # give-backs of lent cores (the rest: free cores an owner started on, moves)
     owner_delay_s: float  # largest bound on one owner's delay from give-backs
+    # Owners that end later than when everyone queued together, and by how much at most: not
+    # waiting for borrowers, but EASY is not monotone (fewer jobs queued can delay one).
+    owners_later: int = 0
+    owners_later_max_s: int = 0
     elapsed_s: float = field(default=0.0, compare=False)
 
 
@@ -375,7 +379,8 @@ def _figures(label: str, ran: Sequence[Outcome], runs: dict[str, int],
                    sum(slow) / len(slow) if slow else 0.0, mean(owners), mean(lenders),
                    sum(1 for g in give_backs if g.migrated),
                    sum(1 for g in give_backs if not g.migrated),
-                   sum(1 for g in give_backs if g.why == Why.RECLAIM), owner_delay_s, elapsed_s)
+                   sum(1 for g in give_backs if g.why == Why.RECLAIM), owner_delay_s,
+                   elapsed_s=elapsed_s)
 
 
 def compare(jobs: Sequence[SimJob], config: SimConfig,
@@ -392,6 +397,10 @@ def compare(jobs: Sequence[SimJob], config: SimConfig,
     after = _figures(f"{config.policy}+borrow", ran, runs, borrower_ids,
                      result.held_core_s / span, result.lent_core_s / span, result.give_backs,
                      max((d for _, d in result.owner_delay_s), default=0.0), result.elapsed_s)
+    ends = {o.job: o.end for o in base.outcomes if o.end is not None}
+    later = [o.end - ends[o.job] for o in result.owners
+             if o.end is not None and o.end > ends[o.job]]
+    after = replace(after, owners_later=len(later), owners_later_max_s=max(later, default=0))
     return before, after, result
 
 
@@ -399,7 +408,7 @@ def format_comparison(rows: Sequence[Figures]) -> str:
     head = (f"{'policy':<20}{'jobs':>6}{'borrow':>8}{'util %':>8}{'lent %':>8}"
             f"{'mean wait':>11}{'p95 wait':>10}{'bsld':>8}{'owners wait':>13}"
             f"{'borrowers wait':>16}{'migrated':>10}{'checkpointed':>14}{'reclaims':>10}"
-            f"{'owner delay':>13}"
+            f"{'owner delay':>13}{'owners later':>20}"
             f"{'sim s':>8}")
     lines = [head]
     for r in rows:
@@ -409,6 +418,8 @@ def format_comparison(rows: Sequence[Figures]) -> str:
             f"{r.bounded_slowdown:>8.2f}{_duration(r.owners_mean_wait_s):>13}"
             f"{_duration(r.borrowers_mean_wait_s):>16}{r.migrations:>10}{r.checkpoints:>14}"
             f"{r.reclaims:>10}"
-            f"{r.owner_delay_s:>11.1f} s{r.elapsed_s:>8.1f}")
+            f"{r.owner_delay_s:>11.1f} s"
+            f"{f'{r.owners_later} (max {_duration(r.owners_later_max_s)})':>20}"
+            f"{r.elapsed_s:>8.1f}")
     return "\n".join(lines)
 

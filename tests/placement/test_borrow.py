@@ -126,6 +126,7 @@ def test_owners_start_and_end_as_without_borrowing() -> None:
     assert (base["j2"].start, base["j2"].end) == (1000, 1500)
     assert (before.migrations, before.checkpoints) == (0, 0)
     assert (after.migrations, after.checkpoints) == (0, 1)
+    assert (after.owners_later, after.owners_later_max_s) == (0, 0)
     assert before.mean_wait_s == (0 + 850) / 2 and after.mean_wait_s == 0.0
     # j2's core-seconds on the owner's idle cores: 2 x 250 over 4 cores x 1310 s.
     assert after.lent == pytest.approx(2 * 250 / (4 * 1310))
@@ -238,9 +239,9 @@ def test_command_line_prints_both_replays_side_by_side(
     assert [row.split()[0] for row in out[3:]] == ["pack", "pack+borrow"]
     # jobs, borrowers; then (at the end) migrated, checkpointed, owner delay.
     assert out[3].split()[1:3] == out[4].split()[1:3] == ["2", "1"]
-    # migrated, checkpointed, reclaims, owner delay
-    assert out[4].split()[-6:-1] == ["0", "1", "1", "2.5", "s"]
-    assert out[3].split()[-6:-1] == ["0", "0", "0", "0.0", "s"]
+    # migrated, checkpointed, reclaims, owner delay, owners later (max by how much)
+    assert out[4].split()[-10:-1] == ["0", "1", "1", "2.5", "s", "0", "(max", "0", "s)"]
+    assert out[3].split()[-10:-1] == ["0", "0", "0", "0.0", "s", "0", "(max", "0", "s)"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from placement.borrowsim import (
@@ -159,6 +159,9 @@ SMALL = SimConfig(hosts=2, nodes_per_host=2, cores_per_node=8, mem_per_node_mib=
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Found by this test: a scheduling pass of the owners at a borrower-only event started an
+# owner earlier (one EASY pass is not a fixed point), so owners pass only at owner events.
+@example(seed=2437, policy="firstfit", max_cpus=1, lend_after=0, give_back=0)
 @given(seed=st.integers(0, 10_000), policy=st.sampled_from(POLICIES),
        max_cpus=st.sampled_from([1, 2, 4, 8]), lend_after=st.sampled_from([0, 60, 600]),
        give_back=st.sampled_from([0, 5, 60]))

@@ -21,7 +21,7 @@ from placement.borrowsim import (
     split,
 )
 from placement.lending import OwnerUse, owner_use
-from placement.sim import POLICIES, SimConfig, Status, jobs_from_trace, main, simulate
+from placement.sim import POLICIES, SimConfig, SimJob, Status, jobs_from_trace, main, simulate
 from placement.swf import parse_swf
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -76,7 +76,7 @@ RULES = BorrowConfig(max_cpus=2, lend_after_s=100, give_back_s=5, migrate_s=30,
                      checkpoint_s=60, restore_s=60)
 
 
-def by_hand(nodes: int) -> tuple[SimConfig, list]:  # type: ignore[type-arg]
+def by_hand(nodes: int) -> tuple[SimConfig, list[SimJob]]:
     config = SimConfig(hosts=1, nodes_per_host=nodes, cores_per_node=4,
                        mem_per_node_mib=16 * GIB, policy="pack")
     jobs, _ = jobs_from_trace(parse_swf(BY_HAND), config)

@@ -27,13 +27,13 @@ import libvirt  # noqa: E402
 
 from vmjobs import domain_xml, guest_protocol  # noqa: E402
 from vmjobs.config import load  # noqa: E402
-from vmjobs.domain_xml import DomainSpec  # noqa: E402
-from vmjobs.hostconn import destroy_quietly  # noqa: E402
 from vmjobs.image import resolve_image  # noqa: E402
 from vmjobs.jobs import new_job_id  # noqa: E402
 from vmjobs.migration import MigrationFailed, Policy, migrate_domain, migration_uri, retarget_xml  # noqa: E402
 from vmjobs.smoke import _allocation  # noqa: E402
 from vmjobs.units import format_mib, parse_size_mib  # noqa: E402
+from vmjobs.virt.conn import destroy_quietly  # noqa: E402
+from vmjobs.virt.domain_xml import DomainSpec  # noqa: E402
 
 LOADS = {
     "idle": ("sh", "-c", "echo ready; sleep 100000"),

@@ -26,16 +26,17 @@ import libvirt
 
 import placement
 from placement import Allocation
-from vmjobs import failpoints, guestclock
+from vmjobs import failpoints
 from vmjobs.codec import request_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles
-from vmjobs.hostconn import destroy_quietly, is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.migration import retarget_xml, running_job
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
+from vmjobs.virt import guestclock
+from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
 
 SAVE_FILE = "checkpoint.save"
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import libvirt
 
 from placement import Allocation
-from vmjobs import domain_xml, guest_protocol
-from vmjobs.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs import guest_protocol
 from vmjobs.errors import VmjobsError
-from vmjobs.hostconn import is_running
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
+from vmjobs.virt import domain_xml
+from vmjobs.virt.conn import is_running
+from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 

@@ -42,16 +42,17 @@ import libvirt
 
 import placement
 from placement import Allocation
-from vmjobs import convergence, domain_xml, failpoints, replug
+from vmjobs import convergence, failpoints
 from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.config import Config
 from vmjobs.convergence import Policy
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles, nics_for
-from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
+from vmjobs.virt import domain_xml, replug
+from vmjobs.virt.conn import is_running, lookup_domain
 
 METADATA = f"{{{domain_xml.METADATA_NS}}}"
 PLACEHOLDER_PREFIX = "mig-"
@@ -372,10 +373,10 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
     leaves the job running on its source.
 
     `replug_nics`: unplug the job's NICs first and plug the destination's at the same guest
-    addresses afterwards (`vmjobs.replug`); required for passthrough (vfio) NICs, which cannot
+    addresses afterwards (`vmjobs.virt.replug`); required for passthrough (vfio) NICs, which cannot
     be migrated.
     """
-    from vmjobs import guestclock
+    from vmjobs.virt import guestclock
 
     policy = policy or Policy()
     record, source_alloc = running_job(store, job_id)

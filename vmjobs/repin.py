@@ -28,14 +28,14 @@ import libvirt
 
 from placement import Allocation
 from placement.plans import moved_between_nodes
-from vmjobs import domain_xml
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
-from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import domain_name
 from vmjobs.migration import running_job
 from vmjobs.store import Store
 from vmjobs.units import format_cpu_list
+from vmjobs.virt import domain_xml
+from vmjobs.virt.conn import is_running, lookup_domain
 
 LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 

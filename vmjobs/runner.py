@@ -24,16 +24,16 @@ import libvirt
 
 import placement
 from placement import Allocation, Request
-from vmjobs import virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output, prepare, start
-from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
 from vmjobs.spec import check_paths
 from vmjobs.spec import parse as parse_spec
 from vmjobs.store import Held, Store
+from vmjobs.virt import probe
+from vmjobs.virt.conn import connect_hosts, destroy_quietly, lookup_domain
 
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_VMJOB_FAILED = 125  # the job ran but vmjob could not deliver its result
@@ -234,7 +234,7 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
     dom = None
     with interruptible():
         try:
-            virt_type = virt_probe.virt_type(config, host_config, conn, image, allocation,
+            virt_type = probe.virt_type(config, host_config, conn, image, allocation,
                                               note)
             xml = prepare(
                 GuestPlan(

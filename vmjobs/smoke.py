@@ -29,13 +29,14 @@ from pathlib import Path
 import libvirt
 
 from placement import Allocation, NodeShare
-from vmjobs import domain_xml, guest_protocol
-from vmjobs.domain_xml import DomainSpec
+from vmjobs import guest_protocol
 from vmjobs.errors import VmjobsError
-from vmjobs.hostconn import destroy_quietly
 from vmjobs.image import Image, recipe_bytes
 from vmjobs.jobs import new_job_id
 from vmjobs.migration import MigrationFailed, Policy, migrate_domain, migration_uri, retarget_xml
+from vmjobs.virt import domain_xml
+from vmjobs.virt.conn import destroy_quietly
+from vmjobs.virt.domain_xml import DomainSpec
 
 INTERVAL_MS = 100
 PROBE_SOURCE = "clockprobe.c"

@@ -19,8 +19,8 @@ from vmjobs.config import parse
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.recovery import finish_interrupted_moves
-from vmjobs.domain_xml import build
 from vmjobs.jobs import JobRecord, JobState
+from vmjobs.virt.domain_xml import build
 
 URI = "test:///default"
 

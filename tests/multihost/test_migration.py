@@ -20,10 +20,11 @@ import pytest
 from placement import Request
 from tests.multihost import jobs
 from tests.multihost.conftest import Cluster
-from vmjobs import checkpoint, devcluster, domain_xml, migration, replug
+from vmjobs import checkpoint, devcluster, migration
 from vmjobs.errors import DoesNotFit
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
+from vmjobs.virt import domain_xml, replug
 
 COUNTER = ["sh", "-c", "i=0; while [ $i -lt 30 ]; do echo line $i; i=$((i+1)); usleep 200000; "
            "done; exit 3"]

@@ -7,13 +7,13 @@ from typing import Any
 import click
 import libvirt
 
-from vmjobs import virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.image import resolve_image
 from vmjobs.migration import Policy
 from vmjobs.smoke import Endpoint, _allocation, format_table, smoke_migrate
 from vmjobs.units import parse_size_mib
+from vmjobs.virt import probe
 
 
 @click.group()
@@ -41,7 +41,7 @@ def _endpoint(config: Config, given: str, virt_type: str | None, image: Any) -> 
         raise VmjobsError(f"cannot connect to {host.name} at {host.uri}: "
                           f"{exc.get_error_message()}") from None
     try:
-        chosen = virt_probe.virt_type(config, host, conn, image, _allocation(host.name, 0, 128),
+        chosen = probe.virt_type(config, host, conn, image, _allocation(host.name, 0, 128),
                                       lambda m: click.echo(m, err=True))
     finally:
         conn.close()

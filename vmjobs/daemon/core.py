@@ -23,7 +23,6 @@ from typing import Any
 
 import libvirt
 
-from vmjobs import virt_probe
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
@@ -40,10 +39,11 @@ from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Wait
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
-from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
+from vmjobs.virt import probe
+from vmjobs.virt.conn import destroy_quietly, lookup_domain
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -265,7 +265,7 @@ class Daemon:
         host_config = self.config.host(allocation.host)
         spec = record.spec
         image = resolve_image(self.config.spool, spec["image"])
-        virt_type = virt_probe.virt_type(self.config, host_config, conn, image, allocation,
+        virt_type = probe.virt_type(self.config, host_config, conn, image, allocation,
                                          lambda text: log.info("%s", text))
         files = JobFiles.of(self.config.spool, record.id)
         input_dir = files.dir / "input"

@@ -24,8 +24,8 @@ from placement import HostState
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
 from vmjobs.host_checks import duplicate_message, host_uuid, host_warnings, same_host
-from vmjobs.hostconn import connect
-from vmjobs.inventory import read_host, read_topology
+from vmjobs.virt.conn import connect
+from vmjobs.virt.inventory import read_host, read_topology
 
 log = logging.getLogger("vmjobs.daemon")
 KEEPALIVE_INTERVAL_S = 2  # libvirt pings an idle connection this often ...

@@ -28,10 +28,10 @@ from vmjobs import checkpoint, migration, repin
 from vmjobs.codec import request_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
-from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.runner import describe_allocation, snapshot
 from vmjobs.store import Store
+from vmjobs.virt.conn import is_running, lookup_domain
 
 log = logging.getLogger("vmjobs.daemon")
 Note = Callable[[str], None]

@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from vmjobs import guestclock, replug
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
-from vmjobs.domain_xml import Nic, read_metadata
 from vmjobs.guest import JobFiles, Verdict, nics_for
-from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
 from vmjobs.runner import reap_abandoned
 from vmjobs.store import Store
+from vmjobs.virt import guestclock, replug
+from vmjobs.virt.conn import destroy_quietly, lookup_domain
+from vmjobs.virt.domain_xml import Nic, read_metadata
 
 log = logging.getLogger("vmjobs.daemon")
 

@@ -32,9 +32,9 @@ from vmjobs import guest_protocol
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, prepare, start
-from vmjobs.hostconn import destroy_quietly, is_running, lookup_domain
 from vmjobs.image import Image
 from vmjobs.jobs import domain_name
+from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
 
 PROBE_MEMORY_MIB = 128
 PROBE_JOB_ID = "probe"  # the probe's domain is vmjob-probe on every host

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 
 import libvirt
 
-from vmjobs import domain_xml
-from vmjobs.domain_xml import Nic, PciAddress
 from vmjobs.errors import VmjobsError
+from vmjobs.virt import domain_xml
+from vmjobs.virt.domain_xml import Nic, PciAddress
 
 UNPLUG_TIMEOUT_S = 15.0
 

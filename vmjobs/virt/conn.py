@@ -10,15 +10,7 @@ import placement
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
 from vmjobs.host_checks import duplicate_message, host_uuid, host_warnings, same_host
-from vmjobs.inventory import read_host, read_topology
-
-
-def _quiet(_ctx: object, _err: object) -> None:
-    # libvirt prints every error to stderr by default; ours reach the user as one line instead.
-    return None
-
-
-libvirt.registerErrorHandler(_quiet, None)
+from vmjobs.virt.inventory import read_host, read_topology
 
 
 def connect(host: HostConfig) -> libvirt.virConnect:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import libvirt
 
-from vmjobs.domain_xml import CLOCK_CHANNEL
 from vmjobs.errors import VmjobsError
+from vmjobs.virt.domain_xml import CLOCK_CHANNEL
 
 
 class ClockError(VmjobsError):

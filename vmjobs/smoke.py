@@ -3,7 +3,7 @@
 Boots a transient guest (no store, no daemon: only libvirt connections and the shared spool)
 whose job is `clockprobe` (images/clockprobe.c, built static here and shipped as the job's
 input): every 100 ms it prints `tick N TSC MONOTONIC_NS REALTIME_NS`. The guest is migrated
-A -> B -> A ... for N rounds with `migration.migrate_domain`, re-pinned on each host. The
+A -> B -> A ... for N rounds with `virt.migration.migrate_domain`, re-pinned on each host. The
 console of each host goes to its own segment in the spool; the byte offsets at each
 switch-over put the stream back together in order. Checks:
 
@@ -26,17 +26,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import libvirt
-
 from placement import Allocation, NodeShare
 from vmjobs import guest_protocol
 from vmjobs.errors import VmjobsError
 from vmjobs.image import Image, recipe_bytes
 from vmjobs.jobs import new_job_id
-from vmjobs.migration import MigrationFailed, Policy, migrate_domain, migration_uri, retarget_xml
-from vmjobs.virt import domain_xml
-from vmjobs.virt.conn import destroy_quietly
+from vmjobs.virt import Connection, Domain, VirtError, domain_xml
+from vmjobs.virt.conn import destroy_quietly, open_uri
 from vmjobs.virt.domain_xml import DomainSpec
+from vmjobs.virt.migration import (
+    MigrationFailed,
+    Policy,
+    migratable_xml,
+    migrate_domain,
+    migration_uri,
+    retarget_xml,
+)
 
 INTERVAL_MS = 100
 PROBE_SOURCE = "clockprobe.c"
@@ -170,7 +175,7 @@ def _read(path: Path, start: int, end: int | None) -> bytes:
         return b""
 
 
-def _cell_node(conn: libvirt.virConnect) -> int:
+def _cell_node(conn: Connection) -> int:
     """The NUMA node that holds cpu 0 on this host (0 on almost every machine)."""
     import xml.etree.ElementTree as ET
 
@@ -192,18 +197,18 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
         raise VmjobsError("--from and --to are the same host")
     policy = policy or Policy()
     probe = build_probe(spool / "cache")
-    conns: dict[str, libvirt.virConnect] = {}
+    conns: dict[str, Connection] = {}
     for end in (source, destination):
         try:
-            conns[end.name] = libvirt.open(end.uri)
-        except libvirt.libvirtError as exc:
+            conns[end.name] = open_uri(end.uri)
+        except VirtError as exc:
             for conn in conns.values():
                 conn.close()
             raise VmjobsError(f"cannot connect to {end.name} at {end.uri}: "
                               f"{exc.get_error_message()}") from None
     run_id = f"smoke-{new_job_id()}"
     workdir = spool / "smoke" / run_id
-    dom: libvirt.virDomain | None = None
+    dom: Domain | None = None
     report = Report()
     try:
         workdir.mkdir(parents=True)
@@ -251,7 +256,7 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
         for number in range(1, rounds + 1):
             time.sleep(1.0)  # let ticks accumulate on this host
             target = alloc_on(there)
-            dest_xml = retarget_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), target,
+            dest_xml = retarget_xml(migratable_xml(dom), target,
                                     frozenset(), console(there))
             start_there = _size(console(there))
             try:

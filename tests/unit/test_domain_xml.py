@@ -327,8 +327,8 @@ def test_validates_against_libvirt_schema(name: str, tmp_path: Path) -> None:
 def test_the_output_port_is_a_pipe_qemu_writes_and_a_move_retargets_it() -> None:
     from dataclasses import replace
 
-    from vmjobs.migration import retarget_xml
     from vmjobs.virt.domain_xml import OUTPUT_CHANNEL, build
+    from vmjobs.virt.migration import retarget_xml
 
     spec = replace(SPECS["1node-emulated-nic"](), output_pipe=Path("/spool/jobs/j/output.0"))
     root = ET.fromstring(build(spec))

@@ -33,6 +33,7 @@ from vmjobs.image import Image, recipe_bytes
 from vmjobs.jobs import new_job_id
 from vmjobs.virt import Connection, Domain, VirtError, domain_xml
 from vmjobs.virt.conn import destroy_quietly, open_uri
+from vmjobs.virt.conn import start as start_domain
 from vmjobs.virt.domain_xml import DomainSpec
 from vmjobs.virt.migration import (
     MigrationFailed,
@@ -42,6 +43,7 @@ from vmjobs.virt.migration import (
     migration_uri,
     retarget_xml,
 )
+from vmjobs.virt.pinning import pinning_of
 
 INTERVAL_MS = 100
 PROBE_SOURCE = "clockprobe.c"
@@ -243,7 +245,7 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
             initrd=initrd, console_log=console(source), output_disk=output,
             clock_channel=True))
         note(f"booting a {memory_mib} MiB guest on {source.name}")
-        dom = conns[source.name].createXML(xml, 0)
+        dom = start_domain(conns[source.name], xml)
         deadline = time.monotonic() + boot_timeout_s
         while b"tick 5 " not in _read(console(source), 0, None):
             if time.monotonic() > deadline:
@@ -271,11 +273,11 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
             ends.append(_size(console(here)))
             segments.append((console(there), start_there))
             dom = conns[there.name].lookupByName(f"vmjob-{run_id}")
-            actual = dom.vcpuPinInfo(0)[0]
-            pinned = [i for i, on in enumerate(actual) if on] == [target.cpus[0]]
+            actual = sorted(pinning_of(dom)[0])
+            pinned = actual == [target.cpus[0]]
             if not pinned:
                 report.violations.append(f"round {number}: vCPU 0 on {there.name} is pinned to "
-                                         f"{actual}, not to cpu {target.cpus[0]}")
+                                         f"cpus {actual}, not to cpu {target.cpus[0]}")
             memory = outcome.memory_bytes / (1 << 20) if outcome.memory_bytes else None
             report.rounds.append(Round(number, here.name, there.name, outcome.duration_s,
                                        outcome.downtime_ms, memory, None, target.cpus[0],

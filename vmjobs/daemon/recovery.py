@@ -30,8 +30,8 @@ from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
 from vmjobs.runner import reap_abandoned
 from vmjobs.store import Store
 from vmjobs.virt import Connection, Domain, VirtError, domains, guestclock, replug
-from vmjobs.virt.conn import destroy_quietly, lookup_domain
-from vmjobs.virt.domain_xml import Nic, read_metadata
+from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
+from vmjobs.virt.domain_xml import Nic
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -77,16 +77,9 @@ def classify(host: str, records: list[JobRecord], found: dict[str, Found]) -> Ac
 
 
 def domains_on(conn: Connection) -> dict[str, Found]:
-    found: dict[str, Found] = {}
-    for dom in conn.listAllDomains():
-        try:
-            meta = read_metadata(dom.XMLDesc(0))
-            running = bool(dom.isActive())
-        except VirtError:
-            continue  # it vanished while we looked: it will not be running
-        if meta is not None and meta.job_id:
-            found[meta.job_id] = Found(meta.job_id, running)
-    return found
+    """Every guest on the host that carries a job's <metadata>; VirtError if unlisted."""
+    return {job_id: Found(job_id, running)
+            for job_id, running in domains.job_guests(conn).items()}
 
 
 def reconcile_host(daemon: Daemon, host: str) -> Actions:
@@ -222,7 +215,7 @@ def _copies(daemon: Daemon, job_ids: set[str]) -> dict[str, list[tuple[Copy, Dom
                 if dom is None:
                     continue
                 domains.quiesce(dom, deadline)
-                if not dom.isActive():
+                if not is_running(dom):
                     continue
                 running = domains.is_unpaused(dom)
             except VirtError:
@@ -268,7 +261,7 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
             keep = survivor.keep
             if keep is not None and survivor.resume:
                 try:
-                    doms[keep.host].resume()
+                    domains.resume(doms[keep.host])
                 except VirtError as exc:
                     log.warning("job %s: resuming its guest on %s failed: %s", job_id,
                                 keep.host, exc.get_error_message())
@@ -336,7 +329,7 @@ def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
         dom = lookup_domain(conn, domain_name(job_id)) if conn is not None else None
         if dom is None:
             return
-        have = replug.plugged(dom.XMLDesc(0))
+        have = replug.plugged(domains.live_xml(dom))
         missing = [n for n in nics_for(alloc) if n.guest_address not in have]
         failed = replug.plug(dom, missing) if missing else None
     except VirtError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 import libvirt
 
 from vmjobs.virt import Connection, Domain, VirtError
+from vmjobs.virt.domain_xml import read_metadata
 
 # libvirt jobs that take the guest away from its host: aborting one leaves it where it was
 OUTGOING = frozenset({libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE,
@@ -22,6 +23,32 @@ OUTGOING = frozenset({libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE,
 def is_unpaused(dom: Domain) -> bool:
     """Whether the guest's state is RUNNING (not paused, not shut off); VirtError if gone."""
     return dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def live_xml(dom: Domain) -> str:
+    """The guest's XML as it runs now (devices plugged or unplugged included)."""
+    return dom.XMLDesc(0)
+
+
+def resume(dom: Domain) -> None:
+    """Let a paused guest run again; VirtError if libvirt refuses."""
+    dom.resume()
+
+
+def job_guests(conn: Connection) -> dict[str, bool]:
+    """job id -> whether its guest is running, for every domain on `conn` whose <metadata>
+    names a job (`domain_xml.read_metadata`); a domain that vanishes while we look is left out
+    (it will not be running). VirtError if the domains cannot be listed."""
+    found: dict[str, bool] = {}
+    for dom in conn.listAllDomains():
+        try:
+            meta = read_metadata(dom.XMLDesc(0))
+            running = bool(dom.isActive())
+        except VirtError:
+            continue
+        if meta is not None and meta.job_id:
+            found[meta.job_id] = running
+    return found
 
 
 def abort_job_quietly(dom: Domain) -> None:

@@ -27,6 +27,7 @@ import libvirt  # noqa: E402
 
 from vmjobs import guest_protocol  # noqa: E402
 from vmjobs.config import load  # noqa: E402
+from vmjobs.convergence import Policy  # noqa: E402
 from vmjobs.image import resolve_image  # noqa: E402
 from vmjobs.jobs import new_job_id  # noqa: E402
 from vmjobs.smoke import _allocation  # noqa: E402
@@ -36,7 +37,6 @@ from vmjobs.virt.conn import destroy_quietly  # noqa: E402
 from vmjobs.virt.domain_xml import DomainSpec  # noqa: E402
 from vmjobs.virt.migration import (  # noqa: E402
     MigrationFailed,
-    Policy,
     migrate_domain,
     migration_uri,
     retarget_xml,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from placement import Allocation, NodeShare
 from vmjobs import guest_protocol
+from vmjobs.convergence import Policy
 from vmjobs.errors import VmjobsError
 from vmjobs.image import Image, recipe_bytes
 from vmjobs.jobs import new_job_id
@@ -37,7 +38,6 @@ from vmjobs.virt.conn import start as start_domain
 from vmjobs.virt.domain_xml import DomainSpec
 from vmjobs.virt.migration import (
     MigrationFailed,
-    Policy,
     migratable_xml,
     migrate_domain,
     migration_uri,

@@ -131,7 +131,7 @@ class Outcome:
     downtime_limit_ms: int  # the limit in force at the end
     postcopy: bool
     steps: tuple[str, ...] = ()  # what the policy did, in order
-    dom: libvirt.virDomain | None = field(default=None, compare=False)  # on the destination
+    dom: Domain | None = field(default=None, compare=False)  # on the destination
 
 
 def migration_uri(dest_libvirt_uri: str) -> str | None:
@@ -146,7 +146,7 @@ def _stat(stats: Mapping[str, Any], key: str) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
-def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: str,
+def migrate_domain(dom: Domain, dconn: Connection, dest_xml: str,
                    dest_uri: str | None, policy: Policy, memory_mib: int,
                    on_progress: Callable[[Progress], None] | None = None,
                    poll_s: float = 0.25,
@@ -231,7 +231,7 @@ def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: 
     if "error" in result or result.get("dom") is None:
         why = w.aborted or result.get("error") or "migrate3 returned no domain"
         raise MigrationFailed(why)
-    dest_dom: libvirt.virDomain = result["dom"]
+    dest_dom: Domain = result["dom"]
     downtime_measured = transferred = None
     try:
         done = dest_dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)

@@ -233,7 +233,7 @@ def _launch_and_follow(config: Config, store: Store, conn: Connection, job: RunR
     with interruptible():
         try:
             virt_type = probe.virt_type(config, host_config, conn, image, allocation,
-                                              note)
+                                        note)
             xml = prepare(
                 GuestPlan(
                     job_id=job_id, owner=user, owner_uid=os.getuid(), argv=job.argv,

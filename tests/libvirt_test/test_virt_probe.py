@@ -92,7 +92,7 @@ def test_a_leftover_paused_probe_is_destroyed_before_the_next_probe(
     assert leftover.name() == "vmjob-probe"
     leftover.suspend()
     assert probe.virt_type(config(tmp_path / "spool"), config(tmp_path).hosts[0], conn,
-                                image, ALLOC, lambda _m: None) == "qemu"
+                           image, ALLOC, lambda _m: None) == "qemu"
     assert starts == [[]]  # the leftover was gone before the probe started
     assert probes(conn) == []
 

@@ -42,7 +42,7 @@ def _endpoint(config: Config, given: str, virt_type: str | None, image: Any) -> 
                           f"{exc.get_error_message()}") from None
     try:
         chosen = probe.virt_type(config, host, conn, image, _allocation(host.name, 0, 128),
-                                      lambda m: click.echo(m, err=True))
+                                 lambda m: click.echo(m, err=True))
     finally:
         conn.close()
     return Endpoint(host.name, host.uri, chosen)

@@ -264,7 +264,7 @@ class Daemon:
         spec = record.spec
         image = resolve_image(self.config.spool, spec["image"])
         virt_type = probe.virt_type(self.config, host_config, conn, image, allocation,
-                                         lambda text: log.info("%s", text))
+                                    lambda text: log.info("%s", text))
         files = JobFiles.of(self.config.spool, record.id)
         input_dir = files.dir / "input"
         xml = prepare(

@@ -210,7 +210,7 @@ def test_no_wait_and_wait_timeout_give_up_and_leave_nothing(daemon: Daemon) -> N
     took = time.monotonic() - started
     assert result.returncode == 75, result.stderr
     assert "EXPIRED" in result.stderr and "--wait-timeout" in result.stderr, result.stderr
-    assert 2.0 <= took < 10, took
+    assert 2.0 <= took < 30, took  # at least the 2 s asked for; generous for a loaded machine
     expired = [r for r in daemon.query("SELECT id, state FROM jobs")
                if r["id"] not in jobs_before]
     assert [r["state"] for r in expired] == ["EXPIRED"]  # its history stays, nothing else
@@ -237,7 +237,7 @@ def test_logs_follow_a_running_job_to_its_end(daemon: Daemon) -> None:
     view = client.job(job_id)
     assert view["state"] == "COMPLETED"
     # it returned because the job ended, not long after
-    assert ended - view["updated"] < 2.0
+    assert ended - view["updated"] < 10.0  # generous for a loaded machine; a miss hangs to 120 s
     # and without -f, the same text at once
     assert daemon.vmjob("logs", job_id).stdout == out
     client.close()

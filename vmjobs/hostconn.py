@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import libvirt
@@ -19,6 +20,30 @@ def _quiet(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_quiet, None)
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event loop and run it on a thread (once per process).
+
+    Must happen before the first connection is opened: connections opened earlier never
+    deliver events.
+    """
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
 
 
 def connect(host: HostConfig) -> libvirt.virConnect:

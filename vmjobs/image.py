@@ -555,9 +555,11 @@ def _load(spool: Path, image_id: str, name: str) -> Image | None:
     # Either may be missing (a kernel without PVH, a host without qboot): the guest then
     # boots the bzImage with QEMU's default firmware.
     vmlinux, firmware = home / "vmlinux", home / "qboot.rom"
-    return Image(image_id, name, kernel, initrd, str(manifest.get("kernel_version", "?")), size,
-                 vmlinux=vmlinux if vmlinux.is_file() else None,
-                 firmware=firmware if firmware.is_file() else None)
+    extras = [path for path in (vmlinux, firmware) if path.is_file()]
+    return Image(image_id, name, kernel, initrd, str(manifest.get("kernel_version", "?")),
+                 size + sum(path.stat().st_size for path in extras),
+                 vmlinux=vmlinux if vmlinux in extras else None,
+                 firmware=firmware if firmware in extras else None)
 
 
 def _tags(spool: Path) -> dict[str, str]:

@@ -43,6 +43,7 @@ from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
@@ -114,6 +115,8 @@ class Daemon:
         self.store = Store(config.state_db, shared=True)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        # `logs -f` streams: woken with every waiter on the condition (daemon/logs.py)
+        self.followers: set[OutputWatch] = set()
         self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
         self.active: dict[str, Active] = {}
@@ -139,6 +142,8 @@ class Daemon:
         with self.lock:
             self.dirty = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
 
     def spawn(self, target: Callable[..., Any], *args: Any, name: str,
               job_id: str | None = None) -> None:
@@ -452,5 +457,7 @@ class Daemon:
         with self.lock:
             self.stopping = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
         self.notes.put(None)
         self.hosts.close()

@@ -24,7 +24,7 @@ from placement import HostState
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
 from vmjobs.host_checks import duplicate_message, host_uuid, host_warnings, same_host
-from vmjobs.hostconn import connect
+from vmjobs.hostconn import connect, start_event_loop  # noqa: F401 (used by main, tests)
 from vmjobs.inventory import read_host, read_topology
 
 log = logging.getLogger("vmjobs.daemon")
@@ -35,30 +35,6 @@ RECONNECT_FIRST_S = 0.5
 # seconds: try again at most this far apart, so a returning host is back within seconds.
 RECONNECT_MAX_S = 3.0
 DOMAIN_PREFIX = "vmjob-"
-
-_event_loop_lock = threading.Lock()
-_event_loop_started = False
-
-
-def start_event_loop() -> None:
-    """Register libvirt's default event loop and run it on a thread (once per process).
-
-    Must happen before the first connection is opened: connections opened earlier never
-    deliver events.
-    """
-    global _event_loop_started
-    with _event_loop_lock:
-        if _event_loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _event_loop_started = True
-
 
 @dataclass(frozen=True)
 class GuestStopped:

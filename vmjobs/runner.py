@@ -340,7 +340,12 @@ def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: 
                          exit_code=verdict.exit_code)
         code = verdict.exit_code
     if not gone:
-        if not guest.wait_stopped(GONE_AFTER_POWER_OFF_S):
+        try:
+            stopped = guest.wait_stopped(GONE_AFTER_POWER_OFF_S)
+        except (Interrupted, libvirt.libvirtError):
+            # the end is recorded: a Ctrl+C or a lost connection now only hurries QEMU away
+            stopped = False
+        if not stopped:
             destroy_quietly(guest.dom)
         store.release(job_id)
     return code

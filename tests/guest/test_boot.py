@@ -10,6 +10,7 @@ import pytest
 
 from tests.guest.conftest import Env, our_domains
 from vmjobs.image import resolve_image
+from vmjobs.jobs import JobState
 from vmjobs.store import Store
 
 pytestmark = pytest.mark.guest
@@ -28,13 +29,13 @@ def domain_of(env: Env, job_id: str) -> ET.Element:
     return ET.parse(env.spool / "jobs" / job_id / "domain.xml").getroot()
 
 
-def ended_and_freed(env: Env, job_id: str) -> tuple[str, int | None]:
+def ended_and_freed(env: Env, job_id: str) -> tuple[JobState, int | None]:
     store = Store(env.spool / "state.db")
     try:
         record = store.job(job_id)
         assert record is not None
         assert store.reservation_count() == 0  # freed once QEMU was gone
-        return record.state.value, record.exit_code
+        return record.state, record.exit_code
     finally:
         store.close()
 
@@ -57,7 +58,7 @@ def test_trimmed_boot_runs_a_job_with_output_and_exit_code(guest_env: Env) -> No
     assert loader is not None and loader.get("type") == "rom"
     assert loader.text == str(image.firmware)
     # the end was recorded (at the power-off) and the cores freed after QEMU went
-    assert ended_and_freed(guest_env, job_id) == ("failed", 7)
+    assert ended_and_freed(guest_env, job_id) == (JobState.FAILED, 7)
     assert our_domains() == []
 
 
@@ -67,5 +68,5 @@ def test_a_job_with_an_emulated_nic_still_gets_its_driver(guest_env: Env) -> Non
     lines = result.stdout.splitlines()
     assert lines[3].split() == ["eth0", "lo"]  # virtio_net bound the NIC at $NIC0
     assert "virtio_net-loaded" in lines
-    assert ended_and_freed(guest_env, job_id_of(result.stderr)) == ("failed", 7)
+    assert ended_and_freed(guest_env, job_id_of(result.stderr)) == (JobState.FAILED, 7)
     assert our_domains() == []

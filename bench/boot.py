@@ -31,10 +31,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -55,19 +57,39 @@ def vmjob(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "vmjobs", "--config", str(config), *args]
 
 
+# seconds from the start of each cold run to its "job <id> on <host>" note: Python start,
+# imports, libvirt connections and inventory, placement and the store, before the guest
+PLACED: list[float] = []
+
+
 def run_cold(config: Path, cpus: int, mem: str) -> float:
     """Seconds from starting `vmjob run` to its first output line."""
     started = time.perf_counter()
     proc = subprocess.Popen(
         vmjob(config, "run", "--cpus", str(cpus), "--mem", mem, "--", *JOB_ARGV),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
+    errors: list[str] = []
+
+    def note_times(stream: IO[str]) -> None:
+        placed = False
+        for text in stream:
+            if not placed and text.startswith("vmjob: job ") and " on " in text:
+                PLACED.append(time.perf_counter() - started)
+                placed = True
+            errors.append(text)
+
+    reader = threading.Thread(target=note_times, args=(proc.stderr,), daemon=True)
+    reader.start()
     line = proc.stdout.readline()
     first = time.perf_counter() - started
-    proc.communicate()
+    proc.stdout.read()
+    proc.wait()
+    reader.join()
     if proc.returncode != 0 or line.strip() != FIRST_LINE:
-        raise SystemExit(f"vmjob run failed: exit {proc.returncode}, first line {line!r}")
+        raise SystemExit(f"vmjob run failed: exit {proc.returncode}, first line {line!r}: "
+                         f"{''.join(errors).strip()[-300:]}")
     return first
 
 
@@ -220,6 +242,7 @@ def main() -> None:
         for run in runners.values():
             run()  # warm-up: page cache, libvirt's capabilities
         times: dict[str, list[float]] = {m: [] for m in modes}
+        PLACED.clear()
         for _ in range(args.rounds):
             for mode, run in runners.items():
                 times[mode].append(run())
@@ -232,6 +255,9 @@ def main() -> None:
             ratio = f"{median / base:.2f}x" if base else "-"
             print(f"{mode:<18}{median:8.2f}{p90(values):8.2f}{min(values):8.2f}"
                   f"{max(values):8.2f}  {ratio}")
+        if PLACED:
+            print(f"cold: to its placement note (Python start, imports, libvirt connection and "
+                  f"inventory, placement, store) median {statistics.median(PLACED):.2f}s")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from vmjobs import image
+from vmjobs.cli.image import image_dict
 from vmjobs.errors import NotFound, VmjobsError
 
 VERSION = "6.1.0-99-test-amd64"
@@ -221,6 +222,8 @@ def test_build_boots_vmlinux_with_qboot(fakes: Fakes, tmp_path: Path,
     assert img.firmware is not None and img.firmware.read_bytes() == rom.read_bytes()
     manifest = json.loads((img.initrd.parent / "manifest.json").read_text())
     assert set(manifest["files"]) == {"vmlinuz", "vmlinux", "initrd", "qboot.rom"}
+    listed = image_dict(img)  # `vmjob image list --json`
+    assert (listed["boot_kernel"], listed["firmware"]) == (str(img.vmlinux), str(img.firmware))
     rom.write_bytes(b"another rom")  # the firmware is an input: a new one makes a new image
     assert image.build_image(fakes.spool, kernel=fakes.kernel)[0].id != img.id
 
@@ -231,6 +234,7 @@ def test_build_falls_back_to_bzimage_and_default_firmware(
     messages: list[str] = []
     img, _ = image.build_image(fakes.spool, kernel=fakes.kernel, progress=messages.append)
     assert img.vmlinux is None and img.firmware is None and img.boot_kernel == img.kernel
+    assert (image_dict(img)["boot_kernel"], image_dict(img)["firmware"]) == (str(img.kernel), None)
     assert any("booting the compressed kernel" in m for m in messages)
     assert any("default firmware" in m for m in messages)
 

@@ -42,9 +42,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vmjobs import guest_protocol  # noqa: E402
-from vmjobs.domain_xml import CLOCK_CHANNEL, CMDLINE, OUTPUT_CHANNEL  # noqa: E402
 from vmjobs.image import Image, resolve_image  # noqa: E402
 from vmjobs.outputwatch import OutputWatch  # noqa: E402
+from vmjobs.virt.domain_xml import CLOCK_CHANNEL, CMDLINE, OUTPUT_CHANNEL  # noqa: E402
 
 JOB_ARGV = ("echo", "hi")
 FIRST_LINE = "hi"

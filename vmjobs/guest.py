@@ -5,7 +5,6 @@ Used by `vmjob run` and by the KVM probe; the daemon will use the same pieces.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -13,16 +12,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import libvirt
-
 from placement import Allocation
-from vmjobs import domain_xml, guest_protocol
-from vmjobs.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs import guest_protocol
 from vmjobs.errors import VmjobsError
-from vmjobs.hostconn import is_running
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
+from vmjobs.virt import Connection, Domain, domain_xml
+from vmjobs.virt.conn import is_running
+from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs.virt.events import GuestEvent, unwatch_guest, watch_guest
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -192,11 +191,6 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
     return xml
 
 
-def start(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
-    """Start a transient domain: when the guest stops, nothing of it stays defined."""
-    return conn.createXML(xml, 0)
-
-
 class OutputReader:
     """Reads a job's output files (`JobFiles.output`) in order, as they grow.
 
@@ -238,41 +232,31 @@ class OutputReader:
             self.index, self.offset = later[0], 0
 
 
-# The guest's own power-off (the init's `poweroff -f`), not a shutdown the host asked for.
-GUEST_POWER_OFF = (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED,
-                   libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST)
 
 
 class GuestEnd:
     """One guest's end, from libvirt's lifecycle events, and its output's changes (inotify):
-    both wake `watch`. Needs libvirt's event loop running (`hostconn.start_event_loop`) before
-    the connection was opened.
+    both wake `watch`. Needs libvirt's event loop running (`virt.events.start_event_loop`)
+    before the connection was opened.
 
     `powered_off`: the init powered the guest off after writing its output disk (its verdict
     is final; QEMU is still going away). `stopped`: the domain is gone.
     """
 
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
-                 files: JobFiles) -> None:
+    def __init__(self, conn: Connection, dom: Domain, files: JobFiles) -> None:
         self.dom = dom
         self.watch = OutputWatch(files.dir)
         self.powered_off = threading.Event()
         self.stopped = threading.Event()
         self._conn = conn
-        self._callback = conn.domainEventRegisterAny(
-            dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        self._callback = watch_guest(conn, dom, self._on_event)
         self.check()  # it may have ended before the callback was there
 
-    def _on_lifecycle(self, _conn: libvirt.virConnect, _dom: libvirt.virDomain, event: int,
-                      detail: int, _opaque: object) -> None:
+    def _on_event(self, event: GuestEvent) -> None:
         # libvirt's event loop thread: set and wake, never block
-        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-            self.powered_off.set()  # whatever came first, the guest runs no more
+        self.powered_off.set()  # whichever came first, the guest runs no more
+        if event == GuestEvent.STOPPED:
             self.stopped.set()
-        elif event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN and detail in GUEST_POWER_OFF:
-            self.powered_off.set()
-        else:
-            return
         self.watch.wake()
 
     def ended(self) -> bool:
@@ -293,8 +277,7 @@ class GuestEnd:
         return self.stopped.is_set()
 
     def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):  # a closed connection took it along
-            self._conn.domainEventDeregisterAny(self._callback)
+        unwatch_guest(self._conn, self._callback)
         self.watch.close()
 
 

@@ -24,8 +24,9 @@ from vmjobs.config import parse
 from vmjobs.daemon import logs
 from vmjobs.daemon.core import Daemon
 from vmjobs.guest import GuestEnd, JobFiles, follow_output
-from vmjobs.hostconn import destroy_quietly, start_event_loop
 from vmjobs.jobs import JobRecord, JobState
+from vmjobs.virt.conn import destroy_quietly
+from vmjobs.virt.events import start_event_loop
 
 URI = "test:///default"
 NEVER_S = 600.0

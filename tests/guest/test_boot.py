@@ -59,7 +59,7 @@ def test_trimmed_boot_runs_a_job_with_output_and_exit_code(guest_env: Env) -> No
     assert loader.text == str(image.firmware)
     # the end was recorded (at the power-off) and the cores freed after QEMU went
     assert ended_and_freed(guest_env, job_id) == (JobState.FAILED, 7)
-    assert our_domains() == []
+    assert f"vmjob-{job_id}" not in our_domains()
 
 
 def test_a_job_with_an_emulated_nic_still_gets_its_driver(guest_env: Env) -> None:
@@ -68,5 +68,6 @@ def test_a_job_with_an_emulated_nic_still_gets_its_driver(guest_env: Env) -> Non
     lines = result.stdout.splitlines()
     assert lines[3].split() == ["eth0", "lo"]  # virtio_net bound the NIC at $NIC0
     assert "virtio_net-loaded" in lines
-    assert ended_and_freed(guest_env, job_id_of(result.stderr)) == (JobState.FAILED, 7)
-    assert our_domains() == []
+    job_id = job_id_of(result.stderr)
+    assert ended_and_freed(guest_env, job_id) == (JobState.FAILED, 7)
+    assert f"vmjob-{job_id}" not in our_domains()

@@ -1,4 +1,4 @@
-"""`vmjob submit|list|show|logs|wait|cancel`: the daemon's client commands.
+"""`vmjob list|show|logs|wait|cancel`: the daemon's client commands (`submit` is in submit.py).
 
 Each parses, makes one or two calls through `vmjobs.client`, and prints. The daemon decides
 who may do what (from the socket's peer credentials); these commands only show its answer.
@@ -10,123 +10,15 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.connect import client_for, url_option
 from vmjobs.client import ApiFailure, Client
-from vmjobs.config import DEFAULT_SOCKET
-from vmjobs.errors import VmjobsError
-from vmjobs.guest_protocol import input_entries
-from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
-from vmjobs.spec import Spec, SpecError, check_paths
+from vmjobs.outcome import exit_code
 from vmjobs.units import format_mib
-
-
-class NotStarted(VmjobsError):
-    """--no-wait found no room, or --wait-timeout expired."""
-
-    exit_code = EXIT_NOT_STARTED
-
-
-def url_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--url", default=None, metavar="URL", envvar="VMJOBS_URL",
-        help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head "
-             "(default: $VMJOBS_URL, else the config's socket).",
-    )(func)
-
-
-def client_for(url: str | None) -> Client:
-    """The daemon at --url / $VMJOBS_URL, else at the config's socket. With a URL no config is
-    read: a remote user needs none (an ssh:// URL without a path means the head's default)."""
-    if url:
-        return Client.from_url(url, DEFAULT_SOCKET)
-    return Client.from_url(None, click.get_current_context().obj.config.socket)
-
-
-# --- submit ---------------------------------------------------------------------------------
-
-def submission(spec: Spec, client: Client) -> dict[str, Any]:
-    """The JSON body of POST /v1/jobs: the spec's canonical form, with --input uploaded first
-    (its token instead of the path) and --output made absolute."""
-    check_paths(spec)
-    body = spec.to_dict()
-    if spec.output is not None:
-        body["output"] = str(Path(spec.output).absolute())
-    if spec.input is not None:
-        # the guest protocol's own rules (regular files and directories only), here, before
-        # anything is sent: refused at submit with the user's path, not at start with the
-        # spool's
-        input_entries(Path(spec.input))
-        body["input"] = client.upload_dir(Path(spec.input))
-    return body
-
-
-def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--time-limit", default=None, metavar="DURATION",
-                     help="Longest the job may run (same as --timeout); lets it start early "
-                          "when that cannot delay the job first in line."),
-        click.option("--priority", default=None, metavar="N",
-                     help="Higher starts first; FIFO within a priority.  [default: 0]"),
-        click.option("--preemptible", is_flag=True,
-                     help="May be migrated or checkpointed (and restored later) to make room "
-                          "for jobs that are not (with the daemon's 'preemption: on')."),
-        click.option("--wait-timeout", default=None, metavar="DURATION",
-                     help=f"Give up if the job has not started after this long (exit "
-                          f"{EXIT_NOT_STARTED}; nothing is left behind)."),
-        click.option("--no-wait", is_flag=True,
-                     help=f"Fail at once (exit {EXIT_NOT_STARTED}) unless the job can start now."),
-        url_option,
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return client.submit(body)
-    except ApiFailure as exc:
-        if exc.code == "not_started":
-            raise NotStarted(str(exc)) from None
-        if exc.code == "usage":  # a daemon stricter than this client: still a usage error
-            raise SpecError(str(exc)) from None
-        raise
-
-
-@click.command()
-@job_options
-@queue_options
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
-@click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
-def submit(as_json: bool, **params: Any) -> None:
-    """Queue CMD to run in its own guest; print the job's id.
-
-    The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
-    are free, then runs while nobody watches. Follow it with 'vmjob logs -f JOB', collect its
-    exit code with 'vmjob wait JOB'.
-
-    \b
-    Examples:
-      vmjob submit --cpus 8 --mem 64G -- ./simulate
-      JOB=$(vmjob submit --time-limit 10m -- make check) && vmjob wait "$JOB"
-      vmjob submit -f job.yaml --priority 5
-      vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
-      vmjob submit --threads isolate --hugepages 1G --label rack=r1 -- ./latency-bench
-    """
-    spec = spec_from_options(params, params.pop("spec_file"))
-    client = client_for(params.pop("url"))
-    try:
-        view = submit_job(client, submission(spec, client))
-    finally:
-        client.close()
-    click.echo(json.dumps(view, indent=2) if as_json else view["id"])
-
 
 # --- list / show ----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ PARAMS = {"cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
           "labels": "label", "host": "host",
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
           "env": "env", "priority": "priority", "preemptible": "preemptible",
-          "wait_timeout": "wait_timeout", "no_wait": "no_wait"}
+          "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array"}
 FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
 
 

@@ -81,6 +81,9 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @job_options
 @queue_options
+@click.option("--array", default=None, metavar="INDICES[%N]",
+              help="A job array: one job per index (1-100, 1,3,5-7; indices 0-1000), each "
+                   "with $VMJOB_ARRAY_INDEX set; %N: at most N of them run at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 def submit(as_json: bool, **params: Any) -> None:
@@ -88,7 +91,8 @@ def submit(as_json: bool, **params: Any) -> None:
 
     The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
     are free, then runs while nobody watches. Follow it with 'vmjob logs -f JOB', collect its
-    exit code with 'vmjob wait JOB'.
+    exit code with 'vmjob wait JOB'. With --array it prints the array's id ARRAY; its jobs
+    are ARRAY_INDEX ('vmjob cancel ARRAY' cancels them all).
 
     \b
     Examples:
@@ -97,6 +101,7 @@ def submit(as_json: bool, **params: Any) -> None:
       vmjob submit -f job.yaml --priority 5
       vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
       vmjob submit --threads isolate --hugepages 1G --label rack=r1 -- ./latency-bench
+      vmjob submit --array 1-100%10 -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
     """
     spec = spec_from_options(params, params.pop("spec_file"))
     client = client_for(params.pop("url"))
@@ -104,4 +109,5 @@ def submit(as_json: bool, **params: Any) -> None:
         view = submit_job(client, submission(spec, client))
     finally:
         client.close()
-    click.echo(json.dumps(view, indent=2) if as_json else view["id"])
+    # an array answers {"array": ID, "jobs": [...]}, a single job with the job
+    click.echo(json.dumps(view, indent=2) if as_json else view.get("array") or view["id"])

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import tarfile
 import threading
 import time
@@ -34,6 +35,7 @@ from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
+from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
 from vmjobs.jobs import ACTIVE, JobRecord, JobState, new_job_id
 from vmjobs.runner import snapshot
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
@@ -54,6 +56,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "time_limit": time_limit_of(spec), "wait_timeout": wait_timeout_of(spec),
         "output": spec.get("output"), "allocation": record.allocation,
         "position": None, "waiting_because": None,
+        "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
     }
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
@@ -180,6 +183,9 @@ class Api:
         if explanation.never_fits:
             raise DoesNotFit(explanation.summary)
         job_id = new_job_id()
+        if submission.array is not None:
+            return self._submit_array(req.caller, submission, job_id, request,
+                                      _spec(submission, image.id))
         files = JobFiles.of(config.spool, job_id)
         if submission.input is not None:
             self.uploads.take(submission.input, req.caller.uid, files.dir / "input")
@@ -193,6 +199,35 @@ class Api:
             stored = daemon.store.job(job_id)
             assert stored is not None
             return Json(job_view(daemon, stored), status=201)
+
+    def _submit_array(self, who: Caller, submission: Spec, array_id: str,
+                      request: placement.Request, spec: dict[str, Any]) -> Json:
+        """One job per index, `ARRAY_INDEX`, all queued in one transaction (all or none)."""
+        daemon = self.daemon
+        array = submission.array
+        assert array is not None
+        records = [JobRecord(id=member_id(array_id, i), owner=who.name, uid=who.uid,
+                             state=JobState.QUEUED,
+                             spec=member_spec(spec, array_id, i, array.limit))
+                   for i in array.indices]
+        if submission.input is not None:  # one upload, a copy per job
+            first = JobFiles.of(daemon.config.spool, records[0].id).dir / "input"
+            self.uploads.take(submission.input, who.uid, first)
+            for record in records[1:]:
+                shutil.copytree(first, JobFiles.of(daemon.config.spool, record.id).dir / "input",
+                                symlinks=True)
+        reason = f"submitted by {who.name} (array {array_id}, {len(records)} jobs)"
+        with daemon.lock:
+            with daemon.store.reserving():
+                for record in records:
+                    daemon.store.add_job(record, request, None, reason)
+            daemon.wake()
+            views = []
+            for record in records:
+                stored = daemon.store.job(record.id)
+                assert stored is not None
+                views.append(job_view(daemon, stored))
+        return Json({"array": array_id, "jobs": views}, status=201)
 
     def _start_now_or_forget(self, record: JobRecord) -> Json:
         """--no-wait: run the scheduling pass here; if it does not place the job, it never

@@ -42,6 +42,7 @@ from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
+from vmjobs.jobarray import array_env
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
 
@@ -272,7 +273,7 @@ class Daemon:
         xml = prepare(
             GuestPlan(
                 job_id=record.id, owner=record.owner, owner_uid=record.uid,
-                argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
+                argv=tuple(spec["argv"]), env={**(spec.get("env") or {}), **array_env(spec)},
                 allocation=allocation, image=image, virt_type=virt_type,
                 output_disk_mib=self.config.output_disk_mib,
                 input_dir=input_dir if input_dir.is_dir() else None,

@@ -9,12 +9,16 @@ a `--time-limit`), or the head, re-placed on the cluster as it will be at the sh
 still fits with the later job still running. So a large job at the head is never starved by a
 stream of small ones. The reservation is `placement.backfill`'s, which the trace simulator
 shares.
+
+A job of an array with a limit (`--array 1-100%10`) whose array already runs that many jobs
+is *held*: it waits with that reason, is passed over (never the head, never blocking anyone
+behind it) and is looked at again in the next pass.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import placement
@@ -31,6 +35,8 @@ class Waiting:
     job_id: str
     request: Request
     time_limit_s: float | None = None
+    array: str | None = None  # the id of its job array, if any
+    array_limit: int | None = None  # at most this many of the array running (`%N`)
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,9 @@ class Start:
 @dataclass(frozen=True)
 class Wait:
     job_id: str
-    position: int  # 1 = the head
+    position: int  # 1 = the head, unless `held`
     reason: str
+    held: bool = False  # by its array's limit, not by room: nothing to make room for
 
 
 @dataclass(frozen=True)
@@ -64,37 +71,50 @@ def _clock(at: float) -> str:
 
 
 def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Sequence[Holding],
-         now: float, policy: str = "pack") -> Plan:
-    """Which queued jobs start now, and why each of the others waits. `cluster` is not changed."""
+         now: float, policy: str = "pack", running: Mapping[str, int] | None = None) -> Plan:
+    """Which queued jobs start now, and why each of the others waits. `cluster` is not changed.
+
+    `running`: array id -> how many of its jobs hold resources now (for `%N` limits).
+    """
     cluster = cluster.copy()
     holders = list(holding)
     queue = order(waiting)
+    limits = _ArrayLimits(running or {})
     starts: list[Start] = []
+    held: list[tuple[int, Wait]] = []  # (place in the queue, why it waits)
     i = 0
     while i < len(queue):
         job = queue[i]
+        if (reason := limits.holds(job)) is not None:
+            held.append((i, Wait(job.job_id, 0, reason, held=True)))
+            i += 1
+            continue
         decision = cluster.place(job.request, policy)
         if decision.allocation is None:
             break
         cluster.reserve(job.job_id, decision.allocation, job.request)
         starts.append(Start(job.job_id, decision.allocation))
         holders.append(Holding(job.job_id, _ends(job, now)))
+        limits.started(job)
         i += 1
     if i == len(queue):
-        return Plan(tuple(starts), ())
+        return Plan(tuple(starts), _numbered([], held))
 
     head = queue[i]
     reservation = reserve_head(cluster, head.request, holders, now, policy)
     why = cluster.explain(head.request).summary
     if reservation.shadow is not None:
         why += f"; starts by {_clock(reservation.shadow)} at the latest"
-    waits = [Wait(head.job_id, 1, f"first in line: {why}")]
+    waits: list[tuple[int, Wait]] = []
     # The cluster only fills up during this loop, so a request that did not fit still does
     # not: a long queue of alike jobs costs one placement, not one each.
     refused: dict[Request, str] = {}
-    for job in queue[i + 1:]:
+    for at, job in enumerate(queue[i + 1:], start=i + 1):
+        if (reason := limits.holds(job)) is not None:
+            waits.append((at, Wait(job.job_id, 0, reason, held=True)))
+            continue
         if job.request in refused:
-            waits.append(Wait(job.job_id, len(waits) + 1, refused[job.request]))
+            waits.append((at, Wait(job.job_id, 0, refused[job.request])))
             continue
         decision = cluster.place(job.request, policy)
         allocation = decision.allocation
@@ -103,11 +123,40 @@ def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Sequen
         elif reservation.admits(job.job_id, allocation, job.request, _ends(job, now)):
             cluster.reserve(job.job_id, allocation, job.request)
             starts.append(Start(job.job_id, allocation, backfilled=True))
+            limits.started(job)
             continue
         else:
             reason = _would_delay(job, head, reservation)
-        waits.append(Wait(job.job_id, len(waits) + 1, reason))
-    return Plan(tuple(starts), tuple(waits), reservation.shadow)
+        waits.append((at, Wait(job.job_id, 0, reason)))
+    first = Wait(head.job_id, 1, f"first in line: {why}")
+    return Plan(tuple(starts), _numbered([first], held + waits), reservation.shadow)
+
+
+class _ArrayLimits:
+    """How many jobs of each array run, counting those this pass starts."""
+
+    def __init__(self, running: Mapping[str, int]) -> None:
+        self.running = dict(running)
+
+    def holds(self, job: Waiting) -> str | None:
+        """Why `job` must wait for its array's limit, or None if it may start."""
+        if job.array is None or job.array_limit is None:
+            return None
+        count = self.running.get(job.array, 0)
+        if count < job.array_limit:
+            return None
+        return (f"held by its array's limit: {count} of array {job.array} running, "
+                f"at most {job.array_limit} at once (%{job.array_limit})")
+
+    def started(self, job: Waiting) -> None:
+        if job.array is not None:
+            self.running[job.array] = self.running.get(job.array, 0) + 1
+
+
+def _numbered(first: list[Wait], rest: list[tuple[int, Wait]]) -> tuple[Wait, ...]:
+    """Positions in line: the head (if any) first, then the others in queue order."""
+    ordered = first + [w for _, w in sorted(rest, key=lambda pair: pair[0])]
+    return tuple(Wait(w.job_id, n, w.reason, w.held) for n, w in enumerate(ordered, start=1))
 
 
 def _ends(job: Waiting, now: float) -> float | None:

@@ -18,7 +18,8 @@ from placement import Request
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
-from vmjobs.jobs import ACTIVE, JobRecord, JobState
+from vmjobs.jobarray import array_of
+from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState
 from vmjobs.runner import describe_allocation, snapshot
 
 log = logging.getLogger("vmjobs.daemon")
@@ -146,7 +147,7 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
 def make_room(daemon: Daemon, queue: Queue) -> None:
     """With `preemption: on`, move preemptible jobs for the first in line; with nobody
     waiting, bring back jobs that were checkpointed for others."""
-    head = next((w for w in daemon.waits.values() if w.position == 1), None)
+    head = next((w for w in daemon.waits.values() if w.position == 1 and not w.held), None)
     if head is not None and daemon.config.preemption:
         request = next((q for r, q in queue if r.id == head.job_id), None)
         if request is not None:
@@ -183,6 +184,21 @@ def holdings(daemon: Daemon, now: float) -> list[Holding]:
     return held
 
 
+def _waiting(record: JobRecord, request: Request) -> Waiting:
+    array = array_of(record.spec)
+    return Waiting(record.id, request, time_limit_of(record),
+                   array=array[0] if array else None, array_limit=array[1] if array else None)
+
+
+def running_arrays(daemon: Daemon) -> dict[str, int]:
+    """Array id -> how many of its jobs hold resources or are being moved (for `%N`)."""
+    counts: dict[str, int] = {}
+    for record in daemon.store.in_states(ACTIVE | MOVING):
+        if (array := array_of(record.spec)) is not None:
+            counts[array[0]] = counts.get(array[0], 0) + 1
+    return counts
+
+
 def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
              current: Pass | None = None) -> Plan:
     """One pass: reserve and launch what may start; remember why the others wait."""
@@ -191,10 +207,11 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
     if not queued:
         daemon.waits = {}
         return Plan((), ())
-    waiting = [Waiting(r.id, request, time_limit_of(r)) for r, request in queued]
+    waiting = [_waiting(r, request) for r, request in queued]
     with daemon.store.reserving():
         cluster = snapshot(daemon.store, daemon.hosts.inventory())
-        result = plan(cluster, waiting, holdings(daemon, now), now)
+        result = plan(cluster, waiting, holdings(daemon, now), now,
+                      running=running_arrays(daemon) if any(w.array for w in waiting) else None)
         for start in result.starts:
             current.job_id = start.job_id
             how = "backfilled: it ends before the first in line is due or leaves it room" \

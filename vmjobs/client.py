@@ -194,6 +194,10 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
 
+    def cancel_many(self, query: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/cancel: {"jobs": [...], "states": [...], "user": NAME} -> what ended."""
+        return self.call("POST", "/v1/cancel", query)
+
     def wait(self, job_id: str, poll_s: float = 300.0) -> dict[str, Any]:
         """Until the job ends: long polls of `poll_s` each (the daemon answers at the end).
         A daemon that goes away meanwhile (a restart) is waited for (`Reconnect`)."""

@@ -238,29 +238,55 @@ def wait(job: str, output_dir: Path | None, url: str | None) -> int:
 
 
 @click.command()
-@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+@click.argument("jobs", nargs=-1, metavar="[JOB|ARRAY]...")
+@click.option("--state", "states", multiple=True, metavar="STATE[,STATE]",
+              help="Only jobs in these states (QUEUED, RUNNING, CHECKPOINTED, ...; "
+                   "repeatable).")
+@click.option("--user", default=None, metavar="NAME",
+              help="Only this user's jobs (other users' for administrators only).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @url_option
-def cancel(jobs: tuple[str, ...], url: str | None) -> int:
+def cancel(jobs: tuple[str, ...], states: tuple[str, ...], user: str | None, as_json: bool,
+           url: str | None) -> int:
     """Cancel jobs: queued ones leave the queue, running ones have their guest destroyed.
 
-    Returns once each job has ended and released what it held.
+    Name jobs, or arrays (all their jobs), or select with --state / --user: one call to the
+    daemon however many jobs match. Without names the filters apply to your own jobs
+    (administrators: everyone's). Returns once each job has ended and released what it held.
+    A filter that matches nothing says so and exits 0 (as scancel); a named job that does not
+    exist, is not yours or has ended exits 1.
 
     \b
     Examples:
       vmjob cancel 3f9a1c2e
-      vmjob cancel $(vmjob list --json | jq -r '.[].id')
+      vmjob cancel 5b7d0e11            # the whole array 5b7d0e11 (jobs 5b7d0e11_N)
+      vmjob cancel --state QUEUED
+      vmjob cancel --user alice --state RUNNING --json     # admins
     """
+    wanted = [s.strip() for group in states for s in group.split(",") if s.strip()]
+    if not jobs and not wanted and user is None:
+        raise click.UsageError("name jobs or arrays to cancel, or give --state / --user")
+    body: dict[str, Any] = {"jobs": list(jobs)} if jobs else {}
+    if wanted:
+        body["states"] = wanted
+    if user is not None:
+        body["user"] = user
     client = client_for(url)
-    failed = 0
     try:
-        for job in jobs:
-            try:
-                view = client.cancel(job)
-            except ApiFailure as exc:
-                click.echo(f"vmjob: {exc}", err=True)
-                failed += 1
-                continue
-            click.echo(f"job {view['id']}: {view['state']}")
+        answer = client.cancel_many(body)
+    except ApiFailure as exc:
+        if exc.code == "usage":
+            raise click.UsageError(str(exc)) from None
+        raise
     finally:
         client.close()
-    return 1 if failed else 0
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        for done in answer["cancelled"]:
+            click.echo(f"job {done['id']}: {done['state']}")
+        if not answer["cancelled"] and not answer["errors"]:
+            click.echo("no job matched" + ("" if jobs else " (nothing cancelled)"))
+    for error in answer["errors"]:
+        click.echo(f"vmjob: {error['error']}", err=True)
+    return 1 if answer["errors"] else 0

@@ -18,6 +18,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import placement
@@ -41,6 +42,7 @@ from vmjobs.runner import snapshot
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
+MAX_CANCEL_NAMES = 10_000  # job and array ids in one cancel call
 WAIT_MAX_S = 3600.0
 
 
@@ -82,6 +84,7 @@ class Api:
         router.add("POST", "/v1/jobs", self.submit)
         router.add("GET", "/v1/jobs/{id}", self.show)
         router.add("POST", "/v1/jobs/{id}/cancel", self.cancel)
+        router.add("POST", "/v1/cancel", self.cancel_many)
         router.add("GET", "/v1/jobs/{id}/wait", self.wait)
         router.add("GET", "/v1/jobs/{id}/logs", self.logs)
         router.add("GET", "/v1/jobs/{id}/output", self.output)
@@ -263,6 +266,80 @@ class Api:
             final = daemon.store.job(job_id)
             assert final is not None
             return Json(job_view(daemon, final))
+
+    def cancel_many(self, req: ApiRequest) -> Json:
+        """Cancel many jobs in one call: named jobs and arrays (`jobs`), and/or every job of
+        the caller's (an admin's: anyone's) that matches the filters (`states`, `user`).
+        Selected and stopped under one lock hold; answers once all have ended (or after
+        CANCEL_SETTLE_S), with what each became and one line per job it could not cancel."""
+        try:
+            query = cancel_query(req.json())
+        except UsageError as exc:
+            raise ApiError(400, str(exc), code="usage") from None
+        who = req.caller
+        if query.user is not None and query.user != who.name and not who.admin:
+            raise ApiError(403, f"only administrators may cancel other users' jobs; you are "
+                                f"{who.name}")
+        daemon = self.daemon
+        reason = f"cancelled by {who.name}"
+        with daemon.lock:
+            chosen, errors = self._select(who, query)
+            later = [r.id for r in chosen
+                     if daemon.stop_without_guest(r.id, JobState.CANCELLED, reason) is None]
+        for job_id in later:  # guests to destroy: seconds each, not under the lock
+            daemon.stop(job_id, JobState.CANCELLED, reason)
+        ids = [r.id for r in chosen]
+        with daemon.lock:
+            daemon.changed.wait_for(lambda: all(_finished(daemon, j) or j in daemon.unrecorded
+                                                for j in ids), CANCEL_SETTLE_S)
+            done = []
+            for job_id in ids:
+                record = daemon.store.job(job_id)
+                state = record.state.value if record is not None else "gone"
+                pending = daemon.unrecorded.get(job_id)
+                if pending is not None:
+                    errors.append({"id": job_id, "error": f"job {job_id}: its guest was stopped "
+                                   f"but the end could not be recorded ({pending.error})"})
+                done.append({"id": job_id, "state": state})
+        return Json({"cancelled": done, "errors": errors, "matched": len(ids)})
+
+    def _select(self, who: Caller, query: CancelQuery) -> tuple[list[JobRecord],
+                                                                list[dict[str, str]]]:
+        """The unfinished jobs the query names and may cancel, and a line for each named job
+        it may not. Caller holds the lock."""
+        store = self.daemon.store
+        errors: list[dict[str, str]] = []
+        if query.jobs:
+            found: list[JobRecord] = []
+            for name in query.jobs:
+                record = store.job(name)
+                members = [record] if record is not None else store.array_members(name)
+                if not members:
+                    errors.append({"id": name, "error": f"no job {name}"})
+                    continue
+                mine = [r for r in members if may_act(who, r)]
+                if not mine:
+                    errors.append({"id": name, "error": denial(who, members[0])})
+                    continue
+                if record is not None and record.state.finished:
+                    errors.append({"id": name, "error": f"job {name} already ended: "
+                                                        f"{record.state.value}"})
+                found.extend(mine)
+        else:
+            # a user's filters apply to the user's own jobs, an admin's to everyone's
+            found = [r for r in store.in_states(query.states or UNFINISHED)
+                     if may_act(who, r)]
+        chosen, seen = [], set()
+        for record in found:
+            if record.id in seen or record.state.finished:
+                continue
+            if query.states and record.state not in query.states:
+                continue
+            if query.user is not None and record.owner != query.user:
+                continue
+            seen.add(record.id)
+            chosen.append(record)
+        return chosen, errors
 
     def wait(self, req: ApiRequest) -> Json:
         """Long poll: answers when the job has ended, or after ?timeout= seconds."""
@@ -465,6 +542,51 @@ def _opt_number(body: dict[str, Any], key: str) -> float | None:
 
 def _opt_bool(body: dict[str, Any], key: str) -> bool | None:
     return _opt(body, key, (bool,), "true or false")
+
+
+UNFINISHED = frozenset(s for s in JobState if not s.finished)
+
+
+@dataclass(frozen=True)
+class CancelQuery:
+    """What `POST /v1/cancel` selects: named jobs or arrays, narrowed by the filters."""
+
+    jobs: tuple[str, ...] = ()
+    states: frozenset[JobState] = frozenset()
+    user: str | None = None
+
+
+def cancel_query(body: dict[str, Any]) -> CancelQuery:
+    """The body of `POST /v1/cancel`; raises UsageError (400) on a bad field."""
+    unknown = sorted(set(body) - {"jobs", "states", "user"})
+    if unknown:
+        raise UsageError(f"unknown field(s) {', '.join(unknown)} (allowed: jobs, states, user)")
+    jobs = _str_list(body, "jobs")
+    names = _str_list(body, "states")
+    states = set()
+    for name in names:
+        try:
+            state = JobState(name.upper())
+        except ValueError:
+            raise UsageError(f"unknown state {name!r} (states that can be cancelled: "
+                             f"{', '.join(sorted(s.value for s in UNFINISHED))})") from None
+        if state.finished:
+            raise UsageError(f"state {state.value} is an end: jobs in it cannot be cancelled")
+        states.add(state)
+    user = _opt_str(body, "user")
+    if not jobs and not states and user is None:
+        raise UsageError("name the jobs or arrays to cancel, or give a filter (states, user)")
+    return CancelQuery(tuple(jobs), frozenset(states), user)
+
+
+def _str_list(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) \
+            or len(value) > MAX_CANCEL_NAMES:
+        raise UsageError(f"{key} must be a list of at most {MAX_CANCEL_NAMES} non-empty strings")
+    return value
 
 
 def _finished(daemon: Daemon, job_id: str) -> bool:

@@ -291,19 +291,9 @@ class Daemon:
         """Ask a job to end as `state`: a queued one at once, an active one by destroying its
         guest (the STOPPED event then records it). False if it had already ended."""
         with self.lock:
-            record = self.store.job(job_id)
-            if record is None or record.state.finished:
-                return False
-            if record.state == JobState.QUEUED:
-                self.store.transition(job_id, state, reason)
-                self.forget_files(job_id)
-                self.wake()
-                return True
-            if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
-                discard(self.config.spool, job_id)
-                self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
-                self.wake()
-                return True
+            ended = self.stop_without_guest(job_id, state, reason)
+            if ended is not None:
+                return ended
             active = self.active.get(job_id)
             if active is None:
                 return False
@@ -314,6 +304,25 @@ class Daemon:
         if running:
             self.destroy_guest(host, job_id)
         return True
+
+    def stop_without_guest(self, job_id: str, state: JobState, reason: str) -> bool | None:
+        """End a job that has no guest to stop (queued, checkpointed) as `state`, at once:
+        True; False if it had already ended; None if its guest must be stopped (`stop`).
+        Caller holds the lock."""
+        record = self.store.job(job_id)
+        if record is None or record.state.finished:
+            return False
+        if record.state == JobState.QUEUED:
+            self.store.transition(job_id, state, reason)
+            self.forget_files(job_id)
+            self.wake()
+            return True
+        if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
+            discard(self.config.spool, job_id)
+            self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
+            self.wake()
+            return True
+        return None
 
     def destroy_guest(self, host: str, job_id: str) -> None:
         conn = self.hosts.conn(host)

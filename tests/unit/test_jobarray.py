@@ -96,3 +96,18 @@ def test_submit_with_a_bad_array_exits_2_with_one_line_before_any_daemon(
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "vmjob: --array '1-2000': indices go from 0 to 1000 (at most 1001 jobs in an array)"]
+
+
+def test_the_guest_gets_the_array_variables_that_a_user_env_may_not_set() -> None:
+    from vmjobs.errors import VmjobsError
+    from vmjobs.guest_protocol import JobSpec, check_spec, job_env
+
+    stored = member_spec({"argv": ["true"]}, "3f9a1c2e", 7, None)
+    spec = JobSpec("3f9a1c2e_7", ("true",), {"A": "1"}, 1, 256, vmjob_env=array_env(stored))
+    check_spec(spec)  # vmjob's own variables pass the protocol's checks
+    assert job_env(spec) == {"VMJOB_ID": "3f9a1c2e_7", "VMJOB_CPUS": "1", "VMJOB_MEM": "256",
+                             "VMJOB_ARRAY_ID": "3f9a1c2e", "VMJOB_ARRAY_INDEX": "7", "A": "1"}
+    with pytest.raises(VmjobsError, match="VMJOB_"):
+        check_spec(JobSpec("j", ("true",), {"VMJOB_ARRAY_INDEX": "1"}, 1, 256))
+    with pytest.raises(VmjobsError, match="bad vmjob variable"):
+        check_spec(JobSpec("j", ("true",), {}, 1, 256, vmjob_env={"PATH": "/x"}))

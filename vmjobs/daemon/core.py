@@ -273,7 +273,8 @@ class Daemon:
         xml = prepare(
             GuestPlan(
                 job_id=record.id, owner=record.owner, owner_uid=record.uid,
-                argv=tuple(spec["argv"]), env={**(spec.get("env") or {}), **array_env(spec)},
+                argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
+                vmjob_env=array_env(spec),
                 allocation=allocation, image=image, virt_type=virt_type,
                 output_disk_mib=self.config.output_disk_mib,
                 input_dir=input_dir if input_dir.is_dir() else None,

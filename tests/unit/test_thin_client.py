@@ -26,7 +26,7 @@ try:
 except SystemExit:
     pass
 print(json.dumps(sorted({m.split('.')[0] for m in sys.modules}
-                        | {m for m in sys.modules if m.startswith('vmjobs')})))
+                        | {m for m in sys.modules if m.startswith(('vmjobs', 'placement.'))})))
 """
 
 
@@ -53,7 +53,9 @@ def test_submit_loads_the_spec_but_no_libvirt_or_paramiko(tmp_path: Path) -> Non
     loaded = modules_after("submit", "--cpus", "1", "--", "true",
                            url=str(tmp_path / "none.sock"))
     assert "vmjobs.spec" in loaded  # checked before the daemon is looked for
-    assert not loaded & {"libvirt", "paramiko", "vmjobs.runner", "vmjobs.guest_protocol"}
+    assert "placement.model" in loaded  # the request's types, not the engine
+    assert not loaded & {"libvirt", "paramiko", "vmjobs.runner", "vmjobs.guest_protocol",
+                         "placement.cluster", "placement.plans", "placement.swf"}
 
 
 def test_ssh_url_alone_imports_paramiko() -> None:

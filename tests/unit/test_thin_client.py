@@ -55,7 +55,7 @@ def test_submit_loads_the_spec_but_no_libvirt_or_paramiko(tmp_path: Path) -> Non
     assert "vmjobs.spec" in loaded  # checked before the daemon is looked for
     assert "placement.model" in loaded  # the request's types, not the engine
     assert not loaded & {"libvirt", "paramiko", "vmjobs.runner", "vmjobs.guest_protocol",
-                         "placement.cluster", "placement.plans", "placement.swf"}
+                         "placement.cluster", "placement.plans", "placement.swf", "yaml"}
 
 
 def test_ssh_url_alone_imports_paramiko() -> None:

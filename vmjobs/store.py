@@ -167,7 +167,14 @@ class Store:
 
     @contextmanager
     def reserving(self) -> Iterator[Store]:
-        """Hold the write lock: read what is held, decide, reserve — nobody else in between."""
+        """Hold the write lock: read what is held, decide, reserve — nobody else in between.
+
+        Inside another `reserving()` it joins that transaction (which commits or rolls back
+        everything), so many changes can be one transaction: cancelling 100 queued jobs costs
+        one commit, not 100 (~1.6 ms each here)."""
+        if self.db.in_transaction:
+            yield self
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self

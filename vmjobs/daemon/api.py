@@ -284,8 +284,8 @@ class Api:
         reason = f"cancelled by {who.name}"
         with daemon.lock:
             chosen, errors = self._select(who, query)
-            later = [r.id for r in chosen
-                     if daemon.stop_without_guest(r.id, JobState.CANCELLED, reason) is None]
+            later = daemon.stop_without_guest([r.id for r in chosen], JobState.CANCELLED,
+                                              reason)
         for job_id in later:  # guests to destroy: seconds each, not under the lock
             daemon.stop(job_id, JobState.CANCELLED, reason)
         ids = [r.id for r in chosen]

@@ -292,9 +292,11 @@ class Daemon:
         """Ask a job to end as `state`: a queued one at once, an active one by destroying its
         guest (the STOPPED event then records it). False if it had already ended."""
         with self.lock:
-            ended = self.stop_without_guest(job_id, state, reason)
-            if ended is not None:
-                return ended
+            record = self.store.job(job_id)
+            if record is None or record.state.finished:
+                return False
+            if not self.stop_without_guest([job_id], state, reason):
+                return True
             active = self.active.get(job_id)
             if active is None:
                 return False
@@ -306,24 +308,35 @@ class Daemon:
             self.destroy_guest(host, job_id)
         return True
 
-    def stop_without_guest(self, job_id: str, state: JobState, reason: str) -> bool | None:
-        """End a job that has no guest to stop (queued, checkpointed) as `state`, at once:
-        True; False if it had already ended; None if its guest must be stopped (`stop`).
-        Caller holds the lock."""
-        record = self.store.job(job_id)
-        if record is None or record.state.finished:
-            return False
-        if record.state == JobState.QUEUED:
-            self.store.transition(job_id, state, reason)
-            self.forget_files(job_id)
+    def stop_without_guest(self, job_ids: list[str], state: JobState, reason: str) -> list[str]:
+        """End those of `job_ids` that have no guest to stop (queued, checkpointed) as `state`,
+        in one store transaction, then remove their files (a checkpoint, the job directory).
+        Returns the ids whose guest must be stopped (`stop`); ended jobs are skipped. Caller
+        holds the lock."""
+        ended: list[tuple[str, JobState]] = []
+        guests: list[str] = []
+        with self.store.reserving():
+            for job_id in job_ids:
+                record = self.store.job(job_id)
+                if record is None or record.state.finished:
+                    continue
+                if record.state == JobState.QUEUED:
+                    self.store.transition(job_id, state, reason)
+                elif record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
+                    self.store.transition(job_id, state,
+                                          f"{reason}; its checkpoint was removed")
+                else:
+                    guests.append(job_id)
+                    continue
+                ended.append((job_id, record.state))
+        for job_id, was in ended:  # after the commit: a failed one keeps its files
+            if was == JobState.QUEUED:
+                self.forget_files(job_id)
+            else:
+                discard(self.config.spool, job_id)
+        if ended:
             self.wake()
-            return True
-        if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
-            discard(self.config.spool, job_id)
-            self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
-            self.wake()
-            return True
-        return None
+        return guests
 
     def destroy_guest(self, host: str, job_id: str) -> None:
         conn = self.hosts.conn(host)

@@ -206,6 +206,9 @@ def bench_vmjobs(config: Path, sock: Path, args: argparse.Namespace) -> Figures:
     figures.list_cpu, figures.list_ms = statistics.median(cpu), statistics.median(wall) * 1000
     print(describe(f"vmjobs  list ({queued} queued), wall", wall))
     print(describe("vmjobs  list, CPU per call", cpu))
+    cpu, _ = per_call([sys.executable, "-m", "vmjobs", "list", "--url", f"unix://{sock}"],
+                      args.calls)
+    print(describe("vmjobs  list --url (no config), CPU", cpu))
     print(describe("python -c pass, CPU (the floor)", [figures.floor_cpu]))
 
     each = ids[-args.cancels:]

@@ -1,7 +1,8 @@
 """Queue benchmark: what a user of the command line pays, against Slurm on the same machine.
 
     python bench/queue.py [--submits 200] [--clients 4] [--calls 15] [--cancels 100]
-                          [--chain 0] [--no-slurm] [--root DIR] [--image-spool DIR]
+                          [--chain 0] [--no-slurm] [--baseline TREE] [--root DIR]
+                          [--image-spool DIR]
 
 Starts its own `vmjob serve` (a fresh spool under --root whose image comes from an already
 built spool, --image-spool) and cordons its only host, so every job queues and no guest boots;
@@ -21,6 +22,10 @@ When `slurmctld`, `slurmd`, `munged` and the Slurm client commands are installed
 bench on 127.0.0.1 (its own munged socket, config, state and ports in a temp dir; its node
 drained so that jobs pend), stopped by pid afterwards, and the figures get ratios. Otherwise
 it says so and prints what it measured.
+
+--baseline TREE (a checkout of another vmjobs, e.g. `git worktree add /tmp/base main~20`):
+its `vmjob list` and `vmjob submit` run against the same daemon in the same run, for a
+before/after of the client's cost.
 
 --chain M (guests boot: run under the guest lock) adds the old hand-over latency: M short jobs
 one after another on the uncordoned host, from the guest's power-off to the next one running.
@@ -77,7 +82,10 @@ def children_cpu() -> float:
 
 
 def run(argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, env=env or ENV, timeout=300)
+    # cwd "/": `python -m` puts the working directory first on sys.path, which would load the
+    # tree the bench was started in whatever PYTHONPATH says
+    done = subprocess.run(argv, capture_output=True, text=True, env=env or ENV, timeout=300,
+                          cwd="/")
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:4])}... exited {done.returncode}: {done.stderr}")
     return done
@@ -211,6 +219,9 @@ def bench_vmjobs(config: Path, sock: Path, args: argparse.Namespace) -> Figures:
     print(describe("vmjobs  list --url (no config), CPU", cpu))
     print(describe("python -c pass, CPU (the floor)", [figures.floor_cpu]))
 
+    if args.baseline:
+        baseline(args.baseline, config, args.calls)
+
     each = ids[-args.cancels:]
     started = time.perf_counter()
     for job_id in reversed(each):
@@ -225,6 +236,22 @@ def bench_vmjobs(config: Path, sock: Path, args: argparse.Namespace) -> Figures:
     assert not client.jobs(), "jobs left queued"
     client.close()
     return figures
+
+
+def baseline(tree: Path, config: Path, calls: int) -> None:
+    """Another tree's CLI against the same daemon: CPU and wall per call, beside ours."""
+    env = {**ENV, "PYTHONPATH": str(tree.resolve())}
+    vmjob = [sys.executable, "-m", "vmjobs", "--config", str(config)]
+    run([*vmjob, "--help"], env)  # its bytecode, once
+    cpu, wall = per_call([*vmjob, "list"], calls, env)
+    print(describe(f"baseline list, CPU ({tree})", cpu))
+    print(describe("baseline list, wall", wall))
+    cpu, wall = per_call([*vmjob, "submit", "--", "true"], calls, env)
+    print(describe("baseline submit, CPU", cpu))
+    print(describe("baseline submit, wall", wall))
+    cpu, wall = per_call([*vmjob, "submit", "--", "true"], calls)
+    print(describe("vmjobs  submit (one client), CPU", cpu))
+    print(describe("vmjobs  submit (one client), wall", wall))
 
 
 def chain_latency(config: Path, sock: Path, spool: Path, chain: int) -> None:
@@ -393,6 +420,8 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=0,
                         help="hand-over latency over M short jobs (boots guests)")
     parser.add_argument("--no-slurm", action="store_true")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another vmjobs tree whose CLI is measured beside this one")
     parser.add_argument("--root", type=Path, default=Path("/var/tmp/vmjobs-bench-queue"))
     parser.add_argument("--image-spool", type=Path,
                         default=Path(os.environ.get("VMJOBS_TEST_SPOOL",

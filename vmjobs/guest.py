@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from vmjobs.errors import VmjobsError
 from vmjobs.hostconn import is_running
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
+from vmjobs.units import format_bytes
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -252,6 +253,69 @@ def follow_output(files: JobFiles, dom: libvirt.virDomain,
         else:
             time.sleep(poll_s)
             yield None
+
+
+# How often a running job's output is looked at (`OutputWatch`): a stat per output file, and a
+# statvfs of the spool when it did not grow. A second keeps that cost negligible (hundreds of
+# jobs: hundreds of stats a second) while a job goes at most about one second's worth of
+# output past its `output_limit` (~0.6 MB under TCG here; a KVM guest writes faster) and a
+# job stalled on a full spool is stopped within two seconds.
+OUTPUT_CHECK_S = 1.0
+# Less room than this in the spool's file system counts as full: QEMU writes the output port
+# in small pieces, so a failed write leaves at most a page or two unused.
+SPOOL_FULL_BYTES = 64 << 10
+
+
+class OutputWatch:
+    """Tells when a running job must be stopped because of its output, at most once per
+    OUTPUT_CHECK_S (more frequent calls return None without touching the disk).
+
+    - Its output files together exceed `limit_bytes` (`output_limit`; None: no limit).
+    - Its output did not grow since the last check and the spool's file system is full.
+      QEMU cannot write the output port's file (ENOSPC) and retries at once, forever: the
+      job blocks in its next write while QEMU spins a core, both holding their cpus with
+      nobody to notice. (A job that writes nothing while the spool is full is stopped too:
+      its result could not be written either.)
+
+    One per job; used by the daemon's output thread and by a direct `vmjob run`."""
+
+    def __init__(self, files: JobFiles, limit_bytes: int | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.files = files
+        self.limit_bytes = limit_bytes
+        self.clock = clock
+        self.next_check = clock() + OUTPUT_CHECK_S
+        self.last_size: int | None = None
+
+    def check(self) -> str | None:
+        """Why the job must stop now (one line for its end), or None."""
+        now = self.clock()
+        if now < self.next_check:
+            return None
+        self.next_check = now + OUTPUT_CHECK_S
+        size = output_size(self.files)
+        if self.limit_bytes is not None and size > self.limit_bytes:
+            return (f"output exceeded output_limit {format_bytes(self.limit_bytes)}; "
+                    "guest stopped")
+        stalled = size == self.last_size
+        self.last_size = size
+        if stalled:
+            free = spool_free_bytes(self.files.dir)
+            if free < SPOOL_FULL_BYTES:
+                return (f"output could not be written: the spool's file system is full "
+                        f"({free} bytes free at {self.files.dir}); guest stopped")
+        return None
+
+
+def output_size(files: JobFiles) -> int:
+    """Bytes of output the job's guest processes wrote so far, all files together."""
+    return sum(_size(files.output(i)) for i in files.output_indexes())
+
+
+def spool_free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer (QEMU) may still write in `path`'s file system."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:

@@ -27,7 +27,16 @@ from placement import Allocation, Request
 from vmjobs import virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output, prepare, start
+from vmjobs.guest import (
+    GuestPlan,
+    JobFiles,
+    OutputWatch,
+    Verdict,
+    collect,
+    follow_output,
+    prepare,
+    start,
+)
 from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
@@ -267,20 +276,27 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
         except Interrupted as exc:
             destroy_quietly(dom)
             name = "SIGINT" if exc.signum == signal.SIGINT else "SIGTERM"
-            store.transition(job_id, JobState.CANCELLED, f"{name}: guest destroyed", release=True)
+            try:
+                store.transition(job_id, JobState.CANCELLED, f"{name}: guest destroyed",
+                                 release=True)
+            except sqlite3.OperationalError as store_exc:  # a Ctrl+C on a full spool
+                raise _unrecorded(config, job_id, store_exc) from None
             note(f"job {job_id} cancelled ({name}); guest destroyed, reservation released")
             return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
         except sqlite3.OperationalError as exc:  # the store is full or unwritable
             destroy_quietly(dom)
-            raise VmjobsError(
-                f"job {job_id}: its end could not be recorded in {config.state_db} ({exc}); "
-                "its guest is stopped and its reservation is freed by the next vmjob run or "
-                "the daemon once there is room (this process, which held it, is gone)"
-            ) from None
+            raise _unrecorded(config, job_id, exc) from None
         except BaseException as exc:
             destroy_quietly(dom)
             store.transition(job_id, JobState.FAILED, f"vmjob failed: {exc}", release=True)
             raise
+
+
+def _unrecorded(config: Config, job_id: str, exc: sqlite3.OperationalError) -> VmjobsError:
+    return VmjobsError(
+        f"job {job_id}: its end could not be recorded in {config.state_db} ({exc}); "
+        "its guest is stopped and its reservation is freed by the next vmjob run or "
+        "the daemon once there is room (this process, which held it, is gone)")
 
 
 def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunRequest, job_id: str,
@@ -289,11 +305,14 @@ def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunReques
     deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
     # a character split across two reads is completed by the next one, never replaced
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    watch, stopped = OutputWatch(files, config.output_limit_bytes), None
     for chunk in follow_output(files, dom):
         if chunk:
             text = decoder.decode(chunk)
             if text:
                 write(text)
+        if stopped is None and (stopped := watch.check()) is not None:
+            destroy_quietly(dom)  # what it wrote is still read to the end, then collected
         if deadline is not None and time.monotonic() >= deadline:
             destroy_quietly(dom)
             reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
@@ -303,7 +322,7 @@ def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunReques
     tail = decoder.decode(b"", final=True)
     if tail:
         write(tail)
-    return _collect(store, job, job_id, files, allocation.host, note)
+    return _collect(store, job, job_id, files, allocation.host, note, stopped)
 
 
 def _seconds(value: float | None) -> str:
@@ -311,9 +330,12 @@ def _seconds(value: float | None) -> str:
 
 
 def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: str,
-             note: Callable[[str], None]) -> int:
-    """The guest has stopped: read its verdict and its output, release everything."""
+             note: Callable[[str], None], stopped: str | None = None) -> int:
+    """The guest has stopped (by itself, or by us for the reason `stopped`): read its verdict
+    and its output, release everything."""
     verdict = collect(files, host)
+    if stopped is not None and verdict.exit_code is None:
+        verdict = Verdict(JobState.FAILED, stopped)
     if verdict.exit_code is None:
         store.transition(job_id, verdict.state, verdict.reason, release=True)
         note(f"job {job_id}: {verdict.reason}")

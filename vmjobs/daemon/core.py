@@ -39,7 +39,16 @@ from vmjobs.daemon.hosts import (
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Wait
 from vmjobs.errors import VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
+from vmjobs.guest import (
+    OUTPUT_CHECK_S,
+    GuestPlan,
+    JobFiles,
+    OutputWatch,
+    Verdict,
+    collect,
+    prepare,
+    start,
+)
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
@@ -347,6 +356,44 @@ class Daemon:
                 self.finish(active.job_id, verdict)
             if noticed is not None:
                 self.metrics.event_latency(time.time() - noticed)
+
+    # --- output -------------------------------------------------------------------------------
+
+    def watch_output(self) -> None:
+        """Thread: stop the jobs whose output must stop them (`guest.OutputWatch`: past
+        `output_limit`, or stalled on a full spool); they end FAILED with the reason.
+
+        Looks every OUTPUT_CHECK_S while some job's guest runs (see there why that cadence;
+        nothing else watches a running job: its end comes as a libvirt event) and sleeps on
+        the condition, with no timeout, while none does."""
+        watches: dict[str, OutputWatch] = {}
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+                running = [a.job_id for a in self.active.values()
+                           if a.phase in (Phase.RUNNING, Phase.MOVING) and a.stop is None]
+                if not running:
+                    watches.clear()
+                    self.changed.wait()  # a launch wakes it
+                    continue
+            for job_id in list(watches):
+                if job_id not in running:
+                    del watches[job_id]
+            for job_id in running:
+                watch = watches.get(job_id)
+                if watch is None:
+                    files = JobFiles.of(self.config.spool, job_id)
+                    watch = watches[job_id] = OutputWatch(files, self.config.output_limit_bytes)
+                try:
+                    reason = watch.check()
+                    if reason is not None:
+                        log.warning("job %s: %s", job_id, reason)
+                        self.stop(job_id, JobState.FAILED, reason)
+                except Exception:  # never the end of this thread: the next look tries again
+                    log.exception("job %s: watching its output failed", job_id)
+            with self.lock:
+                self.changed.wait_for(lambda: self.stopping, OUTPUT_CHECK_S)
 
     # --- notes from the hosts -----------------------------------------------------------------
 

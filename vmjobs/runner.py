@@ -337,8 +337,8 @@ def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: 
     if stopped is not None and verdict.exit_code is None:
         verdict = Verdict(JobState.FAILED, stopped)
     if verdict.exit_code is None:
+        note(f"job {job_id}: {verdict.reason}")  # said even if the store cannot take it
         store.transition(job_id, verdict.state, verdict.reason, release=True)
-        note(f"job {job_id}: {verdict.reason}")
         return EXIT_VMJOB_FAILED
     if job.output_dir is not None and files.out.exists():
         shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)

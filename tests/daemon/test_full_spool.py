@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,14 +84,19 @@ def nothing_held_once_room_returns(daemon: Daemon, filler: Path) -> None:
 
 @MODES
 def test_output_that_fills_the_spool_stops_the_job_failed_and_nothing_stays_held(
-        full_spool: Daemon, mode: str) -> None:
+        full_spool: Daemon, mode: str, tmp_path: Path) -> None:
     """Before: QEMU, unable to write the output port's file (ENOSPC), retried at once and
     forever at ~100% of a core, the job blocked in its write, holding its cores."""
     in_mode(full_spool, mode)
     filler = fill(full_spool.spool, LEFT_FOR_THE_JOB)
     try:
         # ~21 MB of output into ~4 MB of room
-        runner = full_spool.popen("run", "--", "sh", "-c", "seq 1 3000000; echo end")
+        # into files: a pipe nobody reads while the spool fills would stall the direct run
+        with (tmp_path / "out").open("w") as out_file, (tmp_path / "err").open("w") as err_file:
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "vmjobs", "--config", str(full_spool.config), "run",
+                 "--", "sh", "-c", "seq 1 3000000; echo end"],
+                stdout=out_file, stderr=err_file, text=True)
         # the job takes the room; then the guest is stopped, not left spinning or paused
         wait_for("full", lambda: free_bytes(full_spool.spool) < SPOOL_FULL_BYTES)
         wait_for("stopped", lambda: not our_domains(), 120)
@@ -105,7 +111,8 @@ def test_output_that_fills_the_spool_stops_the_job_failed_and_nothing_stays_held
             assert full_spool.reservations() == 1
             # room again: the daemon records the end it kept, with why the guest was stopped
             nothing_held_once_room_returns(full_spool, filler)
-            out, err = runner.communicate(timeout=120)
+            runner.wait(timeout=120)
+            out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
             assert runner.returncode == 125, err
             said = [line for line in err.splitlines() if STALL_LINE in line]
             assert len(said) == 1, err
@@ -116,7 +123,8 @@ def test_output_that_fills_the_spool_stops_the_job_failed_and_nothing_stays_held
             assert waited.returncode == 125 and STALL_LINE in waited.stderr, waited.stderr
         else:
             # the run says why it stopped the guest and that the store could not take the end
-            out, err = runner.communicate(timeout=120)
+            runner.wait(timeout=120)
+            out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
             assert runner.returncode == 1, err
             assert "Traceback" not in err, err
             assert len([line for line in err.splitlines() if STALL_LINE in line]) == 1, err

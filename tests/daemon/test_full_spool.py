@@ -141,9 +141,9 @@ def test_output_that_fills_the_spool_stops_the_job_failed_and_nothing_stays_held
                                     job["id"])[0]["state"] == "LOST"
             assert full_spool.reservations() == 0
         # what was written before the spool filled arrived, in order
-        assert out.startswith("1\n2\n3\n") and "end" not in out, out[:100]
-        expected = "".join(f"{i}\n" for i in range(1, 400001))
-        assert expected.startswith(out[:out.rfind("\n") + 1])
+        lines = out.split("\n")[:-1]  # the last may be cut where the file system filled
+        assert len(lines) > 100_000, len(lines)
+        assert lines == [str(i) for i in range(1, len(lines) + 1)], "output out of order"
     finally:
         filler.unlink(missing_ok=True)
         if runner.poll() is None:

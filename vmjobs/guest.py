@@ -341,6 +341,9 @@ class Verdict:
     state: JobState
     reason: str
     exit_code: int | None = None
+    # the guest reported how its job ended (even with an output it could not deliver): the job
+    # finished by itself, whatever stop was meanwhile asked for
+    reported: bool = False
 
 
 def collect(files: JobFiles, host: str) -> Verdict:
@@ -354,9 +357,10 @@ def collect(files: JobFiles, host: str) -> Verdict:
     except (VmjobsError, OSError) as exc:
         return Verdict(JobState.FAILED, f"output refused: {exc}")
     if result.status != "ok" or result.exit_code is None:
-        return Verdict(JobState.FAILED, no_result(result, files.console(host)))
+        return Verdict(JobState.FAILED, no_result(result, files.console(host)),
+                       reported=result.exit_code is not None)
     state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
-    return Verdict(state, f"exit status {result.exit_code}", result.exit_code)
+    return Verdict(state, f"exit status {result.exit_code}", result.exit_code, reported=True)
 
 
 def no_result(result: guest_protocol.GuestResult, console: Path) -> str:

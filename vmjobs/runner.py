@@ -334,7 +334,7 @@ def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: 
     """The guest has stopped (by itself, or by us for the reason `stopped`): read its verdict
     and its output, release everything."""
     verdict = collect(files, host)
-    if stopped is not None and verdict.exit_code is None:
+    if stopped is not None and not verdict.reported:
         verdict = Verdict(JobState.FAILED, stopped)
     if verdict.exit_code is None:
         note(f"job {job_id}: {verdict.reason}")  # said even if the store cannot take it

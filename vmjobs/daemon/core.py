@@ -340,7 +340,7 @@ class Daemon:
         end, free everything (once the guest is gone)."""
         files = JobFiles.of(self.config.spool, active.job_id)
         verdict = collect(files, active.host)
-        if verdict.exit_code is None and active.stop is not None:
+        if not verdict.reported and active.stop is not None:
             # destroyed on purpose; a job that reported an exit status finished by itself
             verdict = Verdict(*active.stop)
         with self.lock:

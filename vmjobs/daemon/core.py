@@ -425,6 +425,8 @@ class Daemon:
             if active.phase == Phase.MOVING:
                 return  # it left this host (migrated, saved); the mover looks where it is now
             active.stopped_at = note.at
+            if note.job_id in self.unrecorded:
+                return  # its end waits for room in the store; the retry frees the cores with it
             if active.phase == Phase.ENDED:  # its end was recorded at power-off: free the cores
                 self.store.release(note.job_id)
                 self.active.pop(note.job_id, None)

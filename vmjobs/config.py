@@ -63,7 +63,7 @@ class Config:
     # bytes of stdout/stderr a job may write to the spool (its output.<n>.out files together)
     # before it is stopped FAILED; None: unlimited (`output_limit: unlimited`)
     output_limit_bytes: int | None = 1 << 30
-    # KVM probe boots give up after this long and fall back to TCG (see virt_probe)
+    # KVM probe boots give up after this long and fall back to TCG (see vmjobs.virt.probe)
     kvm_probe_timeout_s: float = 10.0
     # the daemon (`vmjob serve`): its unix socket, optional Prometheus port, and the group
     # whose members act on every user's jobs (root always does)

@@ -20,29 +20,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 import placement
 from placement import Allocation, Request
-from vmjobs import virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import (
+    OUTPUT_CHECK_S,
+    GuestEnd,
     GuestPlan,
     JobFiles,
-    OutputWatch,
+    OutputGuard,
     Verdict,
     collect,
     follow_output,
     prepare,
-    start,
 )
-from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
 from vmjobs.spec import check_paths
 from vmjobs.spec import parse as parse_spec
 from vmjobs.store import Held, Store
+from vmjobs.virt import Connection, Domain, VirtError, probe
+from vmjobs.virt.conn import connect_hosts, destroy_quietly, lookup_domain, start
+from vmjobs.virt.events import start_event_loop
 
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_VMJOB_FAILED = 125  # the job ran but vmjob could not deliver its result
@@ -117,7 +117,7 @@ def _runner_alive(runner: dict[str, Any]) -> bool:
     return start_ticks is not None and start_ticks == runner.get("start")
 
 
-def reap_abandoned(store: Store, conns: dict[str, libvirt.virConnect]) -> list[str]:
+def reap_abandoned(store: Store, conns: dict[str, Connection]) -> list[str]:
     """Free reservations of jobs whose `vmjob run` process died (kill -9, power loss).
 
     Without a daemon nobody else would: the guest's result has no one to go to, so the guest is
@@ -132,6 +132,9 @@ def reap_abandoned(store: Store, conns: dict[str, libvirt.virConnect]) -> list[s
         if conn is None:
             continue
         destroy_quietly(lookup_domain(conn, domain_name(record.id)))
+        if record.state.finished:  # its end was recorded at power-off, its cores not yet freed
+            store.release(record.id)
+            continue
         store.transition(record.id, JobState.LOST, "the vmjob process running it is gone",
                          release=True)
         reaped.append(record.id)
@@ -170,6 +173,7 @@ def run(config: Config, job: RunRequest, write: Callable[[str], None],
     `note` gets vmjob's own one-line messages."""
     validate(job)
     image = resolve_image(config.spool, job.image)
+    start_event_loop()  # before connecting: the guest's end comes as a lifecycle event
     reached = connect_hosts(config, job.request.host)
     for name, error in reached.errors.items():
         note(f"{error}; not placing on {name}")
@@ -235,7 +239,7 @@ def describe_allocation(alloc: Allocation) -> str:
     return text
 
 
-def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, job: RunRequest,
+def _launch_and_follow(config: Config, store: Store, conn: Connection, job: RunRequest,
                        job_id: str, user: str, allocation: Allocation, image: Any,
                        write: Callable[[str], None], note: Callable[[str], None]) -> int:
     files = JobFiles.of(config.spool, job_id)
@@ -243,8 +247,8 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
     dom = None
     with interruptible():
         try:
-            virt_type = virt_probe.virt_type(config, host_config, conn, image, allocation,
-                                              note)
+            virt_type = probe.virt_type(config, host_config, conn, image, allocation,
+                                        note)
             xml = prepare(
                 GuestPlan(
                     job_id=job_id, owner=user, owner_uid=os.getuid(), argv=job.argv,
@@ -261,7 +265,7 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
             destroy_quietly(dom)
             store.delete_job(job_id)
             shutil.rmtree(files.dir, ignore_errors=True)
-            if isinstance(exc, libvirt.libvirtError):
+            if isinstance(exc, VirtError):
                 raise VmjobsError(
                     f"host {allocation.host} refused to start the guest: "
                     f"{exc.get_error_message()}"
@@ -272,7 +276,8 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
             raise
         try:
             store.transition(job_id, JobState.RUNNING, "guest started")
-            return _follow(config, store, dom, job, job_id, allocation, files, write, note)
+            return _follow(config, store, conn, dom, job, job_id, allocation, files, write,
+                           note)
         except Interrupted as exc:
             destroy_quietly(dom)
             name = "SIGINT" if exc.signum == signal.SIGINT else "SIGTERM"
@@ -299,49 +304,72 @@ def _unrecorded(config: Config, job_id: str, exc: sqlite3.OperationalError) -> V
         "the daemon once there is room (this process, which held it, is gone)")
 
 
-def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunRequest, job_id: str,
-            allocation: Allocation, files: JobFiles, write: Callable[[str], None],
+def _follow(config: Config, store: Store, conn: Connection, dom: Domain, job: RunRequest,
+            job_id: str, allocation: Allocation, files: JobFiles, write: Callable[[str], None],
             note: Callable[[str], None]) -> int:
     deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
     # a character split across two reads is completed by the next one, never replaced
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    watch, stopped = OutputWatch(files, config.output_limit_bytes), None
-    for chunk in follow_output(files, dom):
-        if chunk:
-            text = decoder.decode(chunk)
-            if text:
-                write(text)
-        if stopped is None and (stopped := watch.check()) is not None:
-            destroy_quietly(dom)  # what it wrote is still read to the end, then collected
-        if deadline is not None and time.monotonic() >= deadline:
-            destroy_quietly(dom)
-            reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
-            store.transition(job_id, JobState.TIMEOUT, reason, release=True)
-            note(f"job {job_id} {reason}")
-            return EXIT_TIMEOUT
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        write(tail)
-    return _collect(store, job, job_id, files, allocation.host, note, stopped)
+    guest = GuestEnd(conn, dom, files)
+    guard, stopped = OutputGuard(files, config.output_limit_bytes), None
+    try:
+        for chunk in follow_output(files, guest, deadline=deadline, every_s=OUTPUT_CHECK_S):
+            if chunk:
+                text = decoder.decode(chunk)
+                if text:
+                    write(text)
+            if stopped is None and (stopped := guard.check()) is not None:
+                destroy_quietly(dom)  # what it wrote is still read to the end, then collected
+            if deadline is not None and time.monotonic() >= deadline and not guest.ended():
+                destroy_quietly(dom)
+                reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
+                store.transition(job_id, JobState.TIMEOUT, reason, release=True)
+                note(f"job {job_id} {reason}")
+                return EXIT_TIMEOUT
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            write(tail)
+        return _collect(store, job, job_id, files, allocation.host, note, guest,
+                        stopped)
+    finally:
+        guest.close()
 
 
 def _seconds(value: float | None) -> str:
     return f"{value:g}s"
 
 
+# How long QEMU may take to go away after the guest powered itself off before it is
+# destroyed (it exits within milliseconds; this machine's PID 1 reaps it 1.5-2 s late).
+GONE_AFTER_POWER_OFF_S = 30.0
+
+
 def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: str,
-             note: Callable[[str], None], stopped: str | None = None) -> int:
-    """The guest has stopped (by itself, or by us for the reason `stopped`): read its verdict
-    and its output, release everything."""
+             note: Callable[[str], None], guest: GuestEnd, stopped: str | None = None) -> int:
+    """The guest powered off (or stopped; by us for the reason `stopped`): read its verdict
+    and its output, record the end now, and free its cores once QEMU is gone (as the daemon
+    does)."""
     verdict = collect(files, host)
     if stopped is not None and not verdict.reported:
         verdict = Verdict(JobState.FAILED, stopped)
+    gone = guest.stopped.is_set()
     if verdict.exit_code is None:
         note(f"job {job_id}: {verdict.reason}")  # said even if the store cannot take it
-        store.transition(job_id, verdict.state, verdict.reason, release=True)
-        return EXIT_VMJOB_FAILED
-    if job.output_dir is not None and files.out.exists():
-        shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)
-    store.transition(job_id, verdict.state, verdict.reason, release=True,
-                     exit_code=verdict.exit_code)
-    return verdict.exit_code
+        store.transition(job_id, verdict.state, verdict.reason, release=gone)
+        code = EXIT_VMJOB_FAILED
+    else:
+        if job.output_dir is not None and files.out.exists():
+            shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)
+        store.transition(job_id, verdict.state, verdict.reason, release=gone,
+                         exit_code=verdict.exit_code)
+        code = verdict.exit_code
+    if not gone:
+        try:
+            stopped = guest.wait_stopped(GONE_AFTER_POWER_OFF_S)
+        except (Interrupted, VirtError):
+            # the end is recorded: a Ctrl+C or a lost connection now only hurries QEMU away
+            stopped = False
+        if not stopped:
+            destroy_quietly(guest.dom)
+        store.release(job_id)
+    return code

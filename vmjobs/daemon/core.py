@@ -21,9 +21,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import libvirt
-
-from vmjobs import virt_probe
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
@@ -43,16 +40,17 @@ from vmjobs.guest import (
     OUTPUT_CHECK_S,
     GuestPlan,
     JobFiles,
-    OutputWatch,
+    OutputGuard,
     Verdict,
     collect,
     prepare,
-    start,
 )
-from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
+from vmjobs.virt import Domain, VirtError, probe
+from vmjobs.virt.conn import destroy_quietly, lookup_domain, start
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -123,6 +121,8 @@ class Daemon:
         self.store = Store(config.state_db, shared=True)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        # `logs -f` streams: woken with every waiter on the condition (daemon/logs.py)
+        self.followers: set[OutputWatch] = set()
         self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
         self.active: dict[str, Active] = {}
@@ -148,6 +148,8 @@ class Daemon:
         with self.lock:
             self.dirty = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
 
     def spawn(self, target: Callable[..., Any], *args: Any, name: str,
               job_id: str | None = None) -> None:
@@ -240,7 +242,7 @@ class Daemon:
         try:
             dom, virt_type = self._start_guest(record)
         except Exception as exc:  # any failure to start ends the job, with the reason
-            message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else exc
+            message = exc.get_error_message() if isinstance(exc, VirtError) else exc
             with self.lock:
                 if self.active.get(job_id) is active:
                     self.finish(job_id, Verdict(JobState.FAILED, f"could not start: {message}"))
@@ -265,7 +267,7 @@ class Daemon:
         elif stop_now:
             destroy_quietly(dom)  # its STOPPED event brings it to collect()
 
-    def _start_guest(self, record: JobRecord) -> tuple[libvirt.virDomain, str]:
+    def _start_guest(self, record: JobRecord) -> tuple[Domain, str]:
         assert record.allocation is not None
         allocation = allocation_from_dict(record.allocation)
         conn = self.hosts.conn(allocation.host)
@@ -274,8 +276,8 @@ class Daemon:
         host_config = self.config.host(allocation.host)
         spec = record.spec
         image = resolve_image(self.config.spool, spec["image"])
-        virt_type = virt_probe.virt_type(self.config, host_config, conn, image, allocation,
-                                         lambda text: log.info("%s", text))
+        virt_type = probe.virt_type(self.config, host_config, conn, image, allocation,
+                                    lambda text: log.info("%s", text))
         files = JobFiles.of(self.config.spool, record.id)
         input_dir = files.dir / "input"
         xml = prepare(
@@ -329,7 +331,7 @@ class Daemon:
             return
         try:
             destroy_quietly(lookup_domain(conn, domain_name(job_id)))
-        except libvirt.libvirtError as exc:
+        except VirtError as exc:
             log.warning("job %s: destroying its guest failed: %s", job_id,
                         exc.get_error_message())
 
@@ -360,13 +362,13 @@ class Daemon:
     # --- output -------------------------------------------------------------------------------
 
     def watch_output(self) -> None:
-        """Thread: stop the jobs whose output must stop them (`guest.OutputWatch`: past
+        """Thread: stop the jobs whose output must stop them (`guest.OutputGuard`: past
         `output_limit`, or stalled on a full spool); they end FAILED with the reason.
 
         Looks every OUTPUT_CHECK_S while some job's guest runs (see there why that cadence;
         nothing else watches a running job: its end comes as a libvirt event) and sleeps on
         the condition, with no timeout, while none does."""
-        watches: dict[str, OutputWatch] = {}
+        watches: dict[str, OutputGuard] = {}
         while True:
             with self.lock:
                 if self.stopping:
@@ -384,7 +386,7 @@ class Daemon:
                 watch = watches.get(job_id)
                 if watch is None:
                     files = JobFiles.of(self.config.spool, job_id)
-                    watch = watches[job_id] = OutputWatch(files, self.config.output_limit_bytes)
+                    watch = watches[job_id] = OutputGuard(files, self.config.output_limit_bytes)
                 try:
                     reason = watch.check()
                     if reason is not None:
@@ -501,5 +503,7 @@ class Daemon:
         with self.lock:
             self.stopping = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
         self.notes.put(None)
         self.hosts.close()

@@ -1,4 +1,4 @@
-"""When a running job's output must stop it (`guest.OutputWatch`): past `output_limit`, at
+"""When a running job's output must stop it (`guest.OutputGuard`): past `output_limit`, at
 most one look per OUTPUT_CHECK_S. The full-spool half needs a real full file system:
 tests/daemon/test_full_spool.py."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmjobs.guest import OUTPUT_CHECK_S, JobFiles, OutputWatch, output_size
+from vmjobs.guest import OUTPUT_CHECK_S, JobFiles, OutputGuard, output_size
 
 
 class Clock:
@@ -21,7 +21,7 @@ def test_the_limit_counts_every_output_file_and_is_looked_at_once_per_interval(
         tmp_path: Path) -> None:
     files, clock = JobFiles(tmp_path), Clock()
     files.new_output()
-    watch = OutputWatch(files, 1000, clock)
+    watch = OutputGuard(files, 1000, clock)
     files.output(0).write_bytes(b"x" * 600)
     clock.now += OUTPUT_CHECK_S
     assert watch.check() is None
@@ -39,12 +39,12 @@ def test_exactly_the_limit_is_allowed_and_none_is_unlimited(tmp_path: Path) -> N
     files.new_output()
     files.output(0).write_bytes(b"x" * (1 << 20))
     clock.now += OUTPUT_CHECK_S
-    assert OutputWatch(files, 1 << 20, clock).check() is None
-    unlimited = OutputWatch(files, None, clock)
+    assert OutputGuard(files, 1 << 20, clock).check() is None
+    unlimited = OutputGuard(files, None, clock)
     files.output(0).write_bytes(b"x" * (3 << 20))
     clock.now += OUTPUT_CHECK_S
     assert unlimited.check() is None
-    limited = OutputWatch(files, 1 << 20, clock)
+    limited = OutputGuard(files, 1 << 20, clock)
     clock.now += OUTPUT_CHECK_S
     assert limited.check() == "output exceeded output_limit 1 MiB; guest stopped"
 
@@ -52,7 +52,7 @@ def test_exactly_the_limit_is_allowed_and_none_is_unlimited(tmp_path: Path) -> N
 def test_output_that_stops_growing_on_a_spool_with_room_is_fine(tmp_path: Path) -> None:
     files, clock = JobFiles(tmp_path), Clock()
     files.new_output()
-    watch = OutputWatch(files, None, clock)
+    watch = OutputGuard(files, None, clock)
     for _ in range(3):  # a quiet job: its output unchanged, the disk has room
         clock.now += OUTPUT_CHECK_S
         assert watch.check() is None

@@ -34,7 +34,7 @@ from vmjobs.guest import JobFiles
 from vmjobs.hostconn import destroy_quietly, is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.migration import retarget_xml, running_job
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 
 SAVE_FILE = "checkpoint.save"

@@ -9,7 +9,7 @@ import placement
 from placement import HostUsage
 from vmjobs.config import Config
 from vmjobs.hostconn import Reached, connect_hosts
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 
 

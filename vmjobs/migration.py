@@ -50,7 +50,7 @@ from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles, nics_for
 from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobRecord, JobState, domain_name
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 
 METADATA = f"{{{domain_xml.METADATA_NS}}}"

@@ -25,7 +25,7 @@ from vmjobs.guest import GuestPlan, JobFiles, OutputReader, prepare
 from vmjobs.hostconn import Reached, connect_hosts, is_running, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import TRANSITIONS, JobRecord, JobState, domain_name, new_job_id
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 
 

@@ -21,7 +21,7 @@ from vmjobs.client import ApiFailure, Client
 from vmjobs.config import DEFAULT_SOCKET
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
-from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
+from vmjobs.outcome import EXIT_NOT_STARTED, end_line, ended_with_output, exit_code
 from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.units import format_mib
 
@@ -305,18 +305,16 @@ def recorded_output(view: dict[str, Any], client: Client) -> Path | None:
 def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int:
     """Fetch the output when asked, say how a job ended unless it exited by itself; its code."""
     code = exit_code(view)
-    ended_with_output = view["state"] in ("COMPLETED", "FAILED") \
-        and view.get("exit_code") is not None
-    target = output or (recorded_output(view, client) if ended_with_output else None)
-    if target is not None and ended_with_output:
+    delivered = ended_with_output(view)
+    target = output or (recorded_output(view, client) if delivered else None)
+    if target is not None and delivered:
         try:
             client.fetch_output(view["id"], target)
         except ApiFailure as exc:
             if exc.status != 404:
                 raise
-    if view.get("exit_code") is None:
-        click.echo(f"vmjob: job {view['id']} {view['state']}: {view.get('message') or ''}"
-                   .rstrip(": "), err=True)
+    if (line := end_line(view)) is not None:
+        click.echo(f"vmjob: {line}", err=True)
     return code
 
 

@@ -27,7 +27,7 @@ from vmjobs.daemon.metrics import Present
 from vmjobs.daemon.recovery import reconcile_host, recover
 from vmjobs.daemon.server import Limits, UnixHTTPServer
 from vmjobs.errors import VmjobsError
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 
 log = logging.getLogger("vmjobs.daemon")
 

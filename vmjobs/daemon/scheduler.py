@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from placement import Request
 from vmjobs.daemon import moves
-from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
+from vmjobs.daemon.core import Active, Daemon, time_limit_of
 from vmjobs.daemon.queue import Holding, Plan, Waiting, plan
 from vmjobs.jobs import ACTIVE, JobRecord, JobState
-from vmjobs.runner import describe_allocation, snapshot
+from vmjobs.snapshot import describe_allocation, snapshot
 
 log = logging.getLogger("vmjobs.daemon")
 Queue = list[tuple[JobRecord, Request]]
@@ -48,7 +48,7 @@ def run(daemon: Daemon) -> None:
     try:
         with daemon.lock:
             while not daemon.stopping:
-                daemon.dirty = False
+                daemon.mark_seen()
                 timeout = one_pass(daemon)
                 daemon.changed.wait_for(lambda: daemon.dirty or daemon.stopping, timeout)
     finally:
@@ -67,8 +67,7 @@ def one_pass(daemon: Daemon) -> float | None:
     current = Pass()
     try:
         daemon.retry_unrecorded()
-        # the queue is read once per pass: parsing it is most of a pass's cost
-        queue = daemon.store.queued()
+        queue = queued(daemon)
         gone = expire(daemon, now, queue, current)
         queue = [(r, q) for r, q in queue if r.id not in gone]
         started = {s.job_id for s in schedule(daemon, now, queue, current).starts}
@@ -81,6 +80,12 @@ def one_pass(daemon: Daemon) -> float | None:
         # ending the job woke the loop already; if even that failed (a store error), try
         # again after a while rather than at once, pass after pass
         return RETRY_AFTER_FAILURE_S
+
+
+def queued(daemon: Daemon) -> Queue:
+    """The queue this core schedules: a serving daemon's own jobs, or a direct run's one
+    (`Daemon.owns`). Read once per pass: parsing it is most of a pass's cost."""
+    return [(r, q) for r, q in daemon.store.queued() if daemon.owns(r)]
 
 
 def sleep_for(due: float | None, now: float) -> float | None:
@@ -111,7 +116,7 @@ def pass_failed(daemon: Daemon, job_id: str | None, exc: Exception) -> None:
         elif record.state == JobState.QUEUED:
             daemon.stop(job_id, JobState.FAILED, reason)
         else:  # placed in the store but never handed to a launcher
-            daemon.store.transition(job_id, JobState.FAILED, reason, release=True)
+            daemon.record(job_id, JobState.FAILED, reason, release=True)
             daemon.wake()
     except Exception:
         log.exception("job %s: could not record the scheduling failure", job_id)
@@ -132,14 +137,8 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
             gone.add(record.id)
     for active in list(daemon.active.values()):
         current.job_id = active.job_id
-        if active.ends_at is not None and active.ends_at <= now and active.stop is None:
-            reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
-            active.stop = (JobState.TIMEOUT, reason)
-            if active.phase == Phase.MOVING:
-                continue  # never destroyed mid-move: the mover aborts the move, settle() stops it
-            # destroying takes seconds: not under the lock
-            daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
-                         name=f"timeout-{active.job_id}")
+        if active.ends_at is not None and active.ends_at <= now:
+            daemon.time_limit_reached(active)
     return gone
 
 
@@ -187,11 +186,11 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
              current: Pass | None = None) -> Plan:
     """One pass: reserve and launch what may start; remember why the others wait."""
     current = current or Pass()
-    queued = daemon.store.queued() if queue is None else queue
-    if not queued:
-        daemon.waits = {}
+    waiting_jobs = queued(daemon) if queue is None else queue
+    if not waiting_jobs:
+        daemon.publish_waits({})
         return Plan((), ())
-    waiting = [Waiting(r.id, request, time_limit_of(r)) for r, request in queued]
+    waiting = [Waiting(r.id, request, time_limit_of(r)) for r, request in waiting_jobs]
     with daemon.store.reserving():
         cluster = snapshot(daemon.store, daemon.hosts.inventory())
         result = plan(cluster, waiting, holdings(daemon, now), now)
@@ -202,14 +201,27 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
             # the placement stays in the timeline after the reservation is released
             daemon.store.assign(start.job_id, start.allocation,
                                 f"{how}: {describe_allocation(start.allocation)}")
-    daemon.waits = {w.job_id: w for w in result.waits}
+    daemon.publish_waits({w.job_id: w for w in result.waits})
     limits = {w.job_id: w.time_limit_s for w in waiting}
     for start in result.starts:
         current.job_id = start.job_id
-        daemon.active[start.job_id] = Active(start.job_id, start.allocation.host,
-                                             limits[start.job_id])
+        daemon.admit(Active(start.job_id, start.allocation.host, limits[start.job_id]))
         daemon.spawn(daemon.launch, start.job_id, name=f"launch-{start.job_id}",
                      job_id=start.job_id)
     if result.starts:
         daemon.wake()
     return result
+
+
+def start_now_or_forget(daemon: Daemon, job_id: str) -> str | None:
+    """Run a scheduling pass for a job that must start now or never (`--no-wait`, a direct
+    `vmjob run`): None if it started; otherwise the job is forgotten (no row, no directory:
+    it never existed) and the reason it could not start is returned. Caller holds the lock."""
+    result = schedule(daemon, time.time())
+    if any(s.job_id == job_id for s in result.starts):
+        return None
+    why = next((w.reason for w in result.waits if w.job_id == job_id), "it cannot start")
+    daemon.forget_wait(job_id)
+    daemon.store.delete_job(job_id)
+    daemon.forget_files(job_id)
+    return why

@@ -265,16 +265,15 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
     - a restore whose guest exists happened: the save file is removed; one whose guest does
       not exist did not: CHECKPOINTED, the file kept.
     A guest that arrived somewhere new gets its clock set."""
-    store = daemon.store
     with daemon.lock:
-        placeholders = {r.spec["placeholder_for"]: r for r in store.jobs()
+        placeholders = {r.spec["placeholder_for"]: r for r in daemon.store.jobs()
                         if r.spec.get("placeholder_for") is not None}
-        moving = {r.id: r for r in store.in_states(MOVING)}
+        moving = {r.id: r for r in daemon.store.in_states(MOVING)}
     copies = _copies(daemon, set(moving) | set(placeholders))
     arrived: list[tuple[str, str]] = []  # (job, host) whose clock must be set
     with daemon.lock:
         for job_id in sorted(set(moving) | set(placeholders)):
-            record = moving.get(job_id) or store.job(job_id)
+            record = moving.get(job_id) or daemon.store.job(job_id)
             if record is None:
                 continue
             placeholder = placeholders.get(job_id)
@@ -308,19 +307,18 @@ def _settle_record(daemon: Daemon, record: JobRecord, placeholder: JobRecord | N
                    keep: Copy | None, arrived: list[tuple[str, str]]) -> None:
     """The store follows the surviving copy (see `finish_interrupted_moves`). Caller holds the
     lock."""
-    store = daemon.store  # read and reservations only: its states change through the daemon
     job_id = record.id
     state = record.state.value.lower()
     saved = save_path(daemon.config.spool, job_id)
     if placeholder is not None:
         if keep is not None and keep.host == placeholder.host and placeholder.allocation:
-            store.move_reservation(job_id, placeholder.id,
-                                   allocation_from_dict(placeholder.allocation))
+            daemon.store.move_reservation(job_id, placeholder.id,
+                                          allocation_from_dict(placeholder.allocation))
             running_again(daemon, record,
                           f"found on {keep.host} after an interrupted migration")
             arrived.append((job_id, keep.host))
             return
-        store.delete_job(placeholder.id)
+        daemon.store.delete_job(placeholder.id)
     if record.state == JobState.RESTORING:
         if keep is not None:
             saved.unlink(missing_ok=True)

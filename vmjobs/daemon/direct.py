@@ -89,8 +89,11 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
                 raise DoesNotFit(f"cannot start now, and without a daemon vmjob run does not "
                                  f"wait: {why}")
             note(f"job {job_id} on {placed.host}: {describe_allocation(_allocation(placed))}")
+            if signals:  # it came before the job existed: cancel it now
+                daemon.ask_stop(job_id, JobState.CANCELLED,
+                                f"cancelled by {user} ({signal.Signals(signals[0]).name})")
             _follow(daemon, job_id, write)
-        view = _ended(daemon, job_id)
+            view = _ended(daemon, job_id)
     finally:
         daemon.shutdown()
         daemon.store.close()

@@ -135,6 +135,17 @@ def test_ctrl_c_cancels_with_130_and_leaves_nothing_held(daemon: Daemon,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
+    # meanwhile a direct run finds no room for 2 cpus: it does not wait, leaves nothing
+    jobs_before = daemon.query("SELECT COUNT(*) FROM jobs")[0][0]
+    dirs_before = set((daemon.spool / "jobs").iterdir())
+    busy = subprocess.run([*commands["direct"], "--cpus", "2", "--", "true"],
+                          capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 1, busy.stderr
+    assert len(busy.stderr.splitlines()) == 1, busy.stderr
+    assert busy.stderr.startswith("vmjob: cannot start now: ") and \
+        busy.stderr.rstrip().endswith("(without a daemon, vmjob run does not wait)"), busy.stderr
+    assert daemon.query("SELECT COUNT(*) FROM jobs")[0][0] == jobs_before
+    assert set((daemon.spool / "jobs").iterdir()) == dirs_before
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -66,9 +66,11 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
     start_event_loop()  # before the first connection, or no lifecycle events arrive
     job_id = new_job_id()
     daemon = Daemon(config, scope=job_id)
-    for target, name in ((daemon.notes_loop, "notes"), (scheduler.run, "scheduler")):
-        threading.Thread(target=target, args=() if name == "notes" else (daemon,),
-                         name=name, daemon=True).start()
+    threads = [threading.Thread(target=daemon.notes_loop, name="notes", daemon=True),
+               threading.Thread(target=scheduler.run, args=(daemon,), name="scheduler",
+                                daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
         for host, error in daemon.hosts.connect_once(request.host).items():
             note(f"{error}; not placing on {host}")
@@ -86,8 +88,9 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
                 why = scheduler.start_now_or_forget(daemon, job_id)
                 placed = daemon.store.job(job_id)
             if why is not None or placed is None or placed.allocation is None:
-                raise DoesNotFit(f"cannot start now, and without a daemon vmjob run does not "
-                                 f"wait: {why}")
+                why = (why or "it cannot start").removeprefix("first in line: ")
+                raise DoesNotFit(f"cannot start now: {why} (without a daemon, vmjob run "
+                                 "does not wait)")
             note(f"job {job_id} on {placed.host}: {describe_allocation(_allocation(placed))}")
             if signals:  # it came before the job existed: cancel it now
                 daemon.ask_stop(job_id, JobState.CANCELLED,
@@ -96,6 +99,8 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
             view = _ended(daemon, job_id)
     finally:
         daemon.shutdown()
+        for thread in threads:  # they end at once: stopping is set, a None note is queued
+            thread.join(timeout=10)
         daemon.store.close()
         poke_daemon(config.socket)
     if signals and view["state"] == JobState.CANCELLED.value:

@@ -21,7 +21,6 @@ from vmjobs.cli.jobs import client_for, report_end, submission, submit_job
 from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import Config
-from vmjobs.daemon import direct
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
 from vmjobs.interrupt import Interrupted, interruptible
@@ -116,6 +115,10 @@ def _direct(config: Config, spec: Spec) -> int:
     if not logging.getLogger().handlers:
         # the core's log lines are the daemon's log; here the job's end line says it all
         logging.getLogger("vmjobs.daemon").addHandler(logging.NullHandler())
+    # Imported here: the client commands need none of the daemon core's own dependencies
+    # (libvirt's event loop, the metrics library) to talk to a daemon.
+    from vmjobs.daemon import direct
+
     return direct.run(config, spec, write_out, note)
 
 

@@ -32,7 +32,6 @@ from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.daemon import logs, scheduler
 from vmjobs.daemon.core import Daemon
-from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.recovery import reap_abandoned, runner_identity
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import JobFiles
@@ -47,6 +46,7 @@ from vmjobs.outcome import (
 )
 from vmjobs.snapshot import describe_allocation
 from vmjobs.spec import Spec
+from vmjobs.virt.events import start_event_loop
 
 # How long the end of a job may take to free its cores (QEMU gone: ~1.2 s under TCG here)
 # before its guest is destroyed to make sure.

@@ -41,6 +41,7 @@ from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.outputwatch import OutputWatch
 from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
@@ -133,6 +134,8 @@ class Daemon:
         self.store = Store(config.state_db, shared=True)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        # `logs -f` streams: woken with every waiter on the condition (daemon/logs.py)
+        self.followers: set[OutputWatch] = set()
         self.notes: queue.SimpleQueue[Note | StopAsked | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
         self.active: dict[str, Active] = {}
@@ -230,7 +233,7 @@ class Daemon:
             self.spawn(self.destroy_guest, active.host, active.job_id,
                        name=f"timeout-{active.job_id}")
 
-    def _free(self, job_id: str) -> None:
+    def free(self, job_id: str) -> None:
         """Its end is recorded and its QEMU is gone: free its reservation, forget it."""
         self.store.release(job_id)
         self.drop(job_id)
@@ -243,6 +246,8 @@ class Daemon:
         with self.lock:
             self.dirty = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
 
     def spawn(self, target: Callable[..., Any], *args: Any, name: str,
               job_id: str | None = None) -> None:
@@ -276,7 +281,7 @@ class Daemon:
                 return  # something else ended it meanwhile
             record = self.store.job(job_id)
             if record is None or record.state.finished:
-                self._free(job_id)  # its end was recorded; only the release was left to do
+                self.free(job_id)  # its end was recorded; only the release was left to do
                 return
             self.finish(job_id, Verdict(JobState.FAILED, reason))
 
@@ -496,7 +501,7 @@ class Daemon:
                 return  # it left this host (migrated, saved); the mover looks where it is now
             active.stopped_at = note.at
             if active.phase == Phase.ENDED:  # its end was recorded at power-off: free the cores
-                self._free(note.job_id)
+                self.free(note.job_id)
                 return
             if active.phase != Phase.RUNNING:
                 # launching: launch() collects once it has recorded the start; collecting:
@@ -526,7 +531,7 @@ class Daemon:
                 if record is None or record.state == JobState.CHECKPOINTED:
                     continue  # saved just before: its checkpoint is in the spool, not on the host
                 if active.phase == Phase.ENDED:  # it ended before the host went: only free it
-                    self._free(active.job_id)
+                    self.free(active.job_id)
                     continue
                 if record.state == JobState.RUNNING:
                     self.record(
@@ -547,7 +552,7 @@ class Daemon:
                 if record is None:
                     continue
                 if active.phase == Phase.ENDED:
-                    self._free(active.job_id)
+                    self.free(active.job_id)
                     continue
                 if active.phase == Phase.MOVING:
                     continue  # the mover settles it; a move off a lost host fails there
@@ -565,5 +570,7 @@ class Daemon:
         with self.lock:
             self.stopping = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
         self.notes.put(None)
         self.hosts.close()

@@ -375,8 +375,11 @@ def reap_abandoned(daemon: Daemon) -> list[str]:
     touched."""
     reaped = []
     with daemon.lock:
+        holding = daemon.store.reservations()
+        # a finished job may still hold its cores: its end is recorded at power-off, its
+        # cores freed once QEMU is gone
         records = [r for r in daemon.store.jobs()
-                   if not r.state.finished and r.spec.get("runner")
+                   if (not r.state.finished or r.id in holding) and r.spec.get("runner")
                    and not runner_alive(r.spec["runner"])]
     for record in records:
         if record.state == JobState.QUEUED:
@@ -389,6 +392,9 @@ def reap_abandoned(daemon: Daemon) -> list[str]:
             continue  # its host is away: looked at again by the next run or daemon start
         destroy_quietly(lookup_domain(conn, domain_name(record.id)))
         with daemon.lock:
+            if record.state.finished:  # only its cores were left to free
+                daemon.free(record.id)
+                continue
             daemon.record(record.id, JobState.LOST, "the vmjob process running it is gone",
                           release=True)
         reaped.append(record.id)

@@ -9,6 +9,7 @@ requests and `logs -f` streams all sleep on the one condition variable it notifi
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -17,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,20 @@ from vmjobs.daemon.hosts import (
     HostUp,
     Note,
 )
+from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
-from vmjobs.daemon.queue import Wait
+from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
-from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
 from vmjobs.virt.conn import destroy_quietly, lookup_domain, start
 
 log = logging.getLogger("vmjobs.daemon")
+RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
 
 
 class Phase(StrEnum):
@@ -79,9 +81,14 @@ def time_limit_of(record: JobRecord) -> float | None:
     """The job's time limit in seconds; None without one. A value that is not a positive
     finite number (a record written before submissions were checked) counts as none rather
     than as a deadline no clock reaches (NaN) or one in the past."""
-    value = record.spec.get("time_limit", record.spec.get("timeout_s"))  # before: timeout_s
+    # records written before the spec have timeout_s
+    return limit_of(record.spec.get("time_limit", record.spec.get("timeout_s")))
+
+
+def limit_of(value: object) -> float | None:
+    """`time_limit_of` for the value the spec holds."""
     try:
-        limit = float(value) if value else None
+        limit = float(value) if value else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
     return limit if limit is not None and math.isfinite(limit) and limit > 0 else None
@@ -107,12 +114,32 @@ class StopAsked:
 
 
 @dataclass
+class LastPass:
+    """The scheduler's last pass: what it decided on which cluster. While the cluster has not
+    changed since (`LiveCluster.version`) and the queue is the same with jobs
+    added at its end, the next pass only decides those (`queue.Planner.offer`)."""
+
+    planner: Planner
+    version: tuple[int, int]  # the live model's, after this pass's own reservations
+    at: float  # when the full pass it carries on was made
+    queue: tuple[str, ...]  # the jobs left waiting, in queue order
+
+
+@dataclass
 class SchedulerState:
     """What `/v1/status` says about the scheduler thread."""
 
     running: bool = False
     failed_passes: int = 0
     last_failure: str | None = None
+    passes: int = 0
+    # the last passes: (seconds, jobs started), for bench/scale.py and /v1/status
+    recent: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_PASSES))
+
+    def record(self, seconds: float, starts: int) -> None:
+        self.passes += 1
+        self.recent.append((seconds, starts))
 
 
 def is_ours(record: JobRecord) -> bool:
@@ -138,6 +165,12 @@ class Daemon:
         self.followers: set[OutputWatch] = set()
         self.notes: queue.SimpleQueue[Note | StopAsked | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
+        # the engine's view, kept current by change (never rebuilt per pass)
+        self.live = LiveCluster(self.store, self.hosts.inventory,
+                                lambda: self.hosts.generation)
+        self.queue = LiveQueue(self.store, time_limit_of)
+        # the scheduler's last pass, carried on while only the queue's end changes
+        self.last_pass: LastPass | None = None
         self.active: dict[str, Active] = {}
         self.waits: dict[str, Wait] = {}  # the last scheduling pass's verdict per queued job
         self.dirty = True
@@ -163,9 +196,10 @@ class Daemon:
         """Raises DoesNotFit, with the engine's explanation, for a request no host could take
         even empty (asked before anything of the job exists)."""
         with self.lock:
-            explanation = snapshot(self.store, self.hosts.inventory()).explain(request)
-        if explanation.never_fits:
-            raise DoesNotFit(explanation.summary)
+            cluster = self.live.cluster()
+            # ever_fits stops at the first host that could take it; explain looks at all
+            if not cluster.ever_fits(request):
+                raise DoesNotFit(cluster.explain(request).summary)
 
     # --- the daemon's state: changed only here ------------------------------------------------
 
@@ -190,9 +224,13 @@ class Daemon:
         allow. Caller holds the lock."""
         self.store.transition(job_id, state, reason, release=release, exit_code=exit_code)
 
-    def publish_waits(self, waits: dict[str, Wait]) -> None:
-        """The last scheduling pass's verdict for each queued job. Caller holds the lock."""
-        self.waits = waits
+    def publish_waits(self, waits: dict[str, Wait], merge: bool = False) -> None:
+        """The last scheduling pass's verdict for each queued job (`merge`: for the jobs it
+        looked at; a pass carried on from the last one). Caller holds the lock."""
+        if merge:
+            self.waits.update(waits)
+        else:
+            self.waits = waits
 
     def forget_wait(self, job_id: str) -> None:
         self.waits.pop(job_id, None)
@@ -284,6 +322,13 @@ class Daemon:
                 self.free(job_id)  # its end was recorded; only the release was left to do
                 return
             self.finish(job_id, Verdict(JobState.FAILED, reason))
+
+    def queued(self) -> list[tuple[JobRecord, Request]]:
+        """The queue in queue order, as the store has it now (followed by change). Caller holds
+        the lock."""
+        self.live.refresh()
+        # the jobs this core schedules: a serving daemon's own, a direct run's one
+        return [(r, q) for r, q in self.queue.follow(self.live) if self.owns(r)]
 
     # --- finishing --------------------------------------------------------------------------
 

@@ -56,9 +56,9 @@ sys.path.insert(0, str(CODE))
 
 from placement import Allocation, NodeShare, Request  # noqa: E402
 from vmjobs.client import Client  # noqa: E402
+from vmjobs.daemon.recovery import runner_identity  # noqa: E402
 from vmjobs.errors import VmjobsError  # noqa: E402
 from vmjobs.jobs import JobRecord, JobState  # noqa: E402
-from vmjobs.runner import _runner_identity  # noqa: E402
 from vmjobs.store import Store  # noqa: E402
 from vmjobs.transport import Target  # noqa: E402
 
@@ -120,7 +120,7 @@ def write_config(root: Path, hosts: list[dict[str, str]], image_spool: Path) -> 
 def prefill(spool: Path, hosts: list[dict[str, str]], jobs: int) -> None:
     """`jobs` holdings, round-robin over the hosts, as direct runs of this process."""
     used = [0] * len(hosts)
-    runner = _runner_identity()
+    runner = runner_identity()
     store = Store(spool / "state.db")
     with store.reserving():
         for k in range(jobs):

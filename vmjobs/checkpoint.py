@@ -30,7 +30,7 @@ from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.migration import running_job
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 from vmjobs.virt import Connection, Domain, VirtError, domains, guestclock
 from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain

@@ -6,9 +6,8 @@ Used by `vmjob run` and by the KVM probe; the daemon will use the same pieces.
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +16,9 @@ from vmjobs import guest_protocol
 from vmjobs.errors import VmjobsError
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
-from vmjobs.outputwatch import OutputWatch
 from vmjobs.units import format_bytes
-from vmjobs.virt import Connection, Domain, domain_xml
-from vmjobs.virt.conn import is_running
+from vmjobs.virt import domain_xml
 from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
-from vmjobs.virt.events import GuestEvent, unwatch_guest, watch_guest
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -235,82 +231,6 @@ class OutputReader:
             self.index, self.offset = later[0], 0
 
 
-
-
-class GuestEnd:
-    """One guest's end, from libvirt's lifecycle events, and its output's changes (inotify):
-    both wake `watch`. Needs libvirt's event loop running (`virt.events.start_event_loop`)
-    before the connection was opened.
-
-    `powered_off`: the init powered the guest off after writing its output disk (its verdict
-    is final; QEMU is still going away). `stopped`: the domain is gone.
-    """
-
-    def __init__(self, conn: Connection, dom: Domain, files: JobFiles) -> None:
-        self.dom = dom
-        self.watch = OutputWatch(files.dir)
-        self.powered_off = threading.Event()
-        self.stopped = threading.Event()
-        self._conn = conn
-        self._callback = watch_guest(conn, dom, self._on_event)
-        self.check()  # it may have ended before the callback was there
-
-    def _on_event(self, event: GuestEvent) -> None:
-        # libvirt's event loop thread: set and wake, never block
-        self.powered_off.set()  # whichever came first, the guest runs no more
-        if event == GuestEvent.STOPPED:
-            self.stopped.set()
-        self.watch.wake()
-
-    def ended(self) -> bool:
-        """Whether the guest runs no more (powered off or gone)."""
-        return self.powered_off.is_set()
-
-    def check(self) -> None:
-        """Ask libvirt directly (after a quiet safety interval: events are not expected to
-        be lost, but a guest that is gone must never be waited for)."""
-        if not is_running(self.dom):
-            self.powered_off.set()
-            self.stopped.set()
-
-    def wait_stopped(self, timeout_s: float) -> bool:
-        """Wait for the domain to be gone (QEMU exits after the power-off); True if it is."""
-        if not self.stopped.wait(timeout_s):
-            self.check()
-        return self.stopped.is_set()
-
-    def close(self) -> None:
-        unwatch_guest(self._conn, self._callback)
-        self.watch.close()
-
-
-FOLLOW_SAFETY_S = 5.0  # the longest a follower sleeps without an event
-
-
-def follow_output(files: JobFiles, guest: GuestEnd, deadline: float | None = None,
-                  every_s: float = FOLLOW_SAFETY_S) -> Iterator[bytes | None]:
-    """Yield the job's output bytes as the guest writes them, until the guest has powered
-    off (or stopped) and every file has been read to its end.
-
-    Sleeps until a file changes or the guest ends (`GuestEnd`), or until `deadline`
-    (time.monotonic()), at most `every_s` (and FOLLOW_SAFETY_S); yields None after each
-    wait without output so the caller can check its deadline (and `OutputGuard`).
-    """
-    reader = OutputReader(files)
-    while True:
-        ended = guest.ended()
-        chunk = reader.read(final=ended)
-        if chunk:
-            yield chunk
-        elif ended:
-            return
-        else:
-            wait_s = min(every_s, FOLLOW_SAFETY_S)
-            if deadline is not None:
-                wait_s = min(wait_s, deadline - time.monotonic())
-            if not guest.watch.wait(wait_s):
-                guest.check()
-            yield None
 
 
 # How often a running job's output is looked at (`OutputGuard`): a stat per output file, and a

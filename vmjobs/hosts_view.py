@@ -8,7 +8,7 @@ from typing import Any
 import placement
 from placement import HostUsage
 from vmjobs.config import Config
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 from vmjobs.virt.conn import Reached, connect_hosts
 

@@ -28,7 +28,7 @@ from vmjobs.convergence import Policy
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles, nics_for
 from vmjobs.jobs import JobRecord, JobState, domain_name
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 from vmjobs.virt import Connection, VirtError, replug
 from vmjobs.virt.conn import is_running, lookup_domain

@@ -19,6 +19,12 @@ from typing import Any
 
 from click.testing import CliRunner
 
+# Loaded here, in the test process: the forked child runs as a user who cannot read our
+# Python's own files under /root, so a module it imports for the first time (the stdlib's
+# `secrets`, say) is not found. Which modules the tests collected before happened to load
+# decided it until now.
+import vmjobs.cli  # noqa: F401
+
 ADMIN_GROUP = "vmjobs-dtest-admins"
 
 

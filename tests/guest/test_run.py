@@ -137,7 +137,7 @@ def test_timeout_stops_job_and_says_so(guest_env: Env) -> None:
     result = guest_env.vmjob("run", "--timeout", "10s", "--", "sh", "-c", "echo ready; sleep 120")
     assert result.returncode == 124
     assert "ready" in result.stdout
-    assert "timed out after 10s" in result.stderr
+    assert "TIMEOUT: time limit of 10s reached; guest stopped" in result.stderr
     assert time.monotonic() - started < 60
     assert_nothing_left(guest_env)
 

@@ -1,6 +1,6 @@
-"""Following a job's output by events, against libvirt's test driver: `guest.follow_output`
-(the direct run) ends on the domain's lifecycle event, and `daemon/logs.stream` wakes on new
-output and on the daemon's state change.
+"""Following a job's output by events, against libvirt's test driver: `daemon/logs.stream`
+(`vmjob logs -f`, and a direct `vmjob run`, which runs the daemon's core) wakes on new output
+and on the daemon's state change.
 
 The safety timeouts are raised to 10 minutes for these tests, and every step must happen
 within a minute: only inotify and the events can have woken the follower, never a poll.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,13 +18,11 @@ import libvirt
 import pytest
 
 from placement import Request
-from vmjobs import guest
 from vmjobs.config import parse
 from vmjobs.daemon import logs
 from vmjobs.daemon.core import Daemon
-from vmjobs.guest import GuestEnd, JobFiles, follow_output
+from vmjobs.guest import JobFiles
 from vmjobs.jobs import JobRecord, JobState
-from vmjobs.virt.conn import destroy_quietly
 from vmjobs.virt.events import start_event_loop
 
 URI = "test:///default"
@@ -55,34 +52,6 @@ def events_conn() -> Iterator[libvirt.virConnect]:
     conn = libvirt.open(URI)
     yield conn
     conn.close()
-
-
-def test_direct_follow_wakes_on_output_and_ends_on_the_stop_event(
-        events_conn: libvirt.virConnect, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(guest, "FOLLOW_SAFETY_S", NEVER_S)
-    root = ET.fromstring(events_conn.lookupByName("test").XMLDesc(0))
-    root.find("name").text = "vmjob-follow1"  # type: ignore[union-attr]
-    root.remove(root.find("uuid"))  # type: ignore[arg-type]
-    dom = events_conn.createXML(ET.tostring(root, encoding="unicode"), 0)
-    files = JobFiles(tmp_path / "job")
-    files.dir.mkdir()
-    out = files.output(0)
-    out.touch()
-    ended = GuestEnd(events_conn, dom, files)
-    got: queue.Queue = queue.Queue()
-    try:
-        drain_into(follow_output(files, ended), got)
-        append(out, b"first line\n")
-        assert got.get(timeout=BOUND_S) == b"first line\n"
-        append(out, b"second\n")
-        assert got.get(timeout=BOUND_S) == b"second\n"
-        dom.destroy()  # STOPPED: the follower reads what is left and ends
-        assert got.get(timeout=BOUND_S) is None
-        assert ended.stopped.is_set() and ended.powered_off.is_set()
-    finally:
-        ended.close()
-        destroy_quietly(dom)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from placement import HostState, Request
 from placement.synthetic import make_host
 from vmjobs.daemon.live import LiveCluster, LiveQueue, differences
 from vmjobs.jobs import JobRecord, JobState
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 
 HOSTS = ("h0", "h1", "h2")

@@ -373,7 +373,7 @@ def test_the_engines_view_keeps_cordoned_hosts_for_the_jobs_they_hold(store: Sto
     from dataclasses import replace as with_state
 
     from placement import HostState, make_host
-    from vmjobs.runner import snapshot
+    from vmjobs.snapshot import snapshot
 
     hosts = [make_host("h1", nodes=1, cores=4), make_host("h2", nodes=1, cores=4),
              with_state(make_host("h3", nodes=1, cores=4), state=HostState.DOWN)]

@@ -46,7 +46,7 @@ def test_client_commands_load_no_libvirt_paramiko_or_placement(tmp_path: Path,
     loaded = modules_after(*args, url=str(tmp_path / "none.sock"))
     assert "vmjobs.cli.jobs" in loaded  # the command itself did run
     assert not loaded & {"libvirt", "paramiko", "placement", "yaml", "vmjobs.cli.run",
-                         "vmjobs.runner", "vmjobs.spec"}
+                         "vmjobs.daemon.direct", "vmjobs.spec"}
 
 
 def test_submit_loads_the_spec_but_no_libvirt_or_paramiko(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_submit_loads_the_spec_but_no_libvirt_or_paramiko(tmp_path: Path) -> Non
                            url=str(tmp_path / "none.sock"))
     assert "vmjobs.spec" in loaded  # checked before the daemon is looked for
     assert "placement.model" in loaded  # the request's types, not the engine
-    assert not loaded & {"libvirt", "paramiko", "vmjobs.runner", "vmjobs.guest_protocol",
+    assert not loaded & {"libvirt", "paramiko", "vmjobs.daemon.direct", "vmjobs.guest_protocol",
                          "placement.cluster", "placement.plans", "placement.swf", "yaml"}
 
 

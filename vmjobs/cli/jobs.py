@@ -17,7 +17,7 @@ import click
 
 from vmjobs.cli.connect import client_for, url_option
 from vmjobs.client import ApiFailure, Client
-from vmjobs.outcome import exit_code
+from vmjobs.outcome import end_line, ended_with_output, exit_code
 from vmjobs.units import format_mib
 
 # --- list / show ----------------------------------------------------------------------------
@@ -197,18 +197,16 @@ def recorded_output(view: dict[str, Any], client: Client) -> Path | None:
 def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int:
     """Fetch the output when asked, say how a job ended unless it exited by itself; its code."""
     code = exit_code(view)
-    ended_with_output = view["state"] in ("COMPLETED", "FAILED") \
-        and view.get("exit_code") is not None
-    target = output or (recorded_output(view, client) if ended_with_output else None)
-    if target is not None and ended_with_output:
+    delivered = ended_with_output(view)
+    target = output or (recorded_output(view, client) if delivered else None)
+    if target is not None and delivered:
         try:
             client.fetch_output(view["id"], target)
         except ApiFailure as exc:
             if exc.status != 404:
                 raise
-    if view.get("exit_code") is None:
-        click.echo(f"vmjob: job {view['id']} {view['state']}: {view.get('message') or ''}"
-                   .rstrip(": "), err=True)
+    if (line := end_line(view)) is not None:
+        click.echo(f"vmjob: {line}", err=True)
     return code
 
 

@@ -2,13 +2,15 @@
 
 With a daemon reachable (`--url`, `$VMJOBS_URL`, or the config's socket answering) the job is
 submitted to it and followed: its output streams here, Ctrl+C or SIGTERM cancels it, and the
-command exits with the job's code. With no daemon it runs in this process (`vmjobs.runner`),
-sharing the daemon's store and its UNIQUE reservations, so the two can never double-book a core.
+command exits with the job's code. With no daemon it runs in this process through the daemon's
+own core, scoped to this one job (`vmjobs.daemon.direct`), sharing the daemon's store and its
+UNIQUE reservations, so the two can never double-book a core. Both modes end a job with the
+same line and exit code (`vmjobs.outcome`).
 """
 
 from __future__ import annotations
 
-import signal
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,9 @@ from vmjobs.cli.submit import submission, submit_job
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
-from vmjobs.outcome import EXIT_NOT_STARTED
-from vmjobs.runner import EXIT_SIGINT, EXIT_SIGTERM, Interrupted, RunRequest, interruptible
-from vmjobs.runner import run as run_job
+from vmjobs.guest_protocol import input_entries
+from vmjobs.interrupt import Interrupted, interruptible
+from vmjobs.outcome import EXIT_NOT_STARTED, cancelled_line, interrupted_exit
 from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.transport import Target
 
@@ -110,13 +112,16 @@ def _direct(config: Config, spec: Spec) -> int:
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
                         "(start one with 'vmjob serve'); without it run starts at once "
                         "or fails")
-    job = RunRequest(
-        argv=spec.argv, request=spec.request(), env=dict(spec.env),
-        input_dir=Path(spec.input) if spec.input is not None else None,
-        output_dir=Path(spec.output) if spec.output is not None else None,
-        timeout_s=spec.time_limit, image=spec.image,
-    )
-    return run_job(config, job, write_out, note)
+    if spec.input is not None:
+        input_entries(Path(spec.input))  # the guest protocol's rules, as a submit checks them
+    if not logging.getLogger().handlers:
+        # the core's log lines are the daemon's log; here the job's end line says it all
+        logging.getLogger("vmjobs.daemon").addHandler(logging.NullHandler())
+    # Imported here: the client commands need none of the daemon core's own dependencies
+    # (libvirt's event loop, the metrics library) to talk to a daemon.
+    from vmjobs.daemon import direct
+
+    return direct.run(config, spec, write_out, note)
 
 
 def _through_daemon(client: Client, spec: Spec) -> int:
@@ -134,7 +139,6 @@ def _through_daemon(client: Client, spec: Spec) -> int:
                 sys.stdout.flush()
             final = client.wait(job_id)
     except Interrupted as exc:
-        name = signal.Signals(exc.signum).name
         try:
             final = client.cancel(job_id)
         except ApiFailure as failure:
@@ -142,6 +146,6 @@ def _through_daemon(client: Client, spec: Spec) -> int:
                 raise
             final = client.wait(job_id)  # it ended by itself just before the cancel arrived
         if final["state"] == "CANCELLED":
-            note(f"job {job_id} cancelled ({name}); guest destroyed, reservation released")
-            return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
+            note(cancelled_line(job_id, exc.signum))
+            return interrupted_exit(exc.signum)
     return report_end(final, client, Path(spec.output) if spec.output is not None else None)

@@ -28,11 +28,11 @@ from vmjobs.daemon import logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.identity import Caller, denial, may_act
 from vmjobs.daemon.moves import MoveResult
-from vmjobs.daemon.scheduler import schedule
+from vmjobs.daemon.scheduler import start_now_or_forget
 from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
 from vmjobs.daemon.submission import parse
 from vmjobs.daemon.uploads import Limits, Uploads
-from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
+from vmjobs.errors import NotFound, UsageError, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
@@ -184,11 +184,7 @@ class Api:
         if request.host is not None:
             config.host(request.host)  # unknown host: one line, nothing created
         image = resolve_image(config.spool, submission.image)
-        with daemon.lock:
-            cluster = daemon.live.cluster()
-            # ever_fits stops at the first host that could take it; explain looks at all
-            if not cluster.ever_fits(request):
-                raise DoesNotFit(cluster.explain(request).summary)
+        daemon.refuse_never_fitting(request)
         job_id = new_job_id()
         if submission.array is not None:
             return self._submit_array(req.caller, submission, job_id, request,
@@ -240,16 +236,12 @@ class Api:
         """--no-wait: run the scheduling pass here; if it does not place the job, it never
         existed. Caller holds the daemon's lock."""
         daemon = self.daemon
-        result = schedule(daemon, time.time())
-        if any(s.job_id == record.id for s in result.starts):
-            stored = daemon.store.job(record.id)
-            assert stored is not None
-            return Json(job_view(daemon, stored), status=201)
-        why = next((w.reason for w in result.waits if w.job_id == record.id), "it cannot start")
-        daemon.waits.pop(record.id, None)
-        daemon.store.delete_job(record.id)
-        daemon.forget_files(record.id)
-        raise ApiError(409, f"cannot start now (--no-wait): {why}", code="not_started")
+        why = start_now_or_forget(daemon, record.id)
+        if why is not None:
+            raise ApiError(409, f"cannot start now (--no-wait): {why}", code="not_started")
+        stored = daemon.store.job(record.id)
+        assert stored is not None
+        return Json(job_view(daemon, stored), status=201)
 
     def cancel(self, req: ApiRequest) -> Json:
         daemon = self.daemon

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from placement import Request
@@ -38,7 +39,7 @@ from vmjobs.daemon.hosts import (
 from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Planner, Wait
-from vmjobs.errors import VmjobsError
+from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import (
     OUTPUT_CHECK_S,
     GuestPlan,
@@ -111,6 +112,16 @@ class Unrecorded:
     error: str
 
 
+@dataclass(frozen=True)
+class StopAsked:
+    """A stop asked where it cannot be carried out (a signal handler, which must not take
+    the lock): the notes thread carries it out with `Daemon.stop`."""
+
+    job_id: str
+    state: JobState
+    reason: str
+
+
 @dataclass
 class LastPass:
     """The scheduler's last pass: what it decided on which cluster. While the cluster has not
@@ -146,14 +157,22 @@ def is_ours(record: JobRecord) -> bool:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """The job lifecycle: one per `vmjob serve`, or one per direct `vmjob run` scoped to its
+    own job (`scope`; see `vmjobs.daemon.direct`). Its state (`active`, `waits`,
+    `restoring`, `preempting`, `dirty`) and the store's job states change only through its
+    methods (`tests/unit/test_daemon_state.py` checks that no other module assigns them)."""
+
+    def __init__(self, config: Config, scope: str | None = None) -> None:
         self.config = config
+        # A direct run's core acts on its one job only: no other job is scheduled, timed,
+        # collected or recovered by it (the spool's daemon, if one starts, keeps the rest).
+        self.scope = scope
         self.store = Store(config.state_db, shared=True)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         # `logs -f` streams: woken with every waiter on the condition (daemon/logs.py)
         self.followers: set[OutputWatch] = set()
-        self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
+        self.notes: queue.SimpleQueue[Note | StopAsked | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
         # the engine's view, kept current by change (never rebuilt per pass)
         self.live = LiveCluster(self.store, self.hosts.inventory,
@@ -176,6 +195,96 @@ class Daemon:
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
+
+    def owns(self, record: JobRecord) -> bool:
+        """Whether this core acts on `record`: a serving daemon on its own jobs (not those of
+        direct runs), a direct run's core on its one job."""
+        return record.id == self.scope if self.scope is not None else is_ours(record)
+
+    def refuse_never_fitting(self, request: Request) -> None:
+        """Raises DoesNotFit, with the engine's explanation, for a request no host could take
+        even empty (asked before anything of the job exists)."""
+        with self.lock:
+            cluster = self.live.cluster()
+            # ever_fits stops at the first host that could take it; explain looks at all
+            if not cluster.ever_fits(request):
+                raise DoesNotFit(cluster.explain(request).summary)
+
+    # --- the daemon's state: changed only here ------------------------------------------------
+
+    def mark_seen(self) -> None:
+        """A scheduling pass begins: changes from now on call for another. Caller holds the
+        lock."""
+        self.dirty = False
+
+    def admit(self, active: Active) -> None:
+        """`active` holds (or is about to hold) a guest this core follows. Caller holds the
+        lock."""
+        self.active[active.job_id] = active
+
+    def drop(self, job_id: str) -> None:
+        """Stop following a job that holds nothing any more. Caller holds the lock."""
+        self.active.pop(job_id, None)
+
+    def record(self, job_id: str, state: JobState, reason: str, *, release: bool = False,
+               exit_code: int | None = None) -> None:
+        """A change of the job's state in the store (`release`: and free its reservation in
+        the same transaction). Raises IllegalTransition on a change the state table does not
+        allow. Caller holds the lock."""
+        self.store.transition(job_id, state, reason, release=release, exit_code=exit_code)
+
+    def publish_waits(self, waits: dict[str, Wait], merge: bool = False) -> None:
+        """The last scheduling pass's verdict for each queued job (`merge`: for the jobs it
+        looked at; a pass carried on from the last one). Caller holds the lock."""
+        if merge:
+            self.waits.update(waits)
+        else:
+            self.waits = waits
+
+    def forget_wait(self, job_id: str) -> None:
+        self.waits.pop(job_id, None)
+
+    def claim_restore(self, job_id: str) -> bool:
+        """Mark a checkpointed job as being restored; False if it is already. Caller holds
+        the lock."""
+        if job_id in self.restoring:
+            return False
+        self.restoring.add(job_id)
+        return True
+
+    def unclaim_restore(self, job_id: str) -> None:
+        self.restoring.discard(job_id)
+
+    def begin_preemption(self, job_id: str) -> bool:
+        """Make room for `job_id` by moving others; False while another preemption runs.
+        Caller holds the lock."""
+        if self.preempting is not None:
+            return False
+        self.preempting = job_id
+        return True
+
+    def end_preemption(self) -> None:
+        with self.lock:
+            self.preempting = None
+            self.wake()
+
+    def time_limit_reached(self, active: Active) -> None:
+        """Its time limit is over: it ends TIMEOUT. Its guest is destroyed on a thread of its
+        own (seconds: not under the lock); a job being moved is stopped by its mover, which
+        aborts the move first. Caller holds the lock."""
+        if active.stop is not None:
+            return
+        active.stop = (JobState.TIMEOUT,
+                       f"time limit of {active.time_limit_s:g}s reached; guest stopped")
+        if active.phase != Phase.MOVING:
+            self.spawn(self.destroy_guest, active.host, active.job_id,
+                       name=f"timeout-{active.job_id}")
+
+    def free(self, job_id: str) -> None:
+        """Its end is recorded and its QEMU is gone: free its reservation, forget it."""
+        self.store.release(job_id)
+        self.drop(job_id)
+        self.wake()
 
     # --- waking -------------------------------------------------------------------------------
 
@@ -219,10 +328,7 @@ class Daemon:
                 return  # something else ended it meanwhile
             record = self.store.job(job_id)
             if record is None or record.state.finished:
-                # its end was recorded; only the release was left to do
-                self.store.release(job_id)
-                self.active.pop(job_id, None)
-                self.wake()
+                self.free(job_id)  # its end was recorded; only the release was left to do
                 return
             self.finish(job_id, Verdict(JobState.FAILED, reason))
 
@@ -230,7 +336,8 @@ class Daemon:
         """The queue in queue order, as the store has it now (followed by change). Caller holds
         the lock."""
         self.live.refresh()
-        return self.queue.follow(self.live)
+        # the jobs this core schedules: a serving daemon's own, a direct run's one
+        return [(r, q) for r, q in self.queue.follow(self.live) if self.owns(r)]
 
     # --- finishing --------------------------------------------------------------------------
 
@@ -242,8 +349,8 @@ class Daemon:
         kept in `unrecorded` and retried by the scheduler (`retry_unrecorded`) until it can
         be; the job keeps its state and reservation meanwhile, and says why in `cancel`."""
         try:
-            self.store.transition(job_id, verdict.state, verdict.reason, release=release,
-                                  exit_code=verdict.exit_code)
+            self.record(job_id, verdict.state, verdict.reason, release=release,
+                        exit_code=verdict.exit_code)
         except sqlite3.OperationalError as exc:
             first = job_id not in self.unrecorded
             self.unrecorded[job_id] = Unrecorded(verdict, release, str(exc))
@@ -254,7 +361,7 @@ class Daemon:
             return
         self.unrecorded.pop(job_id, None)
         if release:
-            self.active.pop(job_id, None)
+            self.drop(job_id)
         self.metrics.finished(verdict.state)
         log.info("job %s: %s (%s)", job_id, verdict.state.value, verdict.reason)
         self.wake()
@@ -297,7 +404,7 @@ class Daemon:
             active.phase = Phase.RUNNING
             if active.time_limit_s is not None:
                 active.ends_at = now + active.time_limit_s
-            self.store.transition(job_id, JobState.RUNNING, f"guest started ({virt_type})")
+            self.record(job_id, JobState.RUNNING, f"guest started ({virt_type})")
             self.metrics.started(now - record.created)
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
@@ -321,7 +428,6 @@ class Daemon:
         virt_type = probe.virt_type(self.config, host_config, conn, image, allocation,
                                     lambda text: log.info("%s", text))
         files = JobFiles.of(self.config.spool, record.id)
-        input_dir = files.dir / "input"
         xml = prepare(
             GuestPlan(
                 job_id=record.id, owner=record.owner, owner_uid=record.uid,
@@ -329,14 +435,24 @@ class Daemon:
                 vmjob_env=array_env(spec),
                 allocation=allocation, image=image, virt_type=virt_type,
                 output_disk_mib=self.config.output_disk_mib,
-                input_dir=input_dir if input_dir.is_dir() else None,
+                input_dir=self._input_of(record, files),
                 emulator_cpus=host_config.reserved_cpus,
             ),
             files,
         )
         with self.lock:
-            self.store.transition(record.id, JobState.STARTING, f"starting ({virt_type})")
+            self.record(record.id, JobState.STARTING, f"starting ({virt_type})")
         return start(conn, xml), virt_type
+
+    def _input_of(self, record: JobRecord, files: JobFiles) -> Path | None:
+        """The directory the job's input is packed from. A daemon's job: its upload, in the
+        job's directory. A direct run's: the user's own directory, read by the user's own
+        process (the daemon never opens a user's paths)."""
+        given = record.spec.get("input")
+        if self.scope is not None and isinstance(given, str):
+            return Path(given)
+        upload = files.dir / "input"
+        return upload if upload.is_dir() else None
 
     # --- stopping -----------------------------------------------------------------------------
 
@@ -389,6 +505,11 @@ class Daemon:
         if ended:
             self.wake()
         return guests
+
+    def ask_stop(self, job_id: str, state: JobState, reason: str) -> None:
+        """`stop`, from anywhere, even a signal handler: the notes thread carries it out
+        (`SimpleQueue.put` is reentrant; nothing here takes a lock)."""
+        self.notes.put(StopAsked(job_id, state, reason))
 
     def destroy_guest(self, host: str, job_id: str) -> None:
         conn = self.hosts.conn(host)
@@ -481,6 +602,8 @@ class Daemon:
                     self._host_up(note)
                 elif isinstance(note, HostLost):
                     self._host_lost(note)
+                elif isinstance(note, StopAsked):
+                    self.stop(note.job_id, note.state, note.reason)
             except Exception:
                 log.exception("handling %s failed", note)
 
@@ -495,9 +618,7 @@ class Daemon:
             if note.job_id in self.unrecorded:
                 return  # its end waits for room in the store; the retry frees the cores with it
             if active.phase == Phase.ENDED:  # its end was recorded at power-off: free the cores
-                self.store.release(note.job_id)
-                self.active.pop(note.job_id, None)
-                self.wake()
+                self.free(note.job_id)
                 return
             if active.phase != Phase.RUNNING:
                 # launching: launch() collects once it has recorded the start; collecting:
@@ -527,11 +648,10 @@ class Daemon:
                 if record is None or record.state == JobState.CHECKPOINTED:
                     continue  # saved just before: its checkpoint is in the spool, not on the host
                 if active.phase == Phase.ENDED:  # it ended before the host went: only free it
-                    self.store.release(active.job_id)
-                    self.active.pop(active.job_id, None)
+                    self.free(active.job_id)
                     continue
                 if record.state == JobState.RUNNING:
-                    self.store.transition(
+                    self.record(
                         active.job_id, JobState.UNREACHABLE,
                         f"host {note.host} not responding: {note.why}; declared lost after "
                         f"{self.config.host_down_after_s:g}s unless it returns")
@@ -549,8 +669,7 @@ class Daemon:
                 if record is None:
                     continue
                 if active.phase == Phase.ENDED:
-                    self.store.release(active.job_id)
-                    self.active.pop(active.job_id, None)
+                    self.free(active.job_id)
                     continue
                 if active.phase == Phase.MOVING:
                     continue  # the mover settles it; a move off a lost host fails there

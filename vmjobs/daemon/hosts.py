@@ -145,6 +145,23 @@ class Hosts:
                     self._errors[host_config.name] = str(exc)
                 self._start_reconnect(host_config)
 
+    def connect_once(self, only: str | None = None) -> dict[str, str]:
+        """Connect every host (or just `only`) once, with no retry in the background (a
+        direct `vmjob run`, which never waits for a host); why each of the others did not
+        answer. Raises VmjobsError when `only` does not answer (or is not configured)."""
+        chosen = [self.config.host(only)] if only else list(self.config.hosts)
+        errors = {}
+        for host_config in chosen:
+            try:
+                self._connect(host_config)
+            except VmjobsError as exc:
+                if only:
+                    raise
+                errors[host_config.name] = str(exc)
+                with self._lock:
+                    self._errors[host_config.name] = str(exc)
+        return errors
+
     def _connect(self, host_config: HostConfig) -> None:
         name = host_config.name
         conn = connect(host_config)

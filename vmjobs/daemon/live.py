@@ -35,7 +35,7 @@ from placement import Allocation, Cluster, HostState, Request
 from vmjobs.daemon.queue import Waiting
 from vmjobs.jobarray import array_of
 from vmjobs.jobs import JobRecord
-from vmjobs.runner import snapshot
+from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
 
 log = logging.getLogger("vmjobs.daemon")
@@ -189,7 +189,7 @@ class LiveCluster:
 
     def _set_state(self, host: str) -> None:
         """A host's state in the model: down without a connection; cordoned only when up (as
-        `runner.snapshot` builds it)."""
+        `vmjobs.snapshot.snapshot` builds it)."""
         assert self._cluster is not None
         if host not in self._up:
             return  # never inventoried: not in the model

@@ -35,8 +35,10 @@ def stream(daemon: Daemon, job_id: str, follow: bool, offset: int = 0) -> Iterat
             with daemon.lock:
                 record = daemon.store.job(job_id)
                 # A job's end is recorded after its guest wrote its last byte (the init
-                # powers the guest off after the job's processes are gone).
-                finished = record is None or record.state.finished
+                # powers the guest off after the job's processes are gone); an end the
+                # store could not take yet (a full spool) comes after it too.
+                finished = record is None or record.state.finished \
+                    or job_id in daemon.unrecorded
             data = reader.read(final=finished, limit=CHUNK)
             if data:
                 yield data

@@ -27,7 +27,7 @@ from vmjobs.codec import request_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.jobs import JobState, domain_name
-from vmjobs.runner import describe_allocation, snapshot
+from vmjobs.snapshot import describe_allocation, snapshot
 from vmjobs.store import Store
 from vmjobs.virt import VirtError
 from vmjobs.virt.conn import is_running, lookup_domain
@@ -92,7 +92,7 @@ def settle(daemon: Daemon, active: Active) -> None:
             return
         record = daemon.store.job(active.job_id)
         if record is None or record.state == JobState.CHECKPOINTED:
-            daemon.active.pop(active.job_id, None)  # it holds nothing any more
+            daemon.drop(active.job_id)  # it holds nothing any more
             if record is not None and active.stop is not None:
                 daemon.stop(active.job_id, *active.stop)  # cancelled while it was being saved
             daemon.wake()
@@ -107,7 +107,7 @@ def settle(daemon: Daemon, active: Active) -> None:
             if record.state == JobState.UNREACHABLE:  # already said while it moved
                 daemon.store.note(active.job_id, why)
             else:
-                daemon.store.transition(active.job_id, JobState.UNREACHABLE, why)
+                daemon.record(active.job_id, JobState.UNREACHABLE, why)
             daemon.wake()
             return
         try:
@@ -116,7 +116,7 @@ def settle(daemon: Daemon, active: Active) -> None:
         except VirtError:
             alive = False
         if record.state != JobState.RUNNING:
-            daemon.store.transition(active.job_id, JobState.RUNNING, "move over")
+            daemon.record(active.job_id, JobState.RUNNING, "move over")
         if alive:
             active.phase = Phase.RUNNING
             stop = active.stop is not None
@@ -203,14 +203,13 @@ def restore(daemon: Daemon, job_id: str, to: str | None = None,
         record = daemon.store.job(job_id)
         if record is None:
             if claimed:
-                daemon.restoring.discard(job_id)
+                daemon.unclaim_restore(job_id)
             raise NotFound(f"no job {job_id}")
         if not claimed:
-            if job_id in daemon.restoring:
-                raise VmjobsError(f"job {job_id} is being restored already")
             if record.state != JobState.CHECKPOINTED:
                 raise VmjobsError(f"job {job_id} is {record.state.value}, not CHECKPOINTED")
-            daemon.restoring.add(job_id)
+            if not daemon.claim_restore(job_id):
+                raise VmjobsError(f"job {job_id} is being restored already")
     try:
         with _own_store(daemon) as store:
             restored = checkpoint.restore_job(daemon.config, store, daemon.hosts.conns(),
@@ -224,10 +223,10 @@ def restore(daemon: Daemon, job_id: str, to: str | None = None,
                 active.ends_at = time.time() + float(left)
             elif limit is not None:
                 active.ends_at = time.time() + limit
-            daemon.active[job_id] = active
+            daemon.admit(active)
     finally:
         with daemon.lock:
-            daemon.restoring.discard(job_id)
+            daemon.unclaim_restore(job_id)
     settle(daemon, active)
     return MoveResult(job_id, "restored", None, restored.host,
                       f"in {restored.duration_s:.1f}s, "
@@ -336,9 +335,8 @@ def preempt_for(daemon: Daemon, job_id: str, request: Request) -> bool:
         return False
     cluster = planning_cluster(daemon, movable=lambda r: r.preemptible)
     plan = placement.plan_to_fit(cluster, request)
-    if not plan.found or not plan.actions:
+    if not plan.found or not plan.actions or not daemon.begin_preemption(job_id):
         return False
-    daemon.preempting = job_id
     log.info("job %s: preempting for it: %s", job_id, plan.summary)
     daemon.spawn(_preempt, daemon, job_id, plan, name=f"preempt-{job_id}")
     return True
@@ -356,9 +354,7 @@ def _preempt(daemon: Daemon, job_id: str, plan: placement.Plan) -> None:
     except Exception:
         log.exception("preemption for job %s failed", job_id)
     finally:
-        with daemon.lock:
-            daemon.preempting = None
-            daemon.wake()
+        daemon.end_preemption()
 
 
 def restore_waiting(daemon: Daemon) -> None:
@@ -367,7 +363,8 @@ def restore_waiting(daemon: Daemon) -> None:
     if daemon.restoring or daemon.preempting is not None:
         return
     candidates = [r for r in daemon.store.in_states(frozenset({JobState.CHECKPOINTED}))
-                  if r.spec.get("restore") == "auto" and r.request is not None]
+                  if r.spec.get("restore") == "auto" and r.request is not None
+                  and daemon.owns(r)]
     if not candidates:
         return
     cluster = planning_cluster(daemon, movable=lambda _r: False)
@@ -375,8 +372,7 @@ def restore_waiting(daemon: Daemon) -> None:
                                                     r.created)):
         # as restore_job places it: any host, under the job's other constraints
         request = replace(request_from_dict(record.request or {}), host=None)
-        if cluster.place(request).fits:
-            daemon.restoring.add(record.id)
+        if cluster.place(request).fits and daemon.claim_restore(record.id):
             daemon.spawn(_restore_quietly, daemon, record.id, name=f"restore-{record.id}")
             return
 

@@ -18,17 +18,18 @@ Finally every reservation held by a job that no longer holds a guest is freed.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.guest import JobFiles, Verdict, nics_for
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
-from vmjobs.runner import reap_abandoned
-from vmjobs.store import Store
 from vmjobs.virt import Connection, Domain, VirtError, domains, guestclock, replug
 from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
 from vmjobs.virt.domain_xml import Nic
@@ -107,24 +108,24 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             active = Active(job_id, host, limit, phase=Phase.RUNNING,
                             ends_at=begun + limit if begun is not None and limit else None,
                             stop=before.stop if before is not None else None)
-            daemon.active[job_id] = active
+            daemon.admit(active)
             # in the job's timeline too: its guest outlived a daemon or libvirtd restart
             running_again(
-                daemon.store, record,
+                daemon, record,
                 f"host {host} back: guest still running" if record.state == JobState.UNREACHABLE
                 else "found running at recovery")
             log.info("job %s: still running on %s", job_id, host)
             if active.stop is not None:  # cancelled while its host was away: carried out now
                 daemon.spawn(daemon.destroy_guest, host, job_id, name=f"stop-{job_id}")
         for job_id in actions.requeue:
-            daemon.store.transition(job_id, JobState.QUEUED,
-                                    "back in the queue: the daemon stopped before starting it",
-                                    release=True)
+            daemon.record(job_id, JobState.QUEUED,
+                          "back in the queue: the daemon stopped before starting it",
+                          release=True)
         for job_id in actions.collect:
             before = daemon.active.get(job_id)
             active = Active(job_id, host, None, phase=Phase.COLLECTING,
                             stop=before.stop if before is not None else None)
-            daemon.active[job_id] = active
+            daemon.admit(active)
             daemon.spawn(_collect_found, daemon, active, name=f"recover-{job_id}",
                          job_id=job_id)
         for job_id in actions.unknown:
@@ -136,13 +137,13 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
     return actions
 
 
-def running_again(store: Store, record: JobRecord, reason: str) -> None:
+def running_again(daemon: Daemon, record: JobRecord, reason: str) -> None:
     """Record that `record`'s guest runs: a transition to RUNNING, or a note when the store
-    already says so."""
+    already says so. Caller holds the lock."""
     if record.state == JobState.RUNNING:
-        store.note(record.id, reason)
+        daemon.store.note(record.id, reason)
     else:
-        store.transition(record.id, JobState.RUNNING, reason)
+        daemon.record(record.id, JobState.RUNNING, reason)
 
 
 def _collect_found(daemon: Daemon, active: Active) -> None:
@@ -151,10 +152,9 @@ def _collect_found(daemon: Daemon, active: Active) -> None:
         # QEMU creates the console log when the guest starts: this one never did
         with daemon.lock:
             if daemon.active.get(active.job_id) is active:
-                daemon.active.pop(active.job_id)
-                daemon.store.transition(active.job_id, JobState.QUEUED,
-                                        "back in the queue: its guest never started",
-                                        release=True)
+                daemon.drop(active.job_id)
+                daemon.record(active.job_id, JobState.QUEUED,
+                              "back in the queue: its guest never started", release=True)
                 daemon.wake()
         return
     # a collection cut short by the crash starts over
@@ -239,16 +239,15 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
     - a restore whose guest exists happened: the save file is removed; one whose guest does
       not exist did not: CHECKPOINTED, the file kept.
     A guest that arrived somewhere new gets its clock set."""
-    store = daemon.store
     with daemon.lock:
-        placeholders = {r.spec["placeholder_for"]: r for r in store.jobs()
+        placeholders = {r.spec["placeholder_for"]: r for r in daemon.store.jobs()
                         if r.spec.get("placeholder_for") is not None}
-        moving = {r.id: r for r in store.in_states(MOVING)}
+        moving = {r.id: r for r in daemon.store.in_states(MOVING)}
     copies = _copies(daemon, set(moving) | set(placeholders))
     arrived: list[tuple[str, str]] = []  # (job, host) whose clock must be set
     with daemon.lock:
         for job_id in sorted(set(moving) | set(placeholders)):
-            record = moving.get(job_id) or store.job(job_id)
+            record = moving.get(job_id) or daemon.store.job(job_id)
             if record is None:
                 continue
             placeholder = placeholders.get(job_id)
@@ -282,41 +281,39 @@ def _settle_record(daemon: Daemon, record: JobRecord, placeholder: JobRecord | N
                    keep: Copy | None, arrived: list[tuple[str, str]]) -> None:
     """The store follows the surviving copy (see `finish_interrupted_moves`). Caller holds the
     lock."""
-    store = daemon.store
     job_id = record.id
     state = record.state.value.lower()
     saved = save_path(daemon.config.spool, job_id)
     if placeholder is not None:
         if keep is not None and keep.host == placeholder.host and placeholder.allocation:
-            store.move_reservation(job_id, placeholder.id,
-                                   allocation_from_dict(placeholder.allocation))
-            running_again(store, record,
+            daemon.store.move_reservation(job_id, placeholder.id,
+                                          allocation_from_dict(placeholder.allocation))
+            running_again(daemon, record,
                           f"found on {keep.host} after an interrupted migration")
             arrived.append((job_id, keep.host))
             return
-        store.delete_job(placeholder.id)
+        daemon.store.delete_job(placeholder.id)
     if record.state == JobState.RESTORING:
         if keep is not None:
             saved.unlink(missing_ok=True)
-            store.transition(job_id, JobState.RUNNING,
-                             f"restored on {keep.host}; found after an interrupted restore")
+            daemon.record(job_id, JobState.RUNNING,
+                          f"restored on {keep.host}; found after an interrupted restore")
             arrived.append((job_id, keep.host))
         else:
-            store.transition(job_id, JobState.CHECKPOINTED,
-                             "restore interrupted by a daemon restart; its checkpoint is kept",
-                             release=True)
+            daemon.record(job_id, JobState.CHECKPOINTED,
+                          "restore interrupted by a daemon restart; its checkpoint is kept",
+                          release=True)
         return
     if record.state == JobState.CHECKPOINTING and keep is None and saved.exists():
-        store.transition(job_id, JobState.CHECKPOINTED,
-                         "checkpoint interrupted by a daemon restart; its save was complete",
-                         release=True)
+        daemon.record(job_id, JobState.CHECKPOINTED,
+                      "checkpoint interrupted by a daemon restart; its save was complete",
+                      release=True)
         return
     if record.state == JobState.CHECKPOINTING:
         saved.unlink(missing_ok=True)  # a save that did not finish: its guest runs on
     if record.state in MOVING:
         where = f"still on {keep.host}" if keep is not None else "its guest is gone"
-        store.transition(job_id, JobState.RUNNING,
-                         f"{state} interrupted by a daemon restart; {where}")
+        daemon.record(job_id, JobState.RUNNING, f"{state} interrupted by a daemon restart; {where}")
 
 
 def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
@@ -341,12 +338,76 @@ def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
                           "migration plugged back")
 
 
+def runner_identity() -> dict[str, Any]:
+    """What a direct `vmjob run` keeps in its job's spec (`runner`): enough to tell later
+    whether the process running the job is still alive (pids recycle: its start time and the
+    boot too)."""
+    return {"pid": os.getpid(), "start": _process_start(os.getpid()), "boot": _boot_id()}
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def runner_alive(runner: dict[str, Any]) -> bool:
+    if runner.get("boot") != _boot_id():
+        return False
+    start_ticks = _process_start(int(runner.get("pid", -1)))
+    return start_ticks is not None and start_ticks == runner.get("start")
+
+
+def reap_abandoned(daemon: Daemon) -> list[str]:
+    """Free what the direct runs whose `vmjob run` process died (kill -9, power loss) held;
+    the ids of their jobs.
+
+    Nobody else would: a direct run's job is followed only by its own process. Its guest's
+    result has no one to go to, so the guest is stopped and the job marked LOST; one that died
+    before its job was placed leaves no trace (it never started). Live direct runs are never
+    touched."""
+    reaped = []
+    with daemon.lock:
+        holding = daemon.store.reservations()
+        # a finished job may still hold its cores: its end is recorded at power-off, its
+        # cores freed once QEMU is gone
+        records = [r for r in daemon.store.jobs()
+                   if (not r.state.finished or r.id in holding) and r.spec.get("runner")
+                   and not runner_alive(r.spec["runner"])]
+    for record in records:
+        if record.state == JobState.QUEUED:
+            with daemon.lock:
+                daemon.store.delete_job(record.id)
+            daemon.forget_files(record.id)
+            continue
+        conn = daemon.hosts.conn(record.host or "")
+        if conn is None:
+            continue  # its host is away: looked at again by the next run or daemon start
+        destroy_quietly(lookup_domain(conn, domain_name(record.id)))
+        with daemon.lock:
+            if record.state.finished:  # only its cores were left to free
+                daemon.free(record.id)
+                continue
+            daemon.record(record.id, JobState.LOST, "the vmjob process running it is gone",
+                          release=True)
+        reaped.append(record.id)
+    return reaped
+
+
 def recover(daemon: Daemon) -> None:
     """On start: every reachable host reconciled; jobs on unreachable hosts lost; reservations
     of jobs without a guest freed."""
     finish_interrupted_moves(daemon)
-    reap_abandoned(daemon.store, {h.name: c for h in daemon.config.hosts
-                                  if (c := daemon.hosts.conn(h.name)) is not None})
+    reap_abandoned(daemon)
     for host in daemon.config.hosts:
         if daemon.hosts.is_up(host.name):
             reconcile_host(daemon, host.name)
@@ -361,15 +422,15 @@ def recover(daemon: Daemon) -> None:
                 daemon.finish(record.id, Verdict(daemon.lost_state(record),
                                                  f"host {record.host} no longer configured"))
             elif record.state == JobState.PLACED:  # it never got a guest
-                daemon.store.transition(record.id, JobState.QUEUED,
-                                        f"back in the queue: host {record.host} unreachable",
-                                        release=True)
+                daemon.record(record.id, JobState.QUEUED,
+                              f"back in the queue: host {record.host} unreachable",
+                              release=True)
             else:  # its guest may run on: wait for the host (hosts.py reports it lost in time)
                 why = daemon.hosts.error(record.host or "") or "unreachable"
-                daemon.active[record.id] = Active(record.id, record.host or "",
-                                                  time_limit_of(record), phase=Phase.RUNNING)
+                daemon.admit(Active(record.id, record.host or "", time_limit_of(record),
+                                    phase=Phase.RUNNING))
                 if record.state != JobState.UNREACHABLE:
-                    daemon.store.transition(
+                    daemon.record(
                         record.id, JobState.UNREACHABLE,
                         f"host {record.host} not responding at recovery: {why}")
         for job_id in daemon.store.reservations():

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from placement import Request
 from vmjobs.daemon import moves
-from vmjobs.daemon.core import Active, Daemon, LastPass, Phase, limit_of
+from vmjobs.daemon.core import Active, Daemon, LastPass, limit_of
 from vmjobs.daemon.queue import Holding, Plan, Planner, order
 from vmjobs.jobarray import array_of
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState
-from vmjobs.runner import describe_allocation
+from vmjobs.snapshot import describe_allocation
 
 log = logging.getLogger("vmjobs.daemon")
 Queue = list[tuple[JobRecord, Request]]
@@ -56,7 +56,7 @@ def run(daemon: Daemon) -> None:
     try:
         with daemon.lock:
             while not daemon.stopping:
-                daemon.dirty = False
+                daemon.mark_seen()
                 timeout = one_pass(daemon)
                 daemon.changed.wait_for(lambda: daemon.dirty or daemon.stopping, timeout)
     finally:
@@ -76,7 +76,8 @@ def one_pass(daemon: Daemon) -> float | None:
     current = Pass()
     try:
         daemon.retry_unrecorded()
-        # the queue is followed by change (`LiveQueue`), not read whole each pass
+        # the queue is followed by change (`LiveQueue`), not read whole each pass; only the
+        # jobs this core owns (a direct run's core: its one job)
         queue = daemon.queued()
         gone = expire(daemon, now, queue, current)
         queue = [(r, q) for r, q in queue if r.id not in gone]
@@ -121,7 +122,7 @@ def pass_failed(daemon: Daemon, job_id: str | None, exc: Exception) -> None:
         elif record.state == JobState.QUEUED:
             daemon.stop(job_id, JobState.FAILED, reason)
         else:  # placed in the store but never handed to a launcher
-            daemon.store.transition(job_id, JobState.FAILED, reason, release=True)
+            daemon.record(job_id, JobState.FAILED, reason, release=True)
             daemon.wake()
     except Exception:
         log.exception("job %s: could not record the scheduling failure", job_id)
@@ -142,14 +143,8 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
             gone.add(record.id)
     for active in list(daemon.active.values()):
         current.job_id = active.job_id
-        if active.ends_at is not None and active.ends_at <= now and active.stop is None:
-            reason = f"time limit of {active.time_limit_s:g}s reached; guest stopped"
-            active.stop = (JobState.TIMEOUT, reason)
-            if active.phase == Phase.MOVING:
-                continue  # never destroyed mid-move: the mover aborts the move, settle() stops it
-            # destroying takes seconds: not under the lock
-            daemon.spawn(daemon.destroy_guest, active.host, active.job_id,
-                         name=f"timeout-{active.job_id}")
+        if active.ends_at is not None and active.ends_at <= now:
+            daemon.time_limit_reached(active)
     return gone
 
 
@@ -216,7 +211,7 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
     current = current or Pass()
     queued = daemon.queued() if queue is None else queue
     if not queued:
-        daemon.waits = {}
+        daemon.publish_waits({})
         daemon.last_pass = None
         return Plan((), ())
     # in queue order already: the sort is one linear pass
@@ -251,17 +246,27 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
         since = last.at if carried and last is not None else now
         daemon.last_pass = LastPass(planner, daemon.live.version, since,
                                     tuple(i for i in ids if i not in started))
-    if carried:
-        daemon.waits.update((w.job_id, w) for w in result.waits)
-    else:
-        daemon.waits = {w.job_id: w for w in result.waits}
+    daemon.publish_waits({w.job_id: w for w in result.waits}, merge=carried)
     limits = {w.job_id: w.time_limit_s for w in waiting}
     for start in result.starts:
         current.job_id = start.job_id
-        daemon.active[start.job_id] = Active(start.job_id, start.allocation.host,
-                                             limits[start.job_id])
+        daemon.admit(Active(start.job_id, start.allocation.host, limits[start.job_id]))
         daemon.spawn(daemon.launch, start.job_id, name=f"launch-{start.job_id}",
                      job_id=start.job_id)
     if result.starts:
         daemon.wake()
     return result
+
+
+def start_now_or_forget(daemon: Daemon, job_id: str) -> str | None:
+    """Run a scheduling pass for a job that must start now or never (`--no-wait`, a direct
+    `vmjob run`): None if it started; otherwise the job is forgotten (no row, no directory:
+    it never existed) and the reason it could not start is returned. Caller holds the lock."""
+    result = schedule(daemon, time.time())
+    if any(s.job_id == job_id for s in result.starts):
+        return None
+    why = next((w.reason for w in result.waits if w.job_id == job_id), "it cannot start")
+    daemon.forget_wait(job_id)
+    daemon.store.delete_job(job_id)
+    daemon.forget_files(job_id)
+    return why

@@ -272,7 +272,8 @@ class _Fields:
             if not math.isfinite(seconds) or seconds <= 0:
                 raise self.fail(key, f"must be a positive number of seconds, not {value!r}")
         else:
-            raise self.fail(key, f"must be a duration (90s, 5m, 2h) or seconds, not {value!r}")
+            raise self.fail(key, "must be a duration (90s, 5m, 2h, 1:30:00) or seconds, "
+                                 f"not {value!r}")
         if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
             raise self.fail(key, f"{value!r} is longer than the longest supported "
                                  f"({MAX_DURATION_S // 86400}d)")

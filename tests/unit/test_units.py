@@ -78,6 +78,46 @@ def test_duration_refused_with_one_line(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1:30", 90),  # MM:SS
+        ("0:01", 1),
+        ("90:00", 5400),  # the leading field may exceed 59, as in Slurm
+        ("1:30:00", 5400),  # HH:MM:SS
+        ("01:02:03", 3723),
+        ("48:00:00", 172800),
+        ("2-12", 216000),  # D-HH
+        ("2-12:30", 217800),  # D-HH:MM
+        ("2-12:00:00", 216000),  # D-HH:MM:SS
+        ("0-0:0:1", 1),
+        ("1-0", 86400),
+        ("0-23:59:59", 86399),
+        (" 1:30:00 ", 5400),
+    ],
+)
+def test_duration_slurm_forms(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", [
+    "0:00", "0:0:0", "0-0", "0-00:00:00",  # zero: Slurm's "no limit", refused here
+    "1:60", "1:60:00", "1:00:60", "1-24", "1-00:60", "1-00:00:60",  # a field out of range
+    "1:2:3:4", "1-2-3", "-1:00", "1:", ":30", "1-", "-5", "1-2:", "1.5:00", "1h:30",
+    "2-12h", "1:30m",
+])
+def test_duration_slurm_forms_refused(text: str) -> None:
+    with pytest.raises(VmjobsError) as info:
+        parse_duration(text, "--time-limit")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("invalid --time-limit ")
+
+
+def test_duration_bare_number_stays_seconds() -> None:
+    # vmjob's own meaning since the start; sbatch would read minutes (docs say so)
+    assert parse_duration("90") == 90
+
+
+@pytest.mark.parametrize(
     ("text", "cpus"),
     [
         ("0-3,^2,6", {0, 1, 3, 6}),

@@ -65,7 +65,8 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--env", "env", multiple=True, metavar="K=V",
                      help="Environment variable for the job (repeatable)."),
         click.option("--timeout", default=None, metavar="DURATION",
-                     help="Stop the job after this long (90, 30s, 5m, 2h; at most 366d)."),
+                     help="Stop the job after this long (90 seconds, 30s, 5m, 2h, 1:30:00, "
+                          "2-12:00:00; at most 366d)."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -74,13 +74,18 @@ def _stderr(message: str) -> None:
     print(f"vmjob: {message}", file=sys.stderr, flush=True)
 
 
+# the daemon's error codes that are the user's input to fix: exit 2, as for a bad option
+USAGE_CODES = frozenset({"usage", "ambiguous"})
+
+
 class ApiFailure(VmjobsError):
-    """The daemon answered with an error."""
+    """The daemon answered with an error (exit 2 for a usage error, else 1)."""
 
     def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.exit_code = 2 if code in USAGE_CODES else 1
 
 
 class _Connection(http.client.HTTPConnection):
@@ -189,20 +194,27 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
 
-    def wait(self, job_id: str, poll_s: float = 300.0) -> dict[str, Any]:
-        """Until the job ends: long polls of `poll_s` each (the daemon answers at the end).
-        A daemon that goes away meanwhile (a restart) is waited for (`Reconnect`)."""
+    def wait(self, job_id: str, poll_s: float = 300.0,
+             timeout: float | None = None) -> dict[str, Any]:
+        """Until the job ends, or `timeout` seconds have passed (then the view answered last,
+        its `finished` false): long polls of at most `poll_s` each (the daemon answers at the
+        end). A daemon that goes away meanwhile (a restart) is waited for (`Reconnect`)."""
         retry = Reconnect(self)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            query = urlencode({"timeout": poll_s})
+            left = poll_s if deadline is None else max(0.0, min(poll_s,
+                                                                deadline - time.monotonic()))
+            query = urlencode({"timeout": round(left, 3)})
             try:
                 view = self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}/wait?{query}")
             except DaemonLost as exc:
                 retry.lost(exc)
                 continue
             retry.ok()
-            if view.get("finished"):
+            if view.get("finished") or (deadline is not None
+                                        and time.monotonic() >= deadline):
                 return view
+            job_id = view["id"]  # a prefix resolved once: a later job cannot make it ambiguous
 
     def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
         """The job's output as it arrives (text chunks; a character split between two reads

@@ -222,6 +222,7 @@ def show(job: str, as_json: bool, url: str | None) -> None:
     alloc = view.get("allocation")
     lines = [
         ("job", f"{view['id']} (owner {view['owner']}, uid {view['uid']})"),
+        ("name", view.get("name") or "-"),
         ("state", view["state"] + (f": {view['message']}" if view.get("message") else "")),
         ("command", shlex.join(view.get("argv") or [])),
         ("request", f"{request.get('cpus')} cpus, {format_mib(request.get('memory_mib', 0))}, "

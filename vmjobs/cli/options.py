@@ -13,7 +13,7 @@ import yaml
 from vmjobs.spec import DEFAULT_MEMORY_MIB, HUGEPAGE_KIB, Spec, SpecError, parse
 
 # spec field -> the click parameter that gives it on the command line
-PARAMS = {"cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
+PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
           "threads": "threads", "hugepages": "hugepages", "mem_nodes": "mem_nodes",
           "labels": "label", "host": "host",
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
@@ -30,6 +30,10 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      default=None, metavar="JOB.YAML",
                      help="Read the job spec from YAML (fields as in docs/user-guide.md; "
                           "options given here win)."),
+        click.option("-J", "--name", default=None, metavar="NAME",
+                     help="A name for the job, shown by 'vmjob list' and 'show' and matched "
+                          "by 'list --name' (printable, at most 100 characters; need not be "
+                          "unique)."),
         click.option("--cpus", default=None, metavar="N",
                      help="vCPUs, each pinned to its own host cpu.  [default: 1]"),
         click.option("--mem", "memory", default=None, metavar="SIZE",

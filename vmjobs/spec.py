@@ -60,7 +60,7 @@ RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
            "wait_timeout_s": "wait_timeout", "label": "labels"}
 # the command-line option of each field, for messages about values typed there
-OPTIONS = {"argv": "the command", "name": "--name", "no_wait": "--no-wait", "time_limit": "--time-limit",
+OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
            "wait_timeout": "--wait-timeout", "labels": "--label"}
 
 
@@ -141,8 +141,8 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and wait_timeout is not None:
         raise SpecError("give either --no-wait or --wait-timeout, not both")
     return Spec(
-        argv=fields.argv(), name=fields.job_name(), env=fields.pairs("env", _env_name), cpus=fields.integer(
-            "cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
+        argv=fields.argv(), name=fields.job_name(), env=fields.pairs("env", _env_name),
+        cpus=fields.integer("cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
             "nics", 0, 0, MAX_NICS),
         numa=NumaPolicy(fields.choice("numa", [p.value for p in NumaPolicy],
                                       NumaPolicy.PREFER.value)),

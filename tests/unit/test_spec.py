@@ -15,7 +15,8 @@ from vmjobs.errors import UsageError
 from vmjobs.spec import MAX_DURATION_S, Spec, SpecError, parse, time_limit_of, wait_timeout_of
 
 FULL = {
-    "argv": ["sh", "-c", "echo hi"], "name": "sim run 3", "env": {"A": "1"}, "cpus": 4, "mem": "1.5G", "nics": 2,
+    "argv": ["sh", "-c", "echo hi"], "name": "sim run 3", "env": {"A": "1"}, "cpus": 4,
+    "mem": "1.5G", "nics": 2,
     "numa": "prefer", "threads": "isolate", "hugepages": "1G", "labels": {"rack": "r1"},
     "mem_nodes": True,
     "host": "h1", "pool": "gpu", "image": "default", "priority": -3, "preemptible": True,

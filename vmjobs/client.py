@@ -6,6 +6,7 @@ Errors come back as one line: the daemon's own `error` text, or how to reach/sta
 from __future__ import annotations
 
 import codecs
+import collections
 import http.client
 import json
 import os
@@ -216,13 +217,34 @@ class Client:
                 return view
             job_id = view["id"]  # a prefix resolved once: a later job cannot make it ambiguous
 
-    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
-        """The job's output as it arrives (text chunks; a character split between two reads
-        is decoded whole). After a daemon restart it reconnects (`Reconnect`) and goes on
-        from the byte it had reached."""
+    def tail(self, job_id: str, lines: int) -> tuple[str, int]:
+        """The last `lines` lines of the job's output so far (a last line without its newline
+        counts), and the output's length so far in bytes (where a follow goes on from).
+        Memory: the kept lines and one chunk, whatever the output's size."""
+        kept: collections.deque[bytes] = collections.deque(maxlen=max(lines, 0) or 1)
+        partial, total = b"", 0
+        response = self._send("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")
+        try:
+            while chunk := response.read1(1 << 16):
+                total += len(chunk)
+                *complete, partial = (partial + chunk).split(b"\n")
+                kept.extend(line + b"\n" for line in complete[-kept.maxlen:])
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise self._lost(exc) from None
+        finally:
+            response.close()
+        if partial:
+            kept.append(partial)
+        text = b"".join(kept).decode("utf-8", errors="replace") if lines > 0 else ""
+        return text, total
+
+    def logs(self, job_id: str, follow: bool = False, offset: int = 0) -> Iterator[str]:
+        """The job's output from byte `offset` on, as it arrives (text chunks; a character
+        split between two reads is decoded whole). After a daemon restart it reconnects
+        (`Reconnect`) and goes on from the byte it had reached."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         retry = Reconnect(self)
-        received = 0
+        received = offset
         while True:
             query = {"follow": 1} if follow else {}
             if received:

@@ -90,6 +90,20 @@ def _clock_seconds(clock: re.Match[str], text: str, what: str) -> int:
     return total
 
 
+def format_clock(seconds: float) -> str:
+    """Seconds -> squeue's TIME form, whole seconds rounded down: 65 -> '1:05', 3723 ->
+    '1:02:03', 93784 -> '1-02:03:04'. `parse_duration` reads every result back."""
+    whole = max(int(seconds), 0)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes}:{secs:02d}"
+
+
 # Linux's largest NR_CPUS (x86 MAXSMP): no host has a cpu id above this
 MAX_CPU_ID = 8191
 

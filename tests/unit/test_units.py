@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from vmjobs.errors import VmjobsError
 from vmjobs.units import (
     MAX_CPU_ID,
+    format_clock,
     format_cpu_list,
     format_mib,
     parse_cpu_list,
@@ -110,6 +111,20 @@ def test_duration_slurm_forms_refused(text: str) -> None:
         parse_duration(text, "--time-limit")
     message = str(info.value)
     assert "\n" not in message and message.startswith("invalid --time-limit ")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0:00"), (5, "0:05"), (65, "1:05"), (3599.9, "59:59"), (3600, "1:00:00"),
+    (3723, "1:02:03"), (86399, "23:59:59"), (86400, "1-00:00:00"), (93784, "1-02:03:04"),
+    (400 * 86400, "400-00:00:00"),
+])
+def test_format_clock(seconds: float, text: str) -> None:
+    assert format_clock(seconds) == text
+
+
+@given(st.integers(min_value=1, max_value=366 * 86400))
+def test_format_clock_reads_back(seconds: int) -> None:
+    assert parse_duration(format_clock(seconds)) == seconds
 
 
 def test_duration_bare_number_stays_seconds() -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from vmjobs import __version__
+from vmjobs.cli.output import print_error, wants_json
 from vmjobs.config import Config, load
 from vmjobs.errors import VmjobsError
 
@@ -33,26 +34,32 @@ def fail(message: str) -> None:
     click.echo(f"vmjob: {message}", err=True)
 
 
+def refuse(message: str, exc: BaseException, code: int, as_json: bool) -> NoReturn:
+    """Every refusal ends here: one line on stderr, with --json also the JSON object on
+    stdout (`vmjobs.cli.output`), and the exit code."""
+    fail(message)
+    if as_json and not getattr(exc, "json_reported", False):
+        print_error(message, exc, code)
+    sys.exit(code)
+
+
 class VmjobGroup(click.Group):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
+        as_json = wants_json(sys.argv[1:] if args is None else args)
         try:
             result = super().main(args=args, prog_name=prog_name or "vmjob",
                                   complete_var=complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             path = exc.ctx.command_path if exc.ctx else "vmjob"
-            fail(f"{exc.format_message()} (see '{path} --help')")
-            sys.exit(2)
+            refuse(f"{exc.format_message()} (see '{path} --help')", exc, 2, as_json)
         except click.ClickException as exc:
-            fail(exc.format_message())
-            sys.exit(exc.exit_code)
+            refuse(exc.format_message(), exc, exc.exit_code, as_json)
         except VmjobsError as exc:
-            fail(str(exc))
-            sys.exit(exc.exit_code)
-        except (click.Abort, KeyboardInterrupt):
-            fail("interrupted")
-            sys.exit(130)
+            refuse(str(exc), exc, exc.exit_code, as_json)
+        except (click.Abort, KeyboardInterrupt) as exc:
+            refuse("interrupted", exc, 130, as_json)
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)

@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from vmjobs.cli.jobs import client_for, url_option
+from vmjobs.cli.options import duration_value
+from vmjobs.cli.output import json_option
 from vmjobs.errors import VmjobsError
-from vmjobs.units import parse_duration
 
 
 class MoveFailed(VmjobsError):
     """At least one job did not move; it is where it was (the message says where)."""
-
-
-def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print the results as JSON.")(func)
 
 
 def _bar(progress: dict[str, Any]) -> str:
@@ -113,7 +109,7 @@ def migrate(job: str, to: str | None, max_downtime: int | None, bandwidth: int |
     """
     body = {"to": to, "max_downtime_ms": max_downtime, "bandwidth_mib_s": bandwidth,
             "auto_converge": auto_converge or None, "postcopy": postcopy or None,
-            "timeout_s": parse_duration(timeout, "--timeout") if timeout else None,
+            "timeout_s": duration_value(timeout, "--timeout"),
             "replug_nics": replug_nics or None}
     client = client_for(url)
     report(follow(client.job_action(job, "migrate", body), as_json), as_json)

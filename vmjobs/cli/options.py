@@ -10,7 +10,16 @@ from typing import Any
 import click
 import yaml
 
-from vmjobs.spec import DEFAULT_MEMORY_MIB, HUGEPAGE_KIB, Spec, SpecError, parse
+from vmjobs.errors import VmjobsError
+from vmjobs.spec import (
+    DEFAULT_MEMORY_MIB,
+    HUGEPAGE_KIB,
+    MAX_DURATION_S,
+    Spec,
+    SpecError,
+    parse,
+)
+from vmjobs.units import parse_duration
 
 # spec field -> the click parameter that gives it on the command line
 PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
@@ -75,6 +84,22 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def duration_value(text: str | None, option: str) -> float | None:
+    """A duration option that is not a spec field (`wait --timeout`, `migrate --timeout`):
+    seconds, None when not given. Raises SpecError (a usage error, exit 2) as the spec's own
+    duration fields do, with the same bound."""
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text, option)
+    except VmjobsError as exc:
+        raise SpecError(str(exc)) from None
+    if seconds > MAX_DURATION_S:
+        raise SpecError(f"{option} {text!r} is longer than the longest supported "
+                        f"({MAX_DURATION_S // 86400}d)")
+    return seconds
 
 
 def read_spec_file(path: Path) -> dict[str, Any]:

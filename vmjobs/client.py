@@ -35,9 +35,13 @@ RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0)  # between attempts; the last one repe
 class DaemonLost(VmjobsError):
     """The daemon did not answer or the connection broke mid-answer (a restart looks so)."""
 
+    json_code = "daemon_lost"
+
 
 class NoDaemon(DaemonLost):
     """Nothing listens on the socket."""
+
+    json_code = "no_daemon"
 
 
 class Reconnect:

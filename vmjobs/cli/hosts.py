@@ -7,6 +7,7 @@ import json
 import click
 
 from placement import HostUsage
+from vmjobs.cli.output import json_option
 from vmjobs.config import Config, HostConfig, system_warnings
 from vmjobs.hosts_view import host_views
 from vmjobs.units import format_mib
@@ -14,7 +15,7 @@ from vmjobs.units import format_mib
 
 @click.command()
 @click.argument("host", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.option("--check", is_flag=True,
               help="Only validate the config and list its hosts; connect to nothing.")
 @click.pass_obj

@@ -18,7 +18,7 @@ import click
 
 from vmjobs import jobtable
 from vmjobs.cli.options import duration_value, job_options, spec_from_options
-from vmjobs.cli.output import json_option
+from vmjobs.cli.output import error_code, json_option
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import DEFAULT_SOCKET
 from vmjobs.errors import VmjobsError
@@ -32,6 +32,7 @@ class NotStarted(VmjobsError):
     """--no-wait found no room, or --wait-timeout expired."""
 
     exit_code = EXIT_NOT_STARTED
+    json_code = "not_started"
 
 
 def url_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,7 +105,7 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @job_options
 @queue_options
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
+@json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 def submit(as_json: bool, **params: Any) -> None:
     """Queue CMD to run in its own guest; print the job's id.
@@ -201,7 +202,7 @@ def _clock(at: float | None) -> str:
 
 @click.command()
 @click.argument("job")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @url_option
 def show(job: str, as_json: bool, url: str | None) -> None:
     """Show a job: its spec, its placement and the timeline of its events.
@@ -385,8 +386,9 @@ def wait(job: str, output_dir: Path | None, timeout: str | None, as_json: bool,
 
 @click.command()
 @click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+@json_option
 @url_option
-def cancel(jobs: tuple[str, ...], url: str | None) -> int:
+def cancel(jobs: tuple[str, ...], as_json: bool, url: str | None) -> int:
     """Cancel jobs: queued ones leave the queue, running ones have their guest destroyed.
 
     Returns once each job has ended and released what it held.
@@ -398,15 +400,21 @@ def cancel(jobs: tuple[str, ...], url: str | None) -> int:
     """
     client = client_for(url)
     failed = 0
+    answers: list[dict[str, Any]] = []  # --json: each job's view, or its refusal
     try:
         for job in jobs:
             try:
                 view = client.cancel(job)
             except ApiFailure as exc:
                 click.echo(f"vmjob: {exc}", err=True)
+                answers.append({"job": job, "error": str(exc), "code": error_code(exc)})
                 failed += 1
                 continue
-            click.echo(f"job {view['id']}: {view['state']}")
+            answers.append(view)
+            if not as_json:
+                click.echo(f"job {view['id']}: {view['state']}")
     finally:
         client.close()
+    if as_json:
+        click.echo(json.dumps(answers, indent=2))
     return 1 if failed else 0

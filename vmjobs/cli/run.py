@@ -8,8 +8,10 @@ sharing the daemon's store and its UNIQUE reservations, so the two can never dou
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import click
 
 from vmjobs.cli.jobs import client_for, report_end, submission, submit_job
 from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.output import json_option
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
@@ -31,6 +34,11 @@ def write_out(text: str) -> None:
     """The job's output as it arrives, passed on unchanged (no newline added)."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def write_json(text: str) -> None:
+    """--json: each piece of the job's output as one JSON object a line (as `logs --json`)."""
+    write_out(json.dumps({"output": text}) + "\n")
 
 
 def note(message: str) -> None:
@@ -68,9 +76,10 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
+@json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
-def run(ctx: click.Context, **params: Any) -> int:
+def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
     """Run CMD in a new guest with dedicated cpus; stream its output; exit with its code.
 
     With a daemon (vmjob serve) reachable, the job goes through its queue and Ctrl+C cancels
@@ -80,6 +89,9 @@ def run(ctx: click.Context, **params: Any) -> int:
     status or its output was refused; 130/143 when interrupted (the guest is destroyed and
     everything released); 75 when --wait-timeout or --no-wait gave up before it started; 2
     for a bad option or job spec; 1 for other errors before the job started.
+
+    With --json the output comes as one {"output": TEXT} object a line, then a last line
+    {"exit_code": N} (and "job": ID through a daemon).
 
     \b
     Examples:
@@ -93,16 +105,22 @@ def run(ctx: click.Context, **params: Any) -> int:
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     check_paths(spec)
     config = ctx.obj.config
+    write = write_json if as_json else write_out
     client = reachable_daemon(params["url"], config)
+    ended: dict[str, Any] = {}
     if client is None:
-        return _direct(config, spec)
-    try:
-        return _through_daemon(client, spec)
-    finally:
-        client.close()
+        code = _direct(config, spec, write)
+    else:
+        try:
+            code = _through_daemon(client, spec, write, ended)
+        finally:
+            client.close()
+    if as_json:
+        click.echo(json.dumps({"exit_code": code, **ended}))
+    return code
 
 
-def _direct(config: Config, spec: Spec) -> int:
+def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
     if spec.wait_timeout is not None or spec.priority != 0:
         option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
@@ -114,13 +132,14 @@ def _direct(config: Config, spec: Spec) -> int:
         output_dir=Path(spec.output) if spec.output is not None else None,
         timeout_s=spec.time_limit, image=spec.image,
     )
-    return run_job(config, job, write_out, note)
+    return run_job(config, job, write, note)
 
 
-def _through_daemon(client: Client, spec: Spec) -> int:
+def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
+                    ended: dict[str, Any]) -> int:
     body = submission(spec, client)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
-    job_id = view["id"]
+    job_id = ended["job"] = view["id"]
     if view["state"] == "QUEUED" and view.get("position"):
         note(f"job {job_id} queued at position {view['position']}: {view['waiting_because']}")
     else:
@@ -128,8 +147,7 @@ def _through_daemon(client: Client, spec: Spec) -> int:
     try:
         with interruptible():
             for chunk in client.logs(job_id, follow=True):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
+                write(chunk)
             final = client.wait(job_id)
     except Interrupted as exc:
         name = signal.Signals(exc.signum).name

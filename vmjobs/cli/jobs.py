@@ -408,7 +408,7 @@ def cancel(jobs: tuple[str, ...], as_json: bool, url: str | None) -> int:
             except ApiFailure as exc:
                 click.echo(f"vmjob: {exc}", err=True)
                 answers.append({"job": job, "error": str(exc), "code": error_code(exc)})
-                failed += 1
+                failed = max(failed, exc.exit_code)  # 2 for an ambiguous prefix, else 1
                 continue
             answers.append(view)
             if not as_json:
@@ -417,4 +417,4 @@ def cancel(jobs: tuple[str, ...], as_json: bool, url: str | None) -> int:
         client.close()
     if as_json:
         click.echo(json.dumps(answers, indent=2))
-    return 1 if failed else 0
+    return failed

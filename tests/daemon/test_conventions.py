@@ -1,0 +1,111 @@
+"""What a Slurm or kubectl user expects of the job commands (issue 11 part 6), against a real
+daemon whose only host is cordoned: every job stays QUEUED, so no guest boots and the test
+needs no guest lock.
+
+Covered: job names, unique id prefixes on every job command and the refusal of an ambiguous
+one (exit 2, candidates named, `code: ambiguous` with --json), `list` filters and columns,
+`logs --tail`, `wait --timeout` (exit 3, the job goes on), ages of ended jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from tests.daemon.conftest import Daemon
+from vmjobs.outcome import EXIT_WAIT_EXPIRED
+
+JOBS = 17  # 16 hex digits: 17 ids always share a first digit (pigeonhole), so a 1-character
+# prefix is ambiguous for sure, whatever the random ids are
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> Any:
+    daemon = make_daemon("conventions")
+    daemon.start()
+    drained = daemon.vmjob("drain", "local", "--json")  # cordoned: nothing starts
+    assert drained.returncode == 0, drained.stderr
+    yield daemon
+    daemon.stop()
+
+
+def _submit(daemon: Daemon, *args: str) -> str:
+    done = daemon.vmjob("submit", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _shortest_unique_prefix(job_id: str, others: list[str]) -> str:
+    for length in range(1, len(job_id) + 1):
+        if not any(o != job_id and o.startswith(job_id[:length]) for o in others):
+            return job_id[:length]
+    return job_id
+
+
+def test_names_prefixes_filters_tail_and_wait_timeout(daemon: Daemon) -> None:
+    ids = [_submit(daemon, "--name", f"sweep-{i}" if i % 2 else f"other-{i}", "--time-limit",
+                   "1:30:00", "--", "true") for i in range(JOBS)]
+    by_first: dict[str, list[str]] = defaultdict(list)
+    for job_id in ids:
+        by_first[job_id[0]].append(job_id)
+    shared = next(group for group in by_first.values() if len(group) > 1)
+
+    # an ambiguous prefix: one line naming candidates, exit 2, on every job command
+    for command in (["show"], ["logs"], ["wait"], ["cancel"], ["checkpoint"], ["restore"],
+                    ["migrate"]):
+        refused = daemon.vmjob(*command, shared[0][0])
+        assert refused.returncode == 2, (command, refused.stderr)
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert f"job id prefix '{shared[0][0]}' is ambiguous" in refused.stderr
+        assert sorted(shared)[0] in refused.stderr
+    as_json = daemon.vmjob("show", shared[0][0], "--json")
+    assert as_json.returncode == 2
+    assert json.loads(as_json.stdout)["code"] == "ambiguous"
+
+    # a unique prefix names the job everywhere
+    job = ids[1]
+    prefix = _shortest_unique_prefix(job, ids)
+    shown = daemon.vmjob("show", prefix, "--json")
+    assert shown.returncode == 0, shown.stderr
+    view = json.loads(shown.stdout)
+    assert (view["id"], view["name"], view["state"]) == (job, "sweep-1", "QUEUED")
+    text = daemon.vmjob("show", prefix)
+    assert "name       sweep-1" in text.stdout and "time limit 1:30:00" in text.stdout
+    tail = daemon.vmjob("logs", "--tail", "5", prefix)
+    assert (tail.returncode, tail.stdout) == (0, "")  # a queued job printed nothing yet
+    waited = daemon.vmjob("wait", prefix, "--timeout", "1s", "--json")
+    assert waited.returncode == EXIT_WAIT_EXPIRED, waited.stderr
+    assert json.loads(waited.stdout)["finished"] is False
+    assert daemon.vmjob("wait", prefix, "--timeout", "1s").stderr == \
+        f"vmjob: job {job} has not ended after 1s (QUEUED)\n"
+    assert daemon.vmjob("show", "zz").returncode == 1  # no such job: not a usage error
+
+    # list: filters and columns
+    names = daemon.vmjob("list", "--name", "sweep-*", "-o", "id,name,state,time_limit",
+                         "--no-header")
+    assert names.returncode == 0, names.stderr
+    rows = [line.split() for line in names.stdout.splitlines()]
+    assert sorted(rows) == sorted([i, f"sweep-{n}", "QUEUED", "1:30:00"]
+                                  for n, i in enumerate(ids) if n % 2)
+    assert daemon.vmjob("list", "--state", "running", "--no-header").stdout == ""
+    mine = json.loads(daemon.vmjob("list", "--user", "root", "--state", "queued",
+                                   "--json").stdout)
+    assert sorted(v["id"] for v in mine) == sorted(ids)
+    assert json.loads(daemon.vmjob("list", "--user", "nobody", "--json").stdout) == []
+    header = daemon.vmjob("list", "-o", "id,elapsed,age").stdout.splitlines()[0].split()
+    assert header == ["JOB", "ELAPSED", "AGE"]
+
+    # cancel through a prefix; the ended job is listed by an ended state, its age from its end
+    cancelled = daemon.vmjob("cancel", prefix, "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)[0]["state"] == "CANCELLED"
+    ended = daemon.vmjob("list", "--state", "cancelled", "-o", "id,state,elapsed",
+                         "--no-header")
+    assert ended.stdout.split() == [job, "CANCELLED", "-"]  # it never ran
+    for job_id in ids:
+        if job_id != job:
+            assert daemon.vmjob("cancel", job_id).returncode == 0
+    assert daemon.reservations() == 0

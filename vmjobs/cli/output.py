@@ -18,7 +18,8 @@ import click
 from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
 
 # an answer's HTTP status -> the code, when the daemon named none
-_STATUS_CODES = {400: "usage", 403: "forbidden", 404: "not_found", 409: "conflict"}
+# (a 400 without a code is a refusal of the daemon's, exit 1: "error", not "usage")
+_STATUS_CODES = {403: "forbidden", 404: "not_found", 409: "conflict"}
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:

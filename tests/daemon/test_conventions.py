@@ -10,12 +10,16 @@ one (exit 2, candidates named, `code: ambiguous` with --json), `list` filters an
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from typing import Any
 
 import pytest
 
 from tests.daemon.conftest import Daemon
+from vmjobs import __version__
 from vmjobs.outcome import EXIT_WAIT_EXPIRED
 
 JOBS = 17  # 16 hex digits: 17 ids always share a first digit (pigeonhole), so a 1-character
@@ -109,3 +113,32 @@ def test_names_prefixes_filters_tail_and_wait_timeout(daemon: Daemon) -> None:
         if job_id != job:
             assert daemon.vmjob("cancel", job_id).returncode == 0
     assert daemon.reservations() == 0
+
+
+def test_hosts_and_version_ask_the_daemon_at_the_url(daemon: Daemon, tmp_path: Any) -> None:
+    url = f"unix://{daemon.socket}"
+    missing = str(tmp_path / "no-such-config.yaml")  # with a URL no config is read
+    shown = subprocess.run([sys.executable, "-m", "vmjobs", "--config", missing, "hosts",
+                            "--url", url, "--json"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    (local,) = json.loads(shown.stdout)
+    assert (local["name"], local["state"]) == ("local", "cordoned")  # the daemon's view
+    table = subprocess.run([sys.executable, "-m", "vmjobs", "--config", missing, "hosts"],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "VMJOBS_URL": url})
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[1].split()[:2] == ["local", "cordoned"]
+    unknown = subprocess.run([sys.executable, "-m", "vmjobs", "hosts", "nowhere", "--url", url],
+                             capture_output=True, text=True, timeout=60)
+    assert (unknown.returncode, unknown.stderr) == (
+        1, f"vmjob: unknown host 'nowhere' at {url}\n")
+
+    version = subprocess.run([sys.executable, "-m", "vmjobs", "--version"], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "VMJOBS_URL": url})
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.splitlines() == [f"vmjob, version {__version__}",
+                                           f"daemon, version {__version__} ({daemon.socket})"]
+    alone = subprocess.run([sys.executable, "-m", "vmjobs", "--version"], capture_output=True,
+                           text=True, timeout=60,
+                           env={**os.environ, "VMJOBS_URL": f"unix://{tmp_path}/none.sock"})
+    assert alone.stdout == f"vmjob, version {__version__}\n"  # no daemon: the client's only

@@ -6,6 +6,7 @@ usage errors exit 2, vmjob's own errors exit 1 (or the code the error carries).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from functools import cached_property
@@ -15,7 +16,7 @@ import click
 
 from vmjobs import __version__
 from vmjobs.cli.output import print_error, wants_json
-from vmjobs.config import Config, load
+from vmjobs.config import DEFAULT_SOCKET, Config, load
 from vmjobs.errors import VmjobsError
 
 
@@ -41,6 +42,45 @@ def refuse(message: str, exc: BaseException, code: int, as_json: bool) -> NoRetu
     if as_json and not getattr(exc, "json_reported", False):
         print_error(message, exc, code)
     sys.exit(code)
+
+
+VERSION_PROBE_S = 2.0  # how long --version waits for a daemon's answer
+
+
+def show_version(ctx: click.Context, value: bool) -> None:
+    """--version: this client's version at once; then the daemon's, if one answers within
+    VERSION_PROBE_S (at $VMJOBS_URL, else at the config's socket when that file exists)."""
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"vmjob, version {__version__}")
+    sys.stdout.flush()
+    answer = daemon_status(ctx.params.get("config_path"))
+    if answer is not None:
+        click.echo(f"daemon, version {answer[1].get('version', 'unknown')} ({answer[0]})")
+    ctx.exit()
+
+
+def daemon_status(config_path: str | None) -> tuple[str, dict[str, Any]] | None:
+    """(where, GET /v1/status) of the daemon a command would talk to, or None if none
+    answers (no URL and no socket file, a bad config, a refusal, a timeout)."""
+    from vmjobs.client import Client  # only when asked: --version must stay quick
+
+    url = os.environ.get("VMJOBS_URL")
+    try:
+        if url:
+            client = Client.from_url(url, DEFAULT_SOCKET)
+        else:
+            socket = load(config_path).socket
+            if not socket.exists():
+                return None
+            client = Client.from_url(None, socket)
+        try:
+            return client.target.describe(), client.call("GET", "/v1/status",
+                                                         timeout=VERSION_PROBE_S)
+        finally:
+            client.close()
+    except (VmjobsError, OSError):
+        return None
 
 
 class VmjobGroup(click.Group):
@@ -69,7 +109,10 @@ class VmjobGroup(click.Group):
 @click.option("--config", "config_path", metavar="FILE", envvar="VMJOBS_CONFIG",
               help="Config file (default: $VMJOBS_CONFIG, /etc/vmjobs/config.yaml, "
                    "else one local host at qemu:///system).")
-@click.version_option(__version__, prog_name="vmjob")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _param, value: show_version(ctx, value),
+              help="Show vmjob's version, and the daemon's when one answers "
+                   "($VMJOBS_URL, else the config's socket), then exit.")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """Run jobs inside minimal, pinned KVM guests.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -142,3 +143,30 @@ def test_hosts_and_version_ask_the_daemon_at_the_url(daemon: Daemon, tmp_path: A
                            text=True, timeout=60,
                            env={**os.environ, "VMJOBS_URL": f"unix://{tmp_path}/none.sock"})
     assert alone.stdout == f"vmjob, version {__version__}\n"  # no daemon: the client's only
+
+
+def test_a_repeat_image_build_runs_no_apt_in_any_locale(image_root: Any, tmp_path: Any) -> None:
+    """`vmjob image build` of an up-to-date image, with the user's locale German: succeeds,
+    and the second time runs no apt command at all (watched through PATH wrappers)."""
+    log = tmp_path / "apt-calls.log"
+    log.touch()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("apt-cache", "apt-get", "apt"):
+        real = shutil.which(name)
+        assert real
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\n'
+                                    f'exec {real} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LANGUAGE": "de",
+           "LANG": "de_DE.UTF-8"}
+    command = [sys.executable, "-m", "vmjobs", "--config", str(image_root / "build.yaml"),
+               "image", "build", "--json"]
+    for _ in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["built"] is False
+    log.write_text("")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr
+    assert log.read_text() == ""  # nothing to do: apt not run

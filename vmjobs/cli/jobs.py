@@ -116,11 +116,13 @@ def submit(as_json: bool, **params: Any) -> None:
 
     \b
     Examples:
-      vmjob submit --cpus 8 --mem 64G -- ./simulate
-      JOB=$(vmjob submit --time-limit 10m -- make check) && vmjob wait "$JOB"
+      vmjob submit --cpus 8 --mem 64G --input ./sim -- ./simulate   # ./sim/simulate
+      JOB=$(vmjob submit --time-limit 10m -- sh -c 'nproc; free -m') && vmjob wait "$JOB"
       vmjob submit -f job.yaml --priority 5
-      vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
-      vmjob submit --threads isolate --hugepages 1G --label rack=r1 -- ./latency-bench
+      vmjob submit --no-wait -- uname -a          # exit 75 unless it can start now
+      vmjob submit --name sweep-7 --time-limit 1:30:00 --input ./sweep -- ./run.sh 7
+      vmjob submit --threads isolate --hugepages 1G --label rack=r1 --input ./lat \
+          -- ./latency-bench
     """
     spec = spec_from_options(params, params.pop("spec_file"))
     client = client_for(params.pop("url"))

@@ -97,9 +97,9 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
     Examples:
       vmjob run -- uname -a
       vmjob run --cpus 2 --mem 1G --input ./data --output ./results -- ./simulate
-      vmjob run --nics 2 --numa strict --timeout 2h -- ./bench.sh
-      vmjob run --wait-timeout 2h -- make check
-      vmjob run --threads isolate --hugepages 2M --label nic=x710 -- ./latency
+      vmjob run --nics 2 --numa strict --timeout 2h --input ./bench -- ./bench.sh
+      vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
+      vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
     """
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs

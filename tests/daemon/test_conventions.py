@@ -170,3 +170,32 @@ def test_a_repeat_image_build_runs_no_apt_in_any_locale(image_root: Any, tmp_pat
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stderr
     assert log.read_text() == ""  # nothing to do: apt not run
+
+
+def test_tail_and_times_of_a_job_that_ran(make_daemon: Any) -> None:
+    """A real guest (run under the guest lock): `logs --tail`, and the ELAPSED/AGE of an
+    ended job."""
+    daemon = make_daemon("conventions-ran")
+    daemon.start()
+    try:
+        job = _submit(daemon, "--name", "printer", "--",
+                      "printf", "l1\\nl2\\nl3\\nl4\\nlast, no newline")
+        waited = daemon.vmjob("wait", job[:6], timeout=300)
+        assert waited.returncode == 0, waited.stderr + daemon.log_text()
+        tails = {n: daemon.vmjob("logs", "--tail", str(n), job[:6]).stdout for n in (0, 1, 2, 9)}
+        assert tails == {0: "", 1: "last, no newline", 2: "l4\nlast, no newline",
+                         9: "l1\nl2\nl3\nl4\nlast, no newline"}
+        assert daemon.vmjob("logs", "--tail", "2", "-f", job).stdout == \
+            "l4\nlast, no newline"  # -f after the tail: nothing more, the job has ended
+        as_json = daemon.vmjob("logs", "--tail", "1", "--json", job).stdout
+        assert [json.loads(line) for line in as_json.splitlines()] == [
+            {"output": "last, no newline"}]
+        (row,) = [line.split() for line in daemon.vmjob(
+            "list", "--all", "-n", "printer", "-o", "id,state,exit_code,elapsed,age",
+            "--no-header").stdout.splitlines()]
+        assert row[:3] == [job, "COMPLETED", "0"]
+        minutes, seconds = row[3].split(":")  # it ran a few seconds: M:SS
+        assert int(minutes) == 0 and 0 <= int(seconds) < 60
+        assert row[4].endswith("s") and int(row[4][:-1]) < 120  # since its end, just now
+    finally:
+        daemon.stop()

@@ -88,6 +88,19 @@ def test_names_prefixes_filters_tail_and_wait_timeout(daemon: Daemon) -> None:
         f"vmjob: job {job} has not ended after 1s (QUEUED)\n"
     assert daemon.vmjob("show", "zz").returncode == 1  # no such job: not a usage error
 
+    # refusals under --json (issue 11: migrate and submit --no-wait printed nothing)
+    for args, code, error in [
+        (("submit", "--no-wait", "--json", "--", "true"), 75, "not_started"),
+        (("migrate", prefix, "--json"), 1, "error"),
+        (("show", "zz", "--json"), 1, "not_found"),
+        (("uncordon", "nowhere", "--json"), 1, "error"),
+    ]:
+        refused = daemon.vmjob(*args)
+        assert refused.returncode == code, (args, refused.stderr)
+        answer = json.loads(refused.stdout)
+        assert (answer["code"], answer["exit_code"]) == (error, code), (args, answer)
+        assert refused.stderr == f"vmjob: {answer['error']}\n"
+
     # list: filters and columns
     names = daemon.vmjob("list", "--name", "sweep-*", "-o", "id,name,state,time_limit",
                          "--no-header")

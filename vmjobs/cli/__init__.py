@@ -49,7 +49,8 @@ VERSION_PROBE_S = 2.0  # how long --version waits for a daemon's answer
 
 def show_version(ctx: click.Context, value: bool) -> None:
     """--version: this client's version at once; then the daemon's, if one answers within
-    VERSION_PROBE_S (at $VMJOBS_URL, else at the config's socket when that file exists)."""
+    VERSION_PROBE_S (at $VMJOBS_URL, else at the config's socket when that file exists; an
+    ssh:// URL's connection has its own bound, transport.CONNECT_TIMEOUT_S, first)."""
     if not value or ctx.resilient_parsing:
         return
     click.echo(f"vmjob, version {__version__}")

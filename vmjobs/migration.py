@@ -1,25 +1,10 @@
 """Live migration of a running job's guest to another host, re-pinned for that host.
 
-Three layers, each usable on its own:
-
-- `retarget_xml`: a pure transform of a domain's migratable XML (or a save image's XML) for
-  another host: `<cputune>` and `<numatune>` rebuilt from the destination's allocation with
-  `domain_xml`'s own builders (pinning is recomputed, never copied), the `<metadata>`
-  allocation replaced, the console moved to the destination's segment (`JobFiles.console`).
-  Everything else (machine type, device addresses, output disk path) is kept, so the guest's
-  ABI is unchanged; a destination whose NUMA split would change the guest's NUMA cells is
-  refused.
-- `migrate_domain`: one live migration driven through libvirt (`migrate3` with
-  `VIR_MIGRATE_PARAM_DEST_XML`, LIVE, transient on the destination): a thin loop that polls
-  `jobStats` and carries out what the pure `convergence.step` decides (start at the policy's
-  max downtime and raise it in steps while the copy stalls, optionally a switch to post-copy;
-  abort after a completion timeout scaled per GiB of guest memory, when no progress was made
-  for `progress_timeout_s`, or when the caller asks). Needs no store: the smoke test and the
-  benchmark use it against bare libvirt URIs.
-- `migrate_job`: the job-level operation the daemon calls: reserve on the destination first
-  (through the placement engine), mark the job MIGRATING, migrate, then move the job's
-  reservation to the destination and release the source in one transaction. On any failure
-  the job keeps running on the source and the destination reservation is released.
+`migrate_job` is the job-level operation the daemon calls: reserve on the destination first
+(through the placement engine), mark the job MIGRATING, migrate (`vmjobs.virt.migration`:
+the destination's XML by `retarget_xml`, the copy by `migrate_domain`), then move the job's
+reservation to the destination and release the source in one transaction. On any failure the
+job keeps running on the source and the destination reservation is released.
 
 At most `Policy.max_outbound` migrations leave one host at a time (file locks in the spool,
 so CLI processes and the daemon share the limit); more wait their turn.
@@ -28,243 +13,38 @@ so CLI processes and the daemon share the limit); more wait their turn.
 from __future__ import annotations
 
 import fcntl
-import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
-
-import libvirt
 
 import placement
 from placement import Allocation
-from vmjobs import convergence, domain_xml, failpoints, replug
+from vmjobs import failpoints
 from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.config import Config
 from vmjobs.convergence import Policy
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles, nics_for
-from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
+from vmjobs.virt import Connection, VirtError, replug
+from vmjobs.virt.conn import is_running, lookup_domain
+from vmjobs.virt.migration import (
+    MigrationFailed,
+    Outcome,
+    Progress,
+    landed,
+    migratable_xml,
+    migrate_domain,
+    migration_uri,
+    retarget_xml,
+)
 
-METADATA = f"{{{domain_xml.METADATA_NS}}}"
 PLACEHOLDER_PREFIX = "mig-"
-
-
-class MigrationFailed(VmjobsError):
-    """The migration did not happen; the guest still runs on the source."""
-
-
-# --- the XML for the destination ----------------------------------------------------------------
-
-def _replace_child(parent: ET.Element, old_tag: str, new: ET.Element,
-                   after: tuple[str, ...] = ()) -> None:
-    old = parent.find(old_tag)
-    if old is not None:
-        index = list(parent).index(old)
-        parent.remove(old)
-        parent.insert(index, new)
-        return
-    children = list(parent)
-    position = max((children.index(c) + 1 for c in children if c.tag in after), default=0)
-    parent.insert(position, new)
-
-
-def _cells(root: ET.Element) -> list[tuple[str, int]]:
-    """The guest's NUMA cells as (vCPU list, MiB), as the XML declares them."""
-    cells = []
-    for cell in root.findall("./cpu/numa/cell"):
-        memory = int(cell.get("memory", "0"))
-        unit = cell.get("unit", "KiB")
-        mib = memory // 1024 if unit == "KiB" else memory * 1024 if unit == "GiB" else memory
-        cells.append((cell.get("cpus", ""), mib))
-    return cells
-
-
-def retarget_xml(xml: str, alloc: Allocation, emulator_cpus: frozenset[int],
-                 console_log: Path | None, output_pipe: Path | None = None) -> str:
-    """The same guest, pinned and bound as `alloc` says, for the host `alloc.host`; its
-    console to `console_log` and its job output to `output_pipe` (`JobFiles.new_output`)."""
-    root = ET.fromstring(xml)
-    vcpus = root.find("vcpu")
-    if vcpus is None or int(vcpus.text or "0") != len(alloc.cpus):
-        raise MigrationFailed(f"the destination allocation has {len(alloc.cpus)} cpus; the "
-                              f"guest has {vcpus.text if vcpus is not None else '?'} vCPUs")
-    wanted = [(domain_xml.format_cpu_list(v), mib) for v, mib in domain_xml.guest_cells(alloc)]
-    if _cells(root) != wanted:
-        raise MigrationFailed(
-            f"on {alloc.host} the job's memory and cpus would split over NUMA nodes "
-            f"{[s.node for s in alloc.nodes]} differently from the guest's NUMA cells; "
-            "the guest's topology cannot change while it runs"
-        )
-    _replace_child(root, "cputune", domain_xml.cputune(alloc, emulator_cpus),
-                   after=("vcpu", "iothreads"))
-    _replace_child(root, "numatune", domain_xml.numatune(alloc), after=("cputune",))
-    job = root.find(f"./metadata/{METADATA}job")
-    if job is not None:
-        old = job.find(f"{METADATA}allocation")
-        if old is not None:
-            job.remove(old)
-        job.append(domain_xml.allocation_element(alloc))
-    if console_log is not None:
-        for tag in ("serial", "console"):
-            for device in root.findall(f"./devices/{tag}[@type='file']"):
-                source = device.find("source")
-                if source is not None:
-                    source.set("path", str(console_log))
-    if output_pipe is not None:
-        for device in root.findall("./devices/channel[@type='pipe']"):
-            target, source = device.find("target"), device.find("source")
-            if target is not None and source is not None \
-                    and target.get("name") == domain_xml.OUTPUT_CHANNEL:
-                source.set("path", str(output_pipe))
-    return ET.tostring(root, encoding="unicode")
-
-
-def pinning_of(dom: libvirt.virDomain) -> tuple[frozenset[int], ...]:
-    """The host cpus each vCPU of a running guest may run on, as libvirt reports them."""
-    return tuple(frozenset(i for i, on in enumerate(row) if on) for row in dom.vcpuPinInfo(0))
-
-
-# --- one live migration -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Progress:
-    elapsed_s: float
-    memory_total: int
-    memory_remaining: int
-    memory_processed: int
-    rate_bps: int
-    downtime_ms: int  # the limit in force
-    phase: str  # "copying" | "stalled" | "post-copy" | "aborting"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    duration_s: float
-    downtime_ms: int | None  # as libvirt measured it
-    memory_bytes: int | None  # transferred
-    downtime_limit_ms: int  # the limit in force at the end
-    postcopy: bool
-    steps: tuple[str, ...] = ()  # what the policy did, in order
-    dom: libvirt.virDomain | None = field(default=None, compare=False)  # on the destination
-
-
-def migration_uri(dest_libvirt_uri: str) -> str | None:
-    """Where QEMU should send the guest: the destination's address, taken from its libvirt
-    URI (the destination's own hostname may not resolve from the source)."""
-    host = urlparse(dest_libvirt_uri).hostname
-    return f"tcp://{host}" if host else None
-
-
-def _stat(stats: Mapping[str, Any], key: str) -> int:
-    value = stats.get(key)
-    return int(value) if isinstance(value, int | float) else 0
-
-
-def migrate_domain(dom: libvirt.virDomain, dconn: libvirt.virConnect, dest_xml: str,
-                   dest_uri: str | None, policy: Policy, memory_mib: int,
-                   on_progress: Callable[[Progress], None] | None = None,
-                   poll_s: float = 0.25,
-                   should_abort: Callable[[], str | None] = lambda: None) -> Outcome:
-    """Live-migrate `dom` to `dconn` as `dest_xml`; raise MigrationFailed if it did not move.
-
-    `should_abort` is asked every `poll_s` seconds: a reason (a cancel, a time limit reached)
-    aborts the migration while the guest still runs on the source, so the caller can act on
-    it there within a poll instead of waiting for the copy to end. Once in post-copy the
-    guest runs on the destination and the migration is never aborted.
-    """
-    flags = libvirt.VIR_MIGRATE_LIVE
-    if policy.auto_converge:
-        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-    if policy.postcopy:
-        flags |= libvirt.VIR_MIGRATE_POSTCOPY
-    if policy.shared_storage:
-        flags |= libvirt.VIR_MIGRATE_UNSAFE
-    params: dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
-    if dest_uri:
-        params[libvirt.VIR_MIGRATE_PARAM_URI] = dest_uri
-    if policy.bandwidth_mib_s:
-        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = policy.bandwidth_mib_s
-    try:
-        dom.migrateSetMaxDowntime(policy.max_downtime_ms, 0)
-    except libvirt.libvirtError as exc:
-        raise MigrationFailed(f"cannot set the downtime limit: {exc.get_error_message()}") from None
-
-    result: dict[str, Any] = {}
-
-    def worker() -> None:
-        try:
-            result["dom"] = dom.migrate3(dconn, params, flags)
-        except libvirt.libvirtError as exc:
-            result["error"] = exc.get_error_message()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller's thread
-            result["error"] = str(exc)
-
-    started = time.monotonic()
-    thread = threading.Thread(target=worker, name="migrate3", daemon=True)
-    thread.start()
-    steps: list[str] = []
-    w = convergence.watch(policy, memory_mib, started)
-    while thread.is_alive():
-        thread.join(poll_s)
-        if not thread.is_alive():
-            break
-        now = time.monotonic()
-        try:
-            stats = dom.jobStats(0)
-        except libvirt.libvirtError:
-            continue  # the job is ending; the worker will say how
-        remaining = _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING)
-        if remaining:
-            failpoints.hit("migrate:copying")
-        decided = convergence.step(w, policy, now, remaining,
-                                   _stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL),
-                                   None if w.aborted or w.in_postcopy else should_abort())
-        w = decided.watch
-        steps += decided.notes
-        try:
-            if decided.set_downtime_ms is not None:
-                dom.migrateSetMaxDowntime(decided.set_downtime_ms, 0)
-            if decided.start_postcopy:
-                dom.migrateStartPostCopy(0)
-            if decided.abort is not None:
-                dom.abortJob()
-        except libvirt.libvirtError as exc:
-            steps.append(f"{decided.phase}: libvirt refused: {exc.get_error_message()}")
-            if decided.start_postcopy:
-                w = replace(w, in_postcopy=False)
-        if on_progress is not None:
-            on_progress(Progress(
-                elapsed_s=now - started,
-                memory_total=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL),
-                memory_remaining=remaining,
-                memory_processed=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED),
-                rate_bps=_stat(stats, libvirt.VIR_DOMAIN_JOB_MEMORY_BPS),
-                downtime_ms=w.downtime_ms, phase=decided.phase,
-            ))
-    duration = time.monotonic() - started
-    if "error" in result or result.get("dom") is None:
-        why = w.aborted or result.get("error") or "migrate3 returned no domain"
-        raise MigrationFailed(why)
-    dest_dom: libvirt.virDomain = result["dom"]
-    downtime_measured = transferred = None
-    try:
-        done = dest_dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        if libvirt.VIR_DOMAIN_JOB_DOWNTIME in done:
-            downtime_measured = int(done[libvirt.VIR_DOMAIN_JOB_DOWNTIME])
-        if libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED in done:
-            transferred = int(done[libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED])
-    except libvirt.libvirtError:
-        pass
-    return Outcome(duration, downtime_measured, transferred, w.downtime_ms, w.in_postcopy,
-                   tuple(steps), dest_dom)
+__all__ = ["MigrationFailed", "Moved", "Policy", "Progress", "migrate_job", "outbound_slot"]
 
 
 # --- outbound slots -----------------------------------------------------------------------------
@@ -359,7 +139,7 @@ def release_placeholder(store: Store, job_id: str) -> None:
         store.delete_job(placeholder_id(job_id))
 
 
-def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
+def migrate_job(config: Config, store: Store, conns: Mapping[str, Connection],
                 hosts: list[placement.Host], job_id: str, to: str | None = None,
                 policy: Policy | None = None,
                 on_progress: Callable[[Progress], None] | None = None,
@@ -372,10 +152,10 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
     leaves the job running on its source.
 
     `replug_nics`: unplug the job's NICs first and plug the destination's at the same guest
-    addresses afterwards (`vmjobs.replug`); required for passthrough (vfio) NICs, which cannot
+    addresses afterwards (`vmjobs.virt.replug`); required for passthrough (vfio) NICs, which cannot
     be migrated.
     """
-    from vmjobs import guestclock
+    from vmjobs.virt import guestclock
 
     policy = policy or Policy()
     record, source_alloc = running_job(store, job_id)
@@ -403,7 +183,7 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                 replug.unplug(dom, nics_for(source_alloc))
                 unplugged = True
             files = JobFiles.of(config.spool, job_id)
-            dest_xml = retarget_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), alloc,
+            dest_xml = retarget_xml(migratable_xml(dom), alloc,
                                     config.host(dest).reserved_cpus,
                                     files.next_console(store.ran_on(job_id), dest),
                                     files.new_output())
@@ -412,10 +192,10 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                                      source_alloc.memory_mib, on_progress,
                                      should_abort=should_abort)
         except BaseException as exc:
-            moved_anyway = _landed(conns[dest], job_id) and not is_running(dom)
+            moved_anyway = landed(conns[dest], domain_name(job_id)) and not is_running(dom)
             if not moved_anyway:
                 release_placeholder(store, job_id)
-                message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) \
+                message = exc.get_error_message() if isinstance(exc, VirtError) \
                     else str(exc)
                 if unplugged and is_running(dom):  # the guest gets its own NICs back
                     message += "; " + (replug.plug(dom, nics_for(source_alloc))
@@ -423,7 +203,7 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                 still = "still running on" if is_running(dom) else "NOT running on"
                 store.transition(job_id, JobState.RUNNING,
                                  f"migration to {dest} failed: {message}; {still} {source}")
-                if isinstance(exc, VmjobsError | libvirt.libvirtError):
+                if isinstance(exc, VmjobsError | VirtError):
                     raise MigrationFailed(f"job {job_id}: migration {source} -> {dest} failed: "
                                           f"{message}; the job is {still} {source}") from None
                 raise
@@ -444,12 +224,3 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
                          f"migrated from {source} in {outcome.duration_s:.1f}s, downtime "
                          f"{downtime}; clock {clock}" + (f"; {nics}" if nics else ""))
         return Moved(job_id, source, dest, alloc, outcome, clock, nics)
-
-
-def _landed(dconn: libvirt.virConnect, job_id: str) -> bool:
-    try:
-        dom = lookup_domain(dconn, domain_name(job_id))
-        return dom is not None and bool(dom.isActive()) and \
-            dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
-    except libvirt.libvirtError:
-        return False

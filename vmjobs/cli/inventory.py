@@ -17,7 +17,8 @@ import click
 from placement.units import format_page
 from vmjobs.cli.output import json_option
 from vmjobs.config import HostConfig, load
-from vmjobs.inventory import (
+from vmjobs.units import format_cpu_list, format_mib
+from vmjobs.virt.inventory import (
     InventoryError,
     build_host,
     describe,
@@ -28,7 +29,6 @@ from vmjobs.inventory import (
     parse_topology,
     unassignable,
 )
-from vmjobs.units import format_cpu_list, format_mib
 
 FILE = click.Path(exists=True, dir_okay=False, readable=True)
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from placement import HostUsage
-from vmjobs.cli.jobs import client_for
+from vmjobs.cli.connect import client_for
 from vmjobs.cli.output import json_option
 from vmjobs.config import Config, HostConfig, system_warnings
 from vmjobs.errors import NotFound

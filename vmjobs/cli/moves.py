@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import click
 
-from vmjobs.cli.jobs import client_for, url_option
+from vmjobs.cli.connect import client_for, url_option
 from vmjobs.cli.options import duration_value
 from vmjobs.cli.output import json_option
 from vmjobs.errors import VmjobsError

@@ -119,7 +119,7 @@ def test_names_prefixes_filters_tail_and_wait_timeout(daemon: Daemon) -> None:
     # cancel through a prefix; the ended job is listed by an ended state, its age from its end
     cancelled = daemon.vmjob("cancel", prefix, "--json")
     assert cancelled.returncode == 0, cancelled.stderr
-    assert json.loads(cancelled.stdout)[0]["state"] == "CANCELLED"
+    assert json.loads(cancelled.stdout)["cancelled"][0]["state"] == "CANCELLED"
     ended = daemon.vmjob("list", "--state", "cancelled", "-o", "id,state,elapsed",
                          "--no-header")
     assert ended.stdout.split() == [job, "CANCELLED", "-"]  # it never ran

@@ -337,6 +337,9 @@ class Api:
             for name in query.jobs:
                 record = store.job(name)
                 members = [record] if record is not None else store.array_members(name)
+                if not members:  # a unique prefix of a job id (ambiguous: 400, the lot)
+                    record = self._by_prefix(who, name)
+                    members = [record] if record is not None else []
                 if not members:
                     errors.append({"id": name, "error": f"no job {name}"})
                     continue

@@ -107,9 +107,9 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
         if metrics_port is not None:
             daemon.metrics.serve(metrics_port, metrics_address)
             log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
-        for target, name in ((scheduler.run, "scheduler"), (daemon.notes_loop, "notes")):
-            threading.Thread(target=target, args=() if name == "notes" else (daemon,),
-                             name=name, daemon=True).start()
+        for target, name in ((lambda: scheduler.run(daemon), "scheduler"),
+                             (daemon.notes_loop, "notes"), (daemon.watch_output, "output")):
+            threading.Thread(target=target, name=name, daemon=True).start()
 
         def stop(signum: int, _frame: object) -> None:
             log.info("%s: stopping (jobs keep running)", signal.Signals(signum).name)

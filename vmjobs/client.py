@@ -10,6 +10,7 @@ that need them, not here.
 from __future__ import annotations
 
 import codecs
+import collections
 import http.client
 import json
 import os
@@ -37,9 +38,13 @@ RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0)  # between attempts; the last one repe
 class DaemonLost(VmjobsError):
     """The daemon did not answer or the connection broke mid-answer (a restart looks so)."""
 
+    json_code = "daemon_lost"
+
 
 class NoDaemon(DaemonLost):
     """Nothing listens on the socket."""
+
+    json_code = "no_daemon"
 
 
 class Reconnect:
@@ -77,13 +82,18 @@ def _stderr(message: str) -> None:
     print(f"vmjob: {message}", file=sys.stderr, flush=True)
 
 
+# the daemon's error codes that are the user's input to fix: exit 2, as for a bad option
+USAGE_CODES = frozenset({"usage", "ambiguous"})
+
+
 class ApiFailure(VmjobsError):
-    """The daemon answered with an error."""
+    """The daemon answered with an error (exit 2 for a usage error, else 1)."""
 
     def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.exit_code = 2 if code in USAGE_CODES else 1
 
 
 class _Connection(http.client.HTTPConnection):
@@ -198,28 +208,56 @@ class Client:
         """POST /v1/cancel: {"jobs": [...], "states": [...], "user": NAME} -> what ended."""
         return self.call("POST", "/v1/cancel", query)
 
-    def wait(self, job_id: str, poll_s: float = 300.0) -> dict[str, Any]:
-        """Until the job ends: long polls of `poll_s` each (the daemon answers at the end).
-        A daemon that goes away meanwhile (a restart) is waited for (`Reconnect`)."""
+    def wait(self, job_id: str, poll_s: float = 300.0,
+             timeout: float | None = None) -> dict[str, Any]:
+        """Until the job ends, or `timeout` seconds have passed (then the view answered last,
+        its `finished` false): long polls of at most `poll_s` each (the daemon answers at the
+        end). A daemon that goes away meanwhile (a restart) is waited for (`Reconnect`)."""
         retry = Reconnect(self)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            query = urlencode({"timeout": poll_s})
+            left = poll_s if deadline is None else max(0.0, min(poll_s,
+                                                                deadline - time.monotonic()))
+            query = urlencode({"timeout": round(left, 3)})
             try:
                 view = self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}/wait?{query}")
             except DaemonLost as exc:
                 retry.lost(exc)
                 continue
             retry.ok()
-            if view.get("finished"):
+            if view.get("finished") or (deadline is not None
+                                        and time.monotonic() >= deadline):
                 return view
+            job_id = view["id"]  # a prefix resolved once: a later job cannot make it ambiguous
 
-    def logs(self, job_id: str, follow: bool = False) -> Iterator[str]:
-        """The job's output as it arrives (text chunks; a character split between two reads
-        is decoded whole). After a daemon restart it reconnects (`Reconnect`) and goes on
-        from the byte it had reached."""
+    def tail(self, job_id: str, lines: int) -> tuple[str, int]:
+        """The last `lines` lines of the job's output so far (a last line without its newline
+        counts), and the output's length so far in bytes (where a follow goes on from).
+        Memory: the kept lines and one chunk, whatever the output's size."""
+        kept: collections.deque[bytes] = collections.deque(maxlen=max(lines, 0) or 1)
+        partial, total = b"", 0
+        response = self._send("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")
+        try:
+            while chunk := response.read1(1 << 16):
+                total += len(chunk)
+                *complete, partial = (partial + chunk).split(b"\n")
+                kept.extend(line + b"\n" for line in complete[-kept.maxlen:])
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise self._lost(exc) from None
+        finally:
+            response.close()
+        if partial:
+            kept.append(partial)
+        text = b"".join(kept).decode("utf-8", errors="replace") if lines > 0 else ""
+        return text, total
+
+    def logs(self, job_id: str, follow: bool = False, offset: int = 0) -> Iterator[str]:
+        """The job's output from byte `offset` on, as it arrives (text chunks; a character
+        split between two reads is decoded whole). After a daemon restart it reconnects
+        (`Reconnect`) and goes on from the byte it had reached."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         retry = Reconnect(self)
-        received = 0
+        received = offset
         while True:
             query = {"follow": 1} if follow else {}
             if received:

@@ -11,7 +11,7 @@ Out: the job's stdout and stderr on the virtio port org.vmjobs.output.0 (a file 
      after `overflow` only: the tar of /job/out and the disk's room) padded with NULs, then
      from byte 512 an uncompressed tar of /job/out. The guest is untrusted, so is all of this.
 
-The guest side is `images/init`; docs/guest-protocol.md describes both.
+The guest side is `images/init`; docs/architecture.md ("Decisions") says why it is so.
 """
 
 from __future__ import annotations

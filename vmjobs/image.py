@@ -26,7 +26,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,16 @@ class Deb:
 # ---------------------------------------------------------------- commands and checksums
 
 
+# apt's messages and `apt-cache policy`'s labels ("Candidate:") are translated: LANGUAGE=de
+# gives "Installationskandidat:" even under LC_ALL=C.UTF-8 (gettext ignores LANGUAGE only in
+# the C locale proper), so both are set for every command run here.
+C_LOCALE = {"LC_ALL": "C.UTF-8", "LANGUAGE": ""}
+
+
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=cwd,
+                              env={**os.environ, **C_LOCALE})
     except FileNotFoundError:
         raise VmjobsError(f"{what}: {argv[0]} is not installed") from None
     if done.returncode != 0:
@@ -184,6 +191,50 @@ def resolve_debs(with_kernel: bool) -> tuple[Deb, Deb | None]:
                           f"(Depends: {depends or 'none'})")
     package, version = match.groups()
     return busybox, _deb(package, version, apt_records({package: version}).get(package))
+
+
+# What apt's answers depend on: its package lists, its configuration, dpkg's status. While
+# none of these files changed (name, size, mtime), apt would answer as it did last time.
+APT_STATE = (Path("/var/lib/apt/lists"), Path("/etc/apt"), Path("/var/lib/dpkg/status"))
+
+
+def apt_fingerprint(roots: tuple[Path, ...] = APT_STATE) -> str:
+    """A hash of (path, size, mtime) of every file under `roots` (a few hundred stats, no
+    reads): it changes with every `apt-get update`, sources or pin change, install."""
+    entries = []
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # removed meanwhile (apt-get update): the next stat differs anyway
+            entries.append(f"{path}\0{st.st_size}\0{st.st_mtime_ns}")
+    return sha256_bytes("\n".join(entries).encode())
+
+
+def resolve_debs_cached(spool: Path, with_kernel: bool,
+                        fingerprint: Callable[[], str] = apt_fingerprint) -> tuple[Deb, Deb | None]:
+    """`resolve_debs`, remembered in `<spool>/cache/apt-resolved.json` (with the downloaded
+    .debs) under apt's fingerprint: a rebuild while apt's state is unchanged runs no apt
+    command at all."""
+    path = spool / "cache" / "apt-resolved.json"
+    now = fingerprint()
+    key = "with_kernel" if with_kernel else "busybox_only"
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == now and key in saved:
+            busybox, kernel = saved[key]
+            return Deb(**busybox), Deb(**kernel) if kernel else None
+    except (OSError, ValueError, TypeError, KeyError):
+        saved = {}  # none yet, or unreadable: ask apt
+    busybox, kernel = resolve_debs(with_kernel)
+    if saved.get("fingerprint") != now:
+        saved = {"fingerprint": now}
+    saved[key] = [asdict(busybox), asdict(kernel) if kernel else None]
+    _mkdirs(path.parent)
+    _write_atomic(path, json.dumps(saved, indent=1).encode())
+    return busybox, kernel
 
 
 def fetch_deb(deb: Deb, cache: Path, progress: Progress) -> Path:
@@ -636,7 +687,7 @@ def _deb_digest(deb: Deb) -> dict[str, str]:
     return {"package": deb.package, "version": deb.version, "sha256": deb.sha256}
 
 
-def _plan(kernel: Path | None, progress: Progress) -> _Plan:
+def _plan(spool: Path, kernel: Path | None, progress: Progress) -> _Plan:
     digest: dict[str, Any] = {
         "recipe": RECIPE_VERSION,
         "init_sha256": sha256_bytes(recipe_bytes("init")),
@@ -659,7 +710,7 @@ def _plan(kernel: Path | None, progress: Progress) -> _Plan:
         digest["kernel"] = {"version": version, "sha256": sha256_file(kernel)}
         digest["modules"] = {m.name: sha256_bytes(m.elf) for m in (*modules, *nic_modules)}
     progress(f"resolving {BUSYBOX_PACKAGE}" + ("" if kernel else f", {KERNEL_META_PACKAGE}"))
-    busybox, kdeb = resolve_debs(with_kernel=kernel is None)
+    busybox, kdeb = resolve_debs_cached(spool, with_kernel=kernel is None)
     digest["busybox_deb"] = _deb_digest(busybox)
     if kdeb is not None:
         # apt's sha256 of the .deb (checked on download) stands for every byte of the kernel
@@ -679,7 +730,7 @@ def build_image(spool: Path, kernel: Path | None = None, name: str = "default",
     check_tag(name)
     if kernel is not None and not kernel.is_file():
         raise VmjobsError(f"--kernel {kernel}: no such file")
-    plan = _plan(kernel, progress)
+    plan = _plan(spool, kernel, progress)
     root = images_dir(spool)
     _mkdirs(root / "tags")
     home = root / plan.id

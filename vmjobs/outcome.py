@@ -11,6 +11,9 @@ from typing import Any
 EXIT_NOT_STARTED = 75  # EX_TEMPFAIL: --wait-timeout expired or --no-wait found no room; retry later
 EXIT_TIMEOUT = 124  # the job's time limit stopped it
 EXIT_NO_RESULT = 125  # it ran, but there is no exit status (output refused, guest died, lost)
+# `vmjob wait --timeout` passed before the job ended (it goes on); distinct from every code
+# vmjob gives a job's end, so a script can tell "not yet" from an outcome
+EXIT_WAIT_EXPIRED = 3
 EXIT_CANCELLED = 130  # cancelled (Ctrl+C on `vmjob run`, or `vmjob cancel`)
 EXIT_TERMINATED = 143  # `vmjob run` got SIGTERM and cancelled its job (128 + 15)
 

@@ -10,6 +10,7 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `mem`: a size (`"512M"`, `"1.5G"`) or an integer number of bytes
 - `numa` (`strict|prefer|any`), `threads` (`dedicated|isolate`), `hugepages` (`2M|1G`)
 - `host`, `pool`, `image`: strings
+- `name`: a job name for people (`--name`, `-J`): printable, at most 100 characters
 - `preemptible`, `no_wait`, `mem_nodes`: true / false (`--preemptible`, `--no-wait`,
   `--mem-nodes`: memory-only NUMA nodes, CXL or HBM, may supply memory)
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
@@ -47,13 +48,14 @@ MAX_PRIORITY = 1_000_000
 # The longest time limit or wait: far past any job, far below what a timer can wait for
 # (threading's TIMEOUT_MAX; `--time-limit 300000d` once killed the scheduler thread).
 MAX_DURATION_S = 366 * 86400
+MAX_NAME_CHARS = 100  # fits a table column and a log line; Slurm allows more, nobody reads it
 HUGEPAGE_KIB = {"2M": 2048, "1G": 1 << 20}
 DEFAULT_MEMORY_MIB = 256
 RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM", ENV_ID, ENV_INDEX)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
-FIELDS = ("argv", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
+FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
           "wait_timeout", "no_wait", "input", "output", "array")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
@@ -74,6 +76,7 @@ class Spec:
     """A checked job spec. Units: `mem` MiB, `time_limit`/`wait_timeout` seconds."""
 
     argv: tuple[str, ...]
+    name: str | None = None  # for people and filters (`list --name`); not unique
     env: Mapping[str, str] = field(default_factory=dict)
     cpus: int = 1
     mem: int = DEFAULT_MEMORY_MIB
@@ -108,7 +111,7 @@ class Spec:
         """The canonical JSON form: what the CLI sends to the API and the store keeps.
         `parse(spec.to_dict()) == spec`."""
         return {
-            "argv": list(self.argv), "env": dict(self.env), "cpus": self.cpus,
+            "argv": list(self.argv), "name": self.name, "env": dict(self.env), "cpus": self.cpus,
             "mem": f"{self.mem}M", "nics": self.nics, "numa": self.numa.value,
             "threads": self.threads.value, "hugepages": self.hugepages,
             "mem_nodes": self.mem_nodes,
@@ -147,8 +150,8 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
     return Spec(
-        argv=fields.argv(), env=fields.pairs("env", _env_name), cpus=fields.integer(
-            "cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
+        argv=fields.argv(), name=fields.job_name(), env=fields.pairs("env", _env_name),
+        cpus=fields.integer("cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
             "nics", 0, 0, MAX_NICS),
         numa=NumaPolicy(fields.choice("numa", [p.value for p in NumaPolicy],
                                       NumaPolicy.PREFER.value)),
@@ -230,6 +233,20 @@ class _Fields:
                 raise SpecError(f"argument {arg!r} of the command contains a NUL byte")
         return tuple(value)
 
+    def job_name(self) -> str | None:
+        """`name`: printable text (no control characters, so no NUL and no newline that
+        would break a table or a log line), 1 to MAX_NAME_CHARS characters."""
+        value = self.text("name")
+        if value is None:
+            return None
+        if len(value) > MAX_NAME_CHARS:
+            raise self.fail("name", f"is {len(value)} characters long; at most "
+                                    f"{MAX_NAME_CHARS}")
+        if not value.isprintable():
+            raise self.fail("name", f"{value[:40]!r} has a control character; use printable "
+                                    "text")
+        return value
+
     def integer(self, key: str, default: int, low: int, high: int) -> int:
         value = self.data.get(key)
         if value is None:
@@ -281,7 +298,8 @@ class _Fields:
             if not math.isfinite(seconds) or seconds <= 0:
                 raise self.fail(key, f"must be a positive number of seconds, not {value!r}")
         else:
-            raise self.fail(key, f"must be a duration (90s, 5m, 2h) or seconds, not {value!r}")
+            raise self.fail(key, "must be a duration (90s, 5m, 2h, 1:30:00) or seconds, "
+                                 f"not {value!r}")
         if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
             raise self.fail(key, f"{value!r} is longer than the longest supported "
                                  f"({MAX_DURATION_S // 86400}d)")

@@ -475,6 +475,22 @@ class Store:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _record(row) if row else None
 
+    def ids_with_prefix(self, prefix: str, uid: int | None = None, limit: int = 6) -> list[str]:
+        """Up to `limit` job ids starting with `prefix` (of `uid`'s jobs, or everyone's), in
+        order. One range scan of the primary key (`id >= prefix AND id < prefix'`, where
+        prefix' is the prefix with its last character incremented): LIKE would not use the
+        index, since SQLite's LIKE is case-insensitive and the key is BINARY."""
+        if not prefix:
+            return []
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        if uid is None:
+            rows = self.db.execute("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id "
+                                   "LIMIT ?", (prefix, upper, limit))
+        else:
+            rows = self.db.execute("SELECT id FROM jobs WHERE id >= ? AND id < ? AND uid = ? "
+                                   "ORDER BY id LIMIT ?", (prefix, upper, uid, limit))
+        return [r["id"] for r in rows]
+
     def jobs(self, uid: int | None = None) -> list[JobRecord]:
         if uid is None:
             rows = self.db.execute("SELECT * FROM jobs ORDER BY created")

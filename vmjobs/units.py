@@ -44,18 +44,72 @@ def format_bytes(count: int) -> str:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)", re.IGNORECASE)
 _DURATION_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Slurm's clock forms (sbatch --time): MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_SLURM_CLOCK = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                          r"|(?P<a>\d+):(?P<b>\d+)(?::(?P<c>\d+))?)$")
+_DURATION_HINT = "use e.g. 90, 30s, 5m, 2h, 1h30m, 1:30:00 or 2-12:00:00"
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
-    """'90', '30s', '5m', '2h', '1h30m' -> seconds (> 0)."""
+    """A duration as people type it -> seconds (> 0).
+
+    Forms: '90' (seconds), '30s', '5m', '2h', '3d', '1h30m'; and Slurm's clock forms
+    (sbatch --time): 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM', 'D-HH:MM:SS' ('1:30:00' is
+    90 minutes, '2-12' is 60 hours). The leading field of a clock form may be any size
+    ('90:00' is 90 minutes, as in Slurm); the fields after it are below 60 (below 24 for the
+    hours after a day count). One difference from Slurm: a bare number is seconds here (as
+    it always was in vmjob), where sbatch reads minutes; and 0 is refused rather than
+    meaning "no limit". Raises VmjobsError (one line) otherwise.
+    """
     compact = str(text).replace(" ", "")
-    parts = _DURATION_PART.findall(compact)
-    if not compact or "".join(n + u for n, u in parts) != compact:
-        raise VmjobsError(f"invalid {what} {text!r}: use e.g. 90, 30s, 5m, 2h or 1h30m")
-    seconds = sum(float(n) * _DURATION_SECONDS[u.lower()] for n, u in parts)
+    clock = _SLURM_CLOCK.match(compact)
+    if clock:
+        seconds = float(_clock_seconds(clock, text, what))
+    else:
+        parts = _DURATION_PART.findall(compact)
+        if not compact or "".join(n + u for n, u in parts) != compact:
+            raise VmjobsError(f"invalid {what} {text!r}: {_DURATION_HINT}")
+        seconds = sum(float(n) * _DURATION_SECONDS[u.lower()] for n, u in parts)
     if seconds <= 0:
         raise VmjobsError(f"invalid {what} {text!r}: must be greater than zero")
     return seconds
+
+
+def _clock_seconds(clock: re.Match[str], text: str, what: str) -> int:
+    """The seconds of a matched Slurm clock form; fields after the first are bounded."""
+    groups = clock.groupdict()
+    if groups["days"] is not None:
+        leading = int(groups["days"]) * 86400
+        rest = [(groups["dh"], 24, 3600), (groups["dm"], 60, 60), (groups["ds"], 60, 1)]
+    elif groups["c"] is not None:  # HH:MM:SS
+        leading = int(groups["a"]) * 3600
+        rest = [(groups["b"], 60, 60), (groups["c"], 60, 1)]
+    else:  # MM:SS
+        leading = int(groups["a"]) * 60
+        rest = [(groups["b"], 60, 1)]
+    total = leading
+    for field, limit, unit in rest:
+        if field is None:
+            continue
+        if int(field) >= limit:
+            raise VmjobsError(f"invalid {what} {text!r}: {field} is out of range "
+                              f"(at most {limit - 1} there); {_DURATION_HINT}")
+        total += int(field) * unit
+    return total
+
+
+def format_clock(seconds: float) -> str:
+    """Seconds -> squeue's TIME form, whole seconds rounded down: 65 -> '1:05', 3723 ->
+    '1:02:03', 93784 -> '1-02:03:04'. `parse_duration` reads every result back."""
+    whole = max(int(seconds), 0)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes}:{secs:02d}"
 
 
 # Linux's largest NR_CPUS (x86 MAXSMP): no host has a cpu id above this

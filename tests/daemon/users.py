@@ -110,9 +110,11 @@ def preload_cli() -> None:
 
 def as_user(user: User, *args: str) -> Result:
     """`vmjob ARGS...` as `user`: exit code, stdout, stderr."""
-    def invoke() -> dict[str, Any]:
-        from vmjobs.cli import cli
+    # imported here, in the parent: the child, as another uid, cannot read the standard
+    # library under /root, so every module the CLI needs must be loaded before the fork
+    from vmjobs.cli import cli
 
+    def invoke() -> dict[str, Any]:
         os.environ["HOME"] = "/"
         os.environ.pop("VMJOBS_URL", None)
         result = CliRunner().invoke(cli, list(args))

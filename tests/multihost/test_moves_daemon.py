@@ -237,7 +237,9 @@ def test_rebalance_frees_a_node(cluster: Cluster, daemon: Daemon) -> None:
     assert daemon.vmjob("migrate", jobs[1], "--to", other, timeout=180).returncode == 0
     dry = daemon.vmjob("rebalance", "--dry-run", "--max-moves", "1", "--json")
     assert dry.returncode == 0, dry.stderr
-    plan = json.loads(dry.stdout)
+    dry_answer = json.loads(dry.stdout)
+    assert dry_answer["results"] == []  # one shape with or without --dry-run
+    plan = dry_answer["plan"]
     assert plan["found"] and len(plan["actions"]) == 1, plan
     (action,) = plan["actions"]
     assert action["action"] == "migrate" and action["job"] in jobs
@@ -245,7 +247,9 @@ def test_rebalance_frees_a_node(cluster: Cluster, daemon: Daemon) -> None:
 
     done = daemon.vmjob("rebalance", "--max-moves", "1", "--json", timeout=180)
     assert done.returncode == 0, done.stderr + daemon.log_text()
-    (result,) = json.loads(done.stdout)
+    answer = json.loads(done.stdout)
+    assert answer["plan"]["actions"] == plan["actions"]
+    (result,) = answer["results"]
     assert (result["job"], result["action"], result["to"]) == \
         (action["job"], "migrated", action["to"])
     hosts = [_show(daemon, j)["host"] for j in jobs]

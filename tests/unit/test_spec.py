@@ -15,7 +15,8 @@ from vmjobs.errors import UsageError
 from vmjobs.spec import MAX_DURATION_S, Spec, SpecError, parse, time_limit_of, wait_timeout_of
 
 FULL = {
-    "argv": ["sh", "-c", "echo hi"], "env": {"A": "1"}, "cpus": 4, "mem": "1.5G", "nics": 2,
+    "argv": ["sh", "-c", "echo hi"], "name": "sim run 3", "env": {"A": "1"}, "cpus": 4,
+    "mem": "1.5G", "nics": 2,
     "numa": "prefer", "threads": "isolate", "hugepages": "1G", "labels": {"rack": "r1"},
     "mem_nodes": True,
     "host": "h1", "pool": "gpu", "image": "default", "priority": -3, "preemptible": True,
@@ -39,6 +40,13 @@ def test_the_canonical_form_parses_back_to_the_same_spec_through_json() -> None:
     minimal = parse({"argv": ["true"]})
     assert minimal == Spec(argv=("true",))
     assert parse(minimal.to_dict()) == minimal
+
+
+def test_a_name_is_kept_as_given_and_optional() -> None:
+    assert parse({"argv": ["x"], "name": "sweep α-7 (retry)"}).name == "sweep α-7 (retry)"
+    assert parse({"argv": ["x"], "name": "x" * 100}).name == "x" * 100
+    assert parse({"argv": ["x"]}).name is None
+    assert spec_from_options({"argv": ("true",), "name": "nightly"}).name == "nightly"
 
 
 def test_stored_records_from_before_the_spec_stay_readable() -> None:
@@ -95,7 +103,14 @@ REFUSED = [
     ({"labels": {"a b": "x"}}, "invalid --label name 'a b'"),
     ({"host": ""}, "host must be a non-empty string"),
     ({"image": "a\0"}, "image contains a NUL byte"),
-    ({"owner": "root"}, "unknown field(s) owner (allowed: argv, env"),
+    ({"name": ""}, "name must be a non-empty string"),
+    ({"name": 3}, "name must be a non-empty string"),
+    ({"name": "a\0b"}, "name contains a NUL byte"),
+    ({"name": "a\nb"}, "name 'a\\nb' has a control character"),
+    ({"name": "tab\there"}, "name 'tab\\there' has a control character"),
+    ({"name": "\x1b[31mred"}, "name '\\x1b[31mred' has a control character"),
+    ({"name": "x" * 101}, "name is 101 characters long; at most 100"),
+    ({"owner": "root"}, "unknown field(s) owner (allowed: argv, name, env"),
     ({"memory_mib": 256}, "unknown field(s) memory_mib (now: mem)"),
     ({"time_limit_s": 6}, "unknown field(s) time_limit_s (now: time_limit)"),
     ({"command": "x"}, "unknown field(s) command (now: argv)"),
@@ -134,6 +149,7 @@ def test_command_line_text_is_converted_and_named_by_its_option() -> None:
         ({"env": ("NOEQUALS",)}, "invalid --env 'NOEQUALS': use NAME=VALUE"),
         ({"env": ("A=x\0",)}, "--env contains a NUL byte"),
         ({"hugepages": "4K"}, "--hugepages must be one of 2M, 1G"),
+        ({"name": "a\tb"}, "--name 'a\\tb' has a control character"),
     ]:
         with pytest.raises(SpecError) as info:
             spec_from_options({"argv": ("true",), **params})

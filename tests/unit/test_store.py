@@ -129,6 +129,31 @@ def test_jobs_listing(store: Store) -> None:
     assert store.job("nope") is None
 
 
+def test_ids_with_prefix_one_range_scan_of_the_primary_key(store: Store) -> None:
+    for job_id, uid in (("3f9a1c2e", 1000), ("3f01aa00", 1000), ("3f77bb00", 1001),
+                        ("40000000", 1000), ("3e999999", 1000)):
+        store.add_job(job(job_id, uid=uid), REQUEST, None, "queued")
+    assert store.ids_with_prefix("3f") == ["3f01aa00", "3f77bb00", "3f9a1c2e"]
+    assert store.ids_with_prefix("3f", uid=1000) == ["3f01aa00", "3f9a1c2e"]
+    assert store.ids_with_prefix("3f", limit=2) == ["3f01aa00", "3f77bb00"]
+    assert store.ids_with_prefix("3f9") == ["3f9a1c2e"]
+    assert store.ids_with_prefix("3F") == []  # ids are case-sensitive, as the key is
+    assert store.ids_with_prefix("3f9a1c2e") == ["3f9a1c2e"]
+    assert store.ids_with_prefix("3f9a1c2e0") == []
+    assert store.ids_with_prefix("") == []
+    # the store's own query walks the primary key's index, never the whole table
+    for uid in (None, 1000):
+        sent: list[str] = []
+        store.db.set_trace_callback(sent.append)
+        store.ids_with_prefix("3f", uid=uid)
+        store.db.set_trace_callback(None)
+        plan = " ".join(r[3] for r in store.db.execute("EXPLAIN QUERY PLAN " + sent[-1]))
+        if uid is None:
+            assert "INDEX sqlite_autoindex_jobs_1 (id>? AND id<?)" in plan, plan
+        else:  # the primary key's range or the owner's index: an index either way
+            assert "USING INDEX" in plan and "SCAN jobs" not in plan, plan
+
+
 def test_transition_with_release_frees_the_reservation(store: Store) -> None:
     store.add_job(job("a"), REQUEST, alloc(0, 1, devices=("0000:3b:00.0",), idle=(16,)), "p")
     store.add_job(job("b"), REQUEST, alloc(2), "placed")

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from vmjobs.errors import VmjobsError
 from vmjobs.units import (
     MAX_CPU_ID,
+    format_clock,
     format_cpu_list,
     format_mib,
     parse_cpu_list,
@@ -75,6 +76,60 @@ def test_duration_refused_with_one_line(text: str) -> None:
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("invalid --timeout ")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1:30", 90),  # MM:SS
+        ("0:01", 1),
+        ("90:00", 5400),  # the leading field may exceed 59, as in Slurm
+        ("1:30:00", 5400),  # HH:MM:SS
+        ("01:02:03", 3723),
+        ("48:00:00", 172800),
+        ("2-12", 216000),  # D-HH
+        ("2-12:30", 217800),  # D-HH:MM
+        ("2-12:00:00", 216000),  # D-HH:MM:SS
+        ("0-0:0:1", 1),
+        ("1-0", 86400),
+        ("0-23:59:59", 86399),
+        (" 1:30:00 ", 5400),
+    ],
+)
+def test_duration_slurm_forms(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", [
+    "0:00", "0:0:0", "0-0", "0-00:00:00",  # zero: Slurm's "no limit", refused here
+    "1:60", "1:60:00", "1:00:60", "1-24", "1-00:60", "1-00:00:60",  # a field out of range
+    "1:2:3:4", "1-2-3", "-1:00", "1:", ":30", "1-", "-5", "1-2:", "1.5:00", "1h:30",
+    "2-12h", "1:30m",
+])
+def test_duration_slurm_forms_refused(text: str) -> None:
+    with pytest.raises(VmjobsError) as info:
+        parse_duration(text, "--time-limit")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("invalid --time-limit ")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0:00"), (5, "0:05"), (65, "1:05"), (3599.9, "59:59"), (3600, "1:00:00"),
+    (3723, "1:02:03"), (86399, "23:59:59"), (86400, "1-00:00:00"), (93784, "1-02:03:04"),
+    (400 * 86400, "400-00:00:00"),
+])
+def test_format_clock(seconds: float, text: str) -> None:
+    assert format_clock(seconds) == text
+
+
+@given(st.integers(min_value=1, max_value=366 * 86400))
+def test_format_clock_reads_back(seconds: int) -> None:
+    assert parse_duration(format_clock(seconds)) == seconds
+
+
+def test_duration_bare_number_stays_seconds() -> None:
+    # vmjob's own meaning since the start; sbatch would read minutes (docs say so)
+    assert parse_duration("90") == 90
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,17 @@ paramiko or the placement engine (tests/unit/test_thin_client.py).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from vmjobs import __version__
-from vmjobs.config import Config, load
+from vmjobs.cli.output import print_error, wants_json
+from vmjobs.config import DEFAULT_SOCKET, Config, load
 from vmjobs.errors import VmjobsError
 
 
@@ -37,6 +39,54 @@ class Context:
 def fail(message: str) -> None:
     click.echo(f"vmjob: {message}", err=True)
 
+
+def refuse(message: str, exc: BaseException, code: int, as_json: bool) -> NoReturn:
+    """Every refusal ends here: one line on stderr, with --json also the JSON object on
+    stdout (`vmjobs.cli.output`), and the exit code."""
+    fail(message)
+    if as_json and not getattr(exc, "json_reported", False):
+        print_error(message, exc, code)
+    sys.exit(code)
+
+
+VERSION_PROBE_S = 2.0  # how long --version waits for a daemon's answer
+
+
+def show_version(ctx: click.Context, value: bool) -> None:
+    """--version: this client's version at once; then the daemon's, if one answers within
+    VERSION_PROBE_S (at $VMJOBS_URL, else at the config's socket when that file exists; an
+    ssh:// URL's connection has its own bound, transport.CONNECT_TIMEOUT_S, first)."""
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"vmjob, version {__version__}")
+    sys.stdout.flush()
+    answer = daemon_status(ctx.params.get("config_path"))
+    if answer is not None:
+        click.echo(f"daemon, version {answer[1].get('version', 'unknown')} ({answer[0]})")
+    ctx.exit()
+
+
+def daemon_status(config_path: str | None) -> tuple[str, dict[str, Any]] | None:
+    """(where, GET /v1/status) of the daemon a command would talk to, or None if none
+    answers (no URL and no socket file, a bad config, a refusal, a timeout)."""
+    from vmjobs.client import Client  # only when asked: --version must stay quick
+
+    url = os.environ.get("VMJOBS_URL")
+    try:
+        if url:
+            client = Client.from_url(url, DEFAULT_SOCKET)
+        else:
+            socket = load(config_path).socket
+            if not socket.exists():
+                return None
+            client = Client.from_url(None, socket)
+        try:
+            return client.target.describe(), client.call("GET", "/v1/status",
+                                                         timeout=VERSION_PROBE_S)
+        finally:
+            client.close()
+    except (VmjobsError, OSError):
+        return None
 
 # command name -> "module:attribute", imported when the command runs (or --help lists them)
 COMMANDS = {
@@ -68,22 +118,19 @@ class VmjobGroup(click.Group):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
+        as_json = wants_json(sys.argv[1:] if args is None else args)
         try:
             result = super().main(args=args, prog_name=prog_name or "vmjob",
                                   complete_var=complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             path = exc.ctx.command_path if exc.ctx else "vmjob"
-            fail(f"{exc.format_message()} (see '{path} --help')")
-            sys.exit(2)
+            refuse(f"{exc.format_message()} (see '{path} --help')", exc, 2, as_json)
         except click.ClickException as exc:
-            fail(exc.format_message())
-            sys.exit(exc.exit_code)
+            refuse(exc.format_message(), exc, exc.exit_code, as_json)
         except VmjobsError as exc:
-            fail(str(exc))
-            sys.exit(exc.exit_code)
-        except (click.Abort, KeyboardInterrupt):
-            fail("interrupted")
-            sys.exit(130)
+            refuse(str(exc), exc, exc.exit_code, as_json)
+        except (click.Abort, KeyboardInterrupt) as exc:
+            refuse("interrupted", exc, 130, as_json)
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)
@@ -93,7 +140,10 @@ class VmjobGroup(click.Group):
 @click.option("--config", "config_path", metavar="FILE", envvar="VMJOBS_CONFIG",
               help="Config file (default: $VMJOBS_CONFIG, /etc/vmjobs/config.yaml, "
                    "else one local host at qemu:///system).")
-@click.version_option(__version__, prog_name="vmjob")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _param, value: show_version(ctx, value),
+              help="Show vmjob's version, and the daemon's when one answers "
+                   "($VMJOBS_URL, else the config's socket), then exit.")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """Run jobs inside minimal, pinned KVM guests.

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from vmjobs.cli.output import json_option
 from vmjobs.image import Image, build_image, list_images
 
 
@@ -42,7 +43,7 @@ def image() -> None:
                    "Debian's cloud kernel.")
 @click.option("--name", default="default", show_default=True,
               help="Tag for the image, as given to 'vmjob run --image'.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.pass_obj
 def build(obj: Any, kernel: Path | None, name: str, as_json: bool) -> None:
     """Build the guest image, or do nothing if it is already built.
@@ -77,7 +78,7 @@ def build_command(spool: Path, kernel: Path | None, name: str, as_json: bool) ->
 
 
 @image.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the images as a JSON list.")
+@json_option
 @click.pass_obj
 def list_(obj: Any, as_json: bool) -> None:
     """List the images in the spool: name, id, kernel version, size.

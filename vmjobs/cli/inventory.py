@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from placement.units import format_page
+from vmjobs.cli.output import json_option
 from vmjobs.config import HostConfig, load
 from vmjobs.units import format_cpu_list, format_mib
 from vmjobs.virt.inventory import (
@@ -63,7 +64,7 @@ def _host_config(obj: Any, config_path: str | None, host: str | None) -> HostCon
               help="Apply this config's reservations and NIC allow-list (default: vmjob's "
                    "--config when --host is given).")
 @click.option("--host", "host", metavar="NAME", help="The config's host to apply.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_obj
 def inventory(obj: Any, capabilities: str, nodedevs: tuple[str, ...], config_path: str | None,
               host: str | None, as_json: bool) -> None:

@@ -15,73 +15,74 @@ from typing import Any
 
 import click
 
+from vmjobs import jobtable
 from vmjobs.cli.connect import client_for, url_option
+from vmjobs.cli.output import json_option
 from vmjobs.client import ApiFailure, Client
-from vmjobs.outcome import end_line, ended_with_output, exit_code
-from vmjobs.units import format_mib
+from vmjobs.outcome import EXIT_WAIT_EXPIRED, end_line, ended_with_output, exit_code
+from vmjobs.units import format_clock, format_mib
 
 # --- list / show ----------------------------------------------------------------------------
-
-
-def _age(seconds: float) -> str:
-    seconds = max(int(seconds), 0)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    if seconds < 2 * 86400:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
-
-
-def _why(view: dict[str, Any]) -> str:
-    if view["state"] == "QUEUED":
-        return view.get("waiting_because") or "waiting for the scheduler"
-    return view.get("message") or ""
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)] + [row[-1]]
-        click.echo("  ".join(cells).rstrip())
 
 
 @click.command(name="list")
 @click.option("--all", "include_finished", is_flag=True,
               help="Include jobs that have ended.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-u", "--user", "users", multiple=True, metavar="USER[,USER]",
+              help="Only these owners' jobs (repeatable or comma list).")
+@click.option("-t", "--state", "states", multiple=True, metavar="STATE[,STATE]",
+              help="Only jobs in these states, any case (repeatable or comma list); an ended "
+                   "state (completed, failed, ...) includes ended jobs without --all.")
+@click.option("--host", "hosts", multiple=True, metavar="HOST[,HOST]",
+              help="Only jobs on (or asking for) these hosts.")
+@click.option("--pool", "pools", multiple=True, metavar="POOL[,POOL]",
+              help="Only jobs asking for these pools.")
+@click.option("-n", "--name", "names", multiple=True, metavar="PATTERN",
+              help="Only jobs whose name matches this shell pattern (sweep-*; repeatable).")
+@click.option("-o", "--format", "columns", default=None, metavar="COL[,COL]",
+              help="Columns to show, in order: " + ", ".join(jobtable.COLUMNS) + ".  "
+                   "[default: " + ",".join(jobtable.DEFAULT_COLUMNS) + "]")
+@click.option("--no-header", is_flag=True, help="Leave out the header line (for scripts).")
+@json_option
 @url_option
-def list_jobs(include_finished: bool, as_json: bool, url: str | None) -> None:
+def list_jobs(include_finished: bool, users: tuple[str, ...], states: tuple[str, ...],
+              hosts: tuple[str, ...], pools: tuple[str, ...], names: tuple[str, ...],
+              columns: str | None, no_header: bool, as_json: bool, url: str | None) -> None:
     """List your queued and running jobs (root and the admin group: everyone's).
 
-    Queued jobs show their place in line (POS) and why they wait.
+    Queued jobs show their place in line (POS) and why they wait. AGE counts from
+    submission, or from the end for an ended job; ELAPSED is running time and TIME_LIMIT
+    the limit, both [D-]HH:MM:SS as squeue prints them. Filters combine (AND); the values
+    of one filter are alternatives (OR).
 
     \b
     Examples:
       vmjob list
       vmjob list --all --json
+      vmjob list --state running,queued --user alice
+      vmjob list --all --name 'sweep-*' -o id,name,state,elapsed --no-header
     """
+    filters = jobtable.Filters(
+        users=frozenset(jobtable.comma_list(users)), states=jobtable.parse_states(states),
+        hosts=frozenset(jobtable.comma_list(hosts)), pools=frozenset(jobtable.comma_list(pools)),
+        names=tuple(names))
+    chosen = jobtable.parse_columns(columns)
     client = client_for(url)
     try:
-        views = client.jobs(include_finished)
+        views = client.jobs(include_finished or filters.wants_ended)
     finally:
         client.close()
+    views = [v for v in views if jobtable.matches(v, filters)]
     if as_json:
         click.echo(json.dumps(views, indent=2))
         return
     if not views:
-        click.echo("no jobs" if include_finished else "no queued or running jobs "
-                   "(--all shows ended ones)")
+        if not no_header:
+            click.echo("no jobs" if include_finished or filters != jobtable.Filters()
+                       else "no queued or running jobs (--all shows ended ones)")
         return
-    now = time.time()
-    rows = [("JOB", "OWNER", "STATE", "HOST", "CPUS", "MEM", "AGE", "POS", "WHY")]
-    for v in views:
-        request = v.get("request") or {}
-        rows.append((v["id"], v["owner"], v["state"], v.get("host") or "-",
-                     str(request.get("cpus", "-")), format_mib(request.get("memory_mib", 0)),
-                     _age(now - v["created"]), str(v["position"] or "-"), _why(v)))
-    _table(rows)
+    for line in jobtable.render(jobtable.rows(views, chosen, time.time(), not no_header)):
+        click.echo(line)
 
 
 def _clock(at: float | None) -> str:
@@ -92,7 +93,7 @@ def _clock(at: float | None) -> str:
 
 @click.command()
 @click.argument("job")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @url_option
 def show(job: str, as_json: bool, url: str | None) -> None:
     """Show a job: its spec, its placement and the timeline of its events.
@@ -114,6 +115,7 @@ def show(job: str, as_json: bool, url: str | None) -> None:
     alloc = view.get("allocation")
     lines = [
         ("job", f"{view['id']} (owner {view['owner']}, uid {view['uid']})"),
+        ("name", view.get("name") or "-"),
         ("state", view["state"] + (f": {view['message']}" if view.get("message") else "")),
         ("command", shlex.join(view.get("argv") or [])),
         ("request", f"{request.get('cpus')} cpus, {format_mib(request.get('memory_mib', 0))}, "
@@ -126,13 +128,16 @@ def show(job: str, as_json: bool, url: str | None) -> None:
                        if request.get("hugepage_kib") else "")
                     + "".join(f", label {k}={v}"
                               for k, v in sorted((request.get("labels") or {}).items()))),
-        ("time limit", f"{view['time_limit']:g}s" if view.get("time_limit") else "none"),
+        ("time limit", format_clock(view["time_limit"]) if view.get("time_limit") else "none"),
+        ("elapsed", "-" if (run := jobtable.elapsed_seconds(view, time.time())) is None
+                    else format_clock(run)),
         ("image", str(view.get("image"))),
     ]
     if view.get("env"):
         lines.append(("env", " ".join(f"{k}={shlex.quote(v)}" for k, v in view["env"].items())))
     if view["state"] == "QUEUED":
-        lines.append(("queue", f"position {view.get('position') or '-'}: {_why(view)}"))
+        lines.append(("queue", f"position {view.get('position') or '-'}: "
+                               f"{jobtable.why(view)}"))
     if alloc:
         nodes = ", ".join(f"node{n['node']}: cpus {','.join(map(str, n['cpus']))}"
                           for n in alloc["nodes"])
@@ -159,20 +164,36 @@ def show(job: str, as_json: bool, url: str | None) -> None:
 @click.command()
 @click.argument("job")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@click.option("-n", "--tail", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Start with the last N lines of what the job has printed so far.")
+@json_option
 @url_option
-def logs(job: str, follow: bool, url: str | None) -> None:
+def logs(job: str, follow: bool, tail: int | None, as_json: bool, url: str | None) -> None:
     """Print a job's output (its stdout and stderr, from the guest's console).
+
+    With --json each piece of output is one JSON object a line, {"output": TEXT}.
 
     \b
     Examples:
       vmjob logs 3f9a1c2e
-      vmjob logs -f 3f9a1c2e
+      vmjob logs -f --tail 20 3f9a        # a unique prefix of the id will do
     """
     client = client_for(url)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(json.dumps({"output": text}) + "\n" if as_json else text)
+        sys.stdout.flush()
+
     try:
-        for chunk in client.logs(job, follow):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+        offset = 0
+        if tail is not None:
+            text, offset = client.tail(job, tail)
+            if text:
+                emit(text)
+            if not follow:
+                return
+        for chunk in client.logs(job, follow, offset):
+            emit(chunk)
     finally:
         client.close()
 
@@ -194,7 +215,8 @@ def recorded_output(view: dict[str, Any], client: Client) -> Path | None:
     return Path(view["output"])
 
 
-def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int:
+def report_end(view: dict[str, Any], client: Client, output: Path | None,
+               quiet: bool = False) -> int:
     """Fetch the output when asked, say how a job ended unless it exited by itself; its code."""
     code = exit_code(view)
     delivered = ended_with_output(view)
@@ -205,7 +227,7 @@ def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int
         except ApiFailure as exc:
             if exc.status != 404:
                 raise
-    if (line := end_line(view)) is not None:
+    if (line := end_line(view)) is not None and not quiet:
         click.echo(f"vmjob: {line}", err=True)
     return code
 
@@ -215,22 +237,44 @@ def report_end(view: dict[str, Any], client: Client, output: Path | None) -> int
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), default=None,
               metavar="DIR", help="Write the job's /job/out here (default: the --output it "
                                   "was submitted with, if it is your job).")
+@click.option("--timeout", default=None, metavar="DURATION",
+              help=f"Give up waiting after this long (the job goes on): exit "
+                   f"{EXIT_WAIT_EXPIRED}.")
+@json_option
 @url_option
-def wait(job: str, output_dir: Path | None, url: str | None) -> int:
+def wait(job: str, output_dir: Path | None, timeout: str | None, as_json: bool,
+         url: str | None) -> int:
     """Wait for a job to end; exit with its exit code.
 
     Exit codes: the job's own; 124 when its time limit stopped it; 125 when it left no exit
     status (output refused, guest died, host lost); 130 when cancelled; 75 when it gave up
-    waiting to start (--wait-timeout).
+    waiting to start (--wait-timeout); 3 when --timeout passed first (the job has not
+    ended; with --json, "finished": false).
 
     \b
     Examples:
       vmjob wait 3f9a1c2e
       vmjob wait 3f9a1c2e --output ./results
+      vmjob wait 3f9a --timeout 10m || echo "not done yet"
     """
+    # imported here: the spec module (and placement's types) only when a --timeout is given,
+    # so a plain wait stays a thin client (tests/unit/test_thin_client.py)
+    limit = None
+    if timeout is not None:
+        from vmjobs.cli.options import duration_value
+
+        limit = duration_value(timeout, "--timeout")
     client = client_for(url)
     try:
-        return report_end(client.wait(job), client, output_dir)
+        view = client.wait(job, timeout=limit)
+        if as_json:
+            click.echo(json.dumps(view, indent=2))
+        if not view.get("finished"):
+            if not as_json:
+                click.echo(f"vmjob: job {view['id']} has not ended after {timeout} "
+                           f"({view['state']})", err=True)
+            return EXIT_WAIT_EXPIRED
+        return report_end(view, client, output_dir, quiet=as_json)
     finally:
         client.close()
 
@@ -242,7 +286,7 @@ def wait(job: str, output_dir: Path | None, url: str | None) -> int:
                    "repeatable).")
 @click.option("--user", default=None, metavar="NAME",
               help="Only this user's jobs (other users' for administrators only).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @url_option
 def cancel(jobs: tuple[str, ...], states: tuple[str, ...], user: str | None, as_json: bool,
            url: str | None) -> int:

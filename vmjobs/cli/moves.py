@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import click
 
 from vmjobs.cli.connect import client_for, url_option
+from vmjobs.cli.options import duration_value
+from vmjobs.cli.output import json_option
 from vmjobs.errors import VmjobsError
-from vmjobs.units import parse_duration
 
 
 class MoveFailed(VmjobsError):
-    """At least one job did not move; it is where it was (the message says where)."""
+    """At least one job did not move; it is where it was (the message says where). With
+    --json the results, failures included, were printed already: no second object."""
 
-
-def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print the results as JSON.")(func)
+    json_code = "move_failed"
 
 
 def _bar(progress: dict[str, Any]) -> str:
@@ -38,8 +38,10 @@ def _bar(progress: dict[str, Any]) -> str:
             f"{progress.get('phase', '')}   ")
 
 
-def follow(lines: Iterator[dict[str, Any]], as_json: bool) -> list[dict[str, Any]]:
-    """Show progress and notes on stderr; return the results, or raise the error."""
+def follow(lines: Iterator[dict[str, Any]], as_json: bool,
+           plan: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Show progress and notes on stderr; return the results, or raise the error. The plan
+    the daemon announces (rebalance) is put into `plan` when given."""
     tty = sys.stderr.isatty()
     drawn = False
     for line in lines:
@@ -53,8 +55,11 @@ def follow(lines: Iterator[dict[str, Any]], as_json: bool) -> list[dict[str, Any
             drawn = False
         if "note" in line:
             click.echo(f"vmjob: {line['note']}", err=True)
-        elif "plan" in line and not as_json:
-            click.echo(f"vmjob: plan: {line['plan']['summary']}", err=True)
+        elif "plan" in line:
+            if plan is not None:
+                plan.update(line["plan"])
+            if not as_json:
+                click.echo(f"vmjob: plan: {line['plan']['summary']}", err=True)
         elif "error" in line:
             raise VmjobsError(str(line["error"]))
         elif "results" in line:
@@ -62,9 +67,12 @@ def follow(lines: Iterator[dict[str, Any]], as_json: bool) -> list[dict[str, Any
     raise VmjobsError("the daemon ended the answer without a result")
 
 
-def report(results: list[dict[str, Any]], as_json: bool) -> None:
+def report(results: list[dict[str, Any]], as_json: bool,
+           shown: dict[str, Any] | None = None) -> None:
+    """Print the results (with --json: `shown`, else the results list); raise MoveFailed
+    if any job did not move."""
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(json.dumps(results if shown is None else shown, indent=2))
     else:
         for r in results:
             where = " -> ".join(h for h in (r.get("from"), r.get("to")) if h)
@@ -72,8 +80,10 @@ def report(results: list[dict[str, Any]], as_json: bool) -> None:
                        f"{r['detail']}")
     failed = [r for r in results if r["action"] == "failed"]
     if failed:
-        raise MoveFailed(f"{len(failed)} of {len(results)} job(s) did not move: "
-                         + "; ".join(f"{r['job']}: {r['detail']}" for r in failed))
+        error = MoveFailed(f"{len(failed)} of {len(results)} job(s) did not move: "
+                           + "; ".join(f"{r['job']}: {r['detail']}" for r in failed))
+        error.json_reported = as_json  # the results above say it, failures included
+        raise error
 
 
 @click.command()
@@ -113,7 +123,7 @@ def migrate(job: str, to: str | None, max_downtime: int | None, bandwidth: int |
     """
     body = {"to": to, "max_downtime_ms": max_downtime, "bandwidth_mib_s": bandwidth,
             "auto_converge": auto_converge or None, "postcopy": postcopy or None,
-            "timeout_s": parse_duration(timeout, "--timeout") if timeout else None,
+            "timeout_s": duration_value(timeout, "--timeout"),
             "replug_nics": replug_nics or None}
     client = client_for(url)
     report(follow(client.job_action(job, "migrate", body), as_json), as_json)
@@ -177,15 +187,25 @@ def drain(host: str, checkpoint_unmovable: bool, as_json: bool, url: str | None)
 
 @click.command()
 @click.argument("host")
+@json_option
 @url_option
-def uncordon(host: str, url: str | None) -> None:
+def uncordon(host: str, as_json: bool, url: str | None) -> None:
     """Let a cordoned (drained) host take jobs again (admins only).
+
+    With --json: {"host": HOST, "was_cordoned": true|false}.
 
     \b
     Example:
       vmjob uncordon node1
     """
-    answer = client_for(url).call("POST", f"/v1/hosts/{host}/uncordon")
+    client = client_for(url)
+    try:
+        answer = client.call("POST", f"/v1/hosts/{quote(host, safe='')}/uncordon")
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
     click.echo(f"{host}: " + ("uncordoned" if answer["was_cordoned"] else "was not cordoned"))
 
 
@@ -206,6 +226,9 @@ def rebalance(dry_run: bool, max_moves: int, objective: str, target_cpus: int, a
     """Move jobs so that whole NUMA nodes, or whole slots for jobs of a target size, become
     free (admins only). Moves inside a host re-pin the guest live.
 
+    With --json, one shape with or without --dry-run: {"plan": {found, summary, cost_mib,
+    actions, freed}, "results": [...]} ("results" is empty for a dry run).
+
     \b
     Examples:
       vmjob rebalance --dry-run
@@ -218,7 +241,7 @@ def rebalance(dry_run: bool, max_moves: int, objective: str, target_cpus: int, a
     if dry_run:
         plan = client.call("POST", "/v1/rebalance", body)
         if as_json:
-            click.echo(json.dumps(plan, indent=2))
+            click.echo(json.dumps({"plan": plan, "results": []}, indent=2))
             return
         click.echo(plan["summary"])
         for action in plan["actions"]:
@@ -226,4 +249,6 @@ def rebalance(dry_run: bool, max_moves: int, objective: str, target_cpus: int, a
             click.echo(f"  {action['action']} {action['job']}{target} "
                        f"({action['memory_mib']} MiB)")
         return
-    report(follow(client.progress("/v1/rebalance", body), as_json), as_json)
+    plan_shown: dict[str, Any] = {}
+    results = follow(client.progress("/v1/rebalance", body), as_json, plan_shown)
+    report(results, as_json, {"plan": plan_shown, "results": results})

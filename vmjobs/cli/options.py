@@ -9,10 +9,19 @@ from typing import Any
 
 import click
 
-from vmjobs.spec import DEFAULT_MEMORY_MIB, HUGEPAGE_KIB, Spec, SpecError, parse
+from vmjobs.errors import VmjobsError
+from vmjobs.spec import (
+    DEFAULT_MEMORY_MIB,
+    HUGEPAGE_KIB,
+    MAX_DURATION_S,
+    Spec,
+    SpecError,
+    parse,
+)
+from vmjobs.units import parse_duration
 
 # spec field -> the click parameter that gives it on the command line
-PARAMS = {"cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
+PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
           "threads": "threads", "hugepages": "hugepages", "mem_nodes": "mem_nodes",
           "labels": "label", "host": "host",
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
@@ -29,6 +38,10 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      default=None, metavar="JOB.YAML",
                      help="Read the job spec from YAML (fields as in docs/user-guide.md; "
                           "options given here win)."),
+        click.option("-J", "--name", default=None, metavar="NAME",
+                     help="A name for the job, shown by 'vmjob list' and 'show' and matched "
+                          "by 'list --name' (printable, at most 100 characters; need not be "
+                          "unique)."),
         click.option("--cpus", default=None, metavar="N",
                      help="vCPUs, each pinned to its own host cpu.  [default: 1]"),
         click.option("--mem", "memory", default=None, metavar="SIZE",
@@ -64,11 +77,28 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--env", "env", multiple=True, metavar="K=V",
                      help="Environment variable for the job (repeatable)."),
         click.option("--timeout", default=None, metavar="DURATION",
-                     help="Stop the job after this long (90, 30s, 5m, 2h; at most 366d)."),
+                     help="Stop the job after this long (90 seconds, 30s, 5m, 2h, 1:30:00, "
+                          "2-12:00:00; at most 366d)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def duration_value(text: str | None, option: str) -> float | None:
+    """A duration option that is not a spec field (`wait --timeout`, `migrate --timeout`):
+    seconds, None when not given. Raises SpecError (a usage error, exit 2) as the spec's own
+    duration fields do, with the same bound."""
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text, option)
+    except VmjobsError as exc:
+        raise SpecError(str(exc)) from None
+    if seconds > MAX_DURATION_S:
+        raise SpecError(f"{option} {text!r} is longer than the longest supported "
+                        f"({MAX_DURATION_S // 86400}d)")
+    return seconds
 
 
 def read_spec_file(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from placement import Migrate, Plan, Repin, apply_plan, plan_rebalance
 from placement.fragments import objective_value
 from placement.plans import Objective
 from placement.snapshot import SnapshotError, cluster_from_snapshot, snapshot_of
+from vmjobs.cli.output import json_option
 from vmjobs.hosts_view import live_cluster
 
 OBJECTIVES = click.Choice([o.value for o in Objective])
@@ -54,7 +55,7 @@ def moves_of(plan_: Plan, hosts_before: dict[str, str]) -> list[dict[str, Any]]:
               help="whole-nodes: free whole NUMA nodes; fragments: lower the fragment rate.")
 @click.option("--target-cpus", type=click.IntRange(min=1), default=16, show_default=True,
               help="Job size S the fragment rate is measured for.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def rebalance(path: str, max_moves: int, objective: str, target_cpus: int,
               as_json: bool) -> None:
     """Plan a rebalance of a saved snapshot; print the moves and the objective before/after.
@@ -102,9 +103,12 @@ def rebalance(path: str, max_moves: int, objective: str, target_cpus: int,
 @plan.command("snapshot")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Write here instead of stdout.")
+@json_option
 @click.pass_obj
-def snapshot_command(obj: Any, output: str | None) -> None:
+def snapshot_command(obj: Any, output: str | None, as_json: bool) -> None:
     """Write the live cluster (hosts from libvirt, reservations from the store) as a snapshot.
+
+    The snapshot is JSON with or without --json (which makes a refusal JSON too).
 
     Unreachable and cordoned hosts are left out. Jobs the live planner would not move (their
     request names the host, or they hold hugepages or NICs) are marked "movable": false, so an

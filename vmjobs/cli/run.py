@@ -10,8 +10,10 @@ same line and exit code (`vmjobs.outcome`).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import click
 from vmjobs.cli.connect import client_for
 from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.output import json_option
 from vmjobs.cli.submit import submission, submit_job
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import Config
@@ -35,6 +38,11 @@ def write_out(text: str) -> None:
     """The job's output as it arrives, passed on unchanged (no newline added)."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def write_json(text: str) -> None:
+    """--json: each piece of the job's output as one JSON object a line (as `logs --json`)."""
+    write_out(json.dumps({"output": text}) + "\n")
 
 
 def note(message: str) -> None:
@@ -72,9 +80,10 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
+@json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
-def run(ctx: click.Context, **params: Any) -> int:
+def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
     """Run CMD in a new guest with dedicated cpus; stream its output; exit with its code.
 
     With a daemon (vmjob serve) reachable, the job goes through its queue and Ctrl+C cancels
@@ -85,28 +94,37 @@ def run(ctx: click.Context, **params: Any) -> int:
     everything released); 75 when --wait-timeout or --no-wait gave up before it started; 2
     for a bad option or job spec; 1 for other errors before the job started.
 
+    With --json the output comes as one {"output": TEXT} object a line, then a last line
+    {"exit_code": N} (and "job": ID through a daemon).
+
     \b
     Examples:
       vmjob run -- uname -a
       vmjob run --cpus 2 --mem 1G --input ./data --output ./results -- ./simulate
-      vmjob run --nics 2 --numa strict --timeout 2h -- ./bench.sh
-      vmjob run --wait-timeout 2h -- make check
-      vmjob run --threads isolate --hugepages 2M --label nic=x710 -- ./latency
+      vmjob run --nics 2 --numa strict --timeout 2h --input ./bench -- ./bench.sh
+      vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
+      vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
     """
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     check_paths(spec)
     config = ctx.obj.config
+    write = write_json if as_json else write_out
     client = reachable_daemon(params["url"], config)
+    ended: dict[str, Any] = {}
     if client is None:
-        return _direct(config, spec)
-    try:
-        return _through_daemon(client, spec)
-    finally:
-        client.close()
+        code = _direct(config, spec, write)
+    else:
+        try:
+            code = _through_daemon(client, spec, write, ended)
+        finally:
+            client.close()
+    if as_json:
+        click.echo(json.dumps({"exit_code": code, **ended}))
+    return code
 
 
-def _direct(config: Config, spec: Spec) -> int:
+def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
     if spec.wait_timeout is not None or spec.priority != 0:
         option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
@@ -121,13 +139,14 @@ def _direct(config: Config, spec: Spec) -> int:
     # (libvirt's event loop, the metrics library) to talk to a daemon.
     from vmjobs.daemon import direct
 
-    return direct.run(config, spec, write_out, note)
+    return direct.run(config, spec, write, note)
 
 
-def _through_daemon(client: Client, spec: Spec) -> int:
+def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
+                    ended: dict[str, Any]) -> int:
     body = submission(spec, client)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
-    job_id = view["id"]
+    job_id = ended["job"] = view["id"]
     if view["state"] == "QUEUED" and view.get("position"):
         note(f"job {job_id} queued at position {view['position']}: {view['waiting_because']}")
     else:
@@ -135,8 +154,7 @@ def _through_daemon(client: Client, spec: Spec) -> int:
     try:
         with interruptible():
             for chunk in client.logs(job_id, follow=True):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
+                write(chunk)
             final = client.wait(job_id)
     except Interrupted as exc:
         try:

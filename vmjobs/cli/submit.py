@@ -15,6 +15,7 @@ import click
 
 from vmjobs.cli.connect import client_for, url_option
 from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.output import json_option
 from vmjobs.client import ApiFailure, Client
 from vmjobs.errors import VmjobsError
 from vmjobs.outcome import EXIT_NOT_STARTED
@@ -25,6 +26,7 @@ class NotStarted(VmjobsError):
     """--no-wait found no room, or --wait-timeout expired."""
 
     exit_code = EXIT_NOT_STARTED
+    json_code = "not_started"
 
 
 def submission(spec: Spec, client: Client) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 @click.option("--array", default=None, metavar="INDICES[%N]",
               help="A job array: one job per index (1-100, 1,3,5-7; indices 0-1000), each "
                    "with $VMJOB_ARRAY_INDEX set; %N: at most N of them run at once.")
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
+@json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 def submit(as_json: bool, **params: Any) -> None:
     """Queue CMD to run in its own guest; print the job's id.
@@ -96,12 +98,14 @@ def submit(as_json: bool, **params: Any) -> None:
 
     \b
     Examples:
-      vmjob submit --cpus 8 --mem 64G -- ./simulate
-      JOB=$(vmjob submit --time-limit 10m -- make check) && vmjob wait "$JOB"
+      vmjob submit --cpus 8 --mem 64G --input ./sim -- ./simulate   # ./sim/simulate
+      JOB=$(vmjob submit --time-limit 10m -- sh -c 'nproc; free -m') && vmjob wait "$JOB"
       vmjob submit -f job.yaml --priority 5
-      vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
-      vmjob submit --threads isolate --hugepages 1G --label rack=r1 -- ./latency-bench
-      vmjob submit --array 1-100%10 -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
+      vmjob submit --no-wait -- uname -a          # exit 75 unless it can start now
+      vmjob submit --name sweep-7 --time-limit 1:30:00 --input ./sweep -- ./run.sh 7
+      vmjob submit --threads isolate --hugepages 1G --label rack=r1 --input ./lat \\
+          -- ./latency-bench
+      vmjob submit --array 1-100%10 --input ./sw -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
     """
     spec = spec_from_options(params, params.pop("spec_file"))
     client = client_for(params.pop("url"))

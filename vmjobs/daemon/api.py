@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import tarfile
 import threading
@@ -43,13 +44,15 @@ from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
 MAX_CANCEL_NAMES = 10_000  # job and array ids in one cancel call
 WAIT_MAX_S = 3600.0
+AMBIGUOUS_SHOWN = 5  # candidates named when a job id prefix matches several jobs
+_ID_PREFIX = re.compile(r"[0-9A-Za-z_.-]{1,64}")  # what a job id is made of (hex today)
 
 
 def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) -> dict[str, Any]:
     """A job as the API shows it. Caller holds the daemon's lock."""
     spec = record.spec
     view: dict[str, Any] = {
-        "id": record.id, "owner": record.owner, "uid": record.uid,
+        "id": record.id, "name": spec.get("name"), "owner": record.owner, "uid": record.uid,
         "state": record.state.value, "host": record.host, "exit_code": record.exit_code,
         "message": record.message, "created": record.created, "updated": record.updated,
         "started": started, "argv": spec.get("argv"), "env": spec.get("env") or {},
@@ -106,13 +109,29 @@ class Api:
         return [JobFiles.of(self.daemon.config.spool, r.id).dir for r in records]
 
     def _own(self, who: Caller, job_id: str) -> JobRecord:
-        """The job, if the caller may act on it. Caller holds the daemon's lock."""
-        record = self.daemon.store.job(job_id)
+        """The job, if the caller may act on it: a whole id, or a unique prefix of one (like
+        git's and docker's short ids). Caller holds the daemon's lock."""
+        record = self.daemon.store.job(job_id) or self._by_prefix(who, job_id)
         if record is None:
             raise ApiError(404, f"no job {job_id}")
         if not may_act(who, record):
             raise ApiError(403, denial(who, record))
         return record
+
+    def _by_prefix(self, who: Caller, prefix: str) -> JobRecord | None:
+        """The one job whose id starts with `prefix`, among the caller's own jobs (an admin's:
+        everyone's), so another user's job never makes a user's prefix ambiguous. Raises
+        ApiError 400 (`code: ambiguous`) naming a few candidates when several match."""
+        if not _ID_PREFIX.fullmatch(prefix):
+            return None
+        ids = self.daemon.store.ids_with_prefix(prefix, None if who.admin else who.uid,
+                                                limit=AMBIGUOUS_SHOWN + 1)
+        if len(ids) > 1:
+            more = ", ..." if len(ids) > AMBIGUOUS_SHOWN else ""
+            raise ApiError(400, f"job id prefix {prefix!r} is ambiguous: it matches "
+                                f"{', '.join(ids[:AMBIGUOUS_SHOWN])}{more} (give more of the "
+                                "id)", code="ambiguous")
+        return self.daemon.store.job(ids[0]) if ids else None
 
     # --- endpoints --------------------------------------------------------------------------
 
@@ -245,9 +264,9 @@ class Api:
 
     def cancel(self, req: ApiRequest) -> Json:
         daemon = self.daemon
-        job_id = req.params["id"]
         with daemon.lock:
-            record = self._own(req.caller, job_id)
+            record = self._own(req.caller, req.params["id"])
+            job_id = record.id
             if record.state.finished:
                 raise ApiError(409, f"job {job_id} already ended: {record.state.value}")
         daemon.stop(job_id, JobState.CANCELLED, f"cancelled by {req.caller.name}")
@@ -310,6 +329,9 @@ class Api:
             for name in query.jobs:
                 record = store.job(name)
                 members = [record] if record is not None else store.array_members(name)
+                if not members:  # a unique prefix of a job id (ambiguous: 400, the lot)
+                    record = self._by_prefix(who, name)
+                    members = [record] if record is not None else []
                 if not members:
                     errors.append({"id": name, "error": f"no job {name}"})
                     continue
@@ -340,13 +362,12 @@ class Api:
     def wait(self, req: ApiRequest) -> Json:
         """Long poll: answers when the job has ended, or after ?timeout= seconds."""
         daemon = self.daemon
-        job_id = req.params["id"]
         # 0 answers at once (a poll); absent means the longest wait
         timeout = req.number("timeout", 0.0, WAIT_MAX_S)
         if timeout is None:
             timeout = WAIT_MAX_S
         with daemon.lock:
-            self._own(req.caller, job_id)
+            job_id = self._own(req.caller, req.params["id"]).id
             daemon.changed.wait_for(lambda: _finished(daemon, job_id) or daemon.stopping,
                                     timeout)
             record = daemon.store.job(job_id)

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from placement import HostUsage
 from vmjobs.jobs import FINISHED, JobState
 
 # The load-average windows, as `uptime` has its 1, 5 and 15 minutes: (label, seconds)
@@ -217,3 +218,32 @@ def user_rows(histories: Sequence[JobHistory], now: float, since: float) -> list
                             len(w), sum(w) / len(w) if w else None,
                             nearest_rank(w, 0.95) if w else None))
     return rows
+
+
+GROUPINGS = ("host", "node", "user")  # pool and profile come with pools and profiles
+DEFAULT_SINCE_S = 86400.0
+MAX_SINCE_S = 366 * 86400.0  # a year: the query stays bounded
+
+
+def capacity_of(usages: Iterable[HostUsage]) -> dict[str, dict[int, int]]:
+    """host -> {node: usable cores} from the engine's view of reachable hosts (`cpus_total`
+    excludes the config's `reserved_cpus`)."""
+    return {u.host: {n.node: n.cpus_total for n in u.nodes} for u in usages}
+
+
+def report(histories: Sequence[JobHistory], capacity: Mapping[str, Mapping[int, int]],
+           now: float, since: float, by: str, user: str | None = None) -> dict[str, Any]:
+    """What `vmjob usage --json` and `GET /v1/usage` answer: {"by", "now", "since" (Unix s),
+    "windows": {label: seconds}, "rows": [...]} with rows of `LoadRow.to_dict` (by host or
+    node) or `UserRow.to_dict` (by user; only `user`'s row when `user` is given, as a
+    non-admin sees it). ValueError for a grouping not in GROUPINGS."""
+    if by not in GROUPINGS:
+        raise ValueError(f"unknown grouping {by!r}: use one of {', '.join(GROUPINGS)}")
+    rows: list[dict[str, Any]]
+    if by == "user":
+        rows = [r.to_dict() for r in user_rows(histories, now, since)
+                if user is None or r.user == user]
+    else:
+        rows = [r.to_dict() for r in load_rows(histories, capacity, now, since,
+                                               by_node=by == "node")]
+    return {"by": by, "now": now, "since": since, "windows": dict(WINDOWS), "rows": rows}

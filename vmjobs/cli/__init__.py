@@ -89,9 +89,11 @@ def _register() -> None:
     from vmjobs.cli.plan import plan
     from vmjobs.cli.run import run
     from vmjobs.cli.serve import serve
+    from vmjobs.cli.usage import usage_command
 
     for command in (run, hosts, inventory, image, serve, submit, list_jobs, show, logs, wait,
-                    cancel, migrate, checkpoint, restore, drain, uncordon, rebalance, plan):
+                    cancel, migrate, checkpoint, restore, drain, uncordon, rebalance, plan,
+                    usage_command):
         cli.add_command(command)
 
     from vmjobs.cli.devcluster import devcluster_group

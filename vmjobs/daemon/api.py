@@ -55,6 +55,9 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "output": spec.get("output"), "allocation": record.allocation,
         "position": None, "waiting_because": None,
     }
+    use = daemon.sampler.used(record.id)
+    view["cpu_used_cores"] = None if use is None else round(use.cores, 3)
+    view["cpu_used_over_s"] = None if use is None else round(use.over_s, 1)
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
         view["position"] = wait.position

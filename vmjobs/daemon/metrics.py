@@ -23,12 +23,24 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 
 @dataclass(frozen=True)
+class JobCpu:
+    """A job's held vCPU cores and the cores it used over its sampler window (None: not
+    sampled yet, or sampling is off)."""
+
+    job_id: str
+    host: str
+    held: int
+    used: float | None
+
+
+@dataclass(frozen=True)
 class Present:
     """What the gauges show, read under the daemon's lock at scrape time."""
 
     jobs_by_state: dict[str, int]
     hosts_up: dict[str, bool]
     usage: list[HostUsage] = field(default_factory=list)
+    cpu: list[JobCpu] = field(default_factory=list)
 
 
 class Metrics:
@@ -104,3 +116,28 @@ class _PresentCollector(Collector):
         yield used
         yield free
         yield mem_free
+        yield from _cpu_use(present.cpu)
+
+
+def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
+    """Held vs used cores per job and per host (issue 13: what borrowing will lend)."""
+    held = GaugeMetricFamily("vmjobs_job_cores_held", "vCPU cores a job holds (pinned)",
+                             labels=["job", "host"])
+    used = GaugeMetricFamily("vmjobs_job_cores_used", "Cores a job's vCPUs ran on average "
+                             "over the sampler window (usage_window)", labels=["job", "host"])
+    host_held = GaugeMetricFamily("vmjobs_host_cores_held",
+                                  "vCPU cores held by running jobs", labels=["host"])
+    host_used = GaugeMetricFamily("vmjobs_host_cores_used", "Cores the sampled jobs' vCPUs "
+                                  "ran on average over the sampler window", labels=["host"])
+    by_host: dict[str, list[float]] = {}
+    for job in jobs:
+        held.add_metric([job.job_id, job.host], job.held)
+        totals = by_host.setdefault(job.host, [0.0, 0.0])
+        totals[0] += job.held
+        if job.used is not None:
+            used.add_metric([job.job_id, job.host], job.used)
+            totals[1] += job.used
+    for host, (h, u) in sorted(by_host.items()):
+        host_held.add_metric([host], h)
+        host_used.add_metric([host], u)
+    yield from (held, used, host_held, host_used)

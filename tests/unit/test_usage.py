@@ -185,3 +185,17 @@ def test_store_histories_replay_what_was_held(tmp_path: Path,
         "EXPLAIN QUERY PLAN SELECT job_id FROM events WHERE time >= ?", (0,)))
     assert "events_time" in plan
     s.close()
+
+
+def test_report_shows_a_non_admin_only_their_own_user_row() -> None:
+    from vmjobs.usage import report
+
+    everyone = report(HISTORIES, CAPACITY, NOW, NOW - DAY, "user")
+    assert [r["user"] for r in everyone["rows"]] == ["alice", "bob"]
+    own = report(HISTORIES, CAPACITY, NOW, NOW - DAY, "user", user="bob")
+    assert [r["user"] for r in own["rows"]] == ["bob"]
+    hosts = report(HISTORIES, CAPACITY, NOW, NOW - DAY, "host", user="bob")
+    assert [r["host"] for r in hosts["rows"]] == ["a", "b"]  # aggregates are for everyone
+    assert hosts["windows"] == {"1m": 60.0, "1h": 3600.0, "24h": 86400.0}
+    with pytest.raises(ValueError):
+        report(HISTORIES, CAPACITY, NOW, NOW - DAY, "pool")

@@ -377,13 +377,19 @@ class Store:
             "                    UNION SELECT job_id FROM cpu_reservations)"
             " ORDER BY e.job_id, e.id", (since,))
         histories = []
+        decoded: dict[str, Holding] = {}  # a job's events mostly repeat one allocation
+
+        def holding(text: str | None) -> Holding | None:
+            if not text:
+                return None
+            if text not in decoded:
+                decoded[text] = Holding.from_allocation(json.loads(text))
+            return decoded[text]
+
         for job_id, group in itertools.groupby(rows, key=lambda r: r["job_id"]):
             events = list(group)
-            marks = tuple(
-                Mark(r["time"], JobState(r["state"]),
-                     Holding.from_allocation(json.loads(r["held"])) if r["held"] else None,
-                     bool(r["note"]))
-                for r in events)
+            marks = tuple(Mark(r["time"], JobState(r["state"]), holding(r["held"]),
+                               bool(r["note"])) for r in events)
             histories.append(JobHistory(job_id, events[0]["owner"], events[0]["created"], marks))
         return histories
 

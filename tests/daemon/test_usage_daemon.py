@@ -43,6 +43,8 @@ def test_usage_and_sampled_cpu_through_the_daemon(make_daemon: Any) -> None:
     assert metrics[f'vmjobs_job_cores_held{{host="t",job="{job_id}"}}'] == 1
     assert f'vmjobs_job_cores_used{{host="t",job="{job_id}"}}' in metrics
     assert metrics['vmjobs_host_cores_held{host="t"}'] == 1
+    assert sum(v for k, v in metrics.items()
+               if k.startswith('vmjobs_node_cores_held{host="t"')) == 1
 
     done = daemon.vmjob("usage", "--json")
     assert done.returncode == 0, done.stderr

@@ -94,3 +94,18 @@ def test_thread_reads_once_per_interval_however_often_woken_and_stops_on_shutdow
     thread.join(30)
     assert not thread.is_alive()
     assert reads == ["j"]
+
+
+def test_metrics_split_a_jobs_use_over_its_nodes() -> None:
+    from vmjobs.daemon.metrics import JobCpu, _cpu_use
+
+    jobs = [JobCpu("x", "h", 4, 2.0, ((0, 3), (1, 1))),  # 2 cores used of 4 held
+            JobCpu("y", "h", 2, None, ((1, 2),))]        # not sampled yet
+    values = {(m.name, tuple(s.labels.items())): s.value
+              for m in _cpu_use(jobs) for s in m.samples}
+    assert values[("vmjobs_host_cores_held", (("host", "h"),))] == 6
+    assert values[("vmjobs_host_cores_used", (("host", "h"),))] == 2.0
+    assert values[("vmjobs_node_cores_used", (("host", "h"), ("node", "0")))] == 1.5
+    assert values[("vmjobs_node_cores_used", (("host", "h"), ("node", "1")))] == 0.5
+    assert values[("vmjobs_node_cores_held", (("host", "h"), ("node", "1")))] == 3
+    assert ("vmjobs_job_cores_used", (("job", "y"), ("host", "h"))) not in values

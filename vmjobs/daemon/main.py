@@ -41,7 +41,8 @@ def present(daemon: Daemon) -> Present:
     for h in held:
         use = daemon.sampler.used(h.job_id)
         cpu.append(JobCpu(h.job_id, h.allocation.host, len(h.allocation.cpus),
-                          None if use is None else use.cores))
+                          None if use is None else use.cores,
+                          tuple((n.node, len(n.cpus)) for n in h.allocation.nodes)))
     return Present(
         jobs_by_state=dict(counts),
         hosts_up={h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},

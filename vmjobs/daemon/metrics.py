@@ -31,6 +31,7 @@ class JobCpu:
     host: str
     held: int
     used: float | None
+    held_by_node: tuple[tuple[int, int], ...] = ()  # (node, vCPU cores) of its allocation
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class _PresentCollector(Collector):
 
 
 def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
-    """Held vs used cores per job and per host (issue 13: what borrowing will lend)."""
+    """Held vs used cores per job, host and NUMA node (issue 13: what borrowing will lend)."""
     held = GaugeMetricFamily("vmjobs_job_cores_held", "vCPU cores a job holds (pinned)",
                              labels=["job", "host"])
     used = GaugeMetricFamily("vmjobs_job_cores_used", "Cores a job's vCPUs ran on average "
@@ -129,7 +130,13 @@ def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
                                   "vCPU cores held by running jobs", labels=["host"])
     host_used = GaugeMetricFamily("vmjobs_host_cores_used", "Cores the sampled jobs' vCPUs "
                                   "ran on average over the sampler window", labels=["host"])
+    node_held = GaugeMetricFamily("vmjobs_node_cores_held",
+                                  "vCPU cores held by running jobs", labels=["host", "node"])
+    node_used = GaugeMetricFamily("vmjobs_node_cores_used", "Cores the sampled jobs' vCPUs "
+                                  "ran, each job's use split over its nodes in proportion to "
+                                  "its vCPUs there", labels=["host", "node"])
     by_host: dict[str, list[float]] = {}
+    by_node: dict[tuple[str, int], list[float]] = {}
     for job in jobs:
         held.add_metric([job.job_id, job.host], job.held)
         totals = by_host.setdefault(job.host, [0.0, 0.0])
@@ -137,7 +144,15 @@ def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
         if job.used is not None:
             used.add_metric([job.job_id, job.host], job.used)
             totals[1] += job.used
+        for node, cpus in job.held_by_node:
+            node_totals = by_node.setdefault((job.host, node), [0.0, 0.0])
+            node_totals[0] += cpus
+            if job.used is not None and job.held:
+                node_totals[1] += job.used * cpus / job.held
     for host, (h, u) in sorted(by_host.items()):
         host_held.add_metric([host], h)
         host_used.add_metric([host], u)
-    yield from (held, used, host_held, host_used)
+    for (host, node), (h, u) in sorted(by_node.items()):
+        node_held.add_metric([host, str(node)], h)
+        node_used.add_metric([host, str(node)], u)
+    yield from (held, used, host_held, host_used, node_held, node_used)

@@ -81,6 +81,7 @@ def test_busy_guest_uses_about_one_core_idle_about_none(make_daemon: Any) -> Non
         time.sleep(8)  # past boot: the windows (4 s) then hold only the jobs' own work
         used_busy = _sampled(client, busy, daemon)["cpu_used_cores"]
         used_idle = _sampled(client, idle, daemon)["cpu_used_cores"]
+        print(f"cores used: busy {used_busy}, idle {used_idle}")  # the figure, with -s
         assert used_busy >= 0.4, (used_busy, used_idle)
         assert used_idle <= 0.25, (used_busy, used_idle)
     finally:

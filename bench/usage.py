@@ -2,8 +2,9 @@
 
     python bench/usage.py [--jobs N] [--days D]
 
-Fills a fresh store (through the store's API) with N finished jobs of 3 events each (placed, running, completed), spread
-evenly over the last D days (event times moved back afterwards), then times
+Fills a fresh store (through the store's API) with N finished jobs of 3 events each
+(placed, running, completed), spread evenly over the last D days (event times moved back
+afterwards), then times
 `Store.usage_histories(since)` + `usage.report` for --since 1h, 24h and D days, with the
 `events_time` index and, as the baseline in the same run, without it. Figures, not
 assertions: see docs/benchmarks.md.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import placement
 from placement import Cpu, Host, HostState, Node, Request
-from vmjobs.daemon.queue import Holding, Waiting, order, plan
+from vmjobs.daemon.queue import Holding, Planner, Waiting, order, plan
 
 NOW = 1_000_000.0
 
@@ -111,3 +114,109 @@ def test_alike_jobs_that_do_not_fit_share_the_reason() -> None:
     assert started(result) == []
     reasons = {w.reason for w in result.waits[1:]}
     assert len(reasons) == 1 and "0 free cores" in reasons.pop()
+
+
+def test_holdings_are_read_only_when_some_job_waits() -> None:
+    asked: list[int] = []
+
+    def holding() -> list[Holding]:
+        asked.append(1)
+        return [Holding("r1", NOW + 10)]
+
+    cluster = placement.Cluster([host(cpus=2)])
+    assert started(plan(cluster, [wait("a", 1), wait("b", 1)], holding, NOW)) == ["a", "b"]
+    assert asked == []
+    hold(cluster, "r1", 2)
+    assert started(plan(cluster, [wait("a", 1)], holding, NOW)) == []
+    assert asked == [1]
+
+
+@settings(max_examples=80)
+@given(held=st.lists(st.tuples(st.integers(1, 3), st.one_of(st.none(), st.integers(1, 200))),
+                     max_size=5),
+       queue=st.lists(st.tuples(st.integers(1, 4), st.one_of(st.none(), st.integers(1, 300))),
+                      min_size=1, max_size=12),
+       cut=st.integers(0, 12))
+def test_carrying_a_pass_on_with_new_jobs_decides_as_planning_it_all(
+        held: list[tuple[int, int | None]], queue: list[tuple[int, int | None]],
+        cut: int) -> None:
+    """The scheduler carries its last pass on with the jobs submitted since, when nothing
+    else changed (`Planner.offer`): that must decide them exactly as a whole new pass."""
+    cluster = placement.Cluster([host("a", cpus=4), host("b", cpus=6)])
+    holding = []
+    for k, (cpus, ends) in enumerate(held):
+        decision = cluster.place(Request(cpus=cpus, memory_mib=256))
+        if decision.allocation is not None:
+            cluster.reserve(f"r{k}", decision.allocation)
+            holding.append(Holding(f"r{k}", None if ends is None else NOW + ends))
+    jobs = [wait(f"j{k}", cpus, limit) for k, (cpus, limit) in enumerate(queue)]
+    whole = plan(cluster, jobs, holding, NOW)
+    planner = Planner(cluster, holding)
+    first = planner.offer(jobs[:cut], NOW)
+    rest = planner.offer(jobs[cut:], NOW)
+    assert first.starts + rest.starts == whole.starts
+    assert first.waits + rest.waits == whole.waits
+    assert cluster.allocations() == {h.job_id: cluster.allocation_of(h.job_id)
+                                     for h in holding}  # not changed
+
+
+# --- job arrays: at most N of an array running (`--array ...%N`) ----------------------------
+
+
+def member(array: str, index: int, limit: int | None, cpus: int = 1) -> Waiting:
+    return Waiting(f"{array}_{index}", Request(cpus=cpus, memory_mib=256), None,
+                   array=array, array_limit=limit)
+
+
+def test_array_limit_starts_at_most_n_and_holds_the_rest() -> None:
+    cluster = placement.Cluster([host(cpus=8)])
+    result = plan(cluster, [member("a", i, 3) for i in range(6)], [], NOW)
+    assert started(result) == ["a_0", "a_1", "a_2"]  # room for 8, the limit says 3
+    assert [(w.job_id, w.held) for w in result.waits] == [("a_3", True), ("a_4", True),
+                                                          ("a_5", True)]
+    assert "at most 3 at once (%3)" in result.waits[0].reason
+    assert "3 of array a running" in result.waits[0].reason
+
+
+def test_array_limit_counts_the_arrays_running_jobs() -> None:
+    cluster = placement.Cluster([host(cpus=8)])
+    result = plan(cluster, [member("a", i, 3) for i in range(2, 6)], [], NOW,
+                  running={"a": 2})
+    assert started(result) == ["a_2"]  # 2 run already: one more
+    result = plan(cluster, [member("a", i, 3) for i in range(3, 6)], [], NOW,
+                  running={"a": 3})
+    assert started(result) == []
+    assert all(w.held for w in result.waits)
+
+
+def test_held_array_jobs_block_no_one_behind_them() -> None:
+    # other users' jobs queued after a held array start at once, in queue order, and none of
+    # the held jobs is taken for the head (nothing to make room for)
+    cluster = placement.Cluster([host(cpus=4)])
+    queue = [*(member("a", i, 1) for i in range(3)), wait("other1", 1), wait("other2", 1)]
+    result = plan(cluster, queue, [], NOW)
+    assert started(result) == ["a_0", "other1", "other2"]
+    assert [(w.job_id, w.position, w.held) for w in result.waits] == [
+        ("a_1", 1, True), ("a_2", 2, True)]
+
+
+def test_held_jobs_come_after_the_head_and_limits_apply_to_backfill() -> None:
+    cluster = placement.Cluster([host(cpus=2)])
+    hold(cluster, "r1", 1)
+    queue = [member("a", 0, 1, cpus=1), wait("big", 2), member("a", 1, 1, cpus=1),
+             member("b", 0, None, cpus=1)]
+    result = plan(cluster, queue, [Holding("r1", None)], NOW)
+    assert started(result) == ["a_0"]  # the only free cpu, in queue order
+    waits = [(w.job_id, w.position, w.held) for w in result.waits]
+    assert waits[0] == ("big", 1, False)  # the head is the first that needs room
+    assert ("a_1", 2, True) in waits  # held by its limit (1 running), not by room
+    assert ("b_0", 3, False) in waits  # an array without a limit is not held
+
+
+def test_arrays_are_limited_each_on_its_own() -> None:
+    cluster = placement.Cluster([host(cpus=8)])
+    queue = [member("a", 0, 1), member("b", 0, 2), member("a", 1, 1), member("b", 1, 2),
+             member("b", 2, 2)]
+    result = plan(cluster, queue, [], NOW, running={"b": 1})
+    assert started(result) == ["a_0", "b_0"]
+    assert {w.job_id for w in result.waits} == {"a_1", "b_1", "b_2"}

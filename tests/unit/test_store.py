@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import sqlite3
 import time
@@ -530,3 +531,36 @@ def test_a_second_store_in_one_process_never_loses_the_first_ones_writes(tmp_pat
     assert state_seen_by_another_process() == "CANCELLED"
     first.close()
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM events").fetchone()[0] == 3
+
+
+def test_time_limits_read_as_the_spec_says_without_parsing_it(tmp_path: Path) -> None:
+    """`time_limits` (the scheduler's holders) reads what `core.time_limit_of` reads: the
+    spec's time_limit, else a record's older timeout_s; a null time_limit is no limit."""
+    store = Store(tmp_path / "s.db")
+    specs = {"a": {"time_limit": 60.5}, "b": {"timeout_s": 30}, "c": {"time_limit": None,
+             "timeout_s": 30}, "d": {}, "e": {"time_limit": "soon"},
+             "f": {"timeout_s": float("nan")}}  # an old record: JSON SQLite refuses
+    for job_id, spec in specs.items():
+        store.add_job(JobRecord(id=job_id, owner="alice", uid=1000, state=JobState.PLACED,
+                                spec={"argv": ["true"], **spec}), REQUEST, None, "placed")
+    limits = dict(store.time_limits(frozenset({JobState.PLACED})))
+    assert math.isnan(limits.pop("f"))  # type: ignore[arg-type]
+    assert limits == {"a": 60.5, "b": 30, "c": None, "d": None, "e": "soon"}
+
+
+def test_reserving_inside_reserving_joins_one_transaction(store: Store) -> None:
+    """Many transitions as one transaction (a cancel of many jobs): all or none."""
+    for n in range(3):
+        store.submit(JobRecord(id=f"b{n}", owner="u", uid=1, state=JobState.QUEUED,
+                               spec={"argv": ["true"]}), Request(cpus=1, memory_mib=256), "in")
+    with pytest.raises(IllegalTransition), store.reserving():
+        store.transition("b0", JobState.CANCELLED, "c")  # its own reserving() joins
+        store.transition("b1", JobState.CANCELLED, "c")
+        store.transition("b1", JobState.CANCELLED, "c")  # a bug: rolls back all three
+    assert [store.job(f"b{n}").state for n in range(3)] == [JobState.QUEUED] * 3  # type: ignore[union-attr]
+    with store.reserving():
+        for n in range(3):
+            store.transition(f"b{n}", JobState.CANCELLED, "c")
+    assert not store.db.in_transaction
+    assert [store.job(f"b{n}").state for n in range(3)] == [JobState.CANCELLED] * 3  # type: ignore[union-attr]
+    assert [e.state for e in store.events("b2")] == [JobState.QUEUED, JobState.CANCELLED]

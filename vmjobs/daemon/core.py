@@ -9,6 +9,7 @@ requests and `logs -f` streams all sleep on the one condition variable it notifi
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -17,10 +18,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from placement import Request
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
@@ -33,12 +35,14 @@ from vmjobs.daemon.hosts import (
     HostUp,
     Note,
 )
+from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
-from vmjobs.daemon.queue import Wait
+from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.daemon.sampler import Sampler, read_vcpu_ns
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare
 from vmjobs.image import resolve_image
+from vmjobs.jobarray import array_env
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
@@ -46,6 +50,7 @@ from vmjobs.virt import Domain, VirtError, probe
 from vmjobs.virt.conn import destroy_quietly, lookup_domain, start
 
 log = logging.getLogger("vmjobs.daemon")
+RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
 
 
 class Phase(StrEnum):
@@ -77,9 +82,14 @@ def time_limit_of(record: JobRecord) -> float | None:
     """The job's time limit in seconds; None without one. A value that is not a positive
     finite number (a record written before submissions were checked) counts as none rather
     than as a deadline no clock reaches (NaN) or one in the past."""
-    value = record.spec.get("time_limit", record.spec.get("timeout_s"))  # before: timeout_s
+    # records written before the spec have timeout_s
+    return limit_of(record.spec.get("time_limit", record.spec.get("timeout_s")))
+
+
+def limit_of(value: object) -> float | None:
+    """`time_limit_of` for the value the spec holds."""
     try:
-        limit = float(value) if value else None
+        limit = float(value) if value else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
     return limit if limit is not None and math.isfinite(limit) and limit > 0 else None
@@ -95,12 +105,32 @@ class Unrecorded:
 
 
 @dataclass
+class LastPass:
+    """The scheduler's last pass: what it decided on which cluster. While the cluster has not
+    changed since (`LiveCluster.version`) and the queue is the same with jobs
+    added at its end, the next pass only decides those (`queue.Planner.offer`)."""
+
+    planner: Planner
+    version: tuple[int, int]  # the live model's, after this pass's own reservations
+    at: float  # when the full pass it carries on was made
+    queue: tuple[str, ...]  # the jobs left waiting, in queue order
+
+
+@dataclass
 class SchedulerState:
     """What `/v1/status` says about the scheduler thread."""
 
     running: bool = False
     failed_passes: int = 0
     last_failure: str | None = None
+    passes: int = 0
+    # the last passes: (seconds, jobs started), for bench/scale.py and /v1/status
+    recent: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_PASSES))
+
+    def record(self, seconds: float, starts: int) -> None:
+        self.passes += 1
+        self.recent.append((seconds, starts))
 
 
 def is_ours(record: JobRecord) -> bool:
@@ -118,6 +148,12 @@ class Daemon:
         self.followers: set[OutputWatch] = set()
         self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
+        # the engine's view, kept current by change (never rebuilt per pass)
+        self.live = LiveCluster(self.store, self.hosts.inventory,
+                                lambda: self.hosts.generation)
+        self.queue = LiveQueue(self.store, time_limit_of)
+        # the scheduler's last pass, carried on while only the queue's end changes
+        self.last_pass: LastPass | None = None
         self.active: dict[str, Active] = {}
         self.waits: dict[str, Wait] = {}  # the last scheduling pass's verdict per queued job
         self.dirty = True
@@ -189,6 +225,12 @@ class Daemon:
     def running_guests(self) -> list[tuple[str, str]]:
         """(job, host) of every job whose guest runs now. Caller holds the lock."""
         return [(a.job_id, a.host) for a in self.active.values() if a.phase == Phase.RUNNING]
+
+    def queued(self) -> list[tuple[JobRecord, Request]]:
+        """The queue in queue order, as the store has it now (followed by change). Caller holds
+        the lock."""
+        self.live.refresh()
+        return self.queue.follow(self.live)
 
     # --- finishing --------------------------------------------------------------------------
 
@@ -284,6 +326,7 @@ class Daemon:
             GuestPlan(
                 job_id=record.id, owner=record.owner, owner_uid=record.uid,
                 argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
+                vmjob_env=array_env(spec),
                 allocation=allocation, image=image, virt_type=virt_type,
                 output_disk_mib=self.config.output_disk_mib,
                 input_dir=input_dir if input_dir.is_dir() else None,
@@ -304,15 +347,7 @@ class Daemon:
             record = self.store.job(job_id)
             if record is None or record.state.finished:
                 return False
-            if record.state == JobState.QUEUED:
-                self.store.transition(job_id, state, reason)
-                self.forget_files(job_id)
-                self.wake()
-                return True
-            if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
-                discard(self.config.spool, job_id)
-                self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
-                self.wake()
+            if not self.stop_without_guest([job_id], state, reason):
                 return True
             active = self.active.get(job_id)
             if active is None:
@@ -324,6 +359,36 @@ class Daemon:
         if running:
             self.destroy_guest(host, job_id)
         return True
+
+    def stop_without_guest(self, job_ids: list[str], state: JobState, reason: str) -> list[str]:
+        """End those of `job_ids` that have no guest to stop (queued, checkpointed) as `state`,
+        in one store transaction, then remove their files (a checkpoint, the job directory).
+        Returns the ids whose guest must be stopped (`stop`); ended jobs are skipped. Caller
+        holds the lock."""
+        ended: list[tuple[str, JobState]] = []
+        guests: list[str] = []
+        with self.store.reserving():
+            for job_id in job_ids:
+                record = self.store.job(job_id)
+                if record is None or record.state.finished:
+                    continue
+                if record.state == JobState.QUEUED:
+                    self.store.transition(job_id, state, reason)
+                elif record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
+                    self.store.transition(job_id, state,
+                                          f"{reason}; its checkpoint was removed")
+                else:
+                    guests.append(job_id)
+                    continue
+                ended.append((job_id, record.state))
+        for job_id, was in ended:  # after the commit: a failed one keeps its files
+            if was == JobState.QUEUED:
+                self.forget_files(job_id)
+            else:
+                discard(self.config.spool, job_id)
+        if ended:
+            self.wake()
+        return guests
 
     def destroy_guest(self, host: str, job_id: str) -> None:
         conn = self.hosts.conn(host)

@@ -94,3 +94,39 @@ def test_busy_guest_uses_about_one_core_idle_about_none(make_daemon: Any) -> Non
             client.cancel(job_id)
         client.close()
         daemon.stop()
+
+
+def test_users_see_their_own_usage_row_admins_all(make_daemon: Any) -> None:
+    # loaded before the CLI runs in a child that became another user (it could not read our
+    # Python's library under /root to import them then)
+    import secrets  # noqa: F401
+
+    import vmjobs.cli.jobs  # noqa: F401
+    import vmjobs.cli.usage  # noqa: F401
+    import vmjobs.spec  # noqa: F401
+    from tests.daemon.users import as_user, make_users
+
+    daemon = make_daemon("usage-users", hosts=[{"name": "t", "uri": "test:///default"}])
+    daemon.start()
+    client = daemon.client()
+    with make_users(2) as (alice, bob):
+        sub = as_user(alice, "--config", str(daemon.config), "submit", "--mem", "256M",
+                      "--", "true")
+        assert sub.code == 0, sub.err
+        job_id = sub.out.strip()
+        _running(client, job_id, daemon)
+
+        def rows(user: Any, by: str) -> list[dict[str, Any]]:
+            done = as_user(user, "--config", str(daemon.config), "usage", "--by", by,
+                           "--json")
+            assert done.code == 0, done.err
+            return json.loads(done.out)["rows"]
+
+        assert [r["user"] for r in rows(alice, "user")] == [alice.name]
+        assert rows(bob, "user") == []  # bob ran nothing and sees no one else's row
+        assert [r["held_now"] for r in rows(bob, "host")] == [1]  # aggregates: everyone
+        admin = json.loads(daemon.vmjob("usage", "--by", "user", "--json").stdout)["rows"]
+        assert [r["user"] for r in admin] == [alice.name]  # root sees alice's row
+        client.cancel(job_id)
+    client.close()
+    daemon.stop()

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vmjobs.errors import ConfigError, VmjobsError
-from vmjobs.units import parse_cpu_list, parse_duration, parse_size_mib
+from vmjobs.units import MIB, parse_cpu_list, parse_duration, parse_size_mib
 
 SYSTEM_CONFIG = Path("/etc/vmjobs/config.yaml")
 DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
@@ -58,6 +58,9 @@ class Config:
     virt_type: str = "auto"
     nic_backend: str = "vfio"
     output_disk_mib: int = 256
+    # bytes of stdout/stderr a job may write to the spool (its output.<n>.out files together)
+    # before it is stopped FAILED; None: unlimited (`output_limit: unlimited`)
+    output_limit_bytes: int | None = 1 << 30
     # KVM probe boots give up after this long and fall back to TCG (see vmjobs.virt.probe)
     kvm_probe_timeout_s: float = 10.0
     # the daemon (`vmjob serve`): its unix socket, optional Prometheus port, and the group
@@ -199,7 +202,8 @@ class _Reader:
 def parse(data: Any, path: str) -> Config:
     top = _Reader(data, path, "")
     top.check_known(
-        {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
+        {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "output_limit",
+         "kvm_probe_timeout",
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
@@ -243,6 +247,7 @@ def parse(data: Any, path: str) -> Config:
         virt_type=top.str("virt_type", "auto", VIRT_TYPES),
         nic_backend=top.str("nic_backend", "vfio", NIC_BACKENDS),
         output_disk_mib=top.size_mib("output_disk_size", 256),
+        output_limit_bytes=_output_limit(top),
         kvm_probe_timeout_s=top.seconds("kvm_probe_timeout", 10.0, 3600.0),
         socket=socket,
         metrics_port=metrics_port,
@@ -330,6 +335,25 @@ def _duration(top: _Reader, key: str, default: float, zero: bool = False) -> flo
     if not (1 <= seconds <= 86400 or (zero and seconds == 0)):  # also refuses NaN
         raise top.fail(key, problem)
     return seconds
+
+
+UNLIMITED = "unlimited"
+
+
+def _output_limit(top: _Reader) -> int | None:
+    """`output_limit`: a size (1G, 512M, 1.5G, or bytes; whole MiB, rounded up) or
+    `unlimited`; None for unlimited. A bare number is bytes, like every size in the file."""
+    value = top.data.get("output_limit")
+    if value is None:
+        return Config.output_limit_bytes
+    if value == UNLIMITED:
+        return None
+    if isinstance(value, bool):
+        raise top.fail("output_limit", f"must be a size such as 1G or {UNLIMITED!r}")
+    try:
+        return parse_size_mib(str(value), "output_limit") * MIB
+    except VmjobsError as exc:
+        raise top.fail("output_limit", f"{exc}, or {UNLIMITED!r}") from None
 
 
 def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from vmjobs.errors import VmjobsError
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
+from vmjobs.units import format_bytes
 from vmjobs.virt import Connection, Domain, domain_xml
 from vmjobs.virt.conn import is_running
 from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
@@ -286,14 +287,14 @@ class GuestEnd:
 FOLLOW_SAFETY_S = 5.0  # the longest a follower sleeps without an event
 
 
-def follow_output(files: JobFiles, guest: GuestEnd,
-                  deadline: float | None = None) -> Iterator[bytes | None]:
+def follow_output(files: JobFiles, guest: GuestEnd, deadline: float | None = None,
+                  every_s: float = FOLLOW_SAFETY_S) -> Iterator[bytes | None]:
     """Yield the job's output bytes as the guest writes them, until the guest has powered
     off (or stopped) and every file has been read to its end.
 
     Sleeps until a file changes or the guest ends (`GuestEnd`), or until `deadline`
-    (time.monotonic()), at most FOLLOW_SAFETY_S; yields None after each wait without
-    output so the caller can check its deadline.
+    (time.monotonic()), at most `every_s` (and FOLLOW_SAFETY_S); yields None after each
+    wait without output so the caller can check its deadline (and `OutputGuard`).
     """
     reader = OutputReader(files)
     while True:
@@ -304,12 +305,75 @@ def follow_output(files: JobFiles, guest: GuestEnd,
         elif ended:
             return
         else:
-            wait_s = FOLLOW_SAFETY_S
+            wait_s = min(every_s, FOLLOW_SAFETY_S)
             if deadline is not None:
                 wait_s = min(wait_s, deadline - time.monotonic())
             if not guest.watch.wait(wait_s):
                 guest.check()
             yield None
+
+
+# How often a running job's output is looked at (`OutputGuard`): a stat per output file, and a
+# statvfs of the spool when it did not grow. A second keeps that cost negligible (hundreds of
+# jobs: hundreds of stats a second) while a job goes at most about one second's worth of
+# output past its `output_limit` (~0.6 MB under TCG here; a KVM guest writes faster) and a
+# job stalled on a full spool is stopped within two seconds.
+OUTPUT_CHECK_S = 1.0
+# Less room than this in the spool's file system counts as full: QEMU writes the output port
+# in small pieces, so a failed write leaves at most a page or two unused.
+SPOOL_FULL_BYTES = 64 << 10
+
+
+class OutputGuard:
+    """Tells when a running job must be stopped because of its output, at most once per
+    OUTPUT_CHECK_S (more frequent calls return None without touching the disk).
+
+    - Its output files together exceed `limit_bytes` (`output_limit`; None: no limit).
+    - Its output did not grow since the last check and the spool's file system is full.
+      QEMU cannot write the output port's file (ENOSPC) and retries at once, forever: the
+      job blocks in its next write while QEMU spins a core, both holding their cpus with
+      nobody to notice. (A job that writes nothing while the spool is full is stopped too:
+      its result could not be written either.)
+
+    One per job; used by the daemon's output thread and by a direct `vmjob run`."""
+
+    def __init__(self, files: JobFiles, limit_bytes: int | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.files = files
+        self.limit_bytes = limit_bytes
+        self.clock = clock
+        self.next_check = clock() + OUTPUT_CHECK_S
+        self.last_size: int | None = None
+
+    def check(self) -> str | None:
+        """Why the job must stop now (one line for its end), or None."""
+        now = self.clock()
+        if now < self.next_check:
+            return None
+        self.next_check = now + OUTPUT_CHECK_S
+        size = output_size(self.files)
+        if self.limit_bytes is not None and size > self.limit_bytes:
+            return (f"output exceeded output_limit {format_bytes(self.limit_bytes)}; "
+                    "guest stopped")
+        stalled = size == self.last_size
+        self.last_size = size
+        if stalled:
+            free = spool_free_bytes(self.files.dir)
+            if free < SPOOL_FULL_BYTES:
+                return (f"output could not be written: the spool's file system is full "
+                        f"({free} bytes free at {self.files.dir}); guest stopped")
+        return None
+
+
+def output_size(files: JobFiles) -> int:
+    """Bytes of output the job's guest processes wrote so far, all files together."""
+    return sum(_size(files.output(i)) for i in files.output_indexes())
+
+
+def spool_free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer (QEMU) may still write in `path`'s file system."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _read_from(path: Path, offset: int, limit: int) -> bytes:
@@ -335,6 +399,9 @@ class Verdict:
     state: JobState
     reason: str
     exit_code: int | None = None
+    # the guest reported how its job ended (even with an output it could not deliver): the job
+    # finished by itself, whatever stop was meanwhile asked for
+    reported: bool = False
 
 
 def collect(files: JobFiles, host: str) -> Verdict:
@@ -348,9 +415,10 @@ def collect(files: JobFiles, host: str) -> Verdict:
     except (VmjobsError, OSError) as exc:
         return Verdict(JobState.FAILED, f"output refused: {exc}")
     if result.status != "ok" or result.exit_code is None:
-        return Verdict(JobState.FAILED, no_result(result, files.console(host)))
+        return Verdict(JobState.FAILED, no_result(result, files.console(host)),
+                       reported=result.exit_code is not None)
     state = JobState.COMPLETED if result.exit_code == 0 else JobState.FAILED
-    return Verdict(state, f"exit status {result.exit_code}", result.exit_code)
+    return Verdict(state, f"exit status {result.exit_code}", result.exit_code, reported=True)
 
 
 def no_result(result: guest_protocol.GuestResult, console: Path) -> str:

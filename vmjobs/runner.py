@@ -24,7 +24,17 @@ import placement
 from placement import Allocation, Request
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
-from vmjobs.guest import GuestEnd, GuestPlan, JobFiles, collect, follow_output, prepare
+from vmjobs.guest import (
+    OUTPUT_CHECK_S,
+    GuestEnd,
+    GuestPlan,
+    JobFiles,
+    OutputGuard,
+    Verdict,
+    collect,
+    follow_output,
+    prepare,
+)
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
 from vmjobs.spec import check_paths
@@ -266,39 +276,50 @@ def _launch_and_follow(config: Config, store: Store, conn: Connection, job: RunR
             raise
         try:
             store.transition(job_id, JobState.RUNNING, "guest started")
-            return _follow(store, conn, dom, job, job_id, allocation, files, write, note)
+            return _follow(config, store, conn, dom, job, job_id, allocation, files, write,
+                           note)
         except Interrupted as exc:
             destroy_quietly(dom)
             name = "SIGINT" if exc.signum == signal.SIGINT else "SIGTERM"
-            store.transition(job_id, JobState.CANCELLED, f"{name}: guest destroyed", release=True)
+            try:
+                store.transition(job_id, JobState.CANCELLED, f"{name}: guest destroyed",
+                                 release=True)
+            except sqlite3.OperationalError as store_exc:  # a Ctrl+C on a full spool
+                raise _unrecorded(config, job_id, store_exc) from None
             note(f"job {job_id} cancelled ({name}); guest destroyed, reservation released")
             return EXIT_SIGINT if exc.signum == signal.SIGINT else EXIT_SIGTERM
         except sqlite3.OperationalError as exc:  # the store is full or unwritable
             destroy_quietly(dom)
-            raise VmjobsError(
-                f"job {job_id}: its end could not be recorded in {config.state_db} ({exc}); "
-                "its guest is stopped and its reservation is freed by the next vmjob run or "
-                "the daemon once there is room (this process, which held it, is gone)"
-            ) from None
+            raise _unrecorded(config, job_id, exc) from None
         except BaseException as exc:
             destroy_quietly(dom)
             store.transition(job_id, JobState.FAILED, f"vmjob failed: {exc}", release=True)
             raise
 
 
-def _follow(store: Store, conn: Connection, dom: Domain, job: RunRequest, job_id: str,
-            allocation: Allocation, files: JobFiles, write: Callable[[str], None],
+def _unrecorded(config: Config, job_id: str, exc: sqlite3.OperationalError) -> VmjobsError:
+    return VmjobsError(
+        f"job {job_id}: its end could not be recorded in {config.state_db} ({exc}); "
+        "its guest is stopped and its reservation is freed by the next vmjob run or "
+        "the daemon once there is room (this process, which held it, is gone)")
+
+
+def _follow(config: Config, store: Store, conn: Connection, dom: Domain, job: RunRequest,
+            job_id: str, allocation: Allocation, files: JobFiles, write: Callable[[str], None],
             note: Callable[[str], None]) -> int:
     deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
     # a character split across two reads is completed by the next one, never replaced
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     guest = GuestEnd(conn, dom, files)
+    guard, stopped = OutputGuard(files, config.output_limit_bytes), None
     try:
-        for chunk in follow_output(files, guest, deadline=deadline):
+        for chunk in follow_output(files, guest, deadline=deadline, every_s=OUTPUT_CHECK_S):
             if chunk:
                 text = decoder.decode(chunk)
                 if text:
                     write(text)
+            if stopped is None and (stopped := guard.check()) is not None:
+                destroy_quietly(dom)  # what it wrote is still read to the end, then collected
             if deadline is not None and time.monotonic() >= deadline and not guest.ended():
                 destroy_quietly(dom)
                 reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
@@ -308,7 +329,8 @@ def _follow(store: Store, conn: Connection, dom: Domain, job: RunRequest, job_id
         tail = decoder.decode(b"", final=True)
         if tail:
             write(tail)
-        return _collect(store, job, job_id, files, allocation.host, note, guest)
+        return _collect(store, job, job_id, files, allocation.host, note, guest,
+                        stopped)
     finally:
         guest.close()
 
@@ -323,14 +345,17 @@ GONE_AFTER_POWER_OFF_S = 30.0
 
 
 def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: str,
-             note: Callable[[str], None], guest: GuestEnd) -> int:
-    """The guest powered off (or stopped): read its verdict and its output, record the end
-    now, and free its cores once QEMU is gone (as the daemon does)."""
+             note: Callable[[str], None], guest: GuestEnd, stopped: str | None = None) -> int:
+    """The guest powered off (or stopped; by us for the reason `stopped`): read its verdict
+    and its output, record the end now, and free its cores once QEMU is gone (as the daemon
+    does)."""
     verdict = collect(files, host)
+    if stopped is not None and not verdict.reported:
+        verdict = Verdict(JobState.FAILED, stopped)
     gone = guest.stopped.is_set()
     if verdict.exit_code is None:
+        note(f"job {job_id}: {verdict.reason}")  # said even if the store cannot take it
         store.transition(job_id, verdict.state, verdict.reason, release=gone)
-        note(f"job {job_id}: {verdict.reason}")
         code = EXIT_VMJOB_FAILED
     else:
         if job.output_dir is not None and files.out.exists():

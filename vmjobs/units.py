@@ -34,6 +34,14 @@ def format_mib(mib: float) -> str:
     return f"{mib:g} MiB"
 
 
+def format_bytes(count: int) -> str:
+    """1073741824 -> '1 GiB', 1048576 -> '1 MiB', 1000 -> '1000 bytes'."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.4g} {unit}"
+    return f"{count} bytes"
+
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)", re.IGNORECASE)
 _DURATION_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -182,24 +182,44 @@ def image_root() -> Path:
 def make_daemon(image_root: Path) -> Iterator[Any]:
     """A factory: a daemon with a fresh spool of its own (not started)."""
     made: list[Daemon] = []
+    mounted: list[Path] = []  # tmpfs spools
 
-    def make(name: str, hosts: list[dict[str, Any]] | None = None, **extra: Any) -> Daemon:
+    def make(name: str, hosts: list[dict[str, Any]] | None = None,
+             spool_size: str | None = None, **extra: Any) -> Daemon:
+        """`spool_size` (e.g. "32m"): the spool is a tmpfs of that size, unmounted at the
+        end whatever happens; the daemon's log then lives beside it, not in it."""
         spool = image_root / f"d-{name}"
+        if os.path.ismount(spool):  # left by a run that was killed
+            subprocess.run(["umount", "-l", str(spool)], check=True)
         shutil.rmtree(spool, ignore_errors=True)
         spool.mkdir(mode=0o755)
+        if spool_size is not None:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={spool_size},mode=755",
+                            "tmpfs", str(spool)], check=True)
+            mounted.append(spool)
         spool.chmod(0o755)
         for shared in ("images", "cache"):
             (spool / shared).symlink_to(image_root / shared)
         socket = spool / "vmjobs.sock"
         config = write_config(spool / "config.yaml", spool, socket, hosts or [host_entry()],
                               **extra)
-        daemon = Daemon(name, spool, config, socket, spool / "daemon.log")
+        log = image_root / f"d-{name}.log" if spool_size is not None else spool / "daemon.log"
+        daemon = Daemon(name, spool, config, socket, log)
         made.append(daemon)
         return daemon
 
-    yield make
-    for daemon in made:
-        daemon.stop()
+    try:
+        yield make
+        for daemon in made:
+            daemon.stop()
+        _destroy_leftovers(made)
+    finally:
+        for spool in mounted:
+            # lazily: a QEMU that still had a file open must not keep the mount forever
+            subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+def _destroy_leftovers(made: list[Daemon]) -> None:
     ours = {f"vmjob-{r['id']}" for d in made if (d.spool / "state.db").exists()
             for r in d.query("SELECT id FROM jobs")}
     leftovers = sorted(set(our_domains()) & ours)

@@ -168,3 +168,60 @@ def test_clients_reconnect_after_a_daemon_restart_and_return_the_exit_code(
     assert ran + run_rest == expected
     assert "reconnecting" in run_err and "Traceback" not in run_err, run_err
     no_domains_left()
+
+
+@pytest.fixture(scope="module")
+def capped_daemon(make_daemon: Any) -> Iterator[Daemon]:
+    d = make_daemon("capped", output_limit="1M")
+    yield d
+    d.stop()
+
+
+# ~3.4 MB of numbered lines, then a last line the cap never lets through
+OVER_CAP_JOB = "seq 1 500000; echo end"
+OVER_CAP_OUTPUT = "".join(f"{i}\n" for i in range(1, 500001)) + "end\n"
+CAP_LINE = "output exceeded output_limit 1 MiB; guest stopped"
+
+
+def reservations_freed(daemon: Daemon, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while daemon.reservations():  # freed once libvirt reports the guest stopped
+        assert time.monotonic() < deadline, daemon.query("SELECT * FROM cpu_reservations")
+        time.sleep(0.1)
+
+
+@MODES
+def test_output_past_output_limit_stops_the_job_failed_saying_so(
+        capped_daemon: Daemon, mode: str) -> None:
+    in_mode(capped_daemon, mode)
+    result = capped_daemon.vmjob("run", "--", "sh", "-c", OVER_CAP_JOB, timeout=BIG_TIMEOUT_S)
+    assert result.returncode == 125, result.stderr
+    said = [line for line in result.stderr.splitlines() if CAP_LINE in line]
+    assert len(said) == 1, result.stderr
+    # what the job wrote before it was stopped arrives (at least the cap; at most what it
+    # wrote in the second until the next look), never a silent cut
+    got = result.stdout
+    assert 1 << 20 < len(got) < len(OVER_CAP_OUTPUT), len(got)
+    assert got == OVER_CAP_OUTPUT[:len(got)], _first_difference(got, OVER_CAP_OUTPUT)
+    rows = capped_daemon.query("SELECT id, state, exit_code, message FROM jobs "
+                               "ORDER BY rowid DESC LIMIT 1")
+    assert (rows[0]["state"], rows[0]["exit_code"], rows[0]["message"]) == \
+        ("FAILED", None, CAP_LINE)
+    if mode == "daemon":  # `vmjob wait` says the same
+        waited = capped_daemon.vmjob("wait", rows[0]["id"])
+        assert waited.returncode == 125 and CAP_LINE in waited.stderr, waited.stderr
+    no_domains_left()
+    reservations_freed(capped_daemon)
+
+
+@MODES
+def test_output_under_output_limit_is_untouched(capped_daemon: Daemon, mode: str) -> None:
+    in_mode(capped_daemon, mode)
+    # ~590 KB, written in several seconds under TCG: the watch looks at it more than once
+    result = capped_daemon.vmjob("run", "--", "sh", "-c", "seq 1 100000; exit 7",
+                                 timeout=BIG_TIMEOUT_S)
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == "".join(f"{i}\n" for i in range(1, 100001))
+    assert "output_limit" not in result.stderr
+    no_domains_left()
+    reservations_freed(capped_daemon)

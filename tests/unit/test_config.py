@@ -210,6 +210,17 @@ HOSTILE = [
     ({"max_connections": 0}, "max_connections: must be an integer >= 1"),
     ({"max_connections_per_user": -5}, "max_connections_per_user: must be an integer >= 1"),
     ({"max_connections": 1e9}, "max_connections: must be an integer >= 1"),
+    ("output_limit: 12Q\n", "output_limit: invalid output_limit '12Q': use a number of bytes "
+     "or a size like 512M, 1.5G, 64G, or 'unlimited'"),
+    ("output_limit: 0\n", "output_limit: invalid output_limit '0': must be greater than zero, "
+     "or 'unlimited'"),
+    ("output_limit: -1G\n", "output_limit: invalid output_limit '-1G': use a number of bytes "
+     "or a size like 512M, 1.5G, 64G, or 'unlimited'"),
+    ("output_limit: .nan\n", "output_limit: invalid output_limit 'nan': use a number of bytes "
+     "or a size like 512M, 1.5G, 64G, or 'unlimited'"),
+    ("output_limit: off\n", "output_limit: must be a size such as 1G or 'unlimited'"),
+    ("output_limit: Unlimited\n", "output_limit: invalid output_limit 'Unlimited': use a "
+     "number of bytes or a size like 512M, 1.5G, 64G, or 'unlimited'"),
 ]
 
 
@@ -254,6 +265,18 @@ def test_missing_admin_group_is_a_warning(tmp_path: Path) -> None:
         "acts on every job"]
     assert config.system_warnings(load(str(write(tmp_path / "d.yaml", {"admin_group": "root"})))
                                   ) == []
+
+
+@pytest.mark.parametrize(("text", "limit"), [
+    ("", 1 << 30),  # the default: 1 GiB
+    ("output_limit: 1M\n", 1 << 20),
+    ("output_limit: 1.5G\n", 1536 << 20),
+    ("output_limit: 3000000\n", 3 << 20),  # bytes, rounded up to whole MiB
+    ("output_limit: 20 GiB\n", 20 << 30),
+    ("output_limit: unlimited\n", None),
+])
+def test_output_limit(tmp_path: Path, text: str, limit: int | None) -> None:
+    assert load(str(write(tmp_path / "c.yaml", text))).output_limit_bytes == limit
 
 
 def test_preemption_and_migration_limit(tmp_path: Path) -> None:

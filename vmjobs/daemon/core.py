@@ -40,7 +40,15 @@ from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.daemon.sampler import Sampler, read_vcpu_ns
 from vmjobs.errors import VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare
+from vmjobs.guest import (
+    OUTPUT_CHECK_S,
+    GuestPlan,
+    JobFiles,
+    OutputGuard,
+    Verdict,
+    collect,
+    prepare,
+)
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
 from vmjobs.jobs import JobRecord, JobState, domain_name
@@ -407,7 +415,7 @@ class Daemon:
         end, free everything (once the guest is gone)."""
         files = JobFiles.of(self.config.spool, active.job_id)
         verdict = collect(files, active.host)
-        if verdict.exit_code is None and active.stop is not None:
+        if not verdict.reported and active.stop is not None:
             # destroyed on purpose; a job that reported an exit status finished by itself
             verdict = Verdict(*active.stop)
         with self.lock:
@@ -423,6 +431,44 @@ class Daemon:
                 self.finish(active.job_id, verdict)
             if noticed is not None:
                 self.metrics.event_latency(time.time() - noticed)
+
+    # --- output -------------------------------------------------------------------------------
+
+    def watch_output(self) -> None:
+        """Thread: stop the jobs whose output must stop them (`guest.OutputGuard`: past
+        `output_limit`, or stalled on a full spool); they end FAILED with the reason.
+
+        Looks every OUTPUT_CHECK_S while some job's guest runs (see there why that cadence;
+        nothing else watches a running job: its end comes as a libvirt event) and sleeps on
+        the condition, with no timeout, while none does."""
+        watches: dict[str, OutputGuard] = {}
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+                running = [a.job_id for a in self.active.values()
+                           if a.phase in (Phase.RUNNING, Phase.MOVING) and a.stop is None]
+                if not running:
+                    watches.clear()
+                    self.changed.wait()  # a launch wakes it
+                    continue
+            for job_id in list(watches):
+                if job_id not in running:
+                    del watches[job_id]
+            for job_id in running:
+                watch = watches.get(job_id)
+                if watch is None:
+                    files = JobFiles.of(self.config.spool, job_id)
+                    watch = watches[job_id] = OutputGuard(files, self.config.output_limit_bytes)
+                try:
+                    reason = watch.check()
+                    if reason is not None:
+                        log.warning("job %s: %s", job_id, reason)
+                        self.stop(job_id, JobState.FAILED, reason)
+                except Exception:  # never the end of this thread: the next look tries again
+                    log.exception("job %s: watching its output failed", job_id)
+            with self.lock:
+                self.changed.wait_for(lambda: self.stopping, OUTPUT_CHECK_S)
 
     # --- notes from the hosts -----------------------------------------------------------------
 
@@ -454,6 +500,8 @@ class Daemon:
             if active.phase == Phase.MOVING:
                 return  # it left this host (migrated, saved); the mover looks where it is now
             active.stopped_at = note.at
+            if note.job_id in self.unrecorded:
+                return  # its end waits for room in the store; the retry frees the cores with it
             if active.phase == Phase.ENDED:  # its end was recorded at power-off: free the cores
                 self.store.release(note.job_id)
                 self.active.pop(note.job_id, None)

@@ -115,9 +115,9 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
         if metrics_port is not None:
             daemon.metrics.serve(metrics_port, metrics_address)
             log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
-        for target, name in ((scheduler.run, "scheduler"), (daemon.notes_loop, "notes")):
-            threading.Thread(target=target, args=() if name == "notes" else (daemon,),
-                             name=name, daemon=True).start()
+        for target, name in ((lambda: scheduler.run(daemon), "scheduler"),
+                             (daemon.notes_loop, "notes"), (daemon.watch_output, "output")):
+            threading.Thread(target=target, name=name, daemon=True).start()
         if config.usage_sample_interval_s > 0:
             threading.Thread(target=daemon.sampler.run, name="sampler", daemon=True,
                              args=(daemon.changed, lambda: daemon.stopping,

@@ -84,6 +84,10 @@ class Config:
     # how long a host may stay unreachable (its jobs UNREACHABLE, guests perhaps running on)
     # before it is declared down and its jobs LOST; libvirtd restarts take seconds
     host_down_after_s: float = 300.0
+    # guests' real CPU use (vmjobs.daemon.sampler): how often each running guest's vCPU time
+    # is read (0: never) and how much of it is kept per job
+    usage_sample_interval_s: float = 10.0
+    usage_window_s: float = 60.0
 
     @property
     def state_db(self) -> Path:
@@ -202,7 +206,8 @@ def parse(data: Any, path: str) -> Config:
          "kvm_probe_timeout",
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
-         "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after"}
+         "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
+         "usage_sample_interval", "usage_window"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -256,6 +261,8 @@ def parse(data: Any, path: str) -> Config:
         spool_min_free_mib=top.size_mib("spool_min_free", Config.spool_min_free_mib),
         upload_ttl_s=float(top.int("upload_ttl", int(Config.upload_ttl_s), minimum=1)),
         host_down_after_s=_host_down_after(top),
+        usage_sample_interval_s=_duration(top, "usage_sample_interval", 10.0, zero=True),
+        usage_window_s=_duration(top, "usage_window", 60.0),
     )
 
 
@@ -309,6 +316,24 @@ def _host_down_after(top: _Reader) -> float:
         raise top.fail("host_down_after", problem) from None
     if not 0 < seconds <= MAX_HOST_DOWN_AFTER_S:  # also refuses NaN
         raise top.fail("host_down_after", problem)
+    return seconds
+
+
+def _duration(top: _Reader, key: str, default: float, zero: bool = False) -> float:
+    """A duration key: seconds or e.g. 10s, 5m; from 1 s to a day (or 0 with `zero`). Less
+    than a second would have the daemon read libvirt for every guest continuously."""
+    value = top.data.get(key, default)
+    problem = (f"must be a duration from 1s to 1d{' (0: off)' if zero else ''}, "
+               "e.g. 10s, 1m or 30")
+    if isinstance(value, bool):
+        raise top.fail(key, problem)
+    try:
+        seconds = (0.0 if zero and str(value).strip() in ("0", "0s") else
+                   parse_duration(value) if isinstance(value, str) else float(value))
+    except (VmjobsError, TypeError, ValueError):
+        raise top.fail(key, problem) from None
+    if not (1 <= seconds <= 86400 or (zero and seconds == 0)):  # also refuses NaN
+        raise top.fail(key, problem)
     return seconds
 
 

@@ -8,6 +8,7 @@ from reading what is held to writing the new reservation.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -26,6 +27,7 @@ from vmjobs.codec import (
 )
 from vmjobs.errors import VmjobsError
 from vmjobs.jobs import UNFINISHED, JobRecord, JobState, check_transition
+from vmjobs.usage import Holding, JobHistory, Mark
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,7 +63,8 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT NOT NULL,
     host TEXT,
     reason TEXT,
-    note INTEGER NOT NULL DEFAULT 0
+    note INTEGER NOT NULL DEFAULT 0,
+    held TEXT
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
 CREATE TABLE IF NOT EXISTS cordons (
@@ -213,13 +216,18 @@ class Store:
     def _upgrade(self) -> None:
         """Bring a store written by an older vmjobs to this schema; its records stay readable."""
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(events)")}
-        if "note" not in columns:
-            # before notes existed, a note was an event repeating the job's state
+        # before notes existed, a note was an event repeating the job's state; before usage
+        # accounting, events did not say what the job held (`held` NULL: counted as nothing)
+        for column, kind in (("note", "INTEGER NOT NULL DEFAULT 0"), ("held", "TEXT")):
+            if column in columns:
+                continue
             try:
-                self.db.execute("ALTER TABLE events ADD COLUMN note INTEGER NOT NULL DEFAULT 0")
+                self.db.execute(f"ALTER TABLE events ADD COLUMN {column} {kind}")
             except sqlite3.OperationalError as exc:
                 if "duplicate column" not in str(exc):  # another process upgraded it first
                     raise
+        # made here, not in SCHEMA, so that it follows the `held` column on an old store
+        self.db.execute("CREATE INDEX IF NOT EXISTS events_time ON events(time)")
 
     def close(self) -> None:
         self.db.close()
@@ -342,10 +350,13 @@ class Store:
 
     def _event(self, job_id: str, state: JobState, host: str | None, reason: str | None,
                now: float, note: bool = False) -> None:
+        # `held`: the job's reservation as it stands after this event (a copy of its
+        # allocation, NULL when it holds nothing), so usage accounting (`vmjobs.usage`) can
+        # replay who held what when from the events alone, after the rows are freed.
         self.db.execute(
-            "INSERT INTO events (job_id, time, state, host, reason, note)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, now, state.value, host, reason, int(note)),
+            "INSERT INTO events (job_id, time, state, host, reason, note, held)"
+            " SELECT ?, ?, ?, ?, ?, ?, allocation FROM jobs WHERE id = ?",
+            (job_id, now, state.value, host, reason, int(note), job_id),
         )
 
     def _current(self, job_id: str) -> sqlite3.Row:
@@ -470,6 +481,33 @@ class Store:
             "SELECT host FROM events WHERE job_id = ? AND state = ? AND host IS NOT NULL "
             "AND note = 0 ORDER BY id", (job_id, JobState.RUNNING.value))
         return [r["host"] for r in rows]
+
+    def usage_histories(self, since: float) -> list[JobHistory]:
+        """The events of every job that had one at or after `since` (Unix s) or holds cores
+        now, for `vmjobs.usage`. Bounded by `since` through the `events_time` index (a job
+        held since before `since` is found through its reservation rows)."""
+        rows = self.db.execute(
+            "SELECT e.job_id, j.owner, j.created, e.time, e.state, e.note, e.held"
+            " FROM events e JOIN jobs j ON j.id = e.job_id"
+            " WHERE e.job_id IN (SELECT job_id FROM events WHERE time >= ?"
+            "                    UNION SELECT job_id FROM cpu_reservations)"
+            " ORDER BY e.job_id, e.id", (since,))
+        histories = []
+        decoded: dict[str, Holding] = {}  # a job's events mostly repeat one allocation
+
+        def holding(text: str | None) -> Holding | None:
+            if not text:
+                return None
+            if text not in decoded:
+                decoded[text] = Holding.from_allocation(json.loads(text))
+            return decoded[text]
+
+        for job_id, group in itertools.groupby(rows, key=lambda r: r["job_id"]):
+            events = list(group)
+            marks = tuple(Mark(r["time"], JobState(r["state"]), holding(r["held"]),
+                               bool(r["note"])) for r in events)
+            histories.append(JobHistory(job_id, events[0]["owner"], events[0]["created"], marks))
+        return histories
 
     def job(self, job_id: str) -> JobRecord | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

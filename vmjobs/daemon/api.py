@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import placement
-from vmjobs import __version__
+from vmjobs import __version__, usage
 from vmjobs.config import system_warnings
 from vmjobs.daemon import logs, moves
 from vmjobs.daemon.core import Daemon
@@ -62,6 +62,9 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "position": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
     }
+    use = daemon.sampler.used(record.id)
+    view["cpu_used_cores"] = None if use is None else round(use.cores, 3)
+    view["cpu_used_over_s"] = None if use is None else round(use.over_s, 1)
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
         view["position"] = wait.position
@@ -98,6 +101,7 @@ class Api:
         router.add("POST", "/v1/hosts/{host}/drain", self.drain)
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
+        router.add("GET", "/v1/usage", self.usage)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -474,6 +478,23 @@ class Api:
         return progress_stream(lambda emit: (emit({"plan": shown}), moves.carry_out(
             self.daemon, plan, moves.policy_for(self.daemon),
             note=lambda m: emit({"note": m})))[1])
+
+    def usage(self, req: ApiRequest) -> Json:
+        """The load average per host or node, or per-user accounting (`vmjobs.usage.report`),
+        over the last `since` seconds (default a day). Anyone may read host and node figures;
+        per-user rows are the caller's own unless an admin asks (as `sreport` does)."""
+        by = req.query.get("by") or "host"
+        if by not in usage.GROUPINGS:
+            raise ApiError(400, f"by={by!r}: use one of {', '.join(usage.GROUPINGS)}")
+        since_s = req.number("since", 1, usage.MAX_SINCE_S) or usage.DEFAULT_SINCE_S
+        now = time.time()
+        daemon = self.daemon
+        with daemon.lock:
+            histories = daemon.store.usage_histories(now - since_s)
+            cluster = daemon.live.cluster()
+        capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
+        return Json(usage.report(histories, capacity, now, now - since_s, by,
+                                 None if req.caller.admin else req.caller.name))
 
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)

@@ -39,6 +39,7 @@ from vmjobs.daemon.hosts import (
 from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Planner, Wait
+from vmjobs.daemon.sampler import Sampler, read_vcpu_ns
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import (
     OUTPUT_CHECK_S,
@@ -185,6 +186,9 @@ class Daemon:
         self.dirty = True
         self.stopping = False
         self.metrics = Metrics()
+        # guests' real CPU use; its thread is started by `daemon.main` when sampling is on
+        self.sampler = Sampler(config.usage_sample_interval_s, config.usage_window_s,
+                               lambda host, job_id: read_vcpu_ns(self.hosts.conn(host), job_id))
         self.restoring: set[str] = set()  # checkpointed jobs being restored now
         self.preempting: str | None = None  # the job that preemption is making room for
         self.scheduler = SchedulerState()
@@ -331,6 +335,10 @@ class Daemon:
                 self.free(job_id)  # its end was recorded; only the release was left to do
                 return
             self.finish(job_id, Verdict(JobState.FAILED, reason))
+
+    def running_guests(self) -> list[tuple[str, str]]:
+        """(job, host) of every job whose guest runs now. Caller holds the lock."""
+        return [(a.job_id, a.host) for a in self.active.values() if a.phase == Phase.RUNNING]
 
     def queued(self) -> list[tuple[JobRecord, Request]]:
         """The queue in queue order, as the store has it now (followed by change). Caller holds

@@ -21,7 +21,7 @@ from vmjobs.config import Config, system_warnings
 from vmjobs.daemon import scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
-from vmjobs.daemon.metrics import Present
+from vmjobs.daemon.metrics import JobCpu, Present
 from vmjobs.daemon.recovery import reconcile_host, recover
 from vmjobs.daemon.server import Limits, UnixHTTPServer
 from vmjobs.errors import VmjobsError
@@ -35,10 +35,18 @@ def present(daemon: Daemon) -> Present:
         counts = daemon.store.count_by_state()
         cluster = daemon.live.cluster()
         usage = [cluster.free(name) for name in cluster.hosts]
+        held = daemon.store.held()
+    cpu = []
+    for h in held:
+        use = daemon.sampler.used(h.job_id)
+        cpu.append(JobCpu(h.job_id, h.allocation.host, len(h.allocation.cpus),
+                          None if use is None else use.cores,
+                          tuple((n.node, len(n.cpus)) for n in h.allocation.nodes)))
     return Present(
         jobs_by_state=counts,
         hosts_up={h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
         usage=usage,
+        cpu=cpu,
     )
 
 
@@ -110,6 +118,10 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
         for target, name in ((lambda: scheduler.run(daemon), "scheduler"),
                              (daemon.notes_loop, "notes"), (daemon.watch_output, "output")):
             threading.Thread(target=target, name=name, daemon=True).start()
+        if config.usage_sample_interval_s > 0:
+            threading.Thread(target=daemon.sampler.run, name="sampler", daemon=True,
+                             args=(daemon.changed, lambda: daemon.stopping,
+                                   daemon.running_guests)).start()
 
         def stop(signum: int, _frame: object) -> None:
             log.info("%s: stopping (jobs keep running)", signal.Signals(signum).name)

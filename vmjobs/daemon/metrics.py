@@ -23,12 +23,25 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 
 @dataclass(frozen=True)
+class JobCpu:
+    """A job's held vCPU cores and the cores it used over its sampler window (None: not
+    sampled yet, or sampling is off)."""
+
+    job_id: str
+    host: str
+    held: int
+    used: float | None
+    held_by_node: tuple[tuple[int, int], ...] = ()  # (node, vCPU cores) of its allocation
+
+
+@dataclass(frozen=True)
 class Present:
     """What the gauges show, read under the daemon's lock at scrape time."""
 
     jobs_by_state: dict[str, int]
     hosts_up: dict[str, bool]
     usage: list[HostUsage] = field(default_factory=list)
+    cpu: list[JobCpu] = field(default_factory=list)
 
 
 class Metrics:
@@ -104,3 +117,42 @@ class _PresentCollector(Collector):
         yield used
         yield free
         yield mem_free
+        yield from _cpu_use(present.cpu)
+
+
+def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
+    """Held vs used cores per job, host and NUMA node (issue 13: what borrowing will lend)."""
+    held = GaugeMetricFamily("vmjobs_job_cores_held", "vCPU cores a job holds (pinned)",
+                             labels=["job", "host"])
+    used = GaugeMetricFamily("vmjobs_job_cores_used", "Cores a job's vCPUs ran on average "
+                             "over the sampler window (usage_window)", labels=["job", "host"])
+    host_held = GaugeMetricFamily("vmjobs_host_cores_held",
+                                  "vCPU cores held by running jobs", labels=["host"])
+    host_used = GaugeMetricFamily("vmjobs_host_cores_used", "Cores the sampled jobs' vCPUs "
+                                  "ran on average over the sampler window", labels=["host"])
+    node_held = GaugeMetricFamily("vmjobs_node_cores_held",
+                                  "vCPU cores held by running jobs", labels=["host", "node"])
+    node_used = GaugeMetricFamily("vmjobs_node_cores_used", "Cores the sampled jobs' vCPUs "
+                                  "ran, each job's use split over its nodes in proportion to "
+                                  "its vCPUs there", labels=["host", "node"])
+    by_host: dict[str, list[float]] = {}
+    by_node: dict[tuple[str, int], list[float]] = {}
+    for job in jobs:
+        held.add_metric([job.job_id, job.host], job.held)
+        totals = by_host.setdefault(job.host, [0.0, 0.0])
+        totals[0] += job.held
+        if job.used is not None:
+            used.add_metric([job.job_id, job.host], job.used)
+            totals[1] += job.used
+        for node, cpus in job.held_by_node:
+            node_totals = by_node.setdefault((job.host, node), [0.0, 0.0])
+            node_totals[0] += cpus
+            if job.used is not None and job.held:
+                node_totals[1] += job.used * cpus / job.held
+    for host, (h, u) in sorted(by_host.items()):
+        host_held.add_metric([host], h)
+        host_used.add_metric([host], u)
+    for (host, node), (h, u) in sorted(by_node.items()):
+        node_held.add_metric([host, str(node)], h)
+        node_used.add_metric([host, str(node)], u)
+    yield from (held, used, host_held, host_used, node_held, node_used)

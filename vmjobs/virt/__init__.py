@@ -3,8 +3,9 @@
 Connections (`conn`), host inventory (`inventory`), domain XML (`domain_xml`), NIC replug
 (`replug`), the guest clock (`guestclock`), the KVM probe (`probe`), the migration driver
 (`migration`), save/restore (`saves`), live re-pinning (`pinning`), domain jobs and states
-(`domains`) and lifecycle events with keepalive (`events`). The rest of vmjobs names libvirt's
-types and its error only through the aliases below, so what vmjobs asks of libvirt is all here.
+(`domains`), guests' vCPU time (`stats`) and lifecycle events with keepalive (`events`). The
+rest of vmjobs names libvirt's types and its error only through the aliases below, so what
+vmjobs asks of libvirt is all here.
 """
 
 from __future__ import annotations

@@ -1,0 +1,14 @@
+"""A guest's CPU use as libvirt counts it (for the daemon's usage sampler)."""
+
+from __future__ import annotations
+
+from vmjobs.virt import Domain
+
+
+def vcpu_time_ns(dom: Domain) -> int:
+    """Total CPU time the guest's vCPU threads have run, summed over its vCPUs, in
+    nanoseconds since its QEMU process started (`virDomainGetVcpus`' cpuTime; a migrated or
+    restored guest's new process counts from 0 again). Emulator and I/O threads are not
+    included: this is what the job itself ran. VirtError if the guest is gone or inactive."""
+    info, _maps = dom.vcpus()
+    return sum(int(cpu_time) for _number, _state, cpu_time, _cpu in info)

@@ -27,6 +27,7 @@ DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
 EMBEDDED = "<embedded default>"
 VIRT_TYPES = ("kvm", "qemu", "auto")
 NIC_BACKENDS = ("vfio", "emulated")
+START_MODES = ("cold", "warm", "auto")  # vmjobs/template.py
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _VENDOR_PRODUCT = re.compile(r"^(0x)?[0-9a-f]{4}:(0x)?[0-9a-f]{4}$")
@@ -83,6 +84,9 @@ class Config:
     # how long a host may stay unreachable (its jobs UNREACHABLE, guests perhaps running on)
     # before it is declared down and its jobs LOST; libvirtd restarts take seconds
     host_down_after_s: float = 300.0
+    # how a job's guest starts: booted (cold), restored from a template of its image and shape
+    # (warm; the start fails if that cannot be done), or warm where possible, else cold (auto)
+    start: str = "cold"
 
     @property
     def state_db(self) -> Path:
@@ -198,7 +202,7 @@ def parse(data: Any, path: str) -> Config:
         {"spool", "hosts", "virt_type", "nic_backend", "output_disk_size", "kvm_probe_timeout",
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
-         "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after"}
+         "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after", "start"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -251,6 +255,7 @@ def parse(data: Any, path: str) -> Config:
         spool_min_free_mib=top.size_mib("spool_min_free", Config.spool_min_free_mib),
         upload_ttl_s=float(top.int("upload_ttl", int(Config.upload_ttl_s), minimum=1)),
         host_down_after_s=_host_down_after(top),
+        start=top.str("start", "cold", START_MODES),
     )
 
 

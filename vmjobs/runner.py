@@ -24,10 +24,10 @@ import libvirt
 
 import placement
 from placement import Allocation, Request
-from vmjobs import virt_probe
+from vmjobs import template, virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output, prepare, start
+from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output
 from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
@@ -236,17 +236,16 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
         try:
             virt_type = virt_probe.virt_type(config, host_config, conn, image, allocation,
                                               note)
-            xml = prepare(
-                GuestPlan(
-                    job_id=job_id, owner=user, owner_uid=os.getuid(), argv=job.argv,
-                    env=job.env, allocation=allocation, image=image, virt_type=virt_type,
-                    output_disk_mib=config.output_disk_mib, input_dir=job.input_dir,
-                    emulator_cpus=host_config.reserved_cpus,
-                ),
-                files,
+            plan = GuestPlan(
+                job_id=job_id, owner=user, owner_uid=os.getuid(), argv=job.argv,
+                env=job.env, allocation=allocation, image=image, virt_type=virt_type,
+                output_disk_mib=config.output_disk_mib, input_dir=job.input_dir,
+                emulator_cpus=host_config.reserved_cpus,
             )
-            store.transition(job_id, JobState.STARTING, f"starting ({virt_type})")
-            dom = start(conn, xml)
+            dom, _how = template.launch(
+                config.start, conn, plan, files, config.spool, note,
+                lambda how: store.transition(job_id, JobState.STARTING,
+                                             f"starting ({virt_type}, {how})"))
         except BaseException as exc:
             # Nothing ran: leave no trace of the job at all.
             destroy_quietly(dom)

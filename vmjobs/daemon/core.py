@@ -23,7 +23,7 @@ from typing import Any
 
 import libvirt
 
-from vmjobs import virt_probe
+from vmjobs import template, virt_probe
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
@@ -39,7 +39,7 @@ from vmjobs.daemon.hosts import (
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Wait
 from vmjobs.errors import VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect, prepare, start
+from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect
 from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
@@ -269,20 +269,23 @@ class Daemon:
                                          lambda text: log.info("%s", text))
         files = JobFiles.of(self.config.spool, record.id)
         input_dir = files.dir / "input"
-        xml = prepare(
-            GuestPlan(
-                job_id=record.id, owner=record.owner, owner_uid=record.uid,
-                argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
-                allocation=allocation, image=image, virt_type=virt_type,
-                output_disk_mib=self.config.output_disk_mib,
-                input_dir=input_dir if input_dir.is_dir() else None,
-                emulator_cpus=host_config.reserved_cpus,
-            ),
-            files,
+        plan = GuestPlan(
+            job_id=record.id, owner=record.owner, owner_uid=record.uid,
+            argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
+            allocation=allocation, image=image, virt_type=virt_type,
+            output_disk_mib=self.config.output_disk_mib,
+            input_dir=input_dir if input_dir.is_dir() else None,
+            emulator_cpus=host_config.reserved_cpus,
         )
-        with self.lock:
-            self.store.transition(record.id, JobState.STARTING, f"starting ({virt_type})")
-        return start(conn, xml), virt_type
+
+        def starting(how: str) -> None:
+            with self.lock:
+                self.store.transition(record.id, JobState.STARTING,
+                                      f"starting ({virt_type}, {how})")
+
+        dom, how = template.launch(self.config.start, conn, plan, files, self.config.spool,
+                                   lambda text: log.info("%s", text), starting)
+        return dom, f"{virt_type}, {how}"
 
     # --- stopping -----------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ from vmjobs.guest import (
 )
 from vmjobs.hostconn import destroy_quietly, is_running
 from vmjobs.jobs import domain_name
-from vmjobs.migration import retarget_xml
+from vmjobs.retarget import retarget_xml
 
 FORMAT = 1  # bump when a template made by older code must not be used
 RESUME_SOURCE = "vmjob-resume.c"

@@ -18,7 +18,7 @@ from vmjobs.config import parse as parse_config
 from vmjobs.domain_xml import CLOCK_CHANNEL, JOB_CHANNEL, METADATA_NS, DomainSpec
 from vmjobs.errors import ConfigError
 from vmjobs.guest_protocol import JobSpec
-from vmjobs.migration import MigrationFailed
+from vmjobs.retarget import MigrationFailed
 
 ONE_CELL = Allocation(host="h1", cpus=(2, 3), memory_mib=512,
                       nodes=(NodeShare(node=0, cpus=(2, 3), memory_mib=512),))

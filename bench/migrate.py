@@ -1,7 +1,7 @@
 """Live migration and checkpoint/restore figures between two hosts (a dev cluster by default).
 
 For each guest size (128 MiB .. 1 GiB) and load (idle: `sleep`; dirty: a loop rewriting 64 MiB
-of tmpfs), boots a guest on --from, live-migrates it to --to (vmjobs.migration.migrate_domain
+of tmpfs), boots a guest on --from, live-migrates it to --to (vmjobs.virt.migration.migrate_domain
 with the default policy), then saves it to the spool and restores it on --from. Prints total
 migration time, downtime as libvirt measured it, memory moved, save and restore times and the
 checkpoint file size. Figures, not a pass/fail test.
@@ -25,15 +25,22 @@ sys.path.insert(0, str(_HERE.parent))
 
 import libvirt  # noqa: E402
 
-from vmjobs import domain_xml, guest_protocol  # noqa: E402
+from vmjobs import guest_protocol  # noqa: E402
 from vmjobs.config import load  # noqa: E402
-from vmjobs.domain_xml import DomainSpec  # noqa: E402
-from vmjobs.hostconn import destroy_quietly  # noqa: E402
+from vmjobs.convergence import Policy  # noqa: E402
 from vmjobs.image import resolve_image  # noqa: E402
 from vmjobs.jobs import new_job_id  # noqa: E402
-from vmjobs.migration import MigrationFailed, Policy, migrate_domain, migration_uri, retarget_xml  # noqa: E402
 from vmjobs.smoke import _allocation  # noqa: E402
 from vmjobs.units import format_mib, parse_size_mib  # noqa: E402
+from vmjobs.virt import domain_xml  # noqa: E402
+from vmjobs.virt.conn import destroy_quietly  # noqa: E402
+from vmjobs.virt.domain_xml import DomainSpec  # noqa: E402
+from vmjobs.virt.migration import (  # noqa: E402
+    MigrationFailed,
+    migrate_domain,
+    migration_uri,
+    retarget_xml,
+)
 
 LOADS = {
     "idle": ("sh", "-c", "echo ready; sleep 100000"),

@@ -12,7 +12,8 @@ host never fits: gangs across hosts are out of scope, so it is rejected and coun
 no size, no run time or no submit time is skipped and counted: a run time is never invented.
 Migrations are instantaneous and free in simulated time; the figures count them. Backfill is
 EASY's (placement.backfill). `--jobs-csv FILE` writes every job's outcome, so that start times
-can be checked against any other simulator.
+can be checked against any other simulator. `--borrow` replays each policy twice, without and
+with borrowing (placement.borrowsim, docs/borrowing.md), and prints both side by side.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class SimJob:
     run: int
     estimate: int  # what EASY plans with: the requested time, never below the real run time
     request: Request
+    # Processors it kept busy on average (SWF average CPU time x processors / run time, at most
+    # its processors); -1 when the trace does not say. Only borrowing (placement.borrowsim)
+    # reads it.
+    used_cpus: float = -1.0
 
 
 class Status(StrEnum):
@@ -132,9 +137,11 @@ def jobs_from_trace(trace: Trace, config: SimConfig) -> tuple[list[SimJob], list
         one_node = procs <= config.cores_per_node and memory <= config.mem_per_node_mib
         request = Request(cpus=procs, memory_mib=memory,
                           numa=NumaPolicy.STRICT if one_node else NumaPolicy.ANY)
+        used = (min(float(procs), job.average_cpu_s * procs / job.run)
+                if job.average_cpu_s >= 0 and job.run > 0 else -1.0)
         numbered.append((job.submit, position, SimJob(name, job.submit, job.run,
                                                       max(job.run, job.requested_time),
-                                                      request)))
+                                                      request, used)))
     numbered.sort(key=lambda item: item[:2])  # by submit time, then trace order
     return [job for _, _, job in numbered], skipped
 
@@ -176,12 +183,18 @@ class _Simulation:
         arrivals = list(jobs)
         i = 0
         now = first = arrivals[0].submit if arrivals else 0
-        while i < len(arrivals) or self.ends:
+        while i < len(arrivals) or self.ends or self._next_event() < math.inf:
             nxt = min(arrivals[i].submit if i < len(arrivals) else math.inf,
-                      self.ends[0][0] if self.ends else math.inf)
+                      self.ends[0][0] if self.ends else math.inf, self._next_event())
             self.busy_seconds += self.busy * (nxt - now)
             self.stranded_seconds += self.stranded * (nxt - now)
+            self._advance(int(nxt) - now)
             now = int(nxt)
+            # Only owner events start a scheduling pass: a pass at an unchanged state may still
+            # start jobs (EASY tries candidates in queue order, so one pass need not be a fixed
+            # point), and the other layer's events must not change this layer's replay.
+            changed = bool(self.ends and self.ends[0][0] == now
+                           or i < len(arrivals) and arrivals[i].submit == now)
             while self.ends and self.ends[0][0] == now:
                 _, job_id = heapq.heappop(self.ends)
                 done = self.running.pop(job_id)
@@ -195,9 +208,23 @@ class _Simulation:
                     self.outcomes[job.id] = Outcome(job.id, job.submit, Status.REJECTED)
                 else:
                     self.queue.append(job)
-            self._schedule(now)
-            self.stranded = self._stranded()
+            if changed:
+                self._schedule(now)
+                self.stranded = self._stranded()
+            self._after(now)
         return first, now
+
+    # Hooks for a second layer of jobs that runs in what this one leaves (placement.borrowsim):
+    # no-ops here, so a replay without it is exactly the replay it always was.
+    def _next_event(self) -> float:
+        """The next time (seconds) the other layer must act at; inf when it has nothing."""
+        return math.inf
+
+    def _advance(self, seconds: int) -> None:
+        """Simulated time moves on by `seconds` in the state left by the last step."""
+
+    def _after(self, now: int) -> None:
+        """Called once per event time, after this layer's ends, arrivals and starts."""
 
     def _ever_fits(self, request: Request) -> bool:
         shape = (request.cpus, request.memory_mib, request.numa)
@@ -383,6 +410,17 @@ def positive_count(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> int:
+    """A whole number of seconds >= 0, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds (0 or more)")
+    return value
+
+
 def _size(text: str) -> int:
     """A memory size such as 64G or 65536 (MiB), for argparse."""
     try:
@@ -409,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "  python -m placement.sim trace.swf --hosts 8 --nodes-per-host 2 "
                "--cores-per-node 16 --mem-per-node 64G --policy all\n"
                "  python -m placement.sim trace.swf --hosts 1 --nodes-per-host 1 "
-               "--cores-per-node 128 --policy pack --jobs-csv starts.csv",
+               "--cores-per-node 128 --policy pack --jobs-csv starts.csv\n"
+               "  python -m placement.sim trace.swf --policy pack --borrow --lend-after-s 600 "
+               "--give-back-s 5",
     )
     parser.add_argument("trace", help="SWF file (Parallel Workloads Archive format)")
     parser.add_argument("--hosts", type=positive_count, default=8)
@@ -420,12 +460,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policy", choices=(*POLICIES, "all"), default="all")
     parser.add_argument("--plan-steps", type=positive_count, default=200,
                         help="search bound of each plan_to_fit attempt (pack+migrate)")
+    borrowing = parser.add_argument_group(
+        "borrowing (docs/borrowing.md)",
+        "--borrow replays each policy twice, without and with borrowing, side by side")
+    borrowing.add_argument("--borrow", action="store_true",
+                           help="small jobs borrow cores running jobs hold and leave idle")
+    borrowing.add_argument("--borrow-max-cpus", type=positive_count, default=4, metavar="N",
+                           help="jobs asking for at most N processors borrow (default 4)")
+    borrowing.add_argument("--lend-after-s", type=_seconds, default=600, metavar="S",
+                           help="an owner's core is lent once idle S seconds (default 600)")
+    borrowing.add_argument("--give-back-s", type=_seconds, default=5, metavar="S",
+                           help="a borrower leaves a wanted core within S seconds (default 5)")
+    borrowing.add_argument("--migrate-s", type=_seconds, default=30, metavar="S",
+                           help="run time a borrower loses to a migration (default 30)")
+    borrowing.add_argument("--checkpoint-s", type=_seconds, default=60, metavar="S",
+                           help="time to save a borrower's checkpoint (default 60)")
+    borrowing.add_argument("--restore-s", type=_seconds, default=60, metavar="S",
+                           help="run time a borrower loses to a restore (default 60)")
     parser.add_argument("--jobs-csv", metavar="FILE",
                         help="write one row per job (job,submit,start,end,host,cpus,status; "
                              "status ran|rejected|skipped) for a single --policy")
     args = parser.parse_args(argv)
     if args.jobs_csv is not None and args.policy == "all":
         parser.error("--jobs-csv writes one policy's jobs: give --policy too")
+    if args.jobs_csv is not None and args.borrow:
+        parser.error("--jobs-csv writes a replay without borrowing: leave out --borrow")
     # The only I/O in placement/: reading the trace the user named, writing the CSV asked for.
     try:
         with open(args.trace, encoding="utf-8", errors="replace") as handle:
@@ -437,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.trace} is not an SWF trace: no job lines, "
                      f"{len(trace.malformed)} malformed (first: line {trace.malformed[0]})")
     policies = POLICIES if args.policy == "all" else (args.policy,)
+    if args.borrow:
+        return _borrow_main(args, trace, policies)
     results = []
     for policy in policies:
         config = SimConfig(args.hosts, args.nodes_per_host, args.cores_per_node,
@@ -457,6 +518,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"python -m placement.sim: cannot write {args.jobs_csv}: {e.strerror}",
                   file=sys.stderr)
             return 1
+    return 0
+
+
+def _borrow_main(args: argparse.Namespace, trace: Trace, policies: Sequence[str]) -> int:
+    # Imported here: placement.borrowsim builds on this module.
+    from placement.borrowsim import BorrowConfig, compare, format_comparison
+
+    borrow = BorrowConfig(args.borrow_max_cpus, args.lend_after_s, args.give_back_s,
+                          args.migrate_s, args.checkpoint_s, args.restore_s)
+    rows = []
+    for policy in policies:
+        config = SimConfig(args.hosts, args.nodes_per_host, args.cores_per_node,
+                           args.mem_per_node, policy, args.plan_steps)
+        jobs, skipped = jobs_from_trace(trace, config)
+        before, after, _ = compare(jobs, config, borrow)
+        rows += [before, after]
+    print(f"{args.trace}: {len(trace.jobs)} jobs ({len(skipped)} without size or run time, "
+          f"{len(trace.malformed)} malformed lines); cluster {args.hosts} hosts x "
+          f"{args.nodes_per_host} nodes x {args.cores_per_node} cores, "
+          f"{args.mem_per_node} MiB per node")
+    print(f"borrowers: jobs of at most {borrow.max_cpus} processors on one node; lend after "
+          f"{borrow.lend_after_s} s idle; give back within {borrow.give_back_s} s; migrate "
+          f"{borrow.migrate_s} s, checkpoint {borrow.checkpoint_s} s, restore "
+          f"{borrow.restore_s} s")
+    print(format_comparison(rows))
     return 0
 
 

@@ -27,6 +27,9 @@ class SwfJob:
     requested_memory_kb: int  # per processor
     status: int
     user: int
+    # Field 6: CPU seconds (user + system) averaged over the job's processors; below the run
+    # time when the job left processors idle. -1: unknown.
+    average_cpu_s: float = -1.0
 
     @property
     def procs(self) -> int:
@@ -76,5 +79,6 @@ def parse_swf(lines: Iterable[str]) -> Trace:
             continue
         jobs.append(SwfJob(number=f[0], submit=f[1], wait=f[2], run=f[3], allocated_procs=f[4],
                            used_memory_kb=f[6], requested_procs=f[7], requested_time=f[8],
-                           requested_memory_kb=f[9], status=f[10], user=f[11]))
+                           requested_memory_kb=f[9], status=f[10], user=f[11],
+                           average_cpu_s=float(fields[5]) if f[5] >= 0 else -1.0))
     return Trace(tuple(jobs), tuple(header), tuple(malformed))

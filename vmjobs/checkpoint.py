@@ -8,34 +8,33 @@ a time limit) aborts it the same way, so the caller acts on the running guest at
 
 `restore_job`: place again under the job's original request (NUMA policy, NICs, pool; any
 host, or `to`), reserve, rewrite the save image's XML for the new host with
-`migration.retarget_xml` (the new host's vcpupin/numatune, the new console segment), restore
+`virt.migration.retarget_xml` (the new host's vcpupin/numatune, the new console segment), restore
 with `restoreFlags(path, dxml)`, set the guest's wall clock, remove the file. A restore that
 fails releases the new reservation and leaves the job CHECKPOINTED with its file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import libvirt
-
 import placement
 from placement import Allocation
-from vmjobs import failpoints, guestclock
+from vmjobs import failpoints
 from vmjobs.codec import request_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.guest import JobFiles
-from vmjobs.hostconn import destroy_quietly, is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name
-from vmjobs.migration import retarget_xml, running_job
+from vmjobs.migration import running_job
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
+from vmjobs.virt import Connection, Domain, VirtError, domains, guestclock
+from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
+from vmjobs.virt.migration import retarget_xml
 
 SAVE_FILE = "checkpoint.save"
 
@@ -66,7 +65,7 @@ class Restored:
     clock: str
 
 
-def _abort_when_asked(dom: libvirt.virDomain, should_abort: Callable[[], str | None],
+def _abort_when_asked(dom: Domain, should_abort: Callable[[], str | None],
                       done: threading.Event, asked: list[str], poll_s: float = 0.25) -> None:
     """Thread: while a save runs, abort it (`abortJob`) once `should_abort` gives a reason,
     which is appended to `asked`."""
@@ -76,12 +75,11 @@ def _abort_when_asked(dom: libvirt.virDomain, should_abort: Callable[[], str | N
         if reason:
             asked.append(reason)
             # the save may have ended meanwhile: the caller sees how
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.abortJob()
+            domains.abort_job_quietly(dom)
             return
 
 
-def checkpoint_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
+def checkpoint_job(config: Config, store: Store, conns: Mapping[str, Connection],
                    job_id: str, should_abort: Callable[[], str | None] = lambda: None) -> Saved:
     record, _alloc = running_job(store, job_id)
     host = record.host or ""
@@ -96,8 +94,8 @@ def checkpoint_job(config: Config, store: Store, conns: Mapping[str, libvirt.vir
                                name=f"save-abort-{job_id}", daemon=True)
     watcher.start()
     try:
-        dom.save(str(path))
-    except libvirt.libvirtError as exc:
+        domains.save(dom, path)
+    except VirtError as exc:
         path.unlink(missing_ok=True)
         still = "still running" if is_running(dom) else "NOT running"
         why = f"stopped: {asked[0]}" if asked else exc.get_error_message()
@@ -115,7 +113,7 @@ def checkpoint_job(config: Config, store: Store, conns: Mapping[str, libvirt.vir
     return Saved(job_id, host, path, size, duration)
 
 
-def restore_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
+def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
                 hosts: list[placement.Host], job_id: str, to: str | None = None) -> Restored:
     record = store.job(job_id)
     if record is None:
@@ -142,18 +140,18 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, libvirt.virCon
     try:
         store.transition(job_id, JobState.RESTORING, f"restoring on {alloc.host}")
         failpoints.hit("restore:placed")
-        xml = conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_XML_SECURE)
+        xml = domains.saved_xml(conn, path)
         files = JobFiles.of(config.spool, job_id)
         dxml = retarget_xml(xml, alloc, config.host(alloc.host).reserved_cpus,
                             files.next_console(store.ran_on(job_id), alloc.host),
                             files.new_output())
-        conn.restoreFlags(str(path), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        domains.restore(conn, path, dxml)
     except BaseException as exc:
         destroy_quietly(lookup_domain(conn, domain_name(job_id)))
-        message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+        message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
         store.transition(job_id, JobState.CHECKPOINTED,
                          f"restore on {alloc.host} failed: {message}", release=True)
-        if isinstance(exc, VmjobsError | libvirt.libvirtError):
+        if isinstance(exc, VmjobsError | VirtError):
             raise CheckpointFailed(f"job {job_id}: restore on {alloc.host} failed: {message}; "
                                    f"the checkpoint is kept") from None
         raise

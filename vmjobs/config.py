@@ -61,7 +61,7 @@ class Config:
     virt_type: str = "auto"
     nic_backend: str = "vfio"
     output_disk_mib: int = 256
-    # KVM probe boots give up after this long and fall back to TCG (see virt_probe)
+    # KVM probe boots give up after this long and fall back to TCG (see vmjobs.virt.probe)
     kvm_probe_timeout_s: float = 10.0
     # the daemon (`vmjob serve`): its unix socket, optional Prometheus port, and the group
     # whose members act on every user's jobs (root always does)

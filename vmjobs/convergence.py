@@ -1,7 +1,7 @@
 """The convergence policy of a live migration, as a pure step function.
 
 A live migration copies memory while the guest keeps dirtying it; it converges when what is
-left fits in the allowed downtime. The driver loop (`migration.migrate_domain`) polls libvirt's
+left fits in the allowed downtime. The driver loop (`virt.migration.migrate_domain`) polls libvirt's
 job statistics and asks `step` what to do: raise the downtime limit while the copy stalls,
 switch to post-copy at the ceiling, or abort (a completion timeout scaled per GiB, no progress
 for a while, or a stop the caller asks for). Nova's `live_migration_monitor` makes the same

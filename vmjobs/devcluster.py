@@ -34,11 +34,12 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import libvirt
 import yaml
 
 import vmjobs
 from vmjobs.errors import VmjobsError
+from vmjobs.virt import VirtError
+from vmjobs.virt.conn import open_uri
 
 RUN_ROOT = Path("/run/vmjobs/devcluster")
 SPOOL_ROOT = Path("/var/lib/vmjobs-devcluster")
@@ -50,13 +51,6 @@ LIBVIRTD_TCP_PORT = 16509
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9]{0,5}$")  # interface names are at most 15 chars
 Note = Callable[[str], None]
-
-
-def _quiet(_ctx: object, _err: object) -> None:
-    return None
-
-
-libvirt.registerErrorHandler(_quiet, None)
 
 
 @dataclass(frozen=True)
@@ -340,8 +334,8 @@ def _wait_libvirtd(layout: Layout, index: int, init: subprocess.Popen[bytes],
                 last = f"nothing answers on TCP port {LIBVIRTD_TCP_PORT}"
             else:
                 try:
-                    conn = libvirt.open(layout.uri(index))
-                except libvirt.libvirtError as exc:
+                    conn = open_uri(layout.uri(index))
+                except VirtError as exc:
                     last = exc.get_error_message()
                 else:
                     conn.close()
@@ -531,13 +525,13 @@ def host_status(layout: Layout, index: int) -> HostStatus:
     if init is None:
         return _with(base, problem="not running")
     try:
-        conn = libvirt.open(layout.uri(index))
-    except libvirt.libvirtError as exc:
+        conn = open_uri(layout.uri(index))
+    except VirtError as exc:
         return _with(base, problem=f"libvirtd: {exc.get_error_message()}")
     try:
         hostname = conn.getHostname()
         domains = len(conn.listAllDomains())
-    except libvirt.libvirtError as exc:
+    except VirtError as exc:
         return _with(base, problem=f"libvirtd: {exc.get_error_message()}")
     finally:
         conn.close()

@@ -11,15 +11,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import libvirt
-
 from placement import Allocation
-from vmjobs import domain_xml, guest_protocol
-from vmjobs.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs import guest_protocol
 from vmjobs.errors import VmjobsError
-from vmjobs.hostconn import is_running
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
+from vmjobs.virt import Domain, domain_xml
+from vmjobs.virt.conn import is_running
+from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -188,11 +187,6 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
     return xml
 
 
-def start(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
-    """Start a transient domain: when the guest stops, nothing of it stays defined."""
-    return conn.createXML(xml, 0)
-
-
 class OutputReader:
     """Reads a job's output files (`JobFiles.output`) in order, as they grow.
 
@@ -234,7 +228,7 @@ class OutputReader:
             self.index, self.offset = later[0], 0
 
 
-def follow_output(files: JobFiles, dom: libvirt.virDomain,
+def follow_output(files: JobFiles, dom: Domain,
                   poll_s: float = 0.05) -> Iterator[bytes | None]:
     """Yield the job's output bytes as the guest writes them, until the domain stops.
 

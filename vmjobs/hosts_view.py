@@ -8,9 +8,9 @@ from typing import Any
 import placement
 from placement import HostUsage
 from vmjobs.config import Config
-from vmjobs.hostconn import Reached, connect_hosts
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
+from vmjobs.virt.conn import Reached, connect_hosts
 
 
 @dataclass(frozen=True)

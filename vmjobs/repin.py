@@ -20,24 +20,20 @@ The domain's `<metadata>` is updated last, so recovery sees the allocation it ru
 from __future__ import annotations
 
 import sqlite3
-import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-import libvirt
 
 from placement import Allocation
 from placement.plans import moved_between_nodes
-from vmjobs import domain_xml
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
-from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import domain_name
 from vmjobs.migration import running_job
 from vmjobs.store import Store
 from vmjobs.units import format_cpu_list
-
-LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
+from vmjobs.virt import Connection, VirtError, domain_xml
+from vmjobs.virt.conn import is_running, lookup_domain
+from vmjobs.virt.pinning import apply_live
 
 
 class RepinFailed(VmjobsError):
@@ -53,52 +49,12 @@ class Repinned:
     memory_moved_mib: int  # memory that changed NUMA node
 
 
-def cpumap(cpus: Iterable[int], host_cpus: int) -> tuple[bool, ...]:
-    """libvirt's cpu map: one flag per host cpu id, 0 .. host_cpus - 1."""
-    wanted = set(cpus)
-    return tuple(i in wanted for i in range(host_cpus))
-
-
 def same_cells(before: Allocation, after: Allocation) -> bool:
     """Whether the guest's NUMA cells (vCPU indices and MiB per cell) stay as they are."""
     return domain_xml.guest_cells(before) == domain_xml.guest_cells(after)
 
 
-def apply_live(dom: libvirt.virDomain, alloc: Allocation, emulator_cpus: frozenset[int],
-               nodes_changed: bool, done: list[str] | None = None) -> None:
-    """Pin the running guest as `alloc` says and rewrite its metadata's allocation; raises
-    libvirt.libvirtError on the first refusal. `done` collects the steps that took effect."""
-    done = [] if done is None else done
-    host_cpus = dom.connect().getCPUMap(0)[0]
-    for vcpu, cpu in enumerate(alloc.cpus):
-        dom.pinVcpuFlags(vcpu, cpumap((cpu,), host_cpus), LIVE)
-        done.append(f"vcpu{vcpu}")
-    dom.pinEmulator(cpumap(emulator_cpus or alloc.cpus, host_cpus), LIVE)
-    done.append("emulator")
-    if nodes_changed:
-        nodeset = format_cpu_list(sorted({s.node for s in alloc.nodes}))
-        dom.setNumaParameters({libvirt.VIR_DOMAIN_NUMA_NODESET: nodeset}, LIVE)
-        done.append("nodeset")
-    # libvirt hands the element out and takes it back without its namespace (it applies
-    # `uri` to the element and its children itself), so it is edited in plain names here.
-    job = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                     domain_xml.METADATA_NS, LIVE))
-    for old in job.findall("allocation"):
-        job.remove(old)
-    job.append(_plain(domain_xml.allocation_element(alloc)))
-    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(job, encoding="unicode"),
-                    "vmjob", domain_xml.METADATA_NS, LIVE)
-    done.append("metadata")
-
-
-def _plain(element: ET.Element) -> ET.Element:
-    """`element` and its children with the namespace taken off their tags."""
-    for node in element.iter():
-        node.tag = node.tag.rpartition("}")[2]
-    return element
-
-
-def repin_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConnect],
+def repin_job(config: Config, store: Store, conns: Mapping[str, Connection],
               job_id: str, alloc: Allocation) -> Repinned:
     """Move a RUNNING job onto `alloc`, on the host it runs on, while it runs.
 
@@ -129,14 +85,14 @@ def repin_job(config: Config, store: Store, conns: Mapping[str, libvirt.virConne
     done: list[str] = []
     try:
         apply_live(dom, alloc, emulator, nodes_changed, done)
-    except libvirt.libvirtError as exc:
+    except VirtError as exc:
         message = exc.get_error_message()
         back = "nothing had changed"
         if done:
             try:
                 apply_live(dom, before, emulator, nodes_changed)
                 back = "its old pinning is back"
-            except libvirt.libvirtError as again:
+            except VirtError as again:
                 back = f"putting its old pinning back failed too: {again.get_error_message()}"
         store.repin_reservation(job_id, before, f"re-pin to {where} failed: {message}")
         raise RepinFailed(f"job {job_id}: libvirt refused the re-pin to {where}: {message}; "

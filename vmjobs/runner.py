@@ -20,20 +20,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 import placement
 from placement import Allocation, Request
-from vmjobs import template, virt_probe
+from vmjobs import template
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output
-from vmjobs.hostconn import connect_hosts, destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
 from vmjobs.spec import check_paths
 from vmjobs.spec import parse as parse_spec
 from vmjobs.store import Held, Store
+from vmjobs.virt import Connection, Domain, VirtError, probe
+from vmjobs.virt.conn import connect_hosts, destroy_quietly, lookup_domain
 
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_VMJOB_FAILED = 125  # the job ran but vmjob could not deliver its result
@@ -108,7 +107,7 @@ def _runner_alive(runner: dict[str, Any]) -> bool:
     return start_ticks is not None and start_ticks == runner.get("start")
 
 
-def reap_abandoned(store: Store, conns: dict[str, libvirt.virConnect]) -> list[str]:
+def reap_abandoned(store: Store, conns: dict[str, Connection]) -> list[str]:
     """Free reservations of jobs whose `vmjob run` process died (kill -9, power loss).
 
     Without a daemon nobody else would: the guest's result has no one to go to, so the guest is
@@ -226,7 +225,7 @@ def describe_allocation(alloc: Allocation) -> str:
     return text
 
 
-def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, job: RunRequest,
+def _launch_and_follow(config: Config, store: Store, conn: Connection, job: RunRequest,
                        job_id: str, user: str, allocation: Allocation, image: Any,
                        write: Callable[[str], None], note: Callable[[str], None]) -> int:
     files = JobFiles.of(config.spool, job_id)
@@ -234,8 +233,8 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
     dom = None
     with interruptible():
         try:
-            virt_type = virt_probe.virt_type(config, host_config, conn, image, allocation,
-                                              note)
+            virt_type = probe.virt_type(config, host_config, conn, image, allocation,
+                                        note)
             plan = GuestPlan(
                 job_id=job_id, owner=user, owner_uid=os.getuid(), argv=job.argv,
                 env=job.env, allocation=allocation, image=image, virt_type=virt_type,
@@ -251,7 +250,7 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
             destroy_quietly(dom)
             store.delete_job(job_id)
             shutil.rmtree(files.dir, ignore_errors=True)
-            if isinstance(exc, libvirt.libvirtError):
+            if isinstance(exc, VirtError):
                 raise VmjobsError(
                     f"host {allocation.host} refused to start the guest: "
                     f"{exc.get_error_message()}"
@@ -282,7 +281,7 @@ def _launch_and_follow(config: Config, store: Store, conn: libvirt.virConnect, j
             raise
 
 
-def _follow(config: Config, store: Store, dom: libvirt.virDomain, job: RunRequest, job_id: str,
+def _follow(config: Config, store: Store, dom: Domain, job: RunRequest, job_id: str,
             allocation: Allocation, files: JobFiles, write: Callable[[str], None],
             note: Callable[[str], None]) -> int:
     deadline = time.monotonic() + job.timeout_s if job.timeout_s else None

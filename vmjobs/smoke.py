@@ -3,7 +3,7 @@
 Boots a transient guest (no store, no daemon: only libvirt connections and the shared spool)
 whose job is `clockprobe` (images/clockprobe.c, built static here and shipped as the job's
 input): every 100 ms it prints `tick N TSC MONOTONIC_NS REALTIME_NS`. The guest is migrated
-A -> B -> A ... for N rounds with `migration.migrate_domain`, re-pinned on each host. The
+A -> B -> A ... for N rounds with `virt.migration.migrate_domain`, re-pinned on each host. The
 console of each host goes to its own segment in the spool; the byte offsets at each
 switch-over put the stream back together in order. Checks:
 
@@ -23,17 +23,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import libvirt
-
 from placement import Allocation, NodeShare
-from vmjobs import domain_xml, guest_protocol
+from vmjobs import guest_protocol
 from vmjobs.cbuild import build_static
-from vmjobs.domain_xml import DomainSpec
+from vmjobs.convergence import Policy
 from vmjobs.errors import VmjobsError
-from vmjobs.hostconn import destroy_quietly
 from vmjobs.image import Image
 from vmjobs.jobs import new_job_id
-from vmjobs.migration import MigrationFailed, Policy, migrate_domain, migration_uri, retarget_xml
+from vmjobs.virt import Connection, Domain, VirtError, domain_xml
+from vmjobs.virt.conn import destroy_quietly, open_uri
+from vmjobs.virt.conn import start as start_domain
+from vmjobs.virt.domain_xml import DomainSpec
+from vmjobs.virt.migration import (
+    MigrationFailed,
+    migratable_xml,
+    migrate_domain,
+    migration_uri,
+    retarget_xml,
+)
+from vmjobs.virt.pinning import pinning_of
 
 INTERVAL_MS = 100
 PROBE_SOURCE = "clockprobe.c"
@@ -144,7 +152,7 @@ def _read(path: Path, start: int, end: int | None) -> bytes:
         return b""
 
 
-def _cell_node(conn: libvirt.virConnect) -> int:
+def _cell_node(conn: Connection) -> int:
     """The NUMA node that holds cpu 0 on this host (0 on almost every machine)."""
     import xml.etree.ElementTree as ET
 
@@ -166,18 +174,18 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
         raise VmjobsError("--from and --to are the same host")
     policy = policy or Policy()
     probe = build_probe(spool / "cache")
-    conns: dict[str, libvirt.virConnect] = {}
+    conns: dict[str, Connection] = {}
     for end in (source, destination):
         try:
-            conns[end.name] = libvirt.open(end.uri)
-        except libvirt.libvirtError as exc:
+            conns[end.name] = open_uri(end.uri)
+        except VirtError as exc:
             for conn in conns.values():
                 conn.close()
             raise VmjobsError(f"cannot connect to {end.name} at {end.uri}: "
                               f"{exc.get_error_message()}") from None
     run_id = f"smoke-{new_job_id()}"
     workdir = spool / "smoke" / run_id
-    dom: libvirt.virDomain | None = None
+    dom: Domain | None = None
     report = Report()
     try:
         workdir.mkdir(parents=True)
@@ -212,7 +220,7 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
             initrd=initrd, console_log=console(source), output_disk=output,
             clock_channel=True))
         note(f"booting a {memory_mib} MiB guest on {source.name}")
-        dom = conns[source.name].createXML(xml, 0)
+        dom = start_domain(conns[source.name], xml)
         deadline = time.monotonic() + boot_timeout_s
         while b"tick 5 " not in _read(console(source), 0, None):
             if time.monotonic() > deadline:
@@ -225,7 +233,7 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
         for number in range(1, rounds + 1):
             time.sleep(1.0)  # let ticks accumulate on this host
             target = alloc_on(there)
-            dest_xml = retarget_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), target,
+            dest_xml = retarget_xml(migratable_xml(dom), target,
                                     frozenset(), console(there))
             start_there = _size(console(there))
             try:
@@ -240,11 +248,11 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
             ends.append(_size(console(here)))
             segments.append((console(there), start_there))
             dom = conns[there.name].lookupByName(f"vmjob-{run_id}")
-            actual = dom.vcpuPinInfo(0)[0]
-            pinned = [i for i, on in enumerate(actual) if on] == [target.cpus[0]]
+            actual = sorted(pinning_of(dom)[0])
+            pinned = actual == [target.cpus[0]]
             if not pinned:
                 report.violations.append(f"round {number}: vCPU 0 on {there.name} is pinned to "
-                                         f"{actual}, not to cpu {target.cpus[0]}")
+                                         f"cpus {actual}, not to cpu {target.cpus[0]}")
             memory = outcome.memory_bytes / (1 << 20) if outcome.memory_bytes else None
             report.rounds.append(Round(number, here.name, there.name, outcome.duration_s,
                                        outcome.downtime_ms, memory, None, target.cpus[0],

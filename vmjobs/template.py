@@ -47,13 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from placement import Allocation
-from vmjobs import domain_xml, guest_protocol
+from vmjobs import guest_protocol
 from vmjobs.cbuild import build_static, source_digest
 from vmjobs.cpio import Entry, write_gzip_newc
-from vmjobs.domain_xml import JOB_CHANNEL, DomainSpec
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import (
     JOB_FILE_MODE,
@@ -61,11 +58,12 @@ from vmjobs.guest import (
     JobFiles,
     make_job_dir,
     prepare,
-    start,
 )
-from vmjobs.hostconn import destroy_quietly, is_running
 from vmjobs.jobs import domain_name
-from vmjobs.retarget import retarget_xml
+from vmjobs.virt import Connection, Domain, VirtError, domain_xml, domains
+from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain, start
+from vmjobs.virt.domain_xml import JOB_CHANNEL, DomainSpec
+from vmjobs.virt.migration import retarget_xml
 
 FORMAT = 1  # bump when a template made by older code must not be used
 RESUME_SOURCE = "vmjob-resume.c"
@@ -115,7 +113,7 @@ def why_cold(alloc: Allocation) -> str | None:
     return None
 
 
-def host_inputs(conn: libvirt.virConnect, virt_type: str) -> dict[str, Any]:
+def host_inputs(conn: Connection, virt_type: str) -> dict[str, Any]:
     """What of the host a saved guest depends on: QEMU's and libvirt's versions (the machine
     type and device state format) and, under KVM, the host CPU the guest saw."""
     found: dict[str, Any] = {"qemu": conn.getVersion(), "libvirt": conn.getLibVersion()}
@@ -179,7 +177,7 @@ class TemplateFiles:
 
 
 def stale_reason(files: TemplateFiles, inputs: dict[str, Any],
-                 conn: libvirt.virConnect) -> str | None:
+                 conn: Connection) -> str | None:
     """Why the stored template must not be used for `inputs` (None: it may). The key is a
     hash of the inputs, but the file could be from a bug, a hand edit or a half-finished
     build: the recorded inputs and the save image's own XML are checked too."""
@@ -194,8 +192,8 @@ def stale_reason(files: TemplateFiles, inputs: dict[str, Any],
                          if (recorded.get("inputs") or {}).get(k) != inputs.get(k))
         return f"it was made for a different {', '.join(changed)}"
     try:
-        xml = conn.saveImageGetXMLDesc(str(files.save), 0)
-    except libvirt.libvirtError as exc:
+        xml = domains.saved_xml(conn, files.save)
+    except VirtError as exc:
         return f"its save image is unreadable: {exc.get_error_message()}"
     root = ET.fromstring(xml)
     vcpu, memory = root.find("vcpu"), root.find("memory")
@@ -356,7 +354,7 @@ def _template_initrd(image_initrd: Path, helper: Path, dest: Path) -> None:
     _write_private(dest, out.getvalue())
 
 
-def build_template(conn: libvirt.virConnect, plan: GuestPlan, files: TemplateFiles,
+def build_template(conn: Connection, plan: GuestPlan, files: TemplateFiles,
                    inputs: dict[str, Any], helper: Path) -> None:
     """Boot the template on the job's own cpus, wait for its init to be ready, save it.
     Raises TemplateError (nothing is left: no domain, no partial save image)."""
@@ -386,7 +384,7 @@ def build_template(conn: libvirt.virConnect, plan: GuestPlan, files: TemplateFil
     dom = None
     tmp_save = files.path(".save.tmp")
     try:
-        dom = conn.createXML(xml, 0)
+        dom = start(conn, xml)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not job_out.read_bytes().startswith(b"ready\n"):
             if not is_running(dom):
@@ -397,11 +395,11 @@ def build_template(conn: libvirt.virConnect, plan: GuestPlan, files: TemplateFil
                                     f"{READY_TIMEOUT_S:g}s")
             time.sleep(0.02)
         tmp_save.unlink(missing_ok=True)
-        dom.save(str(tmp_save))  # the domain is gone once saved
+        domains.save(dom, tmp_save)  # the domain is gone once saved
         dom = None
         os.chmod(tmp_save, JOB_FILE_MODE)
         os.replace(tmp_save, files.save)
-    except libvirt.libvirtError as exc:
+    except VirtError as exc:
         raise TemplateError(f"making the template failed: {exc.get_error_message()}") from None
     finally:
         destroy_quietly(dom)
@@ -411,7 +409,7 @@ def build_template(conn: libvirt.virConnect, plan: GuestPlan, files: TemplateFil
                                           indent=1).encode())
 
 
-def ensure_template(conn: libvirt.virConnect, plan: GuestPlan, spool: Path,
+def ensure_template(conn: Connection, plan: GuestPlan, spool: Path,
                     note: Callable[[str], None]) -> TemplateFiles:
     """The template for `plan`'s image and shape on this host, made (again) if missing or
     stale. Raises TemplateError if it cannot be made."""
@@ -433,8 +431,8 @@ def ensure_template(conn: libvirt.virConnect, plan: GuestPlan, spool: Path,
 # --------------------------------------------------------------------------- starting a job
 
 
-def start_warm(conn: libvirt.virConnect, plan: GuestPlan, files: JobFiles,
-               template: TemplateFiles) -> libvirt.virDomain:
+def start_warm(conn: Connection, plan: GuestPlan, files: JobFiles,
+               template: TemplateFiles) -> Domain:
     """Restore the job's guest from `template`; the guest then reads its job and runs it.
     The job's directory gets what a cold start writes (output disk, output file, console)
     plus `job.in`; the per-job copy of the save image is removed once restored."""
@@ -443,7 +441,7 @@ def start_warm(conn: libvirt.virConnect, plan: GuestPlan, files: JobFiles,
     os.chmod(files.output_disk, JOB_FILE_MODE)
     output_pipe = files.new_output()
     name = domain_name(plan.job_id)
-    template_xml = conn.saveImageGetXMLDesc(str(template.save), libvirt.VIR_DOMAIN_XML_SECURE)
+    template_xml = domains.saved_xml(conn, template.save)
     spec = DomainSpec(name=name, job_id=plan.job_id, owner=plan.owner,
                       owner_uid=plan.owner_uid, virt_type=plan.virt_type,
                       allocation=plan.allocation, kernel=plan.image.kernel,
@@ -464,15 +462,18 @@ def start_warm(conn: libvirt.virConnect, plan: GuestPlan, files: JobFiles,
         # written last, just before the restore: the time in it is the host's now
         _write_private(files.dir / "job.in",
                        job_input(job, time.time_ns(), secrets.token_bytes(SEED_BYTES)))
-        conn.restoreFlags(str(copy), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
-        return conn.lookupByName(name)
+        domains.restore(conn, copy, dxml)
+        dom = lookup_domain(conn, name)
+        if dom is None:
+            raise TemplateError(f"the restored guest {name} is gone at once")
+        return dom
     finally:
         copy.unlink(missing_ok=True)
 
 
-def launch(start_mode: str, conn: libvirt.virConnect, plan: GuestPlan, files: JobFiles,
+def launch(start_mode: str, conn: Connection, plan: GuestPlan, files: JobFiles,
            spool: Path, note: Callable[[str], None],
-           starting: Callable[[str], None]) -> tuple[libvirt.virDomain, str]:
+           starting: Callable[[str], None]) -> tuple[Domain, str]:
     """Start the job's guest, cold or warm as `start_mode` (cold | warm | auto) and the job's
     shape allow; return the domain and how it started ("cold", "warm"). `starting(how)` is
     called just before the guest is started (the caller records STARTING).
@@ -489,11 +490,11 @@ def launch(start_mode: str, conn: libvirt.virConnect, plan: GuestPlan, files: Jo
                 template = ensure_template(conn, plan, spool, note)
                 starting("warm")
                 return start_warm(conn, plan, files, template), "warm"
-            except (VmjobsError, libvirt.libvirtError) as exc:
-                message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) \
+            except (VmjobsError, VirtError) as exc:
+                message = exc.get_error_message() if isinstance(exc, VirtError) \
                     else str(exc)
-                with contextlib.suppress(libvirt.libvirtError):
-                    destroy_quietly(conn.lookupByName(domain_name(plan.job_id)))
+                with contextlib.suppress(VirtError):
+                    destroy_quietly(lookup_domain(conn, domain_name(plan.job_id)))
                 if start_mode == "warm":
                     raise TemplateError(f"warm start failed: {message}") from None
                 note(f"job {plan.job_id}: warm start failed ({message}); starting cold")

@@ -210,7 +210,7 @@ def test_no_wait_and_wait_timeout_give_up_and_leave_nothing(daemon: Daemon) -> N
     took = time.monotonic() - started
     assert result.returncode == 75, result.stderr
     assert "EXPIRED" in result.stderr and "--wait-timeout" in result.stderr, result.stderr
-    assert 2.0 <= took < 10, took
+    assert 2.0 <= took < 30, took  # at least the 2 s asked for; generous for a loaded machine
     expired = [r for r in daemon.query("SELECT id, state FROM jobs")
                if r["id"] not in jobs_before]
     assert [r["state"] for r in expired] == ["EXPIRED"]  # its history stays, nothing else
@@ -237,7 +237,7 @@ def test_logs_follow_a_running_job_to_its_end(daemon: Daemon) -> None:
     view = client.job(job_id)
     assert view["state"] == "COMPLETED"
     # it returned because the job ended, not long after
-    assert ended - view["updated"] < 2.0
+    assert ended - view["updated"] < 10.0  # generous for a loaded machine; a miss hangs to 120 s
     # and without -f, the same text at once
     assert daemon.vmjob("logs", job_id).stdout == out
     client.close()
@@ -353,8 +353,14 @@ def test_a_direct_run_and_the_daemon_never_share_a_core(daemon: Daemon,
     client = daemon.client()
     first = client.submit({"argv": ["sh", "-c", "echo ready; sleep 60"]})["id"]
     second = client.submit({"argv": ["true"]})["id"]
-    listing = {v["id"]: v for v in client.jobs()}
-    assert listing[first]["state"] != "QUEUED"
+    # wait for the scheduler's pass over both submissions (a loaded machine may be slow)
+    deadline = time.monotonic() + 60
+    while True:
+        listing = {v["id"]: v for v in client.jobs()}
+        if listing[first]["state"] != "QUEUED" and listing[second]["waiting_because"]:
+            break
+        assert time.monotonic() < deadline, dump(listing)
+        time.sleep(0.1)
     assert listing[second]["state"] == "QUEUED", dump(listing)
     assert "0 free cores" in listing[second]["waiting_because"]
     first_cpus = set(client.job(first)["allocation"]["cpus"])
@@ -368,8 +374,9 @@ def test_a_direct_run_and_the_daemon_never_share_a_core(daemon: Daemon,
     while client.job(second)["state"] == "QUEUED":
         assert time.monotonic() < deadline, daemon.log_text()
         time.sleep(0.05)
-    # woken by the run's poke, not by the end of `first` (which still runs)
-    assert time.time() - released < 2.0
+    # woken by the run's poke, not by the end of `first` (which sleeps 60 s and still runs);
+    # the bound is generous for a loaded machine yet far below what waiting for `first` takes
+    assert time.time() - released < 20.0
     assert client.job(first)["state"] == "RUNNING"
     assert set(client.job(second)["allocation"]["cpus"]) == direct_cpus
     client.cancel(first)

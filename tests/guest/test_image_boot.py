@@ -2,7 +2,7 @@
 
 The image is built into a fresh spool per session (a real build, every time); the downloaded
 .deb files are shared through the persistent test spool's cache so they are fetched once.
-The domain here is a minimal one built in the test, independent of vmjobs.domain_xml.
+The domain here is a minimal one built in the test, independent of vmjobs.virt.domain_xml.
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ import pytest
 from placement import Allocation, NodeShare
 from tests.guest.conftest import URI, Env, our_domains
 from vmjobs.config import load
-from vmjobs.domain_xml import read_metadata
 from vmjobs.errors import VmjobsError
-from vmjobs.migration import pinning_of
 from vmjobs.repin import repin_job
 from vmjobs.store import Store
+from vmjobs.virt.domain_xml import read_metadata
+from vmjobs.virt.pinning import pinning_of
 
 pytestmark = pytest.mark.guest
 

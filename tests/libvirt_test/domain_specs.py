@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from placement import Allocation, NodeShare
-from vmjobs.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
 
 SPOOL = Path("/var/lib/vmjobs")
 KERNEL = SPOOL / "images" / "3f9a0c1d2e4b" / "vmlinuz"

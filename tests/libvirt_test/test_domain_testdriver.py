@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from tests.libvirt_test.domain_specs import SPECS
-from vmjobs.domain_xml import METADATA_NS, DomainMetadata, DomainSpec, build, read_metadata
+from vmjobs.virt.domain_xml import METADATA_NS, DomainMetadata, DomainSpec, build, read_metadata
 
 
 def for_test_driver(xml: str) -> str:

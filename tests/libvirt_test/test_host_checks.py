@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from vmjobs.cli import cli
 from vmjobs.config import EmulatedNic, HostConfig
 from vmjobs.host_checks import host_uuid, host_warnings, same_host
-from vmjobs.inventory import read_topology
+from vmjobs.virt.inventory import read_topology
 
 OK = HostConfig(name="t", uri="test:///default", reserved_cpus=frozenset({0, 8}),
                 reserved_memory_mib=1024, emulated_nics=(EmulatedNic("e0", 1),))

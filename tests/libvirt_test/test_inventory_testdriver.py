@@ -13,8 +13,8 @@ from tests.libvirt_test.conftest import DATA
 from tests.libvirt_test.domain_specs import _spec
 from tests.libvirt_test.test_domain_testdriver import for_test_driver
 from vmjobs.config import EmulatedNic, HostConfig
-from vmjobs.domain_xml import build
-from vmjobs.inventory import cell_memory_kib, read_host, read_topology
+from vmjobs.virt.domain_xml import build
+from vmjobs.virt.inventory import cell_memory_kib, read_host, read_topology
 
 
 def test_default_driver_two_cells(default_conn: libvirt.virConnect) -> None:

@@ -17,10 +17,10 @@ from tests.libvirt_test.test_domain_testdriver import for_test_driver
 from vmjobs.checkpoint import save_path
 from vmjobs.config import parse
 from vmjobs.daemon.core import Daemon
-from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.recovery import finish_interrupted_moves
-from vmjobs.domain_xml import build
 from vmjobs.jobs import JobRecord, JobState
+from vmjobs.virt.domain_xml import build
+from vmjobs.virt.events import start_event_loop
 
 URI = "test:///default"
 

@@ -19,12 +19,12 @@ from vmjobs.config import Config, parse
 from vmjobs.daemon import moves
 from vmjobs.daemon.api import plan_view
 from vmjobs.daemon.core import Active, Daemon
-from vmjobs.daemon.hosts import start_event_loop
-from vmjobs.domain_xml import build, read_metadata
 from vmjobs.errors import VmjobsError
 from vmjobs.jobs import JobRecord, JobState
 from vmjobs.repin import RepinFailed, repin_job
 from vmjobs.store import Store
+from vmjobs.virt.domain_xml import build, read_metadata
+from vmjobs.virt.events import start_event_loop
 
 URI = "test:///default"
 

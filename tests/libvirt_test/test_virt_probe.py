@@ -14,9 +14,9 @@ import pytest
 
 from placement import Allocation, NodeShare
 from tests.libvirt_test.test_domain_testdriver import for_test_driver
-from vmjobs import virt_probe
 from vmjobs.config import Config, parse
 from vmjobs.image import Image
+from vmjobs.virt import probe
 
 URI = "test:///default"
 ALLOC = Allocation(host="a", cpus=(1,), memory_mib=256,
@@ -61,8 +61,8 @@ def starts(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
         seen.append(before)
         return dom
 
-    monkeypatch.setattr(virt_probe, "start", start)
-    monkeypatch.setattr(virt_probe, "kvm_offered", lambda _conn: True)
+    monkeypatch.setattr(probe, "start", start)
+    monkeypatch.setattr(probe, "kvm_offered", lambda _conn: True)
     return seen
 
 
@@ -74,8 +74,8 @@ def test_a_probe_guest_that_pauses_is_destroyed(conn: libvirt.virConnect, image:
         dom.suspend()  # what "KVM internal error" does to the guest
         return dom
 
-    monkeypatch.setattr(virt_probe, "start", start_then_pause)
-    assert virt_probe.probe_boot(config(tmp_path / "spool"), conn, image, ALLOC) is False
+    monkeypatch.setattr(probe, "start", start_then_pause)
+    assert probe.probe_boot(config(tmp_path / "spool"), conn, image, ALLOC) is False
     assert probes(conn) == []
     assert not (tmp_path / "spool" / "probe" / "run-a").exists()
 
@@ -91,8 +91,8 @@ def test_a_leftover_paused_probe_is_destroyed_before_the_next_probe(
                               0)
     assert leftover.name() == "vmjob-probe"
     leftover.suspend()
-    assert virt_probe.virt_type(config(tmp_path / "spool"), config(tmp_path).hosts[0], conn,
-                                image, ALLOC, lambda _m: None) == "qemu"
+    assert probe.virt_type(config(tmp_path / "spool"), config(tmp_path).hosts[0], conn,
+                           image, ALLOC, lambda _m: None) == "qemu"
     assert starts == [[]]  # the leftover was gone before the probe started
     assert probes(conn) == []
 
@@ -105,19 +105,19 @@ def test_probes_at_once_run_one_at_a_time_and_one_spool_probes_once(
     results: list[str] = []
     failures: list[BaseException] = []
 
-    def probe(spool: Path) -> None:
+    def run_probe(spool: Path) -> None:
         cfg = config(spool)
         try:
             own = libvirt.open(URI)
             try:
-                results.append(virt_probe.virt_type(cfg, cfg.hosts[0], own, image, ALLOC,
-                                                    lambda _m: None))
+                results.append(probe.virt_type(cfg, cfg.hosts[0], own, image, ALLOC,
+                                               lambda _m: None))
             finally:
                 own.close()
         except BaseException as exc:  # reported below, not lost in the thread
             failures.append(exc)
 
-    threads = [threading.Thread(target=probe, args=(s,)) for s in spools]
+    threads = [threading.Thread(target=run_probe, args=(s,)) for s in spools]
     for thread in threads:
         thread.start()
     for thread in threads:

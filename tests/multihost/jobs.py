@@ -22,11 +22,11 @@ from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit
 from vmjobs.guest import GuestPlan, JobFiles, OutputReader, prepare
-from vmjobs.hostconn import Reached, connect_hosts, is_running, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import TRANSITIONS, JobRecord, JobState, domain_name, new_job_id
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
+from vmjobs.virt.conn import Reached, connect_hosts, is_running, lookup_domain
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ import pytest
 from placement import Request
 from tests.multihost import jobs
 from tests.multihost.conftest import Cluster
-from vmjobs import checkpoint, devcluster, domain_xml, migration, replug
+from vmjobs import checkpoint, devcluster, migration
 from vmjobs.errors import DoesNotFit
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
+from vmjobs.virt import domain_xml, replug
+from vmjobs.virt.pinning import pinning_of
 
 COUNTER = ["sh", "-c", "i=0; while [ $i -lt 30 ]; do echo line $i; i=$((i+1)); usleep 200000; "
            "done; exit 3"]
@@ -47,7 +49,7 @@ def test_running_job_migrates_and_finishes_on_destination(cluster: Cluster,
         # pinning on h2 is h2's reservation, and nothing is held on h1 any more
         dom = _domain(reached.conns["h2"], started.job_id)
         assert dom is not None
-        assert migration.pinning_of(dom) == tuple(frozenset({c}) for c in moved.allocation.cpus)
+        assert pinning_of(dom) == tuple(frozenset({c}) for c in moved.allocation.cpus)
         assert jobs.allocation_of(store, started.job_id) == moved.allocation
         assert started.job_id not in store.reserved_cpus("h1").values()
         assert set(store.reserved_cpus("h2").values()) == {started.job_id}
@@ -241,7 +243,7 @@ def test_checkpoint_on_h1_restore_on_h3(cluster: Cluster, store: Store) -> None:
         assert restored.host == "h3" and restored.clock.startswith("set")
         dom = _domain(reached.conns["h3"], started.job_id)
         assert dom is not None
-        assert migration.pinning_of(dom) == tuple(frozenset({c}) for c in
+        assert pinning_of(dom) == tuple(frozenset({c}) for c in
                                                   restored.allocation.cpus)
         assert not saved.path.exists()
         seen_after = _watch_ticks(config.spool, started.job_id, ticks_at_sync)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from placement import Allocation, NodeShare
-from vmjobs import domain_xml
-from vmjobs.domain_xml import DomainSpec
-from vmjobs.migration import MigrationFailed, retarget_xml
 from vmjobs.smoke import Tick, check_ticks, gap_around
+from vmjobs.virt import domain_xml
+from vmjobs.virt.domain_xml import DomainSpec
+from vmjobs.virt.migration import MigrationFailed, retarget_xml
 
 
 def _alloc(host: str, cpus: tuple[int, ...], node: int = 0) -> Allocation:

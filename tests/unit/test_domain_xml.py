@@ -1,4 +1,4 @@
-"""Domain XML for a job (vmjobs.domain_xml): golden files, structure, metadata round trip.
+"""Domain XML for a job (vmjobs.virt.domain_xml): golden files, structure, metadata round trip.
 
 Regenerate the golden files with `VMJOBS_REGEN_GOLDEN=1 python -m pytest tests/unit` and read
 the diff before committing it.
@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from placement import Allocation, NodeShare
 from tests.libvirt_test.domain_specs import SPECS
-from vmjobs.domain_xml import (
+from vmjobs.units import parse_cpu_list
+from vmjobs.virt.domain_xml import (
     FIRST_NIC_SLOT,
     MAX_NICS,
     METADATA_NS,
@@ -31,7 +32,6 @@ from vmjobs.domain_xml import (
     guest_nic_address,
     read_metadata,
 )
-from vmjobs.units import parse_cpu_list
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SPEC_NAMES = sorted(SPECS)
@@ -327,8 +327,8 @@ def test_validates_against_libvirt_schema(name: str, tmp_path: Path) -> None:
 def test_the_output_port_is_a_pipe_qemu_writes_and_a_move_retargets_it() -> None:
     from dataclasses import replace
 
-    from vmjobs.domain_xml import OUTPUT_CHANNEL, build
-    from vmjobs.migration import retarget_xml
+    from vmjobs.virt.domain_xml import OUTPUT_CHANNEL, build
+    from vmjobs.virt.migration import retarget_xml
 
     spec = replace(SPECS["1node-emulated-nic"](), output_pipe=Path("/spool/jobs/j/output.0"))
     root = ET.fromstring(build(spec))

@@ -25,7 +25,7 @@ from placement import (
 )
 from vmjobs.cli.hosts import usage_rows
 from vmjobs.config import EmulatedNic, HostConfig
-from vmjobs.inventory import (
+from vmjobs.virt.inventory import (
     PciDevice,
     allowed,
     build_host,

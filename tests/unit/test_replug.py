@@ -1,4 +1,4 @@
-"""NIC replug for migration (vmjobs.replug): the device XML it detaches is exactly what the
+"""NIC replug for migration (vmjobs.virt.replug): the device XML it detaches is exactly what the
 domain was built with, and `plugged` reads the NICs a live domain has. The detach/attach calls
 themselves run against real guests (tests/multihost, emulated NICs); libvirt's test driver does
 not implement device hot-plug."""
@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.libvirt_test.domain_specs import SPECS
-from vmjobs import domain_xml, replug
+from vmjobs.virt import domain_xml, replug
 
 
 def _canonical(element: ET.Element) -> str:

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from placement import Allocation, NodeShare
-from vmjobs import domain_xml, template
+from vmjobs import template
 from vmjobs.config import parse as parse_config
-from vmjobs.domain_xml import CLOCK_CHANNEL, JOB_CHANNEL, METADATA_NS, DomainSpec
 from vmjobs.errors import ConfigError
 from vmjobs.guest_protocol import JobSpec
-from vmjobs.retarget import MigrationFailed
+from vmjobs.virt import domain_xml
+from vmjobs.virt.domain_xml import CLOCK_CHANNEL, JOB_CHANNEL, METADATA_NS, DomainSpec
+from vmjobs.virt.migration import MigrationFailed
 
 ONE_CELL = Allocation(host="h1", cpus=(2, 3), memory_mib=512,
                       nodes=(NodeShare(node=0, cpus=(2, 3), memory_mib=512),))

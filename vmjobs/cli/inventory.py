@@ -16,7 +16,8 @@ import click
 
 from placement.units import format_page
 from vmjobs.config import HostConfig, load
-from vmjobs.inventory import (
+from vmjobs.units import format_cpu_list, format_mib
+from vmjobs.virt.inventory import (
     InventoryError,
     build_host,
     describe,
@@ -27,7 +28,6 @@ from vmjobs.inventory import (
     parse_topology,
     unassignable,
 )
-from vmjobs.units import format_cpu_list, format_mib
 
 FILE = click.Path(exists=True, dir_okay=False, readable=True)
 

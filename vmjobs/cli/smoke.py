@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import click
-import libvirt
 
-from vmjobs import virt_probe
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.image import resolve_image
 from vmjobs.migration import Policy
 from vmjobs.smoke import Endpoint, _allocation, format_table, smoke_migrate
 from vmjobs.units import parse_size_mib
+from vmjobs.virt import VirtError, probe
+from vmjobs.virt.conn import open_uri
 
 
 @click.group()
@@ -36,13 +36,13 @@ def _endpoint(config: Config, given: str, virt_type: str | None, image: Any) -> 
     if virt_type:
         return Endpoint(host.name, host.uri, virt_type)
     try:
-        conn = libvirt.open(host.uri)
-    except libvirt.libvirtError as exc:
+        conn = open_uri(host.uri)
+    except VirtError as exc:
         raise VmjobsError(f"cannot connect to {host.name} at {host.uri}: "
                           f"{exc.get_error_message()}") from None
     try:
-        chosen = virt_probe.virt_type(config, host, conn, image, _allocation(host.name, 0, 128),
-                                      lambda m: click.echo(m, err=True))
+        chosen = probe.virt_type(config, host, conn, image, _allocation(host.name, 0, 128),
+                                 lambda m: click.echo(m, err=True))
     finally:
         conn.close()
     return Endpoint(host.name, host.uri, chosen)

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import libvirt
-
-from vmjobs import template, virt_probe
+from vmjobs import template
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
@@ -40,10 +38,11 @@ from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Wait
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect
-from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.store import Store
+from vmjobs.virt import Domain, VirtError, probe
+from vmjobs.virt.conn import destroy_quietly, lookup_domain
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -231,7 +230,7 @@ class Daemon:
         try:
             dom, virt_type = self._start_guest(record)
         except Exception as exc:  # any failure to start ends the job, with the reason
-            message = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else exc
+            message = exc.get_error_message() if isinstance(exc, VirtError) else exc
             with self.lock:
                 if self.active.get(job_id) is active:
                     self.finish(job_id, Verdict(JobState.FAILED, f"could not start: {message}"))
@@ -256,7 +255,7 @@ class Daemon:
         elif stop_now:
             destroy_quietly(dom)  # its STOPPED event brings it to collect()
 
-    def _start_guest(self, record: JobRecord) -> tuple[libvirt.virDomain, str]:
+    def _start_guest(self, record: JobRecord) -> tuple[Domain, str]:
         assert record.allocation is not None
         allocation = allocation_from_dict(record.allocation)
         conn = self.hosts.conn(allocation.host)
@@ -265,8 +264,8 @@ class Daemon:
         host_config = self.config.host(allocation.host)
         spec = record.spec
         image = resolve_image(self.config.spool, spec["image"])
-        virt_type = virt_probe.virt_type(self.config, host_config, conn, image, allocation,
-                                         lambda text: log.info("%s", text))
+        virt_type = probe.virt_type(self.config, host_config, conn, image, allocation,
+                                    lambda text: log.info("%s", text))
         files = JobFiles.of(self.config.spool, record.id)
         input_dir = files.dir / "input"
         plan = GuestPlan(
@@ -323,7 +322,7 @@ class Daemon:
             return
         try:
             destroy_quietly(lookup_domain(conn, domain_name(job_id)))
-        except libvirt.libvirtError as exc:
+        except VirtError as exc:
             log.warning("job %s: destroying its guest failed: %s", job_id,
                         exc.get_error_message())
 

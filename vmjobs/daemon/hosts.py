@@ -10,55 +10,25 @@ when it answers, and reports it lost if it stays away for the configured `host_d
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, replace
 
-import libvirt
-
 import placement
 from placement import HostState
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
-from vmjobs.host_checks import duplicate_message, host_uuid, host_warnings, same_host
-from vmjobs.hostconn import connect
-from vmjobs.inventory import read_host, read_topology
+from vmjobs.virt import Connection, VirtError, events
+from vmjobs.virt.conn import close_quietly, connect, identify, inspect
 
 log = logging.getLogger("vmjobs.daemon")
-KEEPALIVE_INTERVAL_S = 2  # libvirt pings an idle connection this often ...
-KEEPALIVE_COUNT = 3  # ... and closes it after this many unanswered pings
 RECONNECT_FIRST_S = 0.5
 # A refused or failed connection attempt costs next to nothing, and a libvirtd restart takes
 # seconds: try again at most this far apart, so a returning host is back within seconds.
 RECONNECT_MAX_S = 3.0
 DOMAIN_PREFIX = "vmjob-"
-
-_event_loop_lock = threading.Lock()
-_event_loop_started = False
-
-
-def start_event_loop() -> None:
-    """Register libvirt's default event loop and run it on a thread (once per process).
-
-    Must happen before the first connection is opened: connections opened earlier never
-    deliver events.
-    """
-    global _event_loop_started
-    with _event_loop_lock:
-        if _event_loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _event_loop_started = True
-
 
 @dataclass(frozen=True)
 class GuestStopped:
@@ -106,7 +76,7 @@ class Hosts:
         self.config = config
         self.notes = notes
         self._lock = threading.Lock()
-        self._conns: dict[str, libvirt.virConnect] = {}
+        self._conns: dict[str, Connection] = {}
         self._inventory: dict[str, placement.Host] = {}
         self._errors: dict[str, str] = {}
         self._uuids: dict[str, str | None] = {}
@@ -118,11 +88,11 @@ class Hosts:
 
     # --- state -----------------------------------------------------------------------------
 
-    def conn(self, name: str) -> libvirt.virConnect | None:
+    def conn(self, name: str) -> Connection | None:
         with self._lock:
             return self._conns.get(name)
 
-    def conns(self) -> dict[str, libvirt.virConnect]:
+    def conns(self) -> dict[str, Connection]:
         """The connections of every host that is up now."""
         with self._lock:
             return dict(self._conns)
@@ -170,25 +140,18 @@ class Hosts:
         name = host_config.name
         conn = connect(host_config)
         try:
-            uuid = host_uuid(conn.getCapabilities())
             with self._lock:
-                other = same_host(name, uuid, {n: self._uuids.get(n) for n in self._conns})
-            if other is not None and uuid is not None:
-                raise VmjobsError(duplicate_message(name, other, uuid))
-            _keepalive(conn)
-            conn.registerCloseCallback(self._on_close, name)
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        self._on_lifecycle, name)
-            inventory = read_host(conn, host_config, self.config.nic_backend)
-            warnings = host_warnings(host_config, read_topology(conn).nodes,
-                                     self.config.nic_backend)
-        except libvirt.libvirtError as exc:
-            _close_quietly(conn)
+                others = {n: self._uuids.get(n) for n in self._conns}
+            uuid = identify(conn, name, others)
+            events.watch(conn, name, self._on_guest, self._on_close)
+            inventory, warnings = inspect(conn, host_config, self.config.nic_backend)
+        except VirtError as exc:
+            close_quietly(conn)
             raise VmjobsError(
                 f"host {name}: cannot watch it: {exc.get_error_message()}"
             ) from None
         except VmjobsError:
-            _close_quietly(conn)
+            close_quietly(conn)
             raise
         with self._lock:
             self._conns[name] = conn
@@ -263,59 +226,28 @@ class Hosts:
         with self._lock:
             conns, self._conns = self._conns, {}
         for conn in conns.values():
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.unregisterCloseCallback()
-            _close_quietly(conn)
+            events.unwatch(conn)
+            close_quietly(conn)
 
     # --- libvirt callbacks (event loop thread: never block here) ----------------------------
 
-    def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int,
-                      detail: int, host: str) -> None:
-        name = dom.name()
+    def _on_guest(self, host: str, name: str, event: events.GuestEvent, detail: int) -> None:
         if not name.startswith(DOMAIN_PREFIX):
             return
         job_id = name[len(DOMAIN_PREFIX):]
-        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        if event is events.GuestEvent.STOPPED:
             self.notes.put(GuestStopped(host, job_id, time.time(), detail))
-        elif event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN and detail in _GUEST_SHUTDOWN:
+        else:
             self.notes.put(GuestPoweredOff(host, job_id, time.time()))
 
-    def _on_close(self, conn: libvirt.virConnect, reason: int, host: str) -> None:
+    def _on_close(self, conn: Connection, host: str, why: str) -> None:
         with self._lock:
             if self._conns.get(host) is not conn:
                 return  # an old connection we already replaced or closed
             del self._conns[host]
-            why = _CLOSE_REASONS.get(reason, f"connection closed (reason {reason})")
             self._errors[host] = why
         log.warning("host %s: down: %s", host, why)
         self.notes.put(HostDown(host, why))
         # libvirt still holds a reference; closing from inside its callback is not allowed,
         # so the reconnect thread (a fresh connection) is all we start here.
         self._start_reconnect(self.config.host(host))
-
-
-# the guest's own power-off (not a shutdown the host asked for)
-_GUEST_SHUTDOWN = (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED,
-                   libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST)
-
-_CLOSE_REASONS = {
-    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection to libvirtd failed",
-    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
-    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "libvirtd stopped answering keepalives",
-    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "connection closed",
-}
-
-
-def _keepalive(conn: libvirt.virConnect) -> None:
-    """Keepalive on remote connections; drivers without a connection to lose (the test driver,
-    an embedded one) do not support it and need none."""
-    try:
-        conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-            raise
-
-
-def _close_quietly(conn: libvirt.virConnect) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        conn.close()

@@ -22,12 +22,12 @@ from vmjobs.config import Config, system_warnings
 from vmjobs.daemon import scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
-from vmjobs.daemon.hosts import start_event_loop
 from vmjobs.daemon.metrics import Present
 from vmjobs.daemon.recovery import reconcile_host, recover
 from vmjobs.daemon.server import Limits, UnixHTTPServer
 from vmjobs.errors import VmjobsError
 from vmjobs.runner import snapshot
+from vmjobs.virt.events import start_event_loop
 
 log = logging.getLogger("vmjobs.daemon")
 

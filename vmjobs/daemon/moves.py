@@ -20,18 +20,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-import libvirt
-
 import placement
 from placement import Allocation, Checkpoint, Migrate, Repin, Request
 from vmjobs import checkpoint, migration, repin
 from vmjobs.codec import request_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
-from vmjobs.hostconn import is_running, lookup_domain
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.runner import describe_allocation, snapshot
 from vmjobs.store import Store
+from vmjobs.virt import VirtError
+from vmjobs.virt.conn import is_running, lookup_domain
 
 log = logging.getLogger("vmjobs.daemon")
 Note = Callable[[str], None]
@@ -114,7 +113,7 @@ def settle(daemon: Daemon, active: Active) -> None:
         try:
             dom = lookup_domain(conn, domain_name(active.job_id)) if conn is not None else None
             alive = dom is not None and is_running(dom)
-        except libvirt.libvirtError:
+        except VirtError:
             alive = False
         if record.state != JobState.RUNNING:
             daemon.store.transition(active.job_id, JobState.RUNNING, "move over")

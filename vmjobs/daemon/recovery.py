@@ -22,18 +22,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-import libvirt
-
-from vmjobs import guestclock, replug
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
-from vmjobs.domain_xml import Nic, read_metadata
 from vmjobs.guest import JobFiles, Verdict, nics_for
-from vmjobs.hostconn import destroy_quietly, lookup_domain
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
 from vmjobs.runner import reap_abandoned
 from vmjobs.store import Store
+from vmjobs.virt import Connection, Domain, VirtError, domains, guestclock, replug
+from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
+from vmjobs.virt.domain_xml import Nic
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -78,17 +76,10 @@ def classify(host: str, records: list[JobRecord], found: dict[str, Found]) -> Ac
     return actions
 
 
-def domains_on(conn: libvirt.virConnect) -> dict[str, Found]:
-    found: dict[str, Found] = {}
-    for dom in conn.listAllDomains():
-        try:
-            meta = read_metadata(dom.XMLDesc(0))
-            running = bool(dom.isActive())
-        except libvirt.libvirtError:
-            continue  # it vanished while we looked: it will not be running
-        if meta is not None and meta.job_id:
-            found[meta.job_id] = Found(meta.job_id, running)
-    return found
+def domains_on(conn: Connection) -> dict[str, Found]:
+    """Every guest on the host that carries a job's <metadata>; VirtError if unlisted."""
+    return {job_id: Found(job_id, running)
+            for job_id, running in domains.job_guests(conn).items()}
 
 
 def reconcile_host(daemon: Daemon, host: str) -> Actions:
@@ -100,7 +91,7 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
     with daemon.lock:
         try:
             found = domains_on(conn)
-        except libvirt.libvirtError as exc:
+        except VirtError as exc:
             log.warning("host %s: cannot list its domains: %s", host, exc.get_error_message())
             return Actions()
         actions = classify(host, daemon.store.jobs(), found)
@@ -206,32 +197,13 @@ def choose_copy(source: str | None, destination: str | None, copies: list[Copy])
     return Survivor(keep, resume, tuple(c for c in copies if c is not keep))
 
 
-OUTGOING = frozenset({libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE,
-                      libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT})
 QUIESCE_S = 120.0
 
 
-def _quiesce(dom: libvirt.virDomain, deadline: float) -> None:
-    """Let a libvirt job that outlived the daemon end before anything is decided: a save or an
-    outgoing migration is aborted (the guest resumes where it was), a restore or an incoming
-    migration is waited for."""
-    aborted = False
-    while time.monotonic() < deadline:
-        try:
-            if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
-                return
-            if not aborted and dom.jobStats().get(libvirt.VIR_DOMAIN_JOB_OPERATION) in OUTGOING:
-                dom.abortJob()
-                aborted = True
-        except libvirt.libvirtError:
-            return  # the domain is gone: the job ended
-        time.sleep(0.2)
-
-
-def _copies(daemon: Daemon, job_ids: set[str]) -> dict[str, list[tuple[Copy, libvirt.virDomain]]]:
+def _copies(daemon: Daemon, job_ids: set[str]) -> dict[str, list[tuple[Copy, Domain]]]:
     """Every copy of these jobs' guests on every reachable host, once their libvirt jobs
     have ended."""
-    found: dict[str, list[tuple[Copy, libvirt.virDomain]]] = {}
+    found: dict[str, list[tuple[Copy, Domain]]] = {}
     deadline = time.monotonic() + QUIESCE_S
     for host in daemon.config.hosts:
         conn = daemon.hosts.conn(host.name)
@@ -242,11 +214,11 @@ def _copies(daemon: Daemon, job_ids: set[str]) -> dict[str, list[tuple[Copy, lib
                 dom = lookup_domain(conn, domain_name(job_id))
                 if dom is None:
                     continue
-                _quiesce(dom, deadline)
-                if not dom.isActive():
+                domains.quiesce(dom, deadline)
+                if not is_running(dom):
                     continue
-                running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-            except libvirt.libvirtError:
+                running = domains.is_unpaused(dom)
+            except VirtError:
                 continue  # gone meanwhile
             found.setdefault(job_id, []).append((Copy(host.name, running), dom))
     return found
@@ -289,8 +261,8 @@ def finish_interrupted_moves(daemon: Daemon) -> None:
             keep = survivor.keep
             if keep is not None and survivor.resume:
                 try:
-                    doms[keep.host].resume()
-                except libvirt.libvirtError as exc:
+                    domains.resume(doms[keep.host])
+                except VirtError as exc:
                     log.warning("job %s: resuming its guest on %s failed: %s", job_id,
                                 keep.host, exc.get_error_message())
             _settle_record(daemon, record, placeholder, keep, arrived)
@@ -357,10 +329,10 @@ def _plug_missing_nics(daemon: Daemon, job_id: str) -> None:
         dom = lookup_domain(conn, domain_name(job_id)) if conn is not None else None
         if dom is None:
             return
-        have = replug.plugged(dom.XMLDesc(0))
+        have = replug.plugged(domains.live_xml(dom))
         missing = [n for n in nics_for(alloc) if n.guest_address not in have]
         failed = replug.plug(dom, missing) if missing else None
-    except libvirt.libvirtError as exc:
+    except VirtError as exc:
         failed = exc.get_error_message()
     if missing or failed:
         daemon.store.note(job_id, failed or f"{len(missing)} NIC(s) unplugged by an interrupted "

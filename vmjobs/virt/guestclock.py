@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import libvirt
 
-from vmjobs.domain_xml import CLOCK_CHANNEL
 from vmjobs.errors import VmjobsError
+from vmjobs.virt import Connection
+from vmjobs.virt.domain_xml import CLOCK_CHANNEL
 
 
 class ClockError(VmjobsError):
@@ -79,7 +80,7 @@ class _Lines:
         return line
 
 
-def set_clock(conn: libvirt.virConnect, name: str, timeout_s: float = 10.0) -> ClockSet:
+def set_clock(conn: Connection, name: str, timeout_s: float = 10.0) -> ClockSet:
     """Tell the guest `name` on `conn` the host's time; raise ClockError if it cannot."""
     deadline = time.monotonic() + timeout_s
     try:
@@ -119,7 +120,7 @@ def set_clock(conn: libvirt.virConnect, name: str, timeout_s: float = 10.0) -> C
             stream.abort()
 
 
-def sync_quietly(conn: libvirt.virConnect, name: str) -> str:
+def sync_quietly(conn: Connection, name: str) -> str:
     """`set_clock`, summarised in a few words for the job's timeline; never raises."""
     try:
         done = set_clock(conn, name)

@@ -20,6 +20,7 @@ from placement.ledger import empty_ledger
 from vmjobs.config import HostConfig
 from vmjobs.errors import VmjobsError
 from vmjobs.units import format_cpu_list, parse_cpu_list
+from vmjobs.virt import Connection
 
 NETWORK_CLASS_PREFIX = 0x02  # PCI base class "network controller"
 EMULATED_PREFIX = "emulated:"
@@ -392,7 +393,7 @@ def build_host(config: HostConfig, nodes: tuple[Node, ...], devices: tuple[Devic
     )
 
 
-def read_topology(conn: libvirt.virConnect) -> Topology:
+def read_topology(conn: Connection) -> Topology:
     """The host's NUMA topology through libvirt, every check of `parse_topology` applied, plus
     the online cpu map and the memory of cells whose capabilities list none."""
     topology = parse_topology(conn.getCapabilities())
@@ -405,7 +406,7 @@ def read_topology(conn: libvirt.virConnect) -> Topology:
     return with_online(topology, list(online))
 
 
-def cell_memory_kib(conn: libvirt.virConnect, cell: int) -> int:
+def cell_memory_kib(conn: Connection, cell: int) -> int:
     """A NUMA node's MemTotal in KiB: `getMemoryStats(cell)`'s total where the driver has it,
     else `getCellsFreeMemory` (its free memory, in bytes: less than the total, never more)."""
     try:
@@ -414,7 +415,7 @@ def cell_memory_kib(conn: libvirt.virConnect, cell: int) -> int:
         return int(conn.getCellsFreeMemory(cell, 1)[0]) // 1024
 
 
-def read_host(conn: libvirt.virConnect, config: HostConfig, nic_backend: str) -> Host:
+def read_host(conn: Connection, config: HostConfig, nic_backend: str) -> Host:
     topology = read_topology(conn)
     if nic_backend == "emulated":
         devices = emulated_devices(config)
@@ -430,7 +431,7 @@ def read_host(conn: libvirt.virConnect, config: HostConfig, nic_backend: str) ->
     return build_host(config, topology.nodes, devices, siblings_known=topology.siblings_known)
 
 
-def _topology_without_cells(conn: libvirt.virConnect) -> Topology:
+def _topology_without_cells(conn: Connection) -> Topology:
     # Some drivers (and containers) report no <topology>: treat the host as one node, each cpu
     # its own core. That is a guess about SMT, so isolate is refused there.
     _, memory_mib, cpus, *_ = conn.getInfo()

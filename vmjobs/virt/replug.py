@@ -17,9 +17,9 @@ from collections.abc import Iterable
 
 import libvirt
 
-from vmjobs import domain_xml
-from vmjobs.domain_xml import Nic, PciAddress
 from vmjobs.errors import VmjobsError
+from vmjobs.virt import Domain, domain_xml
+from vmjobs.virt.domain_xml import Nic, PciAddress
 
 UNPLUG_TIMEOUT_S = 15.0
 
@@ -44,7 +44,7 @@ def plugged(live_xml: str) -> set[PciAddress]:
     return found
 
 
-def unplug(dom: libvirt.virDomain, nics: Iterable[Nic],
+def unplug(dom: Domain, nics: Iterable[Nic],
            timeout_s: float = UNPLUG_TIMEOUT_S) -> None:
     """Detach `nics` from the running guest and wait until they are gone; on failure plug back
     the ones already removed, so the guest is as it was."""
@@ -67,7 +67,7 @@ def unplug(dom: libvirt.virDomain, nics: Iterable[Nic],
                            + (f"; {back}" if back else "")) from None
 
 
-def plug(dom: libvirt.virDomain, nics: Iterable[Nic]) -> str | None:
+def plug(dom: Domain, nics: Iterable[Nic]) -> str | None:
     """Attach `nics` to the running guest at their guest addresses. None when all went in,
     else what failed (the guest keeps running either way)."""
     failed = []

@@ -31,10 +31,11 @@ from placement import Allocation, NodeShare
 from vmjobs import guest_protocol
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, prepare, start
-from vmjobs.hostconn import destroy_quietly, is_running, lookup_domain
+from vmjobs.guest import GuestPlan, JobFiles, prepare
 from vmjobs.image import Image
 from vmjobs.jobs import domain_name
+from vmjobs.virt import Connection, Domain, VirtError
+from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain, start
 
 PROBE_MEMORY_MIB = 128
 PROBE_JOB_ID = "probe"  # the probe's domain is vmjob-probe on every host
@@ -48,12 +49,12 @@ class ProbeFailed(VmjobsError):
     domain could not be destroyed); no verdict is cached."""
 
 
-def kvm_offered(conn: libvirt.virConnect) -> bool:
+def kvm_offered(conn: Connection) -> bool:
     caps = ET.fromstring(conn.getCapabilities())
     return caps.find("./guest/arch[@name='x86_64']/domain[@type='kvm']") is not None
 
 
-def virt_type(config: Config, host: HostConfig, conn: libvirt.virConnect, image: Image,
+def virt_type(config: Config, host: HostConfig, conn: Connection, image: Image,
               allocation: Allocation, note: Callable[[str], None]) -> str:
     if config.virt_type != "auto":
         return config.virt_type
@@ -106,7 +107,7 @@ def _spool_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def probe_boot(config: Config, conn: libvirt.virConnect, image: Image,
+def probe_boot(config: Config, conn: Connection, image: Image,
                allocation: Allocation) -> bool:
     """Boot the image under KVM on one of the job's own cpus and run `true`.
 
@@ -134,7 +135,7 @@ def probe_boot(config: Config, conn: libvirt.virConnect, image: Image,
         return result.exit_code == 0
     except ProbeFailed:
         raise
-    except (libvirt.libvirtError, OSError, ValueError, VmjobsError):
+    except (VirtError, OSError, ValueError, VmjobsError):
         return False
     finally:
         try:
@@ -143,7 +144,7 @@ def probe_boot(config: Config, conn: libvirt.virConnect, image: Image,
             shutil.rmtree(files.dir, ignore_errors=True)
 
 
-def _start_alone(conn: libvirt.virConnect, xml: str, patience_s: float) -> libvirt.virDomain:
+def _start_alone(conn: Connection, xml: str, patience_s: float) -> Domain:
     """Start the probe domain once no other probe holds the host: a leftover (paused, or
     running beyond `patience_s`) is destroyed first."""
     deadline = time.monotonic() + patience_s
@@ -156,7 +157,7 @@ def _start_alone(conn: libvirt.virConnect, xml: str, patience_s: float) -> libvi
             _destroy(other)  # paused (KVM internal error), stopped, or its owner is gone
         try:
             return start(conn, xml)
-        except libvirt.libvirtError:
+        except VirtError:
             if lookup_domain(conn, PROBE_DOMAIN) is None:
                 raise  # a real failure to start under KVM
             if time.monotonic() >= deadline:
@@ -165,7 +166,7 @@ def _start_alone(conn: libvirt.virConnect, xml: str, patience_s: float) -> libvi
             # another probe started between our look and our start: wait for it
 
 
-def _ran_to_its_end(dom: libvirt.virDomain, timeout_s: float) -> bool:
+def _ran_to_its_end(dom: Domain, timeout_s: float) -> bool:
     """True once the probe guest is gone; False if it pauses (KVM internal error) or is still
     there after `timeout_s`."""
     end = time.monotonic() + timeout_s
@@ -178,14 +179,14 @@ def _ran_to_its_end(dom: libvirt.virDomain, timeout_s: float) -> bool:
     return not is_running(dom)
 
 
-def _state(dom: libvirt.virDomain) -> int:
+def _state(dom: Domain) -> int:
     try:
         return int(dom.state()[0])
-    except libvirt.libvirtError:
+    except VirtError:
         return libvirt.VIR_DOMAIN_NOSTATE
 
 
-def _destroy(dom: libvirt.virDomain | None) -> None:
+def _destroy(dom: Domain | None) -> None:
     """Destroy the probe's domain, paused or not; libvirt may refuse while another call holds
     the domain's job lock, so try a few times before saying so."""
     if dom is None:
@@ -195,7 +196,7 @@ def _destroy(dom: libvirt.virDomain | None) -> None:
             destroy_quietly(dom)
             if not is_running(dom):
                 return
-        except libvirt.libvirtError as exc:
+        except VirtError as exc:
             if attempt == DESTROY_TRIES - 1:
                 raise ProbeFailed(f"the KVM probe guest {PROBE_DOMAIN} could not be "
                                   f"destroyed ({exc.get_error_message()}); destroy it by "

@@ -25,15 +25,21 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+# bench/placement.py and bench/queue.py would shadow the placement package and the standard
+# library's queue: import from the repository root.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from placement import Allocation, NodeShare
-from vmjobs import template
-from vmjobs.guest import GuestPlan, JobFiles, follow_output
-from vmjobs.image import resolve_image
-from vmjobs.units import parse_size_mib
-from vmjobs.virt import Connection
-from vmjobs.virt.conn import open_uri
+import yaml  # noqa: E402
+
+from placement import Allocation, NodeShare  # noqa: E402
+from vmjobs import template  # noqa: E402
+from vmjobs.guest import GuestPlan, JobFiles, follow_output  # noqa: E402
+from vmjobs.image import resolve_image  # noqa: E402
+from vmjobs.units import parse_size_mib  # noqa: E402
+from vmjobs.virt import Connection  # noqa: E402
+from vmjobs.virt.conn import open_uri  # noqa: E402
 
 URI = "qemu:///system"
 

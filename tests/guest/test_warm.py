@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.guest.conftest import Env, our_domains, write_config
+from vmjobs.image import resolve_image
 from vmjobs.jobs import JobState
 from vmjobs.store import Store
 
@@ -47,7 +48,16 @@ def start_reason(env: Env, job_id: str) -> str:
 
 
 def templates(env: Env) -> list[Path]:
-    return sorted((env.spool / "templates").glob("*.json"))
+    """The records of this image's templates for the jobs here (1 vCPU, 256 MiB); the spool
+    may hold others (other images, other shapes)."""
+    image_id = resolve_image(env.spool, "default").id
+    found = []
+    for meta in sorted((env.spool / "templates").glob("*.json")):
+        inputs = json.loads(meta.read_text())["inputs"]
+        if (inputs["vcpus"], inputs["memory_mib"]) == (1, 256) and inputs["image"] in \
+                (image_id, "0000000000000000"):
+            found.append(meta)
+    return found
 
 
 def test_warm_jobs_get_their_output_exit_code_clock_input_and_own_random_state(
@@ -69,6 +79,7 @@ def test_warm_jobs_get_their_output_exit_code_clock_input_and_own_random_state(
     # two guests restored from one template: without the reseed their CRNG keys are the same
     assert randoms[0] != randoms[1]
     assert len(templates(warm_env)) == 1
+    assert "making warm-start template" not in runs[1][1]  # the second used the first's
     assert not our_domains()
 
 

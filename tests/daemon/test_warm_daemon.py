@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.daemon.conftest import Daemon
+from tests.daemon.conftest import Daemon, our_domains
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +35,8 @@ def test_a_daemon_job_starts_warm_with_its_output_and_exit_code(warm_daemon: Dae
     assert logs.returncode == 0, logs.stderr
     assert logs.stdout == "warm-hi\n"
     assert list((warm_daemon.spool / "templates").glob("*.save"))
+    # its end is recorded at the guest's power-off; the domain goes ~1-2 s later (reaping here)
+    deadline = time.monotonic() + 30
+    while warm_daemon.reservations() or f"vmjob-{job_id}" in our_domains():
+        assert time.monotonic() < deadline, our_domains()
+        time.sleep(0.05)

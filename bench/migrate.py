@@ -61,7 +61,8 @@ def boot(conn: libvirt.virConnect, workdir: Path, image: object, host: str, memo
     console = workdir / f"console.{host}.log"
     xml = domain_xml.build(DomainSpec(
         name=f"vmjob-{job}", job_id=job, owner="bench", owner_uid=0, virt_type="qemu",
-        allocation=_allocation(host, 0, memory_mib), kernel=image.kernel,  # type: ignore
+        allocation=_allocation(host, 0, memory_mib), kernel=image.boot_kernel,  # type: ignore
+        loader=image.firmware,  # type: ignore[attr-defined]
         initrd=initrd, console_log=console, output_disk=output, clock_channel=True))
     dom = conn.createXML(xml, 0)
     deadline = time.monotonic() + 120

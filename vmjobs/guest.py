@@ -6,6 +6,7 @@ Used by `vmjob run` and by the KVM probe; the daemon will use the same pieces.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,9 +17,11 @@ from vmjobs import guest_protocol
 from vmjobs.errors import VmjobsError
 from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
-from vmjobs.virt import Domain, domain_xml
+from vmjobs.outputwatch import OutputWatch
+from vmjobs.virt import Connection, Domain, domain_xml
 from vmjobs.virt.conn import is_running
 from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs.virt.events import GuestEvent, unwatch_guest, watch_guest
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -170,7 +173,8 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             owner_uid=plan.owner_uid,
             virt_type=plan.virt_type,
             allocation=plan.allocation,
-            kernel=plan.image.kernel,
+            kernel=plan.image.boot_kernel,
+            loader=plan.image.firmware,
             initrd=files.initrd,
             console_log=files.console(plan.allocation.host),
             output_disk=files.output_disk,
@@ -228,23 +232,81 @@ class OutputReader:
             self.index, self.offset = later[0], 0
 
 
-def follow_output(files: JobFiles, dom: Domain,
-                  poll_s: float = 0.05) -> Iterator[bytes | None]:
-    """Yield the job's output bytes as the guest writes them, until the domain stops.
 
-    Yields None on each idle poll so the caller can check its own deadline; ends once the
-    domain is gone and every file has been read to its end.
+
+class GuestEnd:
+    """One guest's end, from libvirt's lifecycle events, and its output's changes (inotify):
+    both wake `watch`. Needs libvirt's event loop running (`virt.events.start_event_loop`)
+    before the connection was opened.
+
+    `powered_off`: the init powered the guest off after writing its output disk (its verdict
+    is final; QEMU is still going away). `stopped`: the domain is gone.
+    """
+
+    def __init__(self, conn: Connection, dom: Domain, files: JobFiles) -> None:
+        self.dom = dom
+        self.watch = OutputWatch(files.dir)
+        self.powered_off = threading.Event()
+        self.stopped = threading.Event()
+        self._conn = conn
+        self._callback = watch_guest(conn, dom, self._on_event)
+        self.check()  # it may have ended before the callback was there
+
+    def _on_event(self, event: GuestEvent) -> None:
+        # libvirt's event loop thread: set and wake, never block
+        self.powered_off.set()  # whichever came first, the guest runs no more
+        if event == GuestEvent.STOPPED:
+            self.stopped.set()
+        self.watch.wake()
+
+    def ended(self) -> bool:
+        """Whether the guest runs no more (powered off or gone)."""
+        return self.powered_off.is_set()
+
+    def check(self) -> None:
+        """Ask libvirt directly (after a quiet safety interval: events are not expected to
+        be lost, but a guest that is gone must never be waited for)."""
+        if not is_running(self.dom):
+            self.powered_off.set()
+            self.stopped.set()
+
+    def wait_stopped(self, timeout_s: float) -> bool:
+        """Wait for the domain to be gone (QEMU exits after the power-off); True if it is."""
+        if not self.stopped.wait(timeout_s):
+            self.check()
+        return self.stopped.is_set()
+
+    def close(self) -> None:
+        unwatch_guest(self._conn, self._callback)
+        self.watch.close()
+
+
+FOLLOW_SAFETY_S = 5.0  # the longest a follower sleeps without an event
+
+
+def follow_output(files: JobFiles, guest: GuestEnd,
+                  deadline: float | None = None) -> Iterator[bytes | None]:
+    """Yield the job's output bytes as the guest writes them, until the guest has powered
+    off (or stopped) and every file has been read to its end.
+
+    Sleeps until a file changes or the guest ends (`GuestEnd`), or until `deadline`
+    (time.monotonic()), at most FOLLOW_SAFETY_S; yields None after each wait without
+    output so the caller can check its deadline.
     """
     reader = OutputReader(files)
     while True:
-        running = is_running(dom)
-        chunk = reader.read(final=not running)
+        ended = guest.ended()
+        chunk = reader.read(final=ended)
         if chunk:
             yield chunk
-        elif not running:
+        elif ended:
             return
         else:
-            time.sleep(poll_s)
+            wait_s = FOLLOW_SAFETY_S
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - time.monotonic())
+            if not guest.watch.wait(wait_s):
+                guest.check()
             yield None
 
 

@@ -1,5 +1,10 @@
 """The guest image: a kernel plus a base initramfs (busybox, our init, the virtio modules).
 
+For a faster cold start an image also carries, when it can, the kernel uncompressed
+(`vmlinux`, booted through its PVH entry: no decompression in the guest) and the qboot
+firmware (`qboot.rom`, from QEMU's own package: far less to run than SeaBIOS); a guest boots
+the bzImage with QEMU's default firmware when either is missing. See docs/image.md.
+
 Images live in `<spool>/images/<id>/` where the id is a hash of every input (the checked .deb
 files or kernel and module bytes, busybox, the init and module list, the recipe version), so a
 build whose inputs are unchanged finds its image and does nothing. Tags (`<spool>/images/tags/
@@ -19,7 +24,8 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,12 +35,18 @@ from vmjobs.cpio import Entry, write_gzip_newc
 from vmjobs.errors import NotFound, VmjobsError
 
 # Bump whenever the build changes what it produces from the same inputs.
-RECIPE_VERSION = 1
+# 2: vmlinux and qboot.rom beside vmlinuz; NIC modules in their own load list.
+RECIPE_VERSION = 2
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 ID_LENGTH = 16
 MODULES_ROOT = Path("/lib/modules")  # where --kernel's modules are looked for
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# SeaBIOS's small replacement, shipped by Debian's qemu-system-data; copied into the image so
+# that every host boots the same bytes from the shared spool (a migration needs the same ROM).
+QBOOT_ROM = Path("/usr/share/qemu/qboot.rom")
+# The group of modules.txt lines loaded only for jobs with NICs (images/init).
+NIC_GROUP = "nic"
 
 # Small files every guest gets; tools such as `id` and `whoami` look for them.
 ETC_FILES = {
@@ -58,6 +70,13 @@ class Image:
     initrd: Path
     kernel_version: str
     size_bytes: int
+    vmlinux: Path | None = None  # the kernel uncompressed, bootable through PVH
+    firmware: Path | None = None  # qboot; None: QEMU's default firmware (SeaBIOS)
+
+    @property
+    def boot_kernel(self) -> Path:
+        """The kernel a guest boots: the uncompressed one when the image has it."""
+        return self.vmlinux or self.kernel
 
 
 @dataclass(frozen=True)
@@ -220,6 +239,97 @@ def bzimage_version(kernel: Path) -> str:
     return version
 
 
+# Magic numbers of the compressed payload in a bzImage (scripts/extract-vmlinux).
+_PAYLOADS = (
+    (b"\x1f\x8b\x08", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x5d\x00\x00", "lzma"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x02\x21\x4c\x18", "lz4"),
+)
+ELF_NOTE_PVH_ENTRY = 18  # XEN_ELFNOTE_PHYS32_ENTRY: the kernel's 32-bit PVH entry point
+
+
+def extract_vmlinux(bzimage: Path) -> tuple[bytes | None, str]:
+    """The uncompressed ELF kernel inside an x86 bzImage, if QEMU can boot it directly.
+
+    Returns (ELF bytes, "") or (None, why not). QEMU boots an ELF kernel given to -kernel
+    through its PVH entry, which the kernel has with CONFIG_PVH (it announces it with the ELF
+    note XEN_ELFNOTE_PHYS32_ENTRY). The payload is found from the boot header (boot protocol
+    >= 2.08: payload_offset at 0x248, payload_length at 0x24c, after the setup sectors; the
+    last 4 bytes of the payload are the uncompressed size, Linux scripts/Makefile.lib
+    size_append) and decompressed with the standard library (gzip, xz, lzma) or the `zstd`
+    and `lz4` tools. Source: Documentation/x86/boot.rst, scripts/extract-vmlinux."""
+    try:
+        data = bzimage.read_bytes()
+    except OSError as exc:
+        return None, f"cannot read {bzimage}: {exc.strerror}"
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return None, "not a bzImage"
+    (protocol,) = struct.unpack_from("<H", data, 0x206)
+    if protocol < 0x208:
+        return None, f"boot protocol {protocol:#x} has no payload fields"
+    setup_sectors = data[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sectors + 1) * 512 + payload_offset
+    payload = data[start:start + payload_length]
+    if len(payload) != payload_length or payload_length < 8:
+        return None, "payload outside the file"
+    (size,) = struct.unpack_from("<I", payload, payload_length - 4)
+    compressed = payload[:-4]
+    kind = next((name for magic, name in _PAYLOADS if compressed.startswith(magic)), None)
+    if kind is None:
+        return None, f"unknown kernel compression (magic {compressed[:4].hex()})"
+    try:
+        elf = _decompress(kind, compressed)
+    except (OSError, ValueError, lzma.LZMAError, zlib.error, VmjobsError) as exc:
+        return None, f"{kind} payload: {exc}"
+    if len(elf) != size or elf[:4] != b"\x7fELF":
+        return None, f"{kind} payload did not give the {size}-byte ELF kernel it announces"
+    if not _has_note(elf, ELF_NOTE_PVH_ENTRY):
+        return None, "the kernel has no PVH entry (CONFIG_PVH is off)"
+    return elf, ""
+
+
+def _decompress(kind: str, data: bytes) -> bytes:
+    if kind == "gzip":
+        return zlib.decompressobj(wbits=31).decompress(data)
+    if kind in ("xz", "lzma"):
+        form = lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE
+        return lzma.LZMADecompressor(form).decompress(data)
+    tool = ["zstd", "-dcq"] if kind == "zstd" else ["lz4", "-dcq"]
+    try:
+        done = subprocess.run(tool, input=data, capture_output=True)
+    except FileNotFoundError:
+        raise VmjobsError(f"{tool[0]} is not installed") from None
+    if done.returncode != 0:
+        raise VmjobsError(f"{tool[0]} failed")
+    return done.stdout
+
+
+def _has_note(elf: bytes, note_type: int) -> bool:
+    """Whether a 64-bit little-endian ELF file has a note of `note_type` in a PT_NOTE
+    segment (System V ABI: Elf64_Phdr, Elf64_Nhdr with 4-byte aligned name and desc)."""
+    if len(elf) < 64 or elf[4] != 2 or elf[5] != 1:
+        return False
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if at + 56 > len(elf):
+            return False
+        p_type, _flags, offset, _vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", elf, at)
+        if p_type != 4:  # PT_NOTE
+            continue
+        pos, end = offset, min(offset + filesz, len(elf))
+        while pos + 12 <= end:
+            namesz, descsz, kind = struct.unpack_from("<III", elf, pos)
+            if kind == note_type:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
 def module_name(path: str) -> str:
     """The kernel's name for a module file: `virtio-rng.ko.xz` -> `virtio_rng`."""
     base = path.rsplit("/", 1)[-1]
@@ -341,10 +451,30 @@ def recipe_bytes(name: str) -> bytes:
     return resources.files("vmjobs.images").joinpath(name).read_bytes()
 
 
-def wanted_modules() -> list[str]:
-    text = recipe_bytes("modules.txt").decode()
-    return [line.strip() for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+def wanted_modules() -> dict[str, list[str]]:
+    """modules.txt: module names by group, "" (every guest) and NIC_GROUP (jobs with NICs:
+    a line `name nic`)."""
+    groups: dict[str, list[str]] = {"": [], NIC_GROUP: []}
+    for line in recipe_bytes("modules.txt").decode().splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        group = words[1] if len(words) > 1 else ""
+        if len(words) > 2 or group not in groups:
+            raise VmjobsError(f"modules.txt: bad line {line!r} (a name, then optionally "
+                              f"'{NIC_GROUP}')")
+        groups[group].append(words[0])
+    return groups
+
+
+def resolve_module_groups(moddir: Path) -> tuple[list[Module], list[Module]]:
+    """(modules every guest loads, the further ones only a job with NICs loads), each in
+    load order; a module both need is in the first list only."""
+    groups = wanted_modules()
+    base = resolve_modules(moddir, groups[""])
+    loaded = {m.name for m in base}
+    every = resolve_modules(moddir, groups[""] + groups[NIC_GROUP])
+    return base, [m for m in every if m.name not in loaded]
 
 
 def busybox_applets(busybox: Path) -> list[str]:
@@ -353,8 +483,10 @@ def busybox_applets(busybox: Path) -> list[str]:
     return sorted({line.strip().lstrip("/") for line in out.splitlines() if line.strip()})
 
 
-def initramfs_entries(busybox: Path, applets: list[str], init: bytes,
-                      modules: list[Module]) -> list[Entry]:
+def initramfs_entries(busybox: Path, applets: list[str], init: bytes, modules: Sequence[Module],
+                      nic_modules: Sequence[Module] = ()) -> list[Entry]:
+    """The base initramfs. `lib/modules/load-order` lists the modules every guest loads,
+    `load-order.nic` those the init loads only for a job with NICs (images/init)."""
     entries = [Entry.dir(d) for d in ("bin", "dev", "etc", "lib", "lib/modules", "proc",
                                       "sbin", "sys", "usr", "usr/bin", "usr/sbin")]
     entries += [Entry.dir("root", 0o700), Entry.dir("tmp", 0o1777)]
@@ -365,9 +497,10 @@ def initramfs_entries(busybox: Path, applets: list[str], init: bytes,
     taken = {e.name for e in entries}
     entries += [Entry.symlink(path, "/bin/busybox") for path in applets if path not in taken]
     entries += [Entry.file(path, text.encode()) for path, text in ETC_FILES.items()]
-    entries += [Entry.file(f"lib/modules/{m.name}.ko", m.elf) for m in modules]
-    load_order = "".join(f"{m.name}.ko\n" for m in modules)
-    entries.append(Entry.file("lib/modules/load-order", load_order.encode()))
+    entries += [Entry.file(f"lib/modules/{m.name}.ko", m.elf) for m in (*modules, *nic_modules)]
+    for name, group in (("load-order", modules), ("load-order.nic", nic_modules)):
+        order = "".join(f"{m.name}.ko\n" for m in group)
+        entries.append(Entry.file(f"lib/modules/{name}", order.encode()))
     return entries
 
 
@@ -419,7 +552,14 @@ def _load(spool: Path, image_id: str, name: str) -> Image | None:
         size = kernel.stat().st_size + initrd.stat().st_size
     except (OSError, ValueError):
         return None
-    return Image(image_id, name, kernel, initrd, str(manifest.get("kernel_version", "?")), size)
+    # Either may be missing (a kernel without PVH, a host without qboot): the guest then
+    # boots the bzImage with QEMU's default firmware.
+    vmlinux, firmware = home / "vmlinux", home / "qboot.rom"
+    extras = [path for path in (vmlinux, firmware) if path.is_file()]
+    return Image(image_id, name, kernel, initrd, str(manifest.get("kernel_version", "?")),
+                 size + sum(path.stat().st_size for path in extras),
+                 vmlinux=vmlinux if vmlinux in extras else None,
+                 firmware=firmware if firmware in extras else None)
 
 
 def _tags(spool: Path) -> dict[str, str]:
@@ -483,6 +623,8 @@ class _Plan:
     kernel_deb: Deb | None = None  # the Debian cloud kernel, or else:
     kernel: Path | None = None  # --kernel, with
     modules: tuple[Module, ...] = ()  # its modules from the host's /lib/modules
+    nic_modules: tuple[Module, ...] = ()
+    firmware: Path | None = None  # qboot.rom to copy into the image
 
     @property
     def id(self) -> str:
@@ -501,6 +643,10 @@ def _plan(kernel: Path | None, progress: Progress) -> _Plan:
         "modules_txt_sha256": sha256_bytes(recipe_bytes("modules.txt")),
     }
     modules: tuple[Module, ...] = ()
+    nic_modules: tuple[Module, ...] = ()
+    firmware = QBOOT_ROM if QBOOT_ROM.is_file() else None
+    if firmware is not None:
+        digest["qboot_sha256"] = sha256_file(firmware)
     if kernel is not None:  # checked first: a wrong --kernel fails before any apt work
         version = bzimage_version(kernel)
         moddir = MODULES_ROOT / version
@@ -508,9 +654,10 @@ def _plan(kernel: Path | None, progress: Progress) -> _Plan:
             raise VmjobsError(f"no modules for kernel {version}: looked in {moddir}, which "
                               "does not exist (install the modules matching --kernel)")
         progress(f"resolving modules of {version} in {moddir}")
-        modules = tuple(resolve_modules(moddir, wanted_modules()))
+        base, nics = resolve_module_groups(moddir)
+        modules, nic_modules = tuple(base), tuple(nics)
         digest["kernel"] = {"version": version, "sha256": sha256_file(kernel)}
-        digest["modules"] = {m.name: sha256_bytes(m.elf) for m in modules}
+        digest["modules"] = {m.name: sha256_bytes(m.elf) for m in (*modules, *nic_modules)}
     progress(f"resolving {BUSYBOX_PACKAGE}" + ("" if kernel else f", {KERNEL_META_PACKAGE}"))
     busybox, kdeb = resolve_debs(with_kernel=kernel is None)
     digest["busybox_deb"] = _deb_digest(busybox)
@@ -518,7 +665,8 @@ def _plan(kernel: Path | None, progress: Progress) -> _Plan:
         # apt's sha256 of the .deb (checked on download) stands for every byte of the kernel
         # and modules in it, so an existing image is found without downloading anything.
         digest["kernel_deb"] = _deb_digest(kdeb)
-    return _Plan(digest, busybox, kernel_deb=kdeb, kernel=kernel, modules=modules)
+    return _Plan(digest, busybox, kernel_deb=kdeb, kernel=kernel, modules=modules,
+                 nic_modules=nic_modules, firmware=firmware)
 
 
 def build_image(spool: Path, kernel: Path | None = None, name: str = "default",
@@ -571,19 +719,22 @@ def _build(spool: Path, plan: _Plan, home: Path, progress: Progress) -> None:
             kernel, version = _deb_kernel(work / "kernel")
             moddir = work / "kernel" / "lib" / "modules" / version
             progress("resolving modules")
-            modules = resolve_modules(moddir, wanted_modules())
+            modules, nic_modules = resolve_module_groups(moddir)
         else:
             assert plan.kernel is not None
-            kernel, version, modules = plan.kernel, bzimage_version(plan.kernel), \
-                list(plan.modules)
-        progress(f"packing {len(modules)} modules: {' '.join(m.name for m in modules)}")
+            kernel, version = plan.kernel, bzimage_version(plan.kernel)
+            modules, nic_modules = list(plan.modules), list(plan.nic_modules)
+        progress(f"packing {len(modules)} modules: {' '.join(m.name for m in modules)}; for "
+                 f"jobs with NICs {len(nic_modules)}: {' '.join(m.name for m in nic_modules)}")
         shutil.copyfile(kernel, out / "vmlinuz")
+        _write_boot_extras(plan, kernel, out, progress)
         progress("writing initrd")
         entries = initramfs_entries(busybox, busybox_applets(busybox), recipe_bytes("init"),
-                                    modules)
+                                    modules, nic_modules)
         with (out / "initrd").open("wb") as handle:
             write_gzip_newc(entries, handle)
-        manifest = _manifest(plan, out, version, modules, time.monotonic() - started)
+        manifest = _manifest(plan, out, version, modules + nic_modules,
+                             time.monotonic() - started)
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for path in out.iterdir():
             os.chmod(path, 0o644)
@@ -596,10 +747,25 @@ def _build(spool: Path, plan: _Plan, home: Path, progress: Progress) -> None:
             # Another build of the same inputs finished first; its image is identical.
             if _load(spool, plan.id, "") is None:
                 raise
-        size = (home / "vmlinuz").stat().st_size + (home / "initrd").stat().st_size
+        size = sum(path.stat().st_size for path in home.iterdir())
         progress(f"image {plan.id} ready: kernel {version}, {size / 2**20:.1f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_boot_extras(plan: _Plan, kernel: Path, out: Path, progress: Progress) -> None:
+    """vmlinux and qboot.rom into `out` when they can be had; each is optional (_load)."""
+    elf, why_not = extract_vmlinux(kernel)
+    if elf is None:
+        progress(f"booting the compressed kernel: no uncompressed one ({why_not})")
+    else:
+        (out / "vmlinux").write_bytes(elf)
+    if plan.firmware is None:
+        progress(f"no {QBOOT_ROM}: guests boot with QEMU's default firmware")
+    else:
+        shutil.copyfile(plan.firmware, out / "qboot.rom")
+        if sha256_file(out / "qboot.rom") != plan.digest["qboot_sha256"]:
+            raise VmjobsError(f"{plan.firmware} changed during the build; build again")
 
 
 def _deb_kernel(root: Path) -> tuple[Path, str]:
@@ -616,7 +782,7 @@ def _deb_kernel(root: Path) -> tuple[Path, str]:
 def _manifest(plan: _Plan, out: Path, version: str, modules: list[Module],
               seconds: float) -> dict[str, Any]:
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-             for name in ("vmlinuz", "initrd")}
+             for name in ("vmlinuz", "initrd", "vmlinux", "qboot.rom") if (out / name).exists()}
     return {
         "id": plan.id,
         "kernel_version": version,

@@ -25,7 +25,7 @@ from placement import Allocation, Request
 from vmjobs import template
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
-from vmjobs.guest import GuestPlan, JobFiles, collect, follow_output
+from vmjobs.guest import GuestEnd, GuestPlan, JobFiles, collect, follow_output
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name, new_job_id
 from vmjobs.spec import check_paths
@@ -33,6 +33,7 @@ from vmjobs.spec import parse as parse_spec
 from vmjobs.store import Held, Store
 from vmjobs.virt import Connection, Domain, VirtError, probe
 from vmjobs.virt.conn import connect_hosts, destroy_quietly, lookup_domain
+from vmjobs.virt.events import start_event_loop
 
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_VMJOB_FAILED = 125  # the job ran but vmjob could not deliver its result
@@ -122,6 +123,9 @@ def reap_abandoned(store: Store, conns: dict[str, Connection]) -> list[str]:
         if conn is None:
             continue
         destroy_quietly(lookup_domain(conn, domain_name(record.id)))
+        if record.state.finished:  # its end was recorded at power-off, its cores not yet freed
+            store.release(record.id)
+            continue
         store.transition(record.id, JobState.LOST, "the vmjob process running it is gone",
                          release=True)
         reaped.append(record.id)
@@ -160,6 +164,7 @@ def run(config: Config, job: RunRequest, write: Callable[[str], None],
     `note` gets vmjob's own one-line messages."""
     validate(job)
     image = resolve_image(config.spool, job.image)
+    start_event_loop()  # before connecting: the guest's end comes as a lifecycle event
     reached = connect_hosts(config, job.request.host)
     for name, error in reached.errors.items():
         note(f"{error}; not placing on {name}")
@@ -261,7 +266,7 @@ def _launch_and_follow(config: Config, store: Store, conn: Connection, job: RunR
             raise
         try:
             store.transition(job_id, JobState.RUNNING, "guest started")
-            return _follow(config, store, dom, job, job_id, allocation, files, write, note)
+            return _follow(store, conn, dom, job, job_id, allocation, files, write, note)
         except Interrupted as exc:
             destroy_quietly(dom)
             name = "SIGINT" if exc.signum == signal.SIGINT else "SIGTERM"
@@ -281,43 +286,65 @@ def _launch_and_follow(config: Config, store: Store, conn: Connection, job: RunR
             raise
 
 
-def _follow(config: Config, store: Store, dom: Domain, job: RunRequest, job_id: str,
+def _follow(store: Store, conn: Connection, dom: Domain, job: RunRequest, job_id: str,
             allocation: Allocation, files: JobFiles, write: Callable[[str], None],
             note: Callable[[str], None]) -> int:
     deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
     # a character split across two reads is completed by the next one, never replaced
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for chunk in follow_output(files, dom):
-        if chunk:
-            text = decoder.decode(chunk)
-            if text:
-                write(text)
-        if deadline is not None and time.monotonic() >= deadline:
-            destroy_quietly(dom)
-            reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
-            store.transition(job_id, JobState.TIMEOUT, reason, release=True)
-            note(f"job {job_id} {reason}")
-            return EXIT_TIMEOUT
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        write(tail)
-    return _collect(store, job, job_id, files, allocation.host, note)
+    guest = GuestEnd(conn, dom, files)
+    try:
+        for chunk in follow_output(files, guest, deadline=deadline):
+            if chunk:
+                text = decoder.decode(chunk)
+                if text:
+                    write(text)
+            if deadline is not None and time.monotonic() >= deadline and not guest.ended():
+                destroy_quietly(dom)
+                reason = f"timed out after {_seconds(job.timeout_s)}; guest stopped"
+                store.transition(job_id, JobState.TIMEOUT, reason, release=True)
+                note(f"job {job_id} {reason}")
+                return EXIT_TIMEOUT
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            write(tail)
+        return _collect(store, job, job_id, files, allocation.host, note, guest)
+    finally:
+        guest.close()
 
 
 def _seconds(value: float | None) -> str:
     return f"{value:g}s"
 
 
+# How long QEMU may take to go away after the guest powered itself off before it is
+# destroyed (it exits within milliseconds; this machine's PID 1 reaps it 1.5-2 s late).
+GONE_AFTER_POWER_OFF_S = 30.0
+
+
 def _collect(store: Store, job: RunRequest, job_id: str, files: JobFiles, host: str,
-             note: Callable[[str], None]) -> int:
-    """The guest has stopped: read its verdict and its output, release everything."""
+             note: Callable[[str], None], guest: GuestEnd) -> int:
+    """The guest powered off (or stopped): read its verdict and its output, record the end
+    now, and free its cores once QEMU is gone (as the daemon does)."""
     verdict = collect(files, host)
+    gone = guest.stopped.is_set()
     if verdict.exit_code is None:
-        store.transition(job_id, verdict.state, verdict.reason, release=True)
+        store.transition(job_id, verdict.state, verdict.reason, release=gone)
         note(f"job {job_id}: {verdict.reason}")
-        return EXIT_VMJOB_FAILED
-    if job.output_dir is not None and files.out.exists():
-        shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)
-    store.transition(job_id, verdict.state, verdict.reason, release=True,
-                     exit_code=verdict.exit_code)
-    return verdict.exit_code
+        code = EXIT_VMJOB_FAILED
+    else:
+        if job.output_dir is not None and files.out.exists():
+            shutil.copytree(files.out, job.output_dir, dirs_exist_ok=True)
+        store.transition(job_id, verdict.state, verdict.reason, release=gone,
+                         exit_code=verdict.exit_code)
+        code = verdict.exit_code
+    if not gone:
+        try:
+            stopped = guest.wait_stopped(GONE_AFTER_POWER_OFF_S)
+        except (Interrupted, VirtError):
+            # the end is recorded: a Ctrl+C or a lost connection now only hurries QEMU away
+            stopped = False
+        if not stopped:
+            destroy_quietly(guest.dom)
+        store.release(job_id)
+    return code

@@ -216,8 +216,8 @@ def smoke_migrate(spool: Path, image: Image, source: Endpoint, destination: Endp
 
         xml = domain_xml.build(DomainSpec(
             name=f"vmjob-{run_id}", job_id=run_id, owner="smoke", owner_uid=0,
-            virt_type=source.virt_type, allocation=alloc_on(source), kernel=image.kernel,
-            initrd=initrd, console_log=console(source), output_disk=output,
+            virt_type=source.virt_type, allocation=alloc_on(source), kernel=image.boot_kernel,
+            loader=image.firmware, initrd=initrd, console_log=console(source), output_disk=output,
             clock_channel=True))
         note(f"booting a {memory_mib} MiB guest on {source.name}")
         dom = start_domain(conns[source.name], xml)

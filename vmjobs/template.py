@@ -376,8 +376,9 @@ def build_template(conn: Connection, plan: GuestPlan, files: TemplateFiles,
     _write_private(output_out, b"")
     xml = domain_xml.build(DomainSpec(
         name=files.domain, job_id=f"template-{files.key}", owner="vmjobs", owner_uid=0,
-        virt_type=plan.virt_type, allocation=plan.allocation, kernel=plan.image.kernel,
-        initrd=files.initrd, console_log=files.path(".console.log"), output_disk=output_disk,
+        virt_type=plan.virt_type, allocation=plan.allocation, kernel=plan.image.boot_kernel,
+        loader=plan.image.firmware, initrd=files.initrd,
+        console_log=files.path(".console.log"), output_disk=output_disk,
         emulator_cpus=plan.emulator_cpus, clock_channel=True,
         output_pipe=files.path(".output"), job_pipe=files.job_pipe,
     ))
@@ -444,7 +445,7 @@ def start_warm(conn: Connection, plan: GuestPlan, files: JobFiles,
     template_xml = domains.saved_xml(conn, template.save)
     spec = DomainSpec(name=name, job_id=plan.job_id, owner=plan.owner,
                       owner_uid=plan.owner_uid, virt_type=plan.virt_type,
-                      allocation=plan.allocation, kernel=plan.image.kernel,
+                      allocation=plan.allocation, kernel=plan.image.boot_kernel,
                       initrd=template.initrd, console_log=files.console(plan.allocation.host),
                       output_disk=files.output_disk)
     identity = with_identity(template_xml, name, str(uuid.uuid4()), domain_xml.metadata(spec))

@@ -13,7 +13,9 @@ from placement import Allocation, NodeShare
 from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
 
 SPOOL = Path("/var/lib/vmjobs")
-KERNEL = SPOOL / "images" / "3f9a0c1d2e4b" / "vmlinuz"
+IMAGE = SPOOL / "images" / "3f9a0c1d2e4b"
+KERNEL = IMAGE / "vmlinux"  # the uncompressed kernel, booted through PVH
+FIRMWARE = IMAGE / "qboot.rom"
 
 
 def _spec(job_id: str, virt_type: str, allocation: Allocation, nics: tuple[str, ...] = (),
@@ -23,7 +25,7 @@ def _spec(job_id: str, virt_type: str, allocation: Allocation, nics: tuple[str, 
         name=f"vmjob-{job_id}", job_id=job_id, owner="alice", owner_uid=1000,
         virt_type=virt_type, allocation=allocation, kernel=KERNEL, initrd=job_dir / "initrd",
         console_log=job_dir / f"console.{allocation.host}.log",
-        output_disk=job_dir / "output.raw", emulator_cpus=emulator_cpus,
+        output_disk=job_dir / "output.raw", emulator_cpus=emulator_cpus, loader=FIRMWARE,
         nics=tuple(Nic(guest_nic_address(i), device) for i, device in enumerate(nics)),
     )
 

@@ -59,6 +59,12 @@ def test_defined_domain_keeps_what_we_asked(default_conn: libvirt.virConnect,
 
         assert back.find("features/acpi") is not None
         assert back.findtext("on_poweroff") == "destroy"
+        # the boot: qboot as a ROM (QEMU's -bios), the uncompressed kernel, the trimmed cmdline
+        loader = back.find("os/loader")
+        assert loader is not None and loader.get("type") == "rom"
+        assert loader.text == str(spec.loader)
+        assert back.findtext("os/kernel") == str(spec.kernel)
+        assert back.findtext("os/cmdline") == spec.cmdline
         sources = [(h.get("managed"), h.find("source/address").attrib,  # type: ignore
                     h.find("address").attrib)  # type: ignore[union-attr]
                    for h in back.findall("devices/hostdev")]

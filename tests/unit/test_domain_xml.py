@@ -133,7 +133,16 @@ def check_structure(spec: DomainSpec, xml: str) -> None:
     # direct kernel boot
     assert root.findtext("os/kernel") == str(spec.kernel)
     assert root.findtext("os/initrd") == str(spec.initrd)
-    assert "console=ttyS0" in (root.findtext("os/cmdline") or "")
+    cmdline = (root.findtext("os/cmdline") or "").split()
+    assert {"console=ttyS0", "cryptomgr.notests", "no_timer_check"} <= set(cmdline)
+    loader = root.find("os/loader")
+    if spec.loader is None:
+        assert loader is None  # QEMU's default firmware
+    else:
+        assert loader is not None and loader.get("type") == "rom"
+        assert loader.text == str(spec.loader)
+        # libvirt's order inside <os>: type, loader, then the direct kernel boot
+        assert [e.tag for e in root.find("os")][:3] == ["type", "loader", "kernel"]  # type: ignore
 
     devices = root.find("devices")
     assert devices is not None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from vmjobs import image
+from vmjobs.cli.image import image_dict
 from vmjobs.errors import NotFound, VmjobsError
 
 VERSION = "6.1.0-99-test-amd64"
@@ -45,6 +46,29 @@ def fake_bzimage(version: str, size: int = 8192) -> bytes:
     struct.pack_into("<H", data, 0x20E, 0x1000 - 0x200)
     data[0x1000:0x1000 + len(text)] = text
     return bytes(data)
+
+
+def fake_elf_kernel(note_type: int = image.ELF_NOTE_PVH_ENTRY) -> bytes:
+    """An ELF64 executable with one PT_NOTE segment holding a "Xen" note of `note_type`."""
+    note = struct.pack("<III", 4, 8, note_type) + b"Xen\0" + struct.pack("<Q", 0x1000850)
+    phoff, notes_at = 64, 64 + 56
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    head = ident + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, phoff, 0, 0, 64, 56, 1,
+                               64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, notes_at, 0, 0, len(note), len(note), 4)
+    return head + phdr + note + b"kernel text" * 50
+
+
+def fake_bzimage_with(elf: bytes, version: str = VERSION) -> bytes:
+    """fake_bzimage with a gzip payload as the kernel's build makes it: boot protocol 2.15,
+    the payload after the setup sectors, its last 4 bytes the uncompressed size."""
+    data = bytearray(fake_bzimage(version))
+    setup_sectors = len(data) // 512 - 1
+    payload = gzip.compress(elf, mtime=0) + struct.pack("<I", len(elf))
+    data[0x1F1] = setup_sectors
+    struct.pack_into("<H", data, 0x206, 0x20F)
+    struct.pack_into("<II", data, 0x248, 0, len(payload))
+    return bytes(data) + payload
 
 
 # name -> (depends, file under kernel/, compressed)
@@ -163,8 +187,56 @@ def test_missing_module_names_who_needs_it(tmp_path: Path) -> None:
 
 def test_recipe_is_read_from_the_package() -> None:
     assert image.recipe_bytes("init").startswith(b"#!/bin/sh")
-    assert image.wanted_modules() == ["virtio_pci", "virtio_blk", "virtio_net",
-                                      "virtio_console"]
+    assert image.wanted_modules() == {"": ["virtio_pci", "virtio_blk", "virtio_console"],
+                                      "nic": ["virtio_net"]}
+
+
+def test_vmlinux_is_extracted_when_it_has_a_pvh_entry(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    elf = fake_elf_kernel()
+    kernel.write_bytes(fake_bzimage_with(elf))
+    assert image.extract_vmlinux(kernel) == (elf, "")
+    kernel.write_bytes(fake_bzimage_with(fake_elf_kernel(note_type=17)))
+    assert image.extract_vmlinux(kernel) == \
+        (None, "the kernel has no PVH entry (CONFIG_PVH is off)")
+    kernel.write_bytes(fake_bzimage(VERSION))  # boot protocol 0: no payload fields
+    got, why = image.extract_vmlinux(kernel)
+    assert got is None and "no payload fields" in why
+    broken = bytearray(fake_bzimage_with(elf))
+    struct.pack_into("<I", broken, len(broken) - 4, len(elf) + 1)  # announces a wrong size
+    kernel.write_bytes(bytes(broken))
+    got, why = image.extract_vmlinux(kernel)
+    assert got is None and "did not give" in why
+
+
+def test_build_boots_vmlinux_with_qboot(fakes: Fakes, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    rom = tmp_path / "qboot.rom"
+    rom.write_bytes(b"\x55\xaa rom" * 100)
+    monkeypatch.setattr(image, "QBOOT_ROM", rom)
+    elf = fake_elf_kernel()
+    fakes.kernel.write_bytes(fake_bzimage_with(elf))
+    img, _ = image.build_image(fakes.spool, kernel=fakes.kernel)
+    assert img.vmlinux is not None and img.vmlinux.read_bytes() == elf
+    assert img.boot_kernel == img.vmlinux
+    assert img.firmware is not None and img.firmware.read_bytes() == rom.read_bytes()
+    manifest = json.loads((img.initrd.parent / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"vmlinuz", "vmlinux", "initrd", "qboot.rom"}
+    listed = image_dict(img)  # `vmjob image list --json`
+    assert (listed["boot_kernel"], listed["firmware"]) == (str(img.vmlinux), str(img.firmware))
+    rom.write_bytes(b"another rom")  # the firmware is an input: a new one makes a new image
+    assert image.build_image(fakes.spool, kernel=fakes.kernel)[0].id != img.id
+
+
+def test_build_falls_back_to_bzimage_and_default_firmware(
+        fakes: Fakes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(image, "QBOOT_ROM", tmp_path / "absent.rom")
+    messages: list[str] = []
+    img, _ = image.build_image(fakes.spool, kernel=fakes.kernel, progress=messages.append)
+    assert img.vmlinux is None and img.firmware is None and img.boot_kernel == img.kernel
+    assert (image_dict(img)["boot_kernel"], image_dict(img)["firmware"]) == (str(img.kernel), None)
+    assert any("booting the compressed kernel" in m for m in messages)
+    assert any("default firmware" in m for m in messages)
 
 
 def test_build_with_kernel_then_noop(fakes: Fakes, tmp_path: Path) -> None:
@@ -175,8 +247,10 @@ def test_build_with_kernel_then_noop(fakes: Fakes, tmp_path: Path) -> None:
     home = fakes.spool / "images" / img.id
     assert img.kernel == home / "vmlinuz" and img.initrd == home / "initrd"
     assert img.kernel.read_bytes() == fakes.kernel.read_bytes()
-    assert img.size_bytes == img.kernel.stat().st_size + img.initrd.stat().st_size
-    assert any(m.startswith("packing 8 modules") for m in messages)
+    assert img.size_bytes == sum(p.stat().st_size for p in home.iterdir()
+                                 if p.name != "manifest.json")
+    assert any(m.startswith("packing 5 modules") and "for jobs with NICs 3:" in m
+               for m in messages)
     for path in (home / "vmlinuz", home / "initrd", home / "manifest.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644  # QEMU runs as another user
     assert stat.S_IMODE(home.stat().st_mode) == 0o755
@@ -207,7 +281,12 @@ def test_initrd_layout(fakes: Fakes, tmp_path: Path) -> None:
     assert os.readlink(root / "usr/bin/tar") == "/bin/busybox"
     assert not (root / "bin/busybox").is_symlink()
     order = (root / "lib/modules/load-order").read_text().split()
-    assert order[:3] == ["virtio_pci_modern_dev.ko", "virtio_ring.ko", "virtio_pci.ko"]
+    assert order == ["virtio_pci_modern_dev.ko", "virtio_ring.ko", "virtio_pci.ko",
+                     "virtio_blk.ko", "virtio_console.ko"]
+    # loaded only by a job with NICs, after the others (their shared dependencies already are)
+    assert (root / "lib/modules/load-order.nic").read_text().split() == \
+        ["failover.ko", "net_failover.ko", "virtio_net.ko"]
+    assert (root / "lib/modules/virtio_net.ko").read_bytes().startswith(b"\x7fELF")
     # Stored decompressed: busybox insmod need not understand xz or zstd.
     assert (root / "lib/modules/virtio_ring.ko").read_bytes().startswith(b"\x7fELF")
     assert "root:x:0:0" in (root / "etc/passwd").read_text()

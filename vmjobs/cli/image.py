@@ -15,7 +15,10 @@ from vmjobs.image import Image, build_image, list_images
 def image_dict(image: Image) -> dict[str, Any]:
     return {"name": image.name, "id": image.id, "kernel_version": image.kernel_version,
             "size_bytes": image.size_bytes, "kernel": str(image.kernel),
-            "initrd": str(image.initrd)}
+            "initrd": str(image.initrd),
+            # what guests boot: the uncompressed kernel and qboot when the image has them
+            "boot_kernel": str(image.boot_kernel),
+            "firmware": str(image.firmware) if image.firmware else None}
 
 
 def _spool(obj: Any) -> Path:

@@ -40,6 +40,7 @@ from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect
 from vmjobs.image import resolve_image
 from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
 from vmjobs.virt.conn import destroy_quietly, lookup_domain
@@ -113,6 +114,8 @@ class Daemon:
         self.store = Store(config.state_db, shared=True)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        # `logs -f` streams: woken with every waiter on the condition (daemon/logs.py)
+        self.followers: set[OutputWatch] = set()
         self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
         self.active: dict[str, Active] = {}
@@ -138,6 +141,8 @@ class Daemon:
         with self.lock:
             self.dirty = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
 
     def spawn(self, target: Callable[..., Any], *args: Any, name: str,
               job_id: str | None = None) -> None:
@@ -454,5 +459,7 @@ class Daemon:
         with self.lock:
             self.stopping = True
             self.changed.notify_all()
+            for follower in self.followers:
+                follower.wake()
         self.notes.put(None)
         self.hosts.close()

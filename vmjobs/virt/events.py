@@ -86,6 +86,28 @@ def watch(conn: Connection, host: str, on_guest: OnGuest, on_close: OnClose) -> 
     conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, host)
 
 
+def watch_guest(conn: Connection, dom: Domain, on_event: Callable[[GuestEvent], None]) -> int:
+    """`on_event` for this one guest's STOPPED and guest-initiated SHUTDOWN (power-off)
+    events, on the event loop thread (never block in it); the id for `unwatch_guest`.
+    VirtError if libvirt refuses. Used by a direct `vmjob run`, which follows one guest."""
+
+    def lifecycle(_conn: Connection, _dom: Domain, event: int, detail: int,
+                  _opaque: object) -> None:
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            on_event(GuestEvent.STOPPED)
+        elif event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN and detail in _GUEST_SHUTDOWN:
+            on_event(GuestEvent.POWERED_OFF)
+
+    return conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle,
+                                       None)
+
+
+def unwatch_guest(conn: Connection, callback_id: int) -> None:
+    """Stop `watch_guest`'s reports (a closed connection has taken them along already)."""
+    with contextlib.suppress(VirtError):
+        conn.domainEventDeregisterAny(callback_id)
+
+
 def unwatch(conn: Connection) -> None:
     """Stop reporting `conn`'s close (before closing it ourselves)."""
     with contextlib.suppress(VirtError):

@@ -35,11 +35,12 @@ import yaml  # noqa: E402
 
 from placement import Allocation, NodeShare  # noqa: E402
 from vmjobs import template  # noqa: E402
-from vmjobs.guest import GuestPlan, JobFiles, follow_output  # noqa: E402
+from vmjobs.guest import GuestEnd, GuestPlan, JobFiles, follow_output  # noqa: E402
 from vmjobs.image import resolve_image  # noqa: E402
 from vmjobs.units import parse_size_mib  # noqa: E402
 from vmjobs.virt import Connection  # noqa: E402
 from vmjobs.virt.conn import open_uri  # noqa: E402
+from vmjobs.virt.events import start_event_loop  # noqa: E402
 
 URI = "qemu:///system"
 
@@ -82,9 +83,14 @@ def guest_first_byte(conn: Connection, spool: Path, mode: str, cpus: int,
     dom, how = template.launch(mode, conn, plan, files, spool, lambda _t: None,
                                lambda _how: None)
     first = None
-    for chunk in follow_output(files, dom, poll_s=0.002):
-        if chunk and first is None:
-            first = time.perf_counter() - started
+    guest_end = GuestEnd(conn, dom, files)
+    try:
+        for chunk in follow_output(files, guest_end):
+            if chunk and first is None:
+                first = time.perf_counter() - started
+        guest_end.wait_stopped(30)
+    finally:
+        guest_end.close()
     shutil.rmtree(files.dir, ignore_errors=True)
     if first is None or how != mode:
         raise SystemExit(f"{mode} guest printed nothing (started {how})")
@@ -114,6 +120,7 @@ def main() -> None:
     print(f"first warm run, making the template: {time.perf_counter() - started:.2f}s")
 
     memory_mib = parse_size_mib(args.mem)
+    start_event_loop()  # before connecting: a guest's end comes as a lifecycle event
     conn = open_uri(URI)
     cli: dict[str, list[float]] = {"cold": [], "warm": []}
     direct: dict[str, list[float]] = {"cold": [], "warm": []}

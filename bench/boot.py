@@ -179,14 +179,14 @@ def run_raw(image: Image, boot: RawBoot, cpus: int, mem_mib: int) -> float:
 
 
 def mode_runner(mode: str, config: Path, image: Image, cpus: int, mem: str,
-                mem_mib: int) -> Callable[[], float]:
+                mem_mib: int, workdir: Path) -> Callable[[], float]:
     if mode == "cold":
         return lambda: run_cold(config, cpus, mem)
     if mode == "warm":
         # `vmjob run` with `start: warm` (vmjobs/template.py); the warm-up run makes the template
         settings = yaml.safe_load(config.read_text())
         settings["start"] = "warm"
-        warm_config = config.with_name(f"{config.stem}-warm.yaml")
+        warm_config = workdir / "config-warm.yaml"
         warm_config.write_text(yaml.safe_dump(settings))
         return lambda: run_cold(warm_config, cpus, mem)
     if mode == "raw":
@@ -241,7 +241,7 @@ def main() -> None:
         firmware = image.firmware.name if image.firmware else "SeaBIOS (QEMU's default)"
         print(f"image {image.id}: kernel {image.kernel_version}, boots "
               f"{image.boot_kernel.name}, firmware {firmware}")
-        runners = {m: mode_runner(m, config, image, args.cpus, args.mem, mem_mib)
+        runners = {m: mode_runner(m, config, image, args.cpus, args.mem, mem_mib, workdir)
                    for m in modes}
         for run in runners.values():
             run()  # warm-up: page cache, libvirt's capabilities

@@ -43,6 +43,7 @@ FINISHED = frozenset(
     {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.LOST,
      JobState.EXPIRED}
 )
+UNFINISHED = frozenset(JobState) - FINISHED
 # States in which a job holds (or is about to hold) a guest on a host.
 ACTIVE = frozenset({JobState.PLACED, JobState.STARTING, JobState.RUNNING,
                     JobState.UNREACHABLE})

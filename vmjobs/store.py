@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from placement import Allocation, Request
@@ -25,7 +25,7 @@ from vmjobs.codec import (
     request_to_dict,
 )
 from vmjobs.errors import VmjobsError
-from vmjobs.jobs import JobRecord, JobState, check_transition
+from vmjobs.jobs import UNFINISHED, JobRecord, JobState, check_transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -71,6 +71,54 @@ CREATE TABLE IF NOT EXISTS cordons (
 );
 """
 
+# Indexes for every query the daemon makes per request or per pass, so each costs O(answer),
+# not O(table). Created on open, so a spool written before them gets them then.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+CREATE INDEX IF NOT EXISTS jobs_uid ON jobs(uid, state, created);
+CREATE INDEX IF NOT EXISTS jobs_held ON jobs(created) WHERE allocation IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_host ON jobs(host, state);
+CREATE INDEX IF NOT EXISTS cpu_reservations_job ON cpu_reservations(job_id);
+CREATE INDEX IF NOT EXISTS device_reservations_job ON device_reservations(job_id);
+"""
+
+# The change log: a row for every job whose allocation changes (placed, released, moved,
+# re-pinned, created or deleted holding something), every host cordoned or uncordoned, and
+# every job that enters or leaves the queue, written by triggers, so every writer shows up in
+# it — the daemon's connection, a mover's own connection, a direct `vmjob run` in another
+# process, an older vmjobs — and a rolled-back transaction leaves nothing. The daemon's live
+# models (`vmjobs.daemon.live`) read it from the last row they applied, O(changes).
+CHANGES = """
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT,
+    host TEXT,
+    queue INTEGER NOT NULL DEFAULT 0  -- 1: the job entered or left the queue
+);
+CREATE TRIGGER IF NOT EXISTS changes_queue_insert AFTER INSERT ON jobs
+    WHEN NEW.state = 'QUEUED'
+    BEGIN INSERT INTO changes (job_id, queue) VALUES (NEW.id, 1); END;
+CREATE TRIGGER IF NOT EXISTS changes_queue_update AFTER UPDATE OF state ON jobs
+    WHEN (OLD.state = 'QUEUED') <> (NEW.state = 'QUEUED')
+    BEGIN INSERT INTO changes (job_id, queue) VALUES (NEW.id, 1); END;
+CREATE TRIGGER IF NOT EXISTS changes_queue_delete AFTER DELETE ON jobs
+    WHEN OLD.state = 'QUEUED'
+    BEGIN INSERT INTO changes (job_id, queue) VALUES (OLD.id, 1); END;
+CREATE TRIGGER IF NOT EXISTS changes_job_insert AFTER INSERT ON jobs
+    WHEN NEW.allocation IS NOT NULL
+    BEGIN INSERT INTO changes (job_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS changes_job_update AFTER UPDATE OF allocation ON jobs
+    WHEN OLD.allocation IS NOT NEW.allocation
+    BEGIN INSERT INTO changes (job_id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS changes_job_delete AFTER DELETE ON jobs
+    WHEN OLD.allocation IS NOT NULL
+    BEGIN INSERT INTO changes (job_id) VALUES (OLD.id); END;
+CREATE TRIGGER IF NOT EXISTS changes_cordon_insert AFTER INSERT ON cordons
+    BEGIN INSERT INTO changes (host) VALUES (NEW.host); END;
+CREATE TRIGGER IF NOT EXISTS changes_cordon_delete AFTER DELETE ON cordons
+    BEGIN INSERT INTO changes (host) VALUES (OLD.host); END;
+"""
+
 
 @dataclass(frozen=True)
 class Event:
@@ -87,6 +135,16 @@ class Held:
     job_id: str
     allocation: Allocation
     request: Request
+
+
+@dataclass
+class Changes:
+    """What the change log holds after a sequence number."""
+
+    last: int  # the latest sequence number read
+    jobs: set[str] = field(default_factory=set)  # whose holding changed
+    hosts: set[str] = field(default_factory=set)  # cordoned or uncordoned
+    queue: set[str] = field(default_factory=set)  # entered or left the queue
 
 
 STORE_MODE = 0o600
@@ -144,6 +202,7 @@ class Store:
                 self.db.execute("PRAGMA foreign_keys=ON")
                 self.db.executescript(SCHEMA)
                 self._upgrade()
+                self.db.executescript(INDEXES + CHANGES)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -176,15 +235,65 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[Store]:
+        """One consistent view for several reads (a WAL read transaction); inside another
+        transaction, that one's view."""
+        if self.db.in_transaction:
+            yield self
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.db.execute("COMMIT")
+
     def held(self) -> list[Held]:
         rows = self.db.execute(
             "SELECT id, allocation, request FROM jobs WHERE allocation IS NOT NULL ORDER BY created"
         )
-        return [
-            Held(r["id"], allocation_from_dict(json.loads(r["allocation"])),
-                 request_from_dict(json.loads(r["request"])))
-            for r in rows
-        ]
+        return [_held(r) for r in rows]
+
+    def holding(self, job_id: str) -> Held | None:
+        """What one job holds now; None if it holds nothing (or does not exist)."""
+        row = self.db.execute("SELECT id, allocation, request FROM jobs WHERE id = ? AND "
+                              "allocation IS NOT NULL", (job_id,)).fetchone()
+        return _held(row) if row else None
+
+    # --- the change log of holdings (see CHANGES) ---------------------------------------------
+
+    def last_change(self) -> int:
+        """The sequence number of the latest change of holdings or cordons (0: none yet)."""
+        return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+
+    def changes_since(self, seq: int) -> Changes:
+        """What changed after `seq` (see CHANGES)."""
+        found = Changes(seq)
+        for row in self.db.execute("SELECT seq, job_id, host, queue FROM changes WHERE seq > ?"
+                                   " ORDER BY seq", (seq,)):
+            found.last = row["seq"]
+            if row["queue"]:
+                found.queue.add(row["job_id"])
+            elif row["job_id"] is not None:
+                found.jobs.add(row["job_id"])
+            if row["host"] is not None:
+                found.hosts.add(row["host"])
+        return found
+
+    def queued_job(self, job_id: str) -> tuple[JobRecord, Request] | None:
+        """The job and its request if it is QUEUED now."""
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ? AND state = ?",
+                              (job_id, JobState.QUEUED.value)).fetchone()
+        return (_record(row), request_from_dict(json.loads(row["request"]))) if row else None
+
+    def forget_changes(self, upto: int) -> None:
+        """Drop the change log up to `upto` (applied by its only reader, the daemon)."""
+        self.db.execute("DELETE FROM changes WHERE seq <= ?", (upto,))
+
+    def cordon_of(self, host: str) -> str | None:
+        """Why `host` is cordoned; None if it is not."""
+        row = self.db.execute("SELECT reason FROM cordons WHERE host = ?", (host,)).fetchone()
+        return None if row is None else row["reason"] or ""
 
     def add_job(self, job: JobRecord, request: Request, allocation: Allocation | None,
                 reason: str) -> None:
@@ -400,21 +509,84 @@ class Store:
         )
         return [(_record(r), request_from_dict(json.loads(r["request"]))) for r in rows]
 
-    def in_states(self, states: frozenset[JobState]) -> list[JobRecord]:
+    def in_states(self, states: frozenset[JobState], uid: int | None = None) -> list[JobRecord]:
+        """Jobs in `states` (of `uid` only, when given), oldest first; through the `jobs_state`
+        or `jobs_uid` index, O(answer)."""
         marks = ", ".join("?" for _ in states)
-        rows = self.db.execute(
-            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created, rowid",
-            [s.value for s in states],
-        )
+        values: list[object] = [s.value for s in states]
+        where = f"state IN ({marks})"
+        if uid is not None:
+            where = f"uid = ? AND {where}"
+            values.insert(0, uid)
+        rows = self.db.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY created, rowid",
+                               values)
         return [_record(r) for r in rows]
 
-    def started_at(self) -> dict[str, float]:
-        """When each job that ever ran first became RUNNING (from its events)."""
+    def jobs_concerning(self, host: str, job_ids: list[str]) -> list[JobRecord]:
+        """The unfinished jobs on `host` and the jobs `job_ids` (e.g. those whose guests were
+        found there), oldest first: what recovery of one host needs, O(answer)."""
+        marks = ", ".join("?" for _ in UNFINISHED)
+        rows = {r["id"]: r for r in self.db.execute(
+            f"SELECT * FROM jobs WHERE host = ? AND state IN ({marks})",
+            (host, *(s.value for s in UNFINISHED)))}
+        for job_id in job_ids:
+            if job_id not in rows:
+                row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None:
+                    rows[job_id] = row
+        return [_record(r) for r in sorted(rows.values(), key=lambda r: (r["created"], r["id"]))]
+
+    def time_limits(self, states: frozenset[JobState]) -> list[tuple[str, object]]:
+        """(job id, the time limit its spec holds) for the jobs in `states`: what the
+        scheduler's backfill needs of every holder, read in SQL without parsing any JSON in
+        Python (at 50,000 jobs that took ~5 s here). The spec's `time_limit`, or for records
+        written before it, `timeout_s`; unchecked (the caller validates it)."""
+        marks = ", ".join("?" for _ in states)
+        # SQLite's JSON refuses what Python's json writes for NaN and Infinity (a record made
+        # before submissions were checked): those few specs are parsed here instead
         rows = self.db.execute(
-            "SELECT job_id, MIN(time) AS t FROM events WHERE state = ? AND note = 0 "
-            "GROUP BY job_id",
-            (JobState.RUNNING.value,),
-        )
+            "SELECT id, CASE WHEN NOT json_valid(spec) THEN NULL"
+            " WHEN json_type(spec, '$.time_limit') IS NOT NULL"
+            " THEN json_extract(spec, '$.time_limit') ELSE json_extract(spec, '$.timeout_s')"
+            " END AS t, CASE WHEN json_valid(spec) THEN NULL ELSE spec END AS raw"
+            f" FROM jobs WHERE state IN ({marks})", [s.value for s in states])
+        found: list[tuple[str, object]] = []
+        for r in rows:
+            if r["raw"] is None:
+                found.append((r["id"], r["t"]))
+            else:
+                spec = json.loads(r["raw"])
+                found.append((r["id"], spec.get("time_limit", spec.get("timeout_s"))))
+        return found
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    def count_in(self, states: frozenset[JobState]) -> int:
+        marks = ", ".join("?" for _ in states)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})",
+                                   [s.value for s in states]).fetchone()[0])
+
+    def started_at(self, job_ids: list[str] | None = None) -> dict[str, float]:
+        """When each job that ever ran first became RUNNING (from its events); only those of
+        `job_ids` when given (O(their events) through the `events_job` index, not O(events))."""
+        if job_ids is None:
+            rows = list(self.db.execute(
+                "SELECT job_id, MIN(time) AS t FROM events WHERE state = ? AND note = 0 "
+                "GROUP BY job_id",
+                (JobState.RUNNING.value,),
+            ))
+        else:
+            rows = []
+            for chunk in range(0, len(job_ids), 500):  # SQLite's limit on bound values
+                ids = job_ids[chunk:chunk + 500]
+                marks = ", ".join("?" for _ in ids)
+                rows += self.db.execute(
+                    f"SELECT job_id, MIN(time) AS t FROM events WHERE job_id IN ({marks}) "
+                    "AND state = ? AND note = 0 GROUP BY job_id",
+                    (*ids, JobState.RUNNING.value),
+                )
         return {r["job_id"]: r["t"] for r in rows}
 
     def reservations(self) -> dict[str, int]:
@@ -433,6 +605,11 @@ class Store:
         cpus = self.db.execute("SELECT COUNT(*) FROM cpu_reservations").fetchone()[0]
         devices = self.db.execute("SELECT COUNT(*) FROM device_reservations").fetchone()[0]
         return int(cpus) + int(devices)
+
+
+def _held(row: sqlite3.Row) -> Held:
+    return Held(row["id"], allocation_from_dict(json.loads(row["allocation"])),
+                request_from_dict(json.loads(row["request"])))
 
 
 def _record(row: sqlite3.Row) -> JobRecord:

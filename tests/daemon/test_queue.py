@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import placement
 from placement import Cpu, Host, HostState, Node, Request
-from vmjobs.daemon.queue import Holding, Waiting, order, plan
+from vmjobs.daemon.queue import Holding, Planner, Waiting, order, plan
 
 NOW = 1_000_000.0
 
@@ -111,3 +114,47 @@ def test_alike_jobs_that_do_not_fit_share_the_reason() -> None:
     assert started(result) == []
     reasons = {w.reason for w in result.waits[1:]}
     assert len(reasons) == 1 and "0 free cores" in reasons.pop()
+
+
+def test_holdings_are_read_only_when_some_job_waits() -> None:
+    asked: list[int] = []
+
+    def holding() -> list[Holding]:
+        asked.append(1)
+        return [Holding("r1", NOW + 10)]
+
+    cluster = placement.Cluster([host(cpus=2)])
+    assert started(plan(cluster, [wait("a", 1), wait("b", 1)], holding, NOW)) == ["a", "b"]
+    assert asked == []
+    hold(cluster, "r1", 2)
+    assert started(plan(cluster, [wait("a", 1)], holding, NOW)) == []
+    assert asked == [1]
+
+
+@settings(max_examples=80)
+@given(held=st.lists(st.tuples(st.integers(1, 3), st.one_of(st.none(), st.integers(1, 200))),
+                     max_size=5),
+       queue=st.lists(st.tuples(st.integers(1, 4), st.one_of(st.none(), st.integers(1, 300))),
+                      min_size=1, max_size=12),
+       cut=st.integers(0, 12))
+def test_carrying_a_pass_on_with_new_jobs_decides_as_planning_it_all(
+        held: list[tuple[int, int | None]], queue: list[tuple[int, int | None]],
+        cut: int) -> None:
+    """The scheduler carries its last pass on with the jobs submitted since, when nothing
+    else changed (`Planner.offer`): that must decide them exactly as a whole new pass."""
+    cluster = placement.Cluster([host("a", cpus=4), host("b", cpus=6)])
+    holding = []
+    for k, (cpus, ends) in enumerate(held):
+        decision = cluster.place(Request(cpus=cpus, memory_mib=256))
+        if decision.allocation is not None:
+            cluster.reserve(f"r{k}", decision.allocation)
+            holding.append(Holding(f"r{k}", None if ends is None else NOW + ends))
+    jobs = [wait(f"j{k}", cpus, limit) for k, (cpus, limit) in enumerate(queue)]
+    whole = plan(cluster, jobs, holding, NOW)
+    planner = Planner(cluster, holding)
+    first = planner.offer(jobs[:cut], NOW)
+    rest = planner.offer(jobs[cut:], NOW)
+    assert first.starts + rest.starts == whole.starts
+    assert first.waits + rest.waits == whole.waits
+    assert cluster.allocations() == {h.job_id: cluster.allocation_of(h.job_id)
+                                     for h in holding}  # not changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -386,3 +387,45 @@ def test_a_span_takes_nics_from_the_nearest_other_node() -> None:
     assert alloc is not None
     assert [s.node for s in alloc.nodes] == [0, 1]
     assert alloc.devices == ("0000:03:00.0",)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["reserve", "release", "copy",
+                                                               "state"]),
+                          st.integers(0, 7)), max_size=40))
+def test_copies_share_nothing_they_change(ops: list[tuple[int, str, int]]) -> None:
+    """Copy-on-write: after any mix of changes to a cluster, its copies and theirs, each one
+    reads exactly like a cluster built afresh by replaying only its own history."""
+    hosts = [make_host(n, nodes=2, cores=4) for n in ("a", "b")]
+    clusters = [Cluster(hosts)]
+    histories: list[list[tuple[str, Any]]] = [[]]
+    for which, op, n in ops:
+        k = which % len(clusters)
+        cluster, history = clusters[k], histories[k]
+        job = f"j{n}"
+        if op == "copy":
+            clusters.append(cluster.copy())
+            histories.append(list(history))
+        elif op == "reserve" and job not in cluster.allocations():
+            decision = cluster.place(Request(cpus=1 + n % 3, memory_mib=512))
+            if decision.allocation is not None:
+                cluster.reserve(job, decision.allocation)
+                history.append(("reserve", (job, decision.allocation)))
+        elif op == "release" and job in cluster.allocations():
+            cluster.release(job)
+            history.append(("release", job))
+        elif op == "state":
+            cluster.set_state("ab"[n % 2], [HostState.UP, HostState.CORDONED][n // 4 % 2])
+            history.append(("state", ("ab"[n % 2], n // 4 % 2)))
+    for cluster, history in zip(clusters, histories, strict=True):
+        fresh = Cluster(hosts)
+        for op, arg in history:
+            if op == "reserve":
+                fresh.reserve(*arg)
+            elif op == "release":
+                fresh.release(arg)
+            else:
+                fresh.set_state(arg[0], [HostState.UP, HostState.CORDONED][arg[1]])
+        assert fresh.allocations() == cluster.allocations()
+        for name in ("a", "b"):
+            assert cluster.free(name) == fresh.free(name)

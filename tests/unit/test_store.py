@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import sqlite3
 import time
@@ -530,3 +531,18 @@ def test_a_second_store_in_one_process_never_loses_the_first_ones_writes(tmp_pat
     assert state_seen_by_another_process() == "CANCELLED"
     first.close()
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM events").fetchone()[0] == 3
+
+
+def test_time_limits_read_as_the_spec_says_without_parsing_it(tmp_path: Path) -> None:
+    """`time_limits` (the scheduler's holders) reads what `core.time_limit_of` reads: the
+    spec's time_limit, else a record's older timeout_s; a null time_limit is no limit."""
+    store = Store(tmp_path / "s.db")
+    specs = {"a": {"time_limit": 60.5}, "b": {"timeout_s": 30}, "c": {"time_limit": None,
+             "timeout_s": 30}, "d": {}, "e": {"time_limit": "soon"},
+             "f": {"timeout_s": float("nan")}}  # an old record: JSON SQLite refuses
+    for job_id, spec in specs.items():
+        store.add_job(JobRecord(id=job_id, owner="alice", uid=1000, state=JobState.PLACED,
+                                spec={"argv": ["true"], **spec}), REQUEST, None, "placed")
+    limits = dict(store.time_limits(frozenset({JobState.PLACED})))
+    assert math.isnan(limits.pop("f"))  # type: ignore[arg-type]
+    assert limits == {"a": 60.5, "b": 30, "c": None, "d": None, "e": "soon"}

@@ -34,8 +34,7 @@ from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
-from vmjobs.jobs import ACTIVE, JobRecord, JobState, new_job_id
-from vmjobs.runner import snapshot
+from vmjobs.jobs import ACTIVE, UNFINISHED, JobRecord, JobState, new_job_id
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
@@ -97,9 +96,8 @@ class Api:
     def _unfinished_dirs(self, uid: int) -> list[Any]:
         """The spool directories of `uid`'s jobs that have not ended (charged to its quota)."""
         with self.daemon.lock:
-            records = self.daemon.store.jobs(uid)
-        return [JobFiles.of(self.daemon.config.spool, r.id).dir for r in records
-                if not r.state.finished]
+            records = self.daemon.store.in_states(UNFINISHED, uid)
+        return [JobFiles.of(self.daemon.config.spool, r.id).dir for r in records]
 
     def _own(self, who: Caller, job_id: str) -> JobRecord:
         """The job, if the caller may act on it. Caller holds the daemon's lock."""
@@ -115,16 +113,19 @@ class Api:
     def status(self, req: ApiRequest) -> Json:
         daemon = self.daemon
         with daemon.lock:
-            queued = len(daemon.store.queued())
-            running = len(daemon.store.in_states(ACTIVE))
-            unreachable = len(daemon.store.in_states(frozenset({JobState.UNREACHABLE})))
+            queued = daemon.store.count_in(frozenset({JobState.QUEUED}))
+            running = daemon.store.count_in(ACTIVE)
+            unreachable = daemon.store.count_in(frozenset({JobState.UNREACHABLE}))
+            recent = [[round(t * 1000, 3), n] for t, n in daemon.scheduler.recent]
         return Json({
             "version": __version__, "pid": os.getpid(), "socket": str(daemon.config.socket),
             "queued": queued, "active": running, "unreachable": unreachable,
             "hosts": {h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
             "scheduler": {"running": daemon.scheduler.running,
                           "failed_passes": daemon.scheduler.failed_passes,
-                          "last_failure": daemon.scheduler.last_failure},
+                          "last_failure": daemon.scheduler.last_failure,
+                          "passes": daemon.scheduler.passes,
+                          "recent_passes": recent},
             "you": {"uid": req.caller.uid, "name": req.caller.name, "admin": req.caller.admin},
             "warnings": system_warnings(daemon.config),
         })
@@ -132,23 +133,25 @@ class Api:
     def hosts(self, _req: ApiRequest) -> Json:
         daemon = self.daemon
         with daemon.lock:
-            cluster = snapshot(daemon.store, daemon.hosts.inventory())
-        views = []
-        for host in daemon.config.hosts:
-            usage = cluster.free(host.name) if host.name in cluster.hosts else None
-            views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
-                                  tuple(daemon.hosts.warnings(host.name))).to_dict())
+            cluster = daemon.live.cluster()
+            views = []
+            for host in daemon.config.hosts:
+                usage = cluster.free(host.name) if host.name in cluster.hosts else None
+                views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
+                                      tuple(daemon.hosts.warnings(host.name))).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:
         """Visible jobs: queued and running ones; with ?all=1 finished ones too."""
         include_finished = req.flag("all")
         daemon = self.daemon
+        uid = None if req.caller.admin else req.caller.uid
         with daemon.lock:
-            records = daemon.store.jobs(None if req.caller.admin else req.caller.uid)
-            started = daemon.store.started_at()
-            views = [job_view(daemon, r, started.get(r.id)) for r in records
-                     if include_finished or not r.state.finished]
+            # without ?all, only the unfinished jobs are read (an index), not the whole history
+            records = daemon.store.jobs(uid) if include_finished else \
+                daemon.store.in_states(UNFINISHED, uid)
+            started = daemon.store.started_at([r.id for r in records])
+            views = [job_view(daemon, r, started.get(r.id)) for r in records]
         views.sort(key=lambda v: (v["position"] is None, v["position"] or 0, v["created"]))
         return Json(views)
 
@@ -176,9 +179,10 @@ class Api:
             config.host(request.host)  # unknown host: one line, nothing created
         image = resolve_image(config.spool, submission.image)
         with daemon.lock:
-            explanation = snapshot(daemon.store, daemon.hosts.inventory()).explain(request)
-        if explanation.never_fits:
-            raise DoesNotFit(explanation.summary)
+            cluster = daemon.live.cluster()
+            # ever_fits stops at the first host that could take it; explain looks at all
+            if not cluster.ever_fits(request):
+                raise DoesNotFit(cluster.explain(request).summary)
         job_id = new_job_id()
         files = JobFiles.of(config.spool, job_id)
         if submission.input is not None:

@@ -9,6 +9,7 @@ requests and `logs -f` streams all sleep on the one condition variable it notifi
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -17,10 +18,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from placement import Request
 from vmjobs import template
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
@@ -34,8 +36,9 @@ from vmjobs.daemon.hosts import (
     HostUp,
     Note,
 )
+from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
-from vmjobs.daemon.queue import Wait
+from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect
 from vmjobs.image import resolve_image
@@ -46,6 +49,7 @@ from vmjobs.virt import Domain, VirtError, probe
 from vmjobs.virt.conn import destroy_quietly, lookup_domain
 
 log = logging.getLogger("vmjobs.daemon")
+RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
 
 
 class Phase(StrEnum):
@@ -77,9 +81,14 @@ def time_limit_of(record: JobRecord) -> float | None:
     """The job's time limit in seconds; None without one. A value that is not a positive
     finite number (a record written before submissions were checked) counts as none rather
     than as a deadline no clock reaches (NaN) or one in the past."""
-    value = record.spec.get("time_limit", record.spec.get("timeout_s"))  # before: timeout_s
+    # records written before the spec have timeout_s
+    return limit_of(record.spec.get("time_limit", record.spec.get("timeout_s")))
+
+
+def limit_of(value: object) -> float | None:
+    """`time_limit_of` for the value the spec holds."""
     try:
-        limit = float(value) if value else None
+        limit = float(value) if value else None  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
     return limit if limit is not None and math.isfinite(limit) and limit > 0 else None
@@ -95,12 +104,32 @@ class Unrecorded:
 
 
 @dataclass
+class LastPass:
+    """The scheduler's last pass: what it decided on which cluster. While the cluster has not
+    changed since (`LiveCluster.version`) and the queue is the same with jobs
+    added at its end, the next pass only decides those (`queue.Planner.offer`)."""
+
+    planner: Planner
+    version: tuple[int, int]  # the live model's, after this pass's own reservations
+    at: float  # when the full pass it carries on was made
+    queue: tuple[str, ...]  # the jobs left waiting, in queue order
+
+
+@dataclass
 class SchedulerState:
     """What `/v1/status` says about the scheduler thread."""
 
     running: bool = False
     failed_passes: int = 0
     last_failure: str | None = None
+    passes: int = 0
+    # the last passes: (seconds, jobs started), for bench/scale.py and /v1/status
+    recent: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_PASSES))
+
+    def record(self, seconds: float, starts: int) -> None:
+        self.passes += 1
+        self.recent.append((seconds, starts))
 
 
 def is_ours(record: JobRecord) -> bool:
@@ -118,6 +147,12 @@ class Daemon:
         self.followers: set[OutputWatch] = set()
         self.notes: queue.SimpleQueue[Note | None] = queue.SimpleQueue()
         self.hosts = Hosts(config, self.notes)  # type: ignore[arg-type]
+        # the engine's view, kept current by change (never rebuilt per pass)
+        self.live = LiveCluster(self.store, self.hosts.inventory,
+                                lambda: self.hosts.generation)
+        self.queue = LiveQueue(self.store, time_limit_of)
+        # the scheduler's last pass, carried on while only the queue's end changes
+        self.last_pass: LastPass | None = None
         self.active: dict[str, Active] = {}
         self.waits: dict[str, Wait] = {}  # the last scheduling pass's verdict per queued job
         self.dirty = True
@@ -182,6 +217,12 @@ class Daemon:
                 self.wake()
                 return
             self.finish(job_id, Verdict(JobState.FAILED, reason))
+
+    def queued(self) -> list[tuple[JobRecord, Request]]:
+        """The queue in queue order, as the store has it now (followed by change). Caller holds
+        the lock."""
+        self.live.refresh()
+        return self.queue.follow(self.live)
 
     # --- finishing --------------------------------------------------------------------------
 

@@ -85,6 +85,10 @@ class Hosts:
         self._reconnecting: set[str] = set()
         # since when each unreachable host has been so (monotonic); None once reported lost
         self._down_since: dict[str, float | None] = {}
+        # Bumped whenever `inventory()` would answer differently (a host connected, with its
+        # inventory, or its connection closed): the live cluster model re-reads the hosts
+        # only then (`vmjobs.daemon.live`).
+        self._generation = 0
 
     # --- state -----------------------------------------------------------------------------
 
@@ -109,6 +113,11 @@ class Hosts:
         """What the host's config entry says that the host contradicts (host_checks)."""
         with self._lock:
             return list(self._warnings.get(name, ()))
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
 
     def inventory(self) -> list[placement.Host]:
         """Every host ever seen, in config order; those without a connection marked down."""
@@ -156,6 +165,7 @@ class Hosts:
         with self._lock:
             self._conns[name] = conn
             self._inventory[name] = inventory
+            self._generation += 1
             self._uuids[name] = uuid
             self._warnings[name] = warnings
             self._errors.pop(name, None)
@@ -225,6 +235,7 @@ class Hosts:
         self._stopping.set()
         with self._lock:
             conns, self._conns = self._conns, {}
+            self._generation += 1
         for conn in conns.values():
             events.unwatch(conn)
             close_quietly(conn)
@@ -245,6 +256,7 @@ class Hosts:
             if self._conns.get(host) is not conn:
                 return  # an old connection we already replaced or closed
             del self._conns[host]
+            self._generation += 1
             self._errors[host] = why
         log.warning("host %s: down: %s", host, why)
         self.notes.put(HostDown(host, why))

@@ -14,7 +14,6 @@ import os
 import resource
 import signal
 import threading
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from vmjobs.daemon.metrics import Present
 from vmjobs.daemon.recovery import reconcile_host, recover
 from vmjobs.daemon.server import Limits, UnixHTTPServer
 from vmjobs.errors import VmjobsError
-from vmjobs.runner import snapshot
 from vmjobs.virt.events import start_event_loop
 
 log = logging.getLogger("vmjobs.daemon")
@@ -34,12 +32,13 @@ log = logging.getLogger("vmjobs.daemon")
 
 def present(daemon: Daemon) -> Present:
     with daemon.lock:
-        counts = Counter(r.state.value for r in daemon.store.jobs())
-        cluster = snapshot(daemon.store, daemon.hosts.inventory())
+        counts = daemon.store.count_by_state()
+        cluster = daemon.live.cluster()
+        usage = [cluster.free(name) for name in cluster.hosts]
     return Present(
-        jobs_by_state=dict(counts),
+        jobs_by_state=counts,
         hosts_up={h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
-        usage=[cluster.free(name) for name in cluster.hosts],
+        usage=usage,
     )
 
 
@@ -102,6 +101,8 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
     try:
         daemon.hosts.connect_all()
         recover(daemon)
+        with daemon.lock:  # the live cluster model, from the store as recovery left it
+            daemon.live.rebuild()
         daemon.metrics.watch(lambda: present(daemon))
         if metrics_port is not None:
             daemon.metrics.serve(metrics_port, metrics_address)

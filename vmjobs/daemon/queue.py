@@ -14,14 +14,14 @@ shares.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import placement
 from placement import Allocation, Request
 from placement.backfill import Holding, Reservation, reserve_head
 
-__all__ = ["Holding", "Plan", "Start", "Wait", "Waiting", "order", "plan"]
+__all__ = ["Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "order", "plan"]
 
 
 @dataclass(frozen=True)
@@ -63,51 +63,95 @@ def _clock(at: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at))
 
 
-def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Sequence[Holding],
-         now: float, policy: str = "pack") -> Plan:
-    """Which queued jobs start now, and why each of the others waits. `cluster` is not changed."""
-    cluster = cluster.copy()
-    holders = list(holding)
-    queue = order(waiting)
-    starts: list[Start] = []
-    i = 0
-    while i < len(queue):
-        job = queue[i]
-        decision = cluster.place(job.request, policy)
-        if decision.allocation is None:
-            break
-        cluster.reserve(job.job_id, decision.allocation, job.request)
-        starts.append(Start(job.job_id, decision.allocation))
-        holders.append(Holding(job.job_id, _ends(job, now)))
-        i += 1
-    if i == len(queue):
-        return Plan(tuple(starts), ())
+Holders = Sequence[Holding] | Callable[[], Sequence[Holding]]
 
-    head = queue[i]
-    reservation = reserve_head(cluster, head.request, holders, now, policy)
-    why = cluster.explain(head.request).summary
-    if reservation.shadow is not None:
-        why += f"; starts by {_clock(reservation.shadow)} at the latest"
-    waits = [Wait(head.job_id, 1, f"first in line: {why}")]
-    # The cluster only fills up during this loop, so a request that did not fit still does
-    # not: a long queue of alike jobs costs one placement, not one each.
-    refused: dict[Request, str] = {}
-    for job in queue[i + 1:]:
-        if job.request in refused:
-            waits.append(Wait(job.job_id, len(waits) + 1, refused[job.request]))
-            continue
-        decision = cluster.place(job.request, policy)
+
+def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Holders,
+         now: float, policy: str = "pack") -> Plan:
+    """Which queued jobs start now, and why each of the others waits. `cluster` is not changed.
+    `holding` (who holds what until when) may be given as a function: it is only needed, and
+    only called, when some job does not fit."""
+    return Planner(cluster, holding, policy).offer(order(waiting), now)
+
+
+class Planner:
+    """One scheduling pass, which can be carried on later with jobs added to the queue's end.
+
+    State guarded: a working copy of the cluster with this pass's starts reserved in it, the
+    head and its reservation once a job did not fit, and the reasons of requests refused so
+    far. If the cluster has not changed since (nothing released, no host up or down), offering
+    the jobs submitted meanwhile gives the same decisions as planning the whole queue again —
+    the jobs before them are decided the same way, on the same cluster — at the cost of the
+    new jobs alone (`offer`). Pure: no store, no clock (`now` is given).
+    """
+
+    def __init__(self, cluster: placement.Cluster, holding: Holders, policy: str = "pack") -> None:
+        self.cluster = cluster.copy()
+        self.policy = policy
+        self._holding = holding
+        self.holders: list[Holding] | None = None  # read when a head is found
+        self.pending: list[Holding] = []  # this pass's starts, holders from now on
+        self.decided: list[str] = []  # every job offered, in queue order
+        self.waits = 0
+        self.head: Waiting | None = None
+        self.reservation: Reservation | None = None
+        # The cluster only fills up during a pass, so a request that did not fit still does
+        # not: a long queue of alike jobs costs one placement, not one each.
+        self.refused: dict[Request, str] = {}
+
+    def offer(self, queue: Sequence[Waiting], now: float) -> Plan:
+        """Decide `queue` (in queue order, after every job offered before): the starts and
+        waits among them."""
+        starts: list[Start] = []
+        waits: list[Wait] = []
+        for job in queue:
+            self.decided.append(job.job_id)
+            if self.head is None:
+                decision = self.cluster.place(job.request, self.policy)
+                if decision.allocation is not None:
+                    self.cluster.reserve(job.job_id, decision.allocation, job.request)
+                    starts.append(Start(job.job_id, decision.allocation))
+                    self.pending.append(Holding(job.job_id, _ends(job, now)))
+                    continue
+                waits.append(self._make_head(job, now))
+                continue
+            wait = self._backfill(job, now)
+            if isinstance(wait, Start):
+                starts.append(wait)
+            else:
+                waits.append(wait)
+        shadow = self.reservation.shadow if self.reservation is not None else None
+        return Plan(tuple(starts), tuple(waits), shadow)
+
+    def _make_head(self, head: Waiting, now: float) -> Wait:
+        holding = self._holding() if callable(self._holding) else self._holding
+        self.holders = [*holding, *self.pending]
+        self.head = head
+        self.reservation = reserve_head(self.cluster, head.request, self.holders, now,
+                                        self.policy)
+        why = self.cluster.explain(head.request).summary
+        if self.reservation.shadow is not None:
+            why += f"; starts by {_clock(self.reservation.shadow)} at the latest"
+        return self._wait(head, f"first in line: {why}")
+
+    def _backfill(self, job: Waiting, now: float) -> Start | Wait:
+        assert self.head is not None and self.reservation is not None
+        if job.request in self.refused:
+            return self._wait(job, self.refused[job.request])
+        decision = self.cluster.place(job.request, self.policy)
         allocation = decision.allocation
         if allocation is None:
-            reason = refused[job.request] = decision.explanation.summary
-        elif reservation.admits(job.job_id, allocation, job.request, _ends(job, now)):
-            cluster.reserve(job.job_id, allocation, job.request)
-            starts.append(Start(job.job_id, allocation, backfilled=True))
-            continue
+            reason = self.refused[job.request] = decision.explanation.summary
+        elif self.reservation.admits(job.job_id, allocation, job.request, _ends(job, now)):
+            self.cluster.reserve(job.job_id, allocation, job.request)
+            return Start(job.job_id, allocation, backfilled=True)
         else:
-            reason = _would_delay(job, head, reservation)
-        waits.append(Wait(job.job_id, len(waits) + 1, reason))
-    return Plan(tuple(starts), tuple(waits), reservation.shadow)
+            reason = _would_delay(job, self.head, self.reservation)
+        return self._wait(job, reason)
+
+    def _wait(self, job: Waiting, reason: str) -> Wait:
+        self.waits += 1
+        return Wait(job.job_id, self.waits, reason)
 
 
 def _ends(job: Waiting, now: float) -> float | None:

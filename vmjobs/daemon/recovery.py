@@ -94,8 +94,10 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
         except VirtError as exc:
             log.warning("host %s: cannot list its domains: %s", host, exc.get_error_message())
             return Actions()
-        actions = classify(host, daemon.store.jobs(), found)
-        started = daemon.store.started_at()
+        # the jobs that concern this host only (an index), not every job of the store: a
+        # start reconciles each host in turn
+        actions = classify(host, daemon.store.jobs_concerning(host, list(found)), found)
+        started = daemon.store.started_at(actions.keep)
         for job_id in actions.keep:
             record = daemon.store.job(job_id)
             assert record is not None

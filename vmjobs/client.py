@@ -1,6 +1,10 @@
 """The daemon's client: HTTP/1.1 + JSON over the unix socket (or SSH), one call per endpoint.
 
 Errors come back as one line: the daemon's own `error` text, or how to reach/start a daemon.
+
+Kept light to import: every `vmjob` command that talks to the daemon loads it, so SSH
+(`vmjobs.ssh`, paramiko) and the tar machinery of uploads and outputs are imported by the calls
+that need them, not here.
 """
 
 from __future__ import annotations
@@ -9,19 +13,18 @@ import codecs
 import http.client
 import json
 import os
-import shutil
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from vmjobs.errors import VmjobsError
-from vmjobs.safetar import extract_data
-from vmjobs.transport import SshTunnel, Target, open_unix, parse_url
+from vmjobs.transport import Target, open_unix, parse_url
+
+if TYPE_CHECKING:
+    from vmjobs.ssh import SshTunnel
 
 START_HINT = ("start one with 'vmjob serve' as root (see docs/operations.md), "
               "or point --url / $VMJOBS_URL at one")
@@ -111,6 +114,8 @@ class Client:
     def open_socket(self, timeout: float | None) -> Any:
         if self.target.ssh_host is not None:
             if self._tunnel is None:
+                from vmjobs.ssh import SshTunnel  # paramiko: only for ssh:// URLs
+
                 self._tunnel = SshTunnel(self.target)
             channel = self._tunnel.open()
             self.reached = True
@@ -189,6 +194,10 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
 
+    def cancel_many(self, query: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/cancel: {"jobs": [...], "states": [...], "user": NAME} -> what ended."""
+        return self.call("POST", "/v1/cancel", query)
+
     def wait(self, job_id: str, poll_s: float = 300.0) -> dict[str, Any]:
         """Until the job ends: long polls of `poll_s` each (the daemon answers at the end).
         A daemon that goes away meanwhile (a restart) is waited for (`Reconnect`)."""
@@ -259,6 +268,9 @@ class Client:
 
     def upload_dir(self, directory: Path) -> str:
         """Pack `directory` (with the caller's own permissions) and upload it; a token."""
+        import tarfile
+        import tempfile
+
         if not directory.is_dir():
             raise VmjobsError(f"--input {directory}: not a directory")
         with tempfile.TemporaryFile() as spool:
@@ -278,6 +290,12 @@ class Client:
     def fetch_output(self, job_id: str, dest: Path) -> None:
         """Unpack the job's /job/out into `dest` (the daemon already checked it; the `data`
         filter refuses anything odd all the same)."""
+        import shutil
+        import tarfile
+        import tempfile
+
+        from vmjobs.safetar import extract_data
+
         response = self._send("GET", f"/v1/jobs/{quote(job_id, safe='')}/output")
         try:
             dest.mkdir(parents=True, exist_ok=True)

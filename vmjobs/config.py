@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from vmjobs.errors import ConfigError, VmjobsError
 from vmjobs.units import parse_cpu_list, parse_duration, parse_size_mib
 
@@ -128,6 +126,8 @@ def load(explicit: str | None = None) -> Config:
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[:exc.start].count(b"\n") + 1
         raise ConfigError(str(path), f"line {line}", "not UTF-8 text") from None
+    import yaml  # only with a file: a client given --url / $VMJOBS_URL reads none
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

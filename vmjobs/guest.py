@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from placement import Allocation
@@ -123,6 +123,7 @@ class GuestPlan:
     output_disk_mib: int
     input_dir: Path | None = None
     emulator_cpus: frozenset[int] = frozenset()
+    vmjob_env: Mapping[str, str] = field(default_factory=dict)  # e.g. $VMJOB_ARRAY_INDEX
 
 
 def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
@@ -158,6 +159,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             memory_mib=plan.allocation.memory_mib,
             nics=tuple(str(n.guest_address) for n in nics),
             input_dir=plan.input_dir,
+            vmjob_env=plan.vmjob_env,
         ),
         plan.image.initrd,
         files.initrd,

@@ -58,6 +58,7 @@ class JobSpec:
     memory_mib: int
     nics: tuple[str, ...] = ()  # guest PCI addresses -> NIC0, NIC1, ...
     input_dir: Path | None = None
+    vmjob_env: Mapping[str, str] = field(default_factory=dict)  # VMJOB_* set by vmjob (arrays)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def job_env(spec: JobSpec) -> dict[str, str]:
     env = {"VMJOB_ID": spec.job_id, "VMJOB_CPUS": str(spec.cpus),
            "VMJOB_MEM": str(spec.memory_mib)}
     env.update({f"NIC{i}": address for i, address in enumerate(spec.nics)})
+    env.update(spec.vmjob_env)
     env.update(spec.env)
     return env
 
@@ -98,6 +100,9 @@ def check_spec(spec: JobSpec) -> None:
             raise VmjobsError(f"--env {name}: VMJOB_* and NIC<n> are set by vmjob itself")
         if "\0" in value:
             raise VmjobsError(f"--env {name}: the value contains a NUL byte")
+    for name, value in spec.vmjob_env.items():
+        if not re.fullmatch(r"VMJOB_[A-Z_]+", name) or "\0" in value:
+            raise VmjobsError(f"bad vmjob variable {name!r}")
     if spec.cpus < 1 or spec.memory_mib < 1:
         raise VmjobsError(f"bad guest size: {spec.cpus} cpus, {spec.memory_mib} MiB")
     for address in spec.nics:

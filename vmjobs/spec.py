@@ -15,6 +15,8 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
+- `array`: job array indices, `"1-100"`, `"1,3,5-7"`, `"0-99%10"` (`--array`; one job per
+  index, at most N running with `%N`; `vmjobs.jobarray`)
 
 Types are strict: a boolean is `true`/`false`, never the string "no"; a number is never NaN
 or infinite; no string carries a NUL byte. Every refusal is a `SpecError`: one line, exit 2,
@@ -32,6 +34,7 @@ from typing import Any
 
 from placement import NumaPolicy, Request, ThreadPolicy
 from vmjobs.errors import UsageError, VmjobsError
+from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
 from vmjobs.units import parse_duration, parse_size_mib
 
 # The smallest guest known to boot the image (kernel + initramfs unpacked in RAM): 128 MiB
@@ -46,20 +49,20 @@ MAX_PRIORITY = 1_000_000
 MAX_DURATION_S = 366 * 86400
 HUGEPAGE_KIB = {"2M": 2048, "1G": 1 << 20}
 DEFAULT_MEMORY_MIB = 256
-RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM")
+RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM", ENV_ID, ENV_INDEX)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
 FIELDS = ("argv", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
-          "wait_timeout", "no_wait", "input", "output")
+          "wait_timeout", "no_wait", "input", "output", "array")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
 RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "time_limit",
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
            "wait_timeout_s": "wait_timeout", "label": "labels"}
 # the command-line option of each field, for messages about values typed there
 OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
-           "wait_timeout": "--wait-timeout", "labels": "--label"}
+           "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array"}
 
 
 class SpecError(UsageError):
@@ -90,6 +93,7 @@ class Spec:
     no_wait: bool = False
     input: str | None = None
     output: str | None = None
+    array: JobArray | None = None
 
     def request(self) -> Request:
         """What the placement engine is asked for."""
@@ -112,6 +116,7 @@ class Spec:
             "image": self.image, "priority": self.priority, "preemptible": self.preemptible,
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
+            "array": self.array.text() if self.array is not None else None,
         }
 
 
@@ -137,6 +142,10 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     wait_timeout = fields.duration("wait_timeout")
     if no_wait and wait_timeout is not None:
         raise SpecError("give either --no-wait or --wait-timeout, not both")
+    array = fields.array()
+    if no_wait and array is not None:
+        raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
+                        "comes; use --wait-timeout)")
     return Spec(
         argv=fields.argv(), env=fields.pairs("env", _env_name), cpus=fields.integer(
             "cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
@@ -152,7 +161,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         priority=fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
         preemptible=fields.flag("preemptible"), time_limit=fields.duration("time_limit"),
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
-        output=fields.text("output"),
+        output=fields.text("output"), array=array,
     )
 
 
@@ -277,6 +286,18 @@ class _Fields:
             raise self.fail(key, f"{value!r} is longer than the longest supported "
                                  f"({MAX_DURATION_S // 86400}d)")
         return seconds
+
+    def array(self) -> JobArray | None:
+        value = self.data.get("array")
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail("array", f"must be text like 1-100, 1,3,5-7 or 0-99%10, not "
+                                     f"{value!r}")
+        try:
+            return parse_array(self._no_nul("array", value))
+        except ArrayError as exc:
+            raise self.fail("array", str(exc)) from None
 
     def memory(self) -> int:
         key = "mem"

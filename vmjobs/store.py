@@ -226,7 +226,14 @@ class Store:
 
     @contextmanager
     def reserving(self) -> Iterator[Store]:
-        """Hold the write lock: read what is held, decide, reserve — nobody else in between."""
+        """Hold the write lock: read what is held, decide, reserve — nobody else in between.
+
+        Inside another `reserving()` it joins that transaction (which commits or rolls back
+        everything), so many changes can be one transaction: cancelling 100 queued jobs costs
+        one commit, not 100 (~1.6 ms each here)."""
+        if self.db.in_transaction:
+            yield self
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self
@@ -474,6 +481,16 @@ class Store:
         else:
             rows = self.db.execute("SELECT * FROM jobs WHERE uid = ? ORDER BY created", (uid,))
         return [_record(r) for r in rows]
+
+    def array_members(self, array_id: str) -> list[JobRecord]:
+        """The jobs of array `array_id` (`ARRAY_INDEX`), by index. A range on the primary key
+        (ids have no `_` but the member's), so it reads the answer, not the table."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE id > ? AND id < ?",
+                               (f"{array_id}_", f"{array_id}`"))  # "`" follows "_" in ASCII
+        records = [_record(r) for r in rows]
+        return sorted((r for r in records if r.id.rpartition("_")[0] == array_id
+                       and r.id.rpartition("_")[2].isdigit()),
+                      key=lambda r: int(r.id.rpartition("_")[2]))
 
     def events(self, job_id: str) -> list[Event]:
         rows = self.db.execute(

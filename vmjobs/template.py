@@ -457,7 +457,8 @@ def start_warm(conn: Connection, plan: GuestPlan, files: JobFiles,
     copy_save(template.save, copy, identity)
     try:
         job = guest_protocol.JobSpec(
-            job_id=plan.job_id, argv=plan.argv, env=plan.env, cpus=len(plan.allocation.cpus),
+            job_id=plan.job_id, argv=plan.argv, env=plan.env, vmjob_env=plan.vmjob_env,
+            cpus=len(plan.allocation.cpus),
             memory_mib=plan.allocation.memory_mib, input_dir=plan.input_dir)
         _write_private(files.dir / "job.out", b"")
         # written last, just before the restore: the time in it is the host's now

@@ -158,3 +158,65 @@ def test_carrying_a_pass_on_with_new_jobs_decides_as_planning_it_all(
     assert first.waits + rest.waits == whole.waits
     assert cluster.allocations() == {h.job_id: cluster.allocation_of(h.job_id)
                                      for h in holding}  # not changed
+
+
+# --- job arrays: at most N of an array running (`--array ...%N`) ----------------------------
+
+
+def member(array: str, index: int, limit: int | None, cpus: int = 1) -> Waiting:
+    return Waiting(f"{array}_{index}", Request(cpus=cpus, memory_mib=256), None,
+                   array=array, array_limit=limit)
+
+
+def test_array_limit_starts_at_most_n_and_holds_the_rest() -> None:
+    cluster = placement.Cluster([host(cpus=8)])
+    result = plan(cluster, [member("a", i, 3) for i in range(6)], [], NOW)
+    assert started(result) == ["a_0", "a_1", "a_2"]  # room for 8, the limit says 3
+    assert [(w.job_id, w.held) for w in result.waits] == [("a_3", True), ("a_4", True),
+                                                          ("a_5", True)]
+    assert "at most 3 at once (%3)" in result.waits[0].reason
+    assert "3 of array a running" in result.waits[0].reason
+
+
+def test_array_limit_counts_the_arrays_running_jobs() -> None:
+    cluster = placement.Cluster([host(cpus=8)])
+    result = plan(cluster, [member("a", i, 3) for i in range(2, 6)], [], NOW,
+                  running={"a": 2})
+    assert started(result) == ["a_2"]  # 2 run already: one more
+    result = plan(cluster, [member("a", i, 3) for i in range(3, 6)], [], NOW,
+                  running={"a": 3})
+    assert started(result) == []
+    assert all(w.held for w in result.waits)
+
+
+def test_held_array_jobs_block_no_one_behind_them() -> None:
+    # other users' jobs queued after a held array start at once, in queue order, and none of
+    # the held jobs is taken for the head (nothing to make room for)
+    cluster = placement.Cluster([host(cpus=4)])
+    queue = [*(member("a", i, 1) for i in range(3)), wait("other1", 1), wait("other2", 1)]
+    result = plan(cluster, queue, [], NOW)
+    assert started(result) == ["a_0", "other1", "other2"]
+    assert [(w.job_id, w.position, w.held) for w in result.waits] == [
+        ("a_1", 1, True), ("a_2", 2, True)]
+
+
+def test_held_jobs_come_after_the_head_and_limits_apply_to_backfill() -> None:
+    cluster = placement.Cluster([host(cpus=2)])
+    hold(cluster, "r1", 1)
+    queue = [member("a", 0, 1, cpus=1), wait("big", 2), member("a", 1, 1, cpus=1),
+             member("b", 0, None, cpus=1)]
+    result = plan(cluster, queue, [Holding("r1", None)], NOW)
+    assert started(result) == ["a_0"]  # the only free cpu, in queue order
+    waits = [(w.job_id, w.position, w.held) for w in result.waits]
+    assert waits[0] == ("big", 1, False)  # the head is the first that needs room
+    assert ("a_1", 2, True) in waits  # held by its limit (1 running), not by room
+    assert ("b_0", 3, False) in waits  # an array without a limit is not held
+
+
+def test_arrays_are_limited_each_on_its_own() -> None:
+    cluster = placement.Cluster([host(cpus=8)])
+    queue = [member("a", 0, 1), member("b", 0, 2), member("a", 1, 1), member("b", 1, 2),
+             member("b", 2, 2)]
+    result = plan(cluster, queue, [], NOW, running={"b": 1})
+    assert started(result) == ["a_0", "b_0"]
+    assert {w.job_id for w in result.waits} == {"a_1", "b_1", "b_2"}

@@ -7,6 +7,7 @@ lives under /root here, which other users cannot execute; forking avoids needing
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pwd
@@ -61,6 +62,7 @@ def become(user: User) -> None:
 def run_as(user: User, fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) in a forked child that has become `user`; its JSON-able result. An exception
     in fn comes back as {"raised": "Type: message"} for the caller to assert on."""
+    preload_cli()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: become the user, run, report, never return
@@ -84,6 +86,20 @@ def run_as(user: User, fn: Callable[..., Any], *args: Any) -> Any:
     assert os.waitstatus_to_exitcode(status) == 0 and data, \
         f"child failed: {getattr(fn, '__name__', fn)}"
     return json.loads(data)
+
+
+# What the CLI imports on use (its commands load lazily, the client imports tar and YAML only
+# when needed): imported before the fork, since this Python's stdlib lives under /root, which
+# the user the child becomes cannot read.
+LAZY_IMPORTS = ("yaml", "tarfile", "tempfile", "shutil", "grp", "vmjobs.safetar",
+                "vmjobs.guest_protocol")
+
+
+def preload_cli() -> None:
+    from vmjobs.cli import COMMANDS
+
+    for name in (*LAZY_IMPORTS, *(target.partition(":")[0] for target in COMMANDS.values())):
+        importlib.import_module(name)
 
 
 def as_user(user: User, *args: str) -> Result:

@@ -546,3 +546,21 @@ def test_time_limits_read_as_the_spec_says_without_parsing_it(tmp_path: Path) ->
     limits = dict(store.time_limits(frozenset({JobState.PLACED})))
     assert math.isnan(limits.pop("f"))  # type: ignore[arg-type]
     assert limits == {"a": 60.5, "b": 30, "c": None, "d": None, "e": "soon"}
+
+
+def test_reserving_inside_reserving_joins_one_transaction(store: Store) -> None:
+    """Many transitions as one transaction (a cancel of many jobs): all or none."""
+    for n in range(3):
+        store.submit(JobRecord(id=f"b{n}", owner="u", uid=1, state=JobState.QUEUED,
+                               spec={"argv": ["true"]}), Request(cpus=1, memory_mib=256), "in")
+    with pytest.raises(IllegalTransition), store.reserving():
+        store.transition("b0", JobState.CANCELLED, "c")  # its own reserving() joins
+        store.transition("b1", JobState.CANCELLED, "c")
+        store.transition("b1", JobState.CANCELLED, "c")  # a bug: rolls back all three
+    assert [store.job(f"b{n}").state for n in range(3)] == [JobState.QUEUED] * 3  # type: ignore[union-attr]
+    with store.reserving():
+        for n in range(3):
+            store.transition(f"b{n}", JobState.CANCELLED, "c")
+    assert not store.db.in_transaction
+    assert [store.job(f"b{n}").state for n in range(3)] == [JobState.CANCELLED] * 3  # type: ignore[union-attr]
+    assert [e.state for e in store.events("b2")] == [JobState.QUEUED, JobState.CANCELLED]

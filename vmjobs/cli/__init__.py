@@ -2,10 +2,15 @@
 
 Every failure a user can act on is one line on stderr and a non-zero exit, never a traceback:
 usage errors exit 2, vmjob's own errors exit 1 (or the code the error carries).
+
+Commands are loaded lazily (`COMMANDS`, click's documented LazyGroup pattern): a call imports
+the root group and the one module of its command, so `vmjob list` never pays for libvirt,
+paramiko or the placement engine (tests/unit/test_thin_client.py).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from functools import cached_property
@@ -33,7 +38,33 @@ def fail(message: str) -> None:
     click.echo(f"vmjob: {message}", err=True)
 
 
+# command name -> "module:attribute", imported when the command runs (or --help lists them)
+COMMANDS = {
+    "run": "vmjobs.cli.run:run", "hosts": "vmjobs.cli.hosts:hosts",
+    "inventory": "vmjobs.cli.inventory:inventory", "image": "vmjobs.cli.image:image",
+    "serve": "vmjobs.cli.serve:serve", "submit": "vmjobs.cli.submit:submit",
+    "list": "vmjobs.cli.jobs:list_jobs", "show": "vmjobs.cli.jobs:show",
+    "logs": "vmjobs.cli.jobs:logs", "wait": "vmjobs.cli.jobs:wait",
+    "cancel": "vmjobs.cli.jobs:cancel", "migrate": "vmjobs.cli.moves:migrate",
+    "checkpoint": "vmjobs.cli.moves:checkpoint", "restore": "vmjobs.cli.moves:restore",
+    "drain": "vmjobs.cli.moves:drain", "uncordon": "vmjobs.cli.moves:uncordon",
+    "rebalance": "vmjobs.cli.moves:rebalance", "plan": "vmjobs.cli.plan:plan",
+    "devcluster": "vmjobs.cli.devcluster:devcluster_group", "smoke": "vmjobs.cli.smoke:smoke",
+}
+
+
 class VmjobGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command), COMMANDS[cmd_name]
+        return command
+
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
@@ -78,28 +109,3 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 def main() -> None:
     cli.main()
-
-
-def _register() -> None:
-    from vmjobs.cli.hosts import hosts
-    from vmjobs.cli.image import image
-    from vmjobs.cli.inventory import inventory
-    from vmjobs.cli.jobs import cancel, list_jobs, logs, show, submit, wait
-    from vmjobs.cli.moves import checkpoint, drain, migrate, rebalance, restore, uncordon
-    from vmjobs.cli.plan import plan
-    from vmjobs.cli.run import run
-    from vmjobs.cli.serve import serve
-
-    for command in (run, hosts, inventory, image, serve, submit, list_jobs, show, logs, wait,
-                    cancel, migrate, checkpoint, restore, drain, uncordon, rebalance, plan):
-        cli.add_command(command)
-
-    from vmjobs.cli.devcluster import devcluster_group
-
-    cli.add_command(devcluster_group, "devcluster")
-    from vmjobs.cli.smoke import smoke
-
-    cli.add_command(smoke)
-
-
-_register()

@@ -1,4 +1,4 @@
-"""`vmjob submit|list|show|logs|wait|cancel`: the daemon's client commands.
+"""`vmjob list|show|logs|wait|cancel`: the daemon's client commands (`submit` is in submit.py).
 
 Each parses, makes one or two calls through `vmjobs.client`, and prints. The daemon decides
 who may do what (from the socket's peer credentials); these commands only show its answer.
@@ -10,123 +10,15 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.connect import client_for, url_option
 from vmjobs.client import ApiFailure, Client
-from vmjobs.config import DEFAULT_SOCKET
-from vmjobs.errors import VmjobsError
-from vmjobs.guest_protocol import input_entries
-from vmjobs.outcome import EXIT_NOT_STARTED, exit_code
-from vmjobs.spec import Spec, SpecError, check_paths
+from vmjobs.outcome import exit_code
 from vmjobs.units import format_mib
-
-
-class NotStarted(VmjobsError):
-    """--no-wait found no room, or --wait-timeout expired."""
-
-    exit_code = EXIT_NOT_STARTED
-
-
-def url_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--url", default=None, metavar="URL", envvar="VMJOBS_URL",
-        help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head "
-             "(default: $VMJOBS_URL, else the config's socket).",
-    )(func)
-
-
-def client_for(url: str | None) -> Client:
-    """The daemon at --url / $VMJOBS_URL, else at the config's socket. With a URL no config is
-    read: a remote user needs none (an ssh:// URL without a path means the head's default)."""
-    if url:
-        return Client.from_url(url, DEFAULT_SOCKET)
-    return Client.from_url(None, click.get_current_context().obj.config.socket)
-
-
-# --- submit ---------------------------------------------------------------------------------
-
-def submission(spec: Spec, client: Client) -> dict[str, Any]:
-    """The JSON body of POST /v1/jobs: the spec's canonical form, with --input uploaded first
-    (its token instead of the path) and --output made absolute."""
-    check_paths(spec)
-    body = spec.to_dict()
-    if spec.output is not None:
-        body["output"] = str(Path(spec.output).absolute())
-    if spec.input is not None:
-        # the guest protocol's own rules (regular files and directories only), here, before
-        # anything is sent: refused at submit with the user's path, not at start with the
-        # spool's
-        input_entries(Path(spec.input))
-        body["input"] = client.upload_dir(Path(spec.input))
-    return body
-
-
-def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--time-limit", default=None, metavar="DURATION",
-                     help="Longest the job may run (same as --timeout); lets it start early "
-                          "when that cannot delay the job first in line."),
-        click.option("--priority", default=None, metavar="N",
-                     help="Higher starts first; FIFO within a priority.  [default: 0]"),
-        click.option("--preemptible", is_flag=True,
-                     help="May be migrated or checkpointed (and restored later) to make room "
-                          "for jobs that are not (with the daemon's 'preemption: on')."),
-        click.option("--wait-timeout", default=None, metavar="DURATION",
-                     help=f"Give up if the job has not started after this long (exit "
-                          f"{EXIT_NOT_STARTED}; nothing is left behind)."),
-        click.option("--no-wait", is_flag=True,
-                     help=f"Fail at once (exit {EXIT_NOT_STARTED}) unless the job can start now."),
-        url_option,
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return client.submit(body)
-    except ApiFailure as exc:
-        if exc.code == "not_started":
-            raise NotStarted(str(exc)) from None
-        if exc.code == "usage":  # a daemon stricter than this client: still a usage error
-            raise SpecError(str(exc)) from None
-        raise
-
-
-@click.command()
-@job_options
-@queue_options
-@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
-@click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
-def submit(as_json: bool, **params: Any) -> None:
-    """Queue CMD to run in its own guest; print the job's id.
-
-    The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
-    are free, then runs while nobody watches. Follow it with 'vmjob logs -f JOB', collect its
-    exit code with 'vmjob wait JOB'.
-
-    \b
-    Examples:
-      vmjob submit --cpus 8 --mem 64G -- ./simulate
-      JOB=$(vmjob submit --time-limit 10m -- make check) && vmjob wait "$JOB"
-      vmjob submit -f job.yaml --priority 5
-      vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
-      vmjob submit --threads isolate --hugepages 1G --label rack=r1 -- ./latency-bench
-    """
-    spec = spec_from_options(params, params.pop("spec_file"))
-    client = client_for(params.pop("url"))
-    try:
-        view = submit_job(client, submission(spec, client))
-    finally:
-        client.close()
-    click.echo(json.dumps(view, indent=2) if as_json else view["id"])
-
 
 # --- list / show ----------------------------------------------------------------------------
 
@@ -346,29 +238,55 @@ def wait(job: str, output_dir: Path | None, url: str | None) -> int:
 
 
 @click.command()
-@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+@click.argument("jobs", nargs=-1, metavar="[JOB|ARRAY]...")
+@click.option("--state", "states", multiple=True, metavar="STATE[,STATE]",
+              help="Only jobs in these states (QUEUED, RUNNING, CHECKPOINTED, ...; "
+                   "repeatable).")
+@click.option("--user", default=None, metavar="NAME",
+              help="Only this user's jobs (other users' for administrators only).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @url_option
-def cancel(jobs: tuple[str, ...], url: str | None) -> int:
+def cancel(jobs: tuple[str, ...], states: tuple[str, ...], user: str | None, as_json: bool,
+           url: str | None) -> int:
     """Cancel jobs: queued ones leave the queue, running ones have their guest destroyed.
 
-    Returns once each job has ended and released what it held.
+    Name jobs, or arrays (all their jobs), or select with --state / --user: one call to the
+    daemon however many jobs match. Without names the filters apply to your own jobs
+    (administrators: everyone's). Returns once each job has ended and released what it held.
+    A filter that matches nothing says so and exits 0 (as scancel); a named job that does not
+    exist, is not yours or has ended exits 1.
 
     \b
     Examples:
       vmjob cancel 3f9a1c2e
-      vmjob cancel $(vmjob list --json | jq -r '.[].id')
+      vmjob cancel 5b7d0e11            # the whole array 5b7d0e11 (jobs 5b7d0e11_N)
+      vmjob cancel --state QUEUED
+      vmjob cancel --user alice --state RUNNING --json     # admins
     """
+    wanted = [s.strip() for group in states for s in group.split(",") if s.strip()]
+    if not jobs and not wanted and user is None:
+        raise click.UsageError("name jobs or arrays to cancel, or give --state / --user")
+    body: dict[str, Any] = {"jobs": list(jobs)} if jobs else {}
+    if wanted:
+        body["states"] = wanted
+    if user is not None:
+        body["user"] = user
     client = client_for(url)
-    failed = 0
     try:
-        for job in jobs:
-            try:
-                view = client.cancel(job)
-            except ApiFailure as exc:
-                click.echo(f"vmjob: {exc}", err=True)
-                failed += 1
-                continue
-            click.echo(f"job {view['id']}: {view['state']}")
+        answer = client.cancel_many(body)
+    except ApiFailure as exc:
+        if exc.code == "usage":
+            raise click.UsageError(str(exc)) from None
+        raise
     finally:
         client.close()
-    return 1 if failed else 0
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        for done in answer["cancelled"]:
+            click.echo(f"job {done['id']}: {done['state']}")
+        if not answer["cancelled"] and not answer["errors"]:
+            click.echo("no job matched" + ("" if jobs else " (nothing cancelled)"))
+    for error in answer["errors"]:
+        click.echo(f"vmjob: {error['error']}", err=True)
+    return 1 if answer["errors"] else 0

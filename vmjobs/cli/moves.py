@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from vmjobs.cli.jobs import client_for, url_option
+from vmjobs.cli.connect import client_for, url_option
 from vmjobs.errors import VmjobsError
 from vmjobs.units import parse_duration
 

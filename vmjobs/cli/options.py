@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from vmjobs.spec import DEFAULT_MEMORY_MIB, HUGEPAGE_KIB, Spec, SpecError, parse
 
@@ -18,7 +17,7 @@ PARAMS = {"cpus": "cpus", "mem": "memory", "nics": "nics", "numa": "numa",
           "labels": "label", "host": "host",
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
           "env": "env", "priority": "priority", "preemptible": "preemptible",
-          "wait_timeout": "wait_timeout", "no_wait": "no_wait"}
+          "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array"}
 FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
 
 
@@ -75,6 +74,8 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def read_spec_file(path: Path) -> dict[str, Any]:
     """A job.yaml: spec fields with their YAML types; relative `input`/`output` paths are
     relative to the file. Field checks are `parse`'s."""
+    import yaml  # only with -f: a plain `vmjob submit` does not pay for the YAML parser
+
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:

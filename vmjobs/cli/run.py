@@ -15,8 +15,10 @@ from typing import Any
 
 import click
 
-from vmjobs.cli.jobs import client_for, report_end, submission, submit_job
+from vmjobs.cli.connect import client_for
+from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.submit import submission, submit_job
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import queue
+import shutil
 import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import placement
@@ -34,10 +36,12 @@ from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
+from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
 from vmjobs.jobs import ACTIVE, UNFINISHED, JobRecord, JobState, new_job_id
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
+MAX_CANCEL_NAMES = 10_000  # job and array ids in one cancel call
 WAIT_MAX_S = 3600.0
 
 
@@ -53,6 +57,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "time_limit": time_limit_of(spec), "wait_timeout": wait_timeout_of(spec),
         "output": spec.get("output"), "allocation": record.allocation,
         "position": None, "waiting_because": None,
+        "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
     }
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
@@ -78,6 +83,7 @@ class Api:
         router.add("POST", "/v1/jobs", self.submit)
         router.add("GET", "/v1/jobs/{id}", self.show)
         router.add("POST", "/v1/jobs/{id}/cancel", self.cancel)
+        router.add("POST", "/v1/cancel", self.cancel_many)
         router.add("GET", "/v1/jobs/{id}/wait", self.wait)
         router.add("GET", "/v1/jobs/{id}/logs", self.logs)
         router.add("GET", "/v1/jobs/{id}/output", self.output)
@@ -184,6 +190,9 @@ class Api:
             if not cluster.ever_fits(request):
                 raise DoesNotFit(cluster.explain(request).summary)
         job_id = new_job_id()
+        if submission.array is not None:
+            return self._submit_array(req.caller, submission, job_id, request,
+                                      _spec(submission, image.id))
         files = JobFiles.of(config.spool, job_id)
         if submission.input is not None:
             self.uploads.take(submission.input, req.caller.uid, files.dir / "input")
@@ -197,6 +206,35 @@ class Api:
             stored = daemon.store.job(job_id)
             assert stored is not None
             return Json(job_view(daemon, stored), status=201)
+
+    def _submit_array(self, who: Caller, submission: Spec, array_id: str,
+                      request: placement.Request, spec: dict[str, Any]) -> Json:
+        """One job per index, `ARRAY_INDEX`, all queued in one transaction (all or none)."""
+        daemon = self.daemon
+        array = submission.array
+        assert array is not None
+        records = [JobRecord(id=member_id(array_id, i), owner=who.name, uid=who.uid,
+                             state=JobState.QUEUED,
+                             spec=member_spec(spec, array_id, i, array.limit))
+                   for i in array.indices]
+        if submission.input is not None:  # one upload, a copy per job
+            first = JobFiles.of(daemon.config.spool, records[0].id).dir / "input"
+            self.uploads.take(submission.input, who.uid, first)
+            for record in records[1:]:
+                shutil.copytree(first, JobFiles.of(daemon.config.spool, record.id).dir / "input",
+                                symlinks=True)
+        reason = f"submitted by {who.name} (array {array_id}, {len(records)} jobs)"
+        with daemon.lock:
+            with daemon.store.reserving():
+                for record in records:
+                    daemon.store.add_job(record, request, None, reason)
+            daemon.wake()
+            views = []
+            for record in records:
+                stored = daemon.store.job(record.id)
+                assert stored is not None
+                views.append(job_view(daemon, stored))
+        return Json({"array": array_id, "jobs": views}, status=201)
 
     def _start_now_or_forget(self, record: JobRecord) -> Json:
         """--no-wait: run the scheduling pass here; if it does not place the job, it never
@@ -232,6 +270,80 @@ class Api:
             final = daemon.store.job(job_id)
             assert final is not None
             return Json(job_view(daemon, final))
+
+    def cancel_many(self, req: ApiRequest) -> Json:
+        """Cancel many jobs in one call: named jobs and arrays (`jobs`), and/or every job of
+        the caller's (an admin's: anyone's) that matches the filters (`states`, `user`).
+        Selected and stopped under one lock hold; answers once all have ended (or after
+        CANCEL_SETTLE_S), with what each became and one line per job it could not cancel."""
+        try:
+            query = cancel_query(req.json())
+        except UsageError as exc:
+            raise ApiError(400, str(exc), code="usage") from None
+        who = req.caller
+        if query.user is not None and query.user != who.name and not who.admin:
+            raise ApiError(403, f"only administrators may cancel other users' jobs; you are "
+                                f"{who.name}")
+        daemon = self.daemon
+        reason = f"cancelled by {who.name}"
+        with daemon.lock:
+            chosen, errors = self._select(who, query)
+            later = daemon.stop_without_guest([r.id for r in chosen], JobState.CANCELLED,
+                                              reason)
+        for job_id in later:  # guests to destroy: seconds each, not under the lock
+            daemon.stop(job_id, JobState.CANCELLED, reason)
+        ids = [r.id for r in chosen]
+        with daemon.lock:
+            daemon.changed.wait_for(lambda: all(_finished(daemon, j) or j in daemon.unrecorded
+                                                for j in ids), CANCEL_SETTLE_S)
+            done = []
+            for job_id in ids:
+                record = daemon.store.job(job_id)
+                state = record.state.value if record is not None else "gone"
+                pending = daemon.unrecorded.get(job_id)
+                if pending is not None:
+                    errors.append({"id": job_id, "error": f"job {job_id}: its guest was stopped "
+                                   f"but the end could not be recorded ({pending.error})"})
+                done.append({"id": job_id, "state": state})
+        return Json({"cancelled": done, "errors": errors, "matched": len(ids)})
+
+    def _select(self, who: Caller, query: CancelQuery) -> tuple[list[JobRecord],
+                                                                list[dict[str, str]]]:
+        """The unfinished jobs the query names and may cancel, and a line for each named job
+        it may not. Caller holds the lock."""
+        store = self.daemon.store
+        errors: list[dict[str, str]] = []
+        if query.jobs:
+            found: list[JobRecord] = []
+            for name in query.jobs:
+                record = store.job(name)
+                members = [record] if record is not None else store.array_members(name)
+                if not members:
+                    errors.append({"id": name, "error": f"no job {name}"})
+                    continue
+                mine = [r for r in members if may_act(who, r)]
+                if not mine:
+                    errors.append({"id": name, "error": denial(who, members[0])})
+                    continue
+                if record is not None and record.state.finished:
+                    errors.append({"id": name, "error": f"job {name} already ended: "
+                                                        f"{record.state.value}"})
+                found.extend(mine)
+        else:
+            # a user's filters apply to the user's own jobs, an admin's to everyone's
+            found = [r for r in store.in_states(query.states or UNFINISHED)
+                     if may_act(who, r)]
+        chosen, seen = [], set()
+        for record in found:
+            if record.id in seen or record.state.finished:
+                continue
+            if query.states and record.state not in query.states:
+                continue
+            if query.user is not None and record.owner != query.user:
+                continue
+            seen.add(record.id)
+            chosen.append(record)
+        return chosen, errors
 
     def wait(self, req: ApiRequest) -> Json:
         """Long poll: answers when the job has ended, or after ?timeout= seconds."""
@@ -434,6 +546,48 @@ def _opt_number(body: dict[str, Any], key: str) -> float | None:
 
 def _opt_bool(body: dict[str, Any], key: str) -> bool | None:
     return _opt(body, key, (bool,), "true or false")
+
+
+@dataclass(frozen=True)
+class CancelQuery:
+    """What `POST /v1/cancel` selects: named jobs or arrays, narrowed by the filters."""
+
+    jobs: tuple[str, ...] = ()
+    states: frozenset[JobState] = frozenset()
+    user: str | None = None
+
+
+def cancel_query(body: dict[str, Any]) -> CancelQuery:
+    """The body of `POST /v1/cancel`; raises UsageError (400) on a bad field."""
+    unknown = sorted(set(body) - {"jobs", "states", "user"})
+    if unknown:
+        raise UsageError(f"unknown field(s) {', '.join(unknown)} (allowed: jobs, states, user)")
+    jobs = _str_list(body, "jobs")
+    names = _str_list(body, "states")
+    states = set()
+    for name in names:
+        try:
+            state = JobState(name.upper())
+        except ValueError:
+            raise UsageError(f"unknown state {name!r} (states that can be cancelled: "
+                             f"{', '.join(sorted(s.value for s in UNFINISHED))})") from None
+        if state.finished:
+            raise UsageError(f"state {state.value} is an end: jobs in it cannot be cancelled")
+        states.add(state)
+    user = _opt_str(body, "user")
+    if not jobs and not states and user is None:
+        raise UsageError("name the jobs or arrays to cancel, or give a filter (states, user)")
+    return CancelQuery(tuple(jobs), frozenset(states), user)
+
+
+def _str_list(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) \
+            or len(value) > MAX_CANCEL_NAMES:
+        raise UsageError(f"{key} must be a list of at most {MAX_CANCEL_NAMES} non-empty strings")
+    return value
 
 
 def _finished(daemon: Daemon, job_id: str) -> bool:

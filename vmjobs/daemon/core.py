@@ -42,6 +42,7 @@ from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.errors import VmjobsError
 from vmjobs.guest import GuestPlan, JobFiles, Verdict, collect
 from vmjobs.image import resolve_image
+from vmjobs.jobarray import array_env
 from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
@@ -317,6 +318,7 @@ class Daemon:
         plan = GuestPlan(
             job_id=record.id, owner=record.owner, owner_uid=record.uid,
             argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
+            vmjob_env=array_env(spec),
             allocation=allocation, image=image, virt_type=virt_type,
             output_disk_mib=self.config.output_disk_mib,
             input_dir=input_dir if input_dir.is_dir() else None,
@@ -341,15 +343,7 @@ class Daemon:
             record = self.store.job(job_id)
             if record is None or record.state.finished:
                 return False
-            if record.state == JobState.QUEUED:
-                self.store.transition(job_id, state, reason)
-                self.forget_files(job_id)
-                self.wake()
-                return True
-            if record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
-                discard(self.config.spool, job_id)
-                self.store.transition(job_id, state, f"{reason}; its checkpoint was removed")
-                self.wake()
+            if not self.stop_without_guest([job_id], state, reason):
                 return True
             active = self.active.get(job_id)
             if active is None:
@@ -361,6 +355,36 @@ class Daemon:
         if running:
             self.destroy_guest(host, job_id)
         return True
+
+    def stop_without_guest(self, job_ids: list[str], state: JobState, reason: str) -> list[str]:
+        """End those of `job_ids` that have no guest to stop (queued, checkpointed) as `state`,
+        in one store transaction, then remove their files (a checkpoint, the job directory).
+        Returns the ids whose guest must be stopped (`stop`); ended jobs are skipped. Caller
+        holds the lock."""
+        ended: list[tuple[str, JobState]] = []
+        guests: list[str] = []
+        with self.store.reserving():
+            for job_id in job_ids:
+                record = self.store.job(job_id)
+                if record is None or record.state.finished:
+                    continue
+                if record.state == JobState.QUEUED:
+                    self.store.transition(job_id, state, reason)
+                elif record.state == JobState.CHECKPOINTED and job_id not in self.restoring:
+                    self.store.transition(job_id, state,
+                                          f"{reason}; its checkpoint was removed")
+                else:
+                    guests.append(job_id)
+                    continue
+                ended.append((job_id, record.state))
+        for job_id, was in ended:  # after the commit: a failed one keeps its files
+            if was == JobState.QUEUED:
+                self.forget_files(job_id)
+            else:
+                discard(self.config.spool, job_id)
+        if ended:
+            self.wake()
+        return guests
 
     def destroy_guest(self, host: str, job_id: str) -> None:
         conn = self.hosts.conn(host)

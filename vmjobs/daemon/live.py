@@ -33,6 +33,7 @@ from dataclasses import replace
 import placement
 from placement import Allocation, Cluster, HostState, Request
 from vmjobs.daemon.queue import Waiting
+from vmjobs.jobarray import array_of
 from vmjobs.jobs import JobRecord
 from vmjobs.runner import snapshot
 from vmjobs.store import Store
@@ -283,12 +284,17 @@ class LiveQueue:
         entry = self._entries.get(record.id)
         if entry is not None:
             return entry[2]
-        return Waiting(record.id, request, self._time_limit(record))
+        return self._make_waiting(record, request)
+
+    def _make_waiting(self, record: JobRecord, request: Request) -> Waiting:
+        array = array_of(record.spec)
+        return Waiting(record.id, request, self._time_limit(record),
+                       array=array[0] if array else None,
+                       array_limit=array[1] if array else None)
 
     def _add(self, record: JobRecord, request: Request) -> None:
         key = (-request.priority, record.created, record.id)
-        self._entries[record.id] = (record, request,
-                                    Waiting(record.id, request, self._time_limit(record)))
+        self._entries[record.id] = (record, request, self._make_waiting(record, request))
         bisect.insort(self._order, key)
 
     def _drop(self, job_id: str) -> None:

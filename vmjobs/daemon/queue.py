@@ -9,13 +9,17 @@ a `--time-limit`), or the head, re-placed on the cluster as it will be at the sh
 still fits with the later job still running. So a large job at the head is never starved by a
 stream of small ones. The reservation is `placement.backfill`'s, which the trace simulator
 shares.
+
+A job of an array with a limit (`--array 1-100%10`) whose array already runs that many jobs
+is *held*: it waits with that reason, is passed over (never the head, never blocking anyone
+behind it) and is looked at again in the next pass.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import placement
 from placement import Allocation, Request
@@ -31,6 +35,8 @@ class Waiting:
     job_id: str
     request: Request
     time_limit_s: float | None = None
+    array: str | None = None  # the id of its job array, if any
+    array_limit: int | None = None  # at most this many of the array running (`%N`)
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,9 @@ class Start:
 @dataclass(frozen=True)
 class Wait:
     job_id: str
-    position: int  # 1 = the head
+    position: int  # 1 = the head, unless `held`
     reason: str
+    held: bool = False  # by its array's limit, not by room: nothing to make room for
 
 
 @dataclass(frozen=True)
@@ -67,32 +74,41 @@ Holders = Sequence[Holding] | Callable[[], Sequence[Holding]]
 
 
 def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Holders,
-         now: float, policy: str = "pack") -> Plan:
+         now: float, policy: str = "pack", running: Mapping[str, int] | None = None) -> Plan:
     """Which queued jobs start now, and why each of the others waits. `cluster` is not changed.
     `holding` (who holds what until when) may be given as a function: it is only needed, and
-    only called, when some job does not fit."""
-    return Planner(cluster, holding, policy).offer(order(waiting), now)
+    only called, when some job does not fit. `running`: array id -> how many of its jobs hold
+    resources now (for `%N` limits)."""
+    return Planner(cluster, holding, policy, running).offer(order(waiting), now)
 
 
 class Planner:
     """One scheduling pass, which can be carried on later with jobs added to the queue's end.
 
     State guarded: a working copy of the cluster with this pass's starts reserved in it, the
-    head and its reservation once a job did not fit, and the reasons of requests refused so
-    far. If the cluster has not changed since (nothing released, no host up or down), offering
-    the jobs submitted meanwhile gives the same decisions as planning the whole queue again —
-    the jobs before them are decided the same way, on the same cluster — at the cost of the
-    new jobs alone (`offer`). Pure: no store, no clock (`now` is given).
+    head and its reservation once a job did not fit, the reasons of requests refused so far,
+    and how many jobs of each array run. If the cluster has not changed since (nothing
+    released, no host up or down), offering the jobs submitted meanwhile gives the same
+    decisions as planning the whole queue again — the jobs before them are decided the same
+    way, on the same cluster — at the cost of the new jobs alone (`offer`). Pure: no store, no
+    clock (`now` is given).
+
+    Positions in line: the head is 1, then every other waiting job in queue order. Jobs held
+    by their array's limit before any head is known are numbered after it once it is, so an
+    `offer` that finds the head also returns those held jobs again, renumbered.
     """
 
-    def __init__(self, cluster: placement.Cluster, holding: Holders, policy: str = "pack") -> None:
+    def __init__(self, cluster: placement.Cluster, holding: Holders, policy: str = "pack",
+                 running: Mapping[str, int] | None = None) -> None:
         self.cluster = cluster.copy()
         self.policy = policy
         self._holding = holding
+        self.limits = _ArrayLimits(running or {})
         self.holders: list[Holding] | None = None  # read when a head is found
         self.pending: list[Holding] = []  # this pass's starts, holders from now on
         self.decided: list[str] = []  # every job offered, in queue order
-        self.waits = 0
+        self.waits = 0  # positions handed out
+        self.held_early: list[Wait] = []  # held by their array's limit before any head
         self.head: Waiting | None = None
         self.reservation: Reservation | None = None
         # The cluster only fills up during a pass, so a request that did not fit still does
@@ -101,25 +117,39 @@ class Planner:
 
     def offer(self, queue: Sequence[Waiting], now: float) -> Plan:
         """Decide `queue` (in queue order, after every job offered before): the starts and
-        waits among them."""
+        waits among them (and held jobs renumbered, see the class)."""
         starts: list[Start] = []
         waits: list[Wait] = []
         for job in queue:
             self.decided.append(job.job_id)
+            if (reason := self.limits.holds(job)) is not None:
+                held = Wait(job.job_id, 0, reason, held=True)
+                if self.head is None:
+                    self.held_early.append(held)
+                else:
+                    waits.append(self._number(held))
+                continue
             if self.head is None:
                 decision = self.cluster.place(job.request, self.policy)
                 if decision.allocation is not None:
                     self.cluster.reserve(job.job_id, decision.allocation, job.request)
                     starts.append(Start(job.job_id, decision.allocation))
                     self.pending.append(Holding(job.job_id, _ends(job, now)))
+                    self.limits.started(job)
                     continue
+                self.waits = 0  # only held jobs were numbered so far: the head goes first
                 waits.append(self._make_head(job, now))
+                waits.extend(self._number(w) for w in self.held_early)
+                self.held_early = []
                 continue
             wait = self._backfill(job, now)
             if isinstance(wait, Start):
                 starts.append(wait)
             else:
                 waits.append(wait)
+        if self.head is None and self.held_early:
+            self.waits = 0
+            waits.extend(self._number(w) for w in self.held_early)
         shadow = self.reservation.shadow if self.reservation is not None else None
         return Plan(tuple(starts), tuple(waits), shadow)
 
@@ -144,14 +174,39 @@ class Planner:
             reason = self.refused[job.request] = decision.explanation.summary
         elif self.reservation.admits(job.job_id, allocation, job.request, _ends(job, now)):
             self.cluster.reserve(job.job_id, allocation, job.request)
+            self.limits.started(job)
             return Start(job.job_id, allocation, backfilled=True)
         else:
             reason = _would_delay(job, self.head, self.reservation)
         return self._wait(job, reason)
 
     def _wait(self, job: Waiting, reason: str) -> Wait:
+        return self._number(Wait(job.job_id, 0, reason))
+
+    def _number(self, wait: Wait) -> Wait:
         self.waits += 1
-        return Wait(job.job_id, self.waits, reason)
+        return replace(wait, position=self.waits)
+
+
+class _ArrayLimits:
+    """How many jobs of each array run, counting those this pass starts."""
+
+    def __init__(self, running: Mapping[str, int]) -> None:
+        self.running = dict(running)
+
+    def holds(self, job: Waiting) -> str | None:
+        """Why `job` must wait for its array's limit, or None if it may start."""
+        if job.array is None or job.array_limit is None:
+            return None
+        count = self.running.get(job.array, 0)
+        if count < job.array_limit:
+            return None
+        return (f"held by its array's limit: {count} of array {job.array} running, "
+                f"at most {job.array_limit} at once (%{job.array_limit})")
+
+    def started(self, job: Waiting) -> None:
+        if job.array is not None:
+            self.running[job.array] = self.running.get(job.array, 0) + 1
 
 
 def _ends(job: Waiting, now: float) -> float | None:

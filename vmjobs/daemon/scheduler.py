@@ -19,7 +19,8 @@ from placement import Request
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, Phase, limit_of
 from vmjobs.daemon.queue import Holding, Plan, Planner, order
-from vmjobs.jobs import ACTIVE, JobRecord, JobState
+from vmjobs.jobarray import array_of
+from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState
 from vmjobs.runner import describe_allocation
 
 log = logging.getLogger("vmjobs.daemon")
@@ -155,7 +156,7 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
 def make_room(daemon: Daemon, queue: Queue) -> None:
     """With `preemption: on`, move preemptible jobs for the first in line; with nobody
     waiting, bring back jobs that were checkpointed for others."""
-    head = next((w for w in daemon.waits.values() if w.position == 1), None)
+    head = next((w for w in daemon.waits.values() if w.position == 1 and not w.held), None)
     if head is not None and daemon.config.preemption:
         request = next((q for r, q in queue if r.id == head.job_id), None)
         if request is not None:
@@ -194,6 +195,15 @@ def holdings(daemon: Daemon, now: float) -> list[Holding]:
     return held
 
 
+def running_arrays(daemon: Daemon) -> dict[str, int]:
+    """Array id -> how many of its jobs hold resources or are being moved (for `%N`)."""
+    counts: dict[str, int] = {}
+    for record in daemon.store.in_states(ACTIVE | MOVING):
+        if (array := array_of(record.spec)) is not None:
+            counts[array[0]] = counts.get(array[0], 0) + 1
+    return counts
+
+
 def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
              current: Pass | None = None) -> Plan:
     """One pass: reserve and launch what may start; remember why the others wait.
@@ -223,7 +233,10 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
             planner = last.planner
             result = planner.offer(waiting[len(last.queue):], now)
         else:
-            planner = Planner(daemon.live.cluster(), lambda: holdings(daemon, now))
+            # the arrays' running counts change only with holdings, which end a carried pass
+            running = running_arrays(daemon) if any(w.array for w in waiting) else None
+            planner = Planner(daemon.live.cluster(), lambda: holdings(daemon, now),
+                              running=running)
             result = planner.offer(waiting, now)
         for start in result.starts:
             current.job_id = start.job_id

@@ -1,0 +1,113 @@
+"""`vmjob submit`: queue a job (or a job array) with the daemon.
+
+The only client command that needs the job spec's checks (`vmjobs.spec`, `-f job.yaml`), so it
+lives apart from `list`/`show`/... which must stay light to import.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vmjobs.cli.connect import client_for, url_option
+from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.client import ApiFailure, Client
+from vmjobs.errors import VmjobsError
+from vmjobs.outcome import EXIT_NOT_STARTED
+from vmjobs.spec import Spec, SpecError, check_paths
+
+
+class NotStarted(VmjobsError):
+    """--no-wait found no room, or --wait-timeout expired."""
+
+    exit_code = EXIT_NOT_STARTED
+
+
+def submission(spec: Spec, client: Client) -> dict[str, Any]:
+    """The JSON body of POST /v1/jobs: the spec's canonical form, with --input uploaded first
+    (its token instead of the path) and --output made absolute."""
+    check_paths(spec)
+    body = spec.to_dict()
+    if spec.output is not None:
+        body["output"] = str(Path(spec.output).absolute())
+    if spec.input is not None:
+        # the guest protocol's own rules (regular files and directories only), here, before
+        # anything is sent: refused at submit with the user's path, not at start with the
+        # spool's
+        from vmjobs.guest_protocol import input_entries  # tar/cpio machinery: only with --input
+
+        input_entries(Path(spec.input))
+        body["input"] = client.upload_dir(Path(spec.input))
+    return body
+
+
+def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--time-limit", default=None, metavar="DURATION",
+                     help="Longest the job may run (same as --timeout); lets it start early "
+                          "when that cannot delay the job first in line."),
+        click.option("--priority", default=None, metavar="N",
+                     help="Higher starts first; FIFO within a priority.  [default: 0]"),
+        click.option("--preemptible", is_flag=True,
+                     help="May be migrated or checkpointed (and restored later) to make room "
+                          "for jobs that are not (with the daemon's 'preemption: on')."),
+        click.option("--wait-timeout", default=None, metavar="DURATION",
+                     help=f"Give up if the job has not started after this long (exit "
+                          f"{EXIT_NOT_STARTED}; nothing is left behind)."),
+        click.option("--no-wait", is_flag=True,
+                     help=f"Fail at once (exit {EXIT_NOT_STARTED}) unless the job can start now."),
+        url_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return client.submit(body)
+    except ApiFailure as exc:
+        if exc.code == "not_started":
+            raise NotStarted(str(exc)) from None
+        if exc.code == "usage":  # a daemon stricter than this client: still a usage error
+            raise SpecError(str(exc)) from None
+        raise
+
+
+@click.command()
+@job_options
+@queue_options
+@click.option("--array", default=None, metavar="INDICES[%N]",
+              help="A job array: one job per index (1-100, 1,3,5-7; indices 0-1000), each "
+                   "with $VMJOB_ARRAY_INDEX set; %N: at most N of them run at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON, not just its id.")
+@click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
+def submit(as_json: bool, **params: Any) -> None:
+    """Queue CMD to run in its own guest; print the job's id.
+
+    The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
+    are free, then runs while nobody watches. Follow it with 'vmjob logs -f JOB', collect its
+    exit code with 'vmjob wait JOB'. With --array it prints the array's id ARRAY; its jobs
+    are ARRAY_INDEX ('vmjob cancel ARRAY' cancels them all).
+
+    \b
+    Examples:
+      vmjob submit --cpus 8 --mem 64G -- ./simulate
+      JOB=$(vmjob submit --time-limit 10m -- make check) && vmjob wait "$JOB"
+      vmjob submit -f job.yaml --priority 5
+      vmjob submit --no-wait -- ./quick-check     # exit 75 unless it can start now
+      vmjob submit --threads isolate --hugepages 1G --label rack=r1 -- ./latency-bench
+      vmjob submit --array 1-100%10 -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
+    """
+    spec = spec_from_options(params, params.pop("spec_file"))
+    client = client_for(params.pop("url"))
+    try:
+        view = submit_job(client, submission(spec, client))
+    finally:
+        client.close()
+    # an array answers {"array": ID, "jobs": [...]}, a single job with the job
+    click.echo(json.dumps(view, indent=2) if as_json else view.get("array") or view["id"])

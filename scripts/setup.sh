@@ -28,7 +28,7 @@ apt-get update -q
 # python3-venv: the venv below; python3-apt: Ansible's apt module (tests/ansible)
 apt-get install -y -q --no-install-recommends \
     libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils \
-    libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv python3-apt \
+    libvirt-clients libvirt-dev pkg-config gcc libc6-dev python3-dev python3-venv python3-apt \
     cpio busybox-static iproute2 libxml2-utils openssh-server \
     >/dev/null
 

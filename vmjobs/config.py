@@ -25,6 +25,7 @@ DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
 EMBEDDED = "<embedded default>"
 VIRT_TYPES = ("kvm", "qemu", "auto")
 NIC_BACKENDS = ("vfio", "emulated")
+START_MODES = ("cold", "warm", "auto")  # vmjobs/template.py
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _VENDOR_PRODUCT = re.compile(r"^(0x)?[0-9a-f]{4}:(0x)?[0-9a-f]{4}$")
@@ -88,6 +89,9 @@ class Config:
     # is read (0: never) and how much of it is kept per job
     usage_sample_interval_s: float = 10.0
     usage_window_s: float = 60.0
+    # how a job's guest starts: booted (cold), restored from a template of its image and shape
+    # (warm; the start fails if that cannot be done), or warm where possible, else cold (auto)
+    start: str = "cold"
 
     @property
     def state_db(self) -> Path:
@@ -207,7 +211,7 @@ def parse(data: Any, path: str) -> Config:
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
-         "usage_sample_interval", "usage_window"}
+         "usage_sample_interval", "usage_window", "start"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -263,6 +267,7 @@ def parse(data: Any, path: str) -> Config:
         host_down_after_s=_host_down_after(top),
         usage_sample_interval_s=_duration(top, "usage_sample_interval", 10.0, zero=True),
         usage_window_s=_duration(top, "usage_window", 60.0),
+        start=top.str("start", "cold", START_MODES),
     )
 
 

@@ -17,10 +17,7 @@ A violation makes the result fail (the CLI exits non-zero); the guest is always 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +25,10 @@ from pathlib import Path
 
 from placement import Allocation, NodeShare
 from vmjobs import guest_protocol
+from vmjobs.cbuild import build_static
 from vmjobs.convergence import Policy
 from vmjobs.errors import VmjobsError
-from vmjobs.image import Image, recipe_bytes
+from vmjobs.image import Image
 from vmjobs.jobs import new_job_id
 from vmjobs.virt import Connection, Domain, VirtError, domain_xml
 from vmjobs.virt.conn import destroy_quietly, open_uri
@@ -91,30 +89,7 @@ class Report:
 
 def build_probe(cache: Path) -> Path:
     """The static clockprobe binary for this source, built once per source hash."""
-    source = recipe_bytes(PROBE_SOURCE)
-    digest = hashlib.sha256(source).hexdigest()[:16]
-    target = cache / f"clockprobe-{digest}"
-    if target.exists():
-        return target
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise VmjobsError("smoke migrate needs a C compiler (apt-get install gcc libc6-dev) "
-                          "to build its guest probe")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / PROBE_SOURCE
-        src.write_bytes(source)
-        out = Path(tmp) / "clockprobe"
-        proc = subprocess.run([compiler, "-static", "-O2", "-o", str(out), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            raise VmjobsError(f"building the guest probe failed: {last} "
-                              "(a static build needs libc6-dev)")
-        shutil.copyfile(out, target.with_suffix(".tmp"))
-        target.with_suffix(".tmp").chmod(0o755)
-        target.with_suffix(".tmp").rename(target)
-    return target
+    return build_static(PROBE_SOURCE, cache, "smoke migrate")
 
 
 def parse_ticks(text: str) -> list[Tick]:

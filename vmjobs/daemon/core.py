@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from placement import Request
+from vmjobs import template
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
@@ -48,7 +49,6 @@ from vmjobs.guest import (
     OutputGuard,
     Verdict,
     collect,
-    prepare,
 )
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
@@ -56,7 +56,7 @@ from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
-from vmjobs.virt.conn import destroy_quietly, lookup_domain, start
+from vmjobs.virt.conn import destroy_quietly, lookup_domain
 
 log = logging.getLogger("vmjobs.daemon")
 RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
@@ -436,21 +436,23 @@ class Daemon:
         virt_type = probe.virt_type(self.config, host_config, conn, image, allocation,
                                     lambda text: log.info("%s", text))
         files = JobFiles.of(self.config.spool, record.id)
-        xml = prepare(
-            GuestPlan(
-                job_id=record.id, owner=record.owner, owner_uid=record.uid,
-                argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
-                vmjob_env=array_env(spec),
-                allocation=allocation, image=image, virt_type=virt_type,
-                output_disk_mib=self.config.output_disk_mib,
-                input_dir=self._input_of(record, files),
-                emulator_cpus=host_config.reserved_cpus,
-            ),
-            files,
+        plan = GuestPlan(
+            job_id=record.id, owner=record.owner, owner_uid=record.uid,
+            argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
+            vmjob_env=array_env(spec),
+            allocation=allocation, image=image, virt_type=virt_type,
+            output_disk_mib=self.config.output_disk_mib,
+            input_dir=self._input_of(record, files),
+            emulator_cpus=host_config.reserved_cpus,
         )
-        with self.lock:
-            self.record(record.id, JobState.STARTING, f"starting ({virt_type})")
-        return start(conn, xml), virt_type
+
+        def starting(how: str) -> None:
+            with self.lock:
+                self.record(record.id, JobState.STARTING, f"starting ({virt_type}, {how})")
+
+        dom, how = template.launch(self.config.start, conn, plan, files, self.config.spool,
+                                   lambda text: log.info("%s", text), starting)
+        return dom, f"{virt_type}, {how}"
 
     def _input_of(self, record: JobRecord, files: JobFiles) -> Path | None:
         """The directory the job's input is packed from. A daemon's job: its upload, in the

@@ -28,6 +28,9 @@ CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1 cryptomgr.notests no_timer_ch
 CLOCK_CHANNEL = "org.vmjobs.clock.0"
 # The virtio-serial port the guest init sends the job's stdout and stderr to (images/init).
 OUTPUT_CHANNEL = "org.vmjobs.output.0"
+# The virtio-serial port on which a guest restored from a template receives its job
+# (vmjobs/template.py, images/init): a `pipe` chardev whose input is a regular file.
+JOB_CHANNEL = "org.vmjobs.job.0"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class DomainSpec:
     loader: Path | None = None  # a firmware ROM (qboot) instead of QEMU's default SeaBIOS
     clock_channel: bool = False  # the guest can be told the time after a move
     output_pipe: Path | None = None  # the job's output: QEMU writes <output_pipe>.out
+    job_pipe: Path | None = None  # warm start: the job comes from <job_pipe>.in
 
 
 def build(spec: DomainSpec) -> str:
@@ -263,6 +267,8 @@ def devices(spec: DomainSpec) -> ET.Element:
         devs.append(clock_channel())
     if spec.output_pipe is not None:
         devs.append(output_channel(spec.output_pipe))
+    if spec.job_pipe is not None:
+        devs.append(pipe_channel(spec.job_pipe, JOB_CHANNEL))
     # Nothing the job did not ask for: no USB, no balloon, no graphics, no default network.
     ET.SubElement(devs, "controller", type="usb", model="none")
     ET.SubElement(devs, "memballoon", model="none")
@@ -276,9 +282,15 @@ def output_channel(pipe: Path) -> ET.Element:
     oldest data (virtlogd.conf max_size/max_backups, a host-wide setting); this way nothing
     stands between the guest and the spool, whatever the host's settings. The kernel's and
     the init's messages stay on the serial console (small, rotation does not matter)."""
+    return pipe_channel(pipe, OUTPUT_CHANNEL)
+
+
+def pipe_channel(pipe: Path, name: str) -> ET.Element:
+    """A virtio-serial port `name` whose host side is QEMU's `pipe` chardev: it reads
+    `<pipe>.in` and writes `<pipe>.out` itself."""
     channel = ET.Element("channel", type="pipe")
     ET.SubElement(channel, "source", path=str(pipe))
-    ET.SubElement(channel, "target", type="virtio", name=OUTPUT_CHANNEL)
+    ET.SubElement(channel, "target", type="virtio", name=name)
     return channel
 
 

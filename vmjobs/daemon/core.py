@@ -163,8 +163,12 @@ class Daemon:
     `restoring`, `preempting`, `dirty`) and the store's job states change only through its
     methods (`tests/unit/test_daemon_state.py` checks that no other module assigns them)."""
 
-    def __init__(self, config: Config, scope: str | None = None) -> None:
+    def __init__(self, config: Config, scope: str | None = None,
+                 tell: Callable[[str], None] | None = None) -> None:
         self.config = config
+        # Notes about starting a job (the KVM probe, a warm start's template): the daemon's log,
+        # or a direct run's user on stderr, as the command that waits for them.
+        self.tell = tell or (lambda text: log.info("%s", text))
         # A direct run's core acts on its one job only: no other job is scheduled, timed,
         # collected or recovered by it (the spool's daemon, if one starts, keeps the rest).
         self.scope = scope
@@ -434,7 +438,7 @@ class Daemon:
         spec = record.spec
         image = resolve_image(self.config.spool, spec["image"])
         virt_type = probe.virt_type(self.config, host_config, conn, image, allocation,
-                                    lambda text: log.info("%s", text))
+                                    self.tell)
         files = JobFiles.of(self.config.spool, record.id)
         plan = GuestPlan(
             job_id=record.id, owner=record.owner, owner_uid=record.uid,
@@ -451,7 +455,7 @@ class Daemon:
                 self.record(record.id, JobState.STARTING, f"starting ({virt_type}, {how})")
 
         dom, how = template.launch(self.config.start, conn, plan, files, self.config.spool,
-                                   lambda text: log.info("%s", text), starting)
+                                   self.tell, starting)
         return dom, f"{virt_type}, {how}"
 
     def _input_of(self, record: JobRecord, files: JobFiles) -> Path | None:

@@ -65,7 +65,7 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
     request = spec.request()
     start_event_loop()  # before the first connection, or no lifecycle events arrive
     job_id = new_job_id()
-    daemon = Daemon(config, scope=job_id)
+    daemon = Daemon(config, scope=job_id, tell=note)
     # the same threads as `vmjob serve` (daemon.main), less the socket
     threads = [threading.Thread(target=daemon.notes_loop, name="notes", daemon=True),
                threading.Thread(target=scheduler.run, args=(daemon,), name="scheduler",

@@ -32,7 +32,6 @@ it picks cold or warm from the config's `start` and the job's shape.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -42,7 +41,7 @@ import struct
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from vmjobs import guest_protocol
 from vmjobs.cbuild import build_static, source_digest
 from vmjobs.cpio import Entry, write_gzip_newc
 from vmjobs.errors import VmjobsError
+from vmjobs.filelock import exclusive
 from vmjobs.guest import (
     JOB_FILE_MODE,
     GuestPlan,
@@ -324,17 +324,6 @@ def job_input(spec: guest_protocol.JobSpec, now_ns: int, seed: bytes) -> bytes:
 # --------------------------------------------------------------------------- making a template
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)
@@ -418,7 +407,7 @@ def ensure_template(conn: Connection, plan: GuestPlan, spool: Path,
     inputs = template_inputs(plan.image.id, Shape.of(plan.allocation, plan.output_disk_mib),
                              plan.virt_type, host_inputs(conn, plan.virt_type))
     files = TemplateFiles.of(spool, template_key(inputs))
-    with _locked(files.path(".lock")):
+    with exclusive(files.path(".lock")):
         why = stale_reason(files, inputs, conn)
         if why is not None:
             note(f"making warm-start template {files.key} ({why})")

@@ -14,15 +14,13 @@ is a leftover and is destroyed, one still running longer than a probe may is too
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
@@ -31,6 +29,7 @@ from placement import Allocation, NodeShare
 from vmjobs import guest_protocol
 from vmjobs.config import Config, HostConfig
 from vmjobs.errors import VmjobsError
+from vmjobs.filelock import exclusive
 from vmjobs.guest import GuestPlan, JobFiles, prepare
 from vmjobs.image import Image
 from vmjobs.jobs import domain_name
@@ -64,7 +63,7 @@ def virt_type(config: Config, host: HostConfig, conn: Connection, image: Image,
     cached = _cached(cache, key)
     if cached is not None:
         return cached
-    with _spool_lock(cache.with_suffix(".lock")):
+    with exclusive(cache.with_suffix(".lock")):
         cached = _cached(cache, key)  # probed by whoever held the lock before us
         if cached is not None:
             return cached
@@ -93,18 +92,6 @@ def _cached(cache: Path, key: dict[str, object]) -> str | None:
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     return None
-
-
-@contextlib.contextmanager
-def _spool_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path` (threads and processes alike: each open is its own)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def probe_boot(config: Config, conn: Connection, image: Image,

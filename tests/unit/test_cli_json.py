@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 
+from tests.clicommands import commands
 from vmjobs.cli import cli
 from vmjobs.cli.output import wants_json
 
@@ -18,21 +18,8 @@ WITHOUT_JSON = {"serve", "devcluster up", "devcluster down", "devcluster status"
                 "devcluster env", "smoke migrate"}
 
 
-def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, click.Command]]:
-    found = []
-    ctx = click.Context(group)
-    for name in group.list_commands(ctx):  # the root group loads its commands lazily
-        command = group.get_command(ctx, name)
-        assert command is not None, name
-        if isinstance(command, click.Group):
-            found.extend(_commands(command, (*path, name)))
-        else:
-            found.append((" ".join((*path, name)), command))
-    return found
-
-
 def test_every_command_but_the_listed_ones_takes_json_from_the_one_helper() -> None:
-    for name, command in _commands(cli):
+    for name, command in commands(cli):
         options = [p for p in command.params if "--json" in p.opts]
         if name in WITHOUT_JSON:
             assert not options, name

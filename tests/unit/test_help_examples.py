@@ -8,30 +8,17 @@ import shlex
 import shutil
 import subprocess
 
-import click
 import pytest
 
+from tests.clicommands import commands
 from vmjobs.cli import cli
-
-
-def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, click.Command]]:
-    found = []
-    ctx = click.Context(group)
-    for name in group.list_commands(ctx):  # the root group loads its commands lazily
-        command = group.get_command(ctx, name)
-        assert command is not None, name
-        if isinstance(command, click.Group):
-            found.extend(_commands(command, (*path, name)))
-        else:
-            found.append((" ".join((*path, name)), command))
-    return found
 
 
 def _examples() -> list[tuple[str, str]]:
     """(command, example line) for each example that gives a job's command after `--`; lines
     continued with a backslash are joined."""
     examples = []
-    for name, command in _commands(cli):
+    for name, command in commands(cli):
         lines = (command.help or "").splitlines()
         joined: list[str] = []
         for line in lines:

@@ -21,7 +21,7 @@ import click
 
 from vmjobs.cli.connect import client_for
 from vmjobs.cli.jobs import report_end
-from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.options import gang_options, job_options, spec_from_options
 from vmjobs.cli.output import json_option
 from vmjobs.cli.submit import submission, submit_job
 from vmjobs.client import ApiFailure, Client
@@ -69,6 +69,7 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @job_options
+@gang_options
 @click.option("--priority", default=None, metavar="N",
               help="Daemon only: higher starts first; FIFO within a priority.  [default: 0]")
 @click.option("--wait-timeout", default=None, metavar="DURATION",

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from vmjobs.cli.connect import client_for, url_option
-from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.options import gang_options, job_options, spec_from_options
 from vmjobs.cli.output import json_option
 from vmjobs.client import ApiFailure, Client
 from vmjobs.errors import VmjobsError
@@ -83,6 +83,7 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @job_options
 @queue_options
+@gang_options
 @click.option("--array", default=None, metavar="INDICES[%N]",
               help="A job array: one job per index (1-100, 1,3,5-7; indices 0-1000), each "
                    "with $VMJOB_ARRAY_INDEX set; %N: at most N of them run at once.")

@@ -10,6 +10,12 @@ still fits with the later job still running. So a large job at the head is never
 stream of small ones. The reservation is `placement.backfill`'s, which the trace simulator
 shares.
 
+A gang (`--nodes N`, `vmjobs.gang`) waits as one job: its members, queued as separate rows,
+are gathered into one entry at the first member's place (`group_gangs`), placed all together
+or not at all (`placement.gang.place_gang`), counted whole for the head's reservation (the
+shadow time is when every member fits) and for backfill (all members admitted or none). A
+gang's wait is returned once, under the gang's id; `Plan.member_waits` gives it per member.
+
 A job of an array with a limit (`--array 1-100%10`) whose array already runs that many jobs
 is *held*: it waits with that reason, is passed over (never the head, never blocking anyone
 behind it) and is looked at again in the next pass.
@@ -23,9 +29,11 @@ from dataclasses import dataclass, replace
 
 import placement
 from placement import Allocation, Request
-from placement.backfill import Holding, Reservation, reserve_head
+from placement.backfill import Head, Holding, Reservation, reserve_head
+from placement.gang import place_gang
 
-__all__ = ["Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "order", "plan"]
+__all__ = ["Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "group_gangs", "order",
+           "plan"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,13 @@ class Waiting:
     time_limit_s: float | None = None
     array: str | None = None  # the id of its job array, if any
     array_limit: int | None = None  # at most this many of the array running (`%N`)
+    gang: str | None = None  # a member of this gang (before `group_gangs`)
+    # a whole gang (after `group_gangs`): its queued members (job id, request), by index;
+    # `job_id` is then the gang's id and `request` its first member's (for its priority)
+    members: tuple[tuple[str, Request], ...] = ()
+
+    def requests(self) -> tuple[Request, ...]:
+        return tuple(r for _, r in self.members) if self.members else (self.request,)
 
 
 @dataclass(frozen=True)
@@ -60,10 +75,40 @@ class Plan:
     waits: tuple[Wait, ...]
     shadow: float | None = None  # when the head will fit at the latest, when known
 
+    def member_waits(self, gangs: Mapping[str, Sequence[str]]) -> dict[str, Wait]:
+        """Every wait by job id, a gang's wait repeated for each of its members (`gangs`: gang
+        id -> member ids, as `group_gangs` made them)."""
+        out: dict[str, Wait] = {}
+        for wait in self.waits:
+            for job_id in gangs.get(wait.job_id, (wait.job_id,)):
+                out[job_id] = replace(wait, job_id=job_id)
+        return out
+
 
 def order(waiting: Sequence[Waiting]) -> list[Waiting]:
     """Higher priority first; submission order within a priority (sorted() is stable)."""
     return sorted(waiting, key=lambda w: -w.request.priority)
+
+
+def group_gangs(queue: Sequence[Waiting]) -> list[Waiting]:
+    """The queue with each gang's members gathered into one entry at its first member's place
+    (members in their order in `queue`, which is index order for members queued together).
+    Entries of no gang are kept as they are. O(len(queue))."""
+    members: dict[str, list[Waiting]] = {}
+    for job in queue:
+        if job.gang is not None:
+            members.setdefault(job.gang, []).append(job)
+    out: list[Waiting] = []
+    for job in queue:
+        if job.gang is None:
+            out.append(job)
+        elif job.gang in members:
+            group = members.pop(job.gang)
+            limits = [m.time_limit_s for m in group]
+            limit = None if any(t is None for t in limits) else max(limits)  # type: ignore[type-var]
+            out.append(Waiting(job.gang, group[0].request, limit,
+                               members=tuple((m.job_id, m.request) for m in group)))
+    return out
 
 
 def _clock(at: float) -> str:
@@ -113,7 +158,7 @@ class Planner:
         self.reservation: Reservation | None = None
         # The cluster only fills up during a pass, so a request that did not fit still does
         # not: a long queue of alike jobs costs one placement, not one each.
-        self.refused: dict[Request, str] = {}
+        self.refused: dict[Head, str] = {}
 
     def offer(self, queue: Sequence[Waiting], now: float) -> Plan:
         """Decide `queue` (in queue order, after every job offered before): the starts and
@@ -130,11 +175,13 @@ class Planner:
                     waits.append(self._number(held))
                 continue
             if self.head is None:
-                decision = self.cluster.place(job.request, self.policy)
-                if decision.allocation is not None:
-                    self.cluster.reserve(job.job_id, decision.allocation, job.request)
-                    starts.append(Start(job.job_id, decision.allocation))
-                    self.pending.append(Holding(job.job_id, _ends(job, now)))
+                allocations, _why = self._place(job)
+                if allocations is not None:
+                    for (job_id, request), allocation in zip(self._units(job), allocations,
+                                                             strict=True):
+                        self.cluster.reserve(job_id, allocation, request)
+                        starts.append(Start(job_id, allocation))
+                        self.pending.append(Holding(job_id, _ends(job, now)))
                     self.limits.started(job)
                     continue
                 self.waits = 0  # only held jobs were numbered so far: the head goes first
@@ -143,40 +190,66 @@ class Planner:
                 self.held_early = []
                 continue
             wait = self._backfill(job, now)
-            if isinstance(wait, Start):
-                starts.append(wait)
-            else:
+            if isinstance(wait, Wait):
                 waits.append(wait)
+            else:
+                starts.extend(wait)
         if self.head is None and self.held_early:
             self.waits = 0
             waits.extend(self._number(w) for w in self.held_early)
         shadow = self.reservation.shadow if self.reservation is not None else None
         return Plan(tuple(starts), tuple(waits), shadow)
 
+    @staticmethod
+    def _units(job: Waiting) -> tuple[tuple[str, Request], ...]:
+        """What is placed for a queue entry: (job id, request) of the job, or of each member."""
+        return job.members or ((job.job_id, job.request),)
+
+    @staticmethod
+    def _head_of(job: Waiting) -> Head:
+        return job.requests() if job.members else job.request
+
+    def _place(self, job: Waiting) -> tuple[tuple[Allocation, ...] | None, str]:
+        """The allocations of the job (a gang: of all its members, or none) and, when it does
+        not fit, why."""
+        if not job.members:
+            decision = self.cluster.place(job.request, self.policy)
+            if decision.allocation is None:
+                return None, decision.explanation.summary
+            return (decision.allocation,), ""
+        gang = place_gang(self.cluster, job.requests(), self.policy,
+                          names=[job_id for job_id, _ in job.members])
+        return gang.allocations, gang.reason
+
     def _make_head(self, head: Waiting, now: float) -> Wait:
         holding = self._holding() if callable(self._holding) else self._holding
         self.holders = [*holding, *self.pending]
         self.head = head
-        self.reservation = reserve_head(self.cluster, head.request, self.holders, now,
+        self.reservation = reserve_head(self.cluster, self._head_of(head), self.holders, now,
                                         self.policy)
-        why = self.cluster.explain(head.request).summary
+        why = self.cluster.explain(head.request).summary if not head.members else \
+            f"gang of {len(head.members)}: {self._place(head)[1]}"
         if self.reservation.shadow is not None:
             why += f"; starts by {_clock(self.reservation.shadow)} at the latest"
         return self._wait(head, f"first in line: {why}")
 
-    def _backfill(self, job: Waiting, now: float) -> Start | Wait:
+    def _backfill(self, job: Waiting, now: float) -> list[Start] | Wait:
         assert self.head is not None and self.reservation is not None
-        if job.request in self.refused:
-            return self._wait(job, self.refused[job.request])
-        decision = self.cluster.place(job.request, self.policy)
-        allocation = decision.allocation
-        if allocation is None:
-            reason = self.refused[job.request] = decision.explanation.summary
-        elif self.reservation.admits(job.job_id, allocation, job.request, _ends(job, now)):
-            self.cluster.reserve(job.job_id, allocation, job.request)
-            self.limits.started(job)
-            return Start(job.job_id, allocation, backfilled=True)
+        key = self._head_of(job)
+        if key in self.refused:
+            return self._wait(job, self.refused[key])
+        allocations, why = self._place(job)
+        if allocations is None:
+            reason = self.refused[key] = why
         else:
+            units = [(job_id, allocation, request) for (job_id, request), allocation
+                     in zip(self._units(job), allocations, strict=True)]
+            if self.reservation.admits_all(units, _ends(job, now)):
+                for job_id, allocation, request in units:
+                    self.cluster.reserve(job_id, allocation, request)
+                self.limits.started(job)
+                return [Start(job_id, allocation, backfilled=True)
+                        for job_id, allocation, _ in units]
             reason = _would_delay(job, self.head, self.reservation)
         return self._wait(job, reason)
 

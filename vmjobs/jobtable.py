@@ -112,7 +112,9 @@ def _elapsed(view: View, now: float) -> str:
 
 # name -> (header, cell). Documented in docs/user-guide.md ("vmjob list"); keep in step.
 COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
-    "id": ("JOB", lambda v, now: v["id"]),
+    # a gang (`vmjob submit --nodes N`) is one line: its id and its size
+    "id": ("JOB", lambda v, now: v["id"] + (f" (gang of {v['nodes']})" if v.get("gang")
+                                            else "")),
     "name": ("NAME", lambda v, now: v.get("name") or "-"),
     "owner": ("OWNER", lambda v, now: v["owner"]),
     "state": ("STATE", lambda v, now: v["state"]),

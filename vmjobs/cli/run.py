@@ -126,6 +126,9 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
 
 
 def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
+    if spec.nodes is not None:
+        raise SpecError(f"--nodes needs the daemon, and none answers at {config.socket} "
+                        "(start one with 'vmjob serve')")
     if spec.wait_timeout is not None or spec.priority != 0:
         option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
@@ -148,6 +151,8 @@ def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
     body = submission(spec, client)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = ended["job"] = view["id"]
+    if view.get("gang"):
+        return _gang_through_daemon(client, view, spec, write)
     if view["state"] == "QUEUED" and view.get("position"):
         note(f"job {job_id} queued at position {view['position']}: {view['waiting_because']}")
     else:
@@ -168,3 +173,27 @@ def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
             note(cancelled_line(job_id, exc.signum))
             return interrupted_exit(exc.signum)
     return report_end(final, client, Path(spec.output) if spec.output is not None else None)
+
+
+def _gang_through_daemon(client: Client, view: dict[str, Any], spec: Spec,
+                         write: Callable[[str], None]) -> int:
+    """`run --nodes N`: wait for the whole gang, then print each member's output in index
+    order, each after a line naming it on stderr; the gang's exit code (the first failed
+    member's, else 0). Ctrl+C cancels the gang."""
+    gang_id = view["id"]
+    note(f"gang {gang_id} submitted: members {gang_id}.0 .. {gang_id}.{view['nodes'] - 1} "
+         f"(vmjob logs -f {gang_id}.0)")
+    try:
+        with interruptible():
+            final = client.wait(gang_id)
+    except Interrupted as exc:
+        final = client.cancel(gang_id)
+        note(cancelled_line(gang_id, exc.signum))
+        return interrupted_exit(exc.signum)
+    for member in final["members"]:
+        code = member.get("exit_code")
+        note(f"{member['id']} on {member.get('host') or '-'}: {member['state']}"
+             + (f", exit {code}" if code is not None else ""))
+        for chunk in client.logs(member["id"]):
+            write(chunk)
+    return report_end(final, client, None)

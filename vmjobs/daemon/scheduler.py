@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from placement import Request
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, limit_of
-from vmjobs.daemon.queue import Holding, Plan, Planner, order
+from vmjobs.daemon.queue import Holding, Plan, Planner, group_gangs, order
 from vmjobs.jobarray import array_of
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState
 from vmjobs.snapshot import describe_allocation
@@ -215,7 +215,9 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
         daemon.last_pass = None
         return Plan((), ())
     # in queue order already: the sort is one linear pass
-    waiting = order([daemon.queue.waiting(r, q) for r, q in queued])
+    jobs = order([daemon.queue.waiting(r, q) for r, q in queued])
+    waiting = group_gangs(jobs)  # a gang's queued members: one entry
+    gangs = {w.job_id: [m for m, _ in w.members] for w in waiting if w.members}
     with daemon.store.reserving():
         daemon.live.refresh()
         last = daemon.last_pass
@@ -243,11 +245,15 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
         daemon.live.refresh()  # this pass's own reservations: O(starts)
         daemon.live.prune()
         started = {s.job_id for s in result.starts}
+        started |= {g for g, ids in gangs.items() if set(ids) <= started}
         since = last.at if carried and last is not None else now
         daemon.last_pass = LastPass(planner, daemon.live.version, since,
                                     tuple(i for i in ids if i not in started))
-    daemon.publish_waits({w.job_id: w for w in result.waits}, merge=carried)
-    limits = {w.job_id: w.time_limit_s for w in waiting}
+    daemon.publish_waits(result.member_waits(gangs), merge=carried)
+    limits = {w.job_id: w.time_limit_s for w in jobs}
+    for gang_id in gangs:
+        if gang_id in started:  # every member reserved: the hooks run before any launch
+            daemon.gang_starting(gang_id)
     for start in result.starts:
         current.job_id = start.job_id
         daemon.admit(Active(start.job_id, start.allocation.host, limits[start.job_id]))

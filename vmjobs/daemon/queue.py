@@ -124,7 +124,7 @@ def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Holder
     `holding` (who holds what until when) may be given as a function: it is only needed, and
     only called, when some job does not fit. `running`: array id -> how many of its jobs hold
     resources now (for `%N` limits)."""
-    return Planner(cluster, holding, policy, running).offer(order(waiting), now)
+    return Planner(cluster, holding, policy, running).offer(group_gangs(order(waiting)), now)
 
 
 class Planner:

@@ -106,6 +106,7 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
       vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
       vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
+      vmjob run --nodes 2 -- sh -c 'echo node $VMJOB_NODE of $VMJOB_NODES'   # needs a daemon
     """
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     check_paths(spec)

@@ -95,7 +95,9 @@ def submit(as_json: bool, **params: Any) -> None:
     The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
     are free, then runs while nobody watches. Follow it with 'vmjob logs -f JOB', collect its
     exit code with 'vmjob wait JOB'. With --array it prints the array's id ARRAY; its jobs
-    are ARRAY_INDEX ('vmjob cancel ARRAY' cancels them all).
+    are ARRAY_INDEX ('vmjob cancel ARRAY' cancels them all). With --nodes N it prints the
+    gang's id GANG: N guests started together or not at all, members GANG.0 .. GANG.N-1
+    ('vmjob wait GANG' exits with the first failed member's code, else 0).
 
     \b
     Examples:
@@ -107,6 +109,8 @@ def submit(as_json: bool, **params: Any) -> None:
       vmjob submit --threads isolate --hugepages 1G --label rack=r1 --input ./lat \\
           -- ./latency-bench
       vmjob submit --array 1-100%10 --input ./sw -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
+      vmjob submit --nodes 4 --cpus 8 --input ./mpi -- ./rank.sh     # JOB.0 .. JOB.3 apart
+      vmjob submit -f gang.yaml   # nodes: [{name: server, cmd: [./serve]}, {cmd: [./probe]}]
     """
     spec = spec_from_options(params, params.pop("spec_file"))
     client = client_for(params.pop("url"))

@@ -19,6 +19,7 @@ from placement import Request
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, limit_of
 from vmjobs.daemon.queue import Holding, Plan, Planner, group_gangs, order
+from vmjobs.gang import gang_of
 from vmjobs.jobarray import array_of
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState
 from vmjobs.snapshot import describe_allocation
@@ -153,7 +154,10 @@ def make_room(daemon: Daemon, queue: Queue) -> None:
     waiting, bring back jobs that were checkpointed for others."""
     head = next((w for w in daemon.waits.values() if w.position == 1 and not w.held), None)
     if head is not None and daemon.config.preemption:
-        request = next((q for r, q in queue if r.id == head.job_id), None)
+        # preemption makes room for one job; a gang at the head needs room for all its
+        # members at once, which it does not plan yet: the gang waits for room instead
+        request = next((q for r, q in queue if r.id == head.job_id
+                        and gang_of(r.spec) is None), None)
         if request is not None:
             moves.preempt_for(daemon, head.job_id, request)
     if not queue:

@@ -104,8 +104,9 @@ def group_gangs(queue: Sequence[Waiting]) -> list[Waiting]:
             out.append(job)
         elif job.gang in members:
             group = members.pop(job.gang)
-            limits = [m.time_limit_s for m in group]
-            limit = None if any(t is None for t in limits) else max(limits)  # type: ignore[type-var]
+            # the gang holds its hosts until its longest member ends: no limit if one has none
+            limits = [m.time_limit_s for m in group if m.time_limit_s is not None]
+            limit = max(limits) if len(limits) == len(group) else None
             out.append(Waiting(job.gang, group[0].request, limit,
                                members=tuple((m.job_id, m.request) for m in group)))
     return out

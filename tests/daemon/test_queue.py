@@ -303,3 +303,41 @@ def test_a_gang_backfills_only_whole() -> None:
                   holding, NOW)
     assert sorted(started(result)) == ["g.0", "g.1"]
     assert all(s.backfilled for s in result.starts)
+
+
+@settings(max_examples=60)
+@given(held=st.lists(st.tuples(st.integers(1, 3), st.one_of(st.none(), st.integers(1, 200))),
+                     max_size=4),
+       queue=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3),
+                                st.one_of(st.none(), st.integers(1, 300))),
+                      min_size=1, max_size=8),
+       cut=st.integers(0, 8))
+def test_carrying_a_pass_on_with_gangs_decides_as_planning_it_all(
+        held: list[tuple[int, int | None]], queue: list[tuple[int, int, int | None]],
+        cut: int) -> None:
+    """As above, with gangs in the queue (entries of 1 to 3 members apart): the scheduler
+    offers the grouped queue in two parts; never a partial gang either way."""
+    cluster = placement.Cluster([host("a", cpus=4), host("b", cpus=4), host("c", cpus=2)])
+    holding = []
+    for k, (cpus, ends) in enumerate(held):
+        decision = cluster.place(Request(cpus=cpus, memory_mib=256))
+        if decision.allocation is not None:
+            cluster.reserve(f"r{k}", decision.allocation)
+            holding.append(Holding(f"r{k}", None if ends is None else NOW + ends))
+    jobs: list[Waiting] = []
+    for k, (size, cpus, limit) in enumerate(queue):
+        jobs += gang_members(f"g{k}", size, cpus, limit) if size > 1 else \
+            [wait(f"j{k}", cpus, limit)]
+    whole = plan(cluster, jobs, holding, NOW)
+    grouped = group_gangs(order(jobs))
+    planner = Planner(cluster, holding)
+    first = planner.offer(grouped[:cut], NOW)
+    rest = planner.offer(grouped[cut:], NOW)
+    assert first.starts + rest.starts == whole.starts
+    assert first.waits + rest.waits == whole.waits
+    started = {s.job_id for s in whole.starts}
+    for entry in grouped:  # all members of a gang or none
+        ids = {m for m, _ in entry.members}
+        assert not ids or ids <= started or not ids & started
+        hosts = [s.allocation.host for s in whole.starts if s.job_id in ids]
+        assert len(hosts) == len(set(hosts))  # apart

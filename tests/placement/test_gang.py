@@ -107,3 +107,24 @@ def test_all_or_nothing_and_apart(hosts: list[int], held: list[int], members: li
     # the gang fits exactly when every member, reserved together, fits: free cpus suffice
     free = sum(cluster.free(h).cpus_free for h in cluster.hosts)
     assert sum(members) <= free
+
+
+def test_rebalance_never_puts_apart_members_together() -> None:
+    """Two hosts, one member on each: emptying a host (rebalance's whole-nodes objective)
+    would move one member onto the other's host; apart members are never moved so (drain and
+    rebalance place a member's own request, with its group)."""
+    from placement import plan_rebalance
+
+    def two_on_two(groups: list[str | None]) -> Cluster:
+        cluster = cluster_of([4, 4])
+        requests = with_groups([Request(cpus=1, memory_mib=256)] * 2, groups)
+        for i, request in enumerate(requests):
+            decision = cluster.place_within(request, exclude=frozenset({f"h{1 - i}"}))
+            assert decision.allocation is not None
+            cluster.reserve(f"g.{i}", decision.allocation, request)
+        return cluster
+
+    apart = plan_rebalance(two_on_two(apart_groups("g", 2, 1)), max_moves=4)
+    assert apart.actions == ()
+    together = plan_rebalance(two_on_two([None, None]), max_moves=4)
+    assert len(together.actions) == 1  # the same jobs without the group: one is moved

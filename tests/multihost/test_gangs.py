@@ -79,6 +79,9 @@ def test_two_members_on_two_hosts_run_their_own_programs(
     assert view["hosts"] == hosts
     assert "server 0 of 2" in daemon.vmjob("logs", f"{gang}.0").stdout
     assert "client 1 of 2" in daemon.vmjob("logs", f"{gang}.1").stdout
+    shown = daemon.vmjob("show", gang).stdout
+    assert "2 members" in shown and "exit code  3" in shown
+    assert re.search(rf"{gang}\.1\s+FAILED\s+h\d\s+3\s+sh -c", shown), shown
     member = daemon.vmjob("wait", f"{gang}.0")
     assert member.returncode == 0, member.stderr
     listed = daemon.vmjob("list", "--all", "-o", "id,state,exit_code", "--no-header")
@@ -191,4 +194,18 @@ def test_migrating_a_member_keeps_the_gang_apart_and_its_record(
     code, view = _wait(daemon, gang)
     assert code == 0, view
     assert _lines(daemon, f"{gang}.0") == [f"line {i}" for i in range(60)]
+    _assert_nothing_held(daemon)
+
+
+def test_run_nodes_prints_each_members_output_and_exits_with_the_gangs_code(
+        cluster: Cluster, daemon: Daemon) -> None:
+    proc = daemon.vmjob("run", "--nodes", "2", "--mem", "128M", "--on-member-failure",
+                        "continue", "--", "sh", "-c", "echo node $VMJOB_NODE; exit $VMJOB_NODE",
+                        timeout=240)
+    assert proc.returncode == 1, proc.stderr + daemon.log_text()
+    assert proc.stdout.splitlines() == ["node 0", "node 1"]
+    gang = re.search(r"gang ([0-9a-f]{8}) submitted", proc.stderr)
+    assert gang is not None, proc.stderr
+    assert re.search(rf"{gang[1]}\.0 on h\d: COMPLETED, exit 0", proc.stderr)
+    assert re.search(rf"{gang[1]}\.1 on h\d: FAILED, exit 1", proc.stderr)
     _assert_nothing_held(daemon)

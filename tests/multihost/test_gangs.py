@@ -209,3 +209,17 @@ def test_run_nodes_prints_each_members_output_and_exits_with_the_gangs_code(
     assert re.search(rf"{gang[1]}\.0 on h\d: COMPLETED, exit 0", proc.stderr)
     assert re.search(rf"{gang[1]}\.1 on h\d: FAILED, exit 1", proc.stderr)
     _assert_nothing_held(daemon)
+
+
+def test_cancel_a_gang_by_its_id(cluster: Cluster, daemon: Daemon) -> None:
+    gang = _submit(daemon, "--nodes", "2", "--", "sh", "-c", "echo up; sleep 600")
+    for index in range(2):
+        _wait_output(daemon, f"{gang}.{index}", "up")
+    cancelled = daemon.vmjob("cancel", gang, "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert sorted(j["id"] for j in json.loads(cancelled.stdout)["cancelled"]) == [
+        f"{gang}.0", f"{gang}.1"]
+    code, view = _wait(daemon, gang)
+    assert code == 130, view  # cancelled
+    assert [m["state"] for m in view["members"]] == ["CANCELLED", "CANCELLED"]
+    _assert_nothing_held(daemon)

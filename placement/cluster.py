@@ -231,6 +231,12 @@ class Cluster:
         mode = EXPLAIN_MODE[request.numa]
         return any(fit_host(e, need, mode, STATIC_HOST_FILTERS).fits for e in self._empty)
 
+    def candidates(self, request: Request) -> tuple[str, ...]:
+        """The hosts `request` could ever use, in host order: those its static filters (host
+        name, pool, labels, threads) admit, whatever they hold and whatever their state."""
+        return tuple(e.host.name for e in self._empty
+                     if not any(f(e, request) for f in STATIC_HOST_FILTERS))
+
     def place_within(self, request: Request, policy: str = "pack",
                      exclude: frozenset[str] = frozenset(),
                      avoid: frozenset[tuple[str, int]] = frozenset()) -> Decision:

@@ -37,7 +37,8 @@ import placement
 from placement import Allocation, Request
 from placement.backfill import Holding, Reservation, reserve_head
 
-__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "order", "plan"]
+__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "order",
+           "plan"]
 
 
 @dataclass(frozen=True)

@@ -175,13 +175,11 @@ def _head_still_fits(cluster: placement.Cluster, head: Request, before: Sequence
     if reservation.projected is None:
         return True  # waits for a host to come up: nothing started now can delay it
     projected = cluster.copy()
+    shadow = reservation.shadow
     for holder in before:  # every holder gone by the shadow time (all, if it is unknown)
-        if holder.ends_at is None and reservation.shadow is not None:
-            continue
-        if reservation.shadow is None or (holder.ends_at is not None
-                                          and holder.ends_at <= reservation.shadow):
-            if holder.job_id in projected.allocations():
-                projected.release(holder.job_id)
+        gone = shadow is None or (holder.ends_at is not None and holder.ends_at <= shadow)
+        if gone and holder.job_id in projected.allocations():
+            projected.release(holder.job_id)
     for job_id, ends in after:  # later starts gone by then too
         if reservation.shadow is not None and ends is not None and ends <= reservation.shadow:
             projected.release(job_id)
@@ -201,7 +199,7 @@ def test_no_job_started_behind_a_head_delays_it(
     for start in result.starts:
         after_all.reserve(start.job_id, start.allocation, by_id[start.job_id].request)
     heads = [w.job_id for w in result.waits if w.position == 1 and not w.held]
-    assert heads  or not result.waits or all(w.held for w in result.waits)
+    assert heads or not result.waits or all(w.held for w in result.waits)
     for head in heads:
         earlier = [s for s in result.starts if index[s.job_id] < index[head]]
         later = [s for s in result.starts if index[s.job_id] > index[head]]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import placement
-from vmjobs import __version__, usage
+from vmjobs import __version__, pools_view, usage
 from vmjobs.config import system_warnings
 from vmjobs.daemon import logs, moves
 from vmjobs.daemon.core import Daemon
@@ -102,6 +102,8 @@ class Api:
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
         router.add("GET", "/v1/usage", self.usage)
+        router.add("GET", "/v1/pools", self.pools)
+        router.add("GET", "/v1/pools/{name}", self.pools)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -495,6 +497,22 @@ class Api:
         capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
         return Json(usage.report(histories, capacity, now, now - since_s, by,
                                  None if req.caller.admin else req.caller.name))
+
+    def pools(self, req: ApiRequest) -> Json:
+        """Every pool (or the one named): members with free/total capacity, holders, and the
+        pool's line of waiting jobs (`vmjobs.pools_view`). Anyone may read it, as `/v1/hosts`:
+        it names holders' owners and ids, not their commands."""
+        name = req.params.get("name")
+        daemon = self.daemon
+        with daemon.lock:
+            ends = {a.job_id: a.ends_at for a in daemon.active.values()
+                    if a.ends_at is not None}
+            try:
+                views = pools_view.from_store(daemon.store, daemon.config.pools,
+                                              daemon.live.cluster(), daemon.waits, ends, name)
+            except NotFound as exc:
+                raise ApiError(404, str(exc)) from None
+        return Json(views[0] if name is not None else views)
 
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)

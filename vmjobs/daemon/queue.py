@@ -37,8 +37,8 @@ import placement
 from placement import Allocation, Request
 from placement.backfill import Holding, Reservation, reserve_head
 
-__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "order",
-           "plan"]
+__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "lines_of",
+           "order", "plan"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Wait:
     reason: str
     held: bool = False  # by its array's limit, not by room: nothing to make room for
     line: str | None = None  # the pool whose line `position` counts in
+    lines: tuple[tuple[str, int], ...] = ()  # (pool, position) in every line it is in, known
 
 
 @dataclass(frozen=True)
@@ -137,18 +138,11 @@ class Planner:
         return self.heads[0].job if self.heads else None
 
     def scope(self, request: Request) -> tuple[frozenset[str], tuple[str, ...]]:
-        """The hosts `request` could ever use and the lines (pools) it waits in."""
+        """`lines_of(request)` on this pass's cluster, once per kind of request."""
         key = (request.host, request.pool, request.labels, request.threads)
         found = self._scopes.get(key)
         if found is None:
-            hosts = self.cluster.candidates(request)
-            if request.pool is not None:
-                lines: tuple[str, ...] = (request.pool,)
-            else:
-                known = self.cluster.hosts
-                pools = {p for h in (hosts or tuple(known)) for p in known[h].pools}
-                lines = tuple(sorted(pools)) or ("default",)
-            found = self._scopes[key] = (frozenset(hosts), lines)
+            found = self._scopes[key] = lines_of(self.cluster, request)
         return found
 
     def offer(self, queue: Sequence[Waiting], now: float) -> Plan:
@@ -261,7 +255,8 @@ class Planner:
 
     def _emit(self, job_id: str, out: dict[str, Wait]) -> None:
         position, line = min((p, name) for name, p in self._positions[job_id].items())
-        out[job_id] = replace(self._verdicts[job_id], position=position, line=line)
+        out[job_id] = replace(self._verdicts[job_id], position=position, line=line,
+                              lines=tuple(sorted(self._positions[job_id].items())))
 
 
 @dataclass
@@ -288,6 +283,19 @@ class _Head:
 
 # the prefix of a head's reason, for those who print the reason alone (a direct `vmjob run`)
 FIRST_IN_LINE = re.compile(r"^first in line(?: for pools? [^:]+)?: ")
+
+
+def lines_of(cluster: placement.Cluster,
+             request: Request) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The hosts `request` could ever use (its host, pool, label and thread constraints; see
+    `Cluster.candidates`) and the lines it waits in, sorted: its `--pool`, else every pool of
+    those hosts (of all hosts if none could serve it; `default` on an empty cluster)."""
+    hosts = cluster.candidates(request)
+    if request.pool is not None:
+        return frozenset(hosts), (request.pool,)
+    known = cluster.hosts
+    pools = {p for h in (hosts or tuple(known)) for p in known[h].pools}
+    return frozenset(hosts), tuple(sorted(pools)) or ("default",)
 
 
 def _first_in(lines: Sequence[str]) -> str:

@@ -59,7 +59,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "image": spec.get("image"), "request": record.request,
         "time_limit": time_limit_of(spec), "wait_timeout": wait_timeout_of(spec),
         "output": spec.get("output"), "allocation": record.allocation,
-        "position": None, "waiting_because": None,
+        "position": None, "line": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
     }
     use = daemon.sampler.used(record.id)
@@ -68,6 +68,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
         view["position"] = wait.position
+        view["line"] = wait.line  # the pool whose line `position` counts in
         view["waiting_because"] = wait.reason
     return view
 

@@ -123,6 +123,18 @@ def test_a_job_for_a_member_of_another_pool_waits_for_that_pools_head() -> None:
     assert "would delay x (first in line for pool lab" in result.waits[1].reason
 
 
+def test_a_job_that_would_delay_a_head_where_it_fits_best_starts_elsewhere() -> None:
+    # the engine packs: `small` fits best on a, beside the 2 cpus held there, but that would
+    # delay ci's head, which needs all of a; b (another pool) has room and no head to delay
+    cluster = placement.Cluster([host("a", 4, ("ci",)), host("b", 4, ("other",))])
+    hold(cluster, "ra", 2, "a")
+    result = plan(cluster, [job("head", 4, pool="ci"), job("small", 1)],
+                  [Holding("ra", None)], NOW)
+    assert started(result) == ["small"]
+    assert [s.allocation.host for s in result.starts] == ["b"]
+    assert waits(result) == {"head": (1, "ci")}
+
+
 def test_one_pool_keeps_the_words_of_a_single_line() -> None:
     cluster = placement.Cluster([host("a")])
     hold(cluster, "ra", 2, "a")
@@ -259,3 +271,52 @@ def test_positions_count_each_line_from_its_head(
         # positions have gaps but never repeat, and its head is the one at 1
         assert len(positions) == len(set(positions)), (line, positions)
         assert positions.count(1) <= 1
+
+
+@settings(max_examples=150)
+@given(st.lists(st.tuples(st.sampled_from(["ci", "h0", "h1", "other", "any"]),
+                          st.integers(1, 5), st.integers(0, 3)), min_size=1, max_size=14))
+def test_a_pool_is_a_fair_counting_semaphore_over_time(
+        arrivals: list[tuple[str, int, int]]) -> None:
+    """Passes at every arrival and end (as the daemon's are woken), jobs running for their
+    durations: ci = {h0, h1}, each fitting one of its 2-cpu jobs; 1-cpu jobs free to go
+    anywhere leave members half full. Jobs for the pool start in submit order, and no job
+    for the pool takes a member before an earlier job pinned to that member."""
+    cluster = placement.Cluster([host("h0", pools=("ci",)), host("h1", pools=("ci",)),
+                                 host("h2", pools=("other",))])
+    jobs = []
+    at = 0.0
+    for k, (target, runtime, gap) in enumerate(arrivals):
+        at += gap
+        jobs.append((at, job(f"j{k}", 1 if target == "any" else 2,
+                             pool=target if target in ("ci", "other") else None,
+                             on=target if target.startswith("h") else None), float(runtime)))
+    now, waiting, running, started = 0.0, [], {}, {}
+    pending = list(jobs)
+    while pending or waiting or running:
+        times = [t for t, _, _ in pending[:1]] + [end for end, _ in running.values()]
+        now = min(times)
+        for job_id in [j for j, (end, _) in running.items() if end <= now]:
+            cluster.release(job_id)
+            del running[job_id]
+        while pending and pending[0][0] <= now:
+            waiting.append(pending.pop(0))
+        result = plan(cluster, [w for _, w, _ in waiting],
+                      [Holding(j, None) for j in running], now)
+        for start in result.starts:
+            _, queued, runtime = next(x for x in waiting if x[1].job_id == start.job_id)
+            cluster.reserve(start.job_id, start.allocation, queued.request)
+            running[start.job_id] = (now + runtime, start.allocation.host)
+            started[start.job_id] = (now, start.allocation.host)
+        waiting = [x for x in waiting if x[1].job_id not in started]
+    assert set(started) == {w.job_id for _, w, _ in jobs}  # everybody ran
+    pool_jobs = [w.job_id for _, w, _ in jobs if w.request.pool == "ci"]
+    starts = [started[j][0] for j in pool_jobs]
+    assert starts == sorted(starts), list(zip(pool_jobs, starts, strict=True))
+    for k, (_, pinned, _) in enumerate(jobs):
+        if pinned.request.host is None:
+            continue
+        for _, later, _ in jobs[k + 1:]:
+            if later.request.pool == "ci" and started[later.job_id][1] == pinned.request.host:
+                assert started[later.job_id][0] >= started[pinned.job_id][0], \
+                    (pinned.job_id, later.job_id, started)

@@ -156,7 +156,7 @@ class Planner:
             if (reason := self.limits.holds(job)) is not None:
                 self._hold(job, lines, reason, out)
                 continue
-            tried = self._try(job, lines, now)
+            tried = self._try(job, hosts, lines, now)
             if isinstance(tried, Start):
                 starts.append(tried)
                 continue
@@ -190,9 +190,12 @@ class Planner:
             line = self.lines[name] = _Line(name)
         return line
 
-    def _try(self, job: Waiting, lines: tuple[str, ...], now: float) -> Start | str:
+    def _try(self, job: Waiting, hosts: frozenset[str], lines: tuple[str, ...],
+             now: float) -> Start | str:
         """Start `job` if it fits now and delays no head on the host it would take; else
-        why not."""
+        why not. Where the host the engine picks would delay a head, the job is placed again
+        outside that head's hosts (a job free to use another pool's hosts need not wait for
+        this one's head)."""
         if job.request in self.refused:
             return self.refused[job.request]
         decision = self.cluster.place(job.request, self.policy)
@@ -201,6 +204,27 @@ class Planner:
             reason = self.refused[job.request] = decision.explanation.summary
             return reason
         ends = _ends(job, now)
+        excluded: frozenset[str] = frozenset()
+        first: _Head | None = None
+        while (refusing := self._admit(job, allocation, ends)) is not None:
+            first = first or refusing
+            excluded |= refusing.hosts
+            if hosts <= excluded:
+                return _would_delay(job, first)
+            allocation = self.cluster.place_within(job.request, self.policy,
+                                                   excluded).allocation
+            if allocation is None:
+                return _would_delay(job, first)
+        self.cluster.reserve(job.job_id, allocation, job.request)
+        self.pending.append(Holding(job.job_id, ends))
+        self.limits.started(job)
+        behind = any(self.lines[n].head is not None for n in lines if n in self.lines)
+        return Start(job.job_id, allocation, backfilled=behind)
+
+    def _admit(self, job: Waiting, allocation: Allocation, ends: float | None) -> _Head | None:
+        """None if every head that could use `allocation`'s host admits the job there (it
+        stays held in their projected clusters); else the first head that refuses (and the
+        admissions made are withdrawn)."""
         admitted: list[_Head] = []
         for head in self.heads:
             if allocation.host not in head.hosts:
@@ -208,13 +232,9 @@ class Planner:
             if not head.reservation.admits(job.job_id, allocation, job.request, ends):
                 for other in admitted:
                     other.reservation.withdraw(job.job_id)
-                return _would_delay(job, head)
+                return head
             admitted.append(head)
-        self.cluster.reserve(job.job_id, allocation, job.request)
-        self.pending.append(Holding(job.job_id, ends))
-        self.limits.started(job)
-        behind = any(self.lines[n].head is not None for n in lines if n in self.lines)
-        return Start(job.job_id, allocation, backfilled=behind)
+        return None
 
     def _make_head(self, job: Waiting, hosts: frozenset[str], lines: list[str], why: str,
                    now: float) -> _Head:

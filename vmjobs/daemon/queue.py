@@ -152,14 +152,14 @@ class Planner:
         out: dict[str, Wait] = {}  # a job renumbered in this offer is returned once, last
         for job in queue:
             self.decided.append(job.job_id)
-            hosts, lines = self.scope(job.request)
             if (reason := self.limits.holds(job)) is not None:
-                self._hold(job, lines, reason, out)
+                self._hold(job, self.scope(job.request)[1], reason, out)
                 continue
-            tried = self._try(job, hosts, lines, now)
+            tried = self._try(job, now)
             if isinstance(tried, Start):
                 starts.append(tried)
                 continue
+            hosts, lines = self.scope(job.request)
             self._verdicts[job.job_id] = Wait(job.job_id, 0, tried)
             positions = self._positions[job.job_id] = {}
             headless = [name for name in lines if self._line(name).head is None]
@@ -190,8 +190,7 @@ class Planner:
             line = self.lines[name] = _Line(name)
         return line
 
-    def _try(self, job: Waiting, hosts: frozenset[str], lines: tuple[str, ...],
-             now: float) -> Start | str:
+    def _try(self, job: Waiting, now: float) -> Start | str:
         """Start `job` if it fits now and delays no head on the host it would take; else
         why not. Where the host the engine picks would delay a head, the job is placed again
         outside that head's hosts (a job free to use another pool's hosts need not wait for
@@ -209,7 +208,7 @@ class Planner:
         while (refusing := self._admit(job, allocation, ends)) is not None:
             first = first or refusing
             excluded |= refusing.hosts
-            if hosts <= excluded:
+            if self.scope(job.request)[0] <= excluded:
                 return _would_delay(job, first)
             allocation = self.cluster.place_within(job.request, self.policy,
                                                    excluded).allocation
@@ -218,7 +217,11 @@ class Planner:
         self.cluster.reserve(job.job_id, allocation, job.request)
         self.pending.append(Holding(job.job_id, ends))
         self.limits.started(job)
-        behind = any(self.lines[n].head is not None for n in lines if n in self.lines)
+        # behind a head of one of its lines (the scope is only worked out once a head exists:
+        # while every job fits, a pass costs no more than before pools)
+        behind = bool(self.heads) and any(
+            self.lines[n].head is not None
+            for n in self.scope(job.request)[1] if n in self.lines)
         return Start(job.job_id, allocation, backfilled=behind)
 
     def _admit(self, job: Waiting, allocation: Allocation, ends: float | None) -> _Head | None:
@@ -313,9 +316,10 @@ def lines_of(cluster: placement.Cluster,
     hosts = cluster.candidates(request)
     if request.pool is not None:
         return frozenset(hosts), (request.pool,)
+    if not hosts or len(hosts) == len(cluster.hosts):
+        return frozenset(hosts), cluster.pools or ("default",)
     known = cluster.hosts
-    pools = {p for h in (hosts or tuple(known)) for p in known[h].pools}
-    return frozenset(hosts), tuple(sorted(pools)) or ("default",)
+    return frozenset(hosts), tuple(sorted({p for h in hosts for p in known[h].pools}))
 
 
 def _first_in(lines: Sequence[str]) -> str:

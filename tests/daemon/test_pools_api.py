@@ -93,6 +93,8 @@ def test_pools_show_members_holders_of_every_kind_and_each_line(daemon: Daemon) 
     assert [(q["id"], q["position"]) for q in views[1]["queue"]] == [("w2", 1)]
     assert views[1]["queue"][0]["waiting_because"].startswith("first in line for pool lab: ")
     assert get(daemon, "lab") == views[1]
+    hosts = Api(daemon).hosts(None).body  # type: ignore[arg-type]
+    assert [(h["name"], h["pools"]) for h in hosts] == [("a", ["ci", "lab"])]
 
 
 def test_an_unknown_pool_is_a_404_naming_the_pools(daemon: Daemon) -> None:

@@ -170,7 +170,8 @@ class Api:
             for host in daemon.config.hosts:
                 usage = cluster.free(host.name) if host.name in cluster.hosts else None
                 views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
-                                      tuple(daemon.hosts.warnings(host.name))).to_dict())
+                                      tuple(daemon.hosts.warnings(host.name)),
+                                      host.pools).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:

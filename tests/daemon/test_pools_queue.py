@@ -8,6 +8,7 @@ decides as a whole pass. Examples: the lines' heads, positions and reasons.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -254,6 +255,28 @@ def test_carrying_a_pass_on_decides_as_a_whole_pass_with_pools(
     rest = planner.offer(queued[cut:], NOW)
     assert first.starts + rest.starts == whole.starts
     assert first.waits + rest.waits == whole.waits
+
+
+@settings(max_examples=100)
+@given(scenario(), st.integers(0, 12), st.lists(st.booleans(), min_size=12, max_size=12))
+def test_a_carried_pass_leaves_the_same_verdicts_with_held_array_jobs(
+        case: tuple[placement.Cluster, list[Holding], list[Waiting]], cut: int,
+        in_array: list[bool]) -> None:
+    """With jobs of an array limited to one running (`%1`), held ones are renumbered once a
+    line's head is known, so a carried pass may return a job twice; the verdicts the daemon
+    keeps (the last one per job, `Daemon.publish_waits(merge=True)`) are a whole pass's."""
+    cluster, holding, queue = case
+    queue = [replace(w, array="A", array_limit=1) if in_array[k] else w
+             for k, w in enumerate(queue)]
+    queued = order(queue)
+    whole = plan(cluster, queued, holding, NOW)
+    planner = Planner(cluster, holding)
+    first = planner.offer(queued[:cut], NOW)
+    rest = planner.offer(queued[cut:], NOW)
+    assert first.starts + rest.starts == whole.starts
+    kept = {w.job_id: w for w in first.waits}
+    kept.update({w.job_id: w for w in rest.waits})
+    assert kept == {w.job_id: w for w in whole.waits}
 
 
 @settings(max_examples=100)

@@ -150,16 +150,19 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
 
 
 def make_room(daemon: Daemon, queue: Queue) -> None:
-    """With `preemption: on`, move preemptible jobs for the first in line; with nobody
+    """With `preemption: on`, move preemptible jobs for the first head in line; with nobody
     waiting, bring back jobs that were checkpointed for others."""
-    head = next((w for w in daemon.waits.values() if w.position == 1 and not w.held), None)
-    if head is not None and daemon.config.preemption:
-        # preemption makes room for one job; a gang at the head needs room for all its
-        # members at once, which it does not plan yet: the gang waits for room instead
-        request = next((q for r, q in queue if r.id == head.job_id
-                        and gang_of(r.spec) is None), None)
-        if request is not None:
-            moves.preempt_for(daemon, head.job_id, request)
+    if daemon.config.preemption:
+        # the first head in queue order (each pool's line has its own; one preemption at a
+        # time, `Daemon.preempting`). Preemption makes room for one job: a gang at the head
+        # needs room for all its members at once, which it does not plan yet, so a gang
+        # waits for room instead.
+        for record, request in queue:
+            wait = daemon.waits.get(record.id)
+            if wait is not None and wait.position == 1 and not wait.held:
+                if gang_of(record.spec) is None:
+                    moves.preempt_for(daemon, record.id, request)
+                break
     if not queue:
         moves.restore_waiting(daemon)
 

@@ -48,6 +48,7 @@ _HOMES = {
     "parse_swf": "placement.swf",
     "plan_rebalance": "placement.plans",
     "plan_to_fit": "placement.plans",
+    "restrict": "placement.within",
 }
 __all__ = [
     "POLICIES",
@@ -83,6 +84,7 @@ __all__ = [
     "parse_swf",
     "plan_rebalance",
     "plan_to_fit",
+    "restrict",
 ]
 
 
@@ -114,6 +116,7 @@ if TYPE_CHECKING:  # for type checkers and readers: what each name is
         Request,
         ThreadPolicy,
     )
+    from placement.within import restrict
     from placement.plans import (
         Checkpoint,
         Migrate,

@@ -116,7 +116,6 @@ if TYPE_CHECKING:  # for type checkers and readers: what each name is
         Request,
         ThreadPolicy,
     )
-    from placement.within import restrict
     from placement.plans import (
         Checkpoint,
         Migrate,
@@ -137,3 +136,4 @@ if TYPE_CHECKING:  # for type checkers and readers: what each name is
     from placement.scorers import POLICIES
     from placement.swf import SwfJob, Trace, parse_swf
     from placement.synthetic import make_host, make_hosts
+    from placement.within import restrict

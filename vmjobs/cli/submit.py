@@ -126,7 +126,7 @@ def submit(as_json: bool, **params: Any) -> None:
       vmjob submit --threads isolate --hugepages 1G --label rack=r1 --input ./lat \\
           -- ./latency-bench
       vmjob submit --array 1-100%10 --input ./sw -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
-      vmjob submit --reservation "$R" --key "$K" -- ./bench.sh   # inside 'vmjob reserve'
+      vmjob submit --reservation "$R" --key "$K" --input ./b -- ./bench.sh  # in 'reserve'
     """
     reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))

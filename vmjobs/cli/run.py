@@ -116,7 +116,7 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
     client = reachable_daemon(params["url"], config)
     ended: dict[str, Any] = {}
     if client is None:
-        if reservation is not None or key is not None:
+        if reservation is not None:
             raise VmjobsError(f"--reservation needs the daemon (vmjob serve), and none "
                               f"answers at {config.socket}")
         code = _direct(config, spec, write)

@@ -80,11 +80,13 @@ def reservation_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def inside(body: dict[str, Any], reservation: str | None, key: str | None) -> dict[str, Any]:
-    """The submit body with the reservation to run inside and its key (never stored)."""
+    """The submit body with the reservation to run inside and its key (never stored). A key
+    without a reservation is not sent: `$VMJOB_KEY` exported for a pipeline's steps must not
+    break its other jobs."""
     if reservation is not None:
         body["reservation"] = reservation
-    if key is not None:
-        body["key"] = key
+        if key is not None:
+            body["key"] = key
     return body
 
 

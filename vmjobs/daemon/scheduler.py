@@ -148,7 +148,7 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
         current.job_id = active.job_id
         if active.ends_at is not None and active.ends_at <= now:
             daemon.time_limit_reached(active)
-    for record in daemon.store.in_states(HELD):
+    for record in held_reservations(daemon):
         current.job_id = record.id
         until = record.spec.get("until")
         if until is not None and until <= now and record.id not in daemon.releasing:
@@ -157,6 +157,12 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
             daemon.spawn(daemon.end_reservation, record.id, JobState.TIMEOUT, why,
                          name=f"expire-{record.id}")
     return gone
+
+
+def held_reservations(daemon: Daemon) -> list[JobRecord]:
+    """The HELD reservations this core times: a serving daemon's (a direct run's core acts on
+    its own job only)."""
+    return daemon.store.in_states(HELD) if daemon.scope is None else []
 
 
 def make_room(daemon: Daemon, queue: Queue) -> None:
@@ -177,7 +183,7 @@ def next_deadline(daemon: Daemon, queue: Queue) -> float | None:
              if r.spec.get("wait_deadline") is not None]
     times += [a.ends_at for a in daemon.active.values()
               if a.ends_at is not None and a.stop is None]
-    times += [float(r.spec["until"]) for r in daemon.store.in_states(HELD)
+    times += [float(r.spec["until"]) for r in held_reservations(daemon)
               if r.spec.get("until") is not None and r.id not in daemon.releasing]
     if daemon.unrecorded:  # ends the store could not take: try again shortly
         times.append(time.time() + RETRY_AFTER_FAILURE_S)

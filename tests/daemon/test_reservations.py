@@ -32,7 +32,9 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
         if not sel.select(timeout):
             proc.kill()
             raise AssertionError(f"no line within {timeout}s; stderr: {proc.stderr.read()}")
-    return proc.stdout.readline().strip()
+    line = proc.stdout.readline().strip()
+    assert line, f"no line: exit {proc.wait(timeout=30)}, stderr: {proc.stderr.read()}"
+    return line
 
 
 def reservation_rows(daemon: Daemon) -> list[dict[str, Any]]:

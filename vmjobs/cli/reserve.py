@@ -153,8 +153,11 @@ def _until_held(inbox: queue.Queue[Any], seen: list[dict[str, Any]]) -> dict[str
     told: tuple[Any, ...] | None = None
     while True:
         item = inbox.get()
-        if isinstance(item, BaseException):
+        if isinstance(item, VmjobsError):
             raise item
+        if isinstance(item, BaseException):  # never a traceback: one line
+            raise VmjobsError(f"reading the daemon's answer failed: {type(item).__name__}: "
+                              f"{item}")
         if item is None:
             raise VmjobsError("the daemon ended the reservation's stream before it was held")
         if not seen:

@@ -83,6 +83,8 @@ def test_a_keyed_reservation_runs_jobs_inside_one_after_another_and_side_by_side
     # nothing outside it: the reservation holds both cores of the room
     outside = daemon.vmjob("submit", "--no-wait", "--", "true")
     assert outside.returncode == 75, outside.stderr
+    another = daemon.vmjob("reserve", "--no-wait", "--cpus", "1", "--duration", "1m")
+    assert another.returncode == 75, another.stderr
 
     # refusals, each one line, nothing created
     jobs_before = len(daemon.query("SELECT id FROM jobs"))

@@ -153,6 +153,8 @@ def _until_held(inbox: queue.Queue[Any], seen: list[dict[str, Any]]) -> dict[str
     told: tuple[Any, ...] | None = None
     while True:
         item = inbox.get()
+        if isinstance(item, ApiFailure) and item.code == "not_started":
+            raise NotStarted(str(item))  # --no-wait: exit 75, as for a job
         if isinstance(item, VmjobsError):
             raise item
         if isinstance(item, BaseException):  # never a traceback: one line

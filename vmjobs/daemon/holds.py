@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import placement
@@ -97,10 +97,10 @@ class Holds:
                     raise ApiError(409, f"cannot hold now (--no-wait): {why}",
                                    code="not_started")
             daemon.wake()
-        return Stream(self._follow(record.id, bool(stored["tied"])),
+        return Stream(_Started(self._follow(record.id, bool(stored["tied"]))),
                       content_type="application/x-ndjson")
 
-    def _follow(self, reservation_id: str, tied: bool) -> Iterator[bytes]:
+    def _follow(self, reservation_id: str, tied: bool) -> Generator[bytes, None, None]:
         """The reservation's view on every change of its state or place in line, a blank line
         at least every HEARTBEAT_S; ends once it is held (with a duration) or has ended.
         Closed early (the client is gone, the write failed): the reservation is withdrawn or
@@ -216,6 +216,29 @@ class Holds:
         return [{"id": r.id, "state": r.state.value, "owner": r.owner,
                  "argv": r.spec.get("argv"), "cpus": (r.allocation or {}).get("cpus")}
                 for r in records]
+
+
+class _Started:
+    """A stream's chunks from a generator started at once: its first chunk is read here, so
+    the generator is inside its `try` and closing this (the server always does, even when
+    the answer could not be sent at all) runs its `finally` — for a reservation, the release.
+    An unstarted generator's `close()` would run nothing."""
+
+    def __init__(self, chunks: Generator[bytes, None, None]) -> None:
+        self._chunks = chunks
+        self._first: bytes | None = next(chunks, None)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
 
 
 def _ended(daemon: Daemon, reservation_id: str) -> bool:

@@ -92,8 +92,9 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
 
     Exit codes: the job's own; 124 when --timeout stopped it; 125 when the guest gave no exit
     status or its output was refused; 130/143 when interrupted (the guest is destroyed and
-    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 2
-    for a bad option or job spec; 1 for other errors before the job started.
+    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 77
+    for a wrong or missing --key of a --reservation; 2 for a bad option or job spec; 1 for
+    other errors before the job started.
 
     With --json the output comes as one {"output": TEXT} object a line, then a last line
     {"exit_code": N} (and "job": ID through a daemon).

@@ -101,3 +101,27 @@ def test_kill_9_of_a_client_over_ssh_releases_its_reservation(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_restart_releases_tied_reservations_and_keeps_those_with_a_duration(
+        test_daemon: Daemon) -> None:
+    kept = test_daemon.vmjob("reserve", "--cpus", "1", "--duration", "1h")
+    assert kept.returncode == 0, kept.stderr
+    kept_id = kept.stdout.strip()
+    tied = subprocess.Popen([sys.executable, "-m", "vmjobs", "--config",
+                             str(test_daemon.config), "reserve", "--cpus", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        tied_id = read_line(tied, 60)
+        test_daemon.stop()
+        assert tied.wait(timeout=60) == 1  # it says it lost the daemon
+        test_daemon.start()
+        until(lambda: test_daemon.client().job(tied_id)["state"] == "RELEASED", 60,
+              "the tied reservation released at recovery")
+        assert test_daemon.client().job(kept_id)["state"] == "HELD"
+        rows = test_daemon.query("SELECT DISTINCT job_id FROM cpu_reservations")
+        assert [r["job_id"] for r in rows] == [kept_id]
+    finally:
+        if tied.poll() is None:
+            tied.kill()
+            tied.wait()

@@ -206,3 +206,27 @@ def test_expiry_stops_the_jobs_inside_with_a_line_saying_why(daemon: Daemon) -> 
     assert any(f"reservation {rid} ended" in (e["reason"] or "") for e in view["events"])
     assert daemon.client().job(rid)["state"] == "TIMEOUT"
     nothing_left(daemon)
+
+
+def test_kill_9_of_a_tied_reservation_stops_the_job_inside_first(daemon: Daemon) -> None:
+    hold = subprocess.Popen(
+        [sys.executable, "-m", "vmjobs", "--config", str(daemon.config), "reserve", "--cpus",
+         "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = None
+    try:
+        rid = read_line(hold, 60)
+        run = daemon.popen("run", "--reservation", rid, "--", "sh", "-c",
+                           "echo started; sleep 300")
+        assert read_line(run, 60) == "started"
+        hold.send_signal(signal.SIGKILL)
+        code = run.wait(timeout=120)
+        stderr = run.stderr.read() if run.stderr else ""
+        assert code == 130, stderr
+        assert f"reservation {rid} ended (its client's connection closed)" in stderr, stderr
+        assert daemon.client().job(rid)["state"] == "RELEASED"
+        nothing_left(daemon)
+    finally:
+        for proc in (hold, run):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -139,7 +139,7 @@ def show(job: str, as_json: bool, url: str | None) -> None:
                                                   time.localtime(view["until"]))
                       if view.get("until") else "released with its client (no --duration)"
                       if view.get("tied") else "-"))
-        lines.append(("jobs inside", ", ".join(f"{j['id']} {j['state']}"
+        lines.append(("jobs", ", ".join(f"{j['id']} {j['state']}"
                                                for j in view.get("jobs") or []) or "none"))
     elif view.get("reservation"):
         lines.append(("inside", f"reservation {view['reservation']}"))

@@ -351,8 +351,11 @@ def schedule_inside(daemon: Daemon, now: float, inner: Queue, current: Pass) -> 
                                     f"placed inside reservation {reservation_id}: "
                                     f"{describe_allocation(start.allocation)}")
         starts.extend(result.starts)
+        # `held`: nothing outside the reservation can make room for them (no preemption);
+        # their positions are in the reservation's own line
         waits.update({w.job_id: replace(w, reason=f"inside reservation {reservation_id}: "
-                                                  f"{w.reason}") for w in result.waits})
+                                                  f"{w.reason}", held=True)
+                      for w in result.waits})
     daemon.publish_waits(waits, merge=True)
     return Plan(tuple(starts), tuple(waits.values()))
 

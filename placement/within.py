@@ -15,7 +15,7 @@ from placement.model import Allocation, Host, HostState, Node
 def restrict(host: Host, allocation: Allocation) -> Host:
     """The part of `host` that `allocation` holds: its cpus (not the idle siblings an
     `isolate` reservation keeps idle: they stay idle), each node's memory share (as hugepages
-    of the allocation's size when it has one), and its NICs. Same name, labels and pool; up;
+    of the allocation's size when it has one), and its NICs. Same name, labels and pools; up;
     no reserved cpus. Nodes the allocation does not touch are left out, except those of its
     NICs (with no cpus or memory).
 

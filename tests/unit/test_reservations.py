@@ -202,7 +202,7 @@ def test_restrict_keeps_only_what_the_reservation_holds() -> None:
     cpus = tuple(Cpu(i, i // 2, 0, frozenset({i - i % 2, i - i % 2 + 1})) for i in range(8))
     host = Host(HOST, (Node(0, cpus[:4], 4096), Node(1, cpus[4:], 4096)),
                 devices=(Device("0000:01:00.0", 0), Device("0000:02:00.0", 1)),
-                reserved_cpus=frozenset({0}), labels=(("rack", "r1"),), pool="lab")
+                reserved_cpus=frozenset({0}), labels=(("rack", "r1"),), pools=("lab",))
     allocation = Allocation(HOST, (1, 2), 1536, (NodeShare(0, (1, 2), 1536),),
                             devices=("0000:02:00.0",))
     share = placement.restrict(host, allocation)
@@ -210,7 +210,7 @@ def test_restrict_keeps_only_what_the_reservation_holds() -> None:
     assert {c.id: c.siblings for c in share.nodes[0].cpus} == {1: {1}, 2: {2}}
     assert [(n.id, n.memory_mib) for n in share.nodes] == [(0, 1536), (1, 0)]
     assert [d.address for d in share.devices] == ["0000:02:00.0"]
-    assert share.reserved_cpus == frozenset() and share.pool == "lab"
+    assert share.reserved_cpus == frozenset() and share.pools == ("lab",)
     inside = placement.Cluster([share])
     assert inside.ever_fits(Request(cpus=2, memory_mib=1536, nics=1, numa="any"))
     assert not inside.ever_fits(Request(cpus=3, memory_mib=256))

@@ -3,6 +3,7 @@ a reservation tied to a client over `--url ssh://` released when that client is 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,6 +120,11 @@ def test_a_restart_releases_tied_reservations_and_keeps_those_with_a_duration(
         until(lambda: test_daemon.client().job(tied_id)["state"] == "RELEASED", 60,
               "the tied reservation released at recovery")
         assert test_daemon.client().job(kept_id)["state"] == "HELD"
+        # `vmjob pools` names it as a reservation among the holders, with its end
+        pools = json.loads(test_daemon.vmjob("pools", "--json").stdout)
+        holders = {h["id"]: h for pool in pools for h in pool["holders"]}
+        assert holders[kept_id]["kind"] == "reservation"
+        assert holders[kept_id]["until"] == test_daemon.client().job(kept_id)["until"]
         rows = test_daemon.query("SELECT DISTINCT job_id FROM cpu_reservations")
         assert [r["job_id"] for r in rows] == [kept_id]
     finally:

@@ -23,7 +23,7 @@ from vmjobs.cli.connect import client_for
 from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.cli.output import json_option
-from vmjobs.cli.submit import submission, submit_job
+from vmjobs.cli.submit import inside, reservation_options, submission, submit_job
 from vmjobs.client import ApiFailure, Client
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
@@ -81,6 +81,7 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
+@reservation_options
 @json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
@@ -92,8 +93,9 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
 
     Exit codes: the job's own; 124 when --timeout stopped it; 125 when the guest gave no exit
     status or its output was refused; 130/143 when interrupted (the guest is destroyed and
-    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 2
-    for a bad option or job spec; 1 for other errors before the job started.
+    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 77
+    for a wrong or missing --key of a --reservation; 2 for a bad option or job spec; 1 for
+    other errors before the job started.
 
     With --json the output comes as one {"output": TEXT} object a line, then a last line
     {"exit_code": N} (and "job": ID through a daemon).
@@ -106,7 +108,9 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
       vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
       vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
+      vmjob run --reservation "$R" --key "$K" -- nproc   # inside 'vmjob reserve'
     """
+    reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     check_paths(spec)
     config = ctx.obj.config
@@ -114,10 +118,13 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
     client = reachable_daemon(params["url"], config)
     ended: dict[str, Any] = {}
     if client is None:
+        if reservation is not None:
+            raise VmjobsError(f"--reservation needs the daemon (vmjob serve), and none "
+                              f"answers at {config.socket}")
         code = _direct(config, spec, write)
     else:
         try:
-            code = _through_daemon(client, spec, write, ended)
+            code = _through_daemon(client, spec, write, ended, inside_of=(reservation, key))
         finally:
             client.close()
     if as_json:
@@ -144,8 +151,9 @@ def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
 
 
 def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
-                    ended: dict[str, Any]) -> int:
-    body = submission(spec, client)
+                    ended: dict[str, Any],
+                    inside_of: tuple[str | None, str | None] = (None, None)) -> int:
+    body = inside(submission(spec, client), *inside_of)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = ended["job"] = view["id"]
     if view["state"] == "QUEUED" and view.get("position"):

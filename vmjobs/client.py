@@ -195,6 +195,9 @@ class Client:
     def usage(self, by: str, since_s: float) -> dict[str, Any]:
         return self.call("GET", f"/v1/usage?by={quote(by, safe='')}&since={since_s:.0f}")
 
+    def profiles(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/profiles")
+
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", "/v1/jobs", spec)
 

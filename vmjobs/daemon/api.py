@@ -39,6 +39,7 @@ from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
 from vmjobs.jobs import ACTIVE, UNFINISHED, JobRecord, JobState, new_job_id
+from vmjobs.profiles import listing as profile_listing
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
@@ -102,6 +103,7 @@ class Api:
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
         router.add("GET", "/v1/usage", self.usage)
+        router.add("GET", "/v1/profiles", self.profiles)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -198,7 +200,7 @@ class Api:
 
     def submit(self, req: ApiRequest) -> Json:
         try:
-            submission = parse(req.json())
+            submission = parse(req.json(), self.daemon.config.profiles)
         except UsageError as exc:
             raise ApiError(400, str(exc), code="usage") from None
         request = submission.request()
@@ -495,6 +497,14 @@ class Api:
         capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
         return Json(usage.report(histories, capacity, now, now - since_s, by,
                                  None if req.caller.admin else req.caller.name))
+
+    def profiles(self, _req: ApiRequest) -> Json:
+        """The config's hardware profiles, each with how many more jobs of it could start now
+        on each host (`vmjobs.profiles.listing`)."""
+        daemon = self.daemon
+        with daemon.lock:
+            cluster = daemon.live.cluster().copy()
+        return Json(profile_listing(daemon.config, cluster))
 
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)

@@ -40,6 +40,7 @@ from vmjobs.image import resolve_image
 from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
 from vmjobs.jobs import ACTIVE, UNFINISHED, JobRecord, JobState, new_job_id
 from vmjobs.profiles import listing as profile_listing
+from vmjobs.profiles import usage_context
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
@@ -496,7 +497,8 @@ class Api:
             cluster = daemon.live.cluster()
         capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
         return Json(usage.report(histories, capacity, now, now - since_s, by,
-                                 None if req.caller.admin else req.caller.name))
+                                 None if req.caller.admin else req.caller.name,
+                                 **usage_context(daemon.config, cluster)))
 
     def profiles(self, _req: ApiRequest) -> Json:
         """The config's hardware profiles, each with how many more jobs of it could start now

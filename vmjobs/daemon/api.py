@@ -63,6 +63,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "output": spec.get("output"), "allocation": record.allocation,
         "position": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
+        "profile": spec.get("profile"),
     }
     use = daemon.sampler.used(record.id)
     view["cpu_used_cores"] = None if use is None else round(use.cores, 3)

@@ -71,15 +71,15 @@ def test_a_waiting_run_says_where_and_why_and_a_prompt_one_says_nothing(
         _state(client, job, "RUNNING", daemon)
         prompt.send_signal(signal.SIGINT)
         assert prompt.wait(timeout=LINE_BOUND_S) == 130
-        assert not any("waits" in line for line in lines.seen), lines.seen
+        assert not any("queued at" in line for line in lines.seen), lines.seen
         # a job filling the host: the next run waits, and says so
         filler = client.submit({"argv": ["true"], "cpus": 16})["id"]
         _state(client, filler, "RUNNING", daemon)
         waiting = daemon.popen("run", "--cpus", "2", "--", "true")
         lines = Lines(waiting)
         job = lines.until("submitted").split()[2]
-        line = lines.until("waits at position")
-        assert line.startswith(f"vmjob: job {job} waits at position 1: "), line
+        line = lines.until("queued at position")
+        assert line.startswith(f"vmjob: job {job} queued at position 1"), line
         assert "t: 0 free cores, needs 2" in line  # the reason names what is missing
         # the filler goes: the waiting job starts, and says where
         client.cancel(filler)

@@ -136,7 +136,12 @@ def waiting_line(view: dict[str, Any]) -> str | None:
     if view["state"] != "QUEUED" or view.get("position") is None:
         return None
     why = view.get("waiting_because") or "waiting for room"
-    return f"job {view['id']} waits at position {view['position']}: {why}"
+    return f"job {view['id']} queued at {_place_in_line(view)}: {why}"
+
+
+def _place_in_line(view: dict[str, Any]) -> str:
+    """Where in the queue: "position N" (with pools, which pool's line it is in)."""
+    return f"position {view['position']}"
 
 
 def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], None]) -> None:

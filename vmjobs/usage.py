@@ -37,6 +37,7 @@ from typing import Any
 
 import placement
 from placement import Allocation, HostUsage, Request
+from placement.capacity import could_start
 from vmjobs.jobs import FINISHED, JobState
 
 # The load-average windows, as `uptime` has its 1, 5 and 15 minutes: (label, seconds)
@@ -345,7 +346,7 @@ def could_start_fractions(histories: Sequence[JobHistory], hosts: Sequence[place
                     held.add(i)
                 except placement.Conflict:
                     pass  # does not fit today's inventory: left out (module docstring)
-        fits_from.append((moment, cluster.place_within(request).allocation is not None))
+        fits_from.append((moment, could_start(cluster, request)))
     for label, seconds in WINDOWS:
         if label not in usable:
             continue

@@ -60,7 +60,8 @@ def _state(client: Any, job_id: str, wanted: str, daemon: Any) -> None:
 
 def test_a_waiting_run_says_where_and_why_and_a_prompt_one_says_nothing(
         make_daemon: Any) -> None:
-    daemon = make_daemon("runwaits", hosts=[{"name": "t", "uri": "test:///default"}])
+    daemon = make_daemon("runwaits", hosts=[{"name": "t", "uri": "test:///default"}],
+                         profiles={"half": {"cpus": 8, "numa": "strict"}})
     daemon.start()
     client = daemon.client()
     try:
@@ -81,10 +82,25 @@ def test_a_waiting_run_says_where_and_why_and_a_prompt_one_says_nothing(
         line = lines.until("queued at position")
         assert line.startswith(f"vmjob: job {job} queued at position 1"), line
         assert "t: 0 free cores, needs 2" in line  # the reason names what is missing
+        # the daemon's profiles over --url: none of "half" fits now; a submit through the URL
+        # gets the profile's fields and keeps its name
+        url = f"unix://{daemon.socket}"
+        listed = daemon.vmjob("profiles", "--url", url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout) == [{"name": "half", "cpus": 8, "numa": "strict",
+                                              "hosts": {"t": 0}}]
+        half = daemon.vmjob("submit", "--url", url, "--profile", "half", "--", "true")
+        assert half.returncode == 0, half.stderr
+        view = client.job(half.stdout.strip())
+        assert (view["request"]["cpus"], view["profile"]) == (8, "half")
+        client.cancel(view["id"])
         # the filler goes: the waiting job starts, and says where
         client.cancel(filler)
         assert lines.until("starts on") == f"vmjob: job {job} starts on t"
         _state(client, job, "RUNNING", daemon)
+        # test:///default: node0 and node1 of 8 cpus; the job's 2 cpus leave one whole node
+        counts = json.loads(daemon.vmjob("profiles", "--url", url, "--json").stdout)
+        assert counts[0]["hosts"] == {"t": 1}
         waiting.send_signal(signal.SIGINT)
         assert waiting.wait(timeout=LINE_BOUND_S) == 130
     finally:

@@ -117,8 +117,9 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form: what the CLI sends to the API and the store keeps.
-        `parse(spec.to_dict()) == spec`."""
-        return {
+        `parse(spec.to_dict()) == spec`. `profile` is left out when there is none, so a
+        daemon older than profiles still takes the job."""
+        data: dict[str, Any] = {
             "argv": list(self.argv), "name": self.name, "env": dict(self.env), "cpus": self.cpus,
             "mem": f"{self.mem}M", "nics": self.nics, "numa": self.numa.value,
             "threads": self.threads.value, "hugepages": self.hugepages,
@@ -128,8 +129,10 @@ class Spec:
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
-            "profile": self.profile,
         }
+        if self.profile is not None:
+            data["profile"] = self.profile
+        return data
 
 
 @dataclass(frozen=True)

@@ -383,8 +383,7 @@ def profile_rows(histories: Sequence[JobHistory], hosts: Sequence[placement.Host
             continue
         able = [h.name for h in hosts
                 if empty.place_within(replace(request, host=h.name)).allocation is not None]
-        usable = sum(len(n.cpus) for h in hosts if h.name in able for n in h.nodes) - \
-            sum(len(h.reserved_cpus) for h in hosts if h.name in able)
+        usable = sum(empty.free(name).cpus_total for name in able)  # reserved_cpus left out
         row = _group_row("profile", name, able, usable, mine, now, since)
         rows.append(replace(row, could_start=could_start_fractions(
             histories, hosts, request, now, since)))

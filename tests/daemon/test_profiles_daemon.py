@@ -89,6 +89,8 @@ def test_a_waiting_run_says_where_and_why_and_a_prompt_one_says_nothing(
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout) == [{"name": "half", "cpus": 8, "numa": "strict",
                                               "hosts": {"t": 0}}]
+        # without --url, the daemon on the config's socket answers the same
+        assert json.loads(daemon.vmjob("profiles", "--json").stdout) == json.loads(listed.stdout)
         half = daemon.vmjob("submit", "--url", url, "--profile", "half", "--", "true")
         assert half.returncode == 0, half.stderr
         view = client.job(half.stdout.strip())

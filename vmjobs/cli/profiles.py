@@ -25,8 +25,9 @@ def profiles(obj: Any, name: str | None, as_json: bool, url: str | None) -> None
 
     A count places jobs of the profile one after another on what is free now, as the
     scheduler would (cores, memory, NICs, NUMA policy, pool and labels); '-' is a host that
-    could not be reached. Use a profile with '--profile NAME' on run, submit, reserve and
-    shell; options given with it win.
+    could not be reached. The daemon answers when one runs (at --url, else at the config's
+    socket); without one the hosts and the store are read here. Use a profile with
+    '--profile NAME' on run, submit, reserve and shell; options given with it win.
 
     \b
     Examples:
@@ -34,16 +35,8 @@ def profiles(obj: Any, name: str | None, as_json: bool, url: str | None) -> None
       vmjob profiles 2nic --json
       vmjob run --profile 2nic -- sh -c 'nproc; echo $NIC0 $NIC1'
     """
-    if url:
-        from vmjobs.cli.connect import client_for
-
-        client = client_for(url)
-        try:
-            rows = client.profiles()
-        finally:
-            client.close()
-        where = url
-    else:
+    rows, where = _from_daemon(url, obj)
+    if rows is None:
         from vmjobs.hosts_view import live_cluster
         from vmjobs.profiles import listing
 
@@ -62,6 +55,26 @@ def profiles(obj: Any, name: str | None, as_json: bool, url: str | None) -> None
         return
     for line in format_rows(rows):
         click.echo(line)
+
+
+def _from_daemon(url: str | None, obj: Any) -> tuple[list[dict[str, Any]] | None, str]:
+    """The daemon's answer (`GET /v1/profiles`): at --url / $VMJOBS_URL, which must answer,
+    else at the config's socket when a daemon answers there; (None, "") to work it out here
+    (no daemon: the hosts through libvirt and the store, as `vmjob hosts` does)."""
+    from vmjobs.cli.connect import client_for
+    from vmjobs.client import NoDaemon
+
+    if not url and not obj.config.socket.exists():
+        return None, ""
+    client = client_for(url)
+    try:
+        return client.profiles(), client.target.describe()
+    except NoDaemon:
+        if url:
+            raise
+        return None, ""  # a socket file left by a daemon that is gone
+    finally:
+        client.close()
 
 
 def _unknown(name: str, known: list[str], where: str) -> None:

@@ -103,6 +103,13 @@ def test_a_waiting_run_says_where_and_why_and_a_prompt_one_says_nothing(
         # test:///default: node0 and node1 of 8 cpus; the job's 2 cpus leave one whole node
         counts = json.loads(daemon.vmjob("profiles", "--url", url, "--json").stdout)
         assert counts[0]["hosts"] == {"t": 1}
+        # usage by pool and by profile through the daemon (GET /v1/usage)
+        pools = json.loads(daemon.vmjob("usage", "--by", "pool", "--json").stdout)["rows"]
+        assert [(r["pool"], r["hosts"], r["usable_cores"], r["held_now"]) for r in pools] == \
+            [("default", ["t"], 16, 2)]
+        (half,) = json.loads(daemon.vmjob("usage", "--by", "profile", "--json").stdout)["rows"]
+        assert (half["profile"], half["usable_cores"], half["jobs"]) == ("half", 16, 0)
+        assert all(0.0 <= v <= 1.0 for v in half["could_start"].values()), half
         waiting.send_signal(signal.SIGINT)
         assert waiting.wait(timeout=LINE_BOUND_S) == 130
     finally:

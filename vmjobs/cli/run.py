@@ -25,7 +25,7 @@ from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.cli.output import json_option
 from vmjobs.cli.submit import submission, submit_job
-from vmjobs.client import ApiFailure, Client
+from vmjobs.client import ApiFailure, Client, DaemonLost, Reconnect
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
@@ -147,9 +147,11 @@ def _place_in_line(view: dict[str, Any]) -> str:
 def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], None]) -> None:
     """Follow a queued job until it leaves the queue (started, cancelled, or given up by
     --wait-timeout), saying where it waits and why when it starts waiting and whenever that
-    changes. A job that starts at once says nothing."""
+    changes. A job that starts at once says nothing. A daemon that goes away meanwhile (a
+    restart) is waited for, as `wait` and `logs -f` do (`Reconnect`)."""
     said: str | None = None
     polls = 0
+    retry = Reconnect(client)
     while view["state"] == "QUEUED":
         line = waiting_line(view)
         if line is not None and line != said:
@@ -157,7 +159,12 @@ def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], Non
             said = line
         time.sleep(WAIT_POLL_S[min(polls, len(WAIT_POLL_S) - 1)])
         polls += 1
-        view = client.job(view["id"])
+        try:
+            view = client.job(view["id"])
+        except DaemonLost as exc:
+            retry.lost(exc)
+            continue
+        retry.ok()
     if said is not None and view["state"] in ("PLACED", "STARTING", "RUNNING"):
         say(f"job {view['id']} starts on {view.get('host') or 'its host'}")
 

@@ -198,6 +198,10 @@ class Client:
     def profiles(self) -> list[dict[str, Any]]:
         return self.call("GET", "/v1/profiles")
 
+    def pools(self, name: str | None = None) -> Any:
+        """GET /v1/pools (a list), or /v1/pools/NAME (one pool)."""
+        return self.call("GET", "/v1/pools" + (f"/{quote(name, safe='')}" if name else ""))
+
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", "/v1/jobs", spec)
 

@@ -11,7 +11,7 @@ from placement.capacity import could_start, starts_possible
 def test_counts_follow_cores_memory_nics_pool_and_state() -> None:
     # a: 2 nodes x 4 cores, 4 GiB a node, 1 NIC a node; b: 1 node x 2 cores, pool ci
     cluster = Cluster([make_host("a", nodes=2, cores=4, memory_mib=4096, nics_per_node=1),
-                       make_host("b", nodes=1, cores=2, memory_mib=8192, pool="ci")])
+                       make_host("b", nodes=1, cores=2, memory_mib=8192, pools=("ci",))])
     two = Request(cpus=2, memory_mib=1024, numa=NumaPolicy.STRICT)
     assert starts_possible(cluster, two, "a") == 4  # 2 a node, cores run out first
     assert starts_possible(cluster, two, "b") == 1

@@ -100,7 +100,8 @@ COMMANDS = {
     "drain": "vmjobs.cli.moves:drain", "uncordon": "vmjobs.cli.moves:uncordon",
     "rebalance": "vmjobs.cli.moves:rebalance", "plan": "vmjobs.cli.plan:plan",
     "devcluster": "vmjobs.cli.devcluster:devcluster_group", "smoke": "vmjobs.cli.smoke:smoke",
-    "usage": "vmjobs.cli.usage:usage_command", "profiles": "vmjobs.cli.profiles:profiles",
+    "usage": "vmjobs.cli.usage:usage_command", "pools": "vmjobs.cli.pools:pools",
+    "profiles": "vmjobs.cli.profiles:profiles",
 }
 
 

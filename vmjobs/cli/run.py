@@ -30,6 +30,7 @@ from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
 from vmjobs.interrupt import Interrupted, interruptible
+from vmjobs.jobtable import place_in_line
 from vmjobs.outcome import EXIT_NOT_STARTED, cancelled_line, interrupted_exit
 from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.transport import Target
@@ -136,12 +137,7 @@ def waiting_line(view: dict[str, Any]) -> str | None:
     if view["state"] != "QUEUED" or view.get("position") is None:
         return None
     why = view.get("waiting_because") or "waiting for room"
-    return f"job {view['id']} queued at {_place_in_line(view)}: {why}"
-
-
-def _place_in_line(view: dict[str, Any]) -> str:
-    """Where in the queue: "position N" (with pools, which pool's line it is in)."""
-    return f"position {view['position']}"
+    return f"job {view['id']} queued at {place_in_line(view)}: {why}"
 
 
 def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], None]) -> None:

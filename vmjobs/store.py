@@ -534,7 +534,8 @@ class Store:
         now, for `vmjobs.usage`. Bounded by `since` through the `events_time` index (a job
         held since before `since` is found through its reservation rows)."""
         rows = self.db.execute(
-            "SELECT e.job_id, j.owner, j.created, e.time, e.state, e.note, e.held"
+            "SELECT e.job_id, j.owner, j.created, e.time, e.state, e.note, e.held,"
+            " json_extract(j.spec, '$.profile') AS profile"
             " FROM events e JOIN jobs j ON j.id = e.job_id"
             " WHERE e.job_id IN (SELECT job_id FROM events WHERE time >= ?"
             "                    UNION SELECT job_id FROM cpu_reservations)"
@@ -553,7 +554,9 @@ class Store:
             events = list(group)
             marks = tuple(Mark(r["time"], JobState(r["state"]), holding(r["held"]),
                                bool(r["note"])) for r in events)
-            histories.append(JobHistory(job_id, events[0]["owner"], events[0]["created"], marks))
+            profile = events[0]["profile"]
+            histories.append(JobHistory(job_id, events[0]["owner"], events[0]["created"], marks,
+                                        profile if isinstance(profile, str) else None))
         return histories
 
     def job(self, job_id: str) -> JobRecord | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.cli.output import json_option
 from vmjobs.cli.submit import inside, reservation_options, submission, submit_job
-from vmjobs.client import ApiFailure, Client
+from vmjobs.client import ApiFailure, Client, DaemonLost, Reconnect
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
@@ -132,6 +133,45 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
     return code
 
 
+# how often a waiting `run` asks where its job stands: quick at first (a job that starts at
+# once is seen placed before anything is printed), then at a pace a daemon never notices
+WAIT_POLL_S = (0.2, 0.3, 0.5, 1.0)
+
+
+def waiting_line(view: dict[str, Any]) -> str | None:
+    """The line a waiting job gets: where it waits and why; None while the scheduler has not
+    judged it yet (no position)."""
+    if view["state"] != "QUEUED" or view.get("position") is None:
+        return None
+    why = view.get("waiting_because") or "waiting for room"
+    return f"job {view['id']} queued at {place_in_line(view)}: {why}"
+
+
+def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Follow a queued job until it leaves the queue (started, cancelled, or given up by
+    --wait-timeout), saying where it waits and why when it starts waiting and whenever that
+    changes. A job that starts at once says nothing. A daemon that goes away meanwhile (a
+    restart) is waited for, as `wait` and `logs -f` do (`Reconnect`)."""
+    said: str | None = None
+    polls = 0
+    retry = Reconnect(client)
+    while view["state"] == "QUEUED":
+        line = waiting_line(view)
+        if line is not None and line != said:
+            say(line)
+            said = line
+        time.sleep(WAIT_POLL_S[min(polls, len(WAIT_POLL_S) - 1)])
+        polls += 1
+        try:
+            view = client.job(view["id"])
+        except DaemonLost as exc:
+            retry.lost(exc)
+            continue
+        retry.ok()
+    if said is not None and view["state"] in ("PLACED", "STARTING", "RUNNING"):
+        say(f"job {view['id']} starts on {view.get('host') or 'its host'}")
+
+
 def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
     if spec.wait_timeout is not None or spec.priority != 0:
         option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
@@ -156,12 +196,11 @@ def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
     body = inside(submission(spec, client), *inside_of)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = ended["job"] = view["id"]
-    if view["state"] == "QUEUED" and view.get("position"):
-        note(f"job {job_id} queued at {place_in_line(view)}: {view['waiting_because']}")
-    else:
-        note(f"job {job_id} submitted")
+    note(f"job {job_id} submitted")
     try:
         with interruptible():
+            if view["state"] == "QUEUED":
+                wait_to_start(client, view, note)
             for chunk in client.logs(job_id, follow=True):
                 write(chunk)
             final = client.wait(job_id)

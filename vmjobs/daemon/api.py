@@ -40,6 +40,8 @@ from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
 from vmjobs.jobs import ACTIVE, UNFINISHED, JobRecord, JobState, Kind, new_job_id
+from vmjobs.profiles import listing as profile_listing
+from vmjobs.profiles import usage_context
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
@@ -65,6 +67,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         # a held reservation (kind "reservation"): held until `until` (None: while its
         # client's connection lasts, `tied`); a job run inside one names it in `reservation`
         "kind": record.kind.value, "reservation": record.inside,
+        "profile": spec.get("profile"),
     }
     if record.kind == Kind.RESERVATION:
         view["until"] = spec.get("until")
@@ -111,6 +114,7 @@ class Api:
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
         router.add("GET", "/v1/usage", self.usage)
+        router.add("GET", "/v1/profiles", self.profiles)
         router.add("GET", "/v1/pools", self.pools)
         router.add("GET", "/v1/pools/{name}", self.pools)
         router.add("POST", "/v1/reservations", self.holds.reserve)
@@ -219,7 +223,7 @@ class Api:
         if inside is not None and not (isinstance(inside, str) and inside):
             raise ApiError(400, "reservation must be a reservation id", code="usage")
         try:
-            submission = parse(body)
+            submission = parse(body, self.daemon.config.profiles)
         except UsageError as exc:
             raise ApiError(400, str(exc), code="usage") from None
         request = submission.request()
@@ -531,7 +535,16 @@ class Api:
             cluster = daemon.live.cluster()
         capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
         return Json(usage.report(histories, capacity, now, now - since_s, by,
-                                 None if req.caller.admin else req.caller.name))
+                                 None if req.caller.admin else req.caller.name,
+                                 **usage_context(daemon.config, cluster)))
+
+    def profiles(self, _req: ApiRequest) -> Json:
+        """The config's hardware profiles, each with how many more jobs of it could start now
+        on each host (`vmjobs.profiles.listing`)."""
+        daemon = self.daemon
+        with daemon.lock:
+            cluster = daemon.live.cluster().copy()
+        return Json(profile_listing(daemon.config, cluster))
 
     def pools(self, req: ApiRequest) -> Json:
         """Every pool (or the one named): members with free/total capacity, holders, and the

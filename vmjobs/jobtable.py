@@ -130,6 +130,7 @@ COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
     # a gang (`vmjob submit --nodes N`) is one line: its id and its size
     "id": ("JOB", lambda v, now: v["id"] + (f" (gang of {v['nodes']})" if v.get("gang")
                                             else "")),
+    "kind": ("KIND", lambda v, now: v.get("kind") or "job"),  # job or reservation
     "name": ("NAME", lambda v, now: v.get("name") or "-"),
     "owner": ("OWNER", lambda v, now: v["owner"]),
     "state": ("STATE", lambda v, now: v["state"]),
@@ -148,7 +149,7 @@ COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
     "pos": ("POS", lambda v, now: str(v.get("position") or "-")),
     "why": ("WHY", lambda v, now: why(v)),
 }
-DEFAULT_COLUMNS = ("id", "name", "owner", "state", "host", "cpus", "mem", "age", "elapsed",
+DEFAULT_COLUMNS = ("id", "kind", "name", "owner", "state", "host", "cpus", "mem", "age", "elapsed",
                    "time_limit", "pos", "why")
 
 

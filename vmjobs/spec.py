@@ -13,6 +13,9 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `name`: a job name for people (`--name`, `-J`): printable, at most 100 characters
 - `preemptible`, `no_wait`, `mem_nodes`: true / false (`--preemptible`, `--no-wait`,
   `--mem-nodes`: memory-only NUMA nodes, CXL or HBM, may supply memory)
+- `borrow`, `no_lend`: true / false (`--borrow`: may run on cores other jobs hold and leave
+  idle, implies preemptible; `--no-lend`: this job's idle cores are never lent;
+  docs/borrowing.md)
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
@@ -57,13 +60,13 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
-          "wait_timeout", "no_wait", "input", "output", "array")
+          "wait_timeout", "no_wait", "input", "output", "array", "borrow", "no_lend")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
 RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "time_limit",
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
            "wait_timeout_s": "wait_timeout", "label": "labels"}
 # the command-line option of each field, for messages about values typed there
-OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
+OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "no_lend": "--no-lend", "time_limit": "--time-limit",
            "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array"}
 
 
@@ -97,6 +100,8 @@ class Spec:
     input: str | None = None
     output: str | None = None
     array: JobArray | None = None
+    borrow: bool = False  # may run on lent cores (docs/borrowing.md); implies preemptible
+    no_lend: bool = False  # its idle cores are never lent
 
     def request(self) -> Request:
         """What the placement engine is asked for."""
@@ -104,7 +109,8 @@ class Spec:
                        threads=self.threads,
                        hugepage_kib=HUGEPAGE_KIB[self.hugepages] if self.hugepages else None,
                        host=self.host, pool=self.pool, labels=tuple(sorted(self.labels.items())),
-                       priority=self.priority, preemptible=self.preemptible,
+                       priority=self.priority,
+                       preemptible=self.preemptible or self.borrow,
                        mem_nodes=self.mem_nodes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +126,7 @@ class Spec:
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
+            "borrow": self.borrow, "no_lend": self.no_lend,
         }
 
 
@@ -146,6 +153,10 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and wait_timeout is not None:
         raise SpecError("give either --no-wait or --wait-timeout, not both")
     array = fields.array()
+    borrow, no_lend = fields.flag("borrow"), fields.flag("no_lend")
+    if borrow and no_lend:
+        raise SpecError("give either --borrow or --no-lend, not both (a borrower lends "
+                        "nothing)")
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
@@ -164,7 +175,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         priority=fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
         preemptible=fields.flag("preemptible"), time_limit=fields.duration("time_limit"),
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
-        output=fields.text("output"), array=array,
+        output=fields.text("output"), array=array, borrow=borrow, no_lend=no_lend,
     )
 
 

@@ -26,8 +26,10 @@ PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa
           "labels": "label", "host": "host",
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
           "env": "env", "priority": "priority", "preemptible": "preemptible",
-          "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array"}
-FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
+          "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array",
+          "borrow": "borrow", "no_lend": "no_lend"}
+# click gives these as booleans
+FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes", "borrow", "no_lend"})
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -63,6 +63,13 @@ class Borrow:
     give_back_within_s: float = 5.0
     memory: str = "off"
 
+    def fast_interval_s(self, interval_s: float) -> float:
+        """How often lending owners are sampled: a quarter of `give_back_within` (a rise
+        is seen within one or two such intervals; the rest is left for the move), never
+        faster than every 0.5 s (libvirt is read per owner) nor slower than `interval_s`,
+        the ordinary sampling interval."""
+        return min(interval_s, max(0.5, self.give_back_within_s / 4))
+
 
 @dataclass(frozen=True)
 class Config:

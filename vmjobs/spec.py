@@ -66,8 +66,9 @@ RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
            "wait_timeout_s": "wait_timeout", "label": "labels"}
 # the command-line option of each field, for messages about values typed there
-OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "no_lend": "--no-lend", "time_limit": "--time-limit",
-           "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array"}
+OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
+           "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array",
+           "no_lend": "--no-lend"}
 
 
 class SpecError(UsageError):

@@ -110,7 +110,7 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
       vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
       vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
-      vmjob run --borrow --time-limit 1h -- ./small-sweep   # on lent cores if none are free
+      vmjob run --borrow --time-limit 1h --input ./sw -- ./sweep   # lent cores if none are free
     """
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     check_paths(spec)

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from placement import Request
-from vmjobs.daemon import moves
+from vmjobs.daemon import lending, moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, limit_of
 from vmjobs.daemon.queue import Holding, Plan, Planner, order
 from vmjobs.jobarray import array_of
@@ -83,6 +83,9 @@ def one_pass(daemon: Daemon) -> float | None:
         queue = [(r, q) for r, q in queue if r.id not in gone]
         started = {s.job_id for s in schedule(daemon, now, queue, current).starts}
         queue = [(r, q) for r, q in queue if r.id not in started]
+        current.job_id = None
+        borrowed = set(lending.lend(daemon, queue))  # --borrow jobs on lent cores
+        queue = [(r, q) for r, q in queue if r.id not in borrowed]
         current.job_id = None
         make_room(daemon, queue)
         daemon.scheduler.record(time.perf_counter() - began, len(started))

@@ -7,6 +7,7 @@ from typing import Any
 
 import placement
 from placement import HostUsage
+from placement.lending import Loan
 from vmjobs.config import Config
 from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
@@ -20,6 +21,7 @@ class HostView:
     usage: HostUsage | None  # None: the host could not be reached
     error: str | None = None
     warnings: tuple[str, ...] = ()  # see vmjobs.host_checks
+    loans: tuple[Loan, ...] = ()  # cores lent to --borrow jobs (docs/borrowing.md)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "uri": self.uri,
@@ -37,6 +39,8 @@ class HostView:
                 nics_free=self.usage.nics_free, nics_total=self.usage.nics_total,
                 nodes=[asdict(n) for n in self.usage.nodes],
             )
+        data["loans"] = [{"cpu": loan.cpu, "owner": loan.owner, "borrower": loan.borrower}
+                         for loan in self.loans]
         return data
 
 

@@ -62,6 +62,11 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "position": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
     }
+    # borrowing (docs/borrowing.md): the cores it runs on by loan, or lends
+    view["loans"] = [{"host": loan.host, "cpu": loan.cpu, "owner": loan.owner,
+                      "borrower": loan.borrower} for loan in daemon.store.loans(record.id)]
+    view["borrow"] = bool(spec.get("borrow"))
+    view["no_lend"] = bool(spec.get("no_lend"))
     use = daemon.sampler.used(record.id)
     view["cpu_used_cores"] = None if use is None else round(use.cores, 3)
     view["cpu_used_over_s"] = None if use is None else round(use.over_s, 1)
@@ -166,8 +171,10 @@ class Api:
             views = []
             for host in daemon.config.hosts:
                 usage = cluster.free(host.name) if host.name in cluster.hosts else None
+                loans = tuple(loan for loan in daemon.store.loans() if loan.host == host.name)
                 views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
-                                      tuple(daemon.hosts.warnings(host.name))).to_dict())
+                                      tuple(daemon.hosts.warnings(host.name)),
+                                      loans).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:

@@ -36,6 +36,9 @@ def present(daemon: Daemon) -> Present:
         cluster = daemon.live.cluster()
         usage = [cluster.free(name) for name in cluster.hosts]
         held = daemon.store.held()
+        lent: dict[str, int] = {}
+        for loan in daemon.store.loans():
+            lent[loan.host] = lent.get(loan.host, 0) + 1
     cpu = []
     for h in held:
         use = daemon.sampler.used(h.job_id)
@@ -47,6 +50,7 @@ def present(daemon: Daemon) -> Present:
         hosts_up={h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
         usage=usage,
         cpu=cpu,
+        lent=lent,
     )
 
 

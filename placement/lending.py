@@ -158,7 +158,7 @@ def move_for_give_back(cluster: Cluster, borrower: str, full: Allocation,
     again). `cluster`: the engine's view, in which the borrower holds only what is not lent
     (`without_cpus`), or nothing; `full`: its whole allocation (what its guest runs on)."""
     view = cluster.copy()
-    if borrower in view.allocations:
+    if borrower in view.allocations():
         view.release(borrower)
     shape = [(s.node, len(s.cpus), s.memory_mib) for s in full.nodes]
     numa = NumaPolicy.STRICT if len(full.nodes) == 1 else request.numa

@@ -60,8 +60,14 @@ def live_cluster(config: Config, only: str | None = None) -> tuple[placement.Clu
 def host_views(config: Config, only: str | None = None) -> list[HostView]:
     cluster, reached = live_cluster(config, only)
     chosen = [config.host(only)] if only else config.hosts
+    store = Store(config.state_db)
+    try:
+        loans = store.loans()
+    finally:
+        store.close()
     return [
         HostView(h.name, h.uri, cluster.free(h.name) if h.name in cluster.hosts else None,
-                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())))
+                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())),
+                 tuple(loan for loan in loans if loan.host == h.name))
         for h in chosen
     ]

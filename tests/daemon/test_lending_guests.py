@@ -18,8 +18,11 @@ import contextlib
 import time
 from typing import Any
 
-from tests.daemon.conftest import events, host_entry
+import libvirt
+
+from tests.daemon.conftest import URI, events, host_entry
 from vmjobs.client import ApiFailure
+from vmjobs.virt.pinning import BORROWER_CPU_SHARES
 
 BORROW = {"idle_below": 0.1, "for": "2s", "give_back_within": "4s"}
 INTERVAL_S = 1.0
@@ -62,6 +65,12 @@ def test_owner_burns_and_the_borrower_gives_its_core_back_by_checkpoint(
         # the borrower must run on the lent core before the owner wants it back
         _wait_for(lambda: "tick 0" in _output(client, borrower), "the borrower's first tick",
                   daemon, 120)
+        conn = libvirt.open(URI)
+        try:  # the borrower runs at a low CPU weight on the owner's core
+            params = conn.lookupByName(f"vmjob-{borrower}").schedulerParameters()
+        finally:
+            conn.close()
+        assert params["cpu_shares"] == BORROWER_CPU_SHARES, params
         assert "owner-burn" not in _output(client, owner), \
             "the owner began burning before the borrower ran: the scenario did not happen"
         burn_seen = _wait_for(lambda: "owner-burn" in _output(client, owner), "owner-burn",

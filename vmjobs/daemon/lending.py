@@ -12,7 +12,8 @@
   moved off, on a thread of its own: a re-pin to free cores of its host, else a live
   migration to free cores elsewhere, else a checkpoint restored when it fits again
   (placement.lending.move_for_give_back). The owner is never paused or asked anything: it
-  keeps its cores; the borrower shares them until it is gone.
+  keeps its cores; the borrower, started at a CPU weight of 2 against the default 1024,
+  shares them until it is gone.
 - While loans exist, their owners are sampled at `Borrow.fast_interval_s` (`Daemon.sampler`): the
   give-back is seen within a quarter of `give_back_within`, leaving the rest for the move.
 
@@ -32,8 +33,11 @@ from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import VmjobsError
-from vmjobs.jobs import JobRecord, JobState
+from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.snapshot import describe_allocation
+from vmjobs.virt import VirtError
+from vmjobs.virt.conn import lookup_domain
+from vmjobs.virt.pinning import BORROWER_CPU_SHARES, set_cpu_shares
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -88,12 +92,32 @@ def lend(daemon: Daemon, queue: list[tuple[JobRecord, object]]) -> list[str]:
             daemon.live.refresh()
         daemon.forget_wait(record.id)
         daemon.admit(Active(record.id, alloc.host, time_limit_of(record)))
-        daemon.spawn(daemon.launch, record.id, name=f"launch-{record.id}", job_id=record.id)
+        daemon.spawn(_launch, daemon, record.id, name=f"launch-{record.id}", job_id=record.id)
         started.append(record.id)
         log.info("job %s: borrowing %s", record.id, lenders)
     if started:
         daemon.wake()
     return started
+
+
+def _launch(daemon: Daemon, job_id: str) -> None:
+    """Thread: start a borrower's guest, then lower its CPU weight so that an owner whose
+    lent core it still shares gets nearly all of it until the borrower has moved (best
+    effort: a refusal is logged; the give-back does not depend on it)."""
+    daemon.launch(job_id)
+    with daemon.lock:
+        active = daemon.active.get(job_id)
+        host = active.host if active is not None and active.phase == Phase.RUNNING else None
+    conn = daemon.hosts.conn(host) if host is not None else None
+    if conn is None:
+        return
+    try:
+        dom = lookup_domain(conn, domain_name(job_id))
+        if dom is not None:
+            set_cpu_shares(dom, BORROWER_CPU_SHARES)
+    except VirtError as exc:
+        log.warning("job %s: could not lower its CPU weight: %s", job_id,
+                    exc.get_error_message())
 
 
 def check(daemon: Daemon, sampled: set[str]) -> None:

@@ -135,15 +135,28 @@ def check(daemon: Daemon, sampled: set[str]) -> None:
                 continue
             cpus = allocation_from_dict(record.allocation).cpus
             busy[owner] = {cpus[i] for i in daemon.sampler.busy_vcpus(owner) if i < len(cpus)}
-        for borrower, ending in give_back(loans, busy).items():
-            if not daemon.begin_leaving(borrower):
-                continue  # its mover is at work
-            wanted = ", ".join(f"cpu {loan.cpu} of job {loan.owner}" for loan in ending)
-            daemon.store.note(borrower, f"giving back {wanted}: its owner uses it again")
-            daemon.spawn(_leave, daemon, borrower, wanted, time.monotonic(),
-                         name=f"give-back-{borrower}")
+        _send_off(daemon, give_back(loans, busy), "its owner uses it again")
         if any(_is_borrower(r) for r, _q in daemon.queued()):
             daemon.wake()  # idle times moved on: a waiting borrower may fit now
+
+
+def owner_changed(daemon: Daemon, owner: str, why: str) -> None:
+    """The owner's guest changes shape (resized, restarted): its borrowers leave its cores
+    now, whatever its measured use. Call before changing the owner's reservation (a loan
+    must stay on a cpu its owner holds). Caller holds the lock."""
+    loans = daemon.store.loans(owner)
+    _send_off(daemon, give_back(loans, {}, gone={owner}), why)
+
+
+def _send_off(daemon: Daemon, ends: dict[str, tuple[Loan, ...]], why: str) -> None:
+    """Start a mover for each borrower in `ends` that has none yet. Caller holds the lock."""
+    for borrower, ending in ends.items():
+        if not daemon.begin_leaving(borrower):
+            continue  # its mover is at work
+        wanted = ", ".join(f"cpu {loan.cpu} of job {loan.owner}" for loan in ending)
+        daemon.store.note(borrower, f"giving back {wanted}: {why}")
+        daemon.spawn(_leave, daemon, borrower, wanted, time.monotonic(),
+                     name=f"give-back-{borrower}")
 
 
 def _leave(daemon: Daemon, borrower: str, wanted: str, asked: float) -> None:

@@ -21,11 +21,14 @@ class HostView:
     usage: HostUsage | None  # None: the host could not be reached
     error: str | None = None
     warnings: tuple[str, ...] = ()  # see vmjobs.host_checks
+    pools: tuple[str, ...] = ()  # the config's pools of the host
     loans: tuple[Loan, ...] = ()  # cores lent to --borrow jobs (docs/borrowing.md)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "uri": self.uri,
                                 "state": self.usage.state.value if self.usage else "down"}
+        if self.pools:
+            data["pools"] = list(self.pools)
         if self.error:
             data["error"] = self.error
         if self.warnings:
@@ -67,7 +70,7 @@ def host_views(config: Config, only: str | None = None) -> list[HostView]:
         store.close()
     return [
         HostView(h.name, h.uri, cluster.free(h.name) if h.name in cluster.hosts else None,
-                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())),
+                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())), h.pools,
                  tuple(loan for loan in loans if loan.host == h.name))
         for h in chosen
     ]

@@ -290,6 +290,12 @@ class Store:
                 lent.setdefault(loan["borrower"], []).append(loan["cpu"])
         return [_held(r, lent.get(r["id"], ())) for r in rows]
 
+    def holders(self) -> list[JobRecord]:
+        """Every job (or other row of `jobs`, e.g. a held reservation) that holds cpus,
+        memory or NICs now, oldest first (index `jobs_held`)."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE allocation IS NOT NULL ORDER BY created")
+        return [_record(r) for r in rows]
+
     def holding(self, job_id: str) -> Held | None:
         """What one job holds now, as `held` counts it; None if it holds nothing (or does not
         exist)."""

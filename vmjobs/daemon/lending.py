@@ -37,7 +37,7 @@ from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.snapshot import describe_allocation
 from vmjobs.virt import VirtError
 from vmjobs.virt.conn import lookup_domain
-from vmjobs.virt.pinning import BORROWER_CPU_SHARES, set_cpu_shares
+from vmjobs.virt.pinning import BORROWER_CPU_SHARES, DEFAULT_CPU_SHARES, set_cpu_shares
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -105,6 +105,11 @@ def _launch(daemon: Daemon, job_id: str) -> None:
     lent core it still shares gets nearly all of it until the borrower has moved (best
     effort: a refusal is logged; the give-back does not depend on it)."""
     daemon.launch(job_id)
+    _weigh(daemon, job_id, BORROWER_CPU_SHARES)
+
+
+def _weigh(daemon: Daemon, job_id: str, shares: int) -> None:
+    """Set a running borrower's CPU weight, best effort (a refusal is logged)."""
     with daemon.lock:
         active = daemon.active.get(job_id)
         host = active.host if active is not None and active.phase == Phase.RUNNING else None
@@ -114,9 +119,9 @@ def _launch(daemon: Daemon, job_id: str) -> None:
     try:
         dom = lookup_domain(conn, domain_name(job_id))
         if dom is not None:
-            set_cpu_shares(dom, BORROWER_CPU_SHARES)
+            set_cpu_shares(dom, shares)
     except VirtError as exc:
-        log.warning("job %s: could not lower its CPU weight: %s", job_id,
+        log.warning("job %s: could not set its CPU weight to %d: %s", job_id, shares,
                     exc.get_error_message())
 
 
@@ -198,6 +203,10 @@ def _carry_out(daemon: Daemon, borrower: str,
     except VmjobsError as exc:
         log.warning("job %s: %s failed (%s); checkpointing it instead", borrower,
                     type(action).__name__.lower(), exc)
+    # A save pauses the guest's vCPUs first; what then runs is QEMU writing its memory, in
+    # the borrower's cgroup: at the borrower's low weight, behind a busy owner, that took
+    # 4-5x as long (docs/borrowing.md). At the default weight it is over in ~2 s.
+    _weigh(daemon, borrower, DEFAULT_CPU_SHARES)
     return moves.checkpoint_job(daemon, borrower, restore="auto")
 
 

@@ -66,6 +66,7 @@ def _plain(element: ET.Element) -> ET.Element:
 # A borrower's CPU weight (cgroup cpu.shares; the default is 1024): on a core it shares with
 # an owner that wants it back, the owner gets ~99.8% of it until the borrower has moved.
 BORROWER_CPU_SHARES = 2
+DEFAULT_CPU_SHARES = 1024  # every other guest's
 
 
 def set_cpu_shares(dom: Domain, shares: int) -> None:

@@ -24,6 +24,7 @@ there (`Store._release`): nothing has to move then.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 
@@ -75,20 +76,28 @@ def lend(daemon: Daemon, queue: list[tuple[JobRecord, object]]) -> list[str]:
         if not lendable:
             return started
         request = request_from_dict(record.request or {})
-        with daemon.store.reserving():
-            daemon.live.refresh()
-            found = place_borrower(daemon.live.cluster(), request, lendable, owners)
-            if found is None:
-                continue
-            alloc, loans = found
-            loans = tuple(Loan(record.id, loan.owner, loan.host, loan.cpu) for loan in loans)
-            lenders = ", ".join(f"cpu {loan.cpu} of job {loan.owner}" for loan in loans)
-            daemon.store.assign(record.id, alloc, f"placed on lent cores ({lenders}): "
-                                f"{describe_allocation(alloc)}", loans)
-            for loan in loans:
-                daemon.store.note(loan.owner, f"lends cpu {loan.cpu} to job {record.id} "
-                                  f"(idle below {borrow.idle_below:g} of a core for "
-                                  f"{borrow.for_s:g}s)")
+        try:
+            with daemon.store.reserving():
+                daemon.live.refresh()
+                found = place_borrower(daemon.live.cluster(), request, lendable, owners)
+                if found is None:
+                    continue
+                alloc, loans = found
+                loans = tuple(Loan(record.id, loan.owner, loan.host, loan.cpu)
+                              for loan in loans)
+                lenders = ", ".join(f"cpu {loan.cpu} of job {loan.owner}" for loan in loans)
+                daemon.store.assign(record.id, alloc, f"placed on lent cores ({lenders}): "
+                                    f"{describe_allocation(alloc)}", loans)
+                for loan in loans:
+                    daemon.store.note(loan.owner, f"lends cpu {loan.cpu} to job {record.id} "
+                                      f"(idle below {borrow.idle_below:g} of a core for "
+                                      f"{borrow.for_s:g}s)")
+        except sqlite3.IntegrityError as exc:
+            # an owner left or was re-pinned meanwhile (another process's store change):
+            # nothing was written; the next pass looks again
+            log.info("job %s: the loan it was to get is gone: %s", record.id, exc)
+            continue
+        finally:
             daemon.live.refresh()
         daemon.forget_wait(record.id)
         daemon.admit(Active(record.id, alloc.host, time_limit_of(record)))

@@ -13,6 +13,9 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `name`: a job name for people (`--name`, `-J`): printable, at most 100 characters
 - `preemptible`, `no_wait`, `mem_nodes`: true / false (`--preemptible`, `--no-wait`,
   `--mem-nodes`: memory-only NUMA nodes, CXL or HBM, may supply memory)
+- `borrow`, `no_lend`: true / false (`--borrow`: may run on cores other jobs hold and leave
+  idle, implies preemptible; `--no-lend`: this job's idle cores are never lent;
+  docs/borrowing.md)
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
@@ -69,7 +72,7 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
           "wait_timeout", "no_wait", "input", "output", "array", "profile", "nodes",
-          "nodes_apart", "per_host", "on_member_failure")
+          "nodes_apart", "per_host", "on_member_failure", "borrow", "no_lend")
 # what a member of `nodes:` may set for itself (`cmd` is its argv)
 MEMBER_FIELDS = ("name", "cmd", "cpus", "mem", "nics", "env", "host", "pool", "labels")
 # the fields a hardware profile may set (config `profiles:`, `--profile`)
@@ -82,7 +85,7 @@ RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "
 OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
            "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array",
            "nodes": "--nodes", "per_host": "--per-host", "nodes_apart": "--nodes-apart",
-           "on_member_failure": "--on-member-failure"}
+           "on_member_failure": "--on-member-failure", "no_lend": "--no-lend"}
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -117,6 +120,8 @@ class Spec:
     output: str | None = None
     array: JobArray | None = None
     profile: str | None = None  # the hardware profile it was built from (already applied)
+    borrow: bool = False  # may run on lent cores (docs/borrowing.md); implies preemptible
+    no_lend: bool = False  # its idle cores are never lent
     # a gang: one map of overrides per member (`--nodes N`: N empty maps), checked
     nodes: tuple[Mapping[str, Any], ...] | None = None
     nodes_apart: bool = True
@@ -148,7 +153,8 @@ class Spec:
                        threads=self.threads,
                        hugepage_kib=HUGEPAGE_KIB[self.hugepages] if self.hugepages else None,
                        host=self.host, pool=self.pool, labels=tuple(sorted(self.labels.items())),
-                       priority=self.priority, preemptible=self.preemptible,
+                       priority=self.priority,
+                       preemptible=self.preemptible or self.borrow,
                        mem_nodes=self.mem_nodes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +171,7 @@ class Spec:
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
+            "borrow": self.borrow, "no_lend": self.no_lend,
         }
         if self.profile is not None:
             data["profile"] = self.profile
@@ -262,6 +269,10 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and wait_timeout is not None:
         raise SpecError("give either --no-wait or --wait-timeout, not both")
     array = fields.array()
+    borrow, no_lend = fields.flag("borrow"), fields.flag("no_lend")
+    if borrow and no_lend:
+        raise SpecError("give either --borrow or --no-lend, not both (a borrower lends "
+                        "nothing)")
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
@@ -300,6 +311,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
         output=fields.text("output"), array=array, profile=fields.text("profile"),
         nodes=nodes, nodes_apart=apart, per_host=per_host, on_member_failure=on_failure,
+        borrow=borrow, no_lend=no_lend,
     )
     if nodes is not None:
         _check_members(spec)

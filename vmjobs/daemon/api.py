@@ -208,8 +208,7 @@ class Api:
         request = submission.request()
         daemon = self.daemon
         config = daemon.config
-        if request.host is not None:
-            config.host(request.host)  # unknown host: one line, nothing created
+        config.refuse_unknown(request.host, request.pool)  # one line, nothing created
         image = resolve_image(config.spool, submission.image)
         daemon.refuse_never_fitting(request)
         job_id = new_job_id()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from placement import NumaPolicy, Request, ThreadPolicy
+from placement.need import need_of
 from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
 from vmjobs.units import parse_duration, parse_size_mib
@@ -149,7 +150,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
-    return Spec(
+    spec = Spec(
         argv=fields.argv(), name=fields.job_name(), env=fields.pairs("env", _env_name),
         cpus=fields.integer("cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
             "nics", 0, 0, MAX_NICS),
@@ -166,6 +167,13 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
         output=fields.text("output"), array=array,
     )
+    # fields that contradict each other (--mem-nodes with --numa strict, a memory that is no
+    # whole number of its hugepages): the engine's own line, as a usage error before anything
+    # is connected to, not exit 1 as if no host had room
+    problem = need_of(spec.request()).problem
+    if problem is not None:
+        raise SpecError(problem)
+    return spec
 
 
 def check_paths(spec: Spec) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from vmjobs.errors import ConfigError, VmjobsError
+from vmjobs.errors import ConfigError, NotFound, VmjobsError
 from vmjobs.units import MIB, parse_cpu_list, parse_duration, parse_size_mib
 
 if TYPE_CHECKING:
@@ -132,7 +132,23 @@ class Config:
             if host.name == name:
                 return host
         known = ", ".join(h.name for h in self.hosts)
-        raise VmjobsError(f"unknown host {name!r} (configured: {known})")
+        raise NotFound(f"unknown host {name!r} (configured: {known})")
+
+    def pool(self, name: str) -> tuple[str, ...]:
+        """The member hosts of pool `name`, in config order; NotFound naming the pools there
+        are when no host is in it (the same line for `--pool` and `vmjob pools NAME`)."""
+        pools = self.pools
+        if name not in pools:
+            raise NotFound(f"no pool {name!r} (pools: {', '.join(pools) or 'none'})")
+        return pools[name]
+
+    def refuse_unknown(self, host: str | None, pool: str | None) -> None:
+        """NotFound for a job's `host` or `pool` (None: any) that the config does not have:
+        one line naming those there are, before an image is looked up or a host asked."""
+        if host is not None:
+            self.host(host)
+        if pool is not None:
+            self.pool(pool)
 
     @property
     def pools(self) -> dict[str, tuple[str, ...]]:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from placement import NumaPolicy, Request, ThreadPolicy
+from placement.need import need_of
 from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.gang import ENV_NODE, ENV_NODES, MAX_NODES, ON_FAILURE
 from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
@@ -313,6 +314,12 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         nodes=nodes, nodes_apart=apart, per_host=per_host, on_member_failure=on_failure,
         borrow=borrow, no_lend=no_lend,
     )
+    # fields that contradict each other (--mem-nodes with --numa strict, a memory that is no
+    # whole number of its hugepages): the engine's own line, as a usage error before anything
+    # is connected to, not exit 1 as if no host had room
+    problem = need_of(spec.request()).problem
+    if problem is not None:
+        raise SpecError(problem)
     if nodes is not None:
         _check_members(spec)
     return spec

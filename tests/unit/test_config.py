@@ -10,7 +10,7 @@ import yaml
 
 from vmjobs import config
 from vmjobs.config import EmulatedNic, load, locate
-from vmjobs.errors import ConfigError, VmjobsError
+from vmjobs.errors import ConfigError, NotFound, VmjobsError
 
 
 @pytest.fixture(autouse=True)
@@ -134,8 +134,19 @@ def test_a_host_in_several_pools(tmp_path: Path) -> None:
 
 
 def test_unknown_host_names_the_configured_ones() -> None:
-    with pytest.raises(VmjobsError, match=r"^unknown host 'elsewhere' \(configured: local\)$"):
+    # NotFound, so `--json` says code "not_found" as it does for an unknown pool or job
+    with pytest.raises(NotFound, match=r"^unknown host 'elsewhere' \(configured: local\)$"):
         load().host("elsewhere")
+
+
+def test_pool_gives_its_members_or_names_the_pools_there_are(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", {"hosts": [
+        {"name": "a", "uri": "qemu+tcp://a/system", "pool": ["lab", "ci"]},
+        {"name": "b", "uri": "qemu+tcp://b/system", "pool": "ci"}]})
+    cfg = load(str(path))
+    assert cfg.pool("ci") == ("a", "b")
+    with pytest.raises(NotFound, match=r"^no pool 'nope' \(pools: ci, lab\)$"):
+        cfg.pool("nope")
 
 
 # --- errors: file, key, problem, on one line ------------------------------------------------

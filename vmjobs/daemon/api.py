@@ -244,8 +244,7 @@ class Api:
         request = submission.request()
         daemon = self.daemon
         config = daemon.config
-        if request.host is not None:
-            config.host(request.host)  # unknown host: one line, nothing created
+        config.refuse_unknown(request.host, request.pool)  # one line, nothing created
         image = resolve_image(config.spool, submission.image)
         if inside is not None:
             if submission.array is not None or submission.nodes is not None:

@@ -62,8 +62,9 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
     character split between reads is decoded whole); `note` gets vmjob's own one-line
     messages. Raises VmjobsError (one line) when the job cannot start now — nothing of it is
     left then: no row, no directory."""
-    image = resolve_image(config.spool, spec.image)
     request = spec.request()
+    config.refuse_unknown(request.host, request.pool)
+    image = resolve_image(config.spool, spec.image)
     start_event_loop()  # before the first connection, or no lifecycle events arrive
     job_id = new_job_id()
     daemon = Daemon(config, scope=job_id, tell=note)

@@ -16,6 +16,10 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
+- `on_host_loss` (`fail|requeue|restore`, `--on-host-loss`) and `checkpoint_every` (a
+  duration, `--checkpoint-every`): what becomes of the job when its host is declared lost
+  (`vmjobs.jobs.HostLossPolicy`, docs/borrowing.md "Lost hosts"); periodic checkpoints are
+  taken for `restore` only
 - `array`: job array indices, `"1-100"`, `"1,3,5-7"`, `"0-99%10"` (`--array`; one job per
   index, at most N running with `%N`; `vmjobs.jobarray`)
 
@@ -36,6 +40,7 @@ from typing import Any
 from placement import NumaPolicy, Request, ThreadPolicy
 from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
+from vmjobs.jobs import HostLossPolicy
 from vmjobs.units import parse_duration, parse_size_mib
 
 # The smallest guest known to boot the image (kernel + initramfs unpacked in RAM): 128 MiB
@@ -57,14 +62,19 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
-          "wait_timeout", "no_wait", "input", "output", "array")
+          "wait_timeout", "no_wait", "input", "output", "array", "on_host_loss",
+          "checkpoint_every")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
 RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "time_limit",
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
            "wait_timeout_s": "wait_timeout", "label": "labels"}
 # the command-line option of each field, for messages about values typed there
 OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
-           "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array"}
+           "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array",
+           "on_host_loss": "--on-host-loss", "checkpoint_every": "--checkpoint-every"}
+# Periodic checkpoints pause the guest while its memory is written (about a second for a
+# small TCG guest here): more often than this would spend the job's time on checkpoints.
+MIN_CHECKPOINT_EVERY_S = 5.0
 
 
 class SpecError(UsageError):
@@ -97,6 +107,8 @@ class Spec:
     input: str | None = None
     output: str | None = None
     array: JobArray | None = None
+    on_host_loss: HostLossPolicy = HostLossPolicy.FAIL
+    checkpoint_every: float | None = None  # seconds; only with on_host_loss restore
 
     def request(self) -> Request:
         """What the placement engine is asked for."""
@@ -120,6 +132,7 @@ class Spec:
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
+            "on_host_loss": self.on_host_loss.value, "checkpoint_every": self.checkpoint_every,
         }
 
 
@@ -149,6 +162,17 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
+    on_host_loss = HostLossPolicy(fields.choice(
+        "on_host_loss", [p.value for p in HostLossPolicy], HostLossPolicy.FAIL.value))
+    checkpoint_every = fields.duration("checkpoint_every")
+    if checkpoint_every is not None:
+        if on_host_loss != HostLossPolicy.RESTORE:
+            raise SpecError("--checkpoint-every needs --on-host-loss restore (the periodic "
+                            "checkpoints are what a lost host's job is restored from)")
+        if checkpoint_every < MIN_CHECKPOINT_EVERY_S:
+            raise fields.fail("checkpoint_every", f"{checkpoint_every:g}s is shorter than "
+                                                  f"the shortest allowed "
+                                                  f"({MIN_CHECKPOINT_EVERY_S:g}s)")
     return Spec(
         argv=fields.argv(), name=fields.job_name(), env=fields.pairs("env", _env_name),
         cpus=fields.integer("cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
@@ -164,7 +188,8 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         priority=fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
         preemptible=fields.flag("preemptible"), time_limit=fields.duration("time_limit"),
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
-        output=fields.text("output"), array=array,
+        output=fields.text("output"), array=array, on_host_loss=on_host_loss,
+        checkpoint_every=checkpoint_every,
     )
 
 
@@ -181,6 +206,15 @@ def time_limit_of(stored: Mapping[str, Any]) -> float | None:
     """A stored spec's time limit in seconds (records written before the spec: `timeout_s`)."""
     value = stored.get("time_limit", stored.get("timeout_s"))
     return float(value) if value else None
+
+
+def checkpoint_every_of(stored: Mapping[str, Any]) -> float | None:
+    """A stored spec's periodic checkpoint interval in seconds; None without one (or for a
+    value that is not a positive number: records are checked at submission)."""
+    value = stored.get("checkpoint_every")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 def wait_timeout_of(stored: Mapping[str, Any]) -> float | None:

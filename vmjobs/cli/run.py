@@ -29,6 +29,7 @@ from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
 from vmjobs.interrupt import Interrupted, interruptible
+from vmjobs.jobs import HostLossPolicy
 from vmjobs.outcome import EXIT_NOT_STARTED, cancelled_line, interrupted_exit
 from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.transport import Target
@@ -125,8 +126,12 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
 
 
 def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
-    if spec.wait_timeout is not None or spec.priority != 0:
-        option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
+    needs_daemon = [option for option, given in (
+        ("--wait-timeout", spec.wait_timeout is not None), ("--priority", spec.priority != 0),
+        ("--on-host-loss", spec.on_host_loss != HostLossPolicy.FAIL),
+        ("--checkpoint-every", spec.checkpoint_every is not None)) if given]
+    if needs_daemon:
+        option = needs_daemon[0]
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
                         "(start one with 'vmjob serve'); without it run starts at once "
                         "or fails")

@@ -25,7 +25,7 @@ from typing import Any
 
 from placement import Request
 from vmjobs import template
-from vmjobs.checkpoint import discard
+from vmjobs.checkpoint import discard, discard_periodic
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.daemon.hosts import (
@@ -197,9 +197,11 @@ class Daemon:
         self.preempting: str | None = None  # the job that preemption is making room for
         self.scheduler = SchedulerState()
         self.unrecorded: dict[str, Unrecorded] = {}  # ends waiting for room in the store
-        # Called with a lost host's job record; returns the state it goes to (requeue or
-        # restore-from-checkpoint policies plug in here later).
-        self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
+        # What becomes of a job whose host is lost (`record`, why), caller holding the lock:
+        # LOST here (a direct run's core); the job's --on-host-loss policy under a serving
+        # daemon (`vmjobs.daemon.hostloss.settle_lost`, wired in by `daemon.main`).
+        self.on_job_lost: Callable[[JobRecord, str], None] = \
+            lambda record, why: self.finish(record.id, Verdict(JobState.LOST, why))
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
@@ -372,6 +374,7 @@ class Daemon:
                 self.wake()
             return
         self.unrecorded.pop(job_id, None)
+        discard_periodic(self.config.spool, job_id)  # ended: nothing to restore any more
         if release:
             self.drop(job_id)
         self.metrics.finished(verdict.state)
@@ -673,8 +676,9 @@ class Daemon:
             self.wake()
 
     def _host_lost(self, note: HostLost) -> None:
-        """The host stayed away for `host_down_after`: its jobs are lost (or whatever the
-        lost-host policy says)."""
+        """The host stayed away for `host_down_after`: each of its jobs follows its lost-host
+        policy (`on_job_lost`). A job being moved is settled by its mover (`moves.settle`),
+        which applies the same policy when it finds the host lost."""
         with self.lock:
             if self.hosts.is_up(note.host):
                 return  # it came back just now: recovery took its jobs back
@@ -687,8 +691,7 @@ class Daemon:
                     continue
                 if active.phase == Phase.MOVING:
                     continue  # the mover settles it; a move off a lost host fails there
-                self.finish(active.job_id,
-                            Verdict(self.lost_state(record), f"host {note.host} lost: {note.why}"))
+                self.on_job_lost(record, f"host {note.host} lost: {note.why}")
             self.wake()
 
     def _host_up(self, note: HostUp) -> None:

@@ -99,6 +99,13 @@ def settle(daemon: Daemon, active: Active) -> None:
             return
         active.host = record.host or active.host
         conn = daemon.hosts.conn(active.host)
+        if conn is None and daemon.hosts.is_lost(active.host):
+            # declared lost while it moved (`_host_lost` left it to us): its policy now
+            daemon.on_job_lost(record, f"host {active.host} lost during a move")
+            if daemon.active.get(active.job_id) is active:
+                daemon.drop(active.job_id)
+            daemon.wake()
+            return
         if conn is None:
             # its host went away during the move: the guest may run on there; it is
             # UNREACHABLE until the host returns (recovery) or is declared lost
@@ -215,7 +222,7 @@ def restore(daemon: Daemon, job_id: str, to: str | None = None,
             restored = checkpoint.restore_job(daemon.config, store, daemon.hosts.conns(),
                                               daemon.hosts.inventory(), job_id, to)
             left = (store.job(job_id) or record).spec.get("time_left_s")
-            store.mark(job_id, restore=None, time_left_s=None)
+            store.mark(job_id, restore=None, time_left_s=None, checkpoint=None)
         with daemon.lock:
             limit = time_limit_of(record)
             active = Active(job_id, restored.host, limit, phase=Phase.MOVING)

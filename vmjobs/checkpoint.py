@@ -49,7 +49,12 @@ PERIODIC_GLOB = "periodic.*.save"
 
 
 class CheckpointFailed(VmjobsError):
-    pass
+    """A save, periodic checkpoint or restore that did not happen; `host`: where a restore
+    was tried (the caller may try again elsewhere if that host stopped answering)."""
+
+    def __init__(self, message: str, host: str | None = None) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 def save_path(spool: Path, job_id: str) -> Path:
@@ -162,7 +167,7 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
                          f"restore on {alloc.host} failed: {message}", release=True)
         if isinstance(exc, VmjobsError | VirtError):
             raise CheckpointFailed(f"job {job_id}: restore on {alloc.host} failed: {message}; "
-                                   f"the checkpoint is kept") from None
+                                   f"the checkpoint is kept", host=alloc.host) from None
         raise
     failpoints.hit("restore:restored")
     duration = time.monotonic() - started

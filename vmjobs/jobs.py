@@ -10,6 +10,7 @@ running at recovery, NICs plugged back, a reservation freed late) are notes
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -103,6 +104,14 @@ class HostLossPolicy(StrEnum):
     FAIL = "fail"
     REQUEUE = "requeue"
     RESTORE = "restore"
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> HostLossPolicy:
+        """A stored spec's policy; FAIL for records from before the field existed."""
+        try:
+            return cls(spec.get("on_host_loss") or cls.FAIL.value)
+        except ValueError:
+            return cls.FAIL
 
 
 class IllegalTransition(Exception):

@@ -52,11 +52,11 @@ from vmjobs.guest import (
 )
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
-from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.jobs import HostLossPolicy, JobRecord, JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
-from vmjobs.virt.conn import destroy_quietly, lookup_domain
+from vmjobs.virt.conn import destroy_quietly, is_alive, lookup_domain
 
 log = logging.getLogger("vmjobs.daemon")
 RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
@@ -408,8 +408,20 @@ class Daemon:
         except Exception as exc:  # any failure to start ends the job, with the reason
             message = exc.get_error_message() if isinstance(exc, VirtError) else exc
             with self.lock:
-                if self.active.get(job_id) is active:
-                    self.finish(job_id, Verdict(JobState.FAILED, f"could not start: {message}"))
+                if self.active.get(job_id) is not active:
+                    return
+                policy = HostLossPolicy.of(record.spec)
+                if policy != HostLossPolicy.FAIL and not self.answers(active.host):
+                    # its host went away under the start (before it was declared down): the
+                    # job never ran, and asked not to fail for a lost host
+                    self.record(job_id, JobState.QUEUED,
+                                f"could not start on {active.host}, which stopped answering "
+                                f"({message}); back in the queue (--on-host-loss "
+                                f"{policy.value})", release=True)
+                    self.drop(job_id)
+                    self.wake()
+                    return
+                self.finish(job_id, Verdict(JobState.FAILED, f"could not start: {message}"))
             return
         with self.lock:
             if self.active.get(job_id) is not active:  # its host was lost meanwhile
@@ -430,6 +442,12 @@ class Daemon:
             self.collect(active)
         elif stop_now:
             destroy_quietly(dom)  # its STOPPED event brings it to collect()
+
+    def answers(self, host: str) -> bool:
+        """Whether `host`'s connection is up and alive (a keepalive that timed out a moment
+        ago may not have been reported yet)."""
+        conn = self.hosts.conn(host)
+        return conn is not None and is_alive(conn)
 
     def _start_guest(self, record: JobRecord) -> tuple[Domain, str]:
         assert record.allocation is not None

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,18 +41,10 @@ from vmjobs.spec import checkpoint_every_of
 log = logging.getLogger("vmjobs.daemon")
 
 
-def policy_of(spec: Mapping[str, object]) -> HostLossPolicy:
-    """The job's lost-host policy; `fail` for records from before the field existed."""
-    try:
-        return HostLossPolicy(spec.get("on_host_loss") or HostLossPolicy.FAIL.value)
-    except ValueError:
-        return HostLossPolicy.FAIL
-
-
 def settle_lost(daemon: Daemon, record: JobRecord, why: str) -> None:
     """Apply `record`'s lost-host policy (`why`: "host h2 lost: ..."). Caller holds the lock;
     the job is forgotten as active (it holds nothing any more)."""
-    policy = policy_of(record.spec)
+    policy = HostLossPolicy.of(record.spec)
     if policy == HostLossPolicy.FAIL:
         daemon.finish(record.id, Verdict(JobState.LOST, why))
         return

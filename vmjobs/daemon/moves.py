@@ -390,10 +390,22 @@ def _restore_quietly(daemon: Daemon, job_id: str) -> None:
         log.info("job %s: %s %s", job_id, result.action, result.detail)
     except DoesNotFit:
         return  # the room went to someone else meanwhile: tried again at the next change
+    except checkpoint.CheckpointFailed as exc:
+        if exc.host is None or daemon.answers(exc.host):
+            _restore_by_hand(daemon, job_id, exc)
+        else:  # the host chosen went away meanwhile: tried again elsewhere at the next change
+            log.warning("job %s: %s; its host stopped answering: trying again", job_id, exc)
+            with daemon.lock:
+                daemon.store.note(job_id, f"{exc}; {exc.host} stopped answering: the "
+                                          "restore is tried again on another host")
     except VmjobsError as exc:
-        # not again on every change: an admin restores it by hand (`vmjob restore`)
-        log.warning("job %s: automatic restore failed: %s", job_id, exc)
-        with daemon.lock:
-            daemon.store.mark(job_id, restore="manual")
-            daemon.store.note(job_id, f"automatic restore failed: {exc}; restore it by hand")
+        _restore_by_hand(daemon, job_id, exc)
     daemon.wake()
+
+
+def _restore_by_hand(daemon: Daemon, job_id: str, exc: VmjobsError) -> None:
+    """Not again on every change: an admin restores it by hand (`vmjob restore`)."""
+    log.warning("job %s: automatic restore failed: %s", job_id, exc)
+    with daemon.lock:
+        daemon.store.mark(job_id, restore="manual")
+        daemon.store.note(job_id, f"automatic restore failed: {exc}; restore it by hand")

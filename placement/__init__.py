@@ -37,6 +37,7 @@ _HOMES = {
     "Reason": "placement.results",
     "Repin": "placement.plans",
     "Request": "placement.model",
+    "Resize": "placement.resize",
     "SwfJob": "placement.swf",
     "ThreadPolicy": "placement.model",
     "Trace": "placement.swf",
@@ -48,6 +49,7 @@ _HOMES = {
     "parse_swf": "placement.swf",
     "plan_rebalance": "placement.plans",
     "plan_to_fit": "placement.plans",
+    "resize": "placement.resize",
 }
 __all__ = [
     "POLICIES",
@@ -72,6 +74,7 @@ __all__ = [
     "Reason",
     "Repin",
     "Request",
+    "Resize",
     "SwfJob",
     "ThreadPolicy",
     "Trace",
@@ -83,6 +86,7 @@ __all__ = [
     "parse_swf",
     "plan_rebalance",
     "plan_to_fit",
+    "resize",
 ]
 
 
@@ -123,6 +127,7 @@ if TYPE_CHECKING:  # for type checkers and readers: what each name is
         plan_rebalance,
         plan_to_fit,
     )
+    from placement.resize import Resize, resize
     from placement.results import (
         Decision,
         Explanation,

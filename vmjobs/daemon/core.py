@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from placement import Request
+from placement import Allocation, Request
 from vmjobs import template
 from vmjobs.checkpoint import discard, discard_periodic
 from vmjobs.codec import allocation_from_dict
@@ -57,6 +57,7 @@ from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
 from vmjobs.virt.conn import destroy_quietly, is_alive, lookup_domain
+from vmjobs.virt.domain_xml import Hotplug
 
 log = logging.getLogger("vmjobs.daemon")
 RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
@@ -469,6 +470,7 @@ class Daemon:
             output_disk_mib=self.config.output_disk_mib,
             input_dir=self._input_of(record, files),
             emulator_cpus=host_config.reserved_cpus,
+            hotplug=self._hotplug_for(allocation),
         )
 
         def starting(how: str) -> None:
@@ -478,6 +480,23 @@ class Daemon:
         dom, how = template.launch(self.config.start, conn, plan, files, self.config.spool,
                                    self.tell, starting)
         return dom, f"{virt_type}, {how}"
+
+    def _hotplug_for(self, allocation: Allocation) -> Hotplug | None:
+        """Room for the guest to grow live (`vmjob resize`), with the config's `hotplug` on:
+        every usable cpu of its NUMA node and `hotplug_max_mem` more memory. None for a
+        fixed-size guest: hotplug off, or a job on several nodes, on hugepages or keeping
+        SMT siblings idle (its guest topology cannot change)."""
+        if not self.config.hotplug or len(allocation.nodes) != 1 or allocation.hugepage_kib \
+                or allocation.idle_cpus:
+            return None
+        node = allocation.nodes[0].node
+        for host in self.hosts.inventory():
+            if host.name == allocation.host:
+                cpus = [c for n in host.nodes if n.id == node for c in n.cpus
+                        if c.id not in host.reserved_cpus]
+                return Hotplug(max(len(cpus), len(allocation.cpus)),
+                               self.config.hotplug_max_mem_mib)
+        return None
 
     def _input_of(self, record: JobRecord, files: JobFiles) -> Path | None:
         """The directory the job's input is packed from. A daemon's job: its upload, in the

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import placement
 from placement import Allocation, Checkpoint, Migrate, Repin, Request
 from vmjobs import checkpoint, migration, repin
+from vmjobs import resize as resizing
 from vmjobs.codec import request_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
@@ -40,7 +41,7 @@ SETTLE_S = 60.0  # how long a drain waits for a job that is still starting
 @dataclass(frozen=True)
 class MoveResult:
     """What happened to one job: `action` is migrated | repinned | checkpointed | restored |
-    failed."""
+    resized | failed."""
 
     job_id: str
     action: str
@@ -184,6 +185,17 @@ def repin_job(daemon: Daemon, job_id: str, allocation: Allocation) -> MoveResult
     return MoveResult(job_id, "repinned", host, host,
                       f"{describe_allocation(done.after)} "
                       f"({done.memory_moved_mib} MiB changed NUMA node)")
+
+
+def resize(daemon: Daemon, job_id: str, cpus: int | None, memory_mib: int | None) -> MoveResult:
+    """Grow or shrink a running daemon job in place (`vmjobs.resize`)."""
+    with moving(daemon, job_id) as active, _own_store(daemon) as store:
+        done = resizing.resize_job(daemon.config, store, daemon.hosts.conns(),
+                                   daemon.hosts.inventory(), job_id, cpus, memory_mib)
+        host = active.host
+    return MoveResult(job_id, "resized", host, host,
+                      f"{describe_allocation(done.after)}; the guest sees {done.guest_cpus} "
+                      f"cpus, MemTotal {done.guest_memtotal_kib >> 10} MiB")
 
 
 def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> MoveResult:

@@ -22,7 +22,7 @@ and the error says so.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import placement
@@ -98,14 +98,17 @@ def resize_job(config: Config, store: Store, conns: Mapping[str, Connection],
                          "again") from None
     after = _shrunk(union, cpus, memory_mib)
     # 2. hotplug
+    done: list[str] = []  # what took effect, to be undone on failure
     try:
-        hotplug.set_extra_memory(dom, extra)
-        hotplug.set_vcpus(dom, after.cpus)
+        if extra != now.extra_requested_mib:
+            _step(done, "memory", lambda: hotplug.set_extra_memory(dom, extra))
+        if cpus != now.vcpus:
+            _step(done, "cpus", lambda: hotplug.set_vcpus(dom, after.cpus))
         seen_cpus, memtotal = hotplug.guest_view(conn, domain_name(job_id), cpus)
     except (VirtError, VmjobsError) as exc:
         message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
-        raise ResizeFailed(f"job {job_id}: resize failed: {message}; "
-                           f"{_put_back(store, dom, job_id, before, now, union)}") from None
+        back = _put_back(store, dom, job_id, before, now, union, done)
+        raise ResizeFailed(f"job {job_id}: resize failed: {message}; {back}") from None
     # 3. release what it shrank out of
     store.repin_reservation(job_id, after, f"resized to {describe_allocation(after)}; the "
                             f"guest sees {seen_cpus} cpus, MemTotal {memtotal >> 10} MiB")
@@ -115,6 +118,18 @@ def resize_job(config: Config, store: Store, conns: Mapping[str, Connection],
         store.note(job_id, f"resize: rewriting the guest's metadata failed: "
                            f"{exc.get_error_message()}")
     return Resized(job_id, host, before, after, seen_cpus, memtotal)
+
+
+def _step(done: list[str], name: str, action: Callable[[], None]) -> None:
+    """Run one hotplug step and note it in `done` once it may have changed the guest: libvirt
+    refusing the request (VirtError) changed nothing; a guest that did not follow in time
+    (HotplugError) may be half-way."""
+    try:
+        action()
+    except hotplug.HotplugError:
+        done.append(name)
+        raise
+    done.append(name)
 
 
 def _fitted(store: Store, hosts: list[placement.Host], job_id: str, cpus: int,
@@ -137,12 +152,14 @@ def _shrunk(union: Allocation, cpus: int, memory_mib: int) -> Allocation:
 
 
 def _put_back(store: Store, dom: Domain, job_id: str, before: Allocation,
-              now: hotplug.Limits, union: Allocation) -> str:
-    """After a failed hotplug: the old vCPUs and memory, then the old reservation; what was
-    done, in words."""
+              now: hotplug.Limits, union: Allocation, done: list[str]) -> str:
+    """After a failed hotplug: the old vCPUs and memory (those `done` changed), then the old
+    reservation; what was done, in words."""
     try:
-        hotplug.set_vcpus(dom, before.cpus)
-        hotplug.set_extra_memory(dom, now.extra_requested_mib)
+        if "cpus" in done:
+            hotplug.set_vcpus(dom, before.cpus)
+        if "memory" in done:
+            hotplug.set_extra_memory(dom, now.extra_requested_mib)
     except (VirtError, VmjobsError) as exc:
         why = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
         store.note(job_id, f"resize failed and could not be undone ({why}); it keeps "

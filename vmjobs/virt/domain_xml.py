@@ -126,7 +126,10 @@ def build(spec: DomainSpec) -> str:
         # the ceiling for base + hot-plugged memory; virtio-mem takes no DIMM slot
         _text(domain, "maxMemory", str(alloc.memory_mib + hotplug.max_extra_mib), unit="MiB",
               slots="1")
-    _text(domain, "memory", str(alloc.memory_mib), unit="MiB")
+    # libvirt's <memory> is the total, memory devices included (the guest's cells hold the
+    # rest, what it boots with)
+    extra = hotplug.max_extra_mib if hotplug is not None else 0
+    _text(domain, "memory", str(alloc.memory_mib + extra), unit="MiB")
     if alloc.hugepage_kib:
         domain.append(memory_backing(alloc))
     vcpu = _text(domain, "vcpu", str(len(alloc.cpus)), placement="static")

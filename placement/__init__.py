@@ -37,7 +37,7 @@ _HOMES = {
     "Reason": "placement.results",
     "Repin": "placement.plans",
     "Request": "placement.model",
-    "Resize": "placement.resize",
+    "Resize": "placement.inplace",
     "SwfJob": "placement.swf",
     "ThreadPolicy": "placement.model",
     "Trace": "placement.swf",
@@ -49,7 +49,7 @@ _HOMES = {
     "parse_swf": "placement.swf",
     "plan_rebalance": "placement.plans",
     "plan_to_fit": "placement.plans",
-    "resize": "placement.resize",
+    "resize": "placement.inplace",
 }
 __all__ = [
     "POLICIES",
@@ -106,6 +106,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and readers: what each name is
     from placement.cluster import Cluster
     from placement.errors import Conflict, UnknownHost, UnknownJob
+    from placement.inplace import Resize, resize
     from placement.model import (
         Allocation,
         Cpu,
@@ -127,7 +128,6 @@ if TYPE_CHECKING:  # for type checkers and readers: what each name is
         plan_rebalance,
         plan_to_fit,
     )
-    from placement.resize import Resize, resize
     from placement.results import (
         Decision,
         Explanation,

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import placement
 from placement import Allocation
+from vmjobs.codec import request_from_dict
 from vmjobs.config import Config
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.jobs import domain_name
@@ -109,9 +110,13 @@ def resize_job(config: Config, store: Store, conns: Mapping[str, Connection],
         message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
         back = _put_back(store, dom, job_id, before, now, union, done)
         raise ResizeFailed(f"job {job_id}: resize failed: {message}; {back}") from None
-    # 3. release what it shrank out of
+    # 3. release what it shrank out of; later moves (migration, restore, a requeue) place it
+    # at its new size
+    request = replace(request_from_dict(record.request), cpus=cpus, memory_mib=memory_mib) \
+        if record.request else None
     store.repin_reservation(job_id, after, f"resized to {describe_allocation(after)}; the "
-                            f"guest sees {seen_cpus} cpus, MemTotal {memtotal >> 10} MiB")
+                            f"guest sees {seen_cpus} cpus, MemTotal {memtotal >> 10} MiB",
+                            request=request)
     try:
         apply_live(dom, after, config.host(host).reserved_cpus, nodes_changed=False)
     except VirtError as exc:  # the pins are right already; only the metadata may be stale

@@ -108,7 +108,7 @@ def resize_job(config: Config, store: Store, conns: Mapping[str, Connection],
         seen_cpus, memtotal = hotplug.guest_view(conn, domain_name(job_id), cpus)
     except (VirtError, VmjobsError) as exc:
         message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
-        back = _put_back(store, dom, job_id, before, now, union, done)
+        back = _put_back(store, conn, dom, job_id, before, now, union, done)
         raise ResizeFailed(f"job {job_id}: resize failed: {message}; {back}") from None
     # 3. release what it shrank out of; later moves (migration, restore, a requeue) place it
     # at its new size
@@ -156,13 +156,16 @@ def _shrunk(union: Allocation, cpus: int, memory_mib: int) -> Allocation:
         devices=union.devices)
 
 
-def _put_back(store: Store, dom: Domain, job_id: str, before: Allocation,
+def _put_back(store: Store, conn: Connection, dom: Domain, job_id: str, before: Allocation,
               now: hotplug.Limits, union: Allocation, done: list[str]) -> str:
     """After a failed hotplug: the old vCPUs and memory (those `done` changed), then the old
     reservation; what was done, in words."""
     try:
         if "cpus" in done:
             hotplug.set_vcpus(dom, before.cpus)
+            # a guest that offlined a cpu it was asked to give up, which its host never took
+            # back (vCPU unplug under TCG here): it gets the cpu back online
+            hotplug.guest_view(conn, domain_name(job_id), len(before.cpus))
         if "memory" in done:
             hotplug.set_extra_memory(dom, now.extra_requested_mib)
     except (VirtError, VmjobsError) as exc:

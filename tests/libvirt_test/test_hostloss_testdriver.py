@@ -14,7 +14,7 @@ import pytest
 from tests.libvirt_test.test_recovery_moves import add, alloc, daemon, guests, run_guest
 from vmjobs.checkpoint import CheckpointFailed, Periodic, periodic_checkpoint, save_path
 from vmjobs.daemon.core import Active, Daemon, Phase
-from vmjobs.daemon.hostloss import settle_lost
+from vmjobs.daemon.hostloss import Checkpointer, settle_lost
 from vmjobs.guest import JobFiles
 from vmjobs.jobs import JobState
 
@@ -105,3 +105,20 @@ def test_periodic_checkpoints_refuse_a_job_that_does_not_run(daemon: Daemon,  # 
     add(daemon, "q", JobState.QUEUED, alloc("a", 0))
     with pytest.raises(Exception, match="not RUNNING"):
         periodic_checkpoint(daemon.config, daemon.store, daemon.hosts.conns(), "q")
+
+
+def test_checkpoints_come_every_interval_for_running_restore_jobs_only(
+        daemon: Daemon) -> None:  # noqa: F811
+    add(daemon, "ck", JobState.RUNNING, alloc("a", 0), on_host_loss="restore",
+        checkpoint_every=60)
+    add(daemon, "plain", JobState.RUNNING, alloc("a", 1))
+    for job_id in ("ck", "plain"):
+        daemon.admit(Active(job_id, "a", None, phase=Phase.RUNNING))
+    checkpointer = Checkpointer(daemon)
+    with daemon.lock:
+        assert checkpointer._next(1000.0) == (None, 60.0)  # first seen running now
+        assert checkpointer._next(1059.0) == (None, 1.0)
+        assert checkpointer._next(1060.0) == ("ck", None)
+        daemon.active["ck"].phase = Phase.MOVING  # being moved: not now, and forgotten
+        assert checkpointer._next(1070.0) == (None, None)
+        assert "ck" not in checkpointer.since

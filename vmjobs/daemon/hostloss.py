@@ -35,7 +35,7 @@ from vmjobs.checkpoint import Periodic
 from vmjobs.daemon.core import Daemon, Phase
 from vmjobs.daemon.moves import _own_store, moving
 from vmjobs.guest import JOB_FILE_MODE, JobFiles, Verdict
-from vmjobs.jobs import HostLossPolicy, JobRecord, JobState
+from vmjobs.jobs import HostLossPolicy, JobRecord, JobState, allowed
 from vmjobs.spec import checkpoint_every_of
 
 log = logging.getLogger("vmjobs.daemon")
@@ -45,7 +45,8 @@ def settle_lost(daemon: Daemon, record: JobRecord, why: str) -> None:
     """Apply `record`'s lost-host policy (`why`: "host h2 lost: ..."). Caller holds the lock;
     the job is forgotten as active (it holds nothing any more)."""
     policy = HostLossPolicy.of(record.spec)
-    if policy == HostLossPolicy.FAIL:
+    if policy == HostLossPolicy.FAIL or not allowed(record.state, JobState.QUEUED):
+        # (a job caught in a move's middle state cannot be requeued: its end is the loss)
         daemon.finish(record.id, Verdict(JobState.LOST, why))
         return
     spool = daemon.config.spool

@@ -160,12 +160,16 @@ def _put_back(store: Store, conn: Connection, dom: Domain, job_id: str, before: 
               now: hotplug.Limits, union: Allocation, done: list[str]) -> str:
     """After a failed hotplug: the old vCPUs and memory (those `done` changed), then the old
     reservation; what was done, in words."""
+    seen = ""
     try:
         if "cpus" in done:
             hotplug.set_vcpus(dom, before.cpus)
-            # a guest that offlined a cpu it was asked to give up, which its host never took
-            # back (vCPU unplug under TCG here): it gets the cpu back online
-            hotplug.guest_view(conn, domain_name(job_id), len(before.cpus))
+            # a guest may have let a cpu go that its host never saw unplugged (vCPU unplug
+            # under TCG here): online what it still has and say what it sees
+            cpus, _mem = hotplug.guest_view(conn, domain_name(job_id), len(before.cpus))
+            if cpus != len(before.cpus):
+                seen = (f"; the guest now sees {cpus} of its {len(before.cpus)} cpus (it "
+                        "released one its host did not take back)")
         if "memory" in done:
             hotplug.set_extra_memory(dom, now.extra_requested_mib)
     except (VirtError, VmjobsError) as exc:
@@ -175,5 +179,5 @@ def _put_back(store: Store, conn: Connection, dom: Domain, job_id: str, before: 
         return (f"putting the old size back failed too ({why}): it keeps "
                 f"{describe_allocation(union)} reserved")
     store.repin_reservation(job_id, before, "resize failed: its old size and reservation "
-                                            "are back")
-    return "its old size and reservation are back"
+                                            f"are back{seen}")
+    return f"its old size and reservation are back{seen}"

@@ -50,6 +50,7 @@ _HOMES = {
     "plan_rebalance": "placement.plans",
     "plan_to_fit": "placement.plans",
     "resize": "placement.inplace",
+    "restrict": "placement.within",
 }
 __all__ = [
     "POLICIES",
@@ -87,6 +88,7 @@ __all__ = [
     "plan_rebalance",
     "plan_to_fit",
     "resize",
+    "restrict",
 ]
 
 
@@ -139,3 +141,4 @@ if TYPE_CHECKING:  # for type checkers and readers: what each name is
     from placement.scorers import POLICIES
     from placement.swf import SwfJob, Trace, parse_swf
     from placement.synthetic import make_host, make_hosts
+    from placement.within import restrict

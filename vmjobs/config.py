@@ -12,13 +12,16 @@ import grp
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from vmjobs.errors import ConfigError, VmjobsError
 from vmjobs.units import MIB, parse_cpu_list, parse_duration, parse_size_mib
+
+if TYPE_CHECKING:
+    from vmjobs.spec import Profile
 
 SYSTEM_CONFIG = Path("/etc/vmjobs/config.yaml")
 DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
@@ -99,6 +102,8 @@ class Config:
     # how a job's guest starts: booted (cold), restored from a template of its image and shape
     # (warm; the start fails if that cannot be done), or warm where possible, else cold (auto)
     start: str = "cold"
+    # named hardware profiles (`--profile NAME`, `vmjob profiles`), in the file's order
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
 
     @property
     def state_db(self) -> Path:
@@ -227,7 +232,8 @@ def parse(data: Any, path: str) -> Config:
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
-         "usage_sample_interval", "usage_window", "start", "hotplug", "hotplug_max_mem"}
+         "usage_sample_interval", "usage_window", "start", "hotplug", "hotplug_max_mem",
+         "profiles"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -292,7 +298,34 @@ def parse(data: Any, path: str) -> Config:
         usage_sample_interval_s=_duration(top, "usage_sample_interval", 10.0, zero=True),
         usage_window_s=_duration(top, "usage_window", 60.0),
         start=top.str("start", "cold", START_MODES),
+        profiles=_profiles(top),
     )
+
+
+def host_pools(host: HostConfig) -> tuple[str, ...]:
+    """The pools a host belongs to (usage by pool reads them only through here)."""
+    return host.pools
+
+
+def _profiles(top: _Reader) -> dict[str, Profile]:
+    """`profiles: {NAME: {cpus, mem, nics, numa, threads, hugepages, pool, labels}}`, each
+    value checked as a job spec's (vmjobs.spec.make_profile)."""
+    raw = top.data.get("profiles") or {}
+    if not isinstance(raw, Mapping):
+        raise top.fail("profiles", "must be a mapping of profile names to spec fields")
+    if not raw:
+        return {}
+    # only with profiles: the spec's checks load the placement model, which a plain client
+    # command (`vmjob list`) does not need (tests/unit/test_thin_client.py)
+    from vmjobs.spec import SpecError, make_profile
+
+    profiles = {}
+    for name, fields in raw.items():
+        try:
+            profiles[str(name)] = make_profile(name, fields)
+        except SpecError as exc:
+            raise top.fail(f"profiles.{name}", str(exc)) from None
+    return profiles
 
 
 def system_warnings(config: Config) -> list[str]:

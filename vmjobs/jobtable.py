@@ -121,6 +121,7 @@ def _elapsed(view: View, now: float) -> str:
 # name -> (header, cell). Documented in docs/user-guide.md ("vmjob list"); keep in step.
 COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
     "id": ("JOB", lambda v, now: v["id"]),
+    "kind": ("KIND", lambda v, now: v.get("kind") or "job"),  # job or reservation
     "name": ("NAME", lambda v, now: v.get("name") or "-"),
     "owner": ("OWNER", lambda v, now: v["owner"]),
     "state": ("STATE", lambda v, now: v["state"]),
@@ -139,7 +140,7 @@ COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
     "pos": ("POS", lambda v, now: str(v.get("position") or "-")),
     "why": ("WHY", lambda v, now: why(v)),
 }
-DEFAULT_COLUMNS = ("id", "name", "owner", "state", "host", "cpus", "mem", "age", "elapsed",
+DEFAULT_COLUMNS = ("id", "kind", "name", "owner", "state", "host", "cpus", "mem", "age", "elapsed",
                    "time_limit", "pos", "why")
 
 

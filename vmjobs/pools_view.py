@@ -18,7 +18,7 @@ import placement
 from placement import HostUsage, Request
 from vmjobs.daemon.queue import Wait, lines_of
 from vmjobs.errors import NotFound
-from vmjobs.jobs import JobRecord
+from vmjobs.jobs import JobRecord, Kind
 from vmjobs.spec import time_limit_of
 from vmjobs.store import Store
 
@@ -26,6 +26,8 @@ from vmjobs.store import Store
 def kind_of(record: JobRecord) -> str:
     """"job", "migration" (a placeholder holding a migration's destination), or the `kind`
     a row of another sort names in its spec (e.g. "reservation")."""
+    if record.kind != Kind.JOB:  # the store's own column: a held reservation
+        return record.kind.value
     kind = record.spec.get("kind")
     if isinstance(kind, str) and kind:
         return kind
@@ -41,7 +43,12 @@ def holder_view(record: JobRecord, since: float | None,
     since = since if since is not None else record.updated
     limit = time_limit_of(record.spec)
     until = ends_at if ends_at is not None else (since + limit if limit else None)
+    if record.kind == Kind.RESERVATION:  # held until its --duration's end (none: released
+        until = record.spec.get("until")  # with its client)
+    # a job inside a held reservation uses the reservation's cores: it is listed with it
+    # (`reservation`), the reservation being the holder the pool's capacity counts
     return {"kind": kind_of(record), "id": record.id, "owner": record.owner,
+            "reservation": record.inside,
             "state": record.state.value, "host": allocation.get("host", record.host),
             "cpus": len(allocation.get("cpus") or ()),
             "memory_mib": allocation.get("memory_mib"),
@@ -114,6 +121,8 @@ def from_store(store: Store, pools: Mapping[str, Sequence[str]], cluster: placem
         records = store.holders()
         started = store.started_at([r.id for r in records])
         # queue order: priority, then submission (sorted() is stable)
-        queued = sorted(store.queued(), key=lambda q: -q[1].priority)
+        # jobs waiting inside a held reservation wait in its line, not the pools'
+        queued = sorted((q for q in store.queued() if q[0].inside is None),
+                        key=lambda q: -q[1].priority)
     holders = [holder_view(r, started.get(r.id), ends_at.get(r.id)) for r in records]
     return build(pools, cluster, holders, queued, waits, only)

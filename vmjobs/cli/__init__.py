@@ -102,6 +102,8 @@ COMMANDS = {
     "rebalance": "vmjobs.cli.moves:rebalance", "plan": "vmjobs.cli.plan:plan",
     "devcluster": "vmjobs.cli.devcluster:devcluster_group", "smoke": "vmjobs.cli.smoke:smoke",
     "usage": "vmjobs.cli.usage:usage_command", "pools": "vmjobs.cli.pools:pools",
+    "reserve": "vmjobs.cli.reserve:reserve", "release": "vmjobs.cli.reserve:release",
+    "profiles": "vmjobs.cli.profiles:profiles",
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from vmjobs.cli.connect import client_for
 from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.cli.output import json_option
-from vmjobs.cli.submit import submission, submit_job
-from vmjobs.client import ApiFailure, Client
+from vmjobs.cli.submit import inside, reservation_options, submission, submit_job
+from vmjobs.client import ApiFailure, Client, DaemonLost, Reconnect
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
@@ -82,6 +83,7 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
+@reservation_options
 @json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
@@ -93,8 +95,9 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
 
     Exit codes: the job's own; 124 when --timeout stopped it; 125 when the guest gave no exit
     status or its output was refused; 130/143 when interrupted (the guest is destroyed and
-    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 2
-    for a bad option or job spec; 1 for other errors before the job started.
+    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 77
+    for a wrong or missing --key of a --reservation; 2 for a bad option or job spec; 1 for
+    other errors before the job started.
 
     With --json the output comes as one {"output": TEXT} object a line, then a last line
     {"exit_code": N} (and "job": ID through a daemon).
@@ -107,7 +110,9 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
       vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
       vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
+      vmjob run --reservation "$R" --key "$K" -- nproc   # inside 'vmjob reserve'
     """
+    reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     check_paths(spec)
     config = ctx.obj.config
@@ -115,15 +120,57 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
     client = reachable_daemon(params["url"], config)
     ended: dict[str, Any] = {}
     if client is None:
+        if reservation is not None:
+            raise VmjobsError(f"--reservation needs the daemon (vmjob serve), and none "
+                              f"answers at {config.socket}")
         code = _direct(config, spec, write)
     else:
         try:
-            code = _through_daemon(client, spec, write, ended)
+            code = _through_daemon(client, spec, write, ended, inside_of=(reservation, key))
         finally:
             client.close()
     if as_json:
         click.echo(json.dumps({"exit_code": code, **ended}))
     return code
+
+
+# how often a waiting `run` asks where its job stands: quick at first (a job that starts at
+# once is seen placed before anything is printed), then at a pace a daemon never notices
+WAIT_POLL_S = (0.2, 0.3, 0.5, 1.0)
+
+
+def waiting_line(view: dict[str, Any]) -> str | None:
+    """The line a waiting job gets: where it waits and why; None while the scheduler has not
+    judged it yet (no position)."""
+    if view["state"] != "QUEUED" or view.get("position") is None:
+        return None
+    why = view.get("waiting_because") or "waiting for room"
+    return f"job {view['id']} queued at {place_in_line(view)}: {why}"
+
+
+def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Follow a queued job until it leaves the queue (started, cancelled, or given up by
+    --wait-timeout), saying where it waits and why when it starts waiting and whenever that
+    changes. A job that starts at once says nothing. A daemon that goes away meanwhile (a
+    restart) is waited for, as `wait` and `logs -f` do (`Reconnect`)."""
+    said: str | None = None
+    polls = 0
+    retry = Reconnect(client)
+    while view["state"] == "QUEUED":
+        line = waiting_line(view)
+        if line is not None and line != said:
+            say(line)
+            said = line
+        time.sleep(WAIT_POLL_S[min(polls, len(WAIT_POLL_S) - 1)])
+        polls += 1
+        try:
+            view = client.job(view["id"])
+        except DaemonLost as exc:
+            retry.lost(exc)
+            continue
+        retry.ok()
+    if said is not None and view["state"] in ("PLACED", "STARTING", "RUNNING"):
+        say(f"job {view['id']} starts on {view.get('host') or 'its host'}")
 
 
 def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
@@ -149,16 +196,16 @@ def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
 
 
 def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
-                    ended: dict[str, Any]) -> int:
-    body = submission(spec, client)
+                    ended: dict[str, Any],
+                    inside_of: tuple[str | None, str | None] = (None, None)) -> int:
+    body = inside(submission(spec, client), *inside_of)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = ended["job"] = view["id"]
-    if view["state"] == "QUEUED" and view.get("position"):
-        note(f"job {job_id} queued at {place_in_line(view)}: {view['waiting_because']}")
-    else:
-        note(f"job {job_id} submitted")
+    note(f"job {job_id} submitted")
     try:
         with interruptible():
+            if view["state"] == "QUEUED":
+                wait_to_start(client, view, note)
             for chunk in client.logs(job_id, follow=True):
                 write(chunk)
             final = client.wait(job_id)

@@ -327,3 +327,50 @@ def test_unknown_key_lists_the_allowed_ones(tmp_path: Path) -> None:
         load(str(path))
     assert "reserved_cpus" in info.value.problem
     assert "emulated_nics" in info.value.problem
+
+
+def test_borrow_settings_and_their_defaults(tmp_path: Path) -> None:
+    assert load(str(write(tmp_path / "none.yaml", one_host()))).borrow is None  # no lending
+    loaded = load(str(write(tmp_path / "empty.yaml", "spool: /srv/vmjobs\nborrow: {}\n")))
+    assert loaded.borrow == config.Borrow(0.1, 600.0, 5.0, "off")
+    given = load(str(write(tmp_path / "given.yaml", {
+        **one_host(), "usage_sample_interval": "10s",
+        "borrow": {"idle_below": 0.25, "for": "2m", "give_back_within": "8s",
+                   "memory": "off"}})))
+    assert given.borrow == config.Borrow(0.25, 120.0, 8.0, "off")
+    # owners with loans are read at a quarter of give_back_within, within [0.5 s, interval]
+    assert given.borrow.fast_interval_s(10.0) == 2.0
+    assert given.borrow.fast_interval_s(1.0) == 1.0
+    assert config.Borrow(give_back_within_s=1.0).fast_interval_s(10.0) == 0.5
+    bare_off = load(str(write(tmp_path / "off.yaml",
+                              "spool: /srv/vmjobs\nborrow:\n  memory: off\n")))
+    assert bare_off.borrow is not None and bare_off.borrow.memory == "off"
+
+
+@pytest.mark.parametrize(("section", "key", "problem"), [
+    ({"idle_below": 1.5}, "borrow.idle_below", "fraction of a core"),
+    ({"idle_below": 0}, "borrow.idle_below", "fraction of a core"),
+    ({"idle_below": True}, "borrow.idle_below", "fraction of a core"),
+    ({"idle_below": float("nan")}, "borrow.idle_below", "fraction of a core"),
+    ({"for": "forever"}, "borrow.for", "duration"),
+    ({"give_back_within": "2h"}, "borrow.give_back_within", "at most 1h"),
+    ({"give_back_within": 0}, "borrow.give_back_within", "duration"),
+    ({"memory": "balloon"}, "borrow.memory", "not supported yet"),
+    ({"memory": "all"}, "borrow.memory", "must be off"),
+    ({"lend": True}, "borrow.lend", "unknown key"),
+    ("on", "borrow", "must be a mapping"),
+])
+def test_bad_borrow_settings_name_the_key(tmp_path: Path, section: Any, key: str,
+                                          problem: str) -> None:
+    path = write(tmp_path / "bad.yaml", {**one_host(), "borrow": section})
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert (info.value.key, "\n" in str(info.value)) == (key, False)
+    assert problem in info.value.problem
+
+
+def test_borrowing_needs_the_sampler(tmp_path: Path) -> None:
+    path = write(tmp_path / "off.yaml", {**one_host(), "usage_sample_interval": 0,
+                                         "borrow": {"for": "1m"}})
+    with pytest.raises(ConfigError, match="usage_sample_interval above 0"):
+        load(str(path))

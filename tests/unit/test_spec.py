@@ -180,3 +180,24 @@ def test_yaml_types_are_kept_strict_and_options_win(tmp_path: Path) -> None:
     job.write_text("- not a mapping\n")
     with pytest.raises(SpecError, match="must be a mapping of spec fields"):
         spec_from_options({}, job)
+
+
+def test_borrow_implies_preemptible_and_no_lend_is_kept() -> None:
+    spec = parse({"argv": ["true"], "borrow": True})
+    assert spec.borrow and not spec.preemptible and spec.request().preemptible
+    assert parse(spec.to_dict()) == spec
+    assert parse({"argv": ["true"], "no_lend": True}).no_lend
+    assert not parse({"argv": ["true"]}).request().preemptible
+
+
+def test_borrow_and_no_lend_together_are_refused_in_one_line() -> None:
+    with pytest.raises(SpecError, match="^give either --borrow or --no-lend, not both"):
+        parse({"argv": ["true"], "borrow": True, "no_lend": True})
+    with pytest.raises(SpecError, match="no_lend must be true or false"):
+        parse({"argv": ["true"], "no_lend": "yes"})
+
+
+def test_borrow_and_no_lend_from_the_command_line() -> None:
+    spec = spec_from_options({"borrow": True, "argv": ("true",)})
+    assert spec.borrow and spec.request().preemptible
+    assert spec_from_options({"no_lend": True, "argv": ("true",)}).no_lend

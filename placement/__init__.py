@@ -37,6 +37,7 @@ _HOMES = {
     "Reason": "placement.results",
     "Repin": "placement.plans",
     "Request": "placement.model",
+    "Resize": "placement.inplace",
     "SwfJob": "placement.swf",
     "ThreadPolicy": "placement.model",
     "Trace": "placement.swf",
@@ -48,6 +49,7 @@ _HOMES = {
     "parse_swf": "placement.swf",
     "plan_rebalance": "placement.plans",
     "plan_to_fit": "placement.plans",
+    "resize": "placement.inplace",
     "restrict": "placement.within",
 }
 __all__ = [
@@ -73,6 +75,7 @@ __all__ = [
     "Reason",
     "Repin",
     "Request",
+    "Resize",
     "SwfJob",
     "ThreadPolicy",
     "Trace",
@@ -84,6 +87,7 @@ __all__ = [
     "parse_swf",
     "plan_rebalance",
     "plan_to_fit",
+    "resize",
     "restrict",
 ]
 
@@ -104,6 +108,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and readers: what each name is
     from placement.cluster import Cluster
     from placement.errors import Conflict, UnknownHost, UnknownJob
+    from placement.inplace import Resize, resize
     from placement.model import (
         Allocation,
         Cpu,

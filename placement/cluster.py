@@ -195,6 +195,14 @@ class Cluster:
             ),
         )
 
+    def node_free(self, host: str, node: int) -> tuple[frozenset[int], int]:
+        """(the free cpus, the free ordinary memory in MiB) of one NUMA node of `host`. Raises
+        UnknownHost, or KeyError for a node the host does not have."""
+        for ledger_node in self._ledgers[self._host_id(host)].nodes:
+            if ledger_node.shape.id == node:
+                return frozenset(ledger_node.free), ledger_node.memory_free
+        raise KeyError(node)
+
     # --- placement --------------------------------------------------------------------------
 
     def place(self, request: Request, policy: str = "pack") -> Decision:

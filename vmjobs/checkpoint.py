@@ -11,10 +11,18 @@ host, or `to`), reserve, rewrite the save image's XML for the new host with
 `virt.migration.retarget_xml` (the new host's vcpupin/numatune, the new console segment), restore
 with `restoreFlags(path, dxml)`, set the guest's wall clock, remove the file. A restore that
 fails releases the new reservation and leaves the job CHECKPOINTED with its file.
+
+`periodic_checkpoint` (`--checkpoint-every`): the guest paused, the length of its output so
+far noted, its state written to `periodic.<seq>.save` (an external memory snapshot, the same
+format), the guest resumed — it runs on. Only once the new file is complete is it recorded
+(the spec's `checkpoint` field) and the older ones removed; a failed one removes its partial
+file and keeps the previous. `adopt_periodic` makes the last one the job's checkpoint
+(`checkpoint.save`) when its host is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,10 +45,16 @@ from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
 from vmjobs.virt.migration import retarget_xml
 
 SAVE_FILE = "checkpoint.save"
+PERIODIC_GLOB = "periodic.*.save"
 
 
 class CheckpointFailed(VmjobsError):
-    pass
+    """A save, periodic checkpoint or restore that did not happen; `host`: where a restore
+    was tried (the caller may try again elsewhere if that host stopped answering)."""
+
+    def __init__(self, message: str, host: str | None = None) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 def save_path(spool: Path, job_id: str) -> Path:
@@ -153,7 +167,7 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
                          f"restore on {alloc.host} failed: {message}", release=True)
         if isinstance(exc, VmjobsError | VirtError):
             raise CheckpointFailed(f"job {job_id}: restore on {alloc.host} failed: {message}; "
-                                   f"the checkpoint is kept") from None
+                                   f"the checkpoint is kept", host=alloc.host) from None
         raise
     failpoints.hit("restore:restored")
     duration = time.monotonic() - started
@@ -170,3 +184,109 @@ def discard(spool: Path, job_id: str) -> bool:
     existed = path.exists()
     path.unlink(missing_ok=True)
     return existed
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """A periodic checkpoint as the job's spec records it (`checkpoint`): its file (in the
+    job's directory), when it was taken (time.time()), the job's output up to then (output
+    file index, bytes in it), the job's time limit left then (seconds, or None)."""
+
+    seq: int
+    file: str
+    at: float
+    output_index: int
+    output_bytes: int
+    time_left_s: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"seq": self.seq, "file": self.file, "at": self.at,
+                "output": [self.output_index, self.output_bytes],
+                "time_left_s": self.time_left_s}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Periodic | None:
+        """The record, or None for a missing or malformed one (no checkpoint to use)."""
+        if not isinstance(data, dict):
+            return None
+        try:
+            index, size = data["output"]
+            left = data.get("time_left_s")
+            return cls(int(data["seq"]), str(data["file"]), float(data["at"]), int(index),
+                       int(size), None if left is None else float(left))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def periodic_checkpoint(config: Config, store: Store, conns: Mapping[str, Connection],
+                        job_id: str, ends_at: float | None = None) -> Periodic:
+    """Checkpoint a RUNNING job's guest and let it run on (see the module's docstring).
+    `ends_at`: when its time limit stops it (time.time()), to record the time left. Its state
+    stays RUNNING; an event (a note) says the checkpoint was taken. Raises CheckpointFailed
+    (the previous checkpoint kept, the guest running) or VmjobsError if the guest is not
+    running."""
+    record, _alloc = running_job(store, job_id)
+    host = record.host or ""
+    dom = lookup_domain(conns[host], domain_name(job_id))
+    if dom is None or not is_running(dom):
+        raise VmjobsError(f"job {job_id}'s guest is not running on {host}")
+    files = JobFiles.of(config.spool, job_id)
+    last = Periodic.from_dict(record.spec.get("checkpoint"))
+    seq = last.seq + 1 if last is not None else 1
+    path = files.dir / f"periodic.{seq}.save"
+    started = time.monotonic()
+    domains.pause(dom)
+    try:
+        # paused, QEMU writes no more output for the guest: what the files hold now is what
+        # the job printed before the checkpoint (output still queued in the guest is in the
+        # checkpoint and is written by the restored guest)
+        index = max(files.output_indexes(), default=0)
+        size = files.output(index).stat().st_size if files.output(index).exists() else 0
+        at = time.time()
+        domains.snapshot_memory(dom, path)
+    except VirtError as exc:
+        path.unlink(missing_ok=True)
+        _resume_quietly(dom)
+        raise CheckpointFailed(f"job {job_id}: periodic checkpoint failed: "
+                               f"{exc.get_error_message()}; the previous one is kept") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        _resume_quietly(dom)
+        raise
+    _resume_quietly(dom)
+    duration = time.monotonic() - started
+    taken = Periodic(seq, path.name, at, index, size,
+                     None if ends_at is None else max(ends_at - at, 0.0))
+    store.mark(job_id, checkpoint=taken.to_dict())
+    store.note(job_id, f"periodic checkpoint {seq} taken on {host} in {duration:.1f}s "
+                       f"({path.stat().st_size >> 20} MiB); the job runs on")
+    for older in files.dir.glob(PERIODIC_GLOB):  # only now that the new one is complete
+        if older.name != path.name:
+            older.unlink(missing_ok=True)
+    return taken
+
+
+def _resume_quietly(dom: Domain) -> None:
+    # gone meanwhile (its end or its host's): the daemon's events say which
+    with contextlib.suppress(VirtError):
+        domains.resume(dom)
+
+
+def adopt_periodic(spool: Path, job_id: str, spec: Mapping[str, object]) -> Periodic | None:
+    """Make the job's last periodic checkpoint (its spec's `checkpoint`) its checkpoint
+    (`save_path`), for a restore after its host was lost; None when it has none (never taken,
+    or its file is gone)."""
+    taken = Periodic.from_dict(spec.get("checkpoint"))
+    if taken is None:
+        return None
+    source = JobFiles.of(spool, job_id).dir / taken.file
+    if not source.is_file():
+        return None
+    source.replace(save_path(spool, job_id))
+    return taken
+
+
+def discard_periodic(spool: Path, job_id: str) -> None:
+    """Remove the job's periodic checkpoints (it ended, or runs again from the start)."""
+    for path in JobFiles.of(spool, job_id).dir.glob(PERIODIC_GLOB):
+        path.unlink(missing_ok=True)

@@ -97,6 +97,10 @@ class Config:
     admin_group: str | None = None
     # when a queued job that is not preemptible does not fit, move preemptible jobs for it
     preemption: bool = False
+    # guests can grow live (`vmjob resize`): up to every cpu of their NUMA node and
+    # `hotplug_max_mem_mib` more memory (virtio-mem); off: guests of a fixed size
+    hotplug: bool = False
+    hotplug_max_mem_mib: int = 1024
     max_outbound_migrations: int = 1  # live migrations leaving one host at once
     # the daemon's connections: ordinary users' together, one user's, and how long a request
     # line + headers may take to arrive (see vmjobs.daemon.server.Limits)
@@ -266,7 +270,8 @@ def parse(data: Any, path: str) -> Config:
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
-         "usage_sample_interval", "usage_window", "start", "profiles", "borrow"}
+         "usage_sample_interval", "usage_window", "start", "hotplug", "hotplug_max_mem",
+         "profiles", "borrow"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -296,6 +301,12 @@ def parse(data: Any, path: str) -> Config:
     ):
         raise top.fail("metrics_port", "must be a TCP port number (1-65535)")
     admin_group = top.str("admin_group") if top.data.get("admin_group") is not None else None
+    hotplug = top.data.get("hotplug", False)
+    if not isinstance(hotplug, bool):
+        raise top.fail("hotplug", "must be on or off")
+    hotplug_max_mem = top.size_mib("hotplug_max_mem", Config.hotplug_max_mem_mib)
+    if hotplug_max_mem % 2:
+        raise top.fail("hotplug_max_mem", "must be a multiple of 2M (virtio-mem's block)")
     preemption = top.data.get("preemption", False)
     if not isinstance(preemption, bool):  # YAML reads on/off/true/false as booleans
         raise top.fail("preemption", "must be on or off")
@@ -312,6 +323,8 @@ def parse(data: Any, path: str) -> Config:
         metrics_port=metrics_port,
         admin_group=admin_group,
         preemption=preemption,
+        hotplug=hotplug,
+        hotplug_max_mem_mib=hotplug_max_mem,
         max_outbound_migrations=top.int("max_outbound_migrations", 1, minimum=1),
         max_connections=top.int("max_connections", 512, minimum=1),
         max_connections_per_user=top.int("max_connections_per_user", 64, minimum=1),

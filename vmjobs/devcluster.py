@@ -499,6 +499,19 @@ def _hosts_present(layout: Layout) -> list[str]:
     return sorted(found, key=lambda h: int(h[1:]))
 
 
+def power_off(name: str, host: str, note: Note = lambda _m: None) -> None:
+    """Take one host away as a power loss would: its libvirtd, virtlogd and guests killed, its
+    namespace and link gone (so nothing answers at its address). `up` builds it again.
+    Raises VmjobsError for a host the cluster does not have."""
+    validate(name)
+    _require_root()
+    with _locked(name):
+        layout = layout_of(name)
+        if layout is None or host not in _hosts_present(layout):
+            raise VmjobsError(f"dev cluster {name!r} has no host {host!r}")
+        _stop_host(layout, host, note)
+
+
 def down(name: str = DEFAULT_NAME, note: Note = lambda _m: None) -> bool:
     """Remove every host, the bridge and the state of the cluster; False if nothing was there."""
     validate(name)

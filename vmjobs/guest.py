@@ -18,7 +18,7 @@ from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.units import format_bytes
 from vmjobs.virt import domain_xml
-from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs.virt.domain_xml import DomainSpec, Hotplug, Nic, guest_nic_address
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -121,6 +121,7 @@ class GuestPlan:
     input_dir: Path | None = None
     emulator_cpus: frozenset[int] = frozenset()
     vmjob_env: Mapping[str, str] = field(default_factory=dict)  # e.g. $VMJOB_ARRAY_INDEX
+    hotplug: Hotplug | None = None  # room to grow live (`vmjob resize`); None: fixed size
 
 
 def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
@@ -182,6 +183,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             # every job may move: after a migration or restore its clock is set through this
             clock_channel=True,
             output_pipe=output_pipe,
+            hotplug=plan.hotplug,
         )
     )
     fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)

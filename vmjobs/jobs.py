@@ -10,6 +10,7 @@ running at recovery, NICs plugged back, a reservation freed late) are notes
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -75,8 +76,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # moves; its end; its host stops answering; requeued at recovery (no console)
     _S.RUNNING: frozenset({_S.MIGRATING, _S.CHECKPOINTING, _S.UNREACHABLE, _S.LOST, _S.QUEUED}
                           | _ENDS),
-    # its host came back (guest running, or stopped and collected) or stayed away too long
-    _S.UNREACHABLE: frozenset({_S.RUNNING, _S.LOST, _S.QUEUED} | _ENDS),
+    # its host came back (guest running, or stopped and collected) or stayed away too long:
+    # then its lost-host policy (`HostLossPolicy`) decides: LOST (fail), back to the QUEUED
+    # state to run again from the start (requeue), or CHECKPOINTED from its last periodic
+    # checkpoint, restored elsewhere by the scheduler (restore)
+    _S.UNREACHABLE: frozenset({_S.RUNNING, _S.LOST, _S.QUEUED, _S.CHECKPOINTED} | _ENDS),
     # a move ends with the guest running (here or there), its host not answering, or lost
     _S.MIGRATING: frozenset({_S.RUNNING, _S.UNREACHABLE, _S.LOST}),
     _S.CHECKPOINTING: frozenset({_S.CHECKPOINTED, _S.RUNNING, _S.UNREACHABLE, _S.LOST}),
@@ -86,6 +90,32 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.HELD: frozenset(),  # a job is never HELD: reservations only
     **{end: frozenset() for end in FINISHED},
 }
+
+
+class HostLossPolicy(StrEnum):
+    """What becomes of a job whose host is declared lost (`--on-host-loss`; the spec's
+    `on_host_loss`). The transitions each takes from UNREACHABLE (or PLACED/STARTING, which
+    have no guest worth keeping):
+
+    - FAIL: -> LOST, the job's end (exit 125), as before this policy existed;
+    - REQUEUE: -> QUEUED with its reservation released in the same transaction; the same job
+      (id, events, owner, place in the queue) runs again from the start on another host;
+    - RESTORE: -> CHECKPOINTED from its last periodic checkpoint (`--checkpoint-every`), which
+      the scheduler restores on another host (CHECKPOINTED -> PLACED -> RESTORING ->
+      RUNNING); with no checkpoint yet it is requeued (REQUEUE), and its events say so.
+    """
+
+    FAIL = "fail"
+    REQUEUE = "requeue"
+    RESTORE = "restore"
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> HostLossPolicy:
+        """A stored spec's policy; FAIL for records from before the field existed."""
+        try:
+            return cls(spec.get("on_host_loss") or cls.FAIL.value)
+        except ValueError:
+            return cls.FAIL
 
 
 class Kind(StrEnum):

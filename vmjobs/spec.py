@@ -19,6 +19,10 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
+- `on_host_loss` (`fail|requeue|restore`, `--on-host-loss`) and `checkpoint_every` (a
+  duration, `--checkpoint-every`): what becomes of the job when its host is declared lost
+  (`vmjobs.jobs.HostLossPolicy`, docs/borrowing.md "Lost hosts"); periodic checkpoints are
+  taken for `restore` only
 - `array`: job array indices, `"1-100"`, `"1,3,5-7"`, `"0-99%10"` (`--array`; one job per
   index, at most N running with `%N`; `vmjobs.jobarray`)
 - `nodes`: a gang (`vmjobs.gang`, docs/multinode.md): a number N (`--nodes N`: N members of
@@ -51,6 +55,7 @@ from placement.need import need_of
 from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.gang import ENV_NODE, ENV_NODES, MAX_NODES, ON_FAILURE
 from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
+from vmjobs.jobs import HostLossPolicy
 from vmjobs.units import parse_duration, parse_size_mib
 
 # The smallest guest known to boot the image (kernel + initramfs unpacked in RAM): 128 MiB
@@ -73,7 +78,8 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
           "wait_timeout", "no_wait", "input", "output", "array", "profile", "nodes",
-          "nodes_apart", "per_host", "on_member_failure", "borrow", "no_lend")
+          "nodes_apart", "per_host", "on_member_failure", "borrow", "no_lend", "on_host_loss",
+          "checkpoint_every")
 # what a member of `nodes:` may set for itself (`cmd` is its argv)
 MEMBER_FIELDS = ("name", "cmd", "cpus", "mem", "nics", "env", "host", "pool", "labels")
 # the fields a hardware profile may set (config `profiles:`, `--profile`)
@@ -86,7 +92,11 @@ RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "
 OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
            "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array",
            "nodes": "--nodes", "per_host": "--per-host", "nodes_apart": "--nodes-apart",
-           "on_member_failure": "--on-member-failure", "no_lend": "--no-lend"}
+           "on_member_failure": "--on-member-failure", "no_lend": "--no-lend",
+           "on_host_loss": "--on-host-loss", "checkpoint_every": "--checkpoint-every"}
+# Periodic checkpoints pause the guest while its memory is written (about a second for a
+# small TCG guest here): more often than this would spend the job's time on checkpoints.
+MIN_CHECKPOINT_EVERY_S = 5.0
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -120,6 +130,8 @@ class Spec:
     input: str | None = None
     output: str | None = None
     array: JobArray | None = None
+    on_host_loss: HostLossPolicy = HostLossPolicy.FAIL
+    checkpoint_every: float | None = None  # seconds; only with on_host_loss restore
     profile: str | None = None  # the hardware profile it was built from (already applied)
     borrow: bool = False  # may run on lent cores (docs/borrowing.md); implies preemptible
     no_lend: bool = False  # its idle cores are never lent
@@ -173,6 +185,7 @@ class Spec:
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
             "borrow": self.borrow, "no_lend": self.no_lend,
+            "on_host_loss": self.on_host_loss.value, "checkpoint_every": self.checkpoint_every,
         }
         if self.profile is not None:
             data["profile"] = self.profile
@@ -277,6 +290,17 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
+    on_host_loss = HostLossPolicy(fields.choice(
+        "on_host_loss", [p.value for p in HostLossPolicy], HostLossPolicy.FAIL.value))
+    checkpoint_every = fields.duration("checkpoint_every")
+    if checkpoint_every is not None:
+        if on_host_loss != HostLossPolicy.RESTORE:
+            raise SpecError("--checkpoint-every needs --on-host-loss restore (the periodic "
+                            "checkpoints are what a lost host's job is restored from)")
+        if checkpoint_every < MIN_CHECKPOINT_EVERY_S:
+            raise fields.fail("checkpoint_every", f"{checkpoint_every:g}s is shorter than "
+                                                  f"the shortest allowed "
+                                                  f"({MIN_CHECKPOINT_EVERY_S:g}s)")
     nodes = fields.nodes()
     if nodes is not None:
         if array is not None:
@@ -313,6 +337,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         output=fields.text("output"), array=array, profile=fields.text("profile"),
         nodes=nodes, nodes_apart=apart, per_host=per_host, on_member_failure=on_failure,
         borrow=borrow, no_lend=no_lend,
+        on_host_loss=on_host_loss, checkpoint_every=checkpoint_every,
     )
     # fields that contradict each other (--mem-nodes with --numa strict, a memory that is no
     # whole number of its hugepages): the engine's own line, as a usage error before anything
@@ -355,6 +380,15 @@ def time_limit_of(stored: Mapping[str, Any]) -> float | None:
     """A stored spec's time limit in seconds (records written before the spec: `timeout_s`)."""
     value = stored.get("time_limit", stored.get("timeout_s"))
     return float(value) if value else None
+
+
+def checkpoint_every_of(stored: Mapping[str, Any]) -> float | None:
+    """A stored spec's periodic checkpoint interval in seconds; None without one (or for a
+    value that is not a positive number: records are checked at submission)."""
+    value = stored.get("checkpoint_every")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 def wait_timeout_of(stored: Mapping[str, Any]) -> float | None:

@@ -535,10 +535,13 @@ class Store:
                              time.time(), job_id))
             self._insert_reservation(job_id, allocation)
 
-    def repin_reservation(self, job_id: str, allocation: Allocation, reason: str) -> None:
-        """A job re-pinned on its own host: its reservation becomes `allocation` (which may
-        share cpus with the old one), with an event saying why. One transaction: a cpu held
-        by another job raises (UNIQUE key) and leaves the old reservation in place."""
+    def repin_reservation(self, job_id: str, allocation: Allocation, reason: str,
+                          request: Request | None = None) -> None:
+        """A job re-pinned (or resized) on its own host: its reservation becomes `allocation`
+        (which may share cpus with the old one), with an event saying why, and its request
+        `request` when given (a resized job is placed at its new size by later moves). One
+        transaction: a cpu held by another job raises (UNIQUE key) and leaves the old
+        reservation in place."""
         with self.reserving():
             row = self.db.execute("SELECT host, state FROM jobs WHERE id = ?",
                                   (job_id,)).fetchone()
@@ -547,6 +550,9 @@ class Store:
             self._release(job_id)
             self.db.execute("UPDATE jobs SET allocation = ?, updated = ? WHERE id = ?",
                             (json.dumps(allocation_to_dict(allocation)), time.time(), job_id))
+            if request is not None:
+                self.db.execute("UPDATE jobs SET request = ? WHERE id = ?",
+                                (json.dumps(request_to_dict(request)), job_id))
             self._insert_reservation(job_id, allocation)
             # a note: the job's state does not change
             self._event(job_id, JobState(row["state"]), allocation.host, reason, time.time(),

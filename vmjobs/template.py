@@ -472,7 +472,10 @@ def launch(start_mode: str, conn: Connection, plan: GuestPlan, files: JobFiles,
     `warm` fails the start if the template cannot be made or restored; `auto` then starts
     cold. A job with NICs or hugepages always starts cold (`why_cold`)."""
     if start_mode != "cold":
-        reason = why_cold(plan.allocation)
+        # a template is one shape; a resizable guest's topology (max vCPUs, virtio-mem) is
+        # another
+        reason = why_cold(plan.allocation) or (
+            "its guest is resizable (hotplug: true)" if plan.hotplug is not None else None)
         if reason is not None:
             if start_mode == "warm":
                 note(f"job {plan.job_id}: starting cold: {reason}")

@@ -97,6 +97,7 @@ COMMANDS = {
     "logs": "vmjobs.cli.jobs:logs", "wait": "vmjobs.cli.jobs:wait",
     "cancel": "vmjobs.cli.jobs:cancel", "migrate": "vmjobs.cli.moves:migrate",
     "checkpoint": "vmjobs.cli.moves:checkpoint", "restore": "vmjobs.cli.moves:restore",
+    "resize": "vmjobs.cli.moves:resize",
     "drain": "vmjobs.cli.moves:drain", "uncordon": "vmjobs.cli.moves:uncordon",
     "rebalance": "vmjobs.cli.moves:rebalance", "plan": "vmjobs.cli.plan:plan",
     "devcluster": "vmjobs.cli.devcluster:devcluster_group", "smoke": "vmjobs.cli.smoke:smoke",

@@ -18,7 +18,9 @@ import click
 from vmjobs.cli.connect import client_for, url_option
 from vmjobs.cli.options import duration_value
 from vmjobs.cli.output import json_option
-from vmjobs.errors import VmjobsError
+from vmjobs.errors import UsageError, VmjobsError
+from vmjobs.spec import MAX_CPUS
+from vmjobs.units import parse_size_mib
 
 
 class MoveFailed(VmjobsError):
@@ -127,6 +129,44 @@ def migrate(job: str, to: str | None, max_downtime: int | None, bandwidth: int |
             "replug_nics": replug_nics or None}
     client = client_for(url)
     report(follow(client.job_action(job, "migrate", body), as_json), as_json)
+
+
+@click.command()
+@click.argument("job")
+@click.option("--cpus", default=None, metavar="N", help="vCPUs the job should have now.")
+@click.option("--mem", "memory", default=None, metavar="SIZE",
+              help="Guest memory it should have now (512M, 1.5G; steps of 2 MiB).")
+@json_option
+@url_option
+def resize(job: str, cpus: str | None, memory: str | None, as_json: bool,
+           url: str | None) -> None:
+    """Grow or shrink a running job in place: vCPU and memory hotplug.
+
+    New vCPUs are pinned to free cpus of the job's own NUMA node, reserved before they are
+    plugged; cores and memory a shrink gives up go back to the pool once the guest released
+    them. The guest sees the change (nproc, MemTotal), which is printed. Only jobs started
+    while the daemon's config had 'hotplug: true' can be resized, up to the cpus of their
+    node and the memory the config allows.
+
+    \b
+    Examples:
+      vmjob resize 3f9a1c2e --cpus 4
+      vmjob resize 3f9a1c2e --cpus 1 --mem 512M --json
+    """
+    if cpus is None and memory is None:
+        raise UsageError("give --cpus and/or --mem")
+    body: dict[str, int] = {}
+    if cpus is not None:
+        if not cpus.isdigit() or not 1 <= int(cpus) <= MAX_CPUS:
+            raise UsageError(f"--cpus must be a whole number from 1 to {MAX_CPUS}, not {cpus!r}")
+        body["cpus"] = int(cpus)
+    if memory is not None:
+        try:
+            body["memory_mib"] = parse_size_mib(memory, "--mem")
+        except VmjobsError as exc:
+            raise UsageError(str(exc)) from None
+    client = client_for(url)
+    report(follow(client.job_action(job, "resize", body), as_json), as_json)
 
 
 @click.command()

@@ -29,6 +29,7 @@ PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
           "env": "env", "priority": "priority", "preemptible": "preemptible",
           "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array",
+          "on_host_loss": "on_host_loss", "checkpoint_every": "checkpoint_every",
           "nodes": "nodes", "per_host": "per_host", "on_member_failure": "on_member_failure",
           "profile": "profile", "borrow": "borrow", "no_lend": "no_lend"}
 # click gives these as booleans
@@ -87,6 +88,18 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", default=None, metavar="DURATION",
                      help="Stop the job after this long (90 seconds, 30s, 5m, 2h, 1:30:00, "
                           "2-12:00:00; at most 366d)."),
+        click.option("--on-host-loss", "on_host_loss", default=None,
+                     metavar="fail|requeue|restore",
+                     help="Daemon only: when the job's host is declared lost, end it LOST "
+                          "(fail), run it again from the start elsewhere, same id (requeue), "
+                          "or restore it elsewhere from its last --checkpoint-every "
+                          "checkpoint (restore; requeue when there is none yet).  "
+                          "[default: fail]"),
+        click.option("--checkpoint-every", "checkpoint_every", default=None,
+                     metavar="DURATION",
+                     help="Daemon only, with --on-host-loss restore: checkpoint the running "
+                          "job this often (at least 5s), keeping the last good checkpoint; "
+                          "the job runs on meanwhile."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -30,6 +30,7 @@ from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
 from vmjobs.interrupt import Interrupted, interruptible
+from vmjobs.jobs import HostLossPolicy
 from vmjobs.jobtable import place_in_line
 from vmjobs.outcome import EXIT_NOT_STARTED, cancelled_line, interrupted_exit
 from vmjobs.spec import Spec, SpecError, check_paths
@@ -184,9 +185,13 @@ def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
     if spec.nodes is not None:
         raise SpecError(f"--nodes needs the daemon, and none answers at {config.socket} "
                         "(start one with 'vmjob serve')")
-    if spec.wait_timeout is not None or spec.priority != 0 or spec.borrow:
-        option = "--wait-timeout" if spec.wait_timeout is not None else \
-            "--borrow" if spec.borrow else "--priority"
+    needs_daemon = [option for option, given in (
+        ("--wait-timeout", spec.wait_timeout is not None), ("--borrow", spec.borrow),
+        ("--priority", spec.priority != 0),
+        ("--on-host-loss", spec.on_host_loss != HostLossPolicy.FAIL),
+        ("--checkpoint-every", spec.checkpoint_every is not None)) if given]
+    if needs_daemon:
+        option = needs_daemon[0]
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
                         "(start one with 'vmjob serve'); without it run starts at once "
                         "or fails")

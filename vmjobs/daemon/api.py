@@ -118,6 +118,7 @@ class Api:
         router.add("POST", "/v1/jobs/{id}/migrate", self.migrate)
         router.add("POST", "/v1/jobs/{id}/checkpoint", self.checkpoint)
         router.add("POST", "/v1/jobs/{id}/restore", self.restore)
+        router.add("POST", "/v1/jobs/{id}/resize", self.resize)
         router.add("POST", "/v1/hosts/{host}/drain", self.drain)
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
@@ -614,6 +615,17 @@ class Api:
         if to is not None:
             self.daemon.config.host(to)
         return progress_stream(lambda _emit: [moves.restore(self.daemon, record.id, to)])
+
+    def resize(self, req: ApiRequest) -> Stream:
+        """Body: `cpus` and/or `memory_mib` (whole numbers); the owner's or an admin's."""
+        body = req.json()
+        cpus, memory_mib = _opt_int(body, "cpus"), _opt_int(body, "memory_mib")
+        if cpus is None and memory_mib is None:
+            raise ApiError(400, "give cpus and/or memory_mib", code="usage")
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+        return progress_stream(lambda _emit: [moves.resize(self.daemon, record.id, cpus,
+                                                           memory_mib)])
 
     def drain(self, req: ApiRequest) -> Stream:
         self._admin(req, "draining a host")

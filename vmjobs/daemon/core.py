@@ -23,9 +23,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from placement import Request
+from placement import Allocation, Request
 from vmjobs import gang, template
-from vmjobs.checkpoint import discard
+from vmjobs.checkpoint import discard, discard_periodic
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.daemon.hosts import (
@@ -52,11 +52,12 @@ from vmjobs.guest import (
 )
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
-from vmjobs.jobs import UNFINISHED, JobRecord, JobState, domain_name
+from vmjobs.jobs import UNFINISHED, HostLossPolicy, JobRecord, JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
-from vmjobs.virt.conn import destroy_quietly, lookup_domain
+from vmjobs.virt.conn import destroy_quietly, is_alive, lookup_domain
+from vmjobs.virt.domain_xml import Hotplug
 
 log = logging.getLogger("vmjobs.daemon")
 RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
@@ -207,9 +208,11 @@ class Daemon:
         self.releasing: set[str] = set()  # held reservations being released now
         self.scheduler = SchedulerState()
         self.unrecorded: dict[str, Unrecorded] = {}  # ends waiting for room in the store
-        # Called with a lost host's job record; returns the state it goes to (requeue or
-        # restore-from-checkpoint policies plug in here later).
-        self.lost_state: Callable[[JobRecord], JobState] = lambda _record: JobState.LOST
+        # What becomes of a job whose host is lost (`record`, why), caller holding the lock:
+        # LOST here (a direct run's core); the job's --on-host-loss policy under a serving
+        # daemon (`vmjobs.daemon.hostloss.settle_lost`, wired in by `daemon.main`).
+        self.on_job_lost: Callable[[JobRecord, str], None] = \
+            lambda record, why: self.finish(record.id, Verdict(JobState.LOST, why))
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
@@ -495,6 +498,7 @@ class Daemon:
                 self.wake()
             return
         self.unrecorded.pop(job_id, None)
+        discard_periodic(self.config.spool, job_id)  # ended: nothing to restore any more
         if release:
             self.drop(job_id)
         self.metrics.finished(verdict.state)
@@ -528,8 +532,20 @@ class Daemon:
         except Exception as exc:  # any failure to start ends the job, with the reason
             message = exc.get_error_message() if isinstance(exc, VirtError) else exc
             with self.lock:
-                if self.active.get(job_id) is active:
-                    self.finish(job_id, Verdict(JobState.FAILED, f"could not start: {message}"))
+                if self.active.get(job_id) is not active:
+                    return
+                policy = HostLossPolicy.of(record.spec)
+                if policy != HostLossPolicy.FAIL and not self.answers(active.host):
+                    # its host went away under the start (before it was declared down): the
+                    # job never ran, and asked not to fail for a lost host
+                    self.record(job_id, JobState.QUEUED,
+                                f"could not start on {active.host}, which stopped answering "
+                                f"({message}); back in the queue (--on-host-loss "
+                                f"{policy.value})", release=True)
+                    self.drop(job_id)
+                    self.wake()
+                    return
+                self.finish(job_id, Verdict(JobState.FAILED, f"could not start: {message}"))
             return
         with self.lock:
             if self.active.get(job_id) is not active:  # its host was lost meanwhile
@@ -551,6 +567,12 @@ class Daemon:
         elif stop_now:
             destroy_quietly(dom)  # its STOPPED event brings it to collect()
 
+    def answers(self, host: str) -> bool:
+        """Whether `host`'s connection is up and alive (a keepalive that timed out a moment
+        ago may not have been reported yet)."""
+        conn = self.hosts.conn(host)
+        return conn is not None and is_alive(conn)
+
     def _start_guest(self, record: JobRecord) -> tuple[Domain, str]:
         assert record.allocation is not None
         allocation = allocation_from_dict(record.allocation)
@@ -571,6 +593,7 @@ class Daemon:
             output_disk_mib=self.config.output_disk_mib,
             input_dir=self._input_of(record, files),
             emulator_cpus=host_config.reserved_cpus,
+            hotplug=self._hotplug_for(allocation),
         )
 
         def starting(how: str) -> None:
@@ -580,6 +603,23 @@ class Daemon:
         dom, how = template.launch(self.config.start, conn, plan, files, self.config.spool,
                                    self.tell, starting)
         return dom, f"{virt_type}, {how}"
+
+    def _hotplug_for(self, allocation: Allocation) -> Hotplug | None:
+        """Room for the guest to grow live (`vmjob resize`), with the config's `hotplug` on:
+        every usable cpu of its NUMA node and `hotplug_max_mem` more memory. None for a
+        fixed-size guest: hotplug off, or a job on several nodes, on hugepages or keeping
+        SMT siblings idle (its guest topology cannot change)."""
+        if not self.config.hotplug or len(allocation.nodes) != 1 or allocation.hugepage_kib \
+                or allocation.idle_cpus:
+            return None
+        node = allocation.nodes[0].node
+        for host in self.hosts.inventory():
+            if host.name == allocation.host:
+                cpus = [c for n in host.nodes if n.id == node for c in n.cpus
+                        if c.id not in host.reserved_cpus]
+                return Hotplug(max(len(cpus), len(allocation.cpus)),
+                               self.config.hotplug_max_mem_mib)
+        return None
 
     def _input_of(self, record: JobRecord, files: JobFiles) -> Path | None:
         """The directory the job's input is packed from. A daemon's job: its upload, in the
@@ -798,8 +838,9 @@ class Daemon:
             self.wake()
 
     def _host_lost(self, note: HostLost) -> None:
-        """The host stayed away for `host_down_after`: its jobs are lost (or whatever the
-        lost-host policy says)."""
+        """The host stayed away for `host_down_after`: each of its jobs follows its lost-host
+        policy (`on_job_lost`). A job being moved is settled by its mover (`moves.settle`),
+        which applies the same policy when it finds the host lost."""
         with self.lock:
             if self.hosts.is_up(note.host):
                 return  # it came back just now: recovery took its jobs back
@@ -812,8 +853,7 @@ class Daemon:
                     continue
                 if active.phase == Phase.MOVING:
                     continue  # the mover settles it; a move off a lost host fails there
-                self.finish(active.job_id,
-                            Verdict(self.lost_state(record), f"host {note.host} lost: {note.why}"))
+                self.on_job_lost(record, f"host {note.host} lost: {note.why}")
             self.wake()
 
     def _host_up(self, note: HostUp) -> None:

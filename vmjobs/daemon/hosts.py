@@ -105,6 +105,11 @@ class Hosts:
         with self._lock:
             return name in self._conns
 
+    def is_lost(self, name: str) -> bool:
+        """Whether the host was declared lost (`HostLost` reported) and has not answered since."""
+        with self._lock:
+            return name in self._down_since and self._down_since[name] is None
+
     def error(self, name: str) -> str | None:
         with self._lock:
             return self._errors.get(name)

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vmjobs.config import Config, system_warnings
-from vmjobs.daemon import lending, scheduler
+from vmjobs.daemon import hostloss, lending, scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.metrics import JobCpu, Present
@@ -108,6 +108,7 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
     start_event_loop()
     daemon = Daemon(config)
     daemon.on_host_up = lambda host: reconcile_host(daemon, host)
+    daemon.on_job_lost = lambda record, why: hostloss.settle_lost(daemon, record, why)
     api = Api(daemon)
     server = UnixHTTPServer(socket_path, api.routes(), config.admin_group, limits)
     try:
@@ -120,7 +121,8 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
             daemon.metrics.serve(metrics_port, metrics_address)
             log.info("metrics on http://%s:%d/metrics", metrics_address, metrics_port)
         for target, name in ((lambda: scheduler.run(daemon), "scheduler"),
-                             (daemon.notes_loop, "notes"), (daemon.watch_output, "output")):
+                             (daemon.notes_loop, "notes"), (daemon.watch_output, "output"),
+                             (hostloss.Checkpointer(daemon).run, "checkpointer")):
             threading.Thread(target=target, name=name, daemon=True).start()
         if config.usage_sample_interval_s > 0:
             lending.start_sampling(daemon)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import placement
 from placement import Allocation, Checkpoint, Migrate, Repin, Request
 from vmjobs import checkpoint, migration, repin
+from vmjobs import resize as resizing
 from vmjobs.codec import request_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
@@ -40,7 +41,7 @@ SETTLE_S = 60.0  # how long a drain waits for a job that is still starting
 @dataclass(frozen=True)
 class MoveResult:
     """What happened to one job: `action` is migrated | repinned | checkpointed | restored |
-    failed."""
+    resized | failed."""
 
     job_id: str
     action: str
@@ -102,6 +103,13 @@ def settle(daemon: Daemon, active: Active) -> None:
             return
         active.host = record.host or active.host
         conn = daemon.hosts.conn(active.host)
+        if conn is None and daemon.hosts.is_lost(active.host):
+            # declared lost while it moved (`_host_lost` left it to us): its policy now
+            daemon.on_job_lost(record, f"host {active.host} lost during a move")
+            if daemon.active.get(active.job_id) is active:
+                daemon.drop(active.job_id)
+            daemon.wake()
+            return
         if conn is None:
             # its host went away during the move: the guest may run on there; it is
             # UNREACHABLE until the host returns (recovery) or is declared lost
@@ -182,6 +190,17 @@ def repin_job(daemon: Daemon, job_id: str, allocation: Allocation) -> MoveResult
                       f"({done.memory_moved_mib} MiB changed NUMA node)")
 
 
+def resize(daemon: Daemon, job_id: str, cpus: int | None, memory_mib: int | None) -> MoveResult:
+    """Grow or shrink a running daemon job in place (`vmjobs.resize`)."""
+    with moving(daemon, job_id) as active, _own_store(daemon) as store:
+        done = resizing.resize_job(daemon.config, store, daemon.hosts.conns(),
+                                   daemon.hosts.inventory(), job_id, cpus, memory_mib)
+        host = active.host
+    return MoveResult(job_id, "resized", host, host,
+                      f"{describe_allocation(done.after)}; the guest sees {done.guest_cpus} "
+                      f"cpus, MemTotal {done.guest_memtotal_kib >> 10} MiB")
+
+
 def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> MoveResult:
     """Save the job's guest into its spool dir and free its reservation. `restore="auto"`:
     the scheduler restores it when it fits again (preempted or drained jobs)."""
@@ -218,7 +237,7 @@ def restore(daemon: Daemon, job_id: str, to: str | None = None,
             restored = checkpoint.restore_job(daemon.config, store, daemon.hosts.conns(),
                                               daemon.hosts.inventory(), job_id, to)
             left = (store.job(job_id) or record).spec.get("time_left_s")
-            store.mark(job_id, restore=None, time_left_s=None)
+            store.mark(job_id, restore=None, time_left_s=None, checkpoint=None)
         with daemon.lock:
             limit = time_limit_of(record)
             active = Active(job_id, restored.host, limit, phase=Phase.MOVING)
@@ -386,10 +405,22 @@ def _restore_quietly(daemon: Daemon, job_id: str) -> None:
         log.info("job %s: %s %s", job_id, result.action, result.detail)
     except DoesNotFit:
         return  # the room went to someone else meanwhile: tried again at the next change
+    except checkpoint.CheckpointFailed as exc:
+        if exc.host is None or daemon.answers(exc.host):
+            _restore_by_hand(daemon, job_id, exc)
+        else:  # the host chosen went away meanwhile: tried again elsewhere at the next change
+            log.warning("job %s: %s; its host stopped answering: trying again", job_id, exc)
+            with daemon.lock:
+                daemon.store.note(job_id, f"{exc}; {exc.host} stopped answering: the "
+                                          "restore is tried again on another host")
     except VmjobsError as exc:
-        # not again on every change: an admin restores it by hand (`vmjob restore`)
-        log.warning("job %s: automatic restore failed: %s", job_id, exc)
-        with daemon.lock:
-            daemon.store.mark(job_id, restore="manual")
-            daemon.store.note(job_id, f"automatic restore failed: {exc}; restore it by hand")
+        _restore_by_hand(daemon, job_id, exc)
     daemon.wake()
+
+
+def _restore_by_hand(daemon: Daemon, job_id: str, exc: VmjobsError) -> None:
+    """Not again on every change: an admin restores it by hand (`vmjob restore`)."""
+    log.warning("job %s: automatic restore failed: %s", job_id, exc)
+    with daemon.lock:
+        daemon.store.mark(job_id, restore="manual")
+        daemon.store.note(job_id, f"automatic restore failed: {exc}; restore it by hand")

@@ -28,7 +28,7 @@ from typing import Any
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
-from vmjobs.guest import JobFiles, Verdict, nics_for
+from vmjobs.guest import JobFiles, nics_for
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, Kind, domain_name
 from vmjobs.virt import Connection, Domain, VirtError, domains, guestclock, replug
 from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
@@ -419,8 +419,7 @@ def recover(daemon: Daemon) -> None:
             if record.host in names and daemon.hosts.is_up(record.host or ""):
                 continue
             if record.host not in names:
-                daemon.finish(record.id, Verdict(daemon.lost_state(record),
-                                                 f"host {record.host} no longer configured"))
+                daemon.on_job_lost(record, f"host {record.host} no longer configured")
             elif record.state == JobState.PLACED:  # it never got a guest
                 daemon.record(record.id, JobState.QUEUED,
                               f"back in the queue: host {record.host} unreachable",

@@ -131,6 +131,15 @@ def inspect(conn: Connection, host_config: HostConfig,
     return host, warnings
 
 
+def is_alive(conn: Connection) -> bool:
+    """Whether the connection still answers (libvirt's own view: closed, or its keepalive
+    timed out, is not alive)."""
+    try:
+        return bool(conn.isAlive())
+    except VirtError:
+        return False
+
+
 def close_quietly(conn: Connection) -> None:
     """Close a connection that may already be broken."""
     with contextlib.suppress(VirtError):

@@ -93,6 +93,25 @@ class DomainSpec:
     clock_channel: bool = False  # the guest can be told the time after a move
     output_pipe: Path | None = None  # the job's output: QEMU writes <output_pipe>.out
     job_pipe: Path | None = None  # warm start: the job comes from <job_pipe>.in
+    hotplug: Hotplug | None = None  # room to grow the guest live (`vmjob resize`)
+
+
+@dataclass(frozen=True)
+class Hotplug:
+    """How far a guest can grow live: `max_cpus` vCPUs (those beyond the allocation's start
+    offline, unpinned) and `max_extra_mib` MiB of hot-pluggable memory in one virtio-mem
+    device on guest cell 0 (none plugged at start). Only for one-cell guests."""
+
+    max_cpus: int
+    max_extra_mib: int
+
+
+# virtio-mem hands memory to the guest in blocks of this size (x86 Linux's memory block size is
+# 128 MiB; virtio-mem's smallest block is 2 MiB, one huge page, and it plugs sub-blocks).
+VIRTIO_MEM_BLOCK_KIB = 2048
+# The guest kernel onlines hot-plugged memory at once, movable so that it can be unplugged
+# again (without this option Debian's kernel leaves it offline: no udev in our guest).
+HOTPLUG_CMDLINE = "memhp_default_state=online_movable"
 
 
 def build(spec: DomainSpec) -> str:
@@ -100,16 +119,29 @@ def build(spec: DomainSpec) -> str:
     domain = ET.Element("domain", type=spec.virt_type)
     _text(domain, "name", spec.name)
     domain.append(metadata(spec))
-    _text(domain, "memory", str(alloc.memory_mib), unit="MiB")
+    hotplug = spec.hotplug
+    if hotplug is not None:
+        if len(alloc.nodes) != 1 or alloc.hugepage_kib:
+            raise ValueError("hotplug needs a guest of one NUMA cell without hugepages")
+        # the ceiling for base + hot-plugged memory; virtio-mem takes no DIMM slot
+        _text(domain, "maxMemory", str(alloc.memory_mib + hotplug.max_extra_mib), unit="MiB",
+              slots="1")
+    # libvirt's <memory> is the total, memory devices included (the guest's cells hold the
+    # rest, what it boots with)
+    extra = hotplug.max_extra_mib if hotplug is not None else 0
+    _text(domain, "memory", str(alloc.memory_mib + extra), unit="MiB")
     if alloc.hugepage_kib:
         domain.append(memory_backing(alloc))
-    _text(domain, "vcpu", str(len(alloc.cpus)), placement="static")
+    vcpu = _text(domain, "vcpu", str(len(alloc.cpus)), placement="static")
+    if hotplug is not None:
+        vcpu.text = str(hotplug.max_cpus)
+        vcpu.set("current", str(len(alloc.cpus)))
     domain.append(cputune(alloc, spec.emulator_cpus))
     domain.append(numatune(alloc))
     domain.append(os_boot(spec))
     features = ET.SubElement(domain, "features")
     ET.SubElement(features, "acpi")  # without it `poweroff -f` halts and the domain never stops
-    domain.append(cpu(alloc, spec.virt_type))
+    domain.append(cpu(alloc, spec.virt_type, hotplug.max_cpus if hotplug else None))
     ET.SubElement(domain, "clock", offset="utc")
     for event, action in (("on_poweroff", "destroy"), ("on_reboot", "destroy"),
                           ("on_crash", "destroy")):
@@ -227,14 +259,20 @@ def guest_cells(alloc: Allocation) -> list[tuple[list[int], int]]:
     return cells
 
 
-def cpu(alloc: Allocation, virt_type: str) -> ET.Element:
+def cpu(alloc: Allocation, virt_type: str, max_cpus: int | None = None) -> ET.Element:
+    """`<cpu>`: one socket of as many cores as the guest has vCPUs (or may have, `max_cpus`:
+    every possible vCPU belongs to a core and to a guest NUMA cell, the one cell of a
+    hot-pluggable guest)."""
     # TCG cannot pass the host CPU through; KVM should see the real one.
     element = ET.Element("cpu", mode="host-passthrough") if virt_type == "kvm" else ET.Element(
         "cpu")
-    ET.SubElement(element, "topology", sockets="1", dies="1", cores=str(len(alloc.cpus)),
-                  threads="1")
+    ET.SubElement(element, "topology", sockets="1", dies="1",
+                  cores=str(max_cpus or len(alloc.cpus)), threads="1")
     numa = ET.SubElement(element, "numa")
-    for cell, (vcpus, memory_mib) in enumerate(guest_cells(alloc)):
+    cells = guest_cells(alloc)
+    if max_cpus is not None:
+        cells = [(list(range(max_cpus)), alloc.memory_mib)]
+    for cell, (vcpus, memory_mib) in enumerate(cells):
         guest_cell = ET.SubElement(numa, "cell", id=str(cell))
         if vcpus:  # a cell mirroring a memory-only host node has none (libvirt: no attribute)
             guest_cell.set("cpus", format_cpu_list(vcpus))
@@ -251,7 +289,8 @@ def os_boot(spec: DomainSpec) -> ET.Element:
         _text(os_element, "loader", str(spec.loader), type="rom", readonly="yes")
     _text(os_element, "kernel", str(spec.kernel))
     _text(os_element, "initrd", str(spec.initrd))
-    _text(os_element, "cmdline", spec.cmdline)
+    _text(os_element, "cmdline", spec.cmdline if spec.hotplug is None
+          else f"{spec.cmdline} {HOTPLUG_CMDLINE}")
     return os_element
 
 
@@ -269,6 +308,8 @@ def devices(spec: DomainSpec) -> ET.Element:
         devs.append(output_channel(spec.output_pipe))
     if spec.job_pipe is not None:
         devs.append(pipe_channel(spec.job_pipe, JOB_CHANNEL))
+    if spec.hotplug is not None and spec.hotplug.max_extra_mib > 0:
+        devs.append(virtio_mem(spec.hotplug.max_extra_mib, 0))
     # Nothing the job did not ask for: no USB, no balloon, no graphics, no default network.
     ET.SubElement(devs, "controller", type="usb", model="none")
     ET.SubElement(devs, "memballoon", model="none")
@@ -292,6 +333,18 @@ def pipe_channel(pipe: Path, name: str) -> ET.Element:
     ET.SubElement(channel, "source", path=str(pipe))
     ET.SubElement(channel, "target", type="virtio", name=name)
     return channel
+
+
+def virtio_mem(size_mib: int, requested_mib: int, cell: int = 0) -> ET.Element:
+    """A virtio-mem device on guest cell `cell`: `size_mib` of guest-physical room, of which
+    `requested_mib` plugged (the guest's driver plugs and unplugs blocks to follow it)."""
+    memory = ET.Element("memory", model="virtio-mem")
+    target = ET.SubElement(memory, "target")
+    _text(target, "size", str(size_mib), unit="MiB")
+    _text(target, "node", str(cell))
+    _text(target, "block", str(VIRTIO_MEM_BLOCK_KIB), unit="KiB")
+    _text(target, "requested", str(requested_mib), unit="MiB")
+    return memory
 
 
 def clock_channel() -> ET.Element:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
@@ -62,6 +63,34 @@ def save(dom: Domain, path: Path) -> None:
     """`virDomainSave` to `path`: the guest stops once its memory is in the file. VirtError if
     it fails or is aborted (the guest then runs on)."""
     dom.save(str(path))
+
+
+def memory_snapshot_xml(domain_xml: str, path: Path) -> str:
+    """The `<domainsnapshot>` for `snapshot_memory`: the guest's memory and device state into
+    `path` (`<memory snapshot='external'>`, the save-image format `restore` reads), every disk
+    of `domain_xml` left out (`snapshot='no'`: the job's only disk is its output disk, which
+    the guest writes once at its end)."""
+    snap = ET.Element("domainsnapshot")
+    ET.SubElement(snap, "memory", snapshot="external", file=str(path))
+    disks = ET.SubElement(snap, "disks")
+    for target in ET.fromstring(domain_xml).iterfind("./devices/disk/target"):
+        ET.SubElement(disks, "disk", name=target.get("dev", ""), snapshot="no")
+    return ET.tostring(snap, encoding="unicode")
+
+
+def snapshot_memory(dom: Domain, path: Path) -> None:
+    """Write the guest's state to `path` and let it run on: an external memory snapshot
+    without libvirt metadata (`VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA`: nothing is left in
+    libvirt, the file is ours), which `restore` reads as it reads a save image. The guest must
+    be paused by the caller (so that what it wrote before is known) and stays paused.
+    VirtError if libvirt refuses or fails; a partial file may remain."""
+    dom.snapshotCreateXML(memory_snapshot_xml(live_xml(dom), path),
+                          libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+
+
+def pause(dom: Domain) -> None:
+    """Stop the guest's vCPUs (and its device I/O) until `resume`; VirtError if refused."""
+    dom.suspend()
 
 
 def saved_xml(conn: Connection, path: Path) -> str:

@@ -15,6 +15,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import libvirt
@@ -80,9 +81,9 @@ class _Lines:
         return line
 
 
-def set_clock(conn: Connection, name: str, timeout_s: float = 10.0) -> ClockSet:
-    """Tell the guest `name` on `conn` the host's time; raise ClockError if it cannot."""
-    deadline = time.monotonic() + timeout_s
+@contextlib.contextmanager
+def _port(conn: Connection, name: str, deadline: float) -> Iterator[_Lines]:
+    """The guest's port, once its init answers a `ping`; ClockError if it cannot be had."""
     try:
         dom = conn.lookupByName(name)
         stream = conn.newStream(0)
@@ -95,7 +96,7 @@ def set_clock(conn: Connection, name: str, timeout_s: float = 10.0) -> ClockSet:
             raise ClockError(f"no clock port: {exc.get_error_message()}") from None
         lines = _Lines(stream)
         # The guest re-opens its port every 200 ms while nobody is connected: ping until it
-        # answers, so that the time sent next is read at once.
+        # answers, so that what is sent next is read at once.
         while True:
             lines.send(b"ping\n")
             try:
@@ -104,6 +105,18 @@ def set_clock(conn: Connection, name: str, timeout_s: float = 10.0) -> ClockSet:
             except ClockError:
                 if time.monotonic() > deadline:
                     raise
+        yield lines
+    except libvirt.libvirtError as exc:
+        raise ClockError(exc.get_error_message()) from None
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+
+
+def set_clock(conn: Connection, name: str, timeout_s: float = 10.0) -> ClockSet:
+    """Tell the guest `name` on `conn` the host's time; raise ClockError if it cannot."""
+    deadline = time.monotonic() + timeout_s
+    with _port(conn, name, deadline) as lines:
         now = time.time_ns()
         lines.send(f"settime {now // 1_000_000_000} {now % 1_000_000_000}\n".encode())
         while True:
@@ -113,11 +126,18 @@ def set_clock(conn: Connection, name: str, timeout_s: float = 10.0) -> ClockSet:
                     return ClockSet(int(answer[1]), int(answer[2]), time.time())
                 except ValueError:  # the guest's words are untrusted
                     raise ClockError(f"the guest answered {' '.join(answer)[:40]!r}") from None
-    except libvirt.libvirtError as exc:
-        raise ClockError(exc.get_error_message()) from None
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            stream.abort()
+
+
+def ask(conn: Connection, name: str, line: str, timeout_s: float = 10.0) -> str:
+    """Send one command line to the guest init's port and return its answer (the first line
+    that is not a late `pong`; untrusted: at most 256 characters). ClockError if none."""
+    deadline = time.monotonic() + timeout_s
+    with _port(conn, name, deadline) as lines:
+        lines.send(line.encode() + b"\n")
+        while True:
+            answer = lines.read(deadline)
+            if answer != "pong":
+                return answer[:256]
 
 
 def sync_quietly(conn: Connection, name: str) -> str:

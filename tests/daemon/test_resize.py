@@ -1,0 +1,130 @@
+"""`vmjob resize` on a real guest (TCG) under the daemon: vCPU hotplug and virtio-mem memory,
+checked inside the guest (the job prints nproc and MemTotal every second), the store's
+reservation and libvirt's pinning following; bad resizes refused with one line and nothing
+changed. Run under the guest lock with VMJOBS_TEST_SPOOL of your own."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import libvirt
+import pytest
+
+from tests.daemon.conftest import URI
+
+# prints "nproc=N mem=KIB" every second for ~3 minutes, then ends
+WATCH = ("i=0; while [ $i -lt 180 ]; do "
+         "echo \"nproc=$(nproc) mem=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' "
+         "/proc/meminfo)\"; i=$((i+1)); sleep 1; done")
+
+
+def _seen(daemon: Any, job: str) -> list[tuple[int, int]]:
+    out = daemon.vmjob("logs", job).stdout
+    return [(int(a), int(b)) for a, b in re.findall(r"^nproc=(\d+) mem=(\d+)$", out,
+                                                    re.MULTILINE)]
+
+
+def _wait_seen(daemon: Any, job: str, check: Any, timeout: float = 90) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = _seen(daemon, job)
+        if seen and check(seen[-1]):
+            return seen[-1]
+        assert time.monotonic() < deadline, f"guest never showed it: {seen[-5:]}\n" \
+            + daemon.log_text()
+        time.sleep(0.5)
+
+
+def _held(daemon: Any, job: str) -> tuple[set[int], int]:
+    cpus = {r["cpu"] for r in daemon.query("SELECT cpu FROM cpu_reservations WHERE job_id = ?",
+                                            job)}
+    (row,) = daemon.query("SELECT allocation FROM jobs WHERE id = ?", job)
+    return cpus, json.loads(row["allocation"])["memory_mib"]
+
+
+def _pins(job: str) -> list[set[int]]:
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(f"vmjob-{job}")
+        return [{i for i, on in enumerate(row) if on}
+                for row in dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.guest
+def test_resize_grows_and_shrinks_cpus_and_memory_seen_in_the_guest(make_daemon: Any) -> None:
+    daemon = make_daemon("resize", hotplug=True, hotplug_max_mem="256M")
+    daemon.start()
+    job = daemon.vmjob("submit", "--cpus", "1", "--mem", "256M", "--", "sh", "-c",
+                       WATCH).stdout.strip()
+    nproc, mem0 = _wait_seen(daemon, job, lambda s: True)
+    assert nproc == 1
+    cpus, memory = _held(daemon, job)
+    assert len(cpus) == 1 and memory == 256
+    (first,) = cpus
+
+    # bad resizes: one line, nothing changed
+    for args, message in ((("--cpus", "3"), "its guest can have 1 to 2 vCPUs, not 3"),
+                          (("--mem", "600M"), "its guest's memory can be 256 MiB to 512 MiB"),
+                          (("--mem", "257M"), "in steps of 2 MiB")):
+        proc = daemon.vmjob("resize", job, *args)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert _held(daemon, job) == ({first}, 256)
+    assert daemon.vmjob("resize", job).returncode == 2
+
+    # grow: reserved, plugged, pinned, seen by the guest
+    grown = daemon.vmjob("resize", job, "--cpus", "2", "--mem", "512M", "--json",
+                         timeout=180)
+    assert grown.returncode == 0, grown.stderr + daemon.log_text()
+    (result,) = json.loads(grown.stdout)
+    assert result["action"] == "resized" and "the guest sees 2 cpus" in result["detail"]
+    cpus, memory = _held(daemon, job)
+    assert first in cpus and len(cpus) == 2 and memory == 512
+    other = (cpus - {first}).pop()
+    assert _pins(job) == [{first}, {other}]
+    nproc, mem1 = _wait_seen(daemon, job, lambda s: s[0] == 2 and s[1] > mem0)
+    assert mem1 - mem0 == 256 * 1024  # KiB: exactly the 256 MiB plugged
+
+    # shrink memory: the guest's virtio-mem driver unplugs it; then it goes back to the pool
+    shrunk = daemon.vmjob("resize", job, "--mem", "256M", "--json", timeout=180)
+    assert shrunk.returncode == 0, shrunk.stderr + daemon.log_text()
+    assert _held(daemon, job) == (cpus, 256)
+    _wait_seen(daemon, job, lambda s: s == (2, mem0))
+
+    # shrink cpus: under TCG here the guest lets the vCPU go but libvirt never sees it
+    # unplugged ("vcpu unplug request timed out", and its count stays): the resize fails with
+    # one line, the cores stay reserved (QEMU still has the vCPU), and the line says how many
+    # cpus the guest sees now, which is what the job then prints
+    fewer = daemon.vmjob("resize", job, "--cpus", "1", timeout=180)
+    assert fewer.returncode == 1, fewer.stdout + daemon.log_text()
+    assert "did not release them" in fewer.stderr and "old size and reservation are back" \
+        in fewer.stderr and fewer.stderr.count("\n") == 1, fewer.stderr
+    assert _held(daemon, job) == (cpus, 256)
+    assert _pins(job) == [{first}, {other}]
+    said = re.search(r"the guest now sees (\d) of its 2 cpus", fewer.stderr)
+    online = int(said.group(1)) if said else 2
+    _wait_seen(daemon, job, lambda s: s == (online, mem0))
+    events = [e["reason"] or "" for e in daemon.client().job(job)["events"]]
+    assert sum("resized to" in e for e in events) == 2, events
+    assert any("resize failed" in e for e in events), events
+
+
+@pytest.fixture
+def make_daemon(make_daemon: Any) -> Iterator[Any]:
+    """The shared factory, each daemon's jobs cancelled at the end whatever happened."""
+    made: list[Any] = []
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        made.append(make_daemon(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        for row in daemon.query("SELECT id FROM jobs WHERE state = 'RUNNING'"):
+            daemon.vmjob("cancel", row["id"])

@@ -55,6 +55,12 @@ def test_an_idle_owner_lends_a_core_and_hands_it_over_when_it_ends(make_daemon: 
     assert f"t cpu 1: job {owner}'s, lent to job {borrower}" in shown
     assert scrape(port)['vmjobs_host_cores_lent{host="t"}'] == 1
 
+    refused = daemon.vmjob("resize", borrower, "--cpus", "2")
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"vmjob: job {borrower} runs on lent cores (--borrow); a borrower cannot be resized"]
+    assert client.job(borrower)["loans"] == view["loans"]  # nothing changed
+
     assert client.cancel(owner)["state"] == "CANCELLED"
     deadline = time.monotonic() + 30
     while daemon.query("SELECT COUNT(*) FROM loans")[0][0]:

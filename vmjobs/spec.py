@@ -16,6 +16,8 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
+- `stdin`: `pipe` (`vmjob run -i`: the client's stdin is the job's) or `tty` (`vmjob shell`:
+  a terminal in the guest); absent: the job's stdin is empty (vmjobs/console.py)
 - `array`: job array indices, `"1-100"`, `"1,3,5-7"`, `"0-99%10"` (`--array`; one job per
   index, at most N running with `%N`; `vmjobs.jobarray`)
 
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from placement import NumaPolicy, Request, ThreadPolicy
+from vmjobs.console import STDIN_MODES
 from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
 from vmjobs.units import parse_duration, parse_size_mib
@@ -57,7 +60,7 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
-          "wait_timeout", "no_wait", "input", "output", "array")
+          "wait_timeout", "no_wait", "input", "output", "array", "stdin")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
 RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "time_limit",
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
@@ -97,6 +100,7 @@ class Spec:
     input: str | None = None
     output: str | None = None
     array: JobArray | None = None
+    stdin: str | None = None  # None | "pipe" | "tty" (vmjobs.console.STDIN_MODES)
 
     def request(self) -> Request:
         """What the placement engine is asked for."""
@@ -120,6 +124,7 @@ class Spec:
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
+            "stdin": self.stdin,
         }
 
 
@@ -146,6 +151,8 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and wait_timeout is not None:
         raise SpecError("give either --no-wait or --wait-timeout, not both")
     array = fields.array()
+    if array is not None and data.get("stdin") is not None:
+        raise SpecError("an interactive job (stdin) cannot be a job array")
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
@@ -165,6 +172,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         preemptible=fields.flag("preemptible"), time_limit=fields.duration("time_limit"),
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
         output=fields.text("output"), array=array,
+        stdin=fields.choice("stdin", list(STDIN_MODES), None),
     )
 
 

@@ -470,9 +470,12 @@ def launch(start_mode: str, conn: Connection, plan: GuestPlan, files: JobFiles,
     called just before the guest is started (the caller records STARTING).
 
     `warm` fails the start if the template cannot be made or restored; `auto` then starts
-    cold. A job with NICs or hugepages always starts cold (`why_cold`)."""
+    cold. A job with NICs or hugepages always starts cold (`why_cold`), as does an interactive
+    one (`stdin`: its guest needs the input port)."""
     if start_mode != "cold":
-        reason = why_cold(plan.allocation)
+        # an interactive job needs its input port, which a template's saved guest lacks
+        reason = why_cold(plan.allocation) or (
+            "the job is interactive (stdin)" if plan.stdin is not None else None)
         if reason is not None:
             if start_mode == "warm":
                 note(f"job {plan.job_id}: starting cold: {reason}")

@@ -25,16 +25,16 @@ from typing import Any
 import placement
 from vmjobs import __version__, usage
 from vmjobs.config import system_warnings
-from vmjobs.daemon import logs, moves
+from vmjobs.daemon import attach, logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.identity import Caller, denial, may_act
 from vmjobs.daemon.moves import MoveResult
 from vmjobs.daemon.scheduler import start_now_or_forget
-from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
+from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream, Upgrade
 from vmjobs.daemon.submission import parse
 from vmjobs.daemon.uploads import Limits, Uploads
 from vmjobs.errors import NotFound, UsageError, VmjobsError
-from vmjobs.guest import JobFiles
+from vmjobs.guest import JobFiles, output_size
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
@@ -61,6 +61,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "output": spec.get("output"), "allocation": record.allocation,
         "position": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
+        "stdin": spec.get("stdin"),
     }
     use = daemon.sampler.used(record.id)
     view["cpu_used_cores"] = None if use is None else round(use.cores, 3)
@@ -92,6 +93,7 @@ class Api:
         router.add("POST", "/v1/cancel", self.cancel_many)
         router.add("GET", "/v1/jobs/{id}/wait", self.wait)
         router.add("GET", "/v1/jobs/{id}/logs", self.logs)
+        router.add("POST", "/v1/jobs/{id}/console", self.console)
         router.add("GET", "/v1/jobs/{id}/output", self.output)
         router.add("POST", "/v1/uploads", self.upload)
         router.add("POST", "/v1/wake", self.wake)
@@ -389,6 +391,27 @@ class Api:
         with self.daemon.lock:
             record = self._own(req.caller, req.params["id"])
         return Stream(logs.stream(self.daemon, record.id, req.flag("follow"), int(offset)))
+
+    def console(self, req: ApiRequest) -> Upgrade:
+        """The job's console: its live output and, with ?input=1, the caller's input to an
+        interactive job (`daemon/attach.py`). ?from=end starts at the output's current end
+        (`vmjob attach`), else at its beginning."""
+        with_input = req.flag("input")
+        start = req.query.get("from", "start")
+        if start not in ("start", "end"):
+            raise ApiError(400, f"query parameter from={start[:20]!r} must be start or end")
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+            if record.state.finished:
+                raise ApiError(409, f"job {record.id} has ended ({record.state.value})",
+                               "finished")
+            if with_input and not record.spec.get("stdin"):
+                raise ApiError(409, f"job {record.id} takes no input: it was not started "
+                                    "with 'vmjob run -i' or 'vmjob shell'", "no_input")
+        offset = output_size(JobFiles.of(self.daemon.config.spool, record.id)) \
+            if start == "end" else 0
+        return Upgrade(attach.PROTOCOL, attach.session(self.daemon, record.id, with_input,
+                                                       offset))
 
     def output(self, req: ApiRequest) -> Stream:
         with self.daemon.lock:

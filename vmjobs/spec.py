@@ -113,8 +113,9 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form: what the CLI sends to the API and the store keeps.
-        `parse(spec.to_dict()) == spec`."""
-        return {
+        `parse(spec.to_dict()) == spec`. `stdin` only when set, so that a daemon that
+        predates it still takes every other job."""
+        data = {
             "argv": list(self.argv), "name": self.name, "env": dict(self.env), "cpus": self.cpus,
             "mem": f"{self.mem}M", "nics": self.nics, "numa": self.numa.value,
             "threads": self.threads.value, "hugepages": self.hugepages,
@@ -124,8 +125,10 @@ class Spec:
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
-            "stdin": self.stdin,
         }
+        if self.stdin is not None:
+            data["stdin"] = self.stdin
+        return data
 
 
 def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,

@@ -41,12 +41,14 @@ def drive_session(child: pexpect.spawn) -> None:
     child.setwinsize(33, 101)  # SIGWINCH to vmjob, which sends the new size
     child.sendline("stty size")
     child.expect(r"\r\n33 101\r\n")
-    child.sendline("echo start-$((2+2)); sleep 100")
-    child.expect_exact("start-4")
+    # "ready" is printed by the forked child itself, once it is the foreground process with
+    # SIGINT's default action (the interactive shell ignores SIGINT around a fork)
+    child.sendline("sh -c 'echo ready-$((2+2)); exec sleep 100'")
+    child.expect_exact("ready-4")
     child.sendcontrol("c")  # the byte goes through the guest pty: SIGINT to `sleep`
     child.expect_exact(PROMPT, timeout=30)
-    child.sendline("echo after-$((1+1))")
-    child.expect_exact("after-2", timeout=30)  # a sleep still running would hold this 100 s
+    child.sendline("echo after-$?")
+    child.expect_exact("after-130", timeout=30)  # a sleep still running would hold this 100 s
     child.sendline("exit 3")
     child.expect(pexpect.EOF, timeout=60)
     child.close()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pexpect
@@ -20,7 +21,10 @@ import pytest
 
 from tests.daemon.conftest import Daemon
 from tests.daemon.test_remote import sshd  # noqa: F401 (a fixture)
+from tests.daemon.users import make_users, run_as
 from tests.guest.test_interactive import BOOT_S, PROMPT, drive_session
+from vmjobs.client import ApiFailure, Client
+from vmjobs.transport import Target
 
 pytestmark = pytest.mark.guest
 
@@ -116,3 +120,33 @@ def test_shell_over_ssh(daemon: Daemon, sshd: dict[str, Any]) -> None:  # noqa: 
     child.expect(pexpect.EOF, timeout=60)
     child.close()
     assert child.exitstatus == 7, daemon.log_text()
+
+
+def _console_as_user(socket_path: str, job: str) -> dict[str, Any]:
+    try:
+        Client(Target(Path(socket_path))).console(job, with_input=False).close()
+    except ApiFailure as exc:
+        return {"status": exc.status, "error": str(exc)}
+    return {"status": 101}
+
+
+def test_console_refusals_and_ownership(daemon: Daemon) -> None:
+    client = daemon.client()
+    job = client.submit({"argv": ["sleep", "300"], "time_limit": 300})["id"]
+    try:
+        with pytest.raises(ApiFailure) as plain:  # a plain POST: no upgrade asked
+            client.call("POST", f"/v1/jobs/{job}/console")
+        assert plain.value.status == 426
+        assert "Upgrade: vmjob-console/1" in str(plain.value)
+        with pytest.raises(ApiFailure) as no_input:
+            client.console(job, with_input=True)
+        assert (no_input.value.status, no_input.value.code) == (409, "no_input")
+        assert str(no_input.value) == (f"job {job} takes no input: it was not started with "
+                                       "'vmjob run -i' or 'vmjob shell'")
+        with make_users(1) as (other,):
+            seen = run_as(other, _console_as_user, str(daemon.socket), job)
+        assert seen["status"] == 403, seen
+        assert "root" in seen["error"]  # the refusal names the owner
+    finally:
+        client.cancel(job)
+        client.close()

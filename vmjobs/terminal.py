@@ -55,6 +55,7 @@ class TerminalInput:
         self.on_detach = on_detach
         self.detached = threading.Event()
         self._saved: list[Any] | None = None
+        self._raw_lock = threading.Lock()
         self._old_winch: Any = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -69,17 +70,24 @@ class TerminalInput:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # woken by stop(), unless it is blocked in a send
+            if self._thread.is_alive():
+                return  # its pipe stays open for it (two fds, in a process about to end)
         with contextlib.suppress(OSError):
             os.close(self._wake_r)
+        with contextlib.suppress(OSError):
             os.close(self._wake_w)
 
     def restore(self) -> None:
         """Put the terminal back as it was (idempotent)."""
-        if self._saved is not None:
-            with contextlib.suppress(termios.error):
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
-            self._saved = None
-        if self._old_winch is not None:
+        with self._raw_lock:
+            if self._saved is not None:
+                with contextlib.suppress(termios.error):
+                    termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+                self._saved = None
+        if self._old_winch is not None and \
+                threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGWINCH, self._old_winch)
             self._old_winch = None
 
@@ -89,16 +97,26 @@ class TerminalInput:
 
     # --- the input ------------------------------------------------------------------------------
 
-    def start(self, send: Send) -> None:
-        """Raw mode (a tty job on a terminal) from now until `stop`; input read and sent
-        on a thread."""
-        if self.tty_job and self.is_terminal and self._saved is None:
-            self._saved = termios.tcgetattr(self.fd)
-            tty.setraw(self.fd, termios.TCSANOW)
+    def start(self, send: Send, raw: bool = True) -> None:
+        """Input read and sent on a thread from now until `stop`; raw mode (a tty job on a
+        terminal) from now, or from `go_raw` when `raw` is false (a job still queued: Ctrl+C
+        must still reach vmjob, to cancel it). Call from the main thread (SIGWINCH)."""
+        if self.tty_job and self.is_terminal and self._old_winch is None:
             self._old_winch = signal.signal(signal.SIGWINCH, self._on_winch)
+        if raw:
+            self.go_raw()
         self._thread = threading.Thread(target=self._pump, args=(send,), name="stdin",
                                         daemon=True)
         self._thread.start()
+
+    def go_raw(self) -> None:
+        """Raw mode now, for a tty job on a terminal (any thread; idempotent; nothing once
+        stopped)."""
+        with self._raw_lock:
+            if self.tty_job and self.is_terminal and self._saved is None \
+                    and not self._stopping.is_set():
+                self._saved = termios.tcgetattr(self.fd)
+                tty.setraw(self.fd, termios.TCSANOW)
 
     def stop(self) -> None:
         """No more input is read (the thread may still finish one send); the terminal is
@@ -118,7 +136,10 @@ class TerminalInput:
             except (OSError, ValueError):
                 return
             if self._wake_r in ready:
-                woken = os.read(self._wake_r, 64)
+                try:
+                    woken = os.read(self._wake_r, 64)
+                except OSError:
+                    return
                 if self._stopping.is_set():
                     return
                 size = window_size(self.fd) if b"w" in woken and self.tty_job else None

@@ -15,6 +15,8 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,7 +171,11 @@ def follow_console(client: Client, job_id: str, tty_job: bool,
     link = client.console(job_id, with_input=True)
     try:
         with TerminalInput(tty_job=tty_job) as terminal:
-            terminal.start(link.send)
+            # raw mode once the job runs: while it waits in the queue, Ctrl+C cancels it
+            terminal.start(link.send, raw=False)
+            if tty_job and terminal.is_terminal:
+                threading.Thread(target=_raw_when_running, args=(client, job_id, terminal),
+                                 name="raw", daemon=True).start()
             for chunk in link.output():
                 if text := decoder.decode(chunk):
                     write(text)
@@ -177,6 +183,23 @@ def follow_console(client: Client, job_id: str, tty_job: bool,
         link.close()
     if tail := decoder.decode(b"", final=True):
         write(tail)
+
+
+RUNNING_POLL_S = 0.5  # how often a waiting shell asks whether its job has started
+
+
+def _raw_when_running(client: Client, job_id: str, terminal: TerminalInput) -> None:
+    """Thread: put the terminal in raw mode once the job has left the queue (a short poll,
+    only while the job waits: the console stream carries the job's bytes only)."""
+    while True:
+        try:
+            state = client.job(job_id)["state"]
+        except VmjobsError:
+            return
+        if state not in ("QUEUED", "PLACED"):
+            terminal.go_raw()
+            return
+        time.sleep(RUNNING_POLL_S)
 
 
 def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],

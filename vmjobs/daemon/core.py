@@ -514,6 +514,10 @@ class Daemon:
             self.changed.wait_for(decided)
             active = self.active.get(job_id)
             if self.stopping or active is None or active.phase != Phase.RUNNING:
+                # over without a `finish` (cancelled while queued): forget its feed here
+                feed = self.inputs.pop(job_id, None)
+                if feed is not None:
+                    feed.close()
                 return None
             host = active.host
         name = domain_name(job_id)

@@ -48,6 +48,7 @@ _HOMES = {
     "parse_swf": "placement.swf",
     "plan_rebalance": "placement.plans",
     "plan_to_fit": "placement.plans",
+    "restrict": "placement.within",
 }
 __all__ = [
     "POLICIES",
@@ -83,6 +84,7 @@ __all__ = [
     "parse_swf",
     "plan_rebalance",
     "plan_to_fit",
+    "restrict",
 ]
 
 
@@ -134,3 +136,4 @@ if TYPE_CHECKING:  # for type checkers and readers: what each name is
     from placement.scorers import POLICIES
     from placement.swf import SwfJob, Trace, parse_swf
     from placement.synthetic import make_host, make_hosts
+    from placement.within import restrict

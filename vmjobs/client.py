@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from vmjobs.errors import VmjobsError
+from vmjobs.holdkey import BAD_KEY, EXIT_BAD_KEY
 from vmjobs.transport import Target, open_unix, parse_url
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def _stderr(message: str) -> None:
 
 # the daemon's error codes that are the user's input to fix: exit 2, as for a bad option
 USAGE_CODES = frozenset({"usage", "ambiguous"})
+# codes with an exit code of their own: a wrong or missing reservation key (vmjobs.holdkey)
+EXIT_CODES = {BAD_KEY: EXIT_BAD_KEY}
 
 
 class ApiFailure(VmjobsError):
@@ -95,7 +98,7 @@ class ApiFailure(VmjobsError):
         super().__init__(message)
         self.status = status
         self.code = code
-        self.exit_code = 2 if code in USAGE_CODES else 1
+        self.exit_code = 2 if code in USAGE_CODES else EXIT_CODES.get(code or "", 1)
 
 
 class _Connection(http.client.HTTPConnection):
@@ -196,6 +199,13 @@ class Client:
 
     def usage(self, by: str, since_s: float) -> dict[str, Any]:
         return self.call("GET", f"/v1/usage?by={quote(by, safe='')}&since={since_s:.0f}")
+
+    def profiles(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/v1/profiles")
+
+    def pools(self, name: str | None = None) -> Any:
+        """GET /v1/pools (a list), or /v1/pools/NAME (one pool)."""
+        return self.call("GET", "/v1/pools" + (f"/{quote(name, safe='')}" if name else ""))
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", "/v1/jobs", spec)
@@ -300,6 +310,28 @@ class Client:
             raise VmjobsError(f"lost the daemon at {self.target.describe()}: {exc}") from None
         finally:
             response.close()
+
+    def reserve(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST /v1/reservations: the reservation's view at each change, until it is held
+        (with a duration) or has ended; a reservation without a duration is held while this
+        connection stays open (blank heartbeat lines are skipped)."""
+        response = self._send("POST", "/v1/reservations", json.dumps(body).encode())
+        try:
+            for raw in response:
+                if raw.strip():
+                    yield json.loads(raw)
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise self._lost(exc) from None
+        finally:
+            response.close()
+
+    def release(self, reservation_id: str, key: str | None = None,
+                force: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"force": force}
+        if key is not None:
+            body["key"] = key
+        return self.call("POST", f"/v1/reservations/{quote(reservation_id, safe='')}/release",
+                         body)
 
     def job_action(self, job_id: str, action: str,
                    body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:

@@ -12,13 +12,16 @@ import grp
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from vmjobs.errors import ConfigError, VmjobsError
 from vmjobs.units import MIB, parse_cpu_list, parse_duration, parse_size_mib
+
+if TYPE_CHECKING:
+    from vmjobs.spec import Profile
 
 SYSTEM_CONFIG = Path("/etc/vmjobs/config.yaml")
 DEFAULT_SOCKET = Path("/run/vmjobs/vmjobs.sock")
@@ -26,6 +29,7 @@ EMBEDDED = "<embedded default>"
 VIRT_TYPES = ("kvm", "qemu", "auto")
 NIC_BACKENDS = ("vfio", "emulated")
 START_MODES = ("cold", "warm", "auto")  # vmjobs/template.py
+DEFAULT_POOL = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _VENDOR_PRODUCT = re.compile(r"^(0x)?[0-9a-f]{4}:(0x)?[0-9a-f]{4}$")
@@ -44,7 +48,9 @@ class HostConfig:
     reserved_cpus: frozenset[int] = frozenset()
     reserved_memory_mib: int = 0
     labels: tuple[tuple[str, str], ...] = ()
-    pool: str = "default"
+    # the pools it is in (config `pool:`, a name or a list; sorted, never empty); a host in
+    # two pools is counted in both (docs/user-guide.md, "Pools")
+    pools: tuple[str, ...] = (DEFAULT_POOL,)
     # vfio: which host NICs may be handed to jobs (PCI address or vendor:product)
     nic_allow: tuple[str, ...] = ()
     # emulated: the virtual NICs this host offers and the NUMA node each belongs to
@@ -92,6 +98,8 @@ class Config:
     # how a job's guest starts: booted (cold), restored from a template of its image and shape
     # (warm; the start fails if that cannot be done), or warm where possible, else cold (auto)
     start: str = "cold"
+    # named hardware profiles (`--profile NAME`, `vmjob profiles`), in the file's order
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
 
     @property
     def state_db(self) -> Path:
@@ -103,6 +111,15 @@ class Config:
                 return host
         known = ", ".join(h.name for h in self.hosts)
         raise VmjobsError(f"unknown host {name!r} (configured: {known})")
+
+    @property
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        """Pool name -> its member hosts, in config order; pools sorted by name."""
+        members: dict[str, list[str]] = {}
+        for host in self.hosts:
+            for pool in host.pools:
+                members.setdefault(pool, []).append(host.name)
+        return {pool: tuple(members[pool]) for pool in sorted(members)}
 
 
 DEFAULT = {
@@ -211,7 +228,7 @@ def parse(data: Any, path: str) -> Config:
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
-         "usage_sample_interval", "usage_window", "start"}
+         "usage_sample_interval", "usage_window", "start", "profiles"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -268,7 +285,34 @@ def parse(data: Any, path: str) -> Config:
         usage_sample_interval_s=_duration(top, "usage_sample_interval", 10.0, zero=True),
         usage_window_s=_duration(top, "usage_window", 60.0),
         start=top.str("start", "cold", START_MODES),
+        profiles=_profiles(top),
     )
+
+
+def host_pools(host: HostConfig) -> tuple[str, ...]:
+    """The pools a host belongs to (usage by pool reads them only through here)."""
+    return host.pools
+
+
+def _profiles(top: _Reader) -> dict[str, Profile]:
+    """`profiles: {NAME: {cpus, mem, nics, numa, threads, hugepages, pool, labels}}`, each
+    value checked as a job spec's (vmjobs.spec.make_profile)."""
+    raw = top.data.get("profiles") or {}
+    if not isinstance(raw, Mapping):
+        raise top.fail("profiles", "must be a mapping of profile names to spec fields")
+    if not raw:
+        return {}
+    # only with profiles: the spec's checks load the placement model, which a plain client
+    # command (`vmjob list`) does not need (tests/unit/test_thin_client.py)
+    from vmjobs.spec import SpecError, make_profile
+
+    profiles = {}
+    for name, fields in raw.items():
+        try:
+            profiles[str(name)] = make_profile(name, fields)
+        except SpecError as exc:
+            raise top.fail(f"profiles.{name}", str(exc)) from None
+    return profiles
 
 
 def system_warnings(config: Config) -> list[str]:
@@ -361,6 +405,17 @@ def _output_limit(top: _Reader) -> int | None:
         raise top.fail("output_limit", f"{exc}, or {UNLIMITED!r}") from None
 
 
+def _pools(host: _Reader) -> tuple[str, ...]:
+    """`pool:` of a host: one name or a list of names (letters, digits, . _ -); sorted,
+    duplicates dropped; absent: the default pool."""
+    value = host.data.get("pool", DEFAULT_POOL)
+    names = value if isinstance(value, list) else [value]
+    problem = "must be a pool name or a list of pool names (letters, digits, . _ -)"
+    if not names or not all(isinstance(n, str) and _NAME.match(n) for n in names):
+        raise host.fail("pool", problem)
+    return tuple(sorted(set(names)))
+
+
 def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
     host = _Reader(data, path, prefix)
     host.check_known(
@@ -407,7 +462,7 @@ def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
         reserved_cpus=reserved_cpus,
         reserved_memory_mib=host.size_mib("reserved_memory", 0),
         labels=tuple(sorted((k, str(v)) for k, v in labels.items())),
-        pool=host.str("pool", "default"),
+        pools=_pools(host),
         nic_allow=tuple(nic_allow),
         emulated_nics=tuple(emulated),
     )

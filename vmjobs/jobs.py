@@ -33,6 +33,9 @@ class JobState(StrEnum):
     TIMEOUT = "TIMEOUT"
     LOST = "LOST"
     EXPIRED = "EXPIRED"  # gave up waiting in the queue (--wait-timeout); it never ran
+    # a held reservation's own states (`Kind.RESERVATION`; `RESERVATION_TRANSITIONS`)
+    HELD = "HELD"  # holds its cores, memory and NICs, with no guest of its own
+    RELEASED = "RELEASED"  # given back (release, its client gone, an admin's --force)
 
     @property
     def finished(self) -> bool:
@@ -41,7 +44,7 @@ class JobState(StrEnum):
 
 FINISHED = frozenset(
     {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.LOST,
-     JobState.EXPIRED}
+     JobState.EXPIRED, JobState.RELEASED}
 )
 UNFINISHED = frozenset(JobState) - FINISHED
 # States in which a job holds (or is about to hold) a guest on a host.
@@ -80,8 +83,30 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.RESTORING: frozenset({_S.RUNNING, _S.CHECKPOINTED, _S.UNREACHABLE, _S.LOST}),
     # restored (placed again first); cancelled or out of time while saved
     _S.CHECKPOINTED: frozenset({_S.PLACED, _S.CANCELLED, _S.TIMEOUT}),
+    _S.HELD: frozenset(),  # a job is never HELD: reservations only
     **{end: frozenset() for end in FINISHED},
 }
+
+
+class Kind(StrEnum):
+    """What a row of the `jobs` table is: a job (a guest runs a command) or a held reservation
+    (cores, memory and NICs held without a guest, which jobs then run inside)."""
+
+    JOB = "job"
+    RESERVATION = "reservation"
+
+
+# A reservation's state machine: waits in the queue like a job, then holds what it was placed
+# on until it is released (by its owner or key holder, its client's connection closing, an
+# admin's --force) or its --duration is over (TIMEOUT); LOST with its host.
+RESERVATION_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # placed by the scheduler; withdrawn (client gone, Ctrl+C while waiting); gave up
+    # (--wait-timeout); a scheduling pass raised on it
+    _S.QUEUED: frozenset({_S.HELD, _S.CANCELLED, _S.EXPIRED, _S.FAILED}),
+    _S.HELD: frozenset({_S.RELEASED, _S.TIMEOUT, _S.LOST}),
+    **{end: frozenset() for end in FINISHED},
+}
+RESERVATION_INITIAL = frozenset({_S.QUEUED})
 
 
 class IllegalTransition(Exception):
@@ -95,17 +120,29 @@ class IllegalTransition(Exception):
         self.job_id, self.old, self.new = job_id, old, new
 
 
-def allowed(old: JobState | None, new: JobState) -> bool:
-    """Whether a job may go from `old` to `new` (`old` None: a job being created)."""
+def allowed(old: JobState | None, new: JobState, kind: Kind = Kind.JOB) -> bool:
+    """Whether a job (or a reservation, by `kind`) may go from `old` to `new` (`old` None:
+    one being created)."""
+    if kind == Kind.RESERVATION:
+        if old is None:
+            return new in RESERVATION_INITIAL
+        return new in RESERVATION_TRANSITIONS.get(old, frozenset())
     if old is None:
         return new in INITIAL
     return new in TRANSITIONS[old]
 
 
-def check_transition(job_id: str, old: JobState | None, new: JobState) -> None:
-    """Raise `IllegalTransition` unless `allowed(old, new)`."""
-    if not allowed(old, new):
+def check_transition(job_id: str, old: JobState | None, new: JobState,
+                     kind: Kind = Kind.JOB) -> None:
+    """Raise `IllegalTransition` unless `allowed(old, new, kind)`."""
+    if not allowed(old, new, kind):
         raise IllegalTransition(job_id, old, new)
+
+
+def new_reservation_id() -> str:
+    """A reservation's id: `r` + random hex, so one is told from a job's id at a glance (a
+    job id is hex only) and never taken for an array member (`ARRAY_INDEX`)."""
+    return "r" + secrets.token_hex(4)
 
 
 def new_job_id() -> str:
@@ -132,3 +169,5 @@ class JobRecord:
     updated: float = 0.0
     allocation: dict[str, Any] | None = field(default=None)
     request: dict[str, Any] | None = field(default=None)
+    kind: Kind = Kind.JOB
+    inside: str | None = None  # the held reservation this job runs inside, if any

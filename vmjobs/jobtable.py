@@ -95,6 +95,14 @@ def format_age(seconds: float) -> str:
     return f"{seconds // 86400}d"
 
 
+def place_in_line(view: View) -> str:
+    """"position 3", or "position 3 in pool ci" when it waits in a pool's line other than
+    the default one."""
+    line = view.get("line")
+    where = f" in pool {line}" if line and line != "default" else ""
+    return f"position {view.get('position') or '-'}{where}"
+
+
 def why(view: View) -> str:
     if view["state"] == "QUEUED":
         return view.get("waiting_because") or "waiting for the scheduler"
@@ -113,6 +121,7 @@ def _elapsed(view: View, now: float) -> str:
 # name -> (header, cell). Documented in docs/user-guide.md ("vmjob list"); keep in step.
 COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
     "id": ("JOB", lambda v, now: v["id"]),
+    "kind": ("KIND", lambda v, now: v.get("kind") or "job"),  # job or reservation
     "name": ("NAME", lambda v, now: v.get("name") or "-"),
     "owner": ("OWNER", lambda v, now: v["owner"]),
     "state": ("STATE", lambda v, now: v["state"]),
@@ -131,7 +140,7 @@ COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
     "pos": ("POS", lambda v, now: str(v.get("position") or "-")),
     "why": ("WHY", lambda v, now: why(v)),
 }
-DEFAULT_COLUMNS = ("id", "name", "owner", "state", "host", "cpus", "mem", "age", "elapsed",
+DEFAULT_COLUMNS = ("id", "kind", "name", "owner", "state", "host", "cpus", "mem", "age", "elapsed",
                    "time_limit", "pos", "why")
 
 

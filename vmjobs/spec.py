@@ -20,6 +20,10 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
   a terminal in the guest); absent: the job's stdin is empty (vmjobs/console.py)
 - `array`: job array indices, `"1-100"`, `"1,3,5-7"`, `"0-99%10"` (`--array`; one job per
   index, at most N running with `%N`; `vmjobs.jobarray`)
+- `profile`: the name of a hardware profile of the config (`--profile`): its fields (cpus,
+  mem, nics, numa, threads, hugepages, pool, labels) stand wherever the spec gives none;
+  labels are merged, the spec's winning per name. The name is kept on the job (usage by
+  profile).
 
 Types are strict: a boolean is `true`/`false`, never the string "no"; a number is never NaN
 or infinite; no string carries a NUL byte. Every refusal is a `SpecError`: one line, exit 2,
@@ -60,7 +64,9 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
-          "wait_timeout", "no_wait", "input", "output", "array", "stdin")
+          "wait_timeout", "no_wait", "input", "output", "array", "profile", "stdin")
+# the fields a hardware profile may set (config `profiles:`, `--profile`)
+PROFILE_FIELDS = ("cpus", "mem", "nics", "numa", "threads", "hugepages", "pool", "labels")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
 RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "time_limit",
            "time_limit_s": "time_limit", "timeout_s": "time_limit",
@@ -68,6 +74,7 @@ RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "
 # the command-line option of each field, for messages about values typed there
 OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
            "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array"}
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class SpecError(UsageError):
@@ -100,6 +107,7 @@ class Spec:
     input: str | None = None
     output: str | None = None
     array: JobArray | None = None
+    profile: str | None = None  # the hardware profile it was built from (already applied)
     stdin: str | None = None  # None | "pipe" | "tty" (vmjobs.console.STDIN_MODES)
 
     def request(self) -> Request:
@@ -113,9 +121,9 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form: what the CLI sends to the API and the store keeps.
-        `parse(spec.to_dict()) == spec`. `stdin` only when set, so that a daemon that
-        predates it still takes every other job."""
-        data = {
+        `parse(spec.to_dict()) == spec`. `profile` and `stdin` are left out when there is
+        none, so a daemon older than them still takes the job."""
+        data: dict[str, Any] = {
             "argv": list(self.argv), "name": self.name, "env": dict(self.env), "cpus": self.cpus,
             "mem": f"{self.mem}M", "nics": self.nics, "numa": self.numa.value,
             "threads": self.threads.value, "hugepages": self.hugepages,
@@ -126,20 +134,81 @@ class Spec:
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
         }
+        if self.profile is not None:
+            data["profile"] = self.profile
         if self.stdin is not None:
             data["stdin"] = self.stdin
         return data
 
 
+@dataclass(frozen=True)
+class Profile:
+    """A named hardware profile (config `profiles:`): spec fields in their canonical JSON form
+    (`Spec.to_dict`'s), only those the profile sets (a subset of PROFILE_FIELDS)."""
+
+    name: str
+    fields: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dict(self.fields)}
+
+
+def make_profile(name: str, data: Mapping[str, Any]) -> Profile:
+    """A profile from its YAML/JSON mapping, each value checked as the spec checks it.
+
+    Raises SpecError (one line naming the field) on a bad name, an unknown field or a bad
+    value."""
+    if not isinstance(name, str) or not _PROFILE_NAME.match(name):
+        raise SpecError(f"{name!r} is not a valid profile name (letters, digits, . _ -)")
+    if not isinstance(data, Mapping):
+        raise SpecError("must be a mapping of spec fields")
+    unknown = sorted(set(map(str, data)) - set(PROFILE_FIELDS))
+    if unknown:
+        raise SpecError(f"unknown field(s) {', '.join(unknown)} (allowed: "
+                        f"{', '.join(PROFILE_FIELDS)})")
+    given = {k: v for k, v in data.items() if v is not None}
+    checked = parse({"argv": ["true"], **given}).to_dict()
+    return Profile(name, {k: checked[k] for k in PROFILE_FIELDS if k in given})
+
+
+def apply_profile(data: Mapping[str, Any], typed: frozenset[str] | None,
+                  profiles: Mapping[str, Profile]) -> tuple[dict[str, Any], frozenset[str]]:
+    """`data` with its `profile`'s fields under it: a field the data gives (not None) wins;
+    `labels` are merged (the data's win per name). Returns the merged data and the new set
+    of typed fields (the profile's values are typed). Raises SpecError for an unknown
+    profile."""
+    typed = frozenset(data) if typed is None else typed
+    name = data.get("profile")
+    if name is None:
+        return dict(data), typed
+    if not isinstance(name, str) or name not in profiles:
+        known = ", ".join(sorted(profiles)) or "none configured"
+        raise SpecError(f"unknown profile {name!r} (profiles: {known}; see 'vmjob profiles')")
+    merged = dict(data)
+    added = set(typed)
+    for key, value in profiles[name].fields.items():
+        if key == "labels" and merged.get("labels") not in (None, {}, ()):
+            given = _Fields(merged, typed, "", OPTIONS).pairs("labels", _label_name)
+            merged["labels"] = {**value, **given}
+            added.add("labels")
+        elif merged.get(key) in (None, (), {}):
+            merged[key] = value
+            added.add(key)
+    return merged, frozenset(added)
+
+
 def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
-          source: str = "", options: Mapping[str, str] | None = None) -> Spec:
+          source: str = "", options: Mapping[str, str] | None = None,
+          profiles: Mapping[str, Profile] | None = None) -> Spec:
     """Check every field of `data` and build a `Spec`.
 
     Values of the fields named in `typed` (default: all) must have their JSON/YAML type; the
     others came from the command line as text (`"4"` for `cpus`, `("K=V",)` for `env`) and
     are named by their option in messages. `source` prefixes messages about typed values
     (e.g. "-f job.yaml"); `options` overrides the option names (e.g. `--timeout` for
-    `time_limit`). Raises SpecError (one line) on the first problem.
+    `time_limit`). With `profiles`, a `profile` field is applied (`apply_profile`); without,
+    the name is only recorded (a stored spec has its profile applied already). Raises
+    SpecError (one line) on the first problem.
     """
     typed = frozenset(data) if typed is None else typed
     unknown = sorted(set(map(str, data)) - set(FIELDS))
@@ -148,6 +217,8 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         where = f"{source}: " if source else ""
         raise SpecError(f"{where}unknown field(s) {', '.join(hints)} (allowed: "
                         f"{', '.join(FIELDS)}; see docs/user-guide.md)")
+    if profiles is not None:
+        data, typed = apply_profile(data, typed, profiles)
     fields = _Fields(data, typed, source, {**OPTIONS, **(options or {})})
     no_wait = fields.flag("no_wait")
     wait_timeout = fields.duration("wait_timeout")
@@ -174,7 +245,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         priority=fields.integer("priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
         preemptible=fields.flag("preemptible"), time_limit=fields.duration("time_limit"),
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
-        output=fields.text("output"), array=array,
+        output=fields.text("output"), array=array, profile=fields.text("profile"),
         stdin=fields.choice("stdin", list(STDIN_MODES), None),
     )
 

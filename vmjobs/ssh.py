@@ -8,9 +8,11 @@ never accepted silently. Imported only when a URL is ssh:// (`Client.open_socket
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import paramiko
 from paramiko.common import cMSG_CHANNEL_OPEN
@@ -47,6 +49,38 @@ class _StreamlocalTransport(paramiko.Transport):
         super()._send_user_message(data)
 
 
+class _ChannelReader(io.RawIOBase):
+    """A channel's incoming bytes as a raw stream (each read returns what has arrived)."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._channel = channel
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._channel.recv(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class ChannelSocket:
+    """A channel as `http.client` uses a socket. paramiko's own `makefile` (ChannelFile) has
+    no `peek` or `read1`, which `http.client` needs to read a chunked answer line by line or
+    as it arrives (a reservation's NDJSON stream, `logs -f`); a BufferedReader over the
+    channel has both. Everything else is the channel's."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._channel = channel
+
+    def makefile(self, mode: str = "rb", *_args: Any, **_kwargs: Any) -> io.BufferedReader:
+        assert "r" in mode and "b" in mode, mode
+        return io.BufferedReader(_ChannelReader(self._channel))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+
 class SshTunnel:
     """One SSH connection to the head node; a fresh channel to the socket per request."""
 
@@ -68,11 +102,12 @@ class SshTunnel:
         except OSError as exc:
             raise VmjobsError(f"ssh to {target.describe()}: {exc.strerror or exc}") from None
 
-    def open(self) -> paramiko.Channel:
+    def open(self) -> ChannelSocket:
         transport = self.client.get_transport()
         assert isinstance(transport, _StreamlocalTransport)
         try:
-            return transport.open_unix_channel(str(self.target.socket), CONNECT_TIMEOUT_S)
+            return ChannelSocket(transport.open_unix_channel(str(self.target.socket),
+                                                             CONNECT_TIMEOUT_S))
         except paramiko.ChannelException as exc:
             raise VmjobsError(
                 f"{self.target.describe()}: the head node refused a connection to the socket "

@@ -26,7 +26,7 @@ from vmjobs.codec import (
     request_to_dict,
 )
 from vmjobs.errors import VmjobsError
-from vmjobs.jobs import UNFINISHED, JobRecord, JobState, check_transition
+from vmjobs.jobs import UNFINISHED, JobRecord, JobState, Kind, check_transition
 from vmjobs.usage import Holding, JobHistory, Mark
 
 SCHEMA = """
@@ -42,18 +42,23 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     message TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'job',  -- 'job' or 'reservation' (jobs.Kind)
+    key_hash TEXT,  -- a reservation's key, hashed (vmjobs.holdkey); never shown
+    inside TEXT  -- the held reservation a job runs inside
 );
 CREATE TABLE IF NOT EXISTS cpu_reservations (
     host TEXT NOT NULL,
     cpu INTEGER NOT NULL,
     job_id TEXT NOT NULL REFERENCES jobs(id),
+    user_id TEXT,  -- a held reservation's row: the job inside it that uses the cpu now
     PRIMARY KEY (host, cpu)
 );
 CREATE TABLE IF NOT EXISTS device_reservations (
     host TEXT NOT NULL,
     address TEXT NOT NULL,
     job_id TEXT NOT NULL REFERENCES jobs(id),
+    user_id TEXT,  -- as cpu_reservations.user_id
     PRIMARY KEY (host, address)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -83,6 +88,11 @@ CREATE INDEX IF NOT EXISTS jobs_held ON jobs(created) WHERE allocation IS NOT NU
 CREATE INDEX IF NOT EXISTS jobs_host ON jobs(host, state);
 CREATE INDEX IF NOT EXISTS cpu_reservations_job ON cpu_reservations(job_id);
 CREATE INDEX IF NOT EXISTS device_reservations_job ON device_reservations(job_id);
+CREATE INDEX IF NOT EXISTS jobs_inside ON jobs(inside, state) WHERE inside IS NOT NULL;
+CREATE INDEX IF NOT EXISTS cpu_reservations_user ON cpu_reservations(user_id)
+    WHERE user_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS device_reservations_user ON device_reservations(user_id)
+    WHERE user_id IS NOT NULL;
 """
 
 # The change log: a row for every job whose allocation changes (placed, released, moved,
@@ -226,6 +236,20 @@ class Store:
             except sqlite3.OperationalError as exc:
                 if "duplicate column" not in str(exc):  # another process upgraded it first
                     raise
+        # held reservations (issue 11): what a row is, a reservation's key, the reservation
+        # a job runs inside, and who uses a reservation's cpu or NIC now
+        for table, column, kind in (("jobs", "kind", "TEXT NOT NULL DEFAULT 'job'"),
+                                    ("jobs", "key_hash", "TEXT"), ("jobs", "inside", "TEXT"),
+                                    ("cpu_reservations", "user_id", "TEXT"),
+                                    ("device_reservations", "user_id", "TEXT")):
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column in have:
+                continue
+            try:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
         # made here, not in SCHEMA, so that it follows the `held` column on an old store
         self.db.execute("CREATE INDEX IF NOT EXISTS events_time ON events(time)")
 
@@ -264,15 +288,26 @@ class Store:
             self.db.execute("COMMIT")
 
     def held(self) -> list[Held]:
+        """What every holder holds, oldest first: jobs and held reservations. Jobs running
+        inside a reservation are left out: the reservation holds their share of the host."""
         rows = self.db.execute(
-            "SELECT id, allocation, request FROM jobs WHERE allocation IS NOT NULL ORDER BY created"
+            "SELECT id, allocation, request FROM jobs WHERE allocation IS NOT NULL"
+            " AND inside IS NULL ORDER BY created"
         )
         return [_held(r) for r in rows]
 
+    def holders(self) -> list[JobRecord]:
+        """Every job (or other row of `jobs`, e.g. a held reservation) that holds cpus,
+        memory or NICs now, oldest first (index `jobs_held`)."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE allocation IS NOT NULL ORDER BY created")
+        return [_record(r) for r in rows]
+
     def holding(self, job_id: str) -> Held | None:
-        """What one job holds now; None if it holds nothing (or does not exist)."""
+        """What one job holds now; None if it holds nothing (or does not exist, or runs
+        inside a reservation, which holds its share: see `held`)."""
         row = self.db.execute("SELECT id, allocation, request FROM jobs WHERE id = ? AND "
-                              "allocation IS NOT NULL", (job_id,)).fetchone()
+                              "allocation IS NOT NULL AND inside IS NULL",
+                              (job_id,)).fetchone()
         return _held(row) if row else None
 
     # --- the change log of holdings (see CHANGES) ---------------------------------------------
@@ -311,12 +346,13 @@ class Store:
         return None if row is None else row["reason"] or ""
 
     def add_job(self, job: JobRecord, request: Request, allocation: Allocation | None,
-                reason: str) -> None:
-        """Insert a job and, when placed, its reservation: all of it or, on a conflict, nothing.
+                reason: str, key_hash: str | None = None) -> None:
+        """Insert a job (or a reservation, `job.kind`, with its hashed key) and, when placed,
+        its reservation: all of it or, on a conflict, nothing.
 
         Call inside `reserving()` when the allocation was decided from what `held()` said.
         """
-        check_transition(job.id, None, job.state)
+        check_transition(job.id, None, job.state, job.kind)
         now = time.time()
         # A savepoint makes the inserts one unit even outside `reserving()`: a reservation that
         # hits the UNIQUE key must not leave the job row (and its claimed allocation) behind.
@@ -324,10 +360,12 @@ class Store:
         try:
             self.db.execute(
                 "INSERT INTO jobs (id, owner, uid, state, spec, request, host, allocation,"
-                " created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, updated, kind, key_hash, inside)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.owner, job.uid, job.state.value, json.dumps(job.spec),
                  json.dumps(request_to_dict(request)), allocation.host if allocation else None,
-                 json.dumps(allocation_to_dict(allocation)) if allocation else None, now, now),
+                 json.dumps(allocation_to_dict(allocation)) if allocation else None, now, now,
+                 job.kind.value, key_hash, job.inside),
             )
             if allocation:
                 self._insert_reservation(job.id, allocation)
@@ -355,12 +393,16 @@ class Store:
         # replay who held what when from the events alone, after the rows are freed.
         self.db.execute(
             "INSERT INTO events (job_id, time, state, host, reason, note, held)"
-            " SELECT ?, ?, ?, ?, ?, ?, allocation FROM jobs WHERE id = ?",
+            # a job inside a reservation holds nothing of its own: the reservation's events
+            # carry what is held (usage would count it twice otherwise)
+            " SELECT ?, ?, ?, ?, ?, ?, CASE WHEN inside IS NULL THEN allocation END"
+            " FROM jobs WHERE id = ?",
             (job_id, now, state.value, host, reason, int(note), job_id),
         )
 
     def _current(self, job_id: str) -> sqlite3.Row:
-        row = self.db.execute("SELECT state, host FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self.db.execute("SELECT state, host, kind, inside FROM jobs WHERE id = ?",
+                              (job_id,)).fetchone()
         if row is None:
             raise VmjobsError(f"unknown job {job_id!r}")
         return row
@@ -376,7 +418,7 @@ class Store:
         now = time.time()
         with self.reserving():
             row = self._current(job_id)
-            check_transition(job_id, JobState(row["state"]), state)
+            check_transition(job_id, JobState(row["state"]), state, Kind(row["kind"]))
             if release:
                 self._release(job_id)
             self.db.execute(
@@ -404,6 +446,11 @@ class Store:
             self._release(job_id)
 
     def _release(self, job_id: str) -> None:
+        # a job inside a reservation gives its rows back to the reservation (no row of its own)
+        self.db.execute("UPDATE cpu_reservations SET user_id = NULL WHERE user_id = ?",
+                        (job_id,))
+        self.db.execute("UPDATE device_reservations SET user_id = NULL WHERE user_id = ?",
+                        (job_id,))
         self.db.execute("DELETE FROM cpu_reservations WHERE job_id = ?", (job_id,))
         self.db.execute("DELETE FROM device_reservations WHERE job_id = ?", (job_id,))
         self.db.execute("UPDATE jobs SET allocation = NULL WHERE id = ?", (job_id,))
@@ -487,7 +534,8 @@ class Store:
         now, for `vmjobs.usage`. Bounded by `since` through the `events_time` index (a job
         held since before `since` is found through its reservation rows)."""
         rows = self.db.execute(
-            "SELECT e.job_id, j.owner, j.created, e.time, e.state, e.note, e.held"
+            "SELECT e.job_id, j.owner, j.created, e.time, e.state, e.note, e.held,"
+            " json_extract(j.spec, '$.profile') AS profile"
             " FROM events e JOIN jobs j ON j.id = e.job_id"
             " WHERE e.job_id IN (SELECT job_id FROM events WHERE time >= ?"
             "                    UNION SELECT job_id FROM cpu_reservations)"
@@ -506,7 +554,9 @@ class Store:
             events = list(group)
             marks = tuple(Mark(r["time"], JobState(r["state"]), holding(r["held"]),
                                bool(r["note"])) for r in events)
-            histories.append(JobHistory(job_id, events[0]["owner"], events[0]["created"], marks))
+            profile = events[0]["profile"]
+            histories.append(JobHistory(job_id, events[0]["owner"], events[0]["created"], marks,
+                                        profile if isinstance(profile, str) else None))
         return histories
 
     def job(self, job_id: str) -> JobRecord | None:
@@ -555,23 +605,84 @@ class Store:
 
     # --- the daemon's queue ---------------------------------------------------------------------
 
-    def submit(self, job: JobRecord, request: Request, reason: str) -> None:
-        """Insert a QUEUED job (no reservation yet) with its first event, atomically."""
+    def submit(self, job: JobRecord, request: Request, reason: str,
+               key_hash: str | None = None) -> None:
+        """Insert a QUEUED job or reservation (nothing held yet) with its first event,
+        atomically."""
         with self.reserving():
-            self.add_job(job, request, None, reason)
+            self.add_job(job, request, None, reason, key_hash)
 
     def assign(self, job_id: str, allocation: Allocation, reason: str) -> None:
         """Give a queued (or checkpointed) job its reservation and make it PLACED. Call inside
         `reserving()`. Raises `IllegalTransition` from any other state."""
-        check_transition(job_id, JobState(self._current(job_id)["state"]), JobState.PLACED)
+        current = self._current(job_id)
+        check_transition(job_id, JobState(current["state"]), JobState.PLACED)
         now = time.time()
         self.db.execute(
             "UPDATE jobs SET state = ?, host = ?, allocation = ?, updated = ? WHERE id = ?",
             (JobState.PLACED.value, allocation.host, json.dumps(allocation_to_dict(allocation)),
              now, job_id),
         )
-        self._insert_reservation(job_id, allocation)
+        if current["inside"] is None:
+            self._insert_reservation(job_id, allocation)
+        else:
+            self._use_inside(current["inside"], job_id, allocation)
         self._event(job_id, JobState.PLACED, allocation.host, reason, now)
+
+    def _use_inside(self, reservation_id: str, job_id: str, alloc: Allocation) -> None:
+        """Mark the reservation's rows of `alloc` as used by `job_id`. Every cpu (and idle
+        sibling) and NIC must be a row of the reservation that nobody inside uses: otherwise
+        raises VmjobsError, and the caller's transaction rolls back. The (host, cpu) key stays
+        the reservation's, so nothing outside it can take them meanwhile."""
+        cpus = (*alloc.cpus, *alloc.idle_cpus)
+        for table, column, values in (("cpu_reservations", "cpu", cpus),
+                                      ("device_reservations", "address", alloc.devices)):
+            for value in values:
+                done = self.db.execute(
+                    f"UPDATE {table} SET user_id = ? WHERE host = ? AND {column} = ?"
+                    " AND job_id = ? AND user_id IS NULL",
+                    (job_id, alloc.host, value, reservation_id)).rowcount
+                if done != 1:
+                    raise VmjobsError(f"job {job_id}: {column} {value} on {alloc.host} is not "
+                                      f"free inside reservation {reservation_id}")
+
+    def hold(self, reservation_id: str, allocation: Allocation, reason: str,
+             until: float | None) -> None:
+        """A queued reservation holds `allocation` from now on (HELD, rows of its own), until
+        `until` (Unix s; None: until released). Call inside `reserving()`."""
+        current = self._current(reservation_id)
+        check_transition(reservation_id, JobState(current["state"]), JobState.HELD,
+                         Kind(current["kind"]))
+        now = time.time()
+        self.db.execute(
+            "UPDATE jobs SET state = ?, host = ?, allocation = ?, updated = ? WHERE id = ?",
+            (JobState.HELD.value, allocation.host, json.dumps(allocation_to_dict(allocation)),
+             now, reservation_id))
+        self._insert_reservation(reservation_id, allocation)
+        if until is not None:
+            self.mark(reservation_id, until=until)
+        self._event(reservation_id, JobState.HELD, allocation.host, reason, now)
+
+    def key_hash(self, reservation_id: str) -> str | None:
+        """The reservation's hashed key (None: it has none)."""
+        row = self.db.execute("SELECT key_hash FROM jobs WHERE id = ?",
+                              (reservation_id,)).fetchone()
+        return row["key_hash"] if row else None
+
+    def inside(self, reservation_id: str, states: frozenset[JobState] | None = None
+               ) -> list[JobRecord]:
+        """The jobs run inside a reservation (in `states` only, when given), oldest first."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE inside = ? ORDER BY created, rowid",
+                               (reservation_id,))
+        records = [_record(r) for r in rows]
+        return [r for r in records if states is None or r.state in states]
+
+    def used_inside(self, reservation_id: str) -> int:
+        """How many of the reservation's rows a job inside it uses now."""
+        return int(self.db.execute(
+            "SELECT (SELECT COUNT(*) FROM cpu_reservations WHERE job_id = ?1 AND user_id IS NOT"
+            " NULL) + (SELECT COUNT(*) FROM device_reservations WHERE job_id = ?1 AND user_id IS"
+            " NOT NULL)", (reservation_id,)).fetchone()[0])
 
     def queued(self) -> list[tuple[JobRecord, Request]]:
         """Queued jobs in submission order (the caller applies priorities)."""
@@ -690,4 +801,5 @@ def _record(row: sqlite3.Row) -> JobRecord:
         message=row["message"], created=row["created"], updated=row["updated"],
         allocation=json.loads(row["allocation"]) if row["allocation"] else None,
         request=json.loads(row["request"]) if row["request"] else None,
+        kind=Kind(row["kind"]), inside=row["inside"],
     )

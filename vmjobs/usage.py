@@ -13,6 +13,18 @@ daemon runs and direct `vmjob run`s alike: both write the same store.
 Units: times are Unix seconds (float), durations seconds, cores are host cpus (a job with
 `--threads isolate` also holds its idle SMT siblings), "load" is held core-seconds divided
 by usable core-seconds (0.0 .. 1.0), core-hours are held core-seconds / 3600.
+
+Groupings: by host, NUMA node, pool (the cores of its member hosts; a host in two pools
+counts in both), profile (the jobs started with `--profile NAME`, over the cores of the hosts
+that profile can use) and user.
+
+"Could start" (per profile, per window W): the fraction of the last W seconds during which
+one more job of the profile would have been placed somewhere. It is computed exactly, not by
+sampling: what every job held is replayed event by event (the cluster's holdings only change
+at events, so between two events the answer is constant) on the hosts as inventoried now,
+all taken as up, and at each change the engine is asked whether the profile's request fits
+(`placement.Cluster.place_within`, the scheduler's "pack" policy). A hold that no longer fits
+today's inventory (changed hardware) is left out of the replay.
 """
 
 from __future__ import annotations
@@ -20,10 +32,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from placement import HostUsage
+import placement
+from placement import Allocation, HostUsage, Request
+from placement.capacity import could_start
 from vmjobs.jobs import FINISHED, JobState
 
 # The load-average windows, as `uptime` has its 1, 5 and 15 minutes: (label, seconds)
@@ -36,6 +50,8 @@ class Holding:
 
     host: str
     cpus_by_node: tuple[tuple[int, int], ...]
+    # the whole allocation, for replaying who held what (could-start figures); not compared
+    allocation: Allocation | None = field(default=None, compare=False)
 
     @property
     def cpus(self) -> int:
@@ -54,7 +70,13 @@ class Holding:
         if idle:
             first = next(iter(counts), 0)
             counts[first] = counts.get(first, 0) + idle
-        return cls(str(data["host"]), tuple(sorted(counts.items())))
+        from vmjobs.codec import allocation_from_dict
+
+        try:
+            allocation: Allocation | None = allocation_from_dict(dict(data))
+        except (KeyError, TypeError, ValueError):
+            allocation = None  # an event written before allocations were complete
+        return cls(str(data["host"]), tuple(sorted(counts.items())), allocation)
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,7 @@ class JobHistory:
     owner: str
     submitted: float
     marks: tuple[Mark, ...]
+    profile: str | None = None  # the hardware profile it was submitted with
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,7 @@ class Interval:
     start: float
     end: float
     holding: Holding
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +160,8 @@ def intervals(histories: Iterable[JobHistory], now: float) -> Iterator[Interval]
             end = marks[i + 1].time if i + 1 < len(marks) else now
             end = min(end, now)
             if end > mark.time:
-                yield Interval(history.job_id, history.owner, mark.time, end, mark.held)
+                yield Interval(history.job_id, history.owner, mark.time, end, mark.held,
+                               history.profile)
 
 
 def _overlap(interval: Interval, start: float, end: float) -> float:
@@ -169,14 +194,8 @@ def load_rows(histories: Sequence[JobHistory], capacity: Mapping[str, Mapping[in
                                               else sum(nodes.values()))
         pieces = held.get((host, node), [])
         held_now = sum(cpus for span, cpus in pieces if span.end >= now)  # open at `now`
-        load: dict[str, float | None] = {}
-        for label, seconds in WINDOWS:
-            if seconds > now - since + 1e-9 or not usable:
-                load[label] = None
-                continue
-            core_s = sum(cpus * _overlap(span, now - seconds, now) for span, cpus in pieces)
-            load[label] = core_s / (usable * seconds)
-        rows.append(LoadRow(host, node, usable, held_now, load))
+        rows.append(LoadRow(host, node, usable, held_now,
+                            _window_loads(pieces, usable, now, since)))
     return rows
 
 
@@ -220,7 +239,158 @@ def user_rows(histories: Sequence[JobHistory], now: float, since: float) -> list
     return rows
 
 
-GROUPINGS = ("host", "node", "user")  # pool and profile come with pools and profiles
+@dataclass(frozen=True)
+class GroupRow:
+    """One pool or profile: its usable cores (None: not known), the cores its jobs hold now,
+    the load per window (as `LoadRow`), how many jobs held cores in [since, now], and for a
+    profile the could-start fraction per window (see the module's docstring)."""
+
+    kind: str  # "pool" or "profile"
+    name: str
+    hosts: tuple[str, ...]
+    usable_cores: int | None
+    held_now: int
+    jobs: int
+    load: dict[str, float | None]
+    could_start: dict[str, float | None] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {self.kind: self.name, "hosts": list(self.hosts),
+                "usable_cores": self.usable_cores, "held_now": self.held_now,
+                "jobs": self.jobs, "load": dict(self.load)}
+        if self.kind == "profile":
+            data["could_start"] = self.could_start
+        return data
+
+
+def _window_loads(pieces: Sequence[tuple[Interval, int]], usable: int | None, now: float,
+                  since: float) -> dict[str, float | None]:
+    load: dict[str, float | None] = {}
+    for label, seconds in WINDOWS:
+        if seconds > now - since + 1e-9 or not usable:
+            load[label] = None
+            continue
+        core_s = sum(cpus * _overlap(span, now - seconds, now) for span, cpus in pieces)
+        load[label] = core_s / (usable * seconds)
+    return load
+
+
+def _group_row(kind: str, name: str, hosts: Sequence[str], usable: int | None,
+               spans: Sequence[Interval], now: float, since: float) -> GroupRow:
+    pieces = [(span, span.holding.cpus) for span in spans]
+    return GroupRow(kind, name, tuple(hosts), usable,
+                    sum(cpus for span, cpus in pieces if span.end >= now),
+                    len({span.job_id for span in spans if _overlap(span, since, now) > 0}),
+                    _window_loads(pieces, usable, now, since))
+
+
+def pool_rows(histories: Sequence[JobHistory], capacity: Mapping[str, Mapping[int, int]],
+              pools: Mapping[str, Sequence[str]], now: float, since: float) -> list[GroupRow]:
+    """The load average per pool (sorted by name): cores held on its member hosts over their
+    usable cores. `pools`: host -> the pools it belongs to (a host in two pools counts in
+    both); a member missing from `capacity` (down) makes the pool's capacity unknown."""
+    members: dict[str, list[str]] = defaultdict(list)
+    for host, names in pools.items():
+        for pool in names:
+            members[pool].append(host)
+    spans = list(intervals(histories, now))
+    rows = []
+    for pool in sorted(members):
+        hosts = sorted(members[pool])
+        usable = None if any(h not in capacity for h in hosts) else \
+            sum(sum(capacity[h].values()) for h in hosts)
+        rows.append(_group_row("pool", pool, hosts, usable,
+                               [s for s in spans if s.holding.host in hosts], now, since))
+    return rows
+
+
+def could_start_fractions(histories: Sequence[JobHistory], hosts: Sequence[placement.Host],
+                          request: Request, now: float, since: float
+                          ) -> dict[str, float | None]:
+    """Per window, the fraction of it during which one more job of `request` would have been
+    placed somewhere (see the module's docstring); None for a window reaching back before
+    `since`. `hosts`: the inventory, taken as up. O(events x one placement)."""
+    usable = [label for label, seconds in WINDOWS if seconds <= now - since + 1e-9]
+    result: dict[str, float | None] = {label: None for label, _ in WINDOWS}
+    if not usable:
+        return result
+    start = now - max(seconds for label, seconds in WINDOWS if label in usable)
+    cluster = _all_up(hosts)
+    spans = [s for s in intervals(histories, now)
+             if s.end > start and s.holding.allocation is not None
+             and s.holding.host in cluster.hosts]
+    # change points: at each, releases first (a job ending frees room for one starting)
+    changes: list[tuple[float, int, int]] = []
+    for i, span in enumerate(spans):
+        changes.append((max(span.start, start), 1, i))
+        if span.end < now:
+            changes.append((span.end, 0, i))
+    changes.sort()
+    held: set[int] = set()
+    fits_from: list[tuple[float, bool]] = []  # (time, fits from then on)
+    k = 0
+    moments = sorted({start, *(t for t, _, _ in changes)})
+    for moment in moments:
+        while k < len(changes) and changes[k][0] <= moment:
+            _, kind, i = changes[k]
+            k += 1
+            key = f"\0usage-{i}"
+            if kind == 0 and i in held:
+                cluster.release(key)
+                held.discard(i)
+            elif kind == 1:
+                allocation = spans[i].holding.allocation
+                assert allocation is not None
+                try:
+                    cluster.reserve(key, allocation)
+                    held.add(i)
+                except placement.Conflict:
+                    pass  # does not fit today's inventory: left out (module docstring)
+        fits_from.append((moment, could_start(cluster, request)))
+    for label, seconds in WINDOWS:
+        if label not in usable:
+            continue
+        begin, total = now - seconds, 0.0
+        for j, (moment, fits) in enumerate(fits_from):
+            end = fits_from[j + 1][0] if j + 1 < len(fits_from) else now
+            if fits:
+                total += max(0.0, min(end, now) - max(moment, begin))
+        result[label] = total / seconds
+    return result
+
+
+def _all_up(hosts: Sequence[placement.Host]) -> placement.Cluster:
+    """An empty cluster of `hosts`, every one up (history does not say when one was down)."""
+    return placement.Cluster([replace(h, state=placement.HostState.UP) for h in hosts])
+
+
+def profile_rows(histories: Sequence[JobHistory], hosts: Sequence[placement.Host],
+                 profiles: Mapping[str, Request], now: float, since: float) -> list[GroupRow]:
+    """Per profile (configured ones in their order, then ones only the history names): the
+    cores its jobs held over the usable cores of the hosts it can use (those where it fits
+    when empty), its jobs, and the could-start fractions (None for a profile no longer
+    configured)."""
+    spans = list(intervals(histories, now))
+    empty = _all_up(hosts)
+    names = list(profiles) + sorted({s.profile for s in spans if s.profile is not None
+                                     and s.profile not in profiles})
+    rows = []
+    for name in names:
+        mine = [s for s in spans if s.profile == name]
+        request = profiles.get(name)
+        if request is None:
+            rows.append(_group_row("profile", name, (), None, mine, now, since))
+            continue
+        able = [h.name for h in hosts
+                if empty.place_within(replace(request, host=h.name)).allocation is not None]
+        usable = sum(empty.free(name).cpus_total for name in able)  # reserved_cpus left out
+        row = _group_row("profile", name, able, usable, mine, now, since)
+        rows.append(replace(row, could_start=could_start_fractions(
+            histories, hosts, request, now, since)))
+    return rows
+
+
+GROUPINGS = ("host", "node", "pool", "profile", "user")
 DEFAULT_SINCE_S = 86400.0
 MAX_SINCE_S = 366 * 86400.0  # a year: the query stays bounded
 
@@ -232,17 +402,26 @@ def capacity_of(usages: Iterable[HostUsage]) -> dict[str, dict[int, int]]:
 
 
 def report(histories: Sequence[JobHistory], capacity: Mapping[str, Mapping[int, int]],
-           now: float, since: float, by: str, user: str | None = None) -> dict[str, Any]:
+           now: float, since: float, by: str, user: str | None = None, *,
+           pools: Mapping[str, Sequence[str]] | None = None,
+           hosts: Sequence[placement.Host] = (),
+           profiles: Mapping[str, Request] | None = None) -> dict[str, Any]:
     """What `vmjob usage --json` and `GET /v1/usage` answer: {"by", "now", "since" (Unix s),
     "windows": {label: seconds}, "rows": [...]} with rows of `LoadRow.to_dict` (by host or
-    node) or `UserRow.to_dict` (by user; only `user`'s row when `user` is given, as a
-    non-admin sees it). ValueError for a grouping not in GROUPINGS."""
+    node), `GroupRow.to_dict` (by pool: needs `pools`, host -> its pools; by profile: needs
+    `hosts`, the inventory, and `profiles`, name -> request) or `UserRow.to_dict` (by user;
+    only `user`'s row when `user` is given, as a non-admin sees it). ValueError for a
+    grouping not in GROUPINGS."""
     if by not in GROUPINGS:
         raise ValueError(f"unknown grouping {by!r}: use one of {', '.join(GROUPINGS)}")
     rows: list[dict[str, Any]]
     if by == "user":
         rows = [r.to_dict() for r in user_rows(histories, now, since)
                 if user is None or r.user == user]
+    elif by == "pool":
+        rows = [r.to_dict() for r in pool_rows(histories, capacity, pools or {}, now, since)]
+    elif by == "profile":
+        rows = [r.to_dict() for r in profile_rows(histories, hosts, profiles or {}, now, since)]
     else:
         rows = [r.to_dict() for r in load_rows(histories, capacity, now, since,
                                                by_node=by == "node")]

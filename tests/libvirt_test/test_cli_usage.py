@@ -28,13 +28,15 @@ def setup(tmp_path: Path) -> Path:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "spool": str(tmp_path / "spool"), "socket": str(tmp_path / "no-daemon.sock"),
-        "hosts": [{"name": "t", "uri": "test:///default"}]}))
+        "hosts": [{"name": "t", "uri": "test:///default", "pool": ["boards", "lab"]}],
+        "profiles": {"pair": {"cpus": 2, "numa": "strict"},
+                     "huge": {"cpus": 8, "mem": "3G", "numa": "strict"}}}, sort_keys=False))
     store = Store(tmp_path / "spool" / "state.db")
     cpus = (8, 9)  # on node 1
     alloc = Allocation(host="t", cpus=cpus, memory_mib=256,
                        nodes=(NodeShare(node=1, cpus=cpus, memory_mib=256),))
     record = JobRecord(id="j1", owner="alice", uid=1000, state=JobState.PLACED,
-                       spec={"argv": ["true"], "runner": {"pid": 1}})
+                       spec={"argv": ["true"], "runner": {"pid": 1}, "profile": "pair"})
     store.add_job(record, Request(cpus=2, memory_mib=256), alloc, "direct run")
     store.transition("j1", JobState.STARTING)
     store.transition("j1", JobState.RUNNING)
@@ -66,8 +68,31 @@ def test_usage_json_from_the_store_without_a_daemon(tmp_path: Path) -> None:
 
 def test_usage_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     config = setup(tmp_path)
-    for args in (["--since", "5x"], ["--since", "0"], ["--by", "pool"], ["--since", "400d"]):
+    for args in (["--since", "5x"], ["--since", "0"], ["--by", "rack"], ["--since", "400d"]):
         done = vmjob(config, *args)
         assert done.returncode == 2, (args, done.stderr)
         assert done.stdout == ""
         assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_usage_by_pool_and_profile_from_the_store(tmp_path: Path) -> None:
+    config = setup(tmp_path)  # j1 (profile pair) holds 2 of node1's cpus since just now
+    done = vmjob(config, "--by", "pool", "--json")
+    assert done.returncode == 0, done.stderr
+    # a host in two pools counts in both
+    rows = json.loads(done.stdout)["rows"]
+    assert [(p["pool"], p["hosts"], p["held_now"], p["usable_cores"], p["jobs"])
+            for p in rows] == [("boards", ["t"], 2, 16, 1), ("lab", ["t"], 2, 16, 1)]
+    rows = {r["profile"]: r for r in json.loads(vmjob(config, "--by", "profile",
+                                                      "--json").stdout)["rows"]}
+    assert list(rows) == ["pair", "huge"]
+    assert (rows["pair"]["held_now"], rows["pair"]["jobs"], rows["pair"]["usable_cores"]) \
+        == (2, 1, 16)
+    # a pair (2 cpus on one node) fitted all along; huge (8 cpus + 3 GiB on one node) only
+    # fits node1 (4 GiB), whose 8 cpus j1 now shares: it could start until j1 did
+    assert rows["pair"]["could_start"] == {"1m": 1.0, "1h": 1.0, "24h": 1.0}
+    assert 0.0 < rows["huge"]["could_start"]["24h"] < 1.0
+    assert (rows["huge"]["held_now"], rows["huge"]["jobs"]) == (0, 0)
+    text = vmjob(config, "--by", "profile").stdout.splitlines()
+    assert text[0].split()[:4] == ["PROFILE", "HELD/USABLE", "JOBS", "LOAD"]
+    assert "FREE" in text[0] and text[1].split()[:3] == ["pair", "2/16", "1"]

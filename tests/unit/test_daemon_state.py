@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "vmjobs"
 CORE = PACKAGE / "daemon" / "core.py"
-STATE = frozenset({"active", "waits", "restoring", "preempting", "dirty"})
+STATE = frozenset({"active", "waits", "restoring", "preempting", "dirty", "releasing"})
 MUTATORS = frozenset({"add", "discard", "remove", "pop", "popitem", "clear", "update",
                       "setdefault", "append", "extend", "insert"})
 STORE_WRITES = frozenset({"transition", "release"})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from placement import Allocation, NodeShare, Request
+from placement import Allocation, NodeShare, NumaPolicy, Request
 from vmjobs import store as store_module
 from vmjobs.jobs import JobRecord, JobState
 from vmjobs.store import Store
@@ -198,4 +198,120 @@ def test_report_shows_a_non_admin_only_their_own_user_row() -> None:
     assert [r["host"] for r in hosts["rows"]] == ["a", "b"]  # aggregates are for everyone
     assert hosts["windows"] == {"1m": 60.0, "1h": 3600.0, "24h": 86400.0}
     with pytest.raises(ValueError):
-        report(HISTORIES, CAPACITY, NOW, NOW - DAY, "pool")
+        report(HISTORIES, CAPACITY, NOW, NOW - DAY, "rack")
+
+
+# --- by pool and by profile: a second scripted sequence, with whole allocations ------------------
+#
+# Hosts as CAPACITY: a has two NUMA nodes of 2 cores (cpus 0,1 | 2,3), b one node of 4 (0-3).
+# Pools: a in "lab"; b in "lab" and "ci" (counted in both).
+# p1 (profile pair): a/node0, cpus 0,1, from NOW-3000, still running
+# p4 (no profile):   a/node1, cpus 2,3, NOW-2400 .. NOW-300 (COMPLETED)
+# p3 (no profile):   b, cpus 2,3, from NOW-900, still running
+# p2 (profile pair): b, cpus 0,1, from NOW-600, still running
+# Profile "pair" (2 cores on one node) cannot start while a/node0, a/node1 and b are all
+# taken: only in [NOW-600, NOW-300]. Profile "wide" (4 cores on one node) fits only b, which
+# is busy from NOW-900 on.
+
+def _held(host: str, node: int, *cpus: int) -> Holding:
+    from vmjobs.codec import allocation_to_dict
+
+    return Holding.from_allocation(allocation_to_dict(Allocation(
+        host=host, cpus=cpus, memory_mib=256,
+        nodes=(NodeShare(node=node, cpus=cpus, memory_mib=256),))))
+
+
+def _ran(job_id: str, start: float, end: float | None, held: Holding,
+         profile: str | None = None) -> JobHistory:
+    marks = [Mark(start, S.PLACED, held), Mark(start, S.RUNNING, held)]
+    if end is not None:
+        marks.append(Mark(end, S.COMPLETED, None))
+    return JobHistory(job_id, "alice", start, tuple(marks), profile)
+
+
+LAB = [
+    _ran("p1", NOW - 3000, None, _held("a", 0, 0, 1), "pair"),
+    _ran("p4", NOW - 2400, NOW - 300, _held("a", 1, 2, 3)),
+    _ran("p3", NOW - 900, None, _held("b", 0, 2, 3)),
+    _ran("p2", NOW - 600, None, _held("b", 0, 0, 1), "pair"),
+]
+POOLS = {"a": ("lab",), "b": ("lab", "ci")}
+
+
+def _lab_hosts() -> list:
+    from placement import make_host
+
+    return [make_host("a", nodes=2, cores=2, memory_mib=4096),
+            make_host("b", nodes=1, cores=4, memory_mib=8192)]
+
+
+def test_load_average_per_pool_worked_by_hand() -> None:
+    from vmjobs.usage import pool_rows
+
+    rows = {r.name: r for r in pool_rows(LAB, CAPACITY, POOLS, NOW, NOW - DAY)}
+    ci, lab = rows["ci"], rows["lab"]
+    assert (ci.hosts, ci.usable_cores, ci.held_now, ci.jobs) == (("b",), 4, 4, 2)
+    assert ci.load["1m"] == pytest.approx(1.0)  # b fully held the whole last minute
+    assert ci.load["1h"] == pytest.approx((2 * 900 + 2 * 600) / (4 * 3600))
+    assert (lab.hosts, lab.usable_cores, lab.held_now, lab.jobs) == (("a", "b"), 8, 6, 4)
+    # p1 2x3000 + p4 2x2100 + p3 2x900 + p2 2x600 core-s of 8 cores x 1 h
+    assert lab.load["1h"] == pytest.approx(13200 / (8 * 3600))
+    assert lab.load["24h"] == pytest.approx(13200 / (8 * DAY))
+    # a member that is down: the pool's capacity is unknown, not smaller
+    partial = {r.name: r for r in pool_rows(LAB, {"a": {0: 2, 1: 2}}, POOLS, NOW, NOW - DAY)}
+    assert partial["lab"].usable_cores is None and partial["lab"].load["1h"] is None
+
+
+def test_profile_rows_and_could_start_worked_by_hand() -> None:
+    from vmjobs.usage import profile_rows
+
+    pair = Request(cpus=2, memory_mib=256, numa=NumaPolicy.STRICT)
+    wide = Request(cpus=4, memory_mib=256, numa=NumaPolicy.STRICT)
+    rows = {r.name: r for r in profile_rows(LAB, _lab_hosts(), {"pair": pair, "wide": wide},
+                                            NOW, NOW - DAY)}
+    p = rows["pair"]
+    assert (p.hosts, p.usable_cores, p.held_now, p.jobs) == (("a", "b"), 8, 4, 2)
+    assert p.load["1m"] == pytest.approx((2 * 60 + 2 * 60) / (8 * 60))
+    assert p.load["1h"] == pytest.approx((2 * 3000 + 2 * 600) / (8 * 3600))
+    # no room for a pair only in [NOW-600, NOW-300]
+    assert p.could_start == pytest.approx({"1m": 1.0, "1h": 3300 / 3600,
+                                           "24h": (DAY - 300) / DAY})
+    w = rows["wide"]
+    assert (w.hosts, w.usable_cores, w.held_now, w.jobs) == (("b",), 4, 0, 0)
+    assert w.load == {"1m": 0.0, "1h": 0.0, "24h": 0.0}
+    assert w.could_start == pytest.approx({"1m": 0.0, "1h": 2700 / 3600,
+                                           "24h": (DAY - 900) / DAY})
+    # over the last hour only: the 24 h window is unknown
+    hour = {r.name: r for r in profile_rows(LAB, _lab_hosts(), {"pair": pair}, NOW,
+                                            NOW - 3600)}
+    assert hour["pair"].could_start == pytest.approx({"1m": 1.0, "1h": 3300 / 3600,
+                                                      "24h": None})
+    # a profile the history names but the config no longer has: a row without figures
+    gone = {r.name: r for r in profile_rows(LAB, _lab_hosts(), {}, NOW, NOW - DAY)}
+    assert gone["pair"].usable_cores is None and gone["pair"].could_start is None
+
+
+def test_report_by_pool_and_profile_shapes() -> None:
+    from vmjobs.usage import report
+
+    pools = report(LAB, CAPACITY, NOW, NOW - DAY, "pool", pools=POOLS)
+    assert [(r["pool"], r["hosts"], r["held_now"]) for r in pools["rows"]] == [
+        ("ci", ["b"], 4), ("lab", ["a", "b"], 6)]
+    pair = Request(cpus=2, memory_mib=256, numa=NumaPolicy.STRICT)
+    profiles = report(LAB, CAPACITY, NOW, NOW - DAY, "profile", hosts=_lab_hosts(),
+                      profiles={"pair": pair})
+    (row,) = profiles["rows"]
+    assert row["profile"] == "pair" and row["could_start"]["1h"] == pytest.approx(11 / 12)
+
+
+def test_store_histories_carry_the_profile_and_whole_allocation(tmp_path: Path) -> None:
+    s = Store(tmp_path / "state.db")
+    record = JobRecord(id="pj", owner="alice", uid=1000, state=S.PLACED,
+                       spec={"argv": ["true"], "profile": "pair"})
+    s.add_job(record, Request(cpus=2, memory_mib=256), _alloc("a", 0, 1), "run")
+    s.add_job(_job("plain", "bob", S.PLACED), Request(cpus=1, memory_mib=256),
+              _alloc("a", 2), "run")
+    found = {h.job_id: h for h in s.usage_histories(0)}
+    assert (found["pj"].profile, found["plain"].profile) == ("pair", None)
+    assert found["pj"].marks[0].held.allocation == _alloc("a", 0, 1)
+    s.close()

@@ -117,7 +117,8 @@ def show(job: str, as_json: bool, url: str | None) -> None:
         ("job", f"{view['id']} (owner {view['owner']}, uid {view['uid']})"),
         ("name", view.get("name") or "-"),
         ("state", view["state"] + (f": {view['message']}" if view.get("message") else "")),
-        ("command", shlex.join(view.get("argv") or [])),
+        ("kind", view.get("kind") or "job"),
+        ("command", shlex.join(view.get("argv") or []) or "-"),
         ("request", f"{request.get('cpus')} cpus, {format_mib(request.get('memory_mib', 0))}, "
                     f"{request.get('nics', 0)} NICs, numa {request.get('numa')}, "
                     f"priority {request.get('priority', 0)}"
@@ -133,11 +134,19 @@ def show(job: str, as_json: bool, url: str | None) -> None:
                     else format_clock(run)),
         ("image", str(view.get("image"))),
     ]
+    if view.get("kind") == "reservation":
+        lines.append(("held until", time.strftime("%Y-%m-%d %H:%M:%S",
+                                                  time.localtime(view["until"]))
+                      if view.get("until") else "released with its client (no --duration)"
+                      if view.get("tied") else "-"))
+        lines.append(("jobs", ", ".join(f"{j['id']} {j['state']}"
+                                               for j in view.get("jobs") or []) or "none"))
+    elif view.get("reservation"):
+        lines.append(("inside", f"reservation {view['reservation']}"))
     if view.get("env"):
         lines.append(("env", " ".join(f"{k}={shlex.quote(v)}" for k, v in view["env"].items())))
     if view["state"] == "QUEUED":
-        lines.append(("queue", f"position {view.get('position') or '-'}: "
-                               f"{jobtable.why(view)}"))
+        lines.append(("queue", f"{jobtable.place_in_line(view)}: {jobtable.why(view)}"))
     if alloc:
         nodes = ", ".join(f"node{n['node']}: cpus {','.join(map(str, n['cpus']))}"
                           for n in alloc["nodes"])

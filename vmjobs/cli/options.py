@@ -3,7 +3,7 @@ way their values (with `-f job.yaml`) become a checked `vmjobs.spec.Spec`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,10 @@ from vmjobs.spec import (
     DEFAULT_MEMORY_MIB,
     HUGEPAGE_KIB,
     MAX_DURATION_S,
+    Profile,
     Spec,
     SpecError,
+    make_profile,
     parse,
 )
 from vmjobs.units import parse_duration
@@ -26,7 +28,8 @@ PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa
           "labels": "label", "host": "host",
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
           "env": "env", "priority": "priority", "preemptible": "preemptible",
-          "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array"}
+          "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array",
+          "profile": "profile"}
 FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
 
 
@@ -42,6 +45,9 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="A name for the job, shown by 'vmjob list' and 'show' and matched "
                           "by 'list --name' (printable, at most 100 characters; need not be "
                           "unique)."),
+        click.option("--profile", default=None, metavar="NAME",
+                     help="Start from this hardware profile of the config (see 'vmjob "
+                          "profiles'); the options given with it win."),
         click.option("--cpus", default=None, metavar="N",
                      help="vCPUs, each pinned to its own host cpu.  [default: 1]"),
         click.option("--mem", "memory", default=None, metavar="SIZE",
@@ -148,5 +154,26 @@ def spec_from_options(params: dict[str, Any], spec_file: Path | None = None) -> 
         names["time_limit"] = option
     if params.get("argv"):
         fields["argv"] = tuple(params["argv"])
+    profiles = profiles_for(params.get("url")) if fields.get("profile") is not None else None
     return parse(fields, typed=frozenset(typed),
-                 source=f"-f {spec_file}" if spec_file is not None else "", options=names)
+                 source=f"-f {spec_file}" if spec_file is not None else "", options=names,
+                 profiles=profiles)
+
+
+def profiles_for(url: str | None) -> Mapping[str, Profile]:
+    """The hardware profiles a command's `--profile` names: the daemon's at --url /
+    $VMJOBS_URL (`GET /v1/profiles`; a remote user has no config), else the config's (the
+    one the daemon on this machine reads too; the daemon applies its own again, which only
+    fills what is still unset)."""
+    if not url:
+        return click.get_current_context().obj.config.profiles
+    from vmjobs.cli.connect import client_for
+
+    client = client_for(url)
+    try:
+        listed = client.profiles()
+    finally:
+        client.close()
+    return {p["name"]: make_profile(p["name"], {k: v for k, v in p.items()
+                                                if k not in ("name", "hosts")})
+            for p in listed}

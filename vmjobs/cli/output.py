@@ -4,7 +4,8 @@ With `--json` a command prints its result as JSON on stdout; a refusal then is o
 on stdout too, `{"error": LINE, "code": CODE, "exit_code": N}` (the same line still goes to
 stderr, and the exit code is the one the command has without --json). `code` is stable for
 programs: "usage", "not_found", "forbidden", "ambiguous", "not_started", "does_not_fit",
-"move_failed", "conflict", "daemon_lost", "no_daemon", "interrupted", or "error" for anything else.
+"move_failed", "conflict", "daemon_lost", "no_daemon", "interrupted", "bad_key" (a wrong or
+missing reservation key, exit 77), or "error" for anything else.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +26,13 @@ from vmjobs.cli.connect import client_for
 from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.cli.output import json_option
-from vmjobs.cli.submit import submission, submit_job
-from vmjobs.client import ApiFailure, Client
+from vmjobs.cli.submit import inside, reservation_options, submission, submit_job
+from vmjobs.client import ApiFailure, Client, DaemonLost, Reconnect
 from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
 from vmjobs.interrupt import Interrupted, interruptible
+from vmjobs.jobtable import place_in_line
 from vmjobs.outcome import EXIT_NOT_STARTED, cancelled_line, interrupted_exit
 from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.terminal import TerminalInput
@@ -88,6 +88,7 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("-i", "--interactive", is_flag=True,
               help="Forward this command's stdin to the job (end of file included); "
                    "without it the job's stdin is empty. For a terminal, see 'vmjob shell'.")
+@reservation_options
 @json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
@@ -99,8 +100,9 @@ def run(ctx: click.Context, as_json: bool, interactive: bool, **params: Any) -> 
 
     Exit codes: the job's own; 124 when --timeout stopped it; 125 when the guest gave no exit
     status or its output was refused; 130/143 when interrupted (the guest is destroyed and
-    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 2
-    for a bad option or job spec; 1 for other errors before the job started.
+    everything released); 75 when --wait-timeout or --no-wait gave up before it started; 77
+    for a wrong or missing --key of a --reservation; 2 for a bad option or job spec; 1 for
+    other errors before the job started.
 
     With --json the output comes as one {"output": TEXT} object a line, then a last line
     {"exit_code": N} (and "job": ID through a daemon).
@@ -113,32 +115,78 @@ def run(ctx: click.Context, as_json: bool, interactive: bool, **params: Any) -> 
       vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
       vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
+      vmjob run --reservation "$R" --key "$K" -- nproc   # inside 'vmjob reserve'
       printf 'echo hi\\nexit 4\\n' | vmjob run -i -- sh
     """
+    reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     if interactive:
         spec = dataclasses.replace(spec, stdin="pipe")
     check_paths(spec)
     write = write_json if as_json else write_out
-    code, ended = execute(ctx.obj.config, spec, params["url"], write)
+    code, ended = execute(ctx.obj.config, spec, params["url"], write, (reservation, key))
     if as_json:
         click.echo(json.dumps({"exit_code": code, **ended}))
     return code
 
 
-def execute(config: Config, spec: Spec, url: str | None,
-            write: Callable[[str], None]) -> tuple[int, dict[str, Any]]:
+def execute(config: Config, spec: Spec, url: str | None, write: Callable[[str], None],
+            inside_of: tuple[str | None, str | None] = (None, None)
+            ) -> tuple[int, dict[str, Any]]:
     """Run `spec` through the daemon if one is reachable, else in this process; the exit
-    code and what to add to --json's last line (the job's id through a daemon). An
-    interactive job (`spec.stdin`) gets this process's stdin (`vmjobs.terminal`)."""
+    code and what to add to --json's last line (the job's id through a daemon).
+    `inside_of`: (reservation, key) from --reservation/--key (daemon only). An interactive
+    job (`spec.stdin`) gets this process's stdin (`vmjobs.terminal`)."""
     client = reachable_daemon(url, config)
     ended: dict[str, Any] = {}
     if client is None:
+        if inside_of[0] is not None:
+            raise VmjobsError(f"--reservation needs the daemon (vmjob serve), and none "
+                              f"answers at {config.socket}")
         return _direct(config, spec, write), ended
     try:
-        return _through_daemon(client, spec, write, ended), ended
+        return _through_daemon(client, spec, write, ended, inside_of), ended
     finally:
         client.close()
+
+
+# how often a waiting `run` asks where its job stands: quick at first (a job that starts at
+# once is seen placed before anything is printed), then at a pace a daemon never notices
+WAIT_POLL_S = (0.2, 0.3, 0.5, 1.0)
+
+
+def waiting_line(view: dict[str, Any]) -> str | None:
+    """The line a waiting job gets: where it waits and why; None while the scheduler has not
+    judged it yet (no position)."""
+    if view["state"] != "QUEUED" or view.get("position") is None:
+        return None
+    why = view.get("waiting_because") or "waiting for room"
+    return f"job {view['id']} queued at {place_in_line(view)}: {why}"
+
+
+def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Follow a queued job until it leaves the queue (started, cancelled, or given up by
+    --wait-timeout), saying where it waits and why when it starts waiting and whenever that
+    changes. A job that starts at once says nothing. A daemon that goes away meanwhile (a
+    restart) is waited for, as `wait` and `logs -f` do (`Reconnect`)."""
+    said: str | None = None
+    polls = 0
+    retry = Reconnect(client)
+    while view["state"] == "QUEUED":
+        line = waiting_line(view)
+        if line is not None and line != said:
+            say(line)
+            said = line
+        time.sleep(WAIT_POLL_S[min(polls, len(WAIT_POLL_S) - 1)])
+        polls += 1
+        try:
+            view = client.job(view["id"])
+        except DaemonLost as exc:
+            retry.lost(exc)
+            continue
+        retry.ok()
+    if said is not None and view["state"] in ("PLACED", "STARTING", "RUNNING"):
+        say(f"job {view['id']} starts on {view.get('host') or 'its host'}")
 
 
 def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
@@ -171,11 +219,9 @@ def follow_console(client: Client, job_id: str, tty_job: bool,
     link = client.console(job_id, with_input=True)
     try:
         with TerminalInput(tty_job=tty_job) as terminal:
-            # raw mode once the job runs: while it waits in the queue, Ctrl+C cancels it
-            terminal.start(link.send, raw=False)
-            if tty_job and terminal.is_terminal:
-                threading.Thread(target=_raw_when_running, args=(client, job_id, terminal),
-                                 name="raw", daemon=True).start()
+            # called once the job has left the queue (`wait_to_start`): while it waited,
+            # the terminal was as usual and Ctrl+C cancelled it
+            terminal.start(link.send)
             for chunk in link.output():
                 if text := decoder.decode(chunk):
                     write(text)
@@ -185,34 +231,17 @@ def follow_console(client: Client, job_id: str, tty_job: bool,
         write(tail)
 
 
-RUNNING_POLL_S = 0.5  # how often a waiting shell asks whether its job has started
-
-
-def _raw_when_running(client: Client, job_id: str, terminal: TerminalInput) -> None:
-    """Thread: put the terminal in raw mode once the job has left the queue (a short poll,
-    only while the job waits: the console stream carries the job's bytes only)."""
-    while True:
-        try:
-            state = client.job(job_id)["state"]
-        except VmjobsError:
-            return
-        if state not in ("QUEUED", "PLACED"):
-            terminal.go_raw()
-            return
-        time.sleep(RUNNING_POLL_S)
-
-
 def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
-                    ended: dict[str, Any]) -> int:
-    body = submission(spec, client)
+                    ended: dict[str, Any],
+                    inside_of: tuple[str | None, str | None] = (None, None)) -> int:
+    body = inside(submission(spec, client), *inside_of)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = ended["job"] = view["id"]
-    if view["state"] == "QUEUED" and view.get("position"):
-        note(f"job {job_id} queued at position {view['position']}: {view['waiting_because']}")
-    else:
-        note(f"job {job_id} submitted")
+    note(f"job {job_id} submitted")
     try:
         with interruptible():
+            if view["state"] == "QUEUED":
+                wait_to_start(client, view, note)
             if spec.stdin is not None:
                 follow_console(client, job_id, spec.stdin == "tty", write)
             else:

@@ -19,6 +19,7 @@ from vmjobs.cli.connect import client_for, url_option
 from vmjobs.cli.jobs import report_end
 from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.cli.run import execute, note, write_out
+from vmjobs.cli.submit import reservation_options
 from vmjobs.console import DETACH_KEY
 from vmjobs.errors import UsageError
 from vmjobs.interrupt import Interrupted, interruptible
@@ -34,6 +35,7 @@ DEFAULT_TERM = "vt100"  # what the guest assumes when this terminal names none
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
+@reservation_options
 @click.argument("argv", nargs=-1, metavar="[-- CMD [ARG...]]")
 @click.pass_context
 def shell(ctx: click.Context, **params: Any) -> int:
@@ -54,7 +56,10 @@ def shell(ctx: click.Context, **params: Any) -> int:
       vmjob shell --cpus 2 --mem 1G --timeout 1h
       vmjob shell --input ./src -- sh -c 'cd /job && exec sh'
       vmjob shell --url ssh://me@head --host node3
+      vmjob shell --profile nic2 --timeout 1h
+      vmjob shell --reservation "$R" --key "$K"    # inside 'vmjob reserve'
     """
+    reservation, key = params.pop("reservation"), params.pop("key")
     if not params.get("argv"):
         params["argv"] = DEFAULT_SHELL
     spec = spec_from_options(params, params.pop("spec_file"))
@@ -62,7 +67,7 @@ def shell(ctx: click.Context, **params: Any) -> int:
     env.setdefault("TERM", os.environ.get("TERM") or DEFAULT_TERM)
     spec = dataclasses.replace(spec, stdin="tty", env=env)
     check_paths(spec)
-    code, _ended = execute(ctx.obj.config, spec, params["url"], write_out)
+    code, _ended = execute(ctx.obj.config, spec, params["url"], write_out, (reservation, key))
     return code
 
 

@@ -69,6 +69,27 @@ def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def reservation_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--reservation R --key K`: run inside a held reservation (`vmjob reserve`)."""
+    func = click.option("--key", default=None, envvar="VMJOB_KEY", metavar="KEY",
+                        help="The reservation's key, if it was made with one "
+                             "($VMJOB_KEY keeps it out of the process list).")(func)
+    return click.option("--reservation", default=None, metavar="R",
+                        help="Run inside held reservation R (see 'vmjob reserve'), on its "
+                             "cores only; daemon only.")(func)
+
+
+def inside(body: dict[str, Any], reservation: str | None, key: str | None) -> dict[str, Any]:
+    """The submit body with the reservation to run inside and its key (never stored). A key
+    without a reservation is not sent: `$VMJOB_KEY` exported for a pipeline's steps must not
+    break its other jobs."""
+    if reservation is not None:
+        body["reservation"] = reservation
+        if key is not None:
+            body["key"] = key
+    return body
+
+
 def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
     try:
         return client.submit(body)
@@ -83,6 +104,7 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @job_options
 @queue_options
+@reservation_options
 @click.option("--array", default=None, metavar="INDICES[%N]",
               help="A job array: one job per index (1-100, 1,3,5-7; indices 0-1000), each "
                    "with $VMJOB_ARRAY_INDEX set; %N: at most N of them run at once.")
@@ -106,11 +128,13 @@ def submit(as_json: bool, **params: Any) -> None:
       vmjob submit --threads isolate --hugepages 1G --label rack=r1 --input ./lat \\
           -- ./latency-bench
       vmjob submit --array 1-100%10 --input ./sw -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
+      vmjob submit --reservation "$R" --key "$K" --input ./b -- ./bench.sh  # in 'reserve'
     """
+    reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))
     client = client_for(params.pop("url"))
     try:
-        view = submit_job(client, submission(spec, client))
+        view = submit_job(client, inside(submission(spec, client), reservation, key))
     finally:
         client.close()
     # an array answers {"array": ID, "jobs": [...]}, a single job with the job

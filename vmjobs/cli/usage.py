@@ -31,7 +31,7 @@ def _since(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
 
 @click.command("usage")
 @click.option("--by", type=click.Choice(usage.GROUPINGS), default="host", show_default=True,
-              help="Group by host, NUMA node or user (pools and profiles: not yet).")
+              help="Group by host, NUMA node, pool, hardware profile or user.")
 @click.option("--since", "since_s", default="24h", callback=_since, metavar="DURATION",
               show_default=True,
               help="How far back to look: per-user figures cover this period; load "
@@ -42,19 +42,23 @@ def usage_command(by: str, since_s: float, as_json: bool, url: str | None) -> No
     """How busy the hosts have been, and who used them.
 
     \b
-    --by host|node: cores held by jobs / usable cores (the config's reserved_cpus
+    --by host|node|pool: cores held by jobs / usable cores (the config's reserved_cpus
     excluded), averaged over the last 1 min, 1 h and 24 h -- the lab's "load average".
+    --by profile: the same for jobs started with --profile, over the cores of the hosts
+    the profile can use, and FREE: the share of each window during which one more job of
+    the profile could have started (replayed exactly from the events; docs/user-guide.md).
     --by user: jobs that held cores, core-hours, and the queue wait (submit -> start) of
     the jobs that started, mean and 95th percentile, like Slurm's sreport/sacct.
     Figures come from the store's job events: they survive daemon restarts and include
     direct 'vmjob run's. Anyone sees host and node figures; per-user rows are your own
-    unless you are an admin. Grouping by pool or profile is not available yet.
+    unless you are an admin.
 
     \b
     Examples:
       vmjob usage
       vmjob usage --by node --json
       vmjob usage --by user --since 7d
+      vmjob usage --by profile --json
     """
     data = _fetch(by, since_s, url)
     if as_json:
@@ -88,11 +92,14 @@ def _from_store(by: str, since_s: float) -> dict[str, Any]:
         histories = store.usage_histories(now - since_s)
     finally:
         store.close()
-    capacity: dict[str, dict[int, int]] = {}
-    if by != "user":
-        cluster, _reached = live_cluster(config)
-        capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
-    return usage.report(histories, capacity, now, now - since_s, by)
+    if by == "user":
+        return usage.report(histories, {}, now, now - since_s, by)
+    from vmjobs.profiles import usage_context
+
+    cluster, _reached = live_cluster(config)
+    capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
+    return usage.report(histories, capacity, now, now - since_s, by,
+                        **usage_context(config, cluster))
 
 
 def _pct(value: float | None) -> str:
@@ -110,6 +117,16 @@ def format_report(data: dict[str, Any]) -> list[str]:
         table = [("USER", "JOBS", "CORE-HOURS", "STARTED", "WAIT MEAN", "WAIT P95")]
         table += [(r["user"], str(r["jobs"]), f"{r['core_hours']:.2f}", str(r["started"]),
                    _secs(r["wait_mean_s"]), _secs(r["wait_p95_s"])) for r in data["rows"]]
+    elif data["by"] in ("pool", "profile"):
+        by = data["by"]
+        table = [(by.upper(), "HELD/USABLE", "JOBS", *(f"LOAD {label}" for label in labels),
+                  *((f"FREE {label}" for label in labels) if by == "profile" else ()))]
+        for r in data["rows"]:
+            usable = "?" if r["usable_cores"] is None else str(r["usable_cores"])
+            free = [_pct((r["could_start"] or {}).get(label)) for label in labels] \
+                if by == "profile" else []
+            table.append((r[by], f"{r['held_now']}/{usable}", str(r["jobs"]),
+                          *(_pct(r["load"][label]) for label in labels), *free))
     else:
         head = "HOST" if data["by"] == "host" else "HOST/NODE"
         table = [(head, "HELD/USABLE", *(f"LOAD {label}" for label in labels))]

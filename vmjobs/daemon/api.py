@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import placement
-from vmjobs import __version__, usage
+from vmjobs import __version__, pools_view, usage
 from vmjobs.config import system_warnings
 from vmjobs.daemon import attach, logs, moves
 from vmjobs.daemon.core import Daemon
+from vmjobs.daemon.holds import Holds, key_of
 from vmjobs.daemon.identity import Caller, denial, may_act
 from vmjobs.daemon.moves import MoveResult
 from vmjobs.daemon.scheduler import start_now_or_forget
@@ -38,7 +39,9 @@ from vmjobs.guest import JobFiles, output_size
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
-from vmjobs.jobs import ACTIVE, UNFINISHED, JobRecord, JobState, new_job_id
+from vmjobs.jobs import ACTIVE, UNFINISHED, JobRecord, JobState, Kind, new_job_id
+from vmjobs.profiles import listing as profile_listing
+from vmjobs.profiles import usage_context
 from vmjobs.spec import Spec, time_limit_of, wait_timeout_of
 
 CANCEL_SETTLE_S = 30.0  # how long `cancel` waits for the guest to be gone before answering
@@ -59,16 +62,23 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "image": spec.get("image"), "request": record.request,
         "time_limit": time_limit_of(spec), "wait_timeout": wait_timeout_of(spec),
         "output": spec.get("output"), "allocation": record.allocation,
-        "position": None, "waiting_because": None,
+        "position": None, "line": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
-        "stdin": spec.get("stdin"),
+        # a held reservation (kind "reservation"): held until `until` (None: while its
+        # client's connection lasts, `tied`); a job run inside one names it in `reservation`
+        "kind": record.kind.value, "reservation": record.inside,
+        "profile": spec.get("profile"), "stdin": spec.get("stdin"),
     }
+    if record.kind == Kind.RESERVATION:
+        view["until"] = spec.get("until")
+        view["tied"] = bool(spec.get("tied"))
     use = daemon.sampler.used(record.id)
     view["cpu_used_cores"] = None if use is None else round(use.cores, 3)
     view["cpu_used_over_s"] = None if use is None else round(use.over_s, 1)
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
         view["position"] = wait.position
+        view["line"] = wait.line  # the pool whose line `position` counts in
         view["waiting_because"] = wait.reason
     return view
 
@@ -81,6 +91,7 @@ class Api:
             user_quota_bytes=config.user_spool_quota_mib << 20,
             min_free_bytes=config.spool_min_free_mib << 20, ttl_s=config.upload_ttl_s,
         ), self._unfinished_dirs)
+        self.holds = Holds(daemon, self._own, job_view)
 
     def routes(self) -> Router:
         router = Router()
@@ -104,6 +115,11 @@ class Api:
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
         router.add("GET", "/v1/usage", self.usage)
+        router.add("GET", "/v1/profiles", self.profiles)
+        router.add("GET", "/v1/pools", self.pools)
+        router.add("GET", "/v1/pools/{name}", self.pools)
+        router.add("POST", "/v1/reservations", self.holds.reserve)
+        router.add("POST", "/v1/reservations/{id}/release", self.holds.release)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -169,7 +185,8 @@ class Api:
             for host in daemon.config.hosts:
                 usage = cluster.free(host.name) if host.name in cluster.hosts else None
                 views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
-                                      tuple(daemon.hosts.warnings(host.name))).to_dict())
+                                      tuple(daemon.hosts.warnings(host.name)),
+                                      host.pools).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:
@@ -191,6 +208,8 @@ class Api:
         with daemon.lock:
             record = self._own(req.caller, req.params["id"])
             view = job_view(daemon, record, daemon.store.started_at().get(record.id))
+            if record.kind == Kind.RESERVATION:
+                view["jobs"] = self.holds.inside_view(record.id)
             view["events"] = [
                 {"time": e.time, "state": e.state.value, "host": e.host, "reason": e.reason,
                  "note": e.note}
@@ -199,8 +218,13 @@ class Api:
         return Json(view)
 
     def submit(self, req: ApiRequest) -> Json:
+        body = req.json()
+        # a job run inside a held reservation: its id and key (never stored with the spec)
+        inside, key = body.pop("reservation", None), key_of(body)
+        if inside is not None and not (isinstance(inside, str) and inside):
+            raise ApiError(400, "reservation must be a reservation id", code="usage")
         try:
-            submission = parse(req.json())
+            submission = parse(body, self.daemon.config.profiles)
         except UsageError as exc:
             raise ApiError(400, str(exc), code="usage") from None
         request = submission.request()
@@ -209,7 +233,14 @@ class Api:
         if request.host is not None:
             config.host(request.host)  # unknown host: one line, nothing created
         image = resolve_image(config.spool, submission.image)
-        daemon.refuse_never_fitting(request)
+        if inside is not None:
+            if submission.array is not None:
+                raise ApiError(400, "--array does not go with --reservation yet", code="usage")
+            inside = self.holds.admit(req.caller, inside, key, request)
+        elif key is not None:
+            raise ApiError(400, "a key (--key) goes with --reservation only", code="usage")
+        else:
+            daemon.refuse_never_fitting(request)
         job_id = new_job_id()
         if submission.array is not None:
             return self._submit_array(req.caller, submission, job_id, request,
@@ -218,7 +249,8 @@ class Api:
         if submission.input is not None:
             self.uploads.take(submission.input, req.caller.uid, files.dir / "input")
         record = JobRecord(id=job_id, owner=req.caller.name, uid=req.caller.uid,
-                           state=JobState.QUEUED, spec=_spec(submission, image.id))
+                           state=JobState.QUEUED, spec=_spec(submission, image.id),
+                           inside=inside)
         with daemon.lock:
             daemon.store.submit(record, request, f"submitted by {req.caller.name}")
             if submission.no_wait:
@@ -273,6 +305,9 @@ class Api:
         with daemon.lock:
             record = self._own(req.caller, req.params["id"])
             job_id = record.id
+            if record.kind == Kind.RESERVATION:
+                raise ApiError(409, f"{job_id} is a reservation: release it with 'vmjob "
+                                    f"release {job_id}'")
             if record.state.finished:
                 raise ApiError(409, f"job {job_id} already ended: {record.state.value}")
         daemon.stop(job_id, JobState.CANCELLED, f"cancelled by {req.caller.name}")
@@ -355,6 +390,11 @@ class Api:
                      if may_act(who, r)]
         chosen, seen = [], set()
         for record in found:
+            if record.kind == Kind.RESERVATION:  # released, never cancelled
+                if query.jobs and record.id in query.jobs:
+                    errors.append({"id": record.id, "error": f"{record.id} is a reservation: "
+                                   f"release it with 'vmjob release {record.id}'"})
+                continue
             if record.id in seen or record.state.finished:
                 continue
             if query.states and record.state not in query.states:
@@ -517,7 +557,32 @@ class Api:
             cluster = daemon.live.cluster()
         capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
         return Json(usage.report(histories, capacity, now, now - since_s, by,
-                                 None if req.caller.admin else req.caller.name))
+                                 None if req.caller.admin else req.caller.name,
+                                 **usage_context(daemon.config, cluster)))
+
+    def profiles(self, _req: ApiRequest) -> Json:
+        """The config's hardware profiles, each with how many more jobs of it could start now
+        on each host (`vmjobs.profiles.listing`)."""
+        daemon = self.daemon
+        with daemon.lock:
+            cluster = daemon.live.cluster().copy()
+        return Json(profile_listing(daemon.config, cluster))
+
+    def pools(self, req: ApiRequest) -> Json:
+        """Every pool (or the one named): members with free/total capacity, holders, and the
+        pool's line of waiting jobs (`vmjobs.pools_view`). Anyone may read it, as `/v1/hosts`:
+        it names holders' owners and ids, not their commands."""
+        name = req.params.get("name")
+        daemon = self.daemon
+        with daemon.lock:
+            ends = {a.job_id: a.ends_at for a in daemon.active.values()
+                    if a.ends_at is not None}
+            try:
+                views = pools_view.from_store(daemon.store, daemon.config.pools,
+                                              daemon.live.cluster(), daemon.waits, ends, name)
+            except NotFound as exc:
+                raise ApiError(404, str(exc)) from None
+        return Json(views[0] if name is not None else views)
 
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)

@@ -54,7 +54,7 @@ from vmjobs.guest import (
 )
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
-from vmjobs.jobs import JobRecord, JobState, domain_name
+from vmjobs.jobs import UNFINISHED, JobRecord, JobState, domain_name
 from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
@@ -63,6 +63,9 @@ from vmjobs.virt.console import InputPort
 
 log = logging.getLogger("vmjobs.daemon")
 RECENT_PASSES = 2000  # scheduling passes whose duration /v1/status reports
+# how long releasing a reservation waits for the guests inside it to be gone (a destroy
+# takes ~2 s here; QEMU's reaping up to 2 s more)
+RELEASE_SETTLE_S = 120.0
 
 
 class Phase(StrEnum):
@@ -204,6 +207,7 @@ class Daemon:
                                lambda host, job_id: read_vcpu_ns(self.hosts.conn(host), job_id))
         self.restoring: set[str] = set()  # checkpointed jobs being restored now
         self.preempting: str | None = None  # the job that preemption is making room for
+        self.releasing: set[str] = set()  # held reservations being released now
         self.scheduler = SchedulerState()
         self.unrecorded: dict[str, Unrecorded] = {}  # ends waiting for room in the store
         # interactive jobs' input on its way to their guests (daemon/stdin.py), by job
@@ -304,6 +308,58 @@ class Daemon:
         self.store.release(job_id)
         self.drop(job_id)
         self.wake()
+
+    # --- held reservations --------------------------------------------------------------------
+
+    def end_reservation(self, reservation_id: str, state: JobState, reason: str) -> bool:
+        """End a reservation as `state` (RELEASED, or TIMEOUT when its --duration is over;
+        a queued one is withdrawn: CANCELLED, or EXPIRED given as such). The jobs inside it
+        are stopped first — queued ones CANCELLED, the others as `state` would have them
+        (TIMEOUT for an expiry, else CANCELLED) with a reason naming the reservation, which
+        `vmjob run`/`wait` print and `show` lists — and their guests waited for (bounded by
+        RELEASE_SETTLE_S), so no row is given back while a guest inside still runs on it;
+        then the reservation and its rows go in one transaction. Blocks for the guests'
+        destruction: never call with the lock held. False if it had ended or is being ended
+        by another caller (which then finishes the job)."""
+        with self.lock:
+            record = self.store.job(reservation_id)
+            if record is None or record.state.finished or reservation_id in self.releasing:
+                return False
+            if record.state == JobState.QUEUED:
+                withdrawn = state if state in (JobState.EXPIRED, JobState.CANCELLED) \
+                    else JobState.CANCELLED
+                self.store.transition(reservation_id, withdrawn, reason)
+                self.forget_wait(reservation_id)
+                self.wake()
+                return True
+            self.releasing.add(reservation_id)
+        try:
+            self._stop_inside(reservation_id, state, reason)
+            with self.lock:
+                settled = self.changed.wait_for(
+                    lambda: not self.store.inside(reservation_id, UNFINISHED)
+                    and not self.store.used_inside(reservation_id), RELEASE_SETTLE_S)
+                if not settled:
+                    log.warning("reservation %s: jobs inside still hold its rows after %gs; "
+                                "released all the same", reservation_id, RELEASE_SETTLE_S)
+                self.record(reservation_id, state, reason, release=True)
+                log.info("reservation %s: %s (%s)", reservation_id, state.value, reason)
+            # jobs submitted into it while it was being released
+            self._stop_inside(reservation_id, state, reason)
+        finally:
+            with self.lock:
+                self.releasing.discard(reservation_id)
+                self.wake()
+        return True
+
+    def _stop_inside(self, reservation_id: str, state: JobState, reason: str) -> None:
+        why = f"stopped: reservation {reservation_id} ended ({reason})"
+        ended = JobState.TIMEOUT if state == JobState.TIMEOUT else JobState.CANCELLED
+        with self.lock:
+            inside = [r.id for r in self.store.inside(reservation_id, UNFINISHED)]
+            guests = self.stop_without_guest(inside, JobState.CANCELLED, why)
+        for job_id in guests:
+            self.stop(job_id, ended, why)
 
     # --- waking -------------------------------------------------------------------------------
 

@@ -73,6 +73,9 @@ def moving(daemon: Daemon, job_id: str) -> Iterator[Active]:
         if active is None and record.state == JobState.RUNNING:
             raise VmjobsError(f"job {job_id} was started by 'vmjob run' without the daemon; "
                               "only the daemon's jobs can move")
+        if record.inside is not None:
+            raise VmjobsError(f"job {job_id} runs inside reservation {record.inside}, on its "
+                              "cores: it cannot move out of it")
         if active is None or active.phase != Phase.RUNNING or record.state != JobState.RUNNING:
             what = active.phase if active is not None and active.phase != Phase.RUNNING \
                 else record.state.value

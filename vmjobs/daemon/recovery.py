@@ -29,7 +29,7 @@ from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.guest import JobFiles, Verdict, nics_for
-from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
+from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, Kind, domain_name
 from vmjobs.virt import Connection, Domain, VirtError, domains, guestclock, replug
 from vmjobs.virt.conn import destroy_quietly, is_running, lookup_domain
 from vmjobs.virt.domain_xml import Nic
@@ -435,6 +435,13 @@ def recover(daemon: Daemon) -> None:
                         f"host {record.host} not responding at recovery: {why}")
         for job_id in daemon.store.reservations():
             record = daemon.store.job(job_id)
-            if record is not None and record.state not in ACTIVE:
+            if record is not None and record.state not in ACTIVE | {JobState.HELD}:
                 daemon.store.note(job_id, "reservation freed at recovery", release=True)
+        tied = [r.id for r in daemon.store.in_states(frozenset({JobState.QUEUED, JobState.HELD}))
+                if r.kind == Kind.RESERVATION and r.spec.get("tied")]
         daemon.wake()
+    # a reservation tied to its client's connection (no --duration) lost it with the daemon
+    for reservation_id in tied:
+        daemon.spawn(daemon.end_reservation, reservation_id, JobState.RELEASED,
+                     "the daemon restarted: the client connection it was tied to is gone",
+                     name=f"release-{reservation_id}")

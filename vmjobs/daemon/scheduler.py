@@ -13,18 +13,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import placement
 from placement import Request
+from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, limit_of
-from vmjobs.daemon.queue import Holding, Plan, Planner, order
+from vmjobs.daemon.queue import Holding, Plan, Planner, Start, Wait, order
 from vmjobs.jobarray import array_of
-from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState
+from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, Kind
 from vmjobs.snapshot import describe_allocation
 
 log = logging.getLogger("vmjobs.daemon")
 Queue = list[tuple[JobRecord, Request]]
+HELD = frozenset({JobState.HELD})
 
 
 # The longest the loop sleeps without a change: a deadline further away (or one that is not a
@@ -145,17 +148,34 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
         current.job_id = active.job_id
         if active.ends_at is not None and active.ends_at <= now:
             daemon.time_limit_reached(active)
+    for record in held_reservations(daemon):
+        current.job_id = record.id
+        until = record.spec.get("until")
+        if until is not None and until <= now and record.id not in daemon.releasing:
+            limit = limit_of(record.spec.get("time_limit"))
+            why = f"its --duration of {limit:g}s is over" if limit else "its --duration is over"
+            daemon.spawn(daemon.end_reservation, record.id, JobState.TIMEOUT, why,
+                         name=f"expire-{record.id}")
     return gone
 
 
+def held_reservations(daemon: Daemon) -> list[JobRecord]:
+    """The HELD reservations this core times: a serving daemon's (a direct run's core acts on
+    its own job only)."""
+    return daemon.store.in_states(HELD) if daemon.scope is None else []
+
+
 def make_room(daemon: Daemon, queue: Queue) -> None:
-    """With `preemption: on`, move preemptible jobs for the first in line; with nobody
+    """With `preemption: on`, move preemptible jobs for the first head in line; with nobody
     waiting, bring back jobs that were checkpointed for others."""
-    head = next((w for w in daemon.waits.values() if w.position == 1 and not w.held), None)
-    if head is not None and daemon.config.preemption:
-        request = next((q for r, q in queue if r.id == head.job_id), None)
-        if request is not None:
-            moves.preempt_for(daemon, head.job_id, request)
+    if daemon.config.preemption:
+        # the first head in queue order (each pool's line has its own; one preemption at a
+        # time, `Daemon.preempting`)
+        for record, request in queue:
+            wait = daemon.waits.get(record.id)
+            if wait is not None and wait.position == 1 and not wait.held:
+                moves.preempt_for(daemon, record.id, request)
+                break
     if not queue:
         moves.restore_waiting(daemon)
 
@@ -166,6 +186,8 @@ def next_deadline(daemon: Daemon, queue: Queue) -> float | None:
              if r.spec.get("wait_deadline") is not None]
     times += [a.ends_at for a in daemon.active.values()
               if a.ends_at is not None and a.stop is None]
+    times += [float(r.spec["until"]) for r in held_reservations(daemon)
+              if r.spec.get("until") is not None and r.id not in daemon.releasing]
     if daemon.unrecorded:  # ends the store could not take: try again shortly
         times.append(time.time() + RETRY_AFTER_FAILURE_S)
     return min((t for t in times if math.isfinite(t)), default=None)
@@ -187,6 +209,9 @@ def holdings(daemon: Daemon, now: float) -> list[Holding]:
         else:
             ends = started.get(job_id, now) + limit
         held.append(Holding(job_id, ends))
+    for record in daemon.store.in_states(HELD):  # held reservations end at their --duration
+        until = record.spec.get("until")
+        held.append(Holding(record.id, float(until) if until is not None else None))
     return held
 
 
@@ -209,11 +234,16 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
     to a full cluster costs O(the new job), not O(queue + holders); a full pass is made at
     least every FULL_PASS_EVERY_S, so that running jobs' end times (backfill) stay current."""
     current = current or Pass()
-    queued = daemon.queued() if queue is None else queue
+    everything = daemon.queued() if queue is None else queue
+    queued = [(r, q) for r, q in everything if r.inside is None]
+    inner = [(r, q) for r, q in everything if r.inside is not None]
     if not queued:
         daemon.publish_waits({})
         daemon.last_pass = None
-        return Plan((), ())
+        if not inner:
+            return Plan((), ())
+        limits = {r.id: daemon.queue.waiting(r, q).time_limit_s for r, q in inner}
+        return _launch(daemon, schedule_inside(daemon, now, inner, current), limits, current)
     # in queue order already: the sort is one linear pass
     waiting = order([daemon.queue.waiting(r, q) for r, q in queued])
     with daemon.store.reserving():
@@ -233,13 +263,20 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
             planner = Planner(daemon.live.cluster(), lambda: holdings(daemon, now),
                               running=running)
             result = planner.offer(waiting, now)
+        kinds = {r.id: r for r, _ in queued}
         for start in result.starts:
             current.job_id = start.job_id
             how = "backfilled: it ends before the first in line is due or leaves it room" \
                 if start.backfilled else "placed in queue order"
             # the placement stays in the timeline after the reservation is released
-            daemon.store.assign(start.job_id, start.allocation,
-                                f"{how}: {describe_allocation(start.allocation)}")
+            what = f"{how}: {describe_allocation(start.allocation)}"
+            record = kinds[start.job_id]
+            if record.kind == Kind.RESERVATION:
+                limit = limit_of(record.spec.get("time_limit"))
+                daemon.store.hold(start.job_id, start.allocation, f"held, {what}",
+                                  now + limit if limit is not None else None)
+            else:
+                daemon.store.assign(start.job_id, start.allocation, what)
         daemon.live.refresh()  # this pass's own reservations: O(starts)
         daemon.live.prune()
         started = {s.job_id for s in result.starts}
@@ -248,14 +285,82 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
                                     tuple(i for i in ids if i not in started))
     daemon.publish_waits({w.job_id: w for w in result.waits}, merge=carried)
     limits = {w.job_id: w.time_limit_s for w in waiting}
-    for start in result.starts:
-        current.job_id = start.job_id
-        daemon.admit(Active(start.job_id, start.allocation.host, limits[start.job_id]))
-        daemon.spawn(daemon.launch, start.job_id, name=f"launch-{start.job_id}",
-                     job_id=start.job_id)
+    guests = tuple(s for s in result.starts if kinds[s.job_id].kind == Kind.JOB)
+    inside = schedule_inside(daemon, now, inner, current) if inner else Plan((), ())
+    limits.update({r.id: daemon.queue.waiting(r, q).time_limit_s for r, q in inner})
+    _launch(daemon, Plan(guests + inside.starts, ()), limits, current)
     if result.starts:
         daemon.wake()
-    return result
+    return Plan(result.starts + inside.starts, result.waits + inside.waits, result.shadow)
+
+
+def _launch(daemon: Daemon, plan: Plan, limits: dict[str, float | None],
+            current: Pass) -> Plan:
+    """Admit and launch the guests of `plan`'s starts (jobs, not reservations)."""
+    for start in plan.starts:
+        current.job_id = start.job_id
+        daemon.admit(Active(start.job_id, start.allocation.host, limits.get(start.job_id)))
+        daemon.spawn(daemon.launch, start.job_id, name=f"launch-{start.job_id}",
+                     job_id=start.job_id)
+    if plan.starts:
+        daemon.wake()
+    return plan
+
+
+def inside_cluster(daemon: Daemon, reservation: JobRecord) -> placement.Cluster:
+    """A held reservation's share of its host as a cluster of its own (`placement.restrict`),
+    with what the jobs inside it hold now. Caller holds the lock."""
+    assert reservation.allocation is not None
+    allocation = allocation_from_dict(reservation.allocation)
+    host = daemon.live.cluster().hosts[allocation.host]
+    cluster = placement.Cluster([placement.restrict(host, allocation)])
+    for record in daemon.store.inside(reservation.id):
+        if record.allocation is not None:
+            request = request_from_dict(record.request) if record.request else None
+            cluster.reserve(record.id, allocation_from_dict(record.allocation), request)
+    return cluster
+
+
+def schedule_inside(daemon: Daemon, now: float, inner: Queue, current: Pass) -> Plan:
+    """Place the jobs queued inside held reservations, each reservation's queue on its own
+    share (`inside_cluster`) with the same policy as the whole queue (`queue.Planner`: FIFO
+    within priority, backfill by time limits). A job whose reservation has ended is
+    cancelled. Records the placements (the rows stay the reservation's, marked as used by the
+    job) and the waits; returns the starts to launch. Caller holds the lock."""
+    by_reservation: dict[str, Queue] = {}
+    for record, request in inner:
+        assert record.inside is not None
+        by_reservation.setdefault(record.inside, []).append((record, request))
+    starts: list[Start] = []
+    waits: dict[str, Wait] = {}
+    for reservation_id, jobs in by_reservation.items():
+        reservation = daemon.store.job(reservation_id)
+        if reservation is None or reservation.state.finished:
+            for record, _ in jobs:
+                current.job_id = record.id
+                daemon.stop(record.id, JobState.CANCELLED,
+                            f"reservation {reservation_id} has ended")
+            continue
+        if reservation.state != JobState.HELD or reservation_id in daemon.releasing:
+            continue
+        cluster = inside_cluster(daemon, reservation)
+        holders = [Holding(r.id, None) for r in daemon.store.inside(reservation_id, ACTIVE)]
+        waiting = order([daemon.queue.waiting(r, q) for r, q in jobs])
+        result = Planner(cluster, holders).offer(waiting, now)
+        with daemon.store.reserving():
+            for start in result.starts:
+                current.job_id = start.job_id
+                daemon.store.assign(start.job_id, start.allocation,
+                                    f"placed inside reservation {reservation_id}: "
+                                    f"{describe_allocation(start.allocation)}")
+        starts.extend(result.starts)
+        # `held`: nothing outside the reservation can make room for them (no preemption);
+        # their positions are in the reservation's own line
+        waits.update({w.job_id: replace(w, reason=f"inside reservation {reservation_id}: "
+                                                  f"{w.reason}", held=True)
+                      for w in result.waits})
+    daemon.publish_waits(waits, merge=True)
+    return Plan(tuple(starts), tuple(waits.values()))
 
 
 def start_now_or_forget(daemon: Daemon, job_id: str) -> str | None:

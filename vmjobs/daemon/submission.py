@@ -8,12 +8,15 @@ The body is the client's word only about *what* to run; who submits comes from t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from vmjobs.spec import Spec
+from vmjobs.spec import Profile, Spec
 from vmjobs.spec import parse as parse_spec
 
 
-def parse(body: dict[str, Any]) -> Spec:
-    """Raises SpecError (a usage error: 400 at the API) on the first bad field."""
-    return parse_spec(body)
+def parse(body: dict[str, Any], profiles: Mapping[str, Profile] | None = None) -> Spec:
+    """The spec, with its `profile` (if any) applied from `profiles` (the daemon's config):
+    fields the body leaves unset or null take the profile's values. Raises SpecError (a usage
+    error: 400 at the API) on the first bad field or an unknown profile."""
+    return parse_spec(body, profiles=profiles if profiles is not None else {})

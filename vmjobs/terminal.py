@@ -97,26 +97,17 @@ class TerminalInput:
 
     # --- the input ------------------------------------------------------------------------------
 
-    def start(self, send: Send, raw: bool = True) -> None:
-        """Input read and sent on a thread from now until `stop`; raw mode (a tty job on a
-        terminal) from now, or from `go_raw` when `raw` is false (a job still queued: Ctrl+C
-        must still reach vmjob, to cancel it). Call from the main thread (SIGWINCH)."""
-        if self.tty_job and self.is_terminal and self._old_winch is None:
+    def start(self, send: Send) -> None:
+        """Raw mode (a tty job on a terminal) and input read and sent on a thread, from now
+        until `stop`. Call from the main thread (SIGWINCH)."""
+        if self.tty_job and self.is_terminal and self._saved is None:
             self._old_winch = signal.signal(signal.SIGWINCH, self._on_winch)
-        if raw:
-            self.go_raw()
+            with self._raw_lock:
+                self._saved = termios.tcgetattr(self.fd)
+                tty.setraw(self.fd, termios.TCSANOW)
         self._thread = threading.Thread(target=self._pump, args=(send,), name="stdin",
                                         daemon=True)
         self._thread.start()
-
-    def go_raw(self) -> None:
-        """Raw mode now, for a tty job on a terminal (any thread; idempotent; nothing once
-        stopped)."""
-        with self._raw_lock:
-            if self.tty_job and self.is_terminal and self._saved is None \
-                    and not self._stopping.is_set():
-                self._saved = termios.tcgetattr(self.fd)
-                tty.setraw(self.fd, termios.TCSANOW)
 
     def stop(self) -> None:
         """No more input is read (the thread may still finish one send); the terminal is

@@ -63,17 +63,6 @@ def test_raw_mode_size_keys_and_restore(terminal: tuple[int, int]) -> None:
     assert canonical(slave)
 
 
-def test_raw_later_for_a_queued_job(terminal: tuple[int, int]) -> None:
-    _master, slave = terminal
-    got, send = collector()
-    with TerminalInput(tty_job=True, fd=slave) as term:
-        term.start(send, raw=False)
-        assert canonical(slave)  # Ctrl+C still reaches vmjob
-        term.go_raw()
-        assert not canonical(slave)
-    assert canonical(slave)
-
-
 def test_detach_key_sends_what_came_before_it(terminal: tuple[int, int]) -> None:
     master, slave = terminal
     got, send = collector()

@@ -20,12 +20,27 @@ checks it against a reference implementation (tests/placement/test_easy.py).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from placement.cluster import Cluster
 from placement.errors import Conflict, UnknownJob
+from placement.gang import place_gang
 from placement.model import Allocation, Request
+
+# The head: one job's request, or a gang's (all its members, placed together or not at all).
+Head = Request | tuple[Request, ...]
+
+
+def head_fits(cluster: Cluster, head: Head, policy: str) -> bool:
+    """Whether the whole head fits on `cluster` now (a gang: every member, `place_gang`)."""
+    if isinstance(head, Request):
+        return cluster.place(head, policy).fits
+    return place_gang(cluster, head, policy).fits
+
+
+def head_cpus(head: Head) -> int:
+    return head.cpus if isinstance(head, Request) else sum(r.cpus for r in head)
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,7 @@ class Reservation:
     the earlier ones. Built by `reserve_head`; use for one pass only.
     """
 
-    def __init__(self, head: Request, shadow: float | None, projected: Cluster | None,
+    def __init__(self, head: Head, shadow: float | None, projected: Cluster | None,
                  policy: str) -> None:
         self.head = head
         # When the head starts at the latest (seconds); None when that depends on jobs without
@@ -65,17 +80,29 @@ class Reservation:
         the job held there (then the job stays held in the projected cluster). `ends_at` is
         the job's latest end (None: unknown, so it is taken to run past any shadow time).
         """
+        return self.admits_all([(job_id, allocation, request)], ends_at)
+
+    def admits_all(self, members: Sequence[tuple[str, Allocation, Request]],
+                   ends_at: float | None) -> bool:
+        """`admits` for a gang: may all `members` (job id, allocation free now, request) start
+        now together, ending by `ends_at` at the latest? Either all are admitted (and held in
+        the projected cluster) or none."""
         if self.projected is None:
             return True
         if self.shadow is not None and ends_at is not None and ends_at <= self.shadow:
             return True  # gone before the head is due: the head's room is untouched
+        held: list[str] = []
         try:
-            self.projected.reserve(job_id, allocation, request)
+            for job_id, allocation, request in members:
+                self.projected.reserve(job_id, allocation, request)
+                held.append(job_id)
         except Conflict:
-            return False  # cannot happen for an allocation free now; refuse rather than guess
-        if self.projected.place(self.head, self.policy).fits:
-            return True
-        self.projected.release(job_id)
+            pass  # cannot happen for allocations free now; refuse rather than guess
+        else:
+            if head_fits(self.projected, self.head, self.policy):
+                return True
+        for job_id in held:
+            self.projected.release(job_id)
         return False
 
     def withdraw(self, job_id: str) -> None:
@@ -86,7 +113,7 @@ class Reservation:
                 self.projected.release(job_id)
 
 
-def reserve_head(cluster: Cluster, head: Request, holders: Iterable[Holding], now: float,
+def reserve_head(cluster: Cluster, head: Head, holders: Iterable[Holding], now: float,
                  policy: str = "pack") -> Reservation:
     """The head's reservation: release holders in order of their end times (all those ending
     at one time together) until the head fits on the projected cluster.
@@ -94,7 +121,8 @@ def reserve_head(cluster: Cluster, head: Request, holders: Iterable[Holding], no
     `cluster` is not changed. Holders not in `cluster` are ignored. The shadow time is never
     before `now` (a job past its estimate is taken to end now). If the head fits only once the
     holders without an end time are gone too, the shadow time is None; if it does not fit even
-    then, the reservation has no projected cluster.
+    then, the reservation has no projected cluster. `head` may be a gang (its members'
+    requests): the shadow time is then when all of them fit together.
     """
     projected = cluster.copy()
     held = projected.allocations()
@@ -110,10 +138,10 @@ def reserve_head(cluster: Cluster, head: Request, holders: Iterable[Holding], no
             free += len(alloc.cpus) + len(alloc.idle_cpus)
             i += 1
         # Counting cpus first is a cheap bound: a fit needs at least as many free cpus.
-        if free >= head.cpus and projected.place(head, policy).fits:
+        if free >= head_cpus(head) and head_fits(projected, head, policy):
             return Reservation(head, max(now, at), projected, policy)
     for job_id in projected.allocations():
         projected.release(job_id)
-    if projected.place(head, policy).fits:
+    if head_fits(projected, head, policy):
         return Reservation(head, None, projected, policy)
     return Reservation(head, None, None, policy)

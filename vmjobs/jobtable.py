@@ -55,12 +55,19 @@ def parse_states(values: Sequence[str]) -> frozenset[JobState]:
     return frozenset(states)
 
 
+def _hosts(view: View) -> set[str]:
+    """Where a job is (or asked to be); a gang: where any of its members is."""
+    if view.get("gang"):
+        return {h for h in view.get("hosts") or [] if h}
+    where = view.get("host") or (view.get("request") or {}).get("host")
+    return {where} if where else set()
+
+
 def matches(view: View, filters: Filters) -> bool:
     request = view.get("request") or {}
     return ((not filters.users or view.get("owner") in filters.users)
             and (not filters.states or view.get("state") in filters.states)
-            and (not filters.hosts or (view.get("host") or request.get("host"))
-                 in filters.hosts)
+            and (not filters.hosts or bool(_hosts(view) & filters.hosts))
             and (not filters.pools or request.get("pool") in filters.pools)
             and (not filters.names or any(fnmatch.fnmatchcase(view.get("name") or "", p)
                                           for p in filters.names)))
@@ -120,7 +127,9 @@ def _elapsed(view: View, now: float) -> str:
 
 # name -> (header, cell). Documented in docs/user-guide.md ("vmjob list"); keep in step.
 COLUMNS: dict[str, tuple[str, Callable[[View, float], str]]] = {
-    "id": ("JOB", lambda v, now: v["id"]),
+    # a gang (`vmjob submit --nodes N`) is one line: its id and its size
+    "id": ("JOB", lambda v, now: v["id"] + (f" (gang of {v['nodes']})" if v.get("gang")
+                                            else "")),
     "kind": ("KIND", lambda v, now: v.get("kind") or "job"),  # job or reservation
     "name": ("NAME", lambda v, now: v.get("name") or "-"),
     "owner": ("OWNER", lambda v, now: v["owner"]),

@@ -20,6 +20,12 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
   a terminal in the guest); absent: the job's stdin is empty (vmjobs/console.py)
 - `array`: job array indices, `"1-100"`, `"1,3,5-7"`, `"0-99%10"` (`--array`; one job per
   index, at most N running with `%N`; `vmjobs.jobarray`)
+- `nodes`: a gang (`vmjobs.gang`, docs/multinode.md): a number N (`--nodes N`: N members of
+  this spec) or a list of members, each a map of `name cmd cpus mem nics env host pool labels`
+  laid over this spec (`cmd`: a list of strings, the member's own program);
+  `nodes_apart` (default true: `--nodes-apart` / `--nodes-together`), `per_host` (at most
+  this many members on one host when apart; default 1), `on_member_failure`
+  (`stop|continue`, default stop)
 - `profile`: the name of a hardware profile of the config (`--profile`): its fields (cpus,
   mem, nics, numa, threads, hugepages, pool, labels) stand wherever the spec gives none;
   labels are merged, the spec's winning per name. The name is kept on the job (usage by
@@ -42,6 +48,7 @@ from typing import Any
 from placement import NumaPolicy, Request, ThreadPolicy
 from vmjobs.console import STDIN_MODES
 from vmjobs.errors import UsageError, VmjobsError
+from vmjobs.gang import ENV_NODE, ENV_NODES, MAX_NODES, ON_FAILURE
 from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
 from vmjobs.units import parse_duration, parse_size_mib
 
@@ -58,13 +65,16 @@ MAX_DURATION_S = 366 * 86400
 MAX_NAME_CHARS = 100  # fits a table column and a log line; Slurm allows more, nobody reads it
 HUGEPAGE_KIB = {"2M": 2048, "1G": 1 << 20}
 DEFAULT_MEMORY_MIB = 256
-RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM", ENV_ID, ENV_INDEX)
+RESERVED_ENV = ("VMJOB_ID", "VMJOB_CPUS", "VMJOB_MEM", ENV_ID, ENV_INDEX, ENV_NODE, ENV_NODES)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
-          "wait_timeout", "no_wait", "input", "output", "array", "profile", "stdin")
+          "wait_timeout", "no_wait", "input", "output", "array", "profile", "nodes",
+          "nodes_apart", "per_host", "on_member_failure", "stdin")
+# what a member of `nodes:` may set for itself (`cmd` is its argv)
+MEMBER_FIELDS = ("name", "cmd", "cpus", "mem", "nics", "env", "host", "pool", "labels")
 # the fields a hardware profile may set (config `profiles:`, `--profile`)
 PROFILE_FIELDS = ("cpus", "mem", "nics", "numa", "threads", "hugepages", "pool", "labels")
 # names used before this spec existed (YAML, API, store): a refusal names the new one
@@ -73,7 +83,9 @@ RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "
            "wait_timeout_s": "wait_timeout", "label": "labels"}
 # the command-line option of each field, for messages about values typed there
 OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
-           "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array"}
+           "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array",
+           "nodes": "--nodes", "per_host": "--per-host", "nodes_apart": "--nodes-apart",
+           "on_member_failure": "--on-member-failure"}
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -109,6 +121,30 @@ class Spec:
     array: JobArray | None = None
     profile: str | None = None  # the hardware profile it was built from (already applied)
     stdin: str | None = None  # None | "pipe" | "tty" (vmjobs.console.STDIN_MODES)
+    # a gang: one map of overrides per member (`--nodes N`: N empty maps), checked
+    nodes: tuple[Mapping[str, Any], ...] | None = None
+    nodes_apart: bool = True
+    per_host: int | None = None  # None: 1 when apart
+    on_member_failure: str = "stop"
+
+    def members(self) -> list[Spec]:
+        """Each member's own spec (this spec with its overrides laid over, no `nodes`), by
+        index; [] for a job that is no gang."""
+        if self.nodes is None:
+            return []
+        base = {k: v for k, v in self.to_dict().items()
+                if k not in ("nodes", "nodes_apart", "per_host", "on_member_failure")}
+        out = []
+        for i, overrides in enumerate(self.nodes):
+            mine = {("argv" if k == "cmd" else k): v for k, v in overrides.items()}
+            out.append(parse({**base, **mine}, source=f"nodes[{i}]"))
+        return out
+
+    def host_limit(self) -> int | None:
+        """At most this many members on one host (None: no limit, `--nodes-together`)."""
+        if not self.nodes_apart:
+            return None
+        return self.per_host or 1
 
     def request(self) -> Request:
         """What the placement engine is asked for."""
@@ -138,6 +174,13 @@ class Spec:
             data["profile"] = self.profile
         if self.stdin is not None:
             data["stdin"] = self.stdin
+        if self.nodes is not None:  # a gang's fields only for a gang
+            data.update({
+                "nodes": len(self.nodes) if not any(self.nodes)
+                else [dict(n) for n in self.nodes],
+                "nodes_apart": self.nodes_apart, "per_host": self.per_host,
+                "on_member_failure": self.on_member_failure,
+            })
         return data
 
 
@@ -225,13 +268,31 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and wait_timeout is not None:
         raise SpecError("give either --no-wait or --wait-timeout, not both")
     array = fields.array()
-    if array is not None and data.get("stdin") is not None:
-        raise SpecError("an interactive job (stdin) cannot be a job array")
+    if data.get("stdin") is not None and (array is not None or data.get("nodes") is not None):
+        raise SpecError("an interactive job (stdin) cannot be a job array or a gang")
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
-    return Spec(
-        argv=fields.argv(), name=fields.job_name(), env=fields.pairs("env", _env_name),
+    nodes = fields.nodes()
+    if nodes is not None:
+        if array is not None:
+            raise SpecError("--nodes cannot be given with --array (a gang is one job of N "
+                            "guests; an array is many jobs)")
+        if no_wait:
+            raise SpecError("--no-wait cannot be given with --nodes yet (use --wait-timeout)")
+    apart = fields.flag("nodes_apart", default=True)
+    per_host = fields.integer("per_host", 0, 1, MAX_NODES) or None
+    if per_host is not None and not apart:
+        raise SpecError("--per-host limits members per host when they are apart; it cannot "
+                        "be given with --nodes-together")
+    on_failure = fields.choice("on_member_failure", list(ON_FAILURE), "stop") or "stop"
+    if nodes is None and (per_host is not None or "on_member_failure" in data
+                          and data["on_member_failure"] is not None):
+        raise SpecError(f"{'--per-host' if per_host is not None else '--on-member-failure'} "
+                        "is for gangs: give --nodes N (or nodes: in the job file)")
+    argv = fields.argv(gang=nodes is not None and all("cmd" in n for n in nodes))
+    spec = Spec(
+        argv=argv, name=fields.job_name(), env=fields.pairs("env", _env_name),
         cpus=fields.integer("cpus", 1, 1, MAX_CPUS), mem=fields.memory(), nics=fields.integer(
             "nics", 0, 0, MAX_NICS),
         numa=NumaPolicy(fields.choice("numa", [p.value for p in NumaPolicy],
@@ -247,7 +308,28 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
         output=fields.text("output"), array=array, profile=fields.text("profile"),
         stdin=fields.choice("stdin", list(STDIN_MODES), None),
+        nodes=nodes, nodes_apart=apart, per_host=per_host, on_member_failure=on_failure,
     )
+    if nodes is not None:
+        _check_members(spec)
+    return spec
+
+
+def _check_members(spec: Spec) -> None:
+    """Each member's spec is checked as a job's would be (a refusal names `nodes[i]`), and
+    members kept apart cannot name one host more often than `per_host` allows."""
+    members = spec.members()
+    limit = spec.host_limit()
+    if limit is not None:
+        named: dict[str, int] = {}
+        for member in members:
+            if member.host is not None:
+                named[member.host] = named.get(member.host, 0) + 1
+        for host, count in sorted(named.items()):
+            if count > limit:
+                raise SpecError(f"nodes: {count} members name host {host}, but at most "
+                                f"{limit} may share a host (--per-host; --nodes-together "
+                                "lifts it)")
 
 
 def check_paths(spec: Spec) -> None:
@@ -304,8 +386,11 @@ class _Fields:
             raise self.fail(key, "contains a NUL byte")
         return value
 
-    def argv(self) -> tuple[str, ...]:
+    def argv(self, gang: bool = False) -> tuple[str, ...]:
+        """The command; `gang`: every member has its own `cmd`, so none is needed here."""
         value = self.data.get("argv")
+        if gang and (value is None or (isinstance(value, list | tuple) and not value)):
+            return ()
         if value is None or (isinstance(value, list | tuple) and not value):
             raise SpecError("no command given: put it after --, e.g. vmjob run -- ./simulate")
         if not isinstance(value, list | tuple) or not all(isinstance(a, str) for a in value):
@@ -340,10 +425,10 @@ class _Fields:
             raise self.fail(key, f"must be an integer from {low} to {high}, not {value!r}")
         return value
 
-    def flag(self, key: str) -> bool:
-        value = self.data.get(key, False)
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.data.get(key, default)
         if value is None:
-            return False
+            return default
         if not isinstance(value, bool):
             raise self.fail(key, f"must be true or false, not {value!r}")
         return value
@@ -398,6 +483,35 @@ class _Fields:
             return parse_array(self._no_nul("array", value))
         except ArrayError as exc:
             raise self.fail("array", str(exc)) from None
+
+    def nodes(self) -> tuple[Mapping[str, Any], ...] | None:
+        """`nodes`: a number of members (`--nodes N`) or a list of members' overrides."""
+        value = self.data.get("nodes")
+        if value is None:
+            return None
+        if isinstance(value, list | tuple):
+            if not 1 <= len(value) <= MAX_NODES:
+                raise self.fail("nodes", f"must list 1 to {MAX_NODES} members, not "
+                                         f"{len(value)}")
+            out = []
+            for i, member in enumerate(value):
+                where = f"{self.source + ': ' if self.source else ''}nodes[{i}]"
+                if not isinstance(member, Mapping):
+                    raise SpecError(f"{where} must be a map of {', '.join(MEMBER_FIELDS)}, "
+                                    f"not {member!r}")
+                unknown = sorted(set(map(str, member)) - set(MEMBER_FIELDS))
+                if unknown:
+                    raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)} (a member "
+                                    f"may set {', '.join(MEMBER_FIELDS)})")
+                cmd = member.get("cmd")
+                if "cmd" in member and (not isinstance(cmd, list) or not cmd
+                                        or not all(isinstance(a, str) for a in cmd)):
+                    raise SpecError(f"{where}: cmd must be a non-empty list of strings, "
+                                    f"e.g. [sh, -c, 'echo $VMJOB_NODE']")
+                out.append(dict(member))
+            return tuple(out)
+        count = self.integer("nodes", 0, 1, MAX_NODES)
+        return tuple({} for _ in range(count))
 
     def memory(self) -> int:
         key = "mem"

@@ -596,6 +596,12 @@ class Store:
                        and r.id.rpartition("_")[2].isdigit()),
                       key=lambda r: int(r.id.rpartition("_")[2]))
 
+    def id_range(self, low: str, high: str) -> list[JobRecord]:
+        """The jobs whose id is strictly between `low` and `high` (a range on the primary key,
+        O(answer)): e.g. a gang's members, `GANG.` .. `GANG/` (`vmjobs.gang`)."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE id > ? AND id < ?", (low, high))
+        return [_record(r) for r in rows]
+
     def events(self, job_id: str) -> list[Event]:
         rows = self.db.execute(
             "SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)

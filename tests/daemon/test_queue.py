@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 import placement
 from placement import Cpu, Host, HostState, Node, Request
-from vmjobs.daemon.queue import Holding, Planner, Waiting, order, plan
+from placement.gang import apart_groups
+from vmjobs.daemon.queue import Holding, Planner, Waiting, group_gangs, order, plan
 
 NOW = 1_000_000.0
 
@@ -220,3 +221,123 @@ def test_arrays_are_limited_each_on_its_own() -> None:
     result = plan(cluster, queue, [], NOW, running={"b": 1})
     assert started(result) == ["a_0", "b_0"]
     assert {w.job_id for w in result.waits} == {"a_1", "b_1", "b_2"}
+
+
+# --- gangs: N members placed together, waiting as one job (`--nodes N`) ----------------------
+
+
+def gang_members(gang: str, size: int, cpus: int = 1, limit: float | None = None,
+                 per_host: int | None = 1) -> list[Waiting]:
+    groups = apart_groups(gang, size, per_host)
+    return [Waiting(f"{gang}.{i}", Request(cpus=cpus, memory_mib=256, anti_affinity=groups[i]),
+                    limit, gang=gang) for i in range(size)]
+
+
+def test_group_gangs_gathers_members_at_the_first_ones_place() -> None:
+    queue = [wait("a", 1), *gang_members("g", 2)[:1], wait("b", 1), *gang_members("g", 2)[1:]]
+    grouped = group_gangs(queue)
+    assert [w.job_id for w in grouped] == ["a", "g", "b"]
+    assert [m for m, _ in grouped[1].members] == ["g.0", "g.1"]
+
+
+def test_a_gang_starts_whole_on_distinct_hosts() -> None:
+    cluster = placement.Cluster([host("a", cpus=2), host("b", cpus=2)])
+    result = plan(cluster, gang_members("g", 2), [], NOW)
+    assert sorted(started(result)) == ["g.0", "g.1"]
+    assert len({s.allocation.host for s in result.starts}) == 2
+
+
+def test_a_gang_that_does_not_fit_whole_starts_no_member() -> None:
+    cluster = placement.Cluster([host("a", cpus=2), host("b", cpus=2)])
+    hold(cluster, "r1", 2)  # host a full: one member would fit on b, the gang does not
+    # a 2-cpu job would take b whole: the gang could then never have two hosts
+    result = plan(cluster, [*gang_members("g", 2), wait("small", 2)], [Holding("r1", None)],
+                  NOW)
+    assert started(result) == []
+    assert result.waits[0].job_id == "g" and result.waits[0].position == 1
+    assert "gang of 2" in result.waits[0].reason
+    waits = result.member_waits({"g": ["g.0", "g.1"]})
+    assert waits["g.0"].position == waits["g.1"].position == 1
+    assert "would delay g" in waits["small"].reason
+
+
+def test_a_gang_at_the_head_is_never_overtaken_by_a_stream_of_one_node_jobs() -> None:
+    cluster = placement.Cluster([host("a", cpus=2), host("b", cpus=2), host("c", cpus=2)])
+    hold(cluster, "r1", 2)  # on a, ends in 100 s
+    holding = [Holding("r1", NOW + 100)]
+    # a gang of 3 needs every host; b and c are free now, so each 1-node job would fit
+    queue = [*gang_members("g", 3, cpus=2), *(wait(f"s{i}", 1) for i in range(200))]
+    result = plan(cluster, queue, holding, NOW)
+    assert started(result) == []
+    assert result.shadow == NOW + 100
+    assert all("would delay g" in w.reason for w in result.waits[1:])
+    # jobs that end before the gang is due still backfill
+    short = plan(cluster, [*gang_members("g", 3, cpus=2), wait("quick", 1, limit=50)],
+                 holding, NOW)
+    assert started(short) == ["quick"]
+
+
+def test_backfill_counts_the_whole_gang() -> None:
+    """Hosts a, b of 2 cpus: r1 fills a until NOW+100, r2 holds one cpu of b for good. The
+    gang's 2 members of 1 cpu must be apart: at the shadow time they need a and b's last cpu.
+    A 1-cpu job fits on b now; counting one member only (1 cpu, a is free then) it would be
+    let in, counting the whole gang it would delay it."""
+    cluster = placement.Cluster([host("a", cpus=2), host("b", cpus=2)])
+    hold(cluster, "r1", 2)
+    hold(cluster, "r2", 1)
+    holding = [Holding("r1", NOW + 100), Holding("r2", None)]
+    result = plan(cluster, [*gang_members("g", 2), wait("open", 1)], holding, NOW)
+    assert started(result) == []
+    assert result.shadow == NOW + 100
+    assert "would delay g" in result.waits[1].reason
+    one = plan(cluster, [wait("single", 1, limit=None), wait("open", 1)], holding, NOW)
+    assert started(one) == ["single"]  # contrast: a lone 1-cpu job fits on b at once
+
+
+def test_a_gang_backfills_only_whole() -> None:
+    cluster = placement.Cluster([host("a", cpus=4), host("b", cpus=2), host("c", cpus=2)])
+    hold(cluster, "r1", 3)  # on a until NOW+100
+    holding = [Holding("r1", NOW + 100)]
+    # head: 4 cpus, due at NOW+100 on a; a gang of 2 that ends before then fills b and c
+    result = plan(cluster, [wait("big", 4), *gang_members("g", 2, cpus=2, limit=60)],
+                  holding, NOW)
+    assert sorted(started(result)) == ["g.0", "g.1"]
+    assert all(s.backfilled for s in result.starts)
+
+
+@settings(max_examples=60)
+@given(held=st.lists(st.tuples(st.integers(1, 3), st.one_of(st.none(), st.integers(1, 200))),
+                     max_size=4),
+       queue=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3),
+                                st.one_of(st.none(), st.integers(1, 300))),
+                      min_size=1, max_size=8),
+       cut=st.integers(0, 8))
+def test_carrying_a_pass_on_with_gangs_decides_as_planning_it_all(
+        held: list[tuple[int, int | None]], queue: list[tuple[int, int, int | None]],
+        cut: int) -> None:
+    """As above, with gangs in the queue (entries of 1 to 3 members apart): the scheduler
+    offers the grouped queue in two parts; never a partial gang either way."""
+    cluster = placement.Cluster([host("a", cpus=4), host("b", cpus=4), host("c", cpus=2)])
+    holding = []
+    for k, (cpus, ends) in enumerate(held):
+        decision = cluster.place(Request(cpus=cpus, memory_mib=256))
+        if decision.allocation is not None:
+            cluster.reserve(f"r{k}", decision.allocation)
+            holding.append(Holding(f"r{k}", None if ends is None else NOW + ends))
+    jobs: list[Waiting] = []
+    for k, (size, cpus, limit) in enumerate(queue):
+        jobs += gang_members(f"g{k}", size, cpus, limit) if size > 1 else \
+            [wait(f"j{k}", cpus, limit)]
+    whole = plan(cluster, jobs, holding, NOW)
+    grouped = group_gangs(order(jobs))
+    planner = Planner(cluster, holding)
+    first = planner.offer(grouped[:cut], NOW)
+    rest = planner.offer(grouped[cut:], NOW)
+    assert first.starts + rest.starts == whole.starts
+    assert first.waits + rest.waits == whole.waits
+    started = {s.job_id for s in whole.starts}
+    for entry in grouped:  # all members of a gang or none
+        ids = {m for m, _ in entry.members}
+        assert not ids or ids <= started or not ids & started
+        hosts = [s.allocation.host for s in whole.starts if s.job_id in ids]
+        assert len(hosts) == len(set(hosts))  # apart

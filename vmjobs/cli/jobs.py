@@ -98,9 +98,12 @@ def _clock(at: float | None) -> str:
 def show(job: str, as_json: bool, url: str | None) -> None:
     """Show a job: its spec, its placement and the timeline of its events.
 
+    A gang's id shows the gang: its state, exit code and a line per member (JOB.i).
+
     \b
     Examples:
       vmjob show 3f9a1c2e
+      vmjob show 3f9a1c2e.1          # member 1 of gang 3f9a1c2e
       vmjob show 3f9a1c2e --json | jq .events
     """
     client = client_for(url)
@@ -110,6 +113,9 @@ def show(job: str, as_json: bool, url: str | None) -> None:
         client.close()
     if as_json:
         click.echo(json.dumps(view, indent=2))
+        return
+    if view.get("gang"):
+        _show_gang(view)
         return
     request = view.get("request") or {}
     alloc = view.get("allocation")
@@ -165,6 +171,30 @@ def show(job: str, as_json: bool, url: str | None) -> None:
         state = "note" if event.get("note") else event["state"]  # a note changes no state
         click.echo(f"  {_clock(event['time'])}  {state:<10}{host} "
                    f"{event.get('reason') or ''}".rstrip())
+
+
+def _show_gang(view: dict[str, Any]) -> None:
+    """A gang: its state and exit code, then a line per member (`vmjob show JOB.i` for one
+    member's placement and events)."""
+    code = "-" if view.get("exit_code") is None else str(view["exit_code"])
+    lines = [
+        ("gang", f"{view['id']}: {view['nodes']} members (owner {view['owner']}, uid "
+                 f"{view['uid']}), on member failure: {view['on_member_failure']}"),
+        ("name", view.get("name") or "-"),
+        ("state", view["state"] + (f": {view['message']}" if view.get("message") else "")),
+        ("exit code", code),
+    ]
+    if view["state"] == "QUEUED":
+        lines.append(("queue", f"position {view.get('position') or '-'}: "
+                               f"{jobtable.why(view)}"))
+    for name, value in lines:
+        click.echo(f"{name:<11}{value}")
+    click.echo("members")
+    for member in view["members"]:
+        exit_code = member.get("exit_code")
+        click.echo(f"  {member['id']:<14}{member['state']:<11}{member.get('host') or '-':<8}"
+                   f"{'-' if exit_code is None else exit_code:<5}"
+                   f"{shlex.join(member.get('argv') or [])}".rstrip())
 
 
 # --- logs / wait / cancel -------------------------------------------------------------------
@@ -258,7 +288,8 @@ def wait(job: str, output_dir: Path | None, timeout: str | None, as_json: bool,
     Exit codes: the job's own; 124 when its time limit stopped it; 125 when it left no exit
     status (output refused, guest died, host lost); 130 when cancelled; 75 when it gave up
     waiting to start (--wait-timeout); 3 when --timeout passed first (the job has not
-    ended; with --json, "finished": false).
+    ended; with --json, "finished": false). A gang's id waits for every member and exits
+    with the code of the first member that failed, else 0 (docs/multinode.md).
 
     \b
     Examples:

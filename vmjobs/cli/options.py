@@ -29,6 +29,7 @@ PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa
           "pool": "pool", "image": "image", "input": "input_dir", "output": "output_dir",
           "env": "env", "priority": "priority", "preemptible": "preemptible",
           "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array",
+          "nodes": "nodes", "per_host": "per_host", "on_member_failure": "on_member_failure",
           "profile": "profile"}
 FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
 
@@ -85,6 +86,29 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", default=None, metavar="DURATION",
                      help="Stop the job after this long (90 seconds, 30s, 5m, 2h, 1:30:00, "
                           "2-12:00:00; at most 366d)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def gang_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that make a job a gang of guests (docs/multinode.md)."""
+    options = [
+        click.option("--nodes", default=None, metavar="N",
+                     help="A gang: N guests of this spec, started together or not at all, "
+                          "with $VMJOB_NODE (0..N-1) and $VMJOB_NODES; members are JOB.0 .. "
+                          "JOB.N-1 (-f job.yaml 'nodes:' gives each its own cmd and shape)."),
+        click.option("--nodes-apart", "nodes_apart", is_flag=True,
+                     help="Members on distinct hosts (the default for a gang)."),
+        click.option("--nodes-together", "nodes_together", is_flag=True,
+                     help="Members may share hosts."),
+        click.option("--per-host", "per_host", default=None, metavar="K",
+                     help="With members apart: at most K of them on one host.  [default: 1]"),
+        click.option("--on-member-failure", "on_member_failure", default=None,
+                     metavar="stop|continue",
+                     help="When a member fails (non-zero exit, lost host, time limit): stop "
+                          "the others (stop) or let them run (continue).  [default: stop]"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -152,6 +176,11 @@ def spec_from_options(params: dict[str, Any], spec_file: Path | None = None) -> 
         option, fields["time_limit"] = next(iter(limits.items()))
         typed.discard("time_limit")
         names["time_limit"] = option
+    if params.get("nodes_apart") and params.get("nodes_together"):
+        raise SpecError("give either --nodes-apart or --nodes-together, not both")
+    if params.get("nodes_apart") or params.get("nodes_together"):
+        fields["nodes_apart"] = bool(params.get("nodes_apart"))
+        typed.add("nodes_apart")
     if params.get("argv"):
         fields["argv"] = tuple(params["argv"])
     profiles = profiles_for(params.get("url")) if fields.get("profile") is not None else None

@@ -24,7 +24,7 @@ import click
 
 from vmjobs.cli.connect import client_for
 from vmjobs.cli.jobs import report_end
-from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.options import gang_options, job_options, spec_from_options
 from vmjobs.cli.output import json_option
 from vmjobs.cli.submit import inside, reservation_options, submission, submit_job
 from vmjobs.client import ApiFailure, Client, DaemonLost, Reconnect
@@ -74,6 +74,7 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @job_options
+@gang_options
 @click.option("--priority", default=None, metavar="N",
               help="Daemon only: higher starts first; FIFO within a priority.  [default: 0]")
 @click.option("--wait-timeout", default=None, metavar="DURATION",
@@ -115,6 +116,7 @@ def run(ctx: click.Context, as_json: bool, interactive: bool, **params: Any) -> 
       vmjob run --wait-timeout 2h -- sh -c 'nproc; head -1 /proc/meminfo'
       vmjob run --threads isolate --hugepages 2M --label nic=x710 --input ./lat -- ./latency
       vmjob run -f job.yaml --cpus 4
+      vmjob run --nodes 2 -- sh -c 'echo node $VMJOB_NODE of $VMJOB_NODES'   # needs a daemon
       vmjob run --reservation "$R" --key "$K" -- nproc   # inside 'vmjob reserve'
       printf 'echo hi\\nexit 4\\n' | vmjob run -i -- sh
     """
@@ -190,6 +192,9 @@ def wait_to_start(client: Client, view: dict[str, Any], say: Callable[[str], Non
 
 
 def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
+    if spec.nodes is not None:
+        raise SpecError(f"--nodes needs the daemon, and none answers at {config.socket} "
+                        "(start one with 'vmjob serve')")
     if spec.wait_timeout is not None or spec.priority != 0:
         option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
@@ -237,6 +242,8 @@ def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
     body = inside(submission(spec, client), *inside_of)
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = ended["job"] = view["id"]
+    if view.get("gang"):
+        return _gang_through_daemon(client, view, spec, write)
     note(f"job {job_id} submitted")
     try:
         with interruptible():
@@ -259,3 +266,27 @@ def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
             note(cancelled_line(job_id, exc.signum))
             return interrupted_exit(exc.signum)
     return report_end(final, client, Path(spec.output) if spec.output is not None else None)
+
+
+def _gang_through_daemon(client: Client, view: dict[str, Any], spec: Spec,
+                         write: Callable[[str], None]) -> int:
+    """`run --nodes N`: wait for the whole gang, then print each member's output in index
+    order, each after a line naming it on stderr; the gang's exit code (the first failed
+    member's, else 0). Ctrl+C cancels the gang."""
+    gang_id = view["id"]
+    note(f"gang {gang_id} submitted: members {gang_id}.0 .. {gang_id}.{view['nodes'] - 1} "
+         f"(vmjob logs -f {gang_id}.0)")
+    try:
+        with interruptible():
+            final = client.wait(gang_id)
+    except Interrupted as exc:
+        final = client.cancel(gang_id)
+        note(cancelled_line(gang_id, exc.signum))
+        return interrupted_exit(exc.signum)
+    for member in final["members"]:
+        code = member.get("exit_code")
+        note(f"{member['id']} on {member.get('host') or '-'}: {member['state']}"
+             + (f", exit {code}" if code is not None else ""))
+        for chunk in client.logs(member["id"]):
+            write(chunk)
+    return report_end(final, client, None)

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from vmjobs.cli.connect import client_for, url_option
-from vmjobs.cli.options import job_options, spec_from_options
+from vmjobs.cli.options import gang_options, job_options, spec_from_options
 from vmjobs.cli.output import json_option
 from vmjobs.client import ApiFailure, Client
 from vmjobs.errors import VmjobsError
@@ -104,6 +104,7 @@ def submit_job(client: Client, body: dict[str, Any]) -> dict[str, Any]:
 @click.command()
 @job_options
 @queue_options
+@gang_options
 @reservation_options
 @click.option("--array", default=None, metavar="INDICES[%N]",
               help="A job array: one job per index (1-100, 1,3,5-7; indices 0-1000), each "
@@ -116,7 +117,9 @@ def submit(as_json: bool, **params: Any) -> None:
     The job waits in a fair queue (FIFO within --priority) until its cpus, memory and NICs
     are free, then runs while nobody watches. Follow it with 'vmjob logs -f JOB', collect its
     exit code with 'vmjob wait JOB'. With --array it prints the array's id ARRAY; its jobs
-    are ARRAY_INDEX ('vmjob cancel ARRAY' cancels them all).
+    are ARRAY_INDEX ('vmjob cancel ARRAY' cancels them all). With --nodes N it prints the
+    gang's id GANG: N guests started together or not at all, members GANG.0 .. GANG.N-1
+    ('vmjob wait GANG' exits with the first failed member's code, else 0).
 
     \b
     Examples:
@@ -128,6 +131,8 @@ def submit(as_json: bool, **params: Any) -> None:
       vmjob submit --threads isolate --hugepages 1G --label rack=r1 --input ./lat \\
           -- ./latency-bench
       vmjob submit --array 1-100%10 --input ./sw -- sh -c './sweep --case $VMJOB_ARRAY_INDEX'
+      vmjob submit --nodes 4 --cpus 8 --input ./mpi -- ./rank.sh     # JOB.0 .. JOB.3 apart
+      vmjob submit -f gang.yaml   # nodes: [{name: server, cmd: [./serve]}, {cmd: [./probe]}]
       vmjob submit --reservation "$R" --key "$K" --input ./b -- ./bench.sh  # in 'reserve'
     """
     reservation, key = params.pop("reservation"), params.pop("key")

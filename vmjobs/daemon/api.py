@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import placement
-from vmjobs import __version__, pools_view, usage
+from placement.gang import apart_groups, gang_never_fits, with_groups
+from vmjobs import __version__, gang, pools_view, usage
 from vmjobs.config import system_warnings
 from vmjobs.daemon import attach, logs, moves
 from vmjobs.daemon.core import Daemon
@@ -34,7 +35,7 @@ from vmjobs.daemon.scheduler import start_now_or_forget
 from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream, Upgrade
 from vmjobs.daemon.submission import parse
 from vmjobs.daemon.uploads import Limits, Uploads
-from vmjobs.errors import NotFound, UsageError, VmjobsError
+from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
 from vmjobs.guest import JobFiles, output_size
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
@@ -64,6 +65,8 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "output": spec.get("output"), "allocation": record.allocation,
         "position": None, "line": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
+        "gang_id": spec.get(gang.KEY_ID), "gang_index": spec.get(gang.KEY_INDEX),
+        "gang_size": spec.get(gang.KEY_SIZE),
         # a held reservation (kind "reservation"): held until `until` (None: while its
         # client's connection lasts, `tied`); a job run inside one names it in `reservation`
         "kind": record.kind.value, "reservation": record.inside,
@@ -199,22 +202,28 @@ class Api:
             records = daemon.store.jobs(uid) if include_finished else \
                 daemon.store.in_states(UNFINISHED, uid)
             started = daemon.store.started_at([r.id for r in records])
-            views = [job_view(daemon, r, started.get(r.id)) for r in records]
+            # a gang is one line: its view (members inside), where its first member was
+            views, gangs = [], set()
+            for r in records:
+                ref = gang.gang_of(r.spec)
+                if ref is None:
+                    views.append(job_view(daemon, r, started.get(r.id)))
+                elif ref.gang_id not in gangs:
+                    gangs.add(ref.gang_id)
+                    views.append(self._gang_view(ref.gang_id))
         views.sort(key=lambda v: (v["position"] is None, v["position"] or 0, v["created"]))
         return Json(views)
 
     def show(self, req: ApiRequest) -> Json:
         daemon = self.daemon
         with daemon.lock:
+            if (gang_id := self._gang_or_none(req.caller, req.params["id"])) is not None:
+                return Json(self._gang_view(gang_id, events=True))
             record = self._own(req.caller, req.params["id"])
             view = job_view(daemon, record, daemon.store.started_at().get(record.id))
             if record.kind == Kind.RESERVATION:
                 view["jobs"] = self.holds.inside_view(record.id)
-            view["events"] = [
-                {"time": e.time, "state": e.state.value, "host": e.host, "reason": e.reason,
-                 "note": e.note}
-                for e in daemon.store.events(record.id)
-            ]
+            view["events"] = _events(daemon, record.id)
         return Json(view)
 
     def submit(self, req: ApiRequest) -> Json:
@@ -234,14 +243,17 @@ class Api:
             config.host(request.host)  # unknown host: one line, nothing created
         image = resolve_image(config.spool, submission.image)
         if inside is not None:
-            if submission.array is not None:
-                raise ApiError(400, "--array does not go with --reservation yet", code="usage")
+            if submission.array is not None or submission.nodes is not None:
+                raise ApiError(400, "--array and --nodes do not go with --reservation yet",
+                               code="usage")
             inside = self.holds.admit(req.caller, inside, key, request)
         elif key is not None:
             raise ApiError(400, "a key (--key) goes with --reservation only", code="usage")
-        else:
+        elif submission.nodes is None:  # a gang's members are checked together
             daemon.refuse_never_fitting(request)
         job_id = new_job_id()
+        if submission.nodes is not None:
+            return self._submit_gang(req.caller, submission, job_id, image.id)
         if submission.array is not None:
             return self._submit_array(req.caller, submission, job_id, request,
                                       _spec(submission, image.id))
@@ -270,12 +282,7 @@ class Api:
                              state=JobState.QUEUED,
                              spec=member_spec(spec, array_id, i, array.limit))
                    for i in array.indices]
-        if submission.input is not None:  # one upload, a copy per job
-            first = JobFiles.of(daemon.config.spool, records[0].id).dir / "input"
-            self.uploads.take(submission.input, who.uid, first)
-            for record in records[1:]:
-                shutil.copytree(first, JobFiles.of(daemon.config.spool, record.id).dir / "input",
-                                symlinks=True)
+        self._take_input(who, submission, records)
         reason = f"submitted by {who.name} (array {array_id}, {len(records)} jobs)"
         with daemon.lock:
             with daemon.store.reserving():
@@ -288,6 +295,93 @@ class Api:
                 assert stored is not None
                 views.append(job_view(daemon, stored))
         return Json({"array": array_id, "jobs": views}, status=201)
+
+    def _take_input(self, who: Caller, submission: Spec, records: list[JobRecord]) -> None:
+        """The submission's upload into the first job's directory, a copy for each other
+        (an array's jobs, a gang's members)."""
+        if submission.input is None:
+            return
+        spool = self.daemon.config.spool
+        first = JobFiles.of(spool, records[0].id).dir / "input"
+        self.uploads.take(submission.input, who.uid, first)
+        for record in records[1:]:
+            shutil.copytree(first, JobFiles.of(spool, record.id).dir / "input", symlinks=True)
+
+    def _submit_gang(self, who: Caller, submission: Spec, gang_id: str, image_id: str) -> Json:
+        """A gang: one job per member, `GANG.i`, all queued in one transaction (all or none);
+        members kept apart carry their anti-affinity group in their stored request."""
+        daemon = self.daemon
+        config = daemon.config
+        specs = submission.members()
+        groups = apart_groups(gang_id, len(specs), submission.host_limit())
+        requests = with_groups([m.request() for m in specs], groups)
+        for request in requests:
+            if request.host is not None:
+                config.host(request.host)  # unknown host: one line, nothing created
+        with daemon.lock:
+            why = gang_never_fits(daemon.live.cluster(), requests)
+        if why is not None:
+            raise DoesNotFit(f"the gang can never start: {why}")
+        records = [JobRecord(id=gang.member_id(gang_id, i), owner=who.name, uid=who.uid,
+                             state=JobState.QUEUED,
+                             spec=gang.member_spec(_spec(m, image_id), gang_id, i, len(specs),
+                                                   submission.on_member_failure))
+                   for i, m in enumerate(specs)]
+        self._take_input(who, submission, records)
+        reason = f"submitted by {who.name} (gang {gang_id}, member of {len(records)})"
+        with daemon.lock:
+            with daemon.store.reserving():
+                for record, request in zip(records, requests, strict=True):
+                    daemon.store.add_job(record, request, None, reason)
+            daemon.wake()
+            return Json(self._gang_view(gang_id), status=201)
+
+    def _gang_view(self, gang_id: str, events: bool = False) -> dict[str, Any]:
+        """A gang as the API shows it: a job's fields (`id`, `state`, `exit_code`, `message`,
+        `finished`) from its members' (`gang.outcome`), and `members`: each member's view.
+        Caller holds the daemon's lock."""
+        daemon = self.daemon
+        records = gang.member_records(daemon.store, gang_id)
+        started = daemon.store.started_at([r.id for r in records])
+        views = [job_view(daemon, r, started.get(r.id)) for r in records]
+        if events:
+            for view in views:
+                view["events"] = _events(daemon, view["id"])
+        members = [gang.as_member(r) for r in records]
+        result = gang.outcome(members, {r.id: r.updated for r in records})
+        first = records[0]
+        ref = gang.gang_of(first.spec)
+        assert ref is not None
+        starts = list(started.values())
+        request = dict(views[0]["request"] or {})
+        for key in ("cpus", "memory_mib", "nics"):  # the gang's whole size
+            request[key] = sum((v["request"] or {}).get(key, 0) for v in views)
+        hosts = [r.host for r in records]
+        return {
+            "id": gang_id, "gang": True, "nodes": len(records), "name": first.spec.get("name"),
+            "owner": first.owner, "uid": first.uid, "state": result.state.value,
+            "finished": result.finished, "exit_code": result.exit_code,
+            "message": result.message, "on_member_failure": ref.on_failure,
+            "failed_member": result.failed.job_id if result.failed else None,
+            "created": first.created, "updated": max(r.updated for r in records),
+            "started": min(starts) if len(starts) == len(records) else None,
+            "hosts": hosts, "request": request,
+            "host": ",".join(sorted({h for h in hosts if h})) or None,
+            "position": views[0]["position"], "line": views[0].get("line"),
+            "waiting_because": views[0]["waiting_because"],
+            "time_limit": views[0]["time_limit"], "output": None, "argv": None,
+            "members": views,
+        }
+
+    def _gang_or_none(self, who: Caller, name: str) -> str | None:
+        """`name` as a gang's id the caller may act on, or None if no gang has that id.
+        Caller holds the lock."""
+        records = gang.member_records(self.daemon.store, name)
+        if not records:
+            return None
+        if not may_act(who, records[0]):
+            raise ApiError(403, denial(who, records[0]))
+        return name
 
     def _start_now_or_forget(self, record: JobRecord) -> Json:
         """--no-wait: run the scheduling pass here; if it does not place the job, it never
@@ -303,6 +397,8 @@ class Api:
     def cancel(self, req: ApiRequest) -> Json:
         daemon = self.daemon
         with daemon.lock:
+            if (gang_id := self._gang_or_none(req.caller, req.params["id"])) is not None:
+                return self._cancel_gang(req.caller, gang_id)
             record = self._own(req.caller, req.params["id"])
             job_id = record.id
             if record.kind == Kind.RESERVATION:
@@ -322,6 +418,26 @@ class Api:
             final = daemon.store.job(job_id)
             assert final is not None
             return Json(job_view(daemon, final))
+
+    def _cancel_gang(self, who: Caller, gang_id: str) -> Json:
+        """Cancel every unfinished member; answers with the gang once they have ended.
+        Caller holds the lock (released while guests are destroyed)."""
+        daemon = self.daemon
+        reason = f"cancelled by {who.name}"
+        ids = [r.id for r in gang.member_records(daemon.store, gang_id)
+               if not r.state.finished]
+        if not ids:
+            raise ApiError(409, f"gang {gang_id} already ended")
+        later = daemon.stop_without_guest(ids, JobState.CANCELLED, reason)
+        daemon.lock.release()
+        try:
+            for job_id in later:
+                daemon.stop(job_id, JobState.CANCELLED, reason)
+        finally:
+            daemon.lock.acquire()
+        daemon.changed.wait_for(lambda: all(_finished(daemon, j) for j in ids),
+                                CANCEL_SETTLE_S)
+        return Json(self._gang_view(gang_id))
 
     def cancel_many(self, req: ApiRequest) -> Json:
         """Cancel many jobs in one call: named jobs and arrays (`jobs`), and/or every job of
@@ -369,7 +485,8 @@ class Api:
             found: list[JobRecord] = []
             for name in query.jobs:
                 record = store.job(name)
-                members = [record] if record is not None else store.array_members(name)
+                members = [record] if record is not None else \
+                    (store.array_members(name) or gang.member_records(store, name))
                 if not members:  # a unique prefix of a job id (ambiguous: 400, the lot)
                     record = self._by_prefix(who, name)
                     members = [record] if record is not None else []
@@ -413,6 +530,10 @@ class Api:
         if timeout is None:
             timeout = WAIT_MAX_S
         with daemon.lock:
+            if (gang_id := self._gang_or_none(req.caller, req.params["id"])) is not None:
+                daemon.changed.wait_for(lambda: self._gang_view(gang_id)["finished"]
+                                        or daemon.stopping, timeout)
+                return Json(self._gang_view(gang_id))
             job_id = self._own(req.caller, req.params["id"]).id
             daemon.changed.wait_for(lambda: _finished(daemon, job_id) or daemon.stopping,
                                     timeout)
@@ -429,6 +550,10 @@ class Api:
         if offset != int(offset):
             raise ApiError(400, f"offset must be a whole number of bytes, not {offset:g}")
         with self.daemon.lock:
+            if (gang_id := self._gang_or_none(req.caller, req.params["id"])) is not None:
+                size = len(gang.member_records(self.daemon.store, gang_id))
+                raise ApiError(400, f"{gang_id} is a gang of {size}: name a member, "
+                                    f"{gang_id}.0 .. {gang_id}.{size - 1}")
             record = self._own(req.caller, req.params["id"])
         return Stream(logs.stream(self.daemon, record.id, req.flag("follow"), int(offset)))
 
@@ -710,6 +835,11 @@ def _str_list(body: dict[str, Any], key: str) -> list[str]:
             or len(value) > MAX_CANCEL_NAMES:
         raise UsageError(f"{key} must be a list of at most {MAX_CANCEL_NAMES} non-empty strings")
     return value
+
+
+def _events(daemon: Daemon, job_id: str) -> list[dict[str, Any]]:
+    return [{"time": e.time, "state": e.state.value, "host": e.host, "reason": e.reason,
+             "note": e.note} for e in daemon.store.events(job_id)]
 
 
 def _finished(daemon: Daemon, job_id: str) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from placement import Request
-from vmjobs import template
+from vmjobs import gang, template
 from vmjobs.cbuild import build_static
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
@@ -218,6 +218,9 @@ class Daemon:
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
+        # around a gang's start and end (its network, its control channel plug in here)
+        self.gang_hooks = gang.GangHooks()
+        self.gangs_ended: set[str] = set()  # gangs whose `ended` hooks ran (once each)
 
     def owns(self, record: JobRecord) -> bool:
         """Whether this core acts on `record`: a serving daemon on its own jobs (not those of
@@ -255,6 +258,51 @@ class Daemon:
         the same transaction). Raises IllegalTransition on a change the state table does not
         allow. Caller holds the lock."""
         self.store.transition(job_id, state, reason, release=release, exit_code=exit_code)
+        if state.finished:
+            self.member_ended(job_id, state, exit_code)
+
+    # --- gangs ------------------------------------------------------------------------------
+
+    def gang_starting(self, gang_id: str) -> None:
+        """Every member of `gang_id` is reserved and about to be launched: run the gang's
+        `starting` hooks. Caller holds the lock."""
+        self._run_gang_hooks(self.gang_hooks.starting, gang_id)
+
+    def member_ended(self, job_id: str, state: JobState, exit_code: int | None) -> None:
+        """A job's end is recorded; if it is a gang's member: with `on_member_failure: stop`
+        a failure (`gang.is_failure`) stops the other members (marked as stopped by it, so the
+        gang ends with this member's code), and the gang's `ended` hooks run once the last
+        member has ended. Caller holds the lock."""
+        record = self.store.job(job_id)
+        ref = gang.gang_of(record.spec) if record is not None else None
+        if ref is None or record is None or not self.owns(record):
+            return
+        if record.spec.get(gang.KEY_STOPPED_BY) is None and ref.on_failure == "stop" \
+                and gang.is_failure(state, exit_code):
+            others = [r for r in gang.member_records(self.store, ref.gang_id)
+                      if r.id != job_id and not r.state.finished]
+            code = f" (exit {exit_code})" if exit_code is not None else ""
+            reason = f"stopped: gang member {job_id} ended {state.value}{code}"
+            for other in others:
+                self.store.mark(other.id, **{gang.KEY_STOPPED_BY: job_id})
+            later = self.stop_without_guest([o.id for o in others], JobState.CANCELLED,
+                                            reason)
+            for other_id in later:
+                self.spawn(self.stop, other_id, JobState.CANCELLED, reason,
+                           name=f"gang-stop-{other_id}")
+        if ref.gang_id not in self.gangs_ended \
+                and all(m.state.finished for m in gang.members(self.store, ref.gang_id)):
+            self.gangs_ended.add(ref.gang_id)
+            self._run_gang_hooks(self.gang_hooks.ended, ref.gang_id)
+
+    def _run_gang_hooks(self, hooks: list[Callable[[str, list[gang.Member]], None]],
+                        gang_id: str) -> None:
+        members = gang.members(self.store, gang_id)
+        for hook in hooks:
+            try:
+                hook(gang_id, members)
+            except Exception:
+                log.exception("gang %s: hook %s failed", gang_id, hook)
 
     def publish_waits(self, waits: dict[str, Wait], merge: bool = False) -> None:
         """The last scheduling pass's verdict for each queued job (`merge`: for the jobs it
@@ -513,7 +561,7 @@ class Daemon:
         plan = GuestPlan(
             job_id=record.id, owner=record.owner, owner_uid=record.uid,
             argv=tuple(spec["argv"]), env=dict(spec.get("env") or {}),
-            vmjob_env=array_env(spec),
+            vmjob_env={**array_env(spec), **gang.gang_env(spec)},
             allocation=allocation, image=image, virt_type=virt_type,
             output_disk_mib=self.config.output_disk_mib,
             input_dir=self._input_of(record, files),
@@ -634,6 +682,8 @@ class Daemon:
                 self.forget_files(job_id)
             else:
                 discard(self.config.spool, job_id)
+        for job_id, _was in ended:
+            self.member_ended(job_id, state, None)
         if ended:
             self.wake()
         return guests

@@ -33,6 +33,7 @@ from dataclasses import replace
 import placement
 from placement import Allocation, Cluster, HostState, Request
 from vmjobs.daemon.queue import Waiting
+from vmjobs.gang import gang_of
 from vmjobs.jobarray import array_of
 from vmjobs.jobs import JobRecord
 from vmjobs.snapshot import snapshot
@@ -288,9 +289,11 @@ class LiveQueue:
 
     def _make_waiting(self, record: JobRecord, request: Request) -> Waiting:
         array = array_of(record.spec)
+        gang = gang_of(record.spec)
         return Waiting(record.id, request, self._time_limit(record),
                        array=array[0] if array else None,
-                       array_limit=array[1] if array else None)
+                       array_limit=array[1] if array else None,
+                       gang=gang.gang_id if gang else None)
 
     def _add(self, record: JobRecord, request: Request) -> None:
         key = (-request.priority, record.created, record.id)

@@ -21,6 +21,14 @@ stream of small jobs. A host in two pools is counted in both: the heads of both 
 protected on it. The reservation is `placement.backfill`'s, which the trace simulator shares.
 On a cluster with one pool this is exactly the single-line EASY policy.
 
+A gang (`--nodes N`, `vmjobs.gang`) waits as one job: its members, queued as separate rows,
+are gathered into one entry at the first member's place (`group_gangs`), placed all together
+or not at all (`placement.gang.place_gang`), counted whole when it is a head (its shadow time
+is when every member fits) and when it backfills (every member admitted by every head whose
+hosts it would use, or none; a gang is not re-placed outside a refusing head's hosts). It
+waits in the lines of all its members. A gang's wait is returned once, under the gang's id;
+`Plan.member_waits` gives it per member.
+
 A job of an array with a limit (`--array 1-100%10`) whose array already runs that many jobs
 is *held*: it waits with that reason, is passed over (never a head, never blocking anyone
 behind it) and is looked at again in the next pass.
@@ -35,10 +43,11 @@ from dataclasses import dataclass, field, replace
 
 import placement
 from placement import Allocation, Request
-from placement.backfill import Holding, Reservation, reserve_head
+from placement.backfill import Head, Holding, Reservation, reserve_head
+from placement.gang import place_gang
 
-__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "lines_of",
-           "order", "plan"]
+__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting",
+           "group_gangs", "lines_of", "order", "plan"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,21 @@ class Waiting:
     time_limit_s: float | None = None
     array: str | None = None  # the id of its job array, if any
     array_limit: int | None = None  # at most this many of the array running (`%N`)
+    gang: str | None = None  # a member of this gang (before `group_gangs`)
+    # a whole gang (after `group_gangs`): its queued members (job id, request), by index;
+    # `job_id` is then the gang's id and `request` its first member's (for its priority)
+    members: tuple[tuple[str, Request], ...] = ()
+
+    def requests(self) -> tuple[Request, ...]:
+        return tuple(r for _, r in self.members) if self.members else (self.request,)
+
+    def units(self) -> tuple[tuple[str, Request], ...]:
+        """What is placed: (job id, request) of the job, or of each member of a gang."""
+        return self.members or ((self.job_id, self.request),)
+
+    def head(self) -> Head:
+        """What a reservation must fit: the request, or every member's of a gang."""
+        return self.requests() if self.members else self.request
 
 
 @dataclass(frozen=True)
@@ -75,10 +99,41 @@ class Plan:
     waits: tuple[Wait, ...]
     shadow: float | None = None  # when the first head will fit at the latest, when known
 
+    def member_waits(self, gangs: Mapping[str, Sequence[str]]) -> dict[str, Wait]:
+        """Every wait by job id, a gang's wait repeated for each of its members (`gangs`: gang
+        id -> member ids, as `group_gangs` made them)."""
+        out: dict[str, Wait] = {}
+        for wait in self.waits:
+            for job_id in gangs.get(wait.job_id, (wait.job_id,)):
+                out[job_id] = replace(wait, job_id=job_id)
+        return out
+
 
 def order(waiting: Sequence[Waiting]) -> list[Waiting]:
     """Higher priority first; submission order within a priority (sorted() is stable)."""
     return sorted(waiting, key=lambda w: -w.request.priority)
+
+
+def group_gangs(queue: Sequence[Waiting]) -> list[Waiting]:
+    """The queue with each gang's members gathered into one entry at its first member's place
+    (members in their order in `queue`, which is index order for members queued together).
+    Entries of no gang are kept as they are. O(len(queue))."""
+    members: dict[str, list[Waiting]] = {}
+    for job in queue:
+        if job.gang is not None:
+            members.setdefault(job.gang, []).append(job)
+    out: list[Waiting] = []
+    for job in queue:
+        if job.gang is None:
+            out.append(job)
+        elif job.gang in members:
+            group = members.pop(job.gang)
+            # the gang holds its hosts until its longest member ends: no limit if one has none
+            limits = [m.time_limit_s for m in group if m.time_limit_s is not None]
+            limit = max(limits) if len(limits) == len(group) else None
+            out.append(Waiting(job.gang, group[0].request, limit,
+                               members=tuple((m.job_id, m.request) for m in group)))
+    return out
 
 
 def _clock(at: float) -> str:
@@ -94,7 +149,7 @@ def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Holder
     `holding` (who holds what until when) may be given as a function: it is only needed, and
     only called, when some job does not fit. `running`: array id -> how many of its jobs hold
     resources now (for `%N` limits)."""
-    return Planner(cluster, holding, policy, running).offer(order(waiting), now)
+    return Planner(cluster, holding, policy, running).offer(group_gangs(order(waiting)), now)
 
 
 class Planner:
@@ -130,7 +185,7 @@ class Planner:
         self._verdicts: dict[str, Wait] = {}  # waiting job -> why (position set on output)
         # The cluster only fills up during a pass, so a request that did not fit still does
         # not: a long queue of alike jobs costs one placement, not one each.
-        self.refused: dict[Request, str] = {}
+        self.refused: dict[Head, str] = {}
 
     @property
     def head(self) -> Waiting | None:
@@ -145,6 +200,14 @@ class Planner:
             found = self._scopes[key] = lines_of(self.cluster, request)
         return found
 
+    def scope_of(self, job: Waiting) -> tuple[frozenset[str], tuple[str, ...]]:
+        """`scope` of a queue entry; a gang's: every member's hosts and lines together."""
+        if not job.members:
+            return self.scope(job.request)
+        scopes = [self.scope(r) for r in job.requests()]
+        return (frozenset().union(*(h for h, _ in scopes)),
+                tuple(sorted({n for _, lines in scopes for n in lines})))
+
     def offer(self, queue: Sequence[Waiting], now: float) -> Plan:
         """Decide `queue` (in queue order, after every job offered before): the starts and
         waits among them (and held jobs renumbered, see the class)."""
@@ -155,11 +218,14 @@ class Planner:
             if (reason := self.limits.holds(job)) is not None:
                 self._hold(job, self.scope(job.request)[1], reason, out)
                 continue
-            tried = self._try(job, now)
+            tried = self._try_gang(job, now) if job.members else self._try(job, now)
             if isinstance(tried, Start):
                 starts.append(tried)
                 continue
-            hosts, lines = self.scope(job.request)
+            if isinstance(tried, list):
+                starts.extend(tried)
+                continue
+            hosts, lines = self.scope_of(job)
             self._verdicts[job.job_id] = Wait(job.job_id, 0, tried)
             positions = self._positions[job.job_id] = {}
             headless = [name for name in lines if self._line(name).head is None]
@@ -224,6 +290,41 @@ class Planner:
             for n in self.scope(job.request)[1] if n in self.lines)
         return Start(job.job_id, allocation, backfilled=behind)
 
+    def _try_gang(self, job: Waiting, now: float) -> list[Start] | str:
+        """Start every member of a gang if all fit now together and delay no head on the
+        hosts they would take; else why not. Never some members: all or none."""
+        key = job.head()
+        if key in self.refused:
+            return self.refused[key]
+        decision = place_gang(self.cluster, job.requests(), self.policy,
+                              names=[job_id for job_id, _ in job.members])
+        if decision.allocations is None:
+            reason = self.refused[key] = f"gang of {len(job.members)}: {decision.reason}"
+            return reason
+        ends = _ends(job, now)
+        units = [(job_id, allocation, request) for (job_id, request), allocation
+                 in zip(job.units(), decision.allocations, strict=True)]
+        used = {allocation.host for _, allocation, _ in units}
+        admitted: list[_Head] = []
+        for head in self.heads:
+            if not used & head.hosts:
+                continue  # that head can never use these hosts: nothing to delay
+            if not head.reservation.admits_all(units, ends):
+                for other in admitted:
+                    for job_id, _, _ in units:
+                        other.reservation.withdraw(job_id)
+                return _would_delay(job, head)
+            admitted.append(head)
+        starts = []
+        behind = bool(self.heads) and any(
+            self.lines[n].head is not None for n in self.scope_of(job)[1] if n in self.lines)
+        for job_id, allocation, request in units:
+            self.cluster.reserve(job_id, allocation, request)
+            self.pending.append(Holding(job_id, ends))
+            starts.append(Start(job_id, allocation, backfilled=behind))
+        self.limits.started(job)
+        return starts
+
     def _admit(self, job: Waiting, allocation: Allocation, ends: float | None) -> _Head | None:
         """None if every head that could use `allocation`'s host admits the job there (it
         stays held in their projected clusters); else the first head that refuses (and the
@@ -243,12 +344,13 @@ class Planner:
                    now: float) -> _Head:
         if self.holders is None:
             self.holders = list(self._holding() if callable(self._holding) else self._holding)
-        reservation = reserve_head(self.cluster, job.request, [*self.holders, *self.pending],
+        reservation = reserve_head(self.cluster, job.head(), [*self.holders, *self.pending],
                                    now, self.policy)
         head = _Head(job, reservation, hosts, tuple(lines))
         self.heads.append(head)
-        if why == self.refused.get(job.request):  # it does not fit: say what it waits for
-            why = self.cluster.explain(job.request).summary
+        if why == self.refused.get(job.head()):  # it does not fit: say what it waits for
+            if not job.members:  # (a gang's reason names the member that does not fit)
+                why = self.cluster.explain(job.request).summary
             if reservation.shadow is not None:
                 why += f"; starts by {_clock(reservation.shadow)} at the latest"
         self._verdicts[job.job_id] = Wait(job.job_id, 0, f"{_first_in(lines)}: {why}")

@@ -20,7 +20,8 @@ from placement import Request
 from vmjobs.codec import allocation_from_dict, request_from_dict
 from vmjobs.daemon import moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, limit_of
-from vmjobs.daemon.queue import Holding, Plan, Planner, Start, Wait, order
+from vmjobs.daemon.queue import Holding, Plan, Planner, Start, Wait, group_gangs, order
+from vmjobs.gang import gang_of
 from vmjobs.jobarray import array_of
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, Kind
 from vmjobs.snapshot import describe_allocation
@@ -170,11 +171,14 @@ def make_room(daemon: Daemon, queue: Queue) -> None:
     waiting, bring back jobs that were checkpointed for others."""
     if daemon.config.preemption:
         # the first head in queue order (each pool's line has its own; one preemption at a
-        # time, `Daemon.preempting`)
+        # time, `Daemon.preempting`). Preemption makes room for one job: a gang at the head
+        # needs room for all its members at once, which it does not plan yet, so a gang
+        # waits for room instead.
         for record, request in queue:
             wait = daemon.waits.get(record.id)
             if wait is not None and wait.position == 1 and not wait.held:
-                moves.preempt_for(daemon, record.id, request)
+                if gang_of(record.spec) is None:
+                    moves.preempt_for(daemon, record.id, request)
                 break
     if not queue:
         moves.restore_waiting(daemon)
@@ -245,7 +249,9 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
         limits = {r.id: daemon.queue.waiting(r, q).time_limit_s for r, q in inner}
         return _launch(daemon, schedule_inside(daemon, now, inner, current), limits, current)
     # in queue order already: the sort is one linear pass
-    waiting = order([daemon.queue.waiting(r, q) for r, q in queued])
+    jobs = order([daemon.queue.waiting(r, q) for r, q in queued])
+    waiting = group_gangs(jobs)  # a gang's queued members: one entry
+    gangs = {w.job_id: [m for m, _ in w.members] for w in waiting if w.members}
     with daemon.store.reserving():
         daemon.live.refresh()
         last = daemon.last_pass
@@ -280,11 +286,15 @@ def schedule(daemon: Daemon, now: float, queue: Queue | None = None,
         daemon.live.refresh()  # this pass's own reservations: O(starts)
         daemon.live.prune()
         started = {s.job_id for s in result.starts}
+        started |= {g for g, ids in gangs.items() if set(ids) <= started}
         since = last.at if carried and last is not None else now
         daemon.last_pass = LastPass(planner, daemon.live.version, since,
                                     tuple(i for i in ids if i not in started))
-    daemon.publish_waits({w.job_id: w for w in result.waits}, merge=carried)
-    limits = {w.job_id: w.time_limit_s for w in waiting}
+    daemon.publish_waits(result.member_waits(gangs), merge=carried)
+    limits = {w.job_id: w.time_limit_s for w in jobs}
+    for gang_id in gangs:
+        if gang_id in started:  # every member reserved: the hooks run before any launch
+            daemon.gang_starting(gang_id)
     guests = tuple(s for s in result.starts if kinds[s.job_id].kind == Kind.JOB)
     inside = schedule_inside(daemon, now, inner, current) if inner else Plan((), ())
     limits.update({r.id: daemon.queue.waiting(r, q).time_limit_s for r, q in inner})

@@ -123,6 +123,9 @@ def run(ctx: click.Context, as_json: bool, interactive: bool, **params: Any) -> 
     reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
     if interactive:
+        if spec.array is not None or spec.nodes is not None:
+            raise SpecError("-i cannot be given with --nodes or --array (one job reads this "
+                            "command's stdin)")
         spec = dataclasses.replace(spec, stdin="pipe")
     check_paths(spec)
     write = write_json if as_json else write_out

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from vmjobs.errors import ConfigError, VmjobsError
+from vmjobs.errors import ConfigError, NotFound, VmjobsError
 from vmjobs.units import MIB, parse_cpu_list, parse_duration, parse_size_mib
 
 if TYPE_CHECKING:
@@ -55,6 +55,26 @@ class HostConfig:
     nic_allow: tuple[str, ...] = ()
     # emulated: the virtual NICs this host offers and the NUMA node each belongs to
     emulated_nics: tuple[EmulatedNic, ...] = ()
+
+
+@dataclass(frozen=True)
+class Borrow:
+    """`borrow:` (docs/borrowing.md): a running job's core whose vCPU ran less than
+    `idle_below` of a core (0..1) for `for_s` seconds may be lent to a `--borrow` job, which
+    leaves it within `give_back_within_s` once the owner's use of it rises above
+    `idle_below` again. `memory`: only "off" (a borrower's memory comes from free memory)."""
+
+    idle_below: float = 0.1
+    for_s: float = 600.0
+    give_back_within_s: float = 5.0
+    memory: str = "off"
+
+    def fast_interval_s(self, interval_s: float) -> float:
+        """How often lending owners are sampled: a quarter of `give_back_within` (a rise
+        is seen within one or two such intervals; the rest is left for the move), never
+        faster than every 0.5 s (libvirt is read per owner) nor slower than `interval_s`,
+        the ordinary sampling interval."""
+        return min(interval_s, max(0.5, self.give_back_within_s / 4))
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,8 @@ class Config:
     start: str = "cold"
     # named hardware profiles (`--profile NAME`, `vmjob profiles`), in the file's order
     profiles: Mapping[str, Profile] = field(default_factory=dict)
+    # lending idle cores to --borrow jobs; None (no `borrow:` key): nothing is lent
+    borrow: Borrow | None = None
 
     @property
     def state_db(self) -> Path:
@@ -110,7 +132,23 @@ class Config:
             if host.name == name:
                 return host
         known = ", ".join(h.name for h in self.hosts)
-        raise VmjobsError(f"unknown host {name!r} (configured: {known})")
+        raise NotFound(f"unknown host {name!r} (configured: {known})")
+
+    def pool(self, name: str) -> tuple[str, ...]:
+        """The member hosts of pool `name`, in config order; NotFound naming the pools there
+        are when no host is in it (the same line for `--pool` and `vmjob pools NAME`)."""
+        pools = self.pools
+        if name not in pools:
+            raise NotFound(f"no pool {name!r} (pools: {', '.join(pools) or 'none'})")
+        return pools[name]
+
+    def refuse_unknown(self, host: str | None, pool: str | None) -> None:
+        """NotFound for a job's `host` or `pool` (None: any) that the config does not have:
+        one line naming those there are, before an image is looked up or a host asked."""
+        if host is not None:
+            self.host(host)
+        if pool is not None:
+            self.pool(pool)
 
     @property
     def pools(self) -> dict[str, tuple[str, ...]]:
@@ -228,7 +266,7 @@ def parse(data: Any, path: str) -> Config:
          "socket", "metrics_port", "admin_group", "preemption", "max_outbound_migrations",
          "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
-         "usage_sample_interval", "usage_window", "start", "profiles"}
+         "usage_sample_interval", "usage_window", "start", "profiles", "borrow"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
     if not spool.is_absolute():
@@ -286,6 +324,7 @@ def parse(data: Any, path: str) -> Config:
         usage_window_s=_duration(top, "usage_window", 60.0),
         start=top.str("start", "cold", START_MODES),
         profiles=_profiles(top),
+        borrow=_borrow(top),
     )
 
 
@@ -384,6 +423,37 @@ def _duration(top: _Reader, key: str, default: float, zero: bool = False) -> flo
     if not (1 <= seconds <= 86400 or (zero and seconds == 0)):  # also refuses NaN
         raise top.fail(key, problem)
     return seconds
+
+
+MAX_GIVE_BACK_S = 3600.0
+
+
+def _borrow(top: _Reader) -> Borrow | None:
+    """`borrow:` — absent or null: no lending. Lending needs the sampler (it decides from
+    measured use), so `usage_sample_interval: 0` with `borrow:` is refused."""
+    if top.data.get("borrow") is None:
+        return None
+    section = _Reader(top.data["borrow"], top.path, "borrow")
+    section.check_known({"idle_below", "for", "give_back_within", "memory"})
+    idle = section.data.get("idle_below", Borrow.idle_below)
+    if isinstance(idle, bool) or not isinstance(idle, int | float) or not 0 < idle < 1:
+        raise section.fail("idle_below", "must be a fraction of a core > 0 and < 1, e.g. 0.1")
+    memory = section.data.get("memory", "off")
+    if memory is False:  # YAML reads a bare `off` as false
+        memory = "off"
+    if memory == "balloon":
+        raise section.fail("memory", "balloon is not supported yet (guests have no balloon "
+                                     "device); use off")
+    if memory != "off":
+        raise section.fail("memory", f"must be off, not {memory!r}")
+    within = _duration(section, "give_back_within", Borrow.give_back_within_s)
+    if within > MAX_GIVE_BACK_S:
+        raise section.fail("give_back_within", "must be at most 1h")
+    if top.data.get("usage_sample_interval") in (0, "0", "0s"):
+        raise section.fail("for", "lending decides from sampled use: set "
+                                  "usage_sample_interval above 0")
+    return Borrow(idle_below=float(idle), for_s=_duration(section, "for", Borrow.for_s),
+                  give_back_within_s=within, memory="off")
 
 
 UNLIMITED = "unlimited"

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from vmjobs.console import STDIN_MODES
 from vmjobs.cpio import Entry, write_gzip_newc
-from vmjobs.errors import UnsafeOutput, VmjobsError
+from vmjobs.errors import UnsafeOutput, UsageError, VmjobsError
 from vmjobs.safetar import extract_data, member_refusal, relative_path
 
 HEADER_SIZE = 512
@@ -118,20 +118,22 @@ def check_spec(spec: JobSpec) -> None:
 
 
 def input_entries(root: Path) -> list[Entry]:
-    """The --input tree under job/: regular files and directories, modes and mtimes kept."""
+    """The --input tree under job/: regular files and directories, modes and mtimes kept.
+    Raises UsageError (exit 2: the option's value is bad) for a missing or unreadable
+    directory, a symlink or a special file in it."""
     try:
         top = root.stat()
     except OSError as exc:
-        raise VmjobsError(f"--input {root}: {exc.strerror}") from None
+        raise UsageError(f"--input {root}: {exc.strerror}") from None
     if not stat.S_ISDIR(top.st_mode):
-        raise VmjobsError(f"--input {root}: not a directory")
+        raise UsageError(f"--input {root}: not a directory")
     entries: list[Entry] = []
 
     def walk(directory: Path, prefix: str) -> None:
         try:
             children = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            raise VmjobsError(f"--input: cannot read {directory}: {exc.strerror}") from None
+            raise UsageError(f"--input: cannot read {directory}: {exc.strerror}") from None
         for child in children:
             st = child.stat(follow_symlinks=False)
             name, path = f"{prefix}/{child.name}", Path(child.path)
@@ -142,10 +144,10 @@ def input_entries(root: Path) -> list[Entry]:
             elif stat.S_ISREG(st.st_mode):
                 entries.append(Entry.file(name, path, perm, mtime))
             elif stat.S_ISLNK(st.st_mode):
-                raise VmjobsError(f"--input: {path} is a symlink; only regular files and "
+                raise UsageError(f"--input: {path} is a symlink; only regular files and "
                                   "directories are copied into the guest")
             else:
-                raise VmjobsError(f"--input: {path} is not a regular file or directory")
+                raise UsageError(f"--input: {path} is not a regular file or directory")
 
     walk(root, "job")
     return entries

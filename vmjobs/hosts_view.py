@@ -7,6 +7,7 @@ from typing import Any
 
 import placement
 from placement import HostUsage
+from placement.lending import Loan
 from vmjobs.config import Config
 from vmjobs.snapshot import snapshot
 from vmjobs.store import Store
@@ -21,6 +22,7 @@ class HostView:
     error: str | None = None
     warnings: tuple[str, ...] = ()  # see vmjobs.host_checks
     pools: tuple[str, ...] = ()  # the config's pools of the host
+    loans: tuple[Loan, ...] = ()  # cores lent to --borrow jobs (docs/borrowing.md)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "uri": self.uri,
@@ -40,6 +42,8 @@ class HostView:
                 nics_free=self.usage.nics_free, nics_total=self.usage.nics_total,
                 nodes=[asdict(n) for n in self.usage.nodes],
             )
+        data["loans"] = [{"cpu": loan.cpu, "owner": loan.owner, "borrower": loan.borrower}
+                         for loan in self.loans]
         return data
 
 
@@ -59,8 +63,14 @@ def live_cluster(config: Config, only: str | None = None) -> tuple[placement.Clu
 def host_views(config: Config, only: str | None = None) -> list[HostView]:
     cluster, reached = live_cluster(config, only)
     chosen = [config.host(only)] if only else config.hosts
+    store = Store(config.state_db)
+    try:
+        loans = store.loans()
+    finally:
+        store.close()
     return [
         HostView(h.name, h.uri, cluster.free(h.name) if h.name in cluster.hosts else None,
-                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())), h.pools)
+                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())), h.pools,
+                 tuple(loan for loan in loans if loan.host == h.name))
         for h in chosen
     ]

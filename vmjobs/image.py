@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vmjobs.cpio import Entry, write_gzip_newc
-from vmjobs.errors import NotFound, VmjobsError
+from vmjobs.errors import NotFound, UsageError, VmjobsError
 
 # Bump whenever the build changes what it produces from the same inputs.
 # 2: vmlinux and qboot.rom beside vmlinuz; NIC modules in their own load list.
@@ -590,7 +590,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def check_tag(name: str) -> str:
     if not TAG_RE.fullmatch(name):
-        raise VmjobsError(f"bad image name {name!r}: use letters, digits, '.', '_', '-' "
+        raise UsageError(f"bad image name {name!r}: use letters, digits, '.', '_', '-' "
                           "(at most 64, starting with a letter or digit)")
     return name
 
@@ -729,7 +729,7 @@ def build_image(spool: Path, kernel: Path | None = None, name: str = "default",
     """
     check_tag(name)
     if kernel is not None and not kernel.is_file():
-        raise VmjobsError(f"--kernel {kernel}: no such file")
+        raise UsageError(f"--kernel {kernel}: no such file")
     plan = _plan(spool, kernel, progress)
     root = images_dir(spool)
     _mkdirs(root / "tags")

@@ -13,6 +13,9 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
 - `name`: a job name for people (`--name`, `-J`): printable, at most 100 characters
 - `preemptible`, `no_wait`, `mem_nodes`: true / false (`--preemptible`, `--no-wait`,
   `--mem-nodes`: memory-only NUMA nodes, CXL or HBM, may supply memory)
+- `borrow`, `no_lend`: true / false (`--borrow`: may run on cores other jobs hold and leave
+  idle, implies preemptible; `--no-lend`: this job's idle cores are never lent;
+  docs/borrowing.md)
 - `time_limit` (`--time-limit` or `--timeout`), `wait_timeout`: a duration (`"90s"`, `"2h"`)
   or a number of seconds
 - `input`, `output`: paths (at the API `input` is an upload token)
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from placement import NumaPolicy, Request, ThreadPolicy
+from placement.need import need_of
 from vmjobs.console import STDIN_MODES
 from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.gang import ENV_NODE, ENV_NODES, MAX_NODES, ON_FAILURE
@@ -72,7 +76,7 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-/]*$")
 FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "hugepages", "mem_nodes",
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
           "wait_timeout", "no_wait", "input", "output", "array", "profile", "nodes",
-          "nodes_apart", "per_host", "on_member_failure", "stdin")
+          "nodes_apart", "per_host", "on_member_failure", "borrow", "no_lend", "stdin")
 # what a member of `nodes:` may set for itself (`cmd` is its argv)
 MEMBER_FIELDS = ("name", "cmd", "cpus", "mem", "nics", "env", "host", "pool", "labels")
 # the fields a hardware profile may set (config `profiles:`, `--profile`)
@@ -85,7 +89,7 @@ RENAMED = {"command": "argv", "memory_mib": "mem", "memory": "mem", "timeout": "
 OPTIONS = {"argv": "the command", "no_wait": "--no-wait", "time_limit": "--time-limit",
            "wait_timeout": "--wait-timeout", "labels": "--label", "array": "--array",
            "nodes": "--nodes", "per_host": "--per-host", "nodes_apart": "--nodes-apart",
-           "on_member_failure": "--on-member-failure"}
+           "on_member_failure": "--on-member-failure", "no_lend": "--no-lend"}
 _PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -121,6 +125,8 @@ class Spec:
     array: JobArray | None = None
     profile: str | None = None  # the hardware profile it was built from (already applied)
     stdin: str | None = None  # None | "pipe" | "tty" (vmjobs.console.STDIN_MODES)
+    borrow: bool = False  # may run on lent cores (docs/borrowing.md); implies preemptible
+    no_lend: bool = False  # its idle cores are never lent
     # a gang: one map of overrides per member (`--nodes N`: N empty maps), checked
     nodes: tuple[Mapping[str, Any], ...] | None = None
     nodes_apart: bool = True
@@ -152,7 +158,8 @@ class Spec:
                        threads=self.threads,
                        hugepage_kib=HUGEPAGE_KIB[self.hugepages] if self.hugepages else None,
                        host=self.host, pool=self.pool, labels=tuple(sorted(self.labels.items())),
-                       priority=self.priority, preemptible=self.preemptible,
+                       priority=self.priority,
+                       preemptible=self.preemptible or self.borrow,
                        mem_nodes=self.mem_nodes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +176,7 @@ class Spec:
             "time_limit": self.time_limit, "wait_timeout": self.wait_timeout,
             "no_wait": self.no_wait, "input": self.input, "output": self.output,
             "array": self.array.text() if self.array is not None else None,
+            "borrow": self.borrow, "no_lend": self.no_lend,
         }
         if self.profile is not None:
             data["profile"] = self.profile
@@ -270,6 +278,10 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     array = fields.array()
     if data.get("stdin") is not None and (array is not None or data.get("nodes") is not None):
         raise SpecError("an interactive job (stdin) cannot be a job array or a gang")
+    borrow, no_lend = fields.flag("borrow"), fields.flag("no_lend")
+    if borrow and no_lend:
+        raise SpecError("give either --borrow or --no-lend, not both (a borrower lends "
+                        "nothing)")
     if no_wait and array is not None:
         raise SpecError("--no-wait cannot be given with --array (its jobs start as room "
                         "comes; use --wait-timeout)")
@@ -309,7 +321,14 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         output=fields.text("output"), array=array, profile=fields.text("profile"),
         stdin=fields.choice("stdin", list(STDIN_MODES), None),
         nodes=nodes, nodes_apart=apart, per_host=per_host, on_member_failure=on_failure,
+        borrow=borrow, no_lend=no_lend,
     )
+    # fields that contradict each other (--mem-nodes with --numa strict, a memory that is no
+    # whole number of its hugepages): the engine's own line, as a usage error before anything
+    # is connected to, not exit 1 as if no host had room
+    problem = need_of(spec.request()).problem
+    if problem is not None:
+        raise SpecError(problem)
     if nodes is not None:
         _check_members(spec)
     return spec

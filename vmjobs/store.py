@@ -13,12 +13,13 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from placement import Allocation, Request
+from placement.lending import Loan, without_cpus
 from vmjobs.codec import (
     allocation_from_dict,
     allocation_to_dict,
@@ -77,6 +78,19 @@ CREATE TABLE IF NOT EXISTS cordons (
     reason TEXT,
     time REAL NOT NULL
 );
+-- Loans (docs/borrowing.md): a borrower runs on a cpu its owner holds and leaves idle. The
+-- cpu stays the owner's reservation (cpu_reservations is untouched: the UNIQUE (host, cpu)
+-- rule stays true for owners); the key makes a cpu carry at most one borrower, the foreign
+-- key makes a loan exist only on a reserved cpu.
+CREATE TABLE IF NOT EXISTS loans (
+    host TEXT NOT NULL,
+    cpu INTEGER NOT NULL,
+    borrower TEXT NOT NULL REFERENCES jobs(id),
+    owner TEXT NOT NULL REFERENCES jobs(id),
+    since REAL NOT NULL,
+    PRIMARY KEY (host, cpu),
+    FOREIGN KEY (host, cpu) REFERENCES cpu_reservations(host, cpu)
+);
 """
 
 # Indexes for every query the daemon makes per request or per pass, so each costs O(answer),
@@ -88,6 +102,8 @@ CREATE INDEX IF NOT EXISTS jobs_held ON jobs(created) WHERE allocation IS NOT NU
 CREATE INDEX IF NOT EXISTS jobs_host ON jobs(host, state);
 CREATE INDEX IF NOT EXISTS cpu_reservations_job ON cpu_reservations(job_id);
 CREATE INDEX IF NOT EXISTS device_reservations_job ON device_reservations(job_id);
+CREATE INDEX IF NOT EXISTS loans_borrower ON loans(borrower);
+CREATE INDEX IF NOT EXISTS loans_owner ON loans(owner);
 CREATE INDEX IF NOT EXISTS jobs_inside ON jobs(inside, state) WHERE inside IS NOT NULL;
 CREATE INDEX IF NOT EXISTS cpu_reservations_user ON cpu_reservations(user_id)
     WHERE user_id IS NOT NULL;
@@ -288,13 +304,18 @@ class Store:
             self.db.execute("COMMIT")
 
     def held(self) -> list[Held]:
-        """What every holder holds, oldest first: jobs and held reservations. Jobs running
-        inside a reservation are left out: the reservation holds their share of the host."""
-        rows = self.db.execute(
-            "SELECT id, allocation, request FROM jobs WHERE allocation IS NOT NULL"
-            " AND inside IS NULL ORDER BY created"
-        )
-        return [_held(r) for r in rows]
+        """What every holder holds, oldest first, as the engine counts it: jobs and held
+        reservations. Jobs running inside a reservation are left out: the reservation holds
+        their share of the host. A borrower is counted without the cpus it runs on by loan
+        (their owners hold them)."""
+        with self.reading():
+            rows = list(self.db.execute(
+                "SELECT id, allocation, request FROM jobs WHERE allocation IS NOT NULL"
+                " AND inside IS NULL ORDER BY created"))
+            lent: dict[str, list[int]] = {}
+            for loan in self.db.execute("SELECT borrower, cpu FROM loans"):
+                lent.setdefault(loan["borrower"], []).append(loan["cpu"])
+        return [_held(r, lent.get(r["id"], ())) for r in rows]
 
     def holders(self) -> list[JobRecord]:
         """Every job (or other row of `jobs`, e.g. a held reservation) that holds cpus,
@@ -303,12 +324,29 @@ class Store:
         return [_record(r) for r in rows]
 
     def holding(self, job_id: str) -> Held | None:
-        """What one job holds now; None if it holds nothing (or does not exist, or runs
-        inside a reservation, which holds its share: see `held`)."""
-        row = self.db.execute("SELECT id, allocation, request FROM jobs WHERE id = ? AND "
-                              "allocation IS NOT NULL AND inside IS NULL",
-                              (job_id,)).fetchone()
-        return _held(row) if row else None
+        """What one job holds now, as `held` counts it; None if it holds nothing (or does not
+        exist, or runs inside a reservation, which holds its share: see `held`)."""
+        with self.reading():
+            row = self.db.execute("SELECT id, allocation, request FROM jobs WHERE id = ? AND "
+                                  "allocation IS NOT NULL AND inside IS NULL",
+                                  (job_id,)).fetchone()
+            lent = [r["cpu"] for r in self.db.execute(
+                "SELECT cpu FROM loans WHERE borrower = ?", (job_id,))]
+        return _held(row, lent) if row else None
+
+    # --- loans (docs/borrowing.md) -------------------------------------------------------------
+
+    def loans(self, job_id: str | None = None) -> list[Loan]:
+        """Every loan, or those where `job_id` is the borrower or the owner; by host, cpu."""
+        where, args = ("WHERE borrower = ? OR owner = ?", (job_id, job_id)) \
+            if job_id is not None else ("", ())
+        return [Loan(r["borrower"], r["owner"], r["host"], r["cpu"]) for r in self.db.execute(
+            f"SELECT * FROM loans {where} ORDER BY host, cpu", args)]
+
+    def loan_since(self) -> dict[tuple[str, int], float]:
+        """(host, cpu) -> when its loan began (Unix s)."""
+        return {(r["host"], r["cpu"]): r["since"]
+                for r in self.db.execute("SELECT host, cpu, since FROM loans")}
 
     # --- the change log of holdings (see CHANGES) ---------------------------------------------
 
@@ -376,11 +414,26 @@ class Store:
             raise
         self.db.execute("RELEASE add_job")
 
-    def _insert_reservation(self, job_id: str, alloc: Allocation) -> None:
+    def _insert_reservation(self, job_id: str, alloc: Allocation,
+                            loans: tuple[Loan, ...] = ()) -> None:
+        """`loans`: cpus of `alloc` the job runs on by loan: a row in `loans` each instead
+        of a reservation (the owner's row stays)."""
+        lent = {loan.cpu for loan in loans}
         self.db.executemany(
             "INSERT INTO cpu_reservations (host, cpu, job_id) VALUES (?, ?, ?)",
-            [(alloc.host, cpu, job_id) for cpu in (*alloc.cpus, *alloc.idle_cpus)],
+            [(alloc.host, cpu, job_id) for cpu in (*alloc.cpus, *alloc.idle_cpus)
+             if cpu not in lent],
         )
+        now = time.time()
+        self.db.executemany(
+            "INSERT INTO loans (host, cpu, borrower, owner, since) SELECT ?, ?, ?, ?, ? "
+            "FROM cpu_reservations WHERE host = ? AND cpu = ? AND job_id = ?",
+            [(alloc.host, loan.cpu, job_id, loan.owner, now, alloc.host, loan.cpu, loan.owner)
+             for loan in loans])
+        if self.db.execute("SELECT COUNT(*) FROM loans WHERE borrower = ?",
+                           (job_id,)).fetchone()[0] != len(loans):
+            # the owner no longer holds one of them: no loan at all (the caller rolls back)
+            raise sqlite3.IntegrityError(f"job {job_id}: a lent cpu is no longer its owner's")
         self.db.executemany(
             "INSERT INTO device_reservations (host, address, job_id) VALUES (?, ?, ?)",
             [(alloc.host, dev, job_id) for dev in alloc.devices],
@@ -446,6 +499,20 @@ class Store:
             self._release(job_id)
 
     def _release(self, job_id: str) -> None:
+        # its own loans end with it; cpus it lent pass to their borrowers, which run there now
+        # (the owner left them: it ended, moved or was re-pinned); a change row per borrower
+        # so that the live model reads its (now larger) holding
+        self.db.execute("DELETE FROM loans WHERE borrower = ?", (job_id,))
+        inherited = list(self.db.execute("SELECT host, cpu, borrower FROM loans WHERE owner = ?",
+                                         (job_id,)))
+        if inherited:
+            self.db.execute("DELETE FROM loans WHERE owner = ?", (job_id,))
+            self.db.execute("DELETE FROM cpu_reservations WHERE job_id = ?", (job_id,))
+            self.db.executemany(
+                "INSERT INTO cpu_reservations (host, cpu, job_id) VALUES (?, ?, ?)",
+                [(r["host"], r["cpu"], r["borrower"]) for r in inherited])
+            self.db.executemany("INSERT INTO changes (job_id) VALUES (?)",
+                                [(b,) for b in sorted({r["borrower"] for r in inherited})])
         # a job inside a reservation gives its rows back to the reservation (no row of its own)
         self.db.execute("UPDATE cpu_reservations SET user_id = NULL WHERE user_id = ?",
                         (job_id,))
@@ -618,9 +685,12 @@ class Store:
         with self.reserving():
             self.add_job(job, request, None, reason, key_hash)
 
-    def assign(self, job_id: str, allocation: Allocation, reason: str) -> None:
+    def assign(self, job_id: str, allocation: Allocation, reason: str,
+               loans: tuple[Loan, ...] = ()) -> None:
         """Give a queued (or checkpointed) job its reservation and make it PLACED. Call inside
-        `reserving()`. Raises `IllegalTransition` from any other state."""
+        `reserving()`. Raises `IllegalTransition` from any other state. `loans`: cpus of
+        `allocation` it borrows (recorded as loans, not reservations); sqlite3.IntegrityError
+        when one is lent already or no longer held by its owner."""
         current = self._current(job_id)
         check_transition(job_id, JobState(current["state"]), JobState.PLACED)
         now = time.time()
@@ -630,7 +700,7 @@ class Store:
              now, job_id),
         )
         if current["inside"] is None:
-            self._insert_reservation(job_id, allocation)
+            self._insert_reservation(job_id, allocation, loans)
         else:
             self._use_inside(current["inside"], job_id, allocation)
         self._event(job_id, JobState.PLACED, allocation.host, reason, now)
@@ -795,8 +865,8 @@ class Store:
         return int(cpus) + int(devices)
 
 
-def _held(row: sqlite3.Row) -> Held:
-    return Held(row["id"], allocation_from_dict(json.loads(row["allocation"])),
+def _held(row: sqlite3.Row, lent: Collection[int] = ()) -> Held:
+    return Held(row["id"], without_cpus(allocation_from_dict(json.loads(row["allocation"])), lent),
                 request_from_dict(json.loads(row["request"])))
 
 

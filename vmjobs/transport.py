@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from vmjobs.errors import VmjobsError
+from vmjobs.errors import UsageError, VmjobsError
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -46,14 +46,14 @@ def parse_url(url: str, default_socket: Path) -> Target:
         return Target(Path(unquote(parts.path)) if parts.path else default_socket)
     if parts.scheme == "ssh":
         if not parts.hostname:
-            raise VmjobsError(f"--url {url}: no host (ssh://user@head)")
+            raise UsageError(f"--url {url}: no host (ssh://user@head)")
         try:
             port = parts.port or 22
         except ValueError:
-            raise VmjobsError(f"--url {url}: bad port") from None
+            raise UsageError(f"--url {url}: bad port") from None
         path = Path(unquote(parts.path)) if parts.path not in ("", "/") else default_socket
         return Target(path, parts.hostname, parts.username, port)
-    raise VmjobsError(f"--url {url}: use unix:///path/to/vmjobs.sock or ssh://user@head")
+    raise UsageError(f"--url {url}: use unix:///path/to/vmjobs.sock or ssh://user@head")
 
 
 def open_unix(path: Path, timeout: float | None = None) -> socket.socket:

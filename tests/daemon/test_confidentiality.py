@@ -284,7 +284,7 @@ def test_symlink_in_input_is_refused_at_submit_without_spool_paths(daemon: Daemo
     before = daemon.query("SELECT COUNT(*) FROM jobs")[0][0]
     refused = as_user(alice, "--config", str(daemon.config), "submit", "--input", str(inputs),
                       "--", "true")
-    assert refused.code == 1
+    assert refused.code == 2  # a bad --input is a usage error
     assert refused.err.strip().endswith(
         f"--input: {inputs / 'link'} is a symlink; only regular files and directories are "
         "copied into the guest")

@@ -93,7 +93,7 @@ def test_names_prefixes_filters_tail_and_wait_timeout(daemon: Daemon) -> None:
         (("submit", "--no-wait", "--json", "--", "true"), 75, "not_started"),
         (("migrate", prefix, "--json"), 1, "error"),
         (("show", "zz", "--json"), 1, "not_found"),
-        (("uncordon", "nowhere", "--json"), 1, "error"),
+        (("uncordon", "nowhere", "--json"), 1, "not_found"),
     ]:
         refused = daemon.vmjob(*args)
         assert refused.returncode == code, (args, refused.stderr)

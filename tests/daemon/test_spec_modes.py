@@ -137,7 +137,7 @@ def test_labels_threads_and_hugepages_reach_the_engine_in_both_modes(
     """The new options are asked of the placement engine, not dropped: a label no host
     carries, or 1G hugepages the test host has none of, never fit — in either mode."""
     for args, reason in ((["--label", "rack=r9"], "label rack=r9"),
-                         (["--hugepages", "1G"], "hugepage")):
+                         (["--hugepages", "1G", "--mem", "1G"], "hugepage")):
         for mode, command in modes(daemon, direct_config).items():
             result = subprocess.run([*command, *args, "--", "true"], capture_output=True,
                                     text=True, timeout=60)

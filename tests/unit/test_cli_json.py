@@ -51,6 +51,9 @@ def config(tmp_path: Path) -> Path:
     (["submit", "--name", "a\tb", "--", "true"], 2, "usage"),
     (["run", "--cpus", "many", "--", "true"], 2, "usage"),
     (["migrate", "3f9a", "--timeout", "soon"], 2, "usage"),
+    (["list", "--url", "http://head"], 2, "usage"),  # a bad option value, not an error
+    (["show", "3f9a", "--url", "ssh://"], 2, "usage"),
+    (["run", "--pool", "nope", "--", "true"], 1, "not_found"),
 ])
 def test_a_refusal_is_one_json_object_on_stdout_with_the_same_exit_code(
         config: Path, args: list[str], code: int, error_code: str) -> None:
@@ -68,6 +71,21 @@ def test_a_refusal_is_one_json_object_on_stdout_with_the_same_exit_code(
     assert answer == {"error": plain.stderr[len("vmjob: "):].rstrip("\n"),
                       "code": error_code, "exit_code": code}
     assert shown.stderr == plain.stderr  # the line a person reads is still there
+
+
+def test_a_symlink_in_input_is_a_usage_error_and_leaves_no_job(config: Path,
+                                                               tmp_path: Path) -> None:
+    """A bad --input is a bad option value: exit 2 like `--input /nonexistent` (it was 1)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "link").symlink_to("/etc/passwd")
+    for command in ("run", "submit"):
+        done = CliRunner().invoke(cli, ["--config", str(config), command, "--input",
+                                        str(inputs), "--", "true"])
+        assert done.exit_code == 2, (command, done.stderr)
+        assert done.stderr == (f"vmjob: --input: {inputs / 'link'} is a symlink; only regular "
+                               "files and directories are copied into the guest\n")
+    assert not any((tmp_path / "spool" / "jobs").glob("*"))
 
 
 def test_json_after_the_double_dash_belongs_to_the_job() -> None:

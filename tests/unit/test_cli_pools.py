@@ -70,3 +70,20 @@ def test_an_unknown_pool_is_one_line_exit_1_and_touches_nothing(tmp_path: Path) 
     assert json.loads(done.stdout) == {"error": "no pool 'nope' (pools: ci, lab)",
                                        "code": "not_found", "exit_code": 1}
     assert not spool.exists()  # no store created, no host connected to (192.0.2.250)
+
+
+def test_run_with_an_unknown_pool_says_which_pools_there_are(tmp_path: Path) -> None:
+    """`run --pool nope` is refused with the same line as `vmjob pools nope` (it used to be
+    the engine's "no host is in pool nope", which named no pool), and leaves no job behind."""
+    spool = tmp_path / "spool"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"spool: {spool}\nsocket: {tmp_path}/none.sock\nhosts:\n"
+                      "  - {name: a, uri: 'test:///default', pool: [ci, lab]}\n")
+    done = subprocess.run([sys.executable, "-m", "vmjobs", "--config", str(config), "run",
+                           "--pool", "nope", "--json", "--", "true"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    assert done.stderr == "vmjob: no pool 'nope' (pools: ci, lab)\n"
+    assert json.loads(done.stdout) == {"error": "no pool 'nope' (pools: ci, lab)",
+                                       "code": "not_found", "exit_code": 1}
+    assert not any((spool / "jobs").glob("*"))  # no job directory

@@ -10,7 +10,7 @@ import yaml
 
 from vmjobs import config
 from vmjobs.config import EmulatedNic, load, locate
-from vmjobs.errors import ConfigError, VmjobsError
+from vmjobs.errors import ConfigError, NotFound, VmjobsError
 
 
 @pytest.fixture(autouse=True)
@@ -134,8 +134,19 @@ def test_a_host_in_several_pools(tmp_path: Path) -> None:
 
 
 def test_unknown_host_names_the_configured_ones() -> None:
-    with pytest.raises(VmjobsError, match=r"^unknown host 'elsewhere' \(configured: local\)$"):
+    # NotFound, so `--json` says code "not_found" as it does for an unknown pool or job
+    with pytest.raises(NotFound, match=r"^unknown host 'elsewhere' \(configured: local\)$"):
         load().host("elsewhere")
+
+
+def test_pool_gives_its_members_or_names_the_pools_there_are(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", {"hosts": [
+        {"name": "a", "uri": "qemu+tcp://a/system", "pool": ["lab", "ci"]},
+        {"name": "b", "uri": "qemu+tcp://b/system", "pool": "ci"}]})
+    cfg = load(str(path))
+    assert cfg.pool("ci") == ("a", "b")
+    with pytest.raises(NotFound, match=r"^no pool 'nope' \(pools: ci, lab\)$"):
+        cfg.pool("nope")
 
 
 # --- errors: file, key, problem, on one line ------------------------------------------------
@@ -327,3 +338,50 @@ def test_unknown_key_lists_the_allowed_ones(tmp_path: Path) -> None:
         load(str(path))
     assert "reserved_cpus" in info.value.problem
     assert "emulated_nics" in info.value.problem
+
+
+def test_borrow_settings_and_their_defaults(tmp_path: Path) -> None:
+    assert load(str(write(tmp_path / "none.yaml", one_host()))).borrow is None  # no lending
+    loaded = load(str(write(tmp_path / "empty.yaml", "spool: /srv/vmjobs\nborrow: {}\n")))
+    assert loaded.borrow == config.Borrow(0.1, 600.0, 5.0, "off")
+    given = load(str(write(tmp_path / "given.yaml", {
+        **one_host(), "usage_sample_interval": "10s",
+        "borrow": {"idle_below": 0.25, "for": "2m", "give_back_within": "8s",
+                   "memory": "off"}})))
+    assert given.borrow == config.Borrow(0.25, 120.0, 8.0, "off")
+    # owners with loans are read at a quarter of give_back_within, within [0.5 s, interval]
+    assert given.borrow.fast_interval_s(10.0) == 2.0
+    assert given.borrow.fast_interval_s(1.0) == 1.0
+    assert config.Borrow(give_back_within_s=1.0).fast_interval_s(10.0) == 0.5
+    bare_off = load(str(write(tmp_path / "off.yaml",
+                              "spool: /srv/vmjobs\nborrow:\n  memory: off\n")))
+    assert bare_off.borrow is not None and bare_off.borrow.memory == "off"
+
+
+@pytest.mark.parametrize(("section", "key", "problem"), [
+    ({"idle_below": 1.5}, "borrow.idle_below", "fraction of a core"),
+    ({"idle_below": 0}, "borrow.idle_below", "fraction of a core"),
+    ({"idle_below": True}, "borrow.idle_below", "fraction of a core"),
+    ({"idle_below": float("nan")}, "borrow.idle_below", "fraction of a core"),
+    ({"for": "forever"}, "borrow.for", "duration"),
+    ({"give_back_within": "2h"}, "borrow.give_back_within", "at most 1h"),
+    ({"give_back_within": 0}, "borrow.give_back_within", "duration"),
+    ({"memory": "balloon"}, "borrow.memory", "not supported yet"),
+    ({"memory": "all"}, "borrow.memory", "must be off"),
+    ({"lend": True}, "borrow.lend", "unknown key"),
+    ("on", "borrow", "must be a mapping"),
+])
+def test_bad_borrow_settings_name_the_key(tmp_path: Path, section: Any, key: str,
+                                          problem: str) -> None:
+    path = write(tmp_path / "bad.yaml", {**one_host(), "borrow": section})
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert (info.value.key, "\n" in str(info.value)) == (key, False)
+    assert problem in info.value.problem
+
+
+def test_borrowing_needs_the_sampler(tmp_path: Path) -> None:
+    path = write(tmp_path / "off.yaml", {**one_host(), "usage_sample_interval": 0,
+                                         "borrow": {"for": "1m"}})
+    with pytest.raises(ConfigError, match="usage_sample_interval above 0"):
+        load(str(path))

@@ -19,7 +19,7 @@ import pytest
 
 from vmjobs import image
 from vmjobs.cli.image import image_dict
-from vmjobs.errors import NotFound, VmjobsError
+from vmjobs.errors import NotFound, UsageError, VmjobsError
 
 VERSION = "6.1.0-99-test-amd64"
 
@@ -340,7 +340,7 @@ def test_list_and_resolve(fakes: Fakes) -> None:
 
 @pytest.mark.parametrize("name", ["a/b", "../x", "", ".hidden", "x" * 65])
 def test_bad_names_are_refused(fakes: Fakes, name: str) -> None:
-    with pytest.raises(VmjobsError, match="bad image name"):
+    with pytest.raises(UsageError, match="bad image name"):  # exit 2: a bad --name
         image.build_image(fakes.spool, kernel=fakes.kernel, name=name)
 
 
@@ -351,7 +351,7 @@ def test_kernel_without_modules_says_where_it_looked(fakes: Fakes, tmp_path: Pat
         image.build_image(fakes.spool, kernel=other)
     assert str(info.value).startswith("no modules for kernel 5.10.0-1-other: looked in ")
     assert str(fakes.moddir.parent / "5.10.0-1-other") in str(info.value)
-    with pytest.raises(VmjobsError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):  # exit 2: a bad --kernel
         image.build_image(fakes.spool, kernel=tmp_path / "missing")
 
 

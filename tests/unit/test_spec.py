@@ -16,7 +16,7 @@ from vmjobs.spec import MAX_DURATION_S, Spec, SpecError, parse, time_limit_of, w
 
 FULL = {
     "argv": ["sh", "-c", "echo hi"], "name": "sim run 3", "env": {"A": "1"}, "cpus": 4,
-    "mem": "1.5G", "nics": 2,
+    "mem": "2G", "nics": 2,
     "numa": "prefer", "threads": "isolate", "hugepages": "1G", "labels": {"rack": "r1"},
     "mem_nodes": True,
     "host": "h1", "pool": "gpu", "image": "default", "priority": -3, "preemptible": True,
@@ -27,9 +27,9 @@ FULL = {
 
 def test_a_full_spec_and_its_request() -> None:
     spec = parse(FULL)
-    assert spec.mem == 1536 and spec.time_limit == 5400.0 and spec.wait_timeout == 60.0
+    assert spec.mem == 2048 and spec.time_limit == 5400.0 and spec.wait_timeout == 60.0
     assert spec.request() == Request(
-        cpus=4, memory_mib=1536, nics=2, numa=NumaPolicy.PREFER, threads=ThreadPolicy.ISOLATE,
+        cpus=4, memory_mib=2048, nics=2, numa=NumaPolicy.PREFER, threads=ThreadPolicy.ISOLATE,
         hugepage_kib=1 << 20, host="h1", pool="gpu", labels=(("rack", "r1"),), priority=-3,
         preemptible=True, mem_nodes=True)
 
@@ -128,6 +128,22 @@ def test_bad_fields_are_refused_with_one_line_as_usage_errors(fields: dict[str, 
     assert isinstance(info.value, UsageError) and info.value.exit_code == 2
 
 
+@pytest.mark.parametrize(("fields", "line"), [
+    ({"mem_nodes": True, "numa": "strict"},
+     "memory-only nodes (--mem-nodes) need --numa prefer or any: strict keeps memory on the "
+     "node of the job's cpus"),
+    ({"hugepages": "1G", "mem": "1.5G"}, "1.5 GiB is not a whole number of 1 GiB hugepages"),
+    ({"hugepages": "1G"}, "256 MiB is not a whole number of 1 GiB hugepages"),
+])
+def test_fields_that_contradict_each_other_are_a_usage_error(fields: dict[str, object],
+                                                             line: str) -> None:
+    """Not exit 1 "does not fit" from the engine, after connecting to every host: the spec
+    itself is wrong, whatever the cluster, so it is refused where the spec is read."""
+    with pytest.raises(SpecError) as info:
+        parse({"argv": ["true"], **fields})
+    assert str(info.value) == line
+
+
 def test_command_line_text_is_converted_and_named_by_its_option() -> None:
     spec = spec_from_options({"argv": ("true",), "cpus": "2", "memory": "512M",
                               "label": ("rack=r1", "zone=a"), "env": ("A=1",),
@@ -180,3 +196,24 @@ def test_yaml_types_are_kept_strict_and_options_win(tmp_path: Path) -> None:
     job.write_text("- not a mapping\n")
     with pytest.raises(SpecError, match="must be a mapping of spec fields"):
         spec_from_options({}, job)
+
+
+def test_borrow_implies_preemptible_and_no_lend_is_kept() -> None:
+    spec = parse({"argv": ["true"], "borrow": True})
+    assert spec.borrow and not spec.preemptible and spec.request().preemptible
+    assert parse(spec.to_dict()) == spec
+    assert parse({"argv": ["true"], "no_lend": True}).no_lend
+    assert not parse({"argv": ["true"]}).request().preemptible
+
+
+def test_borrow_and_no_lend_together_are_refused_in_one_line() -> None:
+    with pytest.raises(SpecError, match="^give either --borrow or --no-lend, not both"):
+        parse({"argv": ["true"], "borrow": True, "no_lend": True})
+    with pytest.raises(SpecError, match="no_lend must be true or false"):
+        parse({"argv": ["true"], "no_lend": "yes"})
+
+
+def test_borrow_and_no_lend_from_the_command_line() -> None:
+    spec = spec_from_options({"borrow": True, "argv": ("true",)})
+    assert spec.borrow and spec.request().preemptible
+    assert spec_from_options({"no_lend": True, "argv": ("true",)}).no_lend

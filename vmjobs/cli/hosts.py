@@ -102,6 +102,9 @@ def view_rows(view: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
             vf = f" VF of {nic['pf']}" if nic.get("pf") else ""
             rows.append((f"    {nic['address']}", state, nic["holder"] or "", "", "",
                          f"{group}{vf}{why}".strip()))
+    for loan in view.get("loans", []):  # cores lent to --borrow jobs
+        rows.append((f"  cpu {loan['cpu']}", "lent", f"{loan['owner']} -> {loan['borrower']}",
+                     "", "", ""))
     return rows
 
 

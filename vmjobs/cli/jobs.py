@@ -161,6 +161,9 @@ def show(job: str, as_json: bool, url: str | None) -> None:
                                    f"{format_mib(alloc['memory_mib'])}{devices}"))
     elif view.get("host"):
         lines.append(("host", view["host"]))
+    for loan in view.get("loans") or ():
+        lines.append(("loan", f"{loan['host']} cpu {loan['cpu']}: job {loan['owner']}'s, lent to "
+                              f"job {loan['borrower']}"))
     if view.get("exit_code") is not None:
         lines.append(("exit code", str(view["exit_code"])))
     for name, value in lines:

@@ -30,8 +30,9 @@ PARAMS = {"name": "name", "cpus": "cpus", "mem": "memory", "nics": "nics", "numa
           "env": "env", "priority": "priority", "preemptible": "preemptible",
           "wait_timeout": "wait_timeout", "no_wait": "no_wait", "array": "array",
           "nodes": "nodes", "per_host": "per_host", "on_member_failure": "on_member_failure",
-          "profile": "profile"}
-FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes"})  # click gives these as booleans
+          "profile": "profile", "borrow": "borrow", "no_lend": "no_lend"}
+# click gives these as booleans
+FLAGS = frozenset({"preemptible", "no_wait", "mem_nodes", "borrow", "no_lend"})
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,7 +16,6 @@ import click
 from vmjobs.cli.connect import client_for, url_option
 from vmjobs.cli.output import json_option
 from vmjobs.client import NoDaemon
-from vmjobs.errors import NotFound
 from vmjobs.units import format_clock, format_mib
 
 
@@ -76,8 +75,8 @@ def _from_store(name: str | None) -> Any:
 
     config = click.get_current_context().obj.config
     known = config.pools
-    if name is not None and name not in known:  # before connecting to any host
-        raise NotFound(f"no pool {name!r} (pools: {', '.join(known) or 'none'})")
+    if name is not None:  # an unknown pool is refused before connecting to any host
+        config.pool(name)
     cluster, _reached = live_cluster(config)
     store = Store(config.state_db)
     try:

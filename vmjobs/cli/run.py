@@ -83,6 +83,11 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--no-wait", is_flag=True,
               help=f"Fail at once (exit {EXIT_NOT_STARTED} with a daemon) unless the job can "
                    "start now. Without a daemon, run never waits.")
+@click.option("--borrow", is_flag=True,
+              help="Daemon only: may run on cores other running jobs hold and leave idle; "
+                   "moved off when they want them back (implies preemptible).")
+@click.option("--no-lend", is_flag=True,
+              help="Never lend this job's idle cores to --borrow jobs.")
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
@@ -118,6 +123,7 @@ def run(ctx: click.Context, as_json: bool, interactive: bool, **params: Any) -> 
       vmjob run -f job.yaml --cpus 4
       vmjob run --nodes 2 -- sh -c 'echo node $VMJOB_NODE of $VMJOB_NODES'   # needs a daemon
       vmjob run --reservation "$R" --key "$K" -- nproc   # inside 'vmjob reserve'
+      vmjob run --borrow --time-limit 1h --input ./sw -- ./sweep   # lent cores if none are free
       printf 'echo hi\\nexit 4\\n' | vmjob run -i -- sh
     """
     reservation, key = params.pop("reservation"), params.pop("key")
@@ -198,8 +204,9 @@ def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
     if spec.nodes is not None:
         raise SpecError(f"--nodes needs the daemon, and none answers at {config.socket} "
                         "(start one with 'vmjob serve')")
-    if spec.wait_timeout is not None or spec.priority != 0:
-        option = "--wait-timeout" if spec.wait_timeout is not None else "--priority"
+    if spec.wait_timeout is not None or spec.priority != 0 or spec.borrow:
+        option = "--wait-timeout" if spec.wait_timeout is not None else \
+            "--borrow" if spec.borrow else "--priority"
         raise SpecError(f"{option} needs the daemon, and none answers at {config.socket} "
                         "(start one with 'vmjob serve'); without it run starts at once "
                         "or fails")

@@ -57,6 +57,12 @@ def queue_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preemptible", is_flag=True,
                      help="May be migrated or checkpointed (and restored later) to make room "
                           "for jobs that are not (with the daemon's 'preemption: on')."),
+        click.option("--borrow", is_flag=True,
+                     help="May run on cores other running jobs hold and leave idle; moved "
+                          "off (or checkpointed) when their owner wants them back. Implies "
+                          "--preemptible; needs the daemon's 'borrow:' setting."),
+        click.option("--no-lend", is_flag=True,
+                     help="Never lend this job's idle cores to --borrow jobs."),
         click.option("--wait-timeout", default=None, metavar="DURATION",
                      help=f"Give up if the job has not started after this long (exit "
                           f"{EXIT_NOT_STARTED}; nothing is left behind)."),
@@ -134,6 +140,7 @@ def submit(as_json: bool, **params: Any) -> None:
       vmjob submit --nodes 4 --cpus 8 --input ./mpi -- ./rank.sh     # JOB.0 .. JOB.3 apart
       vmjob submit -f gang.yaml   # nodes: [{name: server, cmd: [./serve]}, {cmd: [./probe]}]
       vmjob submit --reservation "$R" --key "$K" --input ./b -- ./bench.sh  # in 'reserve'
+      vmjob submit --borrow --cpus 1 -- sh -c 'nproc'   # may run on cores others leave idle
     """
     reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))

@@ -72,6 +72,11 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "kind": record.kind.value, "reservation": record.inside,
         "profile": spec.get("profile"), "stdin": spec.get("stdin"),
     }
+    # borrowing (docs/borrowing.md): the cores it runs on by loan, or lends
+    view["loans"] = [{"host": loan.host, "cpu": loan.cpu, "owner": loan.owner,
+                      "borrower": loan.borrower} for loan in daemon.store.loans(record.id)]
+    view["borrow"] = bool(spec.get("borrow"))
+    view["no_lend"] = bool(spec.get("no_lend"))
     if record.kind == Kind.RESERVATION:
         view["until"] = spec.get("until")
         view["tied"] = bool(spec.get("tied"))
@@ -187,9 +192,10 @@ class Api:
             views = []
             for host in daemon.config.hosts:
                 usage = cluster.free(host.name) if host.name in cluster.hosts else None
+                loans = tuple(loan for loan in daemon.store.loans() if loan.host == host.name)
                 views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
                                       tuple(daemon.hosts.warnings(host.name)),
-                                      host.pools).to_dict())
+                                      host.pools, loans).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:
@@ -239,8 +245,7 @@ class Api:
         request = submission.request()
         daemon = self.daemon
         config = daemon.config
-        if request.host is not None:
-            config.host(request.host)  # unknown host: one line, nothing created
+        config.refuse_unknown(request.host, request.pool)  # one line, nothing created
         image = resolve_image(config.spool, submission.image)
         if inside is not None:
             if submission.array is not None or submission.nodes is not None:

@@ -203,8 +203,14 @@ class Daemon:
         self.stopping = False
         self.metrics = Metrics()
         # guests' real CPU use; its thread is started by `daemon.main` when sampling is on
-        self.sampler = Sampler(config.usage_sample_interval_s, config.usage_window_s,
-                               lambda host, job_id: read_vcpu_ns(self.hosts.conn(host), job_id))
+        borrow = config.borrow
+        self.sampler = Sampler(
+            config.usage_sample_interval_s, config.usage_window_s,
+            lambda host, job_id: read_vcpu_ns(self.hosts.conn(host), job_id),
+            idle_below=borrow.idle_below if borrow is not None else None,
+            fast_interval_s=borrow.fast_interval_s(config.usage_sample_interval_s)
+            if borrow is not None and config.usage_sample_interval_s > 0 else None)
+        self.leaving: set[str] = set()  # borrowers being moved off lent cores (daemon/lending)
         self.restoring: set[str] = set()  # checkpointed jobs being restored now
         self.preempting: str | None = None  # the job that preemption is making room for
         self.releasing: set[str] = set()  # held reservations being released now
@@ -333,6 +339,19 @@ class Daemon:
             return False
         self.preempting = job_id
         return True
+
+    def begin_leaving(self, job_id: str) -> bool:
+        """A borrower starts leaving lent cores; False if it is already. Caller holds the
+        lock."""
+        if job_id in self.leaving:
+            return False
+        self.leaving.add(job_id)
+        return True
+
+    def end_leaving(self, job_id: str) -> None:
+        with self.lock:
+            self.leaving.discard(job_id)
+            self.wake()
 
     def end_preemption(self) -> None:
         with self.lock:

@@ -66,8 +66,9 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
     frames go once the job is placed, stopped when its output has ended (before any line is
     said, so a terminal is back to normal first). Raises VmjobsError (one line) when the job
     cannot start now — nothing of it is left then: no row, no directory."""
-    image = resolve_image(config.spool, spec.image)
     request = spec.request()
+    config.refuse_unknown(request.host, request.pool)
+    image = resolve_image(config.spool, spec.image)
     start_event_loop()  # before the first connection, or no lifecycle events arrive
     job_id = new_job_id()
     daemon = Daemon(config, scope=job_id, tell=note)

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vmjobs.config import Config, system_warnings
-from vmjobs.daemon import scheduler
+from vmjobs.daemon import lending, scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.metrics import JobCpu, Present
@@ -36,6 +36,9 @@ def present(daemon: Daemon) -> Present:
         cluster = daemon.live.cluster()
         usage = [cluster.free(name) for name in cluster.hosts]
         held = daemon.store.held()
+        lent: dict[str, int] = {}
+        for loan in daemon.store.loans():
+            lent[loan.host] = lent.get(loan.host, 0) + 1
     cpu = []
     for h in held:
         use = daemon.sampler.used(h.job_id)
@@ -47,6 +50,7 @@ def present(daemon: Daemon) -> Present:
         hosts_up={h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
         usage=usage,
         cpu=cpu,
+        lent=lent,
     )
 
 
@@ -119,9 +123,7 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
                              (daemon.notes_loop, "notes"), (daemon.watch_output, "output")):
             threading.Thread(target=target, name=name, daemon=True).start()
         if config.usage_sample_interval_s > 0:
-            threading.Thread(target=daemon.sampler.run, name="sampler", daemon=True,
-                             args=(daemon.changed, lambda: daemon.stopping,
-                                   daemon.running_guests)).start()
+            lending.start_sampling(daemon)
 
         def stop(signum: int, _frame: object) -> None:
             log.info("%s: stopping (jobs keep running)", signal.Signals(signum).name)

@@ -42,6 +42,7 @@ class Present:
     hosts_up: dict[str, bool]
     usage: list[HostUsage] = field(default_factory=list)
     cpu: list[JobCpu] = field(default_factory=list)
+    lent: dict[str, int] = field(default_factory=dict)  # host -> cores lent to borrowers now
 
 
 class Metrics:
@@ -118,6 +119,11 @@ class _PresentCollector(Collector):
         yield free
         yield mem_free
         yield from _cpu_use(present.cpu)
+        lent = GaugeMetricFamily("vmjobs_host_cores_lent", "Cores running jobs hold and lend "
+                                 "to --borrow jobs now (docs/borrowing.md)", labels=["host"])
+        for host in present.hosts_up:
+            lent.add_metric([host], present.lent.get(host, 0))
+        yield lent
 
 
 def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import placement
 from placement import Request
 from vmjobs.codec import allocation_from_dict, request_from_dict
-from vmjobs.daemon import moves
+from vmjobs.daemon import lending, moves
 from vmjobs.daemon.core import Active, Daemon, LastPass, limit_of
 from vmjobs.daemon.queue import Holding, Plan, Planner, Start, Wait, group_gangs, order
 from vmjobs.gang import gang_of
@@ -87,6 +87,9 @@ def one_pass(daemon: Daemon) -> float | None:
         queue = [(r, q) for r, q in queue if r.id not in gone]
         started = {s.job_id for s in schedule(daemon, now, queue, current).starts}
         queue = [(r, q) for r, q in queue if r.id not in started]
+        current.job_id = None
+        borrowed = set(lending.lend(daemon, queue))  # --borrow jobs on lent cores
+        queue = [(r, q) for r, q in queue if r.id not in borrowed]
         current.job_id = None
         make_room(daemon, queue)
         daemon.scheduler.record(time.perf_counter() - began, len(started))

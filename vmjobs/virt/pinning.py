@@ -61,3 +61,16 @@ def _plain(element: ET.Element) -> ET.Element:
     for node in element.iter():
         node.tag = node.tag.rpartition("}")[2]
     return element
+
+
+# A borrower's CPU weight (cgroup cpu.shares; the default is 1024): on a core it shares with
+# an owner that wants it back, the owner gets ~99.8% of it until the borrower has moved.
+BORROWER_CPU_SHARES = 2
+DEFAULT_CPU_SHARES = 1024  # every other guest's
+
+
+def set_cpu_shares(dom: Domain, shares: int) -> None:
+    """The running guest's CPU weight against other guests, live (libvirt's `cpu_shares`
+    scheduler parameter: cgroup v1 cpu.shares, v2 cpu.weight). Not kept by a migration or
+    restore (the new QEMU process gets its XML's default). VirtError if libvirt refuses."""
+    dom.setSchedulerParametersFlags({"cpu_shares": shares}, LIVE)

@@ -12,3 +12,9 @@ def vcpu_time_ns(dom: Domain) -> int:
     included: this is what the job itself ran. VirtError if the guest is gone or inactive."""
     info, _maps = dom.vcpus()
     return sum(int(cpu_time) for _number, _state, cpu_time, _cpu in info)
+
+
+def vcpu_times_ns(dom: Domain) -> tuple[int, ...]:
+    """`vcpu_time_ns` per vCPU, in vCPU order: element i is what vCPU i ran (ns)."""
+    info, _maps = dom.vcpus()
+    return tuple(int(cpu_time) for _number, _state, cpu_time, _cpu in sorted(info))

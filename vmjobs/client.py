@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import http.client
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -360,6 +362,36 @@ class Client:
             finally:
                 response.close()
 
+    def console(self, job_id: str, with_input: bool, from_end: bool = False) -> ConsoleLink:
+        """The job's console stream (`POST /v1/jobs/{id}/console`, upgraded to a two-way
+        byte stream): its live output, and the caller's input frames when `with_input`.
+        Raises ApiFailure as other calls do (409: the job ended, or takes no input)."""
+        query = urlencode({"input": int(with_input), "from": "end" if from_end else "start"})
+        sock = self.open_socket(None)
+        try:
+            sock.sendall(
+                f"POST /v1/jobs/{quote(job_id, safe='')}/console?{query} HTTP/1.1\r\n"
+                "Host: vmjobs\r\nConnection: Upgrade\r\nUpgrade: vmjob-console/1\r\n"
+                "Content-Length: 0\r\n\r\n".encode())
+            head, rest = _read_head(sock)
+            status, headers = _parse_head(head)
+            if status != 101:
+                body = rest
+                length = int(headers.get("content-length", "0") or 0)
+                while len(body) < min(length, 1 << 16):
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        break
+                    body += chunk
+                raise _failure_of(status, body)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise self._lost(exc) from None
+        except BaseException:
+            sock.close()
+            raise
+        return ConsoleLink(sock, rest)
+
     def fetch_output(self, job_id: str, dest: Path) -> None:
         """Unpack the job's /job/out into `dest` (the daemon already checked it; the `data`
         filter refuses anything odd all the same)."""
@@ -381,6 +413,80 @@ class Client:
             raise VmjobsError(f"--output {dest}: {exc}") from None
         finally:
             response.close()
+
+
+class ConsoleLink:
+    """One console stream: `output()` yields the job's output bytes until the daemon closes
+    the stream (the job ended); `send(frames)` sends input frames (thread-safe); `close()`
+    ends it from this side (the job goes on)."""
+
+    def __init__(self, sock: Any, early: bytes) -> None:
+        self._sock = sock
+        self._early = early  # output that came with the answer's head
+        self._lock = threading.Lock()
+
+    def send(self, frames: list[bytes]) -> bool:
+        try:
+            with self._lock:
+                self._sock.sendall(b"".join(frames))
+            return True
+        except OSError:
+            return False
+
+    def output(self) -> Iterator[bytes]:
+        if self._early:
+            yield self._early
+            self._early = b""
+        while True:
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        import socket
+
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+MAX_HEAD = 16 << 10
+
+
+def _read_head(sock: Any) -> tuple[bytes, bytes]:
+    """An HTTP answer's status line and headers, and what came after them."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_HEAD:
+            raise ValueError("the daemon's answer has an oversized head")
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("the daemon closed the connection")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def _failure_of(status: int, raw: bytes) -> ApiFailure:
+    try:
+        body = json.loads(raw)
+        return ApiFailure(status, str(body["error"]), body.get("code"))
+    except (ValueError, KeyError, TypeError):
+        return ApiFailure(status, f"daemon answered {status}", None)
 
 
 def _failure(response: http.client.HTTPResponse) -> ApiFailure:

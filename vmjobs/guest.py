@@ -122,6 +122,8 @@ class GuestPlan:
     emulator_cpus: frozenset[int] = frozenset()
     vmjob_env: Mapping[str, str] = field(default_factory=dict)  # e.g. $VMJOB_ARRAY_INDEX
     hotplug: Hotplug | None = None  # room to grow live (`vmjob resize`); None: fixed size
+    stdin: str | None = None  # an interactive job: "pipe" | "tty" (vmjobs.console)
+    console_helper: Path | None = None  # images/vmjob-console.c built, for such a job
 
 
 def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
@@ -158,6 +160,8 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             nics=tuple(str(n.guest_address) for n in nics),
             input_dir=plan.input_dir,
             vmjob_env=plan.vmjob_env,
+            stdin=plan.stdin,
+            console_helper=plan.console_helper,
         ),
         plan.image.initrd,
         files.initrd,
@@ -184,6 +188,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             clock_channel=True,
             output_pipe=output_pipe,
             hotplug=plan.hotplug,
+            input_channel=plan.stdin is not None,
         )
     )
     fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)

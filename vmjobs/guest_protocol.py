@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vmjobs.console import STDIN_MODES
 from vmjobs.cpio import Entry, write_gzip_newc
 from vmjobs.errors import UnsafeOutput, UsageError, VmjobsError
 from vmjobs.safetar import extract_data, member_refusal, relative_path
@@ -59,6 +60,10 @@ class JobSpec:
     nics: tuple[str, ...] = ()  # guest PCI addresses -> NIC0, NIC1, ...
     input_dir: Path | None = None
     vmjob_env: Mapping[str, str] = field(default_factory=dict)  # VMJOB_* set by vmjob (arrays)
+    # an interactive job: "pipe" | "tty" (vmjobs.console), and the guest helper that feeds
+    # its stdin from the input port (images/vmjob-console.c, built by vmjobs.cbuild)
+    stdin: str | None = None
+    console_helper: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ def check_spec(spec: JobSpec) -> None:
     for address in spec.nics:
         if not PCI_RE.fullmatch(address):
             raise VmjobsError(f"bad guest PCI address {address!r}")
+    if spec.stdin is not None and (spec.stdin not in STDIN_MODES or spec.console_helper is None):
+        raise VmjobsError(f"bad stdin mode {spec.stdin!r} (or no console helper)")
 
 
 def input_entries(root: Path) -> list[Entry]:
@@ -154,6 +161,11 @@ def job_entries(spec: JobSpec) -> list[Entry]:
                 for i, arg in enumerate(spec.argv)]
     entries += [Entry.file(f"vmjob/env/{name}", value.encode("utf-8", "surrogateescape"), 0o600)
                 for name, value in job_env(spec).items()]
+    if spec.stdin is not None and spec.console_helper is not None:
+        # the init finds /vmjob/stdin and runs the job under the helper (images/init)
+        entries += [Entry.file("vmjob/stdin", spec.stdin.encode(), 0o600),
+                    Entry.dir("vmjob/bin", 0o700),
+                    Entry.file("vmjob/bin/vmjob-console", spec.console_helper, 0o700)]
     if spec.input_dir is not None:
         entries += input_entries(spec.input_dir)
     return entries

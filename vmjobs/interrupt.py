@@ -7,9 +7,12 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# SIGHUP: the terminal went away (a closed window, a dropped ssh session under `vmjob shell`)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 class Interrupted(BaseException):
-    """Ctrl+C (SIGINT) or SIGTERM while a job runs."""
+    """Ctrl+C (SIGINT), SIGTERM or SIGHUP while a job runs."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -22,12 +25,12 @@ class Interrupted(BaseException):
 
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM raise Interrupted; before and after, their handlers are
+    """Within: SIGINT, SIGTERM and SIGHUP raise Interrupted; before and after, their handlers are
     what they were."""
     def raise_interrupted(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, raise_interrupted) for s in SIGNALS}
     try:
         yield
     finally:

@@ -50,5 +50,6 @@ def cancelled_line(job_id: str, signum: int) -> str:
 
 
 def interrupted_exit(signum: int) -> int:
-    """`vmjob run`'s code when a signal cancelled its job: 130 for SIGINT, 143 for SIGTERM."""
-    return EXIT_CANCELLED if signum == signal.SIGINT else EXIT_TERMINATED
+    """`vmjob run`'s code when a signal cancelled its job: 128 + the signal's number (130 for
+    SIGINT, 143 for SIGTERM, 129 for SIGHUP), as a shell reports it."""
+    return 128 + signum

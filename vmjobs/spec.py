@@ -23,6 +23,8 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
   duration, `--checkpoint-every`): what becomes of the job when its host is declared lost
   (`vmjobs.jobs.HostLossPolicy`, docs/borrowing.md "Lost hosts"); periodic checkpoints are
   taken for `restore` only
+- `stdin`: `pipe` (`vmjob run -i`: the client's stdin is the job's) or `tty` (`vmjob shell`:
+  a terminal in the guest); absent: the job's stdin is empty (vmjobs/console.py)
 - `array`: job array indices, `"1-100"`, `"1,3,5-7"`, `"0-99%10"` (`--array`; one job per
   index, at most N running with `%N`; `vmjobs.jobarray`)
 - `nodes`: a gang (`vmjobs.gang`, docs/multinode.md): a number N (`--nodes N`: N members of
@@ -52,6 +54,7 @@ from typing import Any
 
 from placement import NumaPolicy, Request, ThreadPolicy
 from placement.need import need_of
+from vmjobs.console import STDIN_MODES
 from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.gang import ENV_NODE, ENV_NODES, MAX_NODES, ON_FAILURE
 from vmjobs.jobarray import ENV_ID, ENV_INDEX, ArrayError, JobArray, parse_array
@@ -79,7 +82,7 @@ FIELDS = ("argv", "name", "env", "cpus", "mem", "nics", "numa", "threads", "huge
           "labels", "host", "pool", "image", "priority", "preemptible", "time_limit",
           "wait_timeout", "no_wait", "input", "output", "array", "profile", "nodes",
           "nodes_apart", "per_host", "on_member_failure", "borrow", "no_lend", "on_host_loss",
-          "checkpoint_every")
+          "checkpoint_every", "stdin")
 # what a member of `nodes:` may set for itself (`cmd` is its argv)
 MEMBER_FIELDS = ("name", "cmd", "cpus", "mem", "nics", "env", "host", "pool", "labels")
 # the fields a hardware profile may set (config `profiles:`, `--profile`)
@@ -133,6 +136,7 @@ class Spec:
     on_host_loss: HostLossPolicy = HostLossPolicy.FAIL
     checkpoint_every: float | None = None  # seconds; only with on_host_loss restore
     profile: str | None = None  # the hardware profile it was built from (already applied)
+    stdin: str | None = None  # None | "pipe" | "tty" (vmjobs.console.STDIN_MODES)
     borrow: bool = False  # may run on lent cores (docs/borrowing.md); implies preemptible
     no_lend: bool = False  # its idle cores are never lent
     # a gang: one map of overrides per member (`--nodes N`: N empty maps), checked
@@ -172,8 +176,8 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON form: what the CLI sends to the API and the store keeps.
-        `parse(spec.to_dict()) == spec`. `profile` is left out when there is none, so a
-        daemon older than profiles still takes the job."""
+        `parse(spec.to_dict()) == spec`. `profile` and `stdin` are left out when there is
+        none, so a daemon older than them still takes the job."""
         data: dict[str, Any] = {
             "argv": list(self.argv), "name": self.name, "env": dict(self.env), "cpus": self.cpus,
             "mem": f"{self.mem}M", "nics": self.nics, "numa": self.numa.value,
@@ -189,6 +193,8 @@ class Spec:
         }
         if self.profile is not None:
             data["profile"] = self.profile
+        if self.stdin is not None:
+            data["stdin"] = self.stdin
         if self.nodes is not None:  # a gang's fields only for a gang
             data.update({
                 "nodes": len(self.nodes) if not any(self.nodes)
@@ -283,6 +289,8 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
     if no_wait and wait_timeout is not None:
         raise SpecError("give either --no-wait or --wait-timeout, not both")
     array = fields.array()
+    if data.get("stdin") is not None and (array is not None or data.get("nodes") is not None):
+        raise SpecError("an interactive job (stdin) cannot be a job array or a gang")
     borrow, no_lend = fields.flag("borrow"), fields.flag("no_lend")
     if borrow and no_lend:
         raise SpecError("give either --borrow or --no-lend, not both (a borrower lends "
@@ -335,6 +343,7 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
         preemptible=fields.flag("preemptible"), time_limit=fields.duration("time_limit"),
         wait_timeout=wait_timeout, no_wait=no_wait, input=fields.text("input"),
         output=fields.text("output"), array=array, profile=fields.text("profile"),
+        stdin=fields.choice("stdin", list(STDIN_MODES), None),
         nodes=nodes, nodes_apart=apart, per_host=per_host, on_member_failure=on_failure,
         borrow=borrow, no_lend=no_lend,
         on_host_loss=on_host_loss, checkpoint_every=checkpoint_every,

@@ -470,12 +470,14 @@ def launch(start_mode: str, conn: Connection, plan: GuestPlan, files: JobFiles,
     called just before the guest is started (the caller records STARTING).
 
     `warm` fails the start if the template cannot be made or restored; `auto` then starts
-    cold. A job with NICs or hugepages always starts cold (`why_cold`)."""
+    cold. A job with NICs or hugepages always starts cold (`why_cold`), as does an interactive
+    one (`stdin`: its guest needs the input port)."""
     if start_mode != "cold":
         # a template is one shape; a resizable guest's topology (max vCPUs, virtio-mem) is
-        # another
+        # another; an interactive job needs its input port, which a template's saved guest lacks
         reason = why_cold(plan.allocation) or (
-            "its guest is resizable (hotplug: true)" if plan.hotplug is not None else None)
+            "its guest is resizable (hotplug: true)" if plan.hotplug is not None else None) or (
+            "the job is interactive (stdin)" if plan.stdin is not None else None)
         if reason is not None:
             if start_mode == "warm":
                 note(f"job {plan.job_id}: starting cold: {reason}")

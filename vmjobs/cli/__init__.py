@@ -104,6 +104,7 @@ COMMANDS = {
     "usage": "vmjobs.cli.usage:usage_command", "pools": "vmjobs.cli.pools:pools",
     "reserve": "vmjobs.cli.reserve:reserve", "release": "vmjobs.cli.reserve:release",
     "profiles": "vmjobs.cli.profiles:profiles",
+    "shell": "vmjobs.cli.shell:shell", "attach": "vmjobs.cli.shell:attach",
 }
 
 

@@ -10,6 +10,8 @@ same line and exit code (`vmjobs.outcome`).
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import json
 import logging
 import sys
@@ -34,6 +36,7 @@ from vmjobs.jobs import HostLossPolicy
 from vmjobs.jobtable import place_in_line
 from vmjobs.outcome import EXIT_NOT_STARTED, cancelled_line, interrupted_exit
 from vmjobs.spec import Spec, SpecError, check_paths
+from vmjobs.terminal import TerminalInput
 from vmjobs.transport import Target
 
 
@@ -89,11 +92,14 @@ def reachable_daemon(url: str | None, config: Config) -> Client | None:
 @click.option("--url", default=None, metavar="URL", envvar="VMJOBS_URL",
               help="The daemon: unix:///path/to/vmjobs.sock or ssh://user@head (default: "
                    "$VMJOBS_URL, else the config's socket if a daemon answers there).")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Forward this command's stdin to the job (end of file included); "
+                   "without it the job's stdin is empty. For a terminal, see 'vmjob shell'.")
 @reservation_options
 @json_option
 @click.argument("argv", nargs=-1, metavar="-- CMD [ARG...]")
 @click.pass_context
-def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
+def run(ctx: click.Context, as_json: bool, interactive: bool, **params: Any) -> int:
     """Run CMD in a new guest with dedicated cpus; stream its output; exit with its code.
 
     With a daemon (vmjob serve) reachable, the job goes through its queue and Ctrl+C cancels
@@ -119,27 +125,41 @@ def run(ctx: click.Context, as_json: bool, **params: Any) -> int:
       vmjob run --nodes 2 -- sh -c 'echo node $VMJOB_NODE of $VMJOB_NODES'   # needs a daemon
       vmjob run --reservation "$R" --key "$K" -- nproc   # inside 'vmjob reserve'
       vmjob run --borrow --time-limit 1h --input ./sw -- ./sweep   # lent cores if none are free
+      printf 'echo hi\\nexit 4\\n' | vmjob run -i -- sh
     """
     reservation, key = params.pop("reservation"), params.pop("key")
     spec = spec_from_options(params, params.pop("spec_file"))  # refused before anything runs
+    if interactive:
+        if spec.array is not None or spec.nodes is not None:
+            raise SpecError("-i cannot be given with --nodes or --array (one job reads this "
+                            "command's stdin)")
+        spec = dataclasses.replace(spec, stdin="pipe")
     check_paths(spec)
-    config = ctx.obj.config
     write = write_json if as_json else write_out
-    client = reachable_daemon(params["url"], config)
-    ended: dict[str, Any] = {}
-    if client is None:
-        if reservation is not None:
-            raise VmjobsError(f"--reservation needs the daemon (vmjob serve), and none "
-                              f"answers at {config.socket}")
-        code = _direct(config, spec, write)
-    else:
-        try:
-            code = _through_daemon(client, spec, write, ended, inside_of=(reservation, key))
-        finally:
-            client.close()
+    code, ended = execute(ctx.obj.config, spec, params["url"], write, (reservation, key))
     if as_json:
         click.echo(json.dumps({"exit_code": code, **ended}))
     return code
+
+
+def execute(config: Config, spec: Spec, url: str | None, write: Callable[[str], None],
+            inside_of: tuple[str | None, str | None] = (None, None)
+            ) -> tuple[int, dict[str, Any]]:
+    """Run `spec` through the daemon if one is reachable, else in this process; the exit
+    code and what to add to --json's last line (the job's id through a daemon).
+    `inside_of`: (reservation, key) from --reservation/--key (daemon only). An interactive
+    job (`spec.stdin`) gets this process's stdin (`vmjobs.terminal`)."""
+    client = reachable_daemon(url, config)
+    ended: dict[str, Any] = {}
+    if client is None:
+        if inside_of[0] is not None:
+            raise VmjobsError(f"--reservation needs the daemon (vmjob serve), and none "
+                              f"answers at {config.socket}")
+        return _direct(config, spec, write), ended
+    try:
+        return _through_daemon(client, spec, write, ended, inside_of), ended
+    finally:
+        client.close()
 
 
 # how often a waiting `run` asks where its job stands: quick at first (a job that starts at
@@ -204,7 +224,31 @@ def _direct(config: Config, spec: Spec, write: Callable[[str], None]) -> int:
     # (libvirt's event loop, the metrics library) to talk to a daemon.
     from vmjobs.daemon import direct
 
-    return direct.run(config, spec, write, note)
+    if spec.stdin is None:
+        return direct.run(config, spec, write, note)
+    with TerminalInput(tty_job=spec.stdin == "tty") as terminal:
+        return direct.run(config, spec, write, note, terminal)
+
+
+def follow_console(client: Client, job_id: str, tty_job: bool,
+                   write: Callable[[str], None]) -> None:
+    """An interactive job through the daemon: its console stream, this process's stdin going
+    in and the job's output coming out, until the job ends (the terminal, if raw, is restored
+    before this returns or raises)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    link = client.console(job_id, with_input=True)
+    try:
+        with TerminalInput(tty_job=tty_job) as terminal:
+            # called once the job has left the queue (`wait_to_start`): while it waited,
+            # the terminal was as usual and Ctrl+C cancelled it
+            terminal.start(link.send)
+            for chunk in link.output():
+                if text := decoder.decode(chunk):
+                    write(text)
+    finally:
+        link.close()
+    if tail := decoder.decode(b"", final=True):
+        write(tail)
 
 
 def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
@@ -220,8 +264,11 @@ def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
         with interruptible():
             if view["state"] == "QUEUED":
                 wait_to_start(client, view, note)
-            for chunk in client.logs(job_id, follow=True):
-                write(chunk)
+            if spec.stdin is not None:
+                follow_console(client, job_id, spec.stdin == "tty", write)
+            else:
+                for chunk in client.logs(job_id, follow=True):
+                    write(chunk)
             final = client.wait(job_id)
     except Interrupted as exc:
         try:

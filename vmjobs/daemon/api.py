@@ -26,17 +26,17 @@ import placement
 from placement.gang import apart_groups, gang_never_fits, with_groups
 from vmjobs import __version__, gang, pools_view, usage
 from vmjobs.config import system_warnings
-from vmjobs.daemon import logs, moves
+from vmjobs.daemon import attach, logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.holds import Holds, key_of
 from vmjobs.daemon.identity import Caller, denial, may_act
 from vmjobs.daemon.moves import MoveResult
 from vmjobs.daemon.scheduler import start_now_or_forget
-from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
+from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream, Upgrade
 from vmjobs.daemon.submission import parse
 from vmjobs.daemon.uploads import Limits, Uploads
 from vmjobs.errors import DoesNotFit, NotFound, UsageError, VmjobsError
-from vmjobs.guest import JobFiles
+from vmjobs.guest import JobFiles, output_size
 from vmjobs.hosts_view import HostView
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import KEY_ID, KEY_INDEX, member_id, member_spec
@@ -70,7 +70,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         # a held reservation (kind "reservation"): held until `until` (None: while its
         # client's connection lasts, `tied`); a job run inside one names it in `reservation`
         "kind": record.kind.value, "reservation": record.inside,
-        "profile": spec.get("profile"),
+        "profile": spec.get("profile"), "stdin": spec.get("stdin"),
     }
     # borrowing (docs/borrowing.md): the cores it runs on by loan, or lends
     view["loans"] = [{"host": loan.host, "cpu": loan.cpu, "owner": loan.owner,
@@ -112,6 +112,7 @@ class Api:
         router.add("POST", "/v1/cancel", self.cancel_many)
         router.add("GET", "/v1/jobs/{id}/wait", self.wait)
         router.add("GET", "/v1/jobs/{id}/logs", self.logs)
+        router.add("POST", "/v1/jobs/{id}/console", self.console)
         router.add("GET", "/v1/jobs/{id}/output", self.output)
         router.add("POST", "/v1/uploads", self.upload)
         router.add("POST", "/v1/wake", self.wake)
@@ -561,6 +562,27 @@ class Api:
                                     f"{gang_id}.0 .. {gang_id}.{size - 1}")
             record = self._own(req.caller, req.params["id"])
         return Stream(logs.stream(self.daemon, record.id, req.flag("follow"), int(offset)))
+
+    def console(self, req: ApiRequest) -> Upgrade:
+        """The job's console: its live output and, with ?input=1, the caller's input to an
+        interactive job (`daemon/attach.py`). ?from=end starts at the output's current end
+        (`vmjob attach`), else at its beginning."""
+        with_input = req.flag("input")
+        start = req.query.get("from", "start")
+        if start not in ("start", "end"):
+            raise ApiError(400, f"query parameter from={start[:20]!r} must be start or end")
+        with self.daemon.lock:
+            record = self._own(req.caller, req.params["id"])
+            if record.state.finished:
+                raise ApiError(409, f"job {record.id} has ended ({record.state.value})",
+                               "finished")
+            if with_input and not record.spec.get("stdin"):
+                raise ApiError(409, f"job {record.id} takes no input: it was not started "
+                                    "with 'vmjob run -i' or 'vmjob shell'", "no_input")
+        offset = output_size(JobFiles.of(self.daemon.config.spool, record.id)) \
+            if start == "end" else 0
+        return Upgrade(attach.PROTOCOL, attach.session(self.daemon, record.id, with_input,
+                                                       offset))
 
     def output(self, req: ApiRequest) -> Stream:
         with self.daemon.lock:

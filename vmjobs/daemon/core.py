@@ -25,6 +25,7 @@ from typing import Any
 
 from placement import Allocation, Request
 from vmjobs import gang, template
+from vmjobs.cbuild import build_static
 from vmjobs.checkpoint import discard, discard_periodic
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
@@ -41,6 +42,7 @@ from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Planner, Wait
 from vmjobs.daemon.sampler import Sampler, read_vcpu_ns
+from vmjobs.daemon.stdin import InputFeed
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import (
     OUTPUT_CHECK_S,
@@ -57,6 +59,7 @@ from vmjobs.outputwatch import OutputWatch
 from vmjobs.store import Store
 from vmjobs.virt import Domain, VirtError, probe
 from vmjobs.virt.conn import destroy_quietly, is_alive, lookup_domain
+from vmjobs.virt.console import InputPort
 from vmjobs.virt.domain_xml import Hotplug
 
 log = logging.getLogger("vmjobs.daemon")
@@ -156,6 +159,12 @@ class SchedulerState:
         self.recent.append((seconds, starts))
 
 
+def console_helper(spool: Path) -> Path:
+    """images/vmjob-console.c built (once per source) for interactive jobs' guests. Raises
+    VmjobsError when it cannot be built (no C compiler or static libc)."""
+    return build_static("vmjob-console.c", spool / "bin", "an interactive job", "-Os")
+
+
 def is_ours(record: JobRecord) -> bool:
     """Jobs the daemon runs; `vmjob run` without a daemon records its own process instead."""
     return "runner" not in record.spec
@@ -213,6 +222,8 @@ class Daemon:
         # daemon (`vmjobs.daemon.hostloss.settle_lost`, wired in by `daemon.main`).
         self.on_job_lost: Callable[[JobRecord, str], None] = \
             lambda record, why: self.finish(record.id, Verdict(JobState.LOST, why))
+        # interactive jobs' input on its way to their guests (daemon/stdin.py), by job
+        self.inputs: dict[str, InputFeed] = {}
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
@@ -499,6 +510,9 @@ class Daemon:
             return
         self.unrecorded.pop(job_id, None)
         discard_periodic(self.config.spool, job_id)  # ended: nothing to restore any more
+        feed = self.inputs.pop(job_id, None)
+        if feed is not None:
+            feed.close()
         if release:
             self.drop(job_id)
         self.metrics.finished(verdict.state)
@@ -594,6 +608,8 @@ class Daemon:
             input_dir=self._input_of(record, files),
             emulator_cpus=host_config.reserved_cpus,
             hotplug=self._hotplug_for(allocation),
+            stdin=spec.get("stdin"),
+            console_helper=console_helper(self.config.spool) if spec.get("stdin") else None,
         )
 
         def starting(how: str) -> None:
@@ -630,6 +646,52 @@ class Daemon:
             return Path(given)
         upload = files.dir / "input"
         return upload if upload.is_dir() else None
+
+    # --- an interactive job's input ------------------------------------------------------------
+
+    def send_input(self, job_id: str, frames: list[bytes]) -> bool:
+        """Pass encoded input frames (`vmjobs.console`) on to the job's guest, in order; they
+        wait while the guest is not running yet. Blocks while the job's feed is full (the
+        guest does not read). False if the job takes no input (not interactive, or ended)."""
+        with self.lock:
+            record = self.store.job(job_id)
+            if record is None or record.state.finished or not record.spec.get("stdin"):
+                return False
+            feed = self.inputs.get(job_id)
+            if feed is None:
+                feed = self.inputs[job_id] = InputFeed(job_id,
+                                                       lambda: self._input_port(job_id))
+        return all(feed.put(frame) for frame in frames)
+
+    def _input_port(self, job_id: str) -> Callable[[], InputPort] | None:
+        """Waits until the job's guest runs; then what opens its input port (None: the job is
+        over, or the daemon stops). Called by the job's input feed thread."""
+        def decided() -> bool:
+            active = self.active.get(job_id)
+            if self.stopping or (active is not None and active.phase == Phase.RUNNING):
+                return True
+            record = self.store.job(job_id)
+            return record is None or record.state.finished
+
+        with self.lock:
+            self.changed.wait_for(decided)
+            active = self.active.get(job_id)
+            if self.stopping or active is None or active.phase != Phase.RUNNING:
+                # over without a `finish` (cancelled while queued): forget its feed here
+                feed = self.inputs.pop(job_id, None)
+                if feed is not None:
+                    feed.close()
+                return None
+            host = active.host
+        name = domain_name(job_id)
+
+        def open_port() -> InputPort:
+            conn = self.hosts.conn(host)
+            if conn is None:
+                raise VmjobsError(f"host {host} is down")
+            return InputPort(conn, name)
+
+        return open_port
 
     # --- stopping -----------------------------------------------------------------------------
 
@@ -865,6 +927,9 @@ class Daemon:
     def shutdown(self) -> None:
         with self.lock:
             self.stopping = True
+            for feed in self.inputs.values():
+                feed.close()
+            self.inputs.clear()
             self.changed.notify_all()
             for follower in self.followers:
                 follower.wake()

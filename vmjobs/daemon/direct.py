@@ -30,6 +30,7 @@ from typing import Any
 from placement import Allocation
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
+from vmjobs.console import InputSource
 from vmjobs.daemon import logs, scheduler
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.queue import FIRST_IN_LINE
@@ -37,6 +38,7 @@ from vmjobs.daemon.recovery import reap_abandoned, runner_identity
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import JobFiles
 from vmjobs.image import resolve_image
+from vmjobs.interrupt import SIGNALS
 from vmjobs.jobs import JobRecord, JobState, new_job_id
 from vmjobs.outcome import (
     cancelled_line,
@@ -55,13 +57,15 @@ RELEASE_WAIT_S = 60.0
 
 
 def run(config: Config, spec: Spec, write: Callable[[str], None],
-        note: Callable[[str], None]) -> int:
+        note: Callable[[str], None], console: InputSource | None = None) -> int:
     """Run one job to its end in this process; the exit code `vmjob run` exits with.
 
     `write` gets the job's stdout and stderr as text as it arrives (chunks, not lines; a
     character split between reads is decoded whole); `note` gets vmjob's own one-line
-    messages. Raises VmjobsError (one line) when the job cannot start now — nothing of it is
-    left then: no row, no directory."""
+    messages. `console` (an interactive job, `spec.stdin`): started with where the job's input
+    frames go once the job is placed, stopped when its output has ended (before any line is
+    said, so a terminal is back to normal first). Raises VmjobsError (one line) when the job
+    cannot start now — nothing of it is left then: no row, no directory."""
     request = spec.request()
     config.refuse_unknown(request.host, request.pool)
     image = resolve_image(config.spool, spec.image)
@@ -99,7 +103,11 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
             if signals:  # it came before the job existed: cancel it now
                 daemon.ask_stop(job_id, JobState.CANCELLED,
                                 f"cancelled by {user} ({signal.Signals(signals[0]).name})")
+            if console is not None:
+                console.start(lambda frames: daemon.send_input(job_id, frames))
             _follow(daemon, job_id, write)
+            if console is not None:
+                console.stop()
             view = _ended(daemon, job_id)
     finally:
         daemon.shutdown()
@@ -125,7 +133,7 @@ def _allocation(record: JobRecord) -> Allocation:
 
 @contextmanager
 def _cancel_on_signal(daemon: Daemon, job_id: str, user: str) -> Iterator[list[int]]:
-    """Within: the first SIGINT or SIGTERM cancels the job (`Daemon.stop`, on the notes
+    """Within: the first SIGINT, SIGTERM or SIGHUP cancels the job (`Daemon.stop`, on the notes
     thread: a signal handler must not take the lock); the signals received are listed."""
     received: list[int] = []
 
@@ -135,7 +143,7 @@ def _cancel_on_signal(daemon: Daemon, job_id: str, user: str) -> Iterator[list[i
             daemon.ask_stop(job_id, JobState.CANCELLED,
                             f"cancelled by {user} ({signal.Signals(signum).name})")
 
-    previous = {s: signal.signal(s, cancel) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, cancel) for s in SIGNALS}
     try:
         yield received
     finally:

@@ -104,6 +104,7 @@ class ApiRequest:
     caller: Caller
     length: int | None
     body: BinaryIO | _Body
+    upgrade: str | None = None  # the Upgrade header: the protocol asked for (`Upgrade`)
 
     def json(self) -> dict[str, Any]:
         if self.length is None or self.length == 0:
@@ -166,7 +167,19 @@ class Stream:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-Handler = Callable[[ApiRequest], Json | Stream]
+@dataclass
+class Upgrade:
+    """Switch the connection to a two-way byte stream (101 Switching Protocols, as a
+    WebSocket or Docker's attach does): `run(reader, sock)` then owns it — `reader` holds
+    what the client sends from now on (buffered), `sock` is for sending and `shutdown`. The
+    request must carry `Upgrade: <protocol>`. The connection has no send or read timeout
+    from then on (an interactive session may be idle for hours); it is closed after `run`."""
+
+    protocol: str
+    run: Callable[[BinaryIO, socket.socket], None]
+
+
+Handler = Callable[[ApiRequest], Json | Stream | Upgrade]
 
 
 class Router:
@@ -411,8 +424,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(400, f"more than {MAX_QUERY_FIELDS} query parameters") from None
             query = {k: v[-1] for k, v in fields.items()}
             handler, params = self.server.router.find(self.command, url.path)
-            request = ApiRequest(self.command, url.path, query, params, who, length, body)
+            request = ApiRequest(self.command, url.path, query, params, who, length, body,
+                                 self.headers.get("Upgrade"))
             result = handler(request)
+            if isinstance(result, Upgrade) and (request.upgrade or "").strip() != \
+                    result.protocol:
+                raise ApiError(426, f"{url.path} is a two-way stream: send "
+                                    f"'Connection: Upgrade' and 'Upgrade: {result.protocol}'")
         except ApiError as exc:
             result = self._error(exc.status, exc.message, exc.code)
         except VmjobsError as exc:
@@ -426,6 +444,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the rest of the body would be read as a request
         if isinstance(result, Json):
             self._json(result.status, result.body)
+        elif isinstance(result, Upgrade):
+            self._upgrade(result)
         else:
             self._stream(result)
         if body is not None and body.left:
@@ -485,6 +505,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError:
             self.close_connection = True  # the client went away before its answer
+
+    def _upgrade(self, upgrade: Upgrade) -> None:
+        self.close_connection = True
+        try:
+            self.send_response(HTTPStatus.SWITCHING_PROTOCOLS)
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Upgrade", upgrade.protocol)
+            self.end_headers()
+            self.wfile.flush()
+            self.connection.settimeout(None)
+            upgrade.run(self.rfile, self.connection)
+        except OSError:
+            pass  # the client went away
 
     def _stream(self, stream: Stream) -> None:
         try:

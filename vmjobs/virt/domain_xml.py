@@ -31,6 +31,10 @@ OUTPUT_CHANNEL = "org.vmjobs.output.0"
 # The virtio-serial port on which a guest restored from a template receives its job
 # (vmjobs/template.py, images/init): a `pipe` chardev whose input is a regular file.
 JOB_CHANNEL = "org.vmjobs.job.0"
+# The virtio-serial port an interactive job's stdin (or terminal) comes in on, as frames
+# (vmjobs/console.py, images/vmjob-console.c); opened by the host through libvirt
+# (vmjobs/virt/console.py).
+INPUT_CHANNEL = "org.vmjobs.input.0"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class DomainSpec:
     clock_channel: bool = False  # the guest can be told the time after a move
     output_pipe: Path | None = None  # the job's output: QEMU writes <output_pipe>.out
     job_pipe: Path | None = None  # warm start: the job comes from <job_pipe>.in
+    input_channel: bool = False  # an interactive job: its stdin comes on INPUT_CHANNEL
     hotplug: Hotplug | None = None  # room to grow the guest live (`vmjob resize`)
 
 
@@ -304,6 +309,8 @@ def devices(spec: DomainSpec) -> ET.Element:
     ET.SubElement(serial, "target", port="0")
     if spec.clock_channel:
         devs.append(clock_channel())
+    if spec.input_channel:
+        devs.append(unix_channel(INPUT_CHANNEL))
     if spec.output_pipe is not None:
         devs.append(output_channel(spec.output_pipe))
     if spec.job_pipe is not None:
@@ -348,9 +355,14 @@ def virtio_mem(size_mib: int, requested_mib: int, cell: int = 0) -> ET.Element:
 
 
 def clock_channel() -> ET.Element:
-    # libvirt picks the socket path on each host; openChannel() reaches it through libvirt.
+    return unix_channel(CLOCK_CHANNEL)
+
+
+def unix_channel(name: str) -> ET.Element:
+    """A virtio-serial port `name` whose host side is a unix socket libvirt places on each
+    host; `virDomainOpenChannel` reaches it through libvirt (clock, input)."""
     channel = ET.Element("channel", type="unix")
-    ET.SubElement(channel, "target", type="virtio", name=CLOCK_CHANNEL)
+    ET.SubElement(channel, "target", type="virtio", name=name)
     return channel
 
 

@@ -26,7 +26,7 @@ import placement
 from placement.gang import apart_groups, gang_never_fits, with_groups
 from vmjobs import __version__, gang, pools_view, usage
 from vmjobs.config import system_warnings
-from vmjobs.daemon import attach, logs, moves
+from vmjobs.daemon import attach, lending, logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.holds import Holds, key_of
 from vmjobs.daemon.identity import Caller, denial, may_act
@@ -646,6 +646,7 @@ class Api:
             raise ApiError(400, "give cpus and/or memory_mib", code="usage")
         with self.daemon.lock:
             record = self._own(req.caller, req.params["id"])
+        lending.before_resize(self.daemon, record.id)
         return progress_stream(lambda _emit: [moves.resize(self.daemon, record.id, cpus,
                                                            memory_mib)])
 

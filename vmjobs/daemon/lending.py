@@ -162,6 +162,23 @@ def owner_changed(daemon: Daemon, owner: str, why: str) -> None:
     _send_off(daemon, give_back(loans, {}, gone={owner}), why)
 
 
+def before_resize(daemon: Daemon, job_id: str) -> None:
+    """Refuse to resize a job with cores on loan (VmjobsError, one line): a loan must stay on
+    a cpu its owner holds (the loans table's foreign key), so an owner's borrowers are sent
+    off now and the resize can be asked again once they left; a borrower runs on cores that
+    are not its own. Takes the lock."""
+    with daemon.lock:
+        loans = daemon.store.loans(job_id)
+        if any(loan.borrower == job_id for loan in loans):
+            raise VmjobsError(f"job {job_id} runs on lent cores (--borrow); a borrower "
+                              "cannot be resized")
+        if loans:
+            owner_changed(daemon, job_id, "its owner is being resized")
+            raise VmjobsError(f"job {job_id} lends {len(loans)} of its cpus to borrowers; "
+                              "they are being given back now: ask the resize again once "
+                              "'vmjob show' lists no loans")
+
+
 def _send_off(daemon: Daemon, ends: dict[str, tuple[Loan, ...]], why: str) -> None:
     """Start a mover for each borrower in `ends` that has none yet. Caller holds the lock."""
     for borrower, ending in ends.items():

@@ -192,21 +192,7 @@ def repin_job(daemon: Daemon, job_id: str, allocation: Allocation) -> MoveResult
 
 def resize(daemon: Daemon, job_id: str, cpus: int | None, memory_mib: int | None) -> MoveResult:
     """Grow or shrink a running daemon job in place (`vmjobs.resize`). A job with cores on
-    loan (as owner or borrower) is refused: a loan must stay on a cpu its owner holds, so
-    an owner's borrowers are first sent off (`lending.owner_changed`) and the resize can be
-    asked again once they left; a borrower runs on cores that are not its own."""
-    from vmjobs.daemon import lending  # it imports this module
-
-    with daemon.lock:
-        loans = daemon.store.loans(job_id)
-        if any(loan.borrower == job_id for loan in loans):
-            raise VmjobsError(f"job {job_id} runs on lent cores (--borrow); a borrower "
-                              "cannot be resized")
-        if loans:
-            lending.owner_changed(daemon, job_id, "its owner is being resized")
-            raise VmjobsError(f"job {job_id} lends {len(loans)} of its cpus to borrowers; "
-                              "they are being given back now: ask the resize again once "
-                              "'vmjob show' lists no loans")
+    loan is refused first by the caller (`lending.before_resize`)."""
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
         done = resizing.resize_job(daemon.config, store, daemon.hosts.conns(),
                                    daemon.hosts.inventory(), job_id, cpus, memory_mib)

@@ -31,6 +31,7 @@ that after a daemon crash recovery knows which devices belong to which gang (`or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -310,7 +311,13 @@ def create(spool: Path, nets: Mapping[str, HostNet], gang_id: str,
     try:
         _apply(net, nets)
     except (GangNetError, subprocess.TimeoutExpired, OSError) as exc:
-        remove(spool, nets, gang_id)
+        # undo what was made, as far as it goes; devices left on a host that failed are found
+        # by name by the next `sweep`
+        for host in net.hosts():
+            with contextlib.suppress(GangNetError, subprocess.TimeoutExpired, OSError):
+                _down(net, _hostnet(nets, host))
+        with exclusive(_lock(spool)):
+            _record(spool, net.slot).unlink(missing_ok=True)
         if isinstance(exc, GangNetError):
             raise
         raise GangNetError(f"gang {gang_id}: making its network failed: {exc}") from None

@@ -190,9 +190,20 @@ def host_nets(config: Config) -> dict[str, HostNet]:
     return {h.name: host_net(h) for h in config.hosts}
 
 
-def _up(net: GangNet, here: HostNet, remotes: list[str]) -> None:
+def spool_tag(spool: Path) -> str:
+    """A tag of the spool (SHA-256 of its absolute path, 8 hex digits) in every device's alias:
+    daemons of other spools on the same host never sweep each other's devices."""
+    return hashlib.sha256(str(spool.absolute()).encode()).hexdigest()[:8]
+
+
+def _alias(tag: str, net: GangNet) -> str:
+    return f"vmjobs {tag} {net.gang_id}"
+
+
+def _up(net: GangNet, here: HostNet, remotes: list[str], tag: str) -> None:
     _down(net, here)
     here.run("ip", "link", "add", net.bridge, "type", "bridge")
+    here.run("ip", "link", "set", "dev", net.bridge, "alias", _alias(tag, net))
     here.run("ip", "link", "set", "dev", net.bridge, "addrgenmode", "none", "mtu", str(MTU))
     if remotes:
         if here.underlay is None:
@@ -200,6 +211,7 @@ def _up(net: GangNet, here: HostNet, remotes: list[str]) -> None:
         here.run("ip", "link", "add", net.vxlan, "type", "vxlan", "id", str(net.vni),
                  "local", here.underlay, "dstport", str(VXLAN_PORT), "nolearning")
         here.run("ip", "link", "set", "dev", net.vxlan, "addrgenmode", "none", "mtu", str(MTU))
+        here.run("ip", "link", "set", "dev", net.vxlan, "alias", _alias(tag, net))
         # nolearning + static all-zeros entries: floods go to the member hosts and nowhere
         # else; known unicast is learned from the bridge's own FDB
         for remote in remotes:
@@ -216,7 +228,7 @@ def _down(net: GangNet, here: HostNet) -> None:
             raise GangNetError(f"host {here.host}: ip link del {device}: {proc.stderr.strip()}")
 
 
-def _apply(net: GangNet, nets: Mapping[str, HostNet]) -> None:
+def _apply(net: GangNet, nets: Mapping[str, HostNet], tag: str) -> None:
     hosts = net.hosts()
     for host in hosts:
         here = _hostnet(nets, host)
@@ -228,7 +240,7 @@ def _apply(net: GangNet, nets: Mapping[str, HostNet]) -> None:
                     raise GangNetError(f"host {other} has no gang_underlay address in the "
                                        "config")
                 remotes.append(underlay)
-        _up(net, here, remotes)
+        _up(net, here, remotes, tag)
 
 
 def _hostnet(nets: Mapping[str, HostNet], host: str) -> HostNet:
@@ -309,7 +321,7 @@ def create(spool: Path, nets: Mapping[str, HostNet], gang_id: str,
             net = GangNet(gang_id, slot, ordered)
         _write(spool, net)  # first: a crash from here on leaves devices recovery can find
     try:
-        _apply(net, nets)
+        _apply(net, nets, spool_tag(spool))
     except (GangNetError, subprocess.TimeoutExpired, OSError) as exc:
         # undo what was made, as far as it goes; devices left on a host that failed are found
         # by name by the next `sweep`
@@ -343,7 +355,7 @@ def move(spool: Path, nets: Mapping[str, HostNet], gang_id: str, index: int,
         here = _hostnet(nets, here_name)
         if here_name not in net.hosts():
             remotes = [_hostnet(nets, h).underlay or "" for h in moved.hosts() if h != here_name]
-            _up(moved, here, remotes)
+            _up(moved, here, remotes, spool_tag(spool))
             continue
         for other in moved.hosts():
             underlay = _hostnet(nets, other).underlay
@@ -385,21 +397,23 @@ def orphans(spool: Path, live: Iterable[str]) -> list[GangNet]:
     return [n for n in networks(spool) if n.gang_id not in alive]
 
 
-def devices_on(here: HostNet) -> set[int]:
-    """Slots of the gang devices present on a host (`ip -j link`)."""
+def devices_on(here: HostNet, tag: str) -> set[int]:
+    """Slots of the gang devices on a host that this spool made (`ip -j link`, their alias)."""
     proc = here.run("ip", "-j", "link", "show")
     slots = set()
     for link in json.loads(proc.stdout or "[]"):
         match = _DEVICE.match(link.get("ifname", ""))
-        if match:
+        alias = str(link.get("ifalias", "")).split(" ")
+        if match and alias[:2] == ["vmjobs", tag]:
             slots.add(int(match.group(1), 16))
     return slots
 
 
 def sweep(spool: Path, nets: Mapping[str, HostNet], live: Iterable[str]) -> list[str]:
-    """Recovery: remove every gang network no live gang owns — registered ones of ended gangs,
-    and devices on the hosts whose slot no live gang holds. Returns what was removed, one
-    line each; hosts that cannot be reached are skipped (noted)."""
+    """Recovery: remove every gang network of this spool that no live gang owns — registered
+    ones of ended gangs, and devices (found by name and by this spool's tag in their alias)
+    whose slot no live gang holds. Returns what was done, one line each; hosts that cannot be
+    reached are skipped."""
     alive = set(live)
     done = []
     for net in orphans(spool, alive):
@@ -409,9 +423,12 @@ def sweep(spool: Path, nets: Mapping[str, HostNet], live: Iterable[str]) -> list
         except GangNetError as exc:
             done.append(f"gang {net.gang_id}: network not removed: {exc}")
     owned = {n.slot for n in networks(spool) if n.gang_id in alive}
+    tag = spool_tag(spool)
     for here in nets.values():
+        if here.ssh is not None and here.underlay is None:
+            continue  # a remote host not set up for gangs: no SSH round at every start
         try:
-            present = devices_on(here)
+            present = devices_on(here, tag)
         except (GangNetError, subprocess.TimeoutExpired, OSError, ValueError):
             continue
         for slot in sorted(present - owned):

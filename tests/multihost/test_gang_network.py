@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -198,10 +199,12 @@ def test_a_failed_member_poisons_the_barrier_within_2s(cluster: Cluster, env: En
     env.end_gang(gang)
 
 
-def test_orphan_sweep_removes_networks_no_gang_owns(cluster: Cluster, env: Env) -> None:
+def test_orphan_sweep_removes_networks_no_gang_owns(cluster: Cluster, env: Env,
+                                                    tmp_path: Path) -> None:
     """After a crash: a registered network of a gang that ended, and devices whose record is
-    gone, are both removed; a live gang's network is kept."""
+    gone, are both removed; a live gang's network, and another spool's, are kept."""
     spool = env.config.spool
+    theirs = gangnet.create(tmp_path, env.nets, "theirgang", [(0, "h2")])
     dead = gangnet.create(spool, env.nets, "deadgang", [(0, "h1"), (1, "h2")])
     stray = gangnet.create(spool, env.nets, "straygang", [(0, "h2"), (1, "h3")])
     live = gangnet.create(spool, env.nets, "livegang", [(0, "h1"), (1, "h3")])
@@ -210,8 +213,9 @@ def test_orphan_sweep_removes_networks_no_gang_owns(cluster: Cluster, env: Env) 
     assert "gang deadgang: network removed" in done
     assert f"host h2: stray gang devices {stray.bridge} removed" in done
     assert sorted(gang_devices(cluster, "h1")) == sorted([live.bridge, live.vxlan])
-    assert gang_devices(cluster, "h2") == []
+    assert gang_devices(cluster, "h2") == [theirs.bridge]  # a bridge alone: one host
     assert sorted(gang_devices(cluster, "h3")) == sorted([live.bridge, live.vxlan])
+    gangnet.remove(tmp_path, env.nets, "theirgang")
     assert [n.gang_id for n in gangnet.networks(spool)] == ["livegang"]
     assert dead.slot != live.slot
     gangnet.remove(spool, env.nets, "livegang")

@@ -28,6 +28,7 @@ from vmjobs import template
 from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
+from vmjobs.controlhub import ControlHub
 from vmjobs.daemon.hosts import (
     GuestPoweredOff,
     GuestStopped,
@@ -203,6 +204,8 @@ class Daemon:
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
+        # gangs' coordination state (vmjob-ctl, `vmjob kv`), keyed by gang id
+        self.control = ControlHub()
 
     def owns(self, record: JobRecord) -> bool:
         """Whether this core acts on `record`: a serving daemon on its own jobs (not those of
@@ -704,4 +707,5 @@ class Daemon:
             for follower in self.followers:
                 follower.wake()
         self.notes.put(None)
+        self.control.shutdown()
         self.hosts.close()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmjobs import gangnet
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
@@ -437,4 +438,24 @@ def recover(daemon: Daemon) -> None:
             record = daemon.store.job(job_id)
             if record is not None and record.state not in ACTIVE:
                 daemon.store.note(job_id, "reservation freed at recovery", release=True)
+        live = live_gangs(daemon.store.in_states(ACTIVE))
         daemon.wake()
+    sweep_gang_networks(daemon, live)
+
+
+# the key of a gang member's stored spec that names its gang (vmjobs.gang.KEY_ID)
+GANG_KEY = "gang_id"
+
+
+def live_gangs(records: list[JobRecord]) -> set[str]:
+    """The gangs with a member that still holds (or may hold) a guest."""
+    return {str(r.spec[GANG_KEY]) for r in records if isinstance(r.spec.get(GANG_KEY), str)}
+
+
+def sweep_gang_networks(daemon: Daemon, live: set[str]) -> None:
+    """Remove the gang networks no live gang owns (the daemon stopped before it could), on
+    the hosts that answer; the others keep them until the next recovery."""
+    if daemon.scope is not None:
+        return  # a direct run's core has no gangs
+    for line in gangnet.sweep(daemon.config.spool, gangnet.host_nets(daemon.config), live):
+        log.info("recovery: %s", line)

@@ -101,6 +101,7 @@ COMMANDS = {
     "rebalance": "vmjobs.cli.moves:rebalance", "plan": "vmjobs.cli.plan:plan",
     "devcluster": "vmjobs.cli.devcluster:devcluster_group", "smoke": "vmjobs.cli.smoke:smoke",
     "usage": "vmjobs.cli.usage:usage_command",
+    "kv": "vmjobs.cli.kv:kv",
 }
 
 

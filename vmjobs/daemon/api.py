@@ -25,10 +25,12 @@ from typing import Any
 import placement
 from vmjobs import __version__, usage
 from vmjobs.config import system_warnings
+from vmjobs.controlhub import ControlError
 from vmjobs.daemon import logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.identity import Caller, denial, may_act
 from vmjobs.daemon.moves import MoveResult
+from vmjobs.daemon.recovery import GANG_KEY
 from vmjobs.daemon.scheduler import start_now_or_forget
 from vmjobs.daemon.server import ApiError, ApiRequest, Json, Router, Stream
 from vmjobs.daemon.submission import parse
@@ -102,6 +104,8 @@ class Api:
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
         router.add("GET", "/v1/usage", self.usage)
+        router.add("GET", "/v1/jobs/{id}/kv", self.kv_get)
+        router.add("POST", "/v1/jobs/{id}/kv", self.kv_set)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -495,6 +499,47 @@ class Api:
         capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
         return Json(usage.report(histories, capacity, now, now - since_s, by,
                                  None if req.caller.admin else req.caller.name))
+
+    # --- a gang's key-value store (the one its members' vmjob-ctl reads and writes) ---------
+
+    def _gang(self, who: Caller, job_id: str) -> str:
+        """The gang of `job_id` (a gang's id, a member's `GANG.i`, or a prefix), if the caller
+        may act on it."""
+        with self.daemon.lock:
+            # a gang has no row of its own: its member 0 stands for it
+            record = self.daemon.store.job(job_id) or self.daemon.store.job(f"{job_id}.0") \
+                or self._by_prefix(who, job_id)
+            if record is None:
+                raise ApiError(404, f"no job {job_id}")
+            if not may_act(who, record):
+                raise ApiError(403, denial(who, record))
+        gang = record.spec.get(GANG_KEY)
+        if not isinstance(gang, str):
+            raise ApiError(400, f"job {record.id} is not a gang: it has no key-value store")
+        return gang
+
+    def kv_get(self, req: ApiRequest) -> Json:
+        gang = self._gang(req.caller, req.params["id"])
+        key = req.query.get("key", "")
+        try:
+            value = self.daemon.control.kv_get(gang, key)
+        except ControlError as exc:
+            raise ApiError(409, str(exc)) from None
+        if value is None:
+            raise ApiError(404, f"gang {gang} has no key {key!r}")
+        return Json({"gang": gang, "key": key, "value": value})
+
+    def kv_set(self, req: ApiRequest) -> Json:
+        body = req.json()
+        gang = self._gang(req.caller, req.params["id"])
+        key, value = body.get("key"), body.get("value")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ApiError(400, "key and value must be strings")
+        try:
+            self.daemon.control.kv_set(gang, key, value)
+        except ControlError as exc:
+            raise ApiError(409 if "not a running gang" in str(exc) else 400, str(exc)) from None
+        return Json({"gang": gang, "key": key, "value": value})
 
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)

@@ -77,6 +77,8 @@ class GangNet:
     gang_id: str
     slot: int
     members: tuple[Member, ...]
+    # hosts that keep the devices without a member (the source of a move in progress)
+    spare: tuple[str, ...] = ()
 
     @property
     def vni(self) -> int:
@@ -101,8 +103,9 @@ class GangNet:
         return f"52:54:00:{self.slot >> 8:02x}:{self.slot & 0xff:02x}:{index:02x}"
 
     def hosts(self) -> list[str]:
-        """The member hosts, each once, in member order."""
-        return list(dict.fromkeys(m.host for m in self.members))
+        """The hosts with the gang's devices, each once: member hosts in member order, then
+        spare ones."""
+        return list(dict.fromkeys([*(m.host for m in self.members), *self.spare]))
 
     def peers(self) -> str:
         """$VMJOB_PEERS: the members' addresses in index order, space-separated."""
@@ -114,14 +117,16 @@ class GangNet:
 
     def to_json(self) -> dict[str, object]:
         return {"gang": self.gang_id, "slot": self.slot,
-                "members": [[m.index, m.host] for m in self.members]}
+                "members": [[m.index, m.host] for m in self.members], "spare": list(self.spare)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> GangNet:
         members = data["members"]
         assert isinstance(members, list)
+        spare = data.get("spare") or []
+        assert isinstance(spare, list)
         return cls(str(data["gang"]), int(str(data["slot"])),
-                   tuple(Member(int(i), str(h)) for i, h in members))
+                   tuple(Member(int(i), str(h)) for i, h in members), tuple(map(str, spare)))
 
 
 # --- what the guest gets ---------------------------------------------------------------------
@@ -206,18 +211,23 @@ def _up(net: GangNet, here: HostNet, remotes: list[str], tag: str) -> None:
     here.run("ip", "link", "set", "dev", net.bridge, "alias", _alias(tag, net))
     here.run("ip", "link", "set", "dev", net.bridge, "addrgenmode", "none", "mtu", str(MTU))
     if remotes:
-        if here.underlay is None:
-            raise GangNetError(f"host {here.host} has no gang_underlay address in the config")
-        here.run("ip", "link", "add", net.vxlan, "type", "vxlan", "id", str(net.vni),
-                 "local", here.underlay, "dstport", str(VXLAN_PORT), "nolearning")
-        here.run("ip", "link", "set", "dev", net.vxlan, "addrgenmode", "none", "mtu", str(MTU))
-        here.run("ip", "link", "set", "dev", net.vxlan, "alias", _alias(tag, net))
-        # nolearning + static all-zeros entries: floods go to the member hosts and nowhere
-        # else; known unicast is learned from the bridge's own FDB
-        for remote in remotes:
-            here.run("bridge", "fdb", "append", ANY_MAC, "dev", net.vxlan, "dst", remote)
-        here.run("ip", "link", "set", "dev", net.vxlan, "master", net.bridge, "up")
+        _vxlan_up(net, here, remotes, tag)
     here.run("ip", "link", "set", "dev", net.bridge, "up")
+
+
+def _vxlan_up(net: GangNet, here: HostNet, remotes: list[str], tag: str) -> None:
+    """The gang's VXLAN device on `here`, flooding to `remotes`, enslaved to its bridge."""
+    if here.underlay is None:
+        raise GangNetError(f"host {here.host} has no gang_underlay address in the config")
+    here.run("ip", "link", "add", net.vxlan, "type", "vxlan", "id", str(net.vni),
+             "local", here.underlay, "dstport", str(VXLAN_PORT), "nolearning")
+    here.run("ip", "link", "set", "dev", net.vxlan, "addrgenmode", "none", "mtu", str(MTU))
+    here.run("ip", "link", "set", "dev", net.vxlan, "alias", _alias(tag, net))
+    # nolearning + static all-zeros entries: floods go to the member hosts and nowhere
+    # else; known unicast is learned from the bridge's own FDB
+    for remote in remotes:
+        here.run("bridge", "fdb", "append", ANY_MAC, "dev", net.vxlan, "dst", remote)
+    here.run("ip", "link", "set", "dev", net.vxlan, "master", net.bridge, "up")
 
 
 def _down(net: GangNet, here: HostNet) -> None:
@@ -337,39 +347,53 @@ def create(spool: Path, nets: Mapping[str, HostNet], gang_id: str,
 
 
 def move(spool: Path, nets: Mapping[str, HostNet], gang_id: str, index: int,
-         host: str) -> GangNet:
-    """Member `index` now runs (or is about to run) on `host`: the network is made there and
-    every member host's flood list updated. Called before a migration's switch-over (the
-    destination needs the bridge to start the guest) and again after it with the final
-    host. Raises GangNetError."""
-    net = find(spool, gang_id)
-    if net is None:
-        raise GangNetError(f"gang {gang_id} has no network")
-    members = tuple(Member(m.index, host if m.index == index else m.host) for m in net.members)
-    moved = GangNet(gang_id, net.slot, members)
+         host: str, keep: Iterable[str] = ()) -> GangNet:
+    """Member `index` runs (or is about to run) on `host`; the hosts in `keep` hold the
+    devices even without a member. A migration calls it twice: before the switch-over with
+    `keep=[source]` (the destination gets the bridge and VXLAN, the source keeps its own, every
+    host's flood list covers both), and after it with no `keep` (the source loses its devices,
+    or, if the move failed, `host` = the source and the destination loses them). Hosts that
+    keep devices are never rebuilt (a rebuilt bridge would drop the guests' taps): only their
+    flood lists change. Raises GangNetError."""
     with exclusive(_lock(spool)):
+        net = find(spool, gang_id)
+        if net is None:
+            raise GangNetError(f"gang {gang_id} has no network")
+        members = tuple(Member(m.index, host if m.index == index else m.host)
+                        for m in net.members)
+        member_hosts = {m.host for m in members}
+        spare = tuple(h for h in dict.fromkeys(keep) if h not in member_hosts)
+        moved = GangNet(gang_id, net.slot, members, spare)
         _write(spool, moved)
-    # hosts that keep members keep their devices (a rebuilt bridge would drop the guests'
-    # taps): only the flood lists change there
-    for here_name in moved.hosts():
-        here = _hostnet(nets, here_name)
-        if here_name not in net.hosts():
-            remotes = [_hostnet(nets, h).underlay or "" for h in moved.hosts() if h != here_name]
-            _up(moved, here, remotes, spool_tag(spool))
+    before, after = net.hosts(), moved.hosts()
+    tag = spool_tag(spool)
+    for name in after:
+        here = _hostnet(nets, name)
+        if name not in before:
+            _up(moved, here, [_underlay(nets, h) for h in after if h != name], tag)
             continue
-        for other in moved.hosts():
-            underlay = _hostnet(nets, other).underlay
-            if other != here_name and other not in net.hosts() and underlay:
-                here.run("bridge", "fdb", "append", ANY_MAC, "dev", moved.vxlan, "dst", underlay,
-                         check=False)
-    for gone in set(net.hosts()) - set(moved.hosts()):
+        if len(before) == 1 and len(after) > 1:  # it had the bridge alone: now it needs VXLAN
+            _vxlan_up(moved, here, [_underlay(nets, h) for h in after if h != name], tag)
+            continue
+        for other in after:
+            if other != name and other not in before:
+                here.run("bridge", "fdb", "append", ANY_MAC, "dev", moved.vxlan, "dst",
+                         _underlay(nets, other), check=False)
+    for gone in [h for h in before if h not in after]:
         _down(net, _hostnet(nets, gone))
         underlay = _hostnet(nets, gone).underlay
-        for here_name in moved.hosts():
+        for name in after:
             if underlay:
-                _hostnet(nets, here_name).run("bridge", "fdb", "del", ANY_MAC, "dev", moved.vxlan,
-                                              "dst", underlay, check=False)
+                _hostnet(nets, name).run("bridge", "fdb", "del", ANY_MAC, "dev", moved.vxlan,
+                                         "dst", underlay, check=False)
     return moved
+
+
+def _underlay(nets: Mapping[str, HostNet], host: str) -> str:
+    underlay = _hostnet(nets, host).underlay
+    if underlay is None:
+        raise GangNetError(f"host {host} has no gang_underlay address in the config")
+    return underlay
 
 
 def remove(spool: Path, nets: Mapping[str, HostNet], gang_id: str) -> bool:

@@ -29,6 +29,7 @@ from vmjobs.checkpoint import discard
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.controlhub import ControlHub
+from vmjobs.daemon import gangwire
 from vmjobs.daemon.hosts import (
     GuestPoweredOff,
     GuestStopped,
@@ -243,6 +244,8 @@ class Daemon:
         the same transaction). Raises IllegalTransition on a change the state table does not
         allow. Caller holds the lock."""
         self.store.transition(job_id, state, reason, release=release, exit_code=exit_code)
+        if state.finished:  # a gang member's end: poison on failure, teardown at the last
+            gangwire.member_ended(self, job_id, state, exit_code, self.spawn)
 
     def publish_waits(self, waits: dict[str, Wait], merge: bool = False) -> None:
         """The last scheduling pass's verdict for each queued job (`merge`: for the jobs it
@@ -420,6 +423,9 @@ class Daemon:
             if active.time_limit_s is not None:
                 active.ends_at = now + active.time_limit_s
             self.record(job_id, JobState.RUNNING, f"guest started ({virt_type})")
+            if gangwire.gang_ref(record) is not None:
+                self.spawn(gangwire.member_running, self, record, active.host,
+                           name=f"ctl-attach-{job_id}")
             self.metrics.started(now - record.created)
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
@@ -452,6 +458,8 @@ class Daemon:
             input_dir=self._input_of(record, files),
             emulator_cpus=host_config.reserved_cpus,
         )
+
+        plan = gangwire.member_plan_for(self, record, plan)
 
         def starting(how: str) -> None:
             with self.lock:

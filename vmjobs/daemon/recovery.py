@@ -28,6 +28,7 @@ from typing import Any
 from vmjobs import gangnet
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
+from vmjobs.daemon import gangwire
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.guest import JobFiles, Verdict, nics_for
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, domain_name
@@ -118,6 +119,9 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             log.info("job %s: still running on %s", job_id, host)
             if active.stop is not None:  # cancelled while its host was away: carried out now
                 daemon.spawn(daemon.destroy_guest, host, job_id, name=f"stop-{job_id}")
+            elif gangwire.gang_ref(record) is not None:  # its vmjob-ctl port, again
+                daemon.spawn(gangwire.member_running, daemon, record, host,
+                             name=f"ctl-attach-{job_id}")
         for job_id in actions.requeue:
             daemon.record(job_id, JobState.QUEUED,
                           "back in the queue: the daemon stopped before starting it",
@@ -443,8 +447,7 @@ def recover(daemon: Daemon) -> None:
     sweep_gang_networks(daemon, live)
 
 
-# the key of a gang member's stored spec that names its gang (vmjobs.gang.KEY_ID)
-GANG_KEY = "gang_id"
+GANG_KEY = gangwire.KEY_ID
 
 
 def live_gangs(records: list[JobRecord]) -> set[str]:

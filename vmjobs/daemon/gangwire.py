@@ -131,7 +131,14 @@ def member_ended(daemon: Daemon, job_id: str, state: JobState, exit_code: int | 
     else:
         daemon.control.member_state(gang_id, index, "completed")
     if all(r.state.finished for r in member_records(daemon, gang_id)):
-        daemon.control.close_gang(gang_id)
+        gang_ended(daemon, gang_id, spawn)
+
+
+def gang_ended(daemon: Daemon, gang_id: str, spawn: Callable[..., None]) -> None:
+    """Every member has ended: the control state is closed, the network removed (on a
+    thread). Idempotent. Also the gang code's `ended` hook."""
+    daemon.control.close_gang(gang_id)
+    if gangnet.find(daemon.config.spool, gang_id) is not None:
         spawn(remove_network, daemon, gang_id, name=f"gangnet-remove-{gang_id}")
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from tests.multihost.conftest import Cluster
 from tests.multihost.jobs import connect, end_all, finish, output_text, start_job
-from vmjobs import gangnet
+from vmjobs import gangnet, migration
 from vmjobs.config import Config
 from vmjobs.control import MemberInfo
 from vmjobs.controlhub import ControlHub
@@ -221,4 +221,45 @@ def test_orphan_sweep_removes_networks_no_gang_owns(cluster: Cluster, env: Env,
     assert [n.gang_id for n in gangnet.networks(spool)] == ["livegang"]
     assert dead.slot != live.slot
     gangnet.remove(spool, env.nets, "livegang")
+    assert all(gang_devices(cluster, h) == [] for h in ("h1", "h2", "h3"))
+
+
+MOVED0 = ["sh", "-c", "vmjob-ctl barrier moved --timeout 300 && ping -c 3 -W 5 node1 && "
+                      "echo ping-after-move-ok"]
+MOVED1 = ["sh", "-c", "v=$(vmjob-ctl kv get go --wait) && echo go=$v && "
+                      "vmjob-ctl barrier moved --timeout 300 && ping -c 3 -W 5 node0 && "
+                      "echo ping-after-move-ok"]
+
+
+def test_a_migrated_member_keeps_its_network_and_control_port(cluster: Cluster,
+                                                              env: Env) -> None:
+    """node1 waits in `vmjob-ctl kv get --wait` while it is live-migrated h2 -> h3 the way the
+    daemon moves a member (network made on h3 before the copy, settled after, port attached
+    again on h3); the answer reaches it on h3, and the two members meet at a barrier and ping
+    each other across h1 <-> h3. h2 has no gang device left."""
+    gang = env.start_gang([MOVED0, MOVED1], ["h1", "h2"])
+
+    def waiting() -> bool:
+        with env.hub.lock:
+            return bool(env.hub.gangs[gang.gang_id].control.kv_waits.get("go"))
+
+    wait_until(waiting, 180, "node1 waiting for go")
+    spool, member = env.config.spool, gang.members[1]
+    moved = migration.migrate_job(
+        env.config, env.store, env.reached.conns, env.reached.hosts, member, "h3",
+        prepare_destination=lambda dest: gangnet.move(spool, env.nets, gang.gang_id, 1, dest,
+                                                      keep=["h2"]))
+    assert moved.destination == "h3"
+    assert sorted(gang_devices(cluster, "h2")) == sorted([gang.net.bridge, gang.net.vxlan])
+    gangnet.move(spool, env.nets, gang.gang_id, 1, "h3")
+    assert gang_devices(cluster, "h2") == []
+    env.hub.attach(gang.gang_id, 1, env.reached.conns["h3"], domain_name(member))
+    env.hub.kv_set(gang.gang_id, "go", "after-the-move")
+    records = [finish(env.config, env.store, env.reached, j, timeout_s=240)
+               for j in gang.members]
+    out0, out1 = (output_text(env.config.spool, j) for j in gang.members)
+    assert [r.exit_code for r in records] == [0, 0], (out0, out1)
+    assert "go=after-the-move" in out1
+    assert "ping-after-move-ok" in out0 and "ping-after-move-ok" in out1
+    env.end_gang(gang)
     assert all(gang_devices(cluster, h) == [] for h in ("h1", "h2", "h3"))

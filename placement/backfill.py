@@ -19,11 +19,12 @@ checks it against a reference implementation (tests/placement/test_easy.py).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from placement.cluster import Cluster
-from placement.errors import Conflict
+from placement.errors import Conflict, UnknownJob
 from placement.model import Allocation, Request
 
 
@@ -76,6 +77,13 @@ class Reservation:
             return True
         self.projected.release(job_id)
         return False
+
+    def withdraw(self, job_id: str) -> None:
+        """Undo `admits` for a job that will not start after all (another head refused it):
+        it no longer holds anything in the projected cluster."""
+        if self.projected is not None:
+            with contextlib.suppress(UnknownJob):  # it ended by the shadow time: never held
+                self.projected.release(job_id)
 
 
 def reserve_head(cluster: Cluster, head: Request, holders: Iterable[Holding], now: float,

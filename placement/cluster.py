@@ -17,7 +17,15 @@ from placement.filters import STATIC_HOST_FILTERS
 from placement.fit import Option, fit_host
 from placement.index import Buckets
 from placement.ledger import HostLedger, claim, copy_ledger, empty_ledger, nic_busy_text
-from placement.model import Allocation, Host, HostState, NodeShare, NumaPolicy, Request
+from placement.model import (
+    Allocation,
+    Host,
+    HostState,
+    NodeShare,
+    NumaPolicy,
+    Request,
+    ThreadPolicy,
+)
 from placement.need import Need, need_of
 from placement.results import Decision, Explanation, HostUsage, NicUsage, NodeUsage
 from placement.scorers import POLICIES, Policy, score
@@ -55,6 +63,7 @@ class Cluster:
         # Never mutated, so copies share them: "could it fit on the empty cluster?"
         self._empty = tuple(empty_ledger(h) for h in given)
         self._hosts = {h.name: h for h in given}
+        self._pools = tuple(sorted({p for h in given for p in h.pools}))
         self._allocs: dict[str, Allocation] = {}
         self._requests: dict[str, Request | None] = {}
         self._jobs_on: list[set[str]] = [set() for _ in given]
@@ -145,6 +154,7 @@ class Cluster:
         clone._ledgers = list(self._ledgers)
         clone._empty = self._empty
         clone._hosts = dict(self._hosts)
+        clone._pools = self._pools
         clone._allocs = dict(self._allocs)
         clone._requests = dict(self._requests)
         clone._jobs_on = list(self._jobs_on)
@@ -230,6 +240,20 @@ class Cluster:
             return False
         mode = EXPLAIN_MODE[request.numa]
         return any(fit_host(e, need, mode, STATIC_HOST_FILTERS).fits for e in self._empty)
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool some host is in, sorted."""
+        return self._pools
+
+    def candidates(self, request: Request) -> tuple[str, ...]:
+        """The hosts `request` could ever use, in host order: those its static filters (host
+        name, pool, labels, threads) admit, whatever they hold and whatever their state."""
+        if (request.host is None and request.pool is None and not request.labels
+                and request.threads != ThreadPolicy.ISOLATE):
+            return tuple(self._names)  # nothing to filter on: every host (O(1) per pass)
+        return tuple(e.host.name for e in self._empty
+                     if not any(f(e, request) for f in STATIC_HOST_FILTERS))
 
     def place_within(self, request: Request, policy: str = "pack",
                      exclude: frozenset[str] = frozenset(),

@@ -41,7 +41,7 @@ def host_state(ledger: HostLedger, request: Request) -> tuple[Reason, ...]:
 
 
 def pool(ledger: HostLedger, request: Request) -> tuple[Reason, ...]:
-    if request.pool is None or ledger.host.pool == request.pool:
+    if request.pool is None or request.pool in ledger.host.pools:
         return PASS
     name = ledger.host.name
     return (Reason(name, None, f"{name}: not in pool {request.pool}", "pool"),)

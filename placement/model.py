@@ -69,7 +69,9 @@ class Host:
     devices: tuple[Device, ...] = ()
     reserved_cpus: frozenset[int] = frozenset()  # kept for the OS / emulator threads
     labels: tuple[tuple[str, str], ...] = ()
-    pool: str = "default"
+    # the pools it belongs to (sorted, at least one); counted in each: a job for any of them
+    # may take it
+    pools: tuple[str, ...] = ("default",)
     state: HostState = HostState.UP
     siblings_known: bool = True  # False: libvirt gave no SMT sibling data, so no isolate
 

@@ -16,7 +16,7 @@ def make_host(
     nics_per_node: int = 0,
     hugepages: tuple[tuple[int, int], ...] = (),
     reserved_cpus: frozenset[int] = frozenset(),
-    pool: str = "default",
+    pools: tuple[str, ...] = ("default",),
     labels: tuple[tuple[str, str], ...] = (),
     state: HostState = HostState.UP,
     bus: int = 3,
@@ -43,7 +43,7 @@ def make_host(
         for i in range(nics_per_node)
     )
     return Host(name=name, nodes=tuple(built), devices=devices, reserved_cpus=reserved_cpus,
-                pool=pool, labels=labels, state=state)
+                pools=tuple(sorted(set(pools))), labels=labels, state=state)
 
 
 def make_hosts(count: int, prefix: str = "h", **shape: Any) -> list[Host]:

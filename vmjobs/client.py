@@ -195,6 +195,10 @@ class Client:
     def usage(self, by: str, since_s: float) -> dict[str, Any]:
         return self.call("GET", f"/v1/usage?by={quote(by, safe='')}&since={since_s:.0f}")
 
+    def pools(self, name: str | None = None) -> Any:
+        """GET /v1/pools (a list), or /v1/pools/NAME (one pool)."""
+        return self.call("GET", "/v1/pools" + (f"/{quote(name, safe='')}" if name else ""))
+
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.call("POST", "/v1/jobs", spec)
 

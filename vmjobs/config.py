@@ -27,6 +27,7 @@ EMBEDDED = "<embedded default>"
 VIRT_TYPES = ("kvm", "qemu", "auto")
 NIC_BACKENDS = ("vfio", "emulated")
 START_MODES = ("cold", "warm", "auto")  # vmjobs/template.py
+DEFAULT_POOL = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _VENDOR_PRODUCT = re.compile(r"^(0x)?[0-9a-f]{4}:(0x)?[0-9a-f]{4}$")
@@ -45,7 +46,9 @@ class HostConfig:
     reserved_cpus: frozenset[int] = frozenset()
     reserved_memory_mib: int = 0
     labels: tuple[tuple[str, str], ...] = ()
-    pool: str = "default"
+    # the pools it is in (config `pool:`, a name or a list; sorted, never empty); a host in
+    # two pools is counted in both (docs/user-guide.md, "Pools")
+    pools: tuple[str, ...] = (DEFAULT_POOL,)
     # vfio: which host NICs may be handed to jobs (PCI address or vendor:product)
     nic_allow: tuple[str, ...] = ()
     # emulated: the virtual NICs this host offers and the NUMA node each belongs to
@@ -108,6 +111,15 @@ class Config:
                 return host
         known = ", ".join(h.name for h in self.hosts)
         raise VmjobsError(f"unknown host {name!r} (configured: {known})")
+
+    @property
+    def pools(self) -> dict[str, tuple[str, ...]]:
+        """Pool name -> its member hosts, in config order; pools sorted by name."""
+        members: dict[str, list[str]] = {}
+        for host in self.hosts:
+            for pool in host.pools:
+                members.setdefault(pool, []).append(host.name)
+        return {pool: tuple(members[pool]) for pool in sorted(members)}
 
 
 DEFAULT = {
@@ -366,6 +378,17 @@ def _output_limit(top: _Reader) -> int | None:
         raise top.fail("output_limit", f"{exc}, or {UNLIMITED!r}") from None
 
 
+def _pools(host: _Reader) -> tuple[str, ...]:
+    """`pool:` of a host: one name or a list of names (letters, digits, . _ -); sorted,
+    duplicates dropped; absent: the default pool."""
+    value = host.data.get("pool", DEFAULT_POOL)
+    names = value if isinstance(value, list) else [value]
+    problem = "must be a pool name or a list of pool names (letters, digits, . _ -)"
+    if not names or not all(isinstance(n, str) and _NAME.match(n) for n in names):
+        raise host.fail("pool", problem)
+    return tuple(sorted(set(names)))
+
+
 def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
     host = _Reader(data, path, prefix)
     host.check_known(
@@ -421,7 +444,7 @@ def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
         reserved_cpus=reserved_cpus,
         reserved_memory_mib=host.size_mib("reserved_memory", 0),
         labels=tuple(sorted((k, str(v)) for k, v in labels.items())),
-        pool=host.str("pool", "default"),
+        pools=_pools(host),
         nic_allow=tuple(nic_allow),
         emulated_nics=tuple(emulated),
         gang_underlay=underlay,

@@ -20,10 +20,13 @@ class HostView:
     usage: HostUsage | None  # None: the host could not be reached
     error: str | None = None
     warnings: tuple[str, ...] = ()  # see vmjobs.host_checks
+    pools: tuple[str, ...] = ()  # the config's pools of the host
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "uri": self.uri,
                                 "state": self.usage.state.value if self.usage else "down"}
+        if self.pools:
+            data["pools"] = list(self.pools)
         if self.error:
             data["error"] = self.error
         if self.warnings:
@@ -58,6 +61,6 @@ def host_views(config: Config, only: str | None = None) -> list[HostView]:
     chosen = [config.host(only)] if only else config.hosts
     return [
         HostView(h.name, h.uri, cluster.free(h.name) if h.name in cluster.hosts else None,
-                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())))
+                 reached.errors.get(h.name), tuple(reached.warnings.get(h.name, ())), h.pools)
         for h in chosen
     ]

@@ -95,6 +95,14 @@ def format_age(seconds: float) -> str:
     return f"{seconds // 86400}d"
 
 
+def place_in_line(view: View) -> str:
+    """"position 3", or "position 3 in pool ci" when it waits in a pool's line other than
+    the default one."""
+    line = view.get("line")
+    where = f" in pool {line}" if line and line != "default" else ""
+    return f"position {view.get('position') or '-'}{where}"
+
+
 def why(view: View) -> str:
     if view["state"] == "QUEUED":
         return view.get("waiting_because") or "waiting for the scheduler"

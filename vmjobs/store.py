@@ -269,6 +269,12 @@ class Store:
         )
         return [_held(r) for r in rows]
 
+    def holders(self) -> list[JobRecord]:
+        """Every job (or other row of `jobs`, e.g. a held reservation) that holds cpus,
+        memory or NICs now, oldest first (index `jobs_held`)."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE allocation IS NOT NULL ORDER BY created")
+        return [_record(r) for r in rows]
+
     def holding(self, job_id: str) -> Held | None:
         """What one job holds now; None if it holds nothing (or does not exist)."""
         row = self.db.execute("SELECT id, allocation, request FROM jobs WHERE id = ? AND "

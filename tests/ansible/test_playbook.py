@@ -208,7 +208,7 @@ def test_first_run_provisions_this_machine(site: Site, first_run: dict[str, Any]
     checked = site.vmjob("hosts", "--check", "--json")
     assert checked.returncode == 0, checked.stderr
     hosts = json.loads(checked.stdout)["hosts"]
-    assert hosts == [{"name": "local", "uri": "qemu:///system", "pool": "default",
+    assert hosts == [{"name": "local", "uri": "qemu:///system", "pools": ["default"],
                       "reserved_cpus": [], "labels": {"provisioned-by": "ansible"},
                       "nics": []}]
     assert "migration_port_min = 49152" in (site.work / "etc-libvirt" / "qemu.conf").read_text()

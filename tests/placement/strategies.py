@@ -30,7 +30,8 @@ def hosts(draw: st.DrawFn, plain: bool = False) -> list[Host]:
             nics_per_node=draw(st.integers(0, 2)),
             hugepages=draw(st.sampled_from([(), ((PAGE, 512),)])),
             reserved_cpus=reserved,
-            pool="default" if plain else draw(st.sampled_from(["default", "ci"])),
+            pools=("default",) if plain else draw(st.sampled_from(
+                [("default",), ("ci",), ("ci", "default")])),
             labels=() if plain else draw(st.sampled_from([(), (("gpu", "yes"),)])),
             state=HostState.UP if plain else draw(st.sampled_from(
                 [HostState.UP, HostState.UP, HostState.UP, HostState.CORDONED, HostState.DOWN])),

@@ -24,6 +24,7 @@ from placement import (
     UnknownJob,
 )
 from placement.synthetic import make_host
+from tests.placement.strategies import hosts, requests
 
 STRICT = NumaPolicy.STRICT
 
@@ -429,3 +430,18 @@ def test_copies_share_nothing_they_change(ops: list[tuple[int, str, int]]) -> No
         assert fresh.allocations() == cluster.allocations()
         for name in ("a", "b"):
             assert cluster.free(name) == fresh.free(name)
+
+
+@given(hosts(), requests())
+def test_candidates_are_the_hosts_the_static_filters_admit(
+        given_hosts: list[Any], request: Request) -> None:
+    """`Cluster.candidates` (its shortcut for unconstrained requests included) is exactly
+    the hosts passing the static host filters, whatever they hold and their state."""
+    from placement.filters import STATIC_HOST_FILTERS
+    from placement.ledger import empty_ledger
+
+    cluster = Cluster(given_hosts)
+    expected = tuple(h.name for h in given_hosts
+                     if not any(f(empty_ledger(h), request) for f in STATIC_HOST_FILTERS))
+    assert cluster.candidates(request) == expected
+    assert cluster.pools == tuple(sorted({p for h in given_hosts for p in h.pools}))

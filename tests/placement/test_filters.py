@@ -53,9 +53,10 @@ def test_host_state() -> None:
 
 
 def test_pool() -> None:
-    led = ledger(pool="batch")
+    led = ledger(pools=("batch", "lab"))
     assert f.pool(led, Request(1, 1)) == ()
     assert f.pool(led, Request(1, 1, pool="batch")) == ()
+    assert f.pool(led, Request(1, 1, pool="lab")) == ()  # counted in each of its pools
     assert messages(f.pool(led, Request(1, 1, pool="ci"))) == ["a: not in pool ci"]
 
 

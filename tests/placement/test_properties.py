@@ -69,7 +69,7 @@ def assert_request_honoured(alloc: Allocation, request: Request, built: list[Hos
         assert alloc.host == request.host
     assert host.state == HostState.UP
     if request.pool is not None:
-        assert host.pool == request.pool
+        assert request.pool in host.pools
 
 
 def assert_isolation_respected(cluster: Cluster, built: list[Host]) -> None:

@@ -115,12 +115,22 @@ def test_full_file(tmp_path: Path) -> None:
     assert n1.reserved_cpus == frozenset({0, 16})
     assert n1.reserved_memory_mib == 4096
     assert n1.labels == (("gen", "3"), ("rack", "r1"))
-    assert n1.pool == "ci"
+    assert n1.pools == ("ci",)
     assert n1.nic_allow == ("0000:3b:00.0", "8086:1572", "0x8086:0x1521")
     assert n1.emulated_nics == (EmulatedNic("enic0", 0), EmulatedNic("enic1", 1))
     n2 = cfg.host("n2")
     assert n2.reserved_cpus == frozenset({0})
-    assert n2.pool == "default"
+    assert n2.pools == ("default",)
+
+
+def test_a_host_in_several_pools(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", {"hosts": [
+        {"name": "a", "uri": "qemu+tcp://a/system", "pool": ["lab", "ci", "ci"]},
+        {"name": "b", "uri": "qemu+tcp://b/system", "pool": "ci"},
+        {"name": "c", "uri": "qemu+tcp://c/system"}]})
+    cfg = load(str(path))
+    assert cfg.host("a").pools == ("ci", "lab")  # sorted, once each
+    assert cfg.pools == {"ci": ("a", "b"), "default": ("c",), "lab": ("a",)}
 
 
 def test_unknown_host_names_the_configured_ones() -> None:
@@ -138,6 +148,9 @@ BAD = [
     ("- a\n- b\n", "(top level)", "must be a mapping"),
     ({"spools": "/x"}, "spools", "unknown key"),
     (one_host(cpus=4), "hosts[0].cpus", "unknown key"),
+    (one_host(pool=[]), "hosts[0].pool", "a pool name or a list of pool names"),
+    (one_host(pool=["ci", 3]), "hosts[0].pool", "a pool name or a list of pool names"),
+    (one_host(pool="a b"), "hosts[0].pool", "a pool name or a list of pool names"),
     ({"virt_type": "xen"}, "virt_type", "must be one of kvm, qemu, auto, not 'xen'"),
     ({"nic_backend": "sriov"}, "nic_backend", "must be one of vfio, emulated"),
     ({"spool": "var/lib/vmjobs"}, "spool", "must be an absolute path"),

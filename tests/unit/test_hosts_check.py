@@ -32,7 +32,7 @@ def test_valid_config_is_listed_and_nothing_is_touched(tmp_path: Path) -> None:
     data = json.loads(done.stdout)
     assert [h["name"] for h in data["hosts"]] == ["node1", "node2"]
     assert data["hosts"][0] == {"name": "node1", "uri": "qemu+tcp://192.0.2.250/system",
-                                "pool": "batch", "reserved_cpus": [0, 1],
+                                "pools": ["batch"], "reserved_cpus": [0, 1],
                                 "labels": {"rack": "a"}, "nics": ["8086:1572", "0000:03:00.1"]}
     text = vmjob("--config", str(config), "hosts", "--check")
     assert text.returncode == 0 and "valid" in text.stdout and "node2" in text.stdout

@@ -275,7 +275,7 @@ def test_emulated_devices() -> None:
 
 def test_build_host_applies_reservations(nodes: tuple[Node, ...], pci: list[PciDevice]) -> None:
     config = HostConfig(name="n1", uri="qemu+ssh://n1/system", reserved_cpus=frozenset({0, 16}),
-                        reserved_memory_mib=4096, labels=(("rack", "r1"),), pool="ci",
+                        reserved_memory_mib=4096, labels=(("rack", "r1"),), pools=("ci",),
                         nic_allow=("8086:1572",))
     host = build_host(config, nodes, nic_devices(pci, config.nic_allow))
     assert host.name == "n1"
@@ -286,7 +286,7 @@ def test_build_host_applies_reservations(nodes: tuple[Node, ...], pci: list[PciD
     assert [n.cpus for n in host.nodes] == [n.cpus for n in nodes]
     assert [n.hugepages for n in host.nodes] == [n.hugepages for n in nodes]
     assert [d.address for d in host.devices] == [X710_0, X710_1]
-    assert (host.labels, host.pool, host.state) == ((("rack", "r1"),), "ci", HostState.UP)
+    assert (host.labels, host.pools, host.state) == ((("rack", "r1"),), ("ci",), HostState.UP)
     assert cpu_node_map(host)[16] == 0 and cpu_node_map(host)[24] == 1
     assert {node: [d.address for d in devs] for node, devs in devices_by_node(host).items()} == {
         0: [X710_0], 1: [X710_1]}

@@ -17,7 +17,8 @@ def view(job_id: str, state: str = "RUNNING", **fields: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "id": job_id, "name": None, "owner": "alice", "state": state, "host": "h1",
         "created": NOW - 7200, "updated": NOW - 60, "started": NOW - 3600,
-        "time_limit": None, "exit_code": None, "position": None, "waiting_because": None,
+        "time_limit": None, "exit_code": None, "position": None, "line": None,
+        "waiting_because": None,
         "message": None, "request": {"cpus": 2, "memory_mib": 512, "pool": None, "host": None},
     }
     base.update(fields)
@@ -91,3 +92,11 @@ def test_columns_by_name_in_the_order_given() -> None:
                                           NOW, header=False))
     assert lines == ["3f9a1c2e  n  RUNNING"]
     assert jobtable.render([]) == []
+
+
+def test_place_in_line_names_a_pool_other_than_the_default() -> None:
+    assert jobtable.place_in_line(view("q", "QUEUED", position=3, line="ci")) == \
+        "position 3 in pool ci"
+    assert jobtable.place_in_line(view("q", "QUEUED", position=1, line="default")) == \
+        "position 1"
+    assert jobtable.place_in_line(view("q", "QUEUED")) == "position -"

@@ -100,7 +100,7 @@ COMMANDS = {
     "drain": "vmjobs.cli.moves:drain", "uncordon": "vmjobs.cli.moves:uncordon",
     "rebalance": "vmjobs.cli.moves:rebalance", "plan": "vmjobs.cli.plan:plan",
     "devcluster": "vmjobs.cli.devcluster:devcluster_group", "smoke": "vmjobs.cli.smoke:smoke",
-    "usage": "vmjobs.cli.usage:usage_command",
+    "usage": "vmjobs.cli.usage:usage_command", "pools": "vmjobs.cli.pools:pools",
     "kv": "vmjobs.cli.kv:kv",
 }
 

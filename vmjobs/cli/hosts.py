@@ -118,11 +118,11 @@ def _print_checked(config: Config, host: str | None, as_json: bool) -> None:
                f"{len(config.hosts)} host(s)")
     for h in chosen:
         reserved = ",".join(map(str, sorted(h.reserved_cpus))) or "-"
-        click.echo(f"  {h.name}  {h.uri}  pool {h.pool}  reserved cpus {reserved}  "
+        click.echo(f"  {h.name}  {h.uri}  pools {','.join(h.pools)}  reserved cpus {reserved}  "
                    f"nics {','.join(h.nic_allow) or '-'}")
 
 
 def _host_dict(h: HostConfig) -> dict[str, object]:
-    return {"name": h.name, "uri": h.uri, "pool": h.pool,
+    return {"name": h.name, "uri": h.uri, "pools": list(h.pools),
             "reserved_cpus": sorted(h.reserved_cpus), "labels": dict(h.labels),
             "nics": list(h.nic_allow)}

@@ -136,8 +136,7 @@ def show(job: str, as_json: bool, url: str | None) -> None:
     if view.get("env"):
         lines.append(("env", " ".join(f"{k}={shlex.quote(v)}" for k, v in view["env"].items())))
     if view["state"] == "QUEUED":
-        lines.append(("queue", f"position {view.get('position') or '-'}: "
-                               f"{jobtable.why(view)}"))
+        lines.append(("queue", f"{jobtable.place_in_line(view)}: {jobtable.why(view)}"))
     if alloc:
         nodes = ", ".join(f"node{n['node']}: cpus {','.join(map(str, n['cpus']))}"
                           for n in alloc["nodes"])

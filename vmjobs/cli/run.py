@@ -29,6 +29,7 @@ from vmjobs.config import Config
 from vmjobs.errors import VmjobsError
 from vmjobs.guest_protocol import input_entries
 from vmjobs.interrupt import Interrupted, interruptible
+from vmjobs.jobtable import place_in_line
 from vmjobs.outcome import EXIT_NOT_STARTED, cancelled_line, interrupted_exit
 from vmjobs.spec import Spec, SpecError, check_paths
 from vmjobs.transport import Target
@@ -148,7 +149,7 @@ def _through_daemon(client: Client, spec: Spec, write: Callable[[str], None],
     view = submit_job(client, body)  # --no-wait without room: NotStarted, exit 75
     job_id = ended["job"] = view["id"]
     if view["state"] == "QUEUED" and view.get("position"):
-        note(f"job {job_id} queued at position {view['position']}: {view['waiting_because']}")
+        note(f"job {job_id} queued at {place_in_line(view)}: {view['waiting_because']}")
     else:
         note(f"job {job_id} submitted")
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import placement
-from vmjobs import __version__, usage
+from vmjobs import __version__, pools_view, usage
 from vmjobs.config import system_warnings
 from vmjobs.controlhub import ControlError
 from vmjobs.daemon import logs, moves
@@ -61,7 +61,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
         "image": spec.get("image"), "request": record.request,
         "time_limit": time_limit_of(spec), "wait_timeout": wait_timeout_of(spec),
         "output": spec.get("output"), "allocation": record.allocation,
-        "position": None, "waiting_because": None,
+        "position": None, "line": None, "waiting_because": None,
         "array": spec.get(KEY_ID), "array_index": spec.get(KEY_INDEX),
     }
     use = daemon.sampler.used(record.id)
@@ -70,6 +70,7 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
         view["position"] = wait.position
+        view["line"] = wait.line  # the pool whose line `position` counts in
         view["waiting_because"] = wait.reason
     return view
 
@@ -104,6 +105,8 @@ class Api:
         router.add("POST", "/v1/hosts/{host}/uncordon", self.uncordon)
         router.add("POST", "/v1/rebalance", self.rebalance)
         router.add("GET", "/v1/usage", self.usage)
+        router.add("GET", "/v1/pools", self.pools)
+        router.add("GET", "/v1/pools/{name}", self.pools)
         router.add("GET", "/v1/jobs/{id}/kv", self.kv_get)
         router.add("POST", "/v1/jobs/{id}/kv", self.kv_set)
         return router
@@ -171,7 +174,8 @@ class Api:
             for host in daemon.config.hosts:
                 usage = cluster.free(host.name) if host.name in cluster.hosts else None
                 views.append(HostView(host.name, host.uri, usage, daemon.hosts.error(host.name),
-                                      tuple(daemon.hosts.warnings(host.name))).to_dict())
+                                      tuple(daemon.hosts.warnings(host.name)),
+                                      host.pools).to_dict())
         return Json(views)
 
     def list_jobs(self, req: ApiRequest) -> Json:
@@ -499,6 +503,22 @@ class Api:
         capacity = usage.capacity_of(cluster.free(name) for name in cluster.hosts)
         return Json(usage.report(histories, capacity, now, now - since_s, by,
                                  None if req.caller.admin else req.caller.name))
+
+    def pools(self, req: ApiRequest) -> Json:
+        """Every pool (or the one named): members with free/total capacity, holders, and the
+        pool's line of waiting jobs (`vmjobs.pools_view`). Anyone may read it, as `/v1/hosts`:
+        it names holders' owners and ids, not their commands."""
+        name = req.params.get("name")
+        daemon = self.daemon
+        with daemon.lock:
+            ends = {a.job_id: a.ends_at for a in daemon.active.values()
+                    if a.ends_at is not None}
+            try:
+                views = pools_view.from_store(daemon.store, daemon.config.pools,
+                                              daemon.live.cluster(), daemon.waits, ends, name)
+            except NotFound as exc:
+                raise ApiError(404, str(exc)) from None
+        return Json(views[0] if name is not None else views)
 
     # --- a gang's key-value store (the one its members' vmjob-ctl reads and writes) ---------
 

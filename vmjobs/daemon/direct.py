@@ -32,6 +32,7 @@ from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.daemon import logs, scheduler
 from vmjobs.daemon.core import Daemon
+from vmjobs.daemon.queue import FIRST_IN_LINE
 from vmjobs.daemon.recovery import reap_abandoned, runner_identity
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import JobFiles
@@ -90,7 +91,7 @@ def run(config: Config, spec: Spec, write: Callable[[str], None],
                 why = scheduler.start_now_or_forget(daemon, job_id)
                 placed = daemon.store.job(job_id)
             if why is not None or placed is None or placed.allocation is None:
-                why = (why or "it cannot start").removeprefix("first in line: ")
+                why = FIRST_IN_LINE.sub("", why or "it cannot start")
                 raise DoesNotFit(f"cannot start now: {why} (without a daemon, vmjob run "
                                  "does not wait)")
             note(f"job {job_id} on {placed.host}: {describe_allocation(_allocation(placed))}")

@@ -1,31 +1,44 @@
-"""The queue's policy: FIFO within priority, with EASY backfill. Pure: no store, no libvirt.
+"""The queue's policy: one FIFO (within priority) per pool, with EASY backfill per head. Pure:
+no store, no libvirt.
 
 One pass over a snapshot of the cluster decides which queued jobs start now and, for each one
-that waits, why. Jobs start in order while the first one fits. The first job that does not
-fit is the *head*: from the running jobs' time limits the pass computes the *shadow time*, the
-latest moment at which the head will fit, and the cluster as it will be then. A later job may
-start early (backfill) only if it cannot delay the head: it ends before the shadow time (it has
-a `--time-limit`), or the head, re-placed on the cluster as it will be at the shadow time,
-still fits with the later job still running. So a large job at the head is never starved by a
-stream of small ones. The reservation is `placement.backfill`'s, which the trace simulator
-shares.
+that waits, why. Every pool has a *line*: the jobs that may use one of its hosts wait in it,
+in queue order (priority, then submission). A job asking for a pool (`--pool ci`) is in that
+pool's line; any other job is in the line of every pool of the hosts it could ever use (a job
+pinned to `--host h1` is in h1's pools' lines; a job free to go anywhere on a cluster whose
+hosts are all in `default` is in that one line, as before pools existed).
+
+Jobs start in queue order while they fit. The first job of a line that cannot start is that
+line's *head*: from the running jobs' time limits the pass computes its *shadow time*, the
+latest moment at which it will fit, and the cluster as it will be then. A later job may
+start early (backfill) only if it delays no head whose candidate hosts (those its host, pool
+and label constraints admit) include the host it would start on: it ends before that head's
+shadow time, or the head, re-placed on the cluster as it will be then, still fits with the
+later job still running. So a line behaves as a counting semaphore over its pool's hosts —
+its head takes the first member that frees, and no later job, of that line or of another
+one sharing a member, takes that member first — and a large head is never starved by a
+stream of small jobs. A host in two pools is counted in both: the heads of both lines are
+protected on it. The reservation is `placement.backfill`'s, which the trace simulator shares.
+On a cluster with one pool this is exactly the single-line EASY policy.
 
 A job of an array with a limit (`--array 1-100%10`) whose array already runs that many jobs
-is *held*: it waits with that reason, is passed over (never the head, never blocking anyone
+is *held*: it waits with that reason, is passed over (never a head, never blocking anyone
 behind it) and is looked at again in the next pass.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import placement
 from placement import Allocation, Request
 from placement.backfill import Holding, Reservation, reserve_head
 
-__all__ = ["Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "order", "plan"]
+__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting", "lines_of",
+           "order", "plan"]
 
 
 @dataclass(frozen=True)
@@ -49,16 +62,18 @@ class Start:
 @dataclass(frozen=True)
 class Wait:
     job_id: str
-    position: int  # 1 = the head, unless `held`
+    position: int  # in its line: 1 = the head, unless `held`
     reason: str
     held: bool = False  # by its array's limit, not by room: nothing to make room for
+    line: str | None = None  # the pool whose line `position` counts in
+    lines: tuple[tuple[str, int], ...] = ()  # (pool, position) in every line it is in, known
 
 
 @dataclass(frozen=True)
 class Plan:
     starts: tuple[Start, ...]
     waits: tuple[Wait, ...]
-    shadow: float | None = None  # when the head will fit at the latest, when known
+    shadow: float | None = None  # when the first head will fit at the latest, when known
 
 
 def order(waiting: Sequence[Waiting]) -> list[Waiting]:
@@ -85,17 +100,18 @@ def plan(cluster: placement.Cluster, waiting: Sequence[Waiting], holding: Holder
 class Planner:
     """One scheduling pass, which can be carried on later with jobs added to the queue's end.
 
-    State guarded: a working copy of the cluster with this pass's starts reserved in it, the
-    head and its reservation once a job did not fit, the reasons of requests refused so far,
-    and how many jobs of each array run. If the cluster has not changed since (nothing
-    released, no host up or down), offering the jobs submitted meanwhile gives the same
-    decisions as planning the whole queue again — the jobs before them are decided the same
-    way, on the same cluster — at the cost of the new jobs alone (`offer`). Pure: no store, no
-    clock (`now` is given).
+    State guarded: a working copy of the cluster with this pass's starts reserved in it, each
+    line's head with its reservation once a job of it could not start, the positions handed
+    out per line, the reasons of requests refused so far, and how many jobs of each array
+    run. If the cluster has not changed since (nothing released, no host up or down),
+    offering the jobs submitted meanwhile gives the same decisions as planning the whole
+    queue again — the jobs before them are decided the same way, on the same cluster — at
+    the cost of the new jobs alone (`offer`). Pure: no store, no clock (`now` is given).
 
-    Positions in line: the head is 1, then every other waiting job in queue order. Jobs held
-    by their array's limit before any head is known are numbered after it once it is, so an
-    `offer` that finds the head also returns those held jobs again, renumbered.
+    Positions, per line: its head is 1, then every other job waiting in it, in queue order. A
+    job in several lines is reported with its best position (`Wait.line` names that line).
+    Jobs held by their array's limit before a line's head is known are numbered after it once
+    it is, so an `offer` that finds the head also returns those held jobs again, renumbered.
     """
 
     def __init__(self, cluster: placement.Cluster, holding: Holders, policy: str = "pack",
@@ -104,88 +120,213 @@ class Planner:
         self.policy = policy
         self._holding = holding
         self.limits = _ArrayLimits(running or {})
-        self.holders: list[Holding] | None = None  # read when a head is found
+        self.holders: list[Holding] | None = None  # read when the first head is found
         self.pending: list[Holding] = []  # this pass's starts, holders from now on
         self.decided: list[str] = []  # every job offered, in queue order
-        self.waits = 0  # positions handed out
-        self.held_early: list[Wait] = []  # held by their array's limit before any head
-        self.head: Waiting | None = None
-        self.reservation: Reservation | None = None
+        self.lines: dict[str, _Line] = {}
+        self.heads: list[_Head] = []  # in queue order
+        self._scopes: dict[tuple[object, ...], tuple[frozenset[str], tuple[str, ...]]] = {}
+        self._positions: dict[str, dict[str, int]] = {}  # waiting job -> line -> position
+        self._verdicts: dict[str, Wait] = {}  # waiting job -> why (position set on output)
         # The cluster only fills up during a pass, so a request that did not fit still does
         # not: a long queue of alike jobs costs one placement, not one each.
         self.refused: dict[Request, str] = {}
+
+    @property
+    def head(self) -> Waiting | None:
+        """The first head found (queue order), if any."""
+        return self.heads[0].job if self.heads else None
+
+    def scope(self, request: Request) -> tuple[frozenset[str], tuple[str, ...]]:
+        """`lines_of(request)` on this pass's cluster, once per kind of request."""
+        key = (request.host, request.pool, request.labels, request.threads)
+        found = self._scopes.get(key)
+        if found is None:
+            found = self._scopes[key] = lines_of(self.cluster, request)
+        return found
 
     def offer(self, queue: Sequence[Waiting], now: float) -> Plan:
         """Decide `queue` (in queue order, after every job offered before): the starts and
         waits among them (and held jobs renumbered, see the class)."""
         starts: list[Start] = []
-        waits: list[Wait] = []
+        out: dict[str, Wait] = {}  # a job renumbered in this offer is returned once, last
         for job in queue:
             self.decided.append(job.job_id)
             if (reason := self.limits.holds(job)) is not None:
-                held = Wait(job.job_id, 0, reason, held=True)
-                if self.head is None:
-                    self.held_early.append(held)
-                else:
-                    waits.append(self._number(held))
+                self._hold(job, self.scope(job.request)[1], reason, out)
                 continue
-            if self.head is None:
-                decision = self.cluster.place(job.request, self.policy)
-                if decision.allocation is not None:
-                    self.cluster.reserve(job.job_id, decision.allocation, job.request)
-                    starts.append(Start(job.job_id, decision.allocation))
-                    self.pending.append(Holding(job.job_id, _ends(job, now)))
-                    self.limits.started(job)
-                    continue
-                self.waits = 0  # only held jobs were numbered so far: the head goes first
-                waits.append(self._make_head(job, now))
-                waits.extend(self._number(w) for w in self.held_early)
-                self.held_early = []
+            tried = self._try(job, now)
+            if isinstance(tried, Start):
+                starts.append(tried)
                 continue
-            wait = self._backfill(job, now)
-            if isinstance(wait, Start):
-                starts.append(wait)
-            else:
-                waits.append(wait)
-        if self.head is None and self.held_early:
-            self.waits = 0
-            waits.extend(self._number(w) for w in self.held_early)
-        shadow = self.reservation.shadow if self.reservation is not None else None
-        return Plan(tuple(starts), tuple(waits), shadow)
+            hosts, lines = self.scope(job.request)
+            self._verdicts[job.job_id] = Wait(job.job_id, 0, tried)
+            positions = self._positions[job.job_id] = {}
+            headless = [name for name in lines if self._line(name).head is None]
+            if headless:
+                head = self._make_head(job, hosts, headless, tried, now)
+                for name in headless:
+                    line = self.lines[name]
+                    line.head, line.count = head, 1
+                    positions[name] = 1
+            for name in lines:
+                if name not in positions:
+                    line = self.lines[name]
+                    line.count += 1
+                    positions[name] = line.count
+            self._emit(job.job_id, out)
+            for name in headless:  # held before the head: numbered after it
+                self._renumber(self.lines[name], out, keep=False)
+        for line in self.lines.values():
+            if line.head is None and line.held_early:
+                line.count = 0
+                self._renumber(line, out, keep=True)
+        shadow = self.heads[0].reservation.shadow if self.heads else None
+        return Plan(tuple(starts), tuple(out.values()), shadow)
 
-    def _make_head(self, head: Waiting, now: float) -> Wait:
-        holding = self._holding() if callable(self._holding) else self._holding
-        self.holders = [*holding, *self.pending]
-        self.head = head
-        self.reservation = reserve_head(self.cluster, head.request, self.holders, now,
-                                        self.policy)
-        why = self.cluster.explain(head.request).summary
-        if self.reservation.shadow is not None:
-            why += f"; starts by {_clock(self.reservation.shadow)} at the latest"
-        return self._wait(head, f"first in line: {why}")
+    def _line(self, name: str) -> _Line:
+        line = self.lines.get(name)
+        if line is None:
+            line = self.lines[name] = _Line(name)
+        return line
 
-    def _backfill(self, job: Waiting, now: float) -> Start | Wait:
-        assert self.head is not None and self.reservation is not None
+    def _try(self, job: Waiting, now: float) -> Start | str:
+        """Start `job` if it fits now and delays no head on the host it would take; else
+        why not. Where the host the engine picks would delay a head, the job is placed again
+        outside that head's hosts (a job free to use another pool's hosts need not wait for
+        this one's head)."""
         if job.request in self.refused:
-            return self._wait(job, self.refused[job.request])
+            return self.refused[job.request]
         decision = self.cluster.place(job.request, self.policy)
         allocation = decision.allocation
         if allocation is None:
             reason = self.refused[job.request] = decision.explanation.summary
-        elif self.reservation.admits(job.job_id, allocation, job.request, _ends(job, now)):
-            self.cluster.reserve(job.job_id, allocation, job.request)
-            self.limits.started(job)
-            return Start(job.job_id, allocation, backfilled=True)
-        else:
-            reason = _would_delay(job, self.head, self.reservation)
-        return self._wait(job, reason)
+            return reason
+        ends = _ends(job, now)
+        excluded: frozenset[str] = frozenset()
+        first: _Head | None = None
+        while (refusing := self._admit(job, allocation, ends)) is not None:
+            first = first or refusing
+            excluded |= refusing.hosts
+            if self.scope(job.request)[0] <= excluded:
+                return _would_delay(job, first)
+            allocation = self.cluster.place_within(job.request, self.policy,
+                                                   excluded).allocation
+            if allocation is None:
+                return _would_delay(job, first)
+        self.cluster.reserve(job.job_id, allocation, job.request)
+        self.pending.append(Holding(job.job_id, ends))
+        self.limits.started(job)
+        # behind a head of one of its lines (the scope is only worked out once a head exists:
+        # while every job fits, a pass costs no more than before pools)
+        behind = bool(self.heads) and any(
+            self.lines[n].head is not None
+            for n in self.scope(job.request)[1] if n in self.lines)
+        return Start(job.job_id, allocation, backfilled=behind)
 
-    def _wait(self, job: Waiting, reason: str) -> Wait:
-        return self._number(Wait(job.job_id, 0, reason))
+    def _admit(self, job: Waiting, allocation: Allocation, ends: float | None) -> _Head | None:
+        """None if every head that could use `allocation`'s host admits the job there (it
+        stays held in their projected clusters); else the first head that refuses (and the
+        admissions made are withdrawn)."""
+        admitted: list[_Head] = []
+        for head in self.heads:
+            if allocation.host not in head.hosts:
+                continue  # that head can never use the host: nothing to delay
+            if not head.reservation.admits(job.job_id, allocation, job.request, ends):
+                for other in admitted:
+                    other.reservation.withdraw(job.job_id)
+                return head
+            admitted.append(head)
+        return None
 
-    def _number(self, wait: Wait) -> Wait:
-        self.waits += 1
-        return replace(wait, position=self.waits)
+    def _make_head(self, job: Waiting, hosts: frozenset[str], lines: list[str], why: str,
+                   now: float) -> _Head:
+        if self.holders is None:
+            self.holders = list(self._holding() if callable(self._holding) else self._holding)
+        reservation = reserve_head(self.cluster, job.request, [*self.holders, *self.pending],
+                                   now, self.policy)
+        head = _Head(job, reservation, hosts, tuple(lines))
+        self.heads.append(head)
+        if why == self.refused.get(job.request):  # it does not fit: say what it waits for
+            why = self.cluster.explain(job.request).summary
+            if reservation.shadow is not None:
+                why += f"; starts by {_clock(reservation.shadow)} at the latest"
+        self._verdicts[job.job_id] = Wait(job.job_id, 0, f"{_first_in(lines)}: {why}")
+        return head
+
+    def _hold(self, job: Waiting, lines: tuple[str, ...], reason: str,
+              out: dict[str, Wait]) -> None:
+        self._verdicts[job.job_id] = Wait(job.job_id, 0, reason, held=True)
+        positions = self._positions[job.job_id] = {}
+        for name in lines:
+            line = self._line(name)
+            if line.head is None:
+                line.held_early.append(job.job_id)
+            else:
+                line.count += 1
+                positions[name] = line.count
+        if positions:
+            self._emit(job.job_id, out)
+
+    def _renumber(self, line: _Line, out: dict[str, Wait], keep: bool) -> None:
+        for job_id in line.held_early:
+            line.count += 1
+            self._positions[job_id][line.name] = line.count
+            self._emit(job_id, out)
+        if not keep:
+            line.held_early = []
+
+    def _emit(self, job_id: str, out: dict[str, Wait]) -> None:
+        position, line = min((p, name) for name, p in self._positions[job_id].items())
+        out[job_id] = replace(self._verdicts[job_id], position=position, line=line,
+                              lines=tuple(sorted(self._positions[job_id].items())))
+
+
+@dataclass
+class _Line:
+    """One pool's line in a pass: its head, the positions handed out, and the jobs held by
+    their array's limit before a head was known."""
+
+    name: str
+    head: _Head | None = None
+    count: int = 0
+    held_early: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Head:
+    """A line's head: the job, its EASY reservation, and the hosts it could ever use (a
+    later job starting elsewhere cannot delay it)."""
+
+    job: Waiting
+    reservation: Reservation
+    hosts: frozenset[str]
+    lines: tuple[str, ...]  # the lines it heads
+
+
+# the prefix of a head's reason, for those who print the reason alone (a direct `vmjob run`)
+FIRST_IN_LINE = re.compile(r"^first in line(?: for pools? [^:]+)?: ")
+
+
+def lines_of(cluster: placement.Cluster,
+             request: Request) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The hosts `request` could ever use (its host, pool, label and thread constraints; see
+    `Cluster.candidates`) and the lines it waits in, sorted: its `--pool`, else every pool of
+    those hosts (of all hosts if none could serve it; `default` on an empty cluster)."""
+    hosts = cluster.candidates(request)
+    if request.pool is not None:
+        return frozenset(hosts), (request.pool,)
+    if not hosts or len(hosts) == len(cluster.hosts):
+        return frozenset(hosts), cluster.pools or ("default",)
+    known = cluster.hosts
+    return frozenset(hosts), tuple(sorted({p for h in hosts for p in known[h].pools}))
+
+
+def _first_in(lines: Sequence[str]) -> str:
+    """"first in line" (the one pool is `default`), "first in line for pool ci", ..."""
+    if list(lines) == ["default"]:
+        return "first in line"
+    return f"first in line for pool{'s' if len(lines) > 1 else ''} {', '.join(lines)}"
 
 
 class _ArrayLimits:
@@ -213,10 +354,13 @@ def _ends(job: Waiting, now: float) -> float | None:
     return now + job.time_limit_s if job.time_limit_s is not None else None
 
 
-def _would_delay(job: Waiting, head: Waiting, reservation: Reservation) -> str:
+def _would_delay(job: Waiting, head: _Head) -> str:
+    """Why `job` must not start where it fits now: it would delay `head`."""
+    reservation = head.reservation
+    first = _first_in(head.lines)
     if reservation.shadow is None:
-        return (f"room now, but it would delay {head.job_id} (first in line), whose start "
+        return (f"room now, but it would delay {head.job.job_id} ({first}), whose start "
                 "depends on jobs without a time limit")
     limit = "" if job.time_limit_s is not None else "; a --time-limit would let it start early"
-    return (f"room now, but it would delay {head.job_id} (first in line, due by "
+    return (f"room now, but it would delay {head.job.job_id} ({first}, due by "
             f"{_clock(reservation.shadow)}){limit}")

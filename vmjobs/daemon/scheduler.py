@@ -149,13 +149,16 @@ def expire(daemon: Daemon, now: float, queue: Queue, current: Pass | None = None
 
 
 def make_room(daemon: Daemon, queue: Queue) -> None:
-    """With `preemption: on`, move preemptible jobs for the first in line; with nobody
+    """With `preemption: on`, move preemptible jobs for the first head in line; with nobody
     waiting, bring back jobs that were checkpointed for others."""
-    head = next((w for w in daemon.waits.values() if w.position == 1 and not w.held), None)
-    if head is not None and daemon.config.preemption:
-        request = next((q for r, q in queue if r.id == head.job_id), None)
-        if request is not None:
-            moves.preempt_for(daemon, head.job_id, request)
+    if daemon.config.preemption:
+        # the first head in queue order (each pool's line has its own; one preemption at a
+        # time, `Daemon.preempting`)
+        for record, request in queue:
+            wait = daemon.waits.get(record.id)
+            if wait is not None and wait.position == 1 and not wait.held:
+                moves.preempt_for(daemon, record.id, request)
+                break
     if not queue:
         moves.restore_waiting(daemon)
 

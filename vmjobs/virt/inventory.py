@@ -387,7 +387,7 @@ def build_host(config: HostConfig, nodes: tuple[Node, ...], devices: tuple[Devic
         devices=devices,
         reserved_cpus=config.reserved_cpus,
         labels=config.labels,
-        pool=config.pool,
+        pools=config.pools,
         state=state,
         siblings_known=siblings_known,
     )

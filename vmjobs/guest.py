@@ -18,7 +18,7 @@ from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.units import format_bytes
 from vmjobs.virt import domain_xml
-from vmjobs.virt.domain_xml import DomainSpec, Nic, guest_nic_address
+from vmjobs.virt.domain_xml import BridgeNic, DomainSpec, Nic, guest_nic_address
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -121,6 +121,10 @@ class GuestPlan:
     input_dir: Path | None = None
     emulator_cpus: frozenset[int] = frozenset()
     vmjob_env: Mapping[str, str] = field(default_factory=dict)  # e.g. $VMJOB_ARRAY_INDEX
+    # a gang member (vmjobs/gangmember.py): files under /vmjob/, its gang NIC, its control port
+    extra_files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)
+    gang_nic: BridgeNic | None = None
+    control_channel: bool = False
 
 
 def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
@@ -157,6 +161,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             nics=tuple(str(n.guest_address) for n in nics),
             input_dir=plan.input_dir,
             vmjob_env=plan.vmjob_env,
+            extra_files=plan.extra_files,
         ),
         plan.image.initrd,
         files.initrd,
@@ -182,6 +187,8 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             # every job may move: after a migration or restore its clock is set through this
             clock_channel=True,
             output_pipe=output_pipe,
+            gang_nic=plan.gang_nic,
+            control_channel=plan.control_channel,
         )
     )
     fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)

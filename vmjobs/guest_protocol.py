@@ -59,6 +59,9 @@ class JobSpec:
     nics: tuple[str, ...] = ()  # guest PCI addresses -> NIC0, NIC1, ...
     input_dir: Path | None = None
     vmjob_env: Mapping[str, str] = field(default_factory=dict)  # VMJOB_* set by vmjob (arrays)
+    # files vmjob adds under /vmjob/ (a gang member's /vmjob/net/*, /vmjob/bin/vmjob-ctl):
+    # path relative to / -> (bytes, mode)
+    extra_files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,12 @@ def job_entries(spec: JobSpec) -> list[Entry]:
                 for i, arg in enumerate(spec.argv)]
     entries += [Entry.file(f"vmjob/env/{name}", value.encode("utf-8", "surrogateescape"), 0o600)
                 for name, value in job_env(spec).items()]
+    directories = sorted({str(Path(p).parent) for p in spec.extra_files} - {"vmjob", "."})
+    entries += [Entry.dir(d, 0o755) for d in directories]
+    for path, (data, mode) in sorted(spec.extra_files.items()):
+        if not re.fullmatch(r"vmjob/(net|bin)/[a-z][a-z0-9-]*", path):
+            raise VmjobsError(f"bad vmjob file {path!r}")
+        entries.append(Entry.file(path, data, mode))
     if spec.input_dir is not None:
         entries += input_entries(spec.input_dir)
     return entries

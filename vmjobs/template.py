@@ -473,6 +473,9 @@ def launch(start_mode: str, conn: Connection, plan: GuestPlan, files: JobFiles,
     cold. A job with NICs or hugepages always starts cold (`why_cold`)."""
     if start_mode != "cold":
         reason = why_cold(plan.allocation)
+        if plan.gang_nic is not None or plan.control_channel:
+            # a restore cannot add devices the template was saved without
+            reason = "a gang member's NIC and control port are not in the template"
         if reason is not None:
             if start_mode == "warm":
                 note(f"job {plan.job_id}: starting cold: {reason}")

@@ -102,7 +102,7 @@ COMMANDS = {
     "devcluster": "vmjobs.cli.devcluster:devcluster_group", "smoke": "vmjobs.cli.smoke:smoke",
     "usage": "vmjobs.cli.usage:usage_command", "pools": "vmjobs.cli.pools:pools",
     "reserve": "vmjobs.cli.reserve:reserve", "release": "vmjobs.cli.reserve:release",
-    "profiles": "vmjobs.cli.profiles:profiles",
+    "profiles": "vmjobs.cli.profiles:profiles", "kv": "vmjobs.cli.kv:kv",
 }
 
 

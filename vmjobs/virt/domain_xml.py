@@ -31,6 +31,11 @@ OUTPUT_CHANNEL = "org.vmjobs.output.0"
 # The virtio-serial port on which a guest restored from a template receives its job
 # (vmjobs/template.py, images/init): a `pipe` chardev whose input is a regular file.
 JOB_CHANNEL = "org.vmjobs.job.0"
+# The virtio-serial port vmjob-ctl talks to the daemon's control service on (a gang member's
+# coordination: vmjobs/control.py, images/vmjob-ctl.c); reached like the clock port.
+CONTROL_CHANNEL = "org.vmjobs.ctl.0"
+# A gang member's NIC on its gang's private network sits here, below the job's own NICs.
+GANG_NIC_SLOT = 0x0E
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,15 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class BridgeNic:
+    """A virtio NIC on a host bridge (a gang member's private network, vmjobs/gangnet.py)."""
+
+    mac: str
+    bridge: str
+    mtu: int
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     job_id: str
@@ -93,6 +107,8 @@ class DomainSpec:
     clock_channel: bool = False  # the guest can be told the time after a move
     output_pipe: Path | None = None  # the job's output: QEMU writes <output_pipe>.out
     job_pipe: Path | None = None  # warm start: the job comes from <job_pipe>.in
+    gang_nic: BridgeNic | None = None  # a gang member's NIC on its gang network
+    control_channel: bool = False  # a gang member's vmjob-ctl port
 
 
 def build(spec: DomainSpec) -> str:
@@ -260,11 +276,15 @@ def devices(spec: DomainSpec) -> ET.Element:
     devs.append(output_disk(spec.output_disk))
     for nic in spec.nics:
         devs.append(nic_element(nic))
+    if spec.gang_nic is not None:
+        devs.append(bridge_nic(spec.gang_nic))
     serial = ET.SubElement(devs, "serial", type="file")
     ET.SubElement(serial, "source", path=str(spec.console_log), append="on")
     ET.SubElement(serial, "target", port="0")
     if spec.clock_channel:
         devs.append(clock_channel())
+    if spec.control_channel:
+        devs.append(unix_channel(CONTROL_CHANNEL))
     if spec.output_pipe is not None:
         devs.append(output_channel(spec.output_pipe))
     if spec.job_pipe is not None:
@@ -295,10 +315,27 @@ def pipe_channel(pipe: Path, name: str) -> ET.Element:
 
 
 def clock_channel() -> ET.Element:
-    # libvirt picks the socket path on each host; openChannel() reaches it through libvirt.
+    return unix_channel(CLOCK_CHANNEL)
+
+
+def unix_channel(name: str) -> ET.Element:
+    """A virtio-serial port whose host side is a unix socket libvirt chooses on each host;
+    openChannel() reaches it through libvirt, remote hosts included, and again after a
+    migration on the destination."""
     channel = ET.Element("channel", type="unix")
-    ET.SubElement(channel, "target", type="virtio", name=CLOCK_CHANNEL)
+    ET.SubElement(channel, "target", type="virtio", name=name)
     return channel
+
+
+def bridge_nic(nic: BridgeNic) -> ET.Element:
+    """`<interface type='bridge'>`: libvirt makes a tap on `nic.bridge` for the guest."""
+    interface = ET.Element("interface", type="bridge")
+    ET.SubElement(interface, "mac", address=nic.mac)
+    ET.SubElement(interface, "source", bridge=nic.bridge)
+    ET.SubElement(interface, "model", type="virtio")
+    ET.SubElement(interface, "mtu", size=str(nic.mtu))
+    interface.append(PciAddress(slot=GANG_NIC_SLOT).element())
+    return interface
 
 
 def output_disk(path: Path) -> ET.Element:

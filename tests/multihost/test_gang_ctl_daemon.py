@@ -1,0 +1,95 @@
+"""A real gang through the daemon, on the dev cluster: its members get their private network,
+vmjob-ctl and a kv store the host reads and writes (`vmjob kv`); a failed member poisons the
+other's barrier; the network is gone when the gang ends. Real guests (TCG).
+
+Run under the guest lock with a spool of your own:
+    VMJOBS_MULTIHOST_SPOOL=/var/tmp/vmjobs-mh-spool-NAME flock /tmp/vmjobs-guest.lock \\
+        python3 -m pytest tests/multihost/test_gang_ctl_daemon.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from tests.daemon.conftest import Daemon
+from tests.multihost import test_moves_daemon
+from tests.multihost.conftest import Cluster
+from tests.multihost.test_gangs import _job_file, _wait
+from tests.multihost.test_moves_daemon import _assert_nothing_held, _submit
+from vmjobs import gangnet
+
+daemon = test_moves_daemon.daemon  # the daemon on the cluster, a spool of its own per test
+
+
+def _gang_devices(cluster: Cluster) -> list[str]:
+    found = []
+    for host in ("h1", "h2", "h3"):
+        links = subprocess.run(["ip", "-n", cluster.layout.netns(host), "-o", "link"],
+                               capture_output=True, text=True, check=True).stdout
+        found += [f"{host}:{line.split(':')[1].strip()}" for line in links.splitlines()
+                  if ": vjg" in line]
+    return found
+
+
+def _kv(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return daemon.vmjob("kv", *args)
+
+
+def _until(predicate, timeout_s: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_a_gang_pings_by_name_passes_kv_both_ways_and_leaves_no_network(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    spec = _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", "vmjob-ctl kv set greeting hello && "
+                             "vmjob-ctl barrier go --timeout 120 && ping -c 2 -W 5 node1 && "
+                             "echo host-said=$(vmjob-ctl kv get reply --wait)"]},
+        {"cmd": ["sh", "-c", "echo got=$(vmjob-ctl kv get greeting --wait) && "
+                             "vmjob-ctl barrier go --timeout 120 && ping -c 2 -W 5 node0 && "
+                             "vmjob-ctl nodes"]},
+    ]})
+    gang = _submit(daemon, "-f", spec)
+    # the host reads what node0 set, and answers
+    _until(lambda: _kv(daemon, gang, "get", "greeting").stdout.strip() == "hello", 180,
+           "node0's greeting never reached the host: " + daemon.log_text()[-2000:])
+    assert _gang_devices(cluster), "no gang network while the gang runs"
+    answered = _kv(daemon, gang, "set", "reply", "from-the-host")
+    assert answered.returncode == 0, answered.stderr
+    code, view = _wait(daemon, gang)
+    out0 = daemon.vmjob("logs", f"{gang}.0").stdout
+    out1 = daemon.vmjob("logs", f"{gang}.1").stdout
+    assert code == 0, (view, out0, out1)
+    assert "host-said=from-the-host" in out0 and "2 packets received" in out0
+    assert "got=hello" in out1 and "2 packets received" in out1
+    hosts = view["hosts"]
+    assert f"node0 {hosts[0]} " in out1 and f"node1 {hosts[1]} " in out1
+    # the gang's end removes its network (on a thread: give it a moment)
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    # the store is gone with the gang; bad input is one line
+    ended = _kv(daemon, gang, "get", "greeting")
+    assert ended.returncode != 0 and len(ended.stderr.strip().splitlines()) == 1
+    _assert_nothing_held(daemon)
+
+
+def test_a_failed_member_poisons_the_others_barrier(cluster: Cluster, daemon: Daemon,
+                                                    tmp_path: Path) -> None:
+    spec = _job_file(tmp_path, {"mem": "128M", "on_member_failure": "continue", "nodes": [
+        {"cmd": ["sh", "-c", "vmjob-ctl kv get waiting --wait >/dev/null; sleep 1; exit 1"]},
+        {"cmd": ["sh", "-c", "vmjob-ctl kv set waiting yes; vmjob-ctl barrier b "
+                             "--timeout 300; echo rc=$?"]},
+    ]})
+    gang = _submit(daemon, "-f", spec)
+    code, view = _wait(daemon, gang)
+    out1 = daemon.vmjob("logs", f"{gang}.1").stdout
+    assert code == 1, view
+    host0 = view["hosts"][0]
+    assert f"vmjob-ctl: poisoned by node0 ({host0}): exit status 1" in out1, out1
+    assert "rc=1" in out1
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")

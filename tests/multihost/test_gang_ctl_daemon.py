@@ -12,12 +12,13 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.daemon.conftest import Daemon
 from tests.multihost import test_moves_daemon
 from tests.multihost.conftest import Cluster
 from tests.multihost.test_gangs import _job_file, _wait
-from tests.multihost.test_moves_daemon import _assert_nothing_held, _submit
+from tests.multihost.test_moves_daemon import _assert_nothing_held, _show, _submit, _wait_output
 from vmjobs import gangnet
 
 daemon = test_moves_daemon.daemon  # the daemon on the cluster, a spool of its own per test
@@ -93,3 +94,63 @@ def test_a_failed_member_poisons_the_others_barrier(cluster: Cluster, daemon: Da
     assert f"vmjob-ctl: poisoned by node0 ({host0}): exit status 1" in out1, out1
     assert "rc=1" in out1
     _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+
+
+# both members count (so the daemon can be killed or a member moved mid-job), then meet at a
+# barrier and ping each other by name over the gang network
+NETWORKED = ("i=0; while [ $i -lt {n} ]; do echo line $i; i=$((i+1)); usleep 250000; done; "
+             "vmjob-ctl barrier after --timeout 200 && ping -c 2 -W 5 node{peer} && echo pinged")
+
+
+def _networked_gang(daemon: Daemon, tmp_path: Path, n: int) -> str:
+    return _submit(daemon, "-f", _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", NETWORKED.format(n=n, peer=1)]},
+        {"cmd": ["sh", "-c", NETWORKED.format(n=n, peer=0)]},
+    ]}))
+
+
+def _assert_both_pinged(daemon: Daemon, gang: str) -> dict[str, Any]:
+    code, view = _wait(daemon, gang)
+    outs = [daemon.vmjob("logs", f"{gang}.{i}").stdout for i in range(2)]
+    assert code == 0, (view, outs, daemon.log_text())
+    for out in outs:
+        assert "2 packets received" in out and "pinged" in out, out
+    return view
+
+
+def test_a_daemon_killed_with_a_networked_gang_loses_no_member_and_no_network_stays(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    gang = _networked_gang(daemon, tmp_path, 40)
+    for index in range(2):
+        _wait_output(daemon, f"{gang}.{index}", "line 3")
+    assert _gang_devices(cluster), "no gang network while the gang runs"
+    daemon.kill9()
+    daemon.start()
+    # the members were re-adopted (not restarted), their control ports attached again: the
+    # barrier after the restart is met and the network still carries the ping
+    _assert_both_pinged(daemon, gang)
+    for index in range(2):
+        events = _show(daemon, f"{gang}.{index}")["events"]
+        assert any(e["note"] and "found running at recovery" in e["reason"]
+                   for e in events), events
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)
+
+
+def test_migrating_a_member_through_the_daemon_keeps_ping_working(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    gang = _networked_gang(daemon, tmp_path, 60)
+    for index in range(2):
+        _wait_output(daemon, f"{gang}.{index}", "line 2")
+    first, second = _show(daemon, gang)["hosts"]
+    free = ({"h1", "h2", "h3"} - {first, second}).pop()
+    moved = daemon.vmjob("migrate", f"{gang}.0", "--to", free, "--json", timeout=180)
+    assert moved.returncode == 0, moved.stderr + daemon.log_text()
+    view = _assert_both_pinged(daemon, gang)
+    assert view["hosts"] == [free, second]
+    # the network was only where members were: nothing left on the source, nothing at all
+    # once the gang has ended
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)

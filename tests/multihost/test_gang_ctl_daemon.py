@@ -154,3 +154,43 @@ def test_migrating_a_member_through_the_daemon_keeps_ping_working(
     _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
     assert gangnet.networks(daemon.spool) == []
     _assert_nothing_held(daemon)
+
+
+WAIT_DONE = ["sh", "-c", "vmjob-ctl barrier up --timeout 200 && vmjob-ctl kv get done --wait"]
+# node1 of the second gang: its own gang works; then, with an address in the first gang's
+# subnet, the first gang's node1 must still be out of reach (no shared layer 2)
+PROBE = ('dev=$(ip -o -4 addr show | awk \'$2 != "lo" {{print $2; exit}}\') && '
+         'ping -c 2 -W 5 node0 >/dev/null && echo own-gang-ok; '
+         'ip addr add {intruder} dev "$dev" && '
+         'if ping -c 3 -W 2 {target}; then echo REACHED; else echo isolated; fi; '
+         'vmjob-ctl kv get done --wait')
+
+
+def test_two_gangs_side_by_side_cannot_reach_each_other(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _submit(daemon, "-f", _job_file(tmp_path / "a", {"mem": "128M", "nodes": [
+        {"cmd": WAIT_DONE, "host": "h1"}, {"cmd": WAIT_DONE, "host": "h2"}]}))
+    _until(lambda: gangnet.find(daemon.spool, first) is not None, 180,
+           "the first gang's network never made: " + daemon.log_text()[-2000:])
+    net = gangnet.find(daemon.spool, first)
+    assert net is not None
+    probe = PROBE.format(intruder=f"{net.subnet.network_address + 200}/24",
+                         target=net.address(1))
+    second = _submit(daemon, "-f", _job_file(tmp_path / "b", {"mem": "128M", "nodes": [
+        {"cmd": WAIT_DONE, "host": "h1"}, {"cmd": ["sh", "-c", probe], "host": "h2"}]}))
+    _wait_output(daemon, f"{second}.1", "isolated", timeout=240)
+    other = gangnet.find(daemon.spool, second)
+    assert other is not None and other.vni != net.vni and other.subnet != net.subnet
+    for gang in (first, second):
+        answered = _kv(daemon, gang, "set", "done", "yes")
+        assert answered.returncode == 0, answered.stderr
+    for gang in (first, second):
+        code, view = _wait(daemon, gang)
+        assert code == 0, (view, daemon.log_text())
+    out = daemon.vmjob("logs", f"{second}.1").stdout
+    assert "own-gang-ok" in out and "REACHED" not in out, out
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)

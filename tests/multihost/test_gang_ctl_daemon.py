@@ -179,7 +179,8 @@ def test_two_gangs_side_by_side_cannot_reach_each_other(
     probe = PROBE.format(intruder=f"{net.subnet.network_address + 200}/24",
                          target=net.address(1))
     second = _submit(daemon, "-f", _job_file(tmp_path / "b", {"mem": "128M", "nodes": [
-        {"cmd": WAIT_DONE, "host": "h1"}, {"cmd": ["sh", "-c", probe], "host": "h2"}]}))
+        {"cmd": ["vmjob-ctl", "kv", "get", "done", "--wait"], "host": "h1"},
+        {"cmd": ["sh", "-c", probe], "host": "h2"}]}))
     _wait_output(daemon, f"{second}.1", "isolated", timeout=240)
     other = gangnet.find(daemon.spool, second)
     assert other is not None and other.vni != net.vni and other.subnet != net.subnet

@@ -195,3 +195,33 @@ def test_two_gangs_side_by_side_cannot_reach_each_other(
     _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
     assert gangnet.networks(daemon.spool) == []
     _assert_nothing_held(daemon)
+
+
+def _domains(cluster: Cluster, host: str) -> list[str]:
+    uri = cluster.layout.uri(int(host.removeprefix("h")))
+    names = subprocess.run(["virsh", "-c", uri, "list", "--name"], capture_output=True,
+                           text=True, check=True).stdout
+    return [n for n in names.split() if n]
+
+
+def test_a_networked_gang_ending_while_the_daemon_is_down_leaves_no_network(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    count = "i=0; while [ $i -lt 12 ]; do echo line $i; i=$((i+1)); usleep 250000; done"
+    gang = _submit(daemon, "-f", _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", count]}, {"cmd": ["sh", "-c", count]}]}))
+    for index in range(2):
+        _wait_output(daemon, f"{gang}.{index}", "line 1")
+    hosts = _show(daemon, gang)["hosts"]
+    assert _gang_devices(cluster), "no gang network while the gang runs"
+    daemon.kill9()
+    # both guests end with nobody to see it; their network stays on the hosts
+    names = {f"vmjob-{gang}.{i}" for i in range(2)}
+    _until(lambda: not names & {n for h in hosts for n in _domains(cluster, h)}, 180,
+           "the members never ended")
+    assert _gang_devices(cluster)
+    daemon.start()
+    code, view = _wait(daemon, gang)
+    assert code == 0, (view, daemon.log_text())
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)

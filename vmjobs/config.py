@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -55,6 +56,10 @@ class HostConfig:
     nic_allow: tuple[str, ...] = ()
     # emulated: the virtual NICs this host offers and the NUMA node each belongs to
     emulated_nics: tuple[EmulatedNic, ...] = ()
+    # gang networks (vmjobs/gangnet.py): the address other hosts' VXLAN packets reach this
+    # host at, and the network namespace its guests' taps live in (dev-cluster hosts)
+    gang_underlay: str | None = None
+    gang_netns: str | None = None
 
 
 @dataclass(frozen=True)
@@ -503,7 +508,7 @@ def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
     host = _Reader(data, path, prefix)
     host.check_known(
         {"name", "uri", "reserved_cpus", "reserved_memory", "labels", "pool", "nics",
-         "emulated_nics"}
+         "emulated_nics", "gang_underlay", "gang_netns"}
     )
     name = host.str("name")
     if not _NAME.match(name):
@@ -539,6 +544,15 @@ def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
         if any(e.name == nic_name for e in emulated):
             raise nic.fail("name", f"NIC name {nic_name!r} appears twice on this host")
         emulated.append(EmulatedNic(name=nic_name, node=nic.int("node", 0)))
+    underlay = host.data.get("gang_underlay")
+    if underlay is not None:
+        try:
+            underlay = str(ipaddress.IPv4Address(str(underlay)))
+        except ValueError:
+            raise host.fail("gang_underlay", f"{underlay!r} is not an IPv4 address") from None
+    netns = host.data.get("gang_netns")
+    if netns is not None and not (isinstance(netns, str) and _NAME.match(netns)):
+        raise host.fail("gang_netns", f"{netns!r} is not a network namespace name")
     return HostConfig(
         name=name,
         uri=host.str("uri"),
@@ -548,4 +562,6 @@ def _parse_host(data: Any, path: str, prefix: str) -> HostConfig:
         pools=_pools(host),
         nic_allow=tuple(nic_allow),
         emulated_nics=tuple(emulated),
+        gang_underlay=underlay,
+        gang_netns=netns,
     )

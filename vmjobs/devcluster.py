@@ -234,6 +234,10 @@ def write_config(layout: Layout, hosts: int, nics: int) -> Path:
                 "uri": layout.uri(i),
                 "labels": {"devcluster": layout.name},
                 "emulated_nics": [{"name": f"enic{n}", "node": 0} for n in range(nics)],
+                # gang networks: VXLAN between the hosts' eth0 addresses, devices made in the
+                # host's namespace (vmjobs/gangnet.py)
+                "gang_underlay": layout.address(i),
+                "gang_netns": layout.netns(host_name(i)),
             }
             for i in range(1, hosts + 1)
         ],

@@ -18,7 +18,7 @@ from vmjobs.image import Image
 from vmjobs.jobs import JobState, domain_name
 from vmjobs.units import format_bytes
 from vmjobs.virt import domain_xml
-from vmjobs.virt.domain_xml import DomainSpec, Hotplug, Nic, guest_nic_address
+from vmjobs.virt.domain_xml import BridgeNic, DomainSpec, Hotplug, Nic, guest_nic_address
 
 READ_CHUNK = 1 << 20  # bytes of job output read at a time
 
@@ -124,6 +124,10 @@ class GuestPlan:
     hotplug: Hotplug | None = None  # room to grow live (`vmjob resize`); None: fixed size
     stdin: str | None = None  # an interactive job: "pipe" | "tty" (vmjobs.console)
     console_helper: Path | None = None  # images/vmjob-console.c built, for such a job
+    # a gang member (vmjobs/gangmember.py): files under /vmjob/, its gang NIC, its control port
+    extra_files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)
+    gang_nic: BridgeNic | None = None
+    control_channel: bool = False
 
 
 def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
@@ -162,6 +166,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             vmjob_env=plan.vmjob_env,
             stdin=plan.stdin,
             console_helper=plan.console_helper,
+            extra_files=plan.extra_files,
         ),
         plan.image.initrd,
         files.initrd,
@@ -189,6 +194,8 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             output_pipe=output_pipe,
             hotplug=plan.hotplug,
             input_channel=plan.stdin is not None,
+            gang_nic=plan.gang_nic,
+            control_channel=plan.control_channel,
         )
     )
     fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)

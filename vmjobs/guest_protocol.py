@@ -64,6 +64,9 @@ class JobSpec:
     # its stdin from the input port (images/vmjob-console.c, built by vmjobs.cbuild)
     stdin: str | None = None
     console_helper: Path | None = None
+    # files vmjob adds under /vmjob/ (a gang member's /vmjob/net/*, /vmjob/bin/vmjob-ctl):
+    # path relative to / -> (bytes, mode)
+    extra_files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,12 @@ def job_entries(spec: JobSpec) -> list[Entry]:
         entries += [Entry.file("vmjob/stdin", spec.stdin.encode(), 0o600),
                     Entry.dir("vmjob/bin", 0o700),
                     Entry.file("vmjob/bin/vmjob-console", spec.console_helper, 0o700)]
+    directories = sorted({str(Path(p).parent) for p in spec.extra_files} - {"vmjob", "."})
+    entries += [Entry.dir(d, 0o755) for d in directories]
+    for path, (data, mode) in sorted(spec.extra_files.items()):
+        if not re.fullmatch(r"vmjob/(net|bin)/[a-z][a-z0-9-]*", path):
+            raise VmjobsError(f"bad vmjob file {path!r}")
+        entries.append(Entry.file(path, data, mode))
     if spec.input_dir is not None:
         entries += input_entries(spec.input_dir)
     return entries

@@ -145,8 +145,12 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, Connection],
                 on_progress: Callable[[Progress], None] | None = None,
                 note: Callable[[str], None] = lambda _m: None,
                 replug_nics: bool = False,
-                should_abort: Callable[[], str | None] = lambda: None) -> Moved:
+                should_abort: Callable[[], str | None] = lambda: None,
+                prepare_destination: Callable[[str], None] = lambda _host: None) -> Moved:
     """Move a RUNNING job's guest to `to` (or where the engine says) while it runs.
+
+    `prepare_destination(host)`: called once the destination is reserved, before the copy
+    (a gang member's network is made there); an exception fails the move like any other.
 
     `should_abort`: see `migrate_domain`; an aborted migration raises MigrationFailed and
     leaves the job running on its source.
@@ -178,6 +182,7 @@ def migrate_job(config: Config, store: Store, conns: Mapping[str, Connection],
         try:
             store.transition(job_id, JobState.MIGRATING, f"live migration {source} -> {dest}")
             failpoints.hit("migrate:reserved")
+            prepare_destination(dest)
             if replugging:
                 note(f"unplugging {len(source_alloc.devices)} NIC(s) on {source}")
                 replug.unplug(dom, nics_for(source_alloc))

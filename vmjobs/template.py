@@ -474,10 +474,13 @@ def launch(start_mode: str, conn: Connection, plan: GuestPlan, files: JobFiles,
     one (`stdin`: its guest needs the input port)."""
     if start_mode != "cold":
         # a template is one shape; a resizable guest's topology (max vCPUs, virtio-mem) is
-        # another; an interactive job needs its input port, which a template's saved guest lacks
+        # another; a restore cannot add devices the template was saved without (an
+        # interactive job's input port, a gang member's NIC and control port)
         reason = why_cold(plan.allocation) or (
             "its guest is resizable (hotplug: true)" if plan.hotplug is not None else None) or (
-            "the job is interactive (stdin)" if plan.stdin is not None else None)
+            "the job is interactive (stdin)" if plan.stdin is not None else None) or (
+            "a gang member's NIC and control port are not in the template"
+            if plan.gang_nic is not None or plan.control_channel else None)
         if reason is not None:
             if start_mode == "warm":
                 note(f"job {plan.job_id}: starting cold: {reason}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,9 +37,12 @@ class Started:
 
 
 def start_job(config: Config, store: Store, reached: Reached, argv: list[str], host: str,
-              memory_mib: int = 128, nics: int = 0) -> Started:
+              memory_mib: int = 128, nics: int = 0, job_id: str | None = None,
+              plan_hook: Callable[[GuestPlan], GuestPlan] | None = None) -> Started:
+    """`plan_hook`: changes the guest's plan before its files are written (a gang member's
+    network and control port, vmjobs/gangmember.py)."""
     request = Request(cpus=1, memory_mib=memory_mib, host=host, nics=nics)
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
     with store.reserving():
         decision = snapshot(store, reached.hosts).place(request)
         if decision.allocation is None:
@@ -50,10 +54,10 @@ def start_job(config: Config, store: Store, reached: Reached, argv: list[str], h
                       replace(request, host=None), alloc, "placed")
     image = resolve_image(config.spool, "default")
     files = JobFiles.of(config.spool, job_id)
-    xml = prepare(GuestPlan(job_id=job_id, owner="root", owner_uid=0, argv=tuple(argv), env={},
-                            allocation=alloc, image=image, virt_type="qemu",
-                            output_disk_mib=16,
-                            emulator_cpus=config.host(host).reserved_cpus), files)
+    plan = GuestPlan(job_id=job_id, owner="root", owner_uid=0, argv=tuple(argv), env={},
+                     allocation=alloc, image=image, virt_type="qemu", output_disk_mib=16,
+                     emulator_cpus=config.host(host).reserved_cpus)
+    xml = prepare(plan_hook(plan) if plan_hook is not None else plan, files)
     store.transition(job_id, JobState.STARTING, "starting")
     try:
         reached.conns[host].createXML(xml, 0)

@@ -105,6 +105,7 @@ COMMANDS = {
     "reserve": "vmjobs.cli.reserve:reserve", "release": "vmjobs.cli.reserve:release",
     "profiles": "vmjobs.cli.profiles:profiles",
     "shell": "vmjobs.cli.shell:shell", "attach": "vmjobs.cli.shell:attach",
+    "kv": "vmjobs.cli.kv:kv",
 }
 
 

@@ -26,6 +26,7 @@ import placement
 from placement.gang import apart_groups, gang_never_fits, with_groups
 from vmjobs import __version__, gang, pools_view, usage
 from vmjobs.config import system_warnings
+from vmjobs.controlhub import ControlError
 from vmjobs.daemon import attach, lending, logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.holds import Holds, key_of
@@ -129,6 +130,8 @@ class Api:
         router.add("GET", "/v1/pools/{name}", self.pools)
         router.add("POST", "/v1/reservations", self.holds.reserve)
         router.add("POST", "/v1/reservations/{id}/release", self.holds.release)
+        router.add("GET", "/v1/jobs/{id}/kv", self.kv_get)
+        router.add("POST", "/v1/jobs/{id}/kv", self.kv_set)
         return router
 
     # --- helpers ----------------------------------------------------------------------------
@@ -726,6 +729,48 @@ class Api:
             except NotFound as exc:
                 raise ApiError(404, str(exc)) from None
         return Json(views[0] if name is not None else views)
+
+    # --- a gang's key-value store (the one its members' vmjob-ctl reads and writes) ---------
+
+    def _gang(self, who: Caller, job_id: str) -> str:
+        """The gang of `job_id` (a gang's id, a member's `GANG.i`, or a prefix), if the caller
+        may act on it."""
+        with self.daemon.lock:
+            gang_id = self._gang_or_none(who, job_id)
+            if gang_id is not None:
+                return gang_id
+            record = self.daemon.store.job(job_id) or self._by_prefix(who, job_id)
+            if record is None:
+                raise ApiError(404, f"no job {job_id}")
+            if not may_act(who, record):
+                raise ApiError(403, denial(who, record))
+        ref = gang.gang_of(record.spec)
+        if ref is None:
+            raise ApiError(400, f"job {record.id} is not a gang: it has no key-value store")
+        return ref.gang_id
+
+    def kv_get(self, req: ApiRequest) -> Json:
+        gang_id = self._gang(req.caller, req.params["id"])
+        key = req.query.get("key", "")
+        try:
+            value = self.daemon.control.kv_get(gang_id, key)
+        except ControlError as exc:
+            raise ApiError(409, str(exc)) from None
+        if value is None:
+            raise ApiError(404, f"gang {gang_id} has no key {key!r}")
+        return Json({"gang": gang_id, "key": key, "value": value})
+
+    def kv_set(self, req: ApiRequest) -> Json:
+        body = req.json()
+        gang_id = self._gang(req.caller, req.params["id"])
+        key, value = body.get("key"), body.get("value")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ApiError(400, "key and value must be strings")
+        try:
+            self.daemon.control.kv_set(gang_id, key, value)
+        except ControlError as exc:
+            raise ApiError(409 if "not a running gang" in str(exc) else 400, str(exc)) from None
+        return Json({"gang": gang_id, "key": key, "value": value})
 
     def upload(self, req: ApiRequest) -> Json:
         token = self.uploads.receive(req.caller.uid, req.body, req.length)

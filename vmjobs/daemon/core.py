@@ -29,6 +29,8 @@ from vmjobs.cbuild import build_static
 from vmjobs.checkpoint import discard, discard_periodic
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
+from vmjobs.controlhub import ControlHub
+from vmjobs.daemon import gangwire
 from vmjobs.daemon.hosts import (
     GuestPoweredOff,
     GuestStopped,
@@ -227,9 +229,13 @@ class Daemon:
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
+        # gangs' coordination state (vmjob-ctl, `vmjob kv`), keyed by gang id
+        self.control = ControlHub()
         # around a gang's start and end (its network, its control channel plug in here)
         self.gang_hooks = gang.GangHooks()
         self.gangs_ended: set[str] = set()  # gangs whose `ended` hooks ran (once each)
+        # the last member's end closes the gang's control state and removes its network
+        self.gang_hooks.ended.append(lambda g, _m: gangwire.gang_ended(self, g, self.spawn))
 
     def owns(self, record: JobRecord) -> bool:
         """Whether this core acts on `record`: a serving daemon on its own jobs (not those of
@@ -268,6 +274,9 @@ class Daemon:
         allow. Caller holds the lock."""
         self.store.transition(job_id, state, reason, release=release, exit_code=exit_code)
         if state.finished:
+            # a member's failure poisons its gang's barriers first (naming it), then the gang
+            # stops the others and, at the last member's end, runs its `ended` hooks
+            gangwire.member_ended(self, job_id, state, exit_code, self.spawn)
             self.member_ended(job_id, state, exit_code)
 
     # --- gangs ------------------------------------------------------------------------------
@@ -570,6 +579,9 @@ class Daemon:
             if active.time_limit_s is not None:
                 active.ends_at = now + active.time_limit_s
             self.record(job_id, JobState.RUNNING, f"guest started ({virt_type})")
+            if gangwire.gang_ref(record) is not None:
+                self.spawn(gangwire.member_running, self, record, active.host,
+                           name=f"ctl-attach-{job_id}")
             self.metrics.started(now - record.created)
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
@@ -611,6 +623,8 @@ class Daemon:
             stdin=spec.get("stdin"),
             console_helper=console_helper(self.config.spool) if spec.get("stdin") else None,
         )
+
+        plan = gangwire.member_plan_for(self, record, plan)
 
         def starting(how: str) -> None:
             with self.lock:
@@ -934,4 +948,5 @@ class Daemon:
             for follower in self.followers:
                 follower.wake()
         self.notes.put(None)
+        self.control.shutdown()
         self.hosts.close()

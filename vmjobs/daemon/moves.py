@@ -25,6 +25,7 @@ from placement import Allocation, Checkpoint, Migrate, Repin, Request
 from vmjobs import checkpoint, migration, repin
 from vmjobs import resize as resizing
 from vmjobs.codec import request_from_dict
+from vmjobs.daemon import gangwire
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.jobs import JobState, domain_name
@@ -131,6 +132,9 @@ def settle(daemon: Daemon, active: Active) -> None:
         if alive:
             active.phase = Phase.RUNNING
             stop = active.stop is not None
+            if not stop and gangwire.gang_ref(record) is not None:  # its port, where it is now
+                daemon.spawn(gangwire.member_running, daemon, record, active.host,
+                             name=f"ctl-attach-{active.job_id}")
         else:
             active.phase = Phase.COLLECTING
             active.stopped_at = active.stopped_at or time.time()
@@ -168,10 +172,21 @@ def migrate(daemon: Daemon, job_id: str, to: str | None, policy: migration.Polic
     """Live-migrate a daemon job; `to` was checked against the config by the API."""
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
         source = active.host
-        moved = migration.migrate_job(daemon.config, store, daemon.hosts.conns(),
-                                      daemon.hosts.inventory(), job_id, to, policy,
-                                      on_progress, note, replug_nics,
-                                      should_abort=_stop_asked(active))
+        record = store.job(job_id)
+        member = record is not None and gangwire.gang_ref(record) is not None
+        try:
+            moved = migration.migrate_job(
+                daemon.config, store, daemon.hosts.conns(), daemon.hosts.inventory(), job_id,
+                to, policy, on_progress, note, replug_nics, should_abort=_stop_asked(active),
+                # a gang member's network is made on the destination before the copy
+                prepare_destination=lambda dest: gangwire.member_moving(
+                    daemon, record, dest, keep=source) if member and record else None)
+        except BaseException:
+            if member and record is not None:
+                gangwire.member_settled(daemon, record, source)
+            raise
+        if member and record is not None:
+            gangwire.member_settled(daemon, record, moved.destination)
     downtime = f"{moved.outcome.downtime_ms} ms" if moved.outcome.downtime_ms is not None \
         else "?"
     return MoveResult(job_id, "migrated", source, moved.destination,

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmjobs import gang, gangnet
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
+from vmjobs.daemon import gangwire
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.guest import JobFiles, nics_for
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, Kind, domain_name
@@ -117,6 +119,9 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
             log.info("job %s: still running on %s", job_id, host)
             if active.stop is not None:  # cancelled while its host was away: carried out now
                 daemon.spawn(daemon.destroy_guest, host, job_id, name=f"stop-{job_id}")
+            elif gangwire.gang_ref(record) is not None:  # its vmjob-ctl port, again
+                daemon.spawn(gangwire.member_running, daemon, record, host,
+                             name=f"ctl-attach-{job_id}")
         for job_id in actions.requeue:
             daemon.record(job_id, JobState.QUEUED,
                           "back in the queue: the daemon stopped before starting it",
@@ -438,9 +443,25 @@ def recover(daemon: Daemon) -> None:
                 daemon.store.note(job_id, "reservation freed at recovery", release=True)
         tied = [r.id for r in daemon.store.in_states(frozenset({JobState.QUEUED, JobState.HELD}))
                 if r.kind == Kind.RESERVATION and r.spec.get("tied")]
+        live = live_gangs(daemon.store.in_states(ACTIVE))
         daemon.wake()
     # a reservation tied to its client's connection (no --duration) lost it with the daemon
     for reservation_id in tied:
         daemon.spawn(daemon.end_reservation, reservation_id, JobState.RELEASED,
                      "the daemon restarted: the client connection it was tied to is gone",
                      name=f"release-{reservation_id}")
+    sweep_gang_networks(daemon, live)
+
+
+def live_gangs(records: list[JobRecord]) -> set[str]:
+    """The gangs with a member that still holds (or may hold) a guest."""
+    return {ref.gang_id for r in records if (ref := gang.gang_of(r.spec)) is not None}
+
+
+def sweep_gang_networks(daemon: Daemon, live: set[str]) -> None:
+    """Remove the gang networks no live gang owns (the daemon stopped before it could), on
+    the hosts that answer; the others keep them until the next recovery."""
+    if daemon.scope is not None:
+        return  # a direct run's core has no gangs
+    for line in gangnet.sweep(daemon.config.spool, gangnet.host_nets(daemon.config), live):
+        log.info("recovery: %s", line)

@@ -35,6 +35,11 @@ JOB_CHANNEL = "org.vmjobs.job.0"
 # (vmjobs/console.py, images/vmjob-console.c); opened by the host through libvirt
 # (vmjobs/virt/console.py).
 INPUT_CHANNEL = "org.vmjobs.input.0"
+# The virtio-serial port vmjob-ctl talks to the daemon's control service on (a gang member's
+# coordination: vmjobs/control.py, images/vmjob-ctl.c); reached like the clock port.
+CONTROL_CHANNEL = "org.vmjobs.ctl.0"
+# A gang member's NIC on its gang's private network sits here, below the job's own NICs.
+GANG_NIC_SLOT = 0x0E
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,15 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class BridgeNic:
+    """A virtio NIC on a host bridge (a gang member's private network, vmjobs/gangnet.py)."""
+
+    mac: str
+    bridge: str
+    mtu: int
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     job_id: str
@@ -97,6 +111,8 @@ class DomainSpec:
     clock_channel: bool = False  # the guest can be told the time after a move
     output_pipe: Path | None = None  # the job's output: QEMU writes <output_pipe>.out
     job_pipe: Path | None = None  # warm start: the job comes from <job_pipe>.in
+    gang_nic: BridgeNic | None = None  # a gang member's NIC on its gang network
+    control_channel: bool = False  # a gang member's vmjob-ctl port
     input_channel: bool = False  # an interactive job: its stdin comes on INPUT_CHANNEL
     hotplug: Hotplug | None = None  # room to grow the guest live (`vmjob resize`)
 
@@ -304,6 +320,8 @@ def devices(spec: DomainSpec) -> ET.Element:
     devs.append(output_disk(spec.output_disk))
     for nic in spec.nics:
         devs.append(nic_element(nic))
+    if spec.gang_nic is not None:
+        devs.append(bridge_nic(spec.gang_nic))
     serial = ET.SubElement(devs, "serial", type="file")
     ET.SubElement(serial, "source", path=str(spec.console_log), append="on")
     ET.SubElement(serial, "target", port="0")
@@ -311,6 +329,8 @@ def devices(spec: DomainSpec) -> ET.Element:
         devs.append(clock_channel())
     if spec.input_channel:
         devs.append(unix_channel(INPUT_CHANNEL))
+    if spec.control_channel:
+        devs.append(unix_channel(CONTROL_CHANNEL))
     if spec.output_pipe is not None:
         devs.append(output_channel(spec.output_pipe))
     if spec.job_pipe is not None:
@@ -360,10 +380,22 @@ def clock_channel() -> ET.Element:
 
 def unix_channel(name: str) -> ET.Element:
     """A virtio-serial port `name` whose host side is a unix socket libvirt places on each
-    host; `virDomainOpenChannel` reaches it through libvirt (clock, input)."""
+    host; `virDomainOpenChannel` reaches it through libvirt, remote hosts included, and again
+    after a migration on the destination (clock, input, control)."""
     channel = ET.Element("channel", type="unix")
     ET.SubElement(channel, "target", type="virtio", name=name)
     return channel
+
+
+def bridge_nic(nic: BridgeNic) -> ET.Element:
+    """`<interface type='bridge'>`: libvirt makes a tap on `nic.bridge` for the guest."""
+    interface = ET.Element("interface", type="bridge")
+    ET.SubElement(interface, "mac", address=nic.mac)
+    ET.SubElement(interface, "source", bridge=nic.bridge)
+    ET.SubElement(interface, "model", type="virtio")
+    ET.SubElement(interface, "mtu", size=str(nic.mtu))
+    interface.append(PciAddress(slot=GANG_NIC_SLOT).element())
+    return interface
 
 
 def output_disk(path: Path) -> ET.Element:

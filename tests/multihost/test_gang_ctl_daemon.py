@@ -1,0 +1,227 @@
+"""A real gang through the daemon, on the dev cluster: its members get their private network,
+vmjob-ctl and a kv store the host reads and writes (`vmjob kv`); a failed member poisons the
+other's barrier; the network is gone when the gang ends. Real guests (TCG).
+
+Run under the guest lock with a spool of your own:
+    VMJOBS_MULTIHOST_SPOOL=/var/tmp/vmjobs-mh-spool-NAME flock /tmp/vmjobs-guest.lock \\
+        python3 -m pytest tests/multihost/test_gang_ctl_daemon.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.daemon.conftest import Daemon
+from tests.multihost import test_moves_daemon
+from tests.multihost.conftest import Cluster
+from tests.multihost.test_gangs import _job_file, _wait
+from tests.multihost.test_moves_daemon import _assert_nothing_held, _show, _submit, _wait_output
+from vmjobs import gangnet
+
+daemon = test_moves_daemon.daemon  # the daemon on the cluster, a spool of its own per test
+
+
+def _gang_devices(cluster: Cluster) -> list[str]:
+    found = []
+    for host in ("h1", "h2", "h3"):
+        links = subprocess.run(["ip", "-n", cluster.layout.netns(host), "-o", "link"],
+                               capture_output=True, text=True, check=True).stdout
+        found += [f"{host}:{line.split(':')[1].strip()}" for line in links.splitlines()
+                  if ": vjg" in line]
+    return found
+
+
+def _kv(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return daemon.vmjob("kv", *args)
+
+
+def _until(predicate, timeout_s: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_a_gang_pings_by_name_passes_kv_both_ways_and_leaves_no_network(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    spec = _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", "vmjob-ctl kv set greeting hello && "
+                             "vmjob-ctl barrier go --timeout 120 && ping -c 2 -W 5 node1 && "
+                             "echo host-said=$(vmjob-ctl kv get reply --wait)"]},
+        {"cmd": ["sh", "-c", "echo got=$(vmjob-ctl kv get greeting --wait) && "
+                             "vmjob-ctl barrier go --timeout 120 && ping -c 2 -W 5 node0 && "
+                             "vmjob-ctl nodes"]},
+    ]})
+    gang = _submit(daemon, "-f", spec)
+    # the host reads what node0 set, and answers
+    _until(lambda: _kv(daemon, gang, "get", "greeting").stdout.strip() == "hello", 180,
+           "node0's greeting never reached the host: " + daemon.log_text()[-2000:])
+    assert _gang_devices(cluster), "no gang network while the gang runs"
+    answered = _kv(daemon, gang, "set", "reply", "from-the-host")
+    assert answered.returncode == 0, answered.stderr
+    code, view = _wait(daemon, gang)
+    out0 = daemon.vmjob("logs", f"{gang}.0").stdout
+    out1 = daemon.vmjob("logs", f"{gang}.1").stdout
+    assert code == 0, (view, out0, out1)
+    assert "host-said=from-the-host" in out0 and "2 packets received" in out0
+    assert "got=hello" in out1 and "2 packets received" in out1
+    hosts = view["hosts"]
+    assert f"node0 {hosts[0]} " in out1 and f"node1 {hosts[1]} " in out1
+    # the gang's end removes its network (on a thread: give it a moment)
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    # the store is gone with the gang; bad input is one line
+    ended = _kv(daemon, gang, "get", "greeting")
+    assert ended.returncode != 0 and len(ended.stderr.strip().splitlines()) == 1
+    _assert_nothing_held(daemon)
+
+
+def test_a_failed_member_poisons_the_others_barrier(cluster: Cluster, daemon: Daemon,
+                                                    tmp_path: Path) -> None:
+    spec = _job_file(tmp_path, {"mem": "128M", "on_member_failure": "continue", "nodes": [
+        {"cmd": ["sh", "-c", "vmjob-ctl kv get waiting --wait >/dev/null; sleep 1; exit 1"]},
+        {"cmd": ["sh", "-c", "vmjob-ctl kv set waiting yes; vmjob-ctl barrier b "
+                             "--timeout 300; echo rc=$?"]},
+    ]})
+    gang = _submit(daemon, "-f", spec)
+    code, view = _wait(daemon, gang)
+    out1 = daemon.vmjob("logs", f"{gang}.1").stdout
+    assert code == 1, view
+    host0 = view["hosts"][0]
+    assert f"vmjob-ctl: poisoned by node0 ({host0}): exit status 1" in out1, out1
+    assert "rc=1" in out1
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+
+
+# both members count (so the daemon can be killed or a member moved mid-job), then meet at a
+# barrier and ping each other by name over the gang network
+NETWORKED = ("i=0; while [ $i -lt {n} ]; do echo line $i; i=$((i+1)); usleep 250000; done; "
+             "vmjob-ctl barrier after --timeout 200 && ping -c 2 -W 5 node{peer} && echo pinged")
+
+
+def _networked_gang(daemon: Daemon, tmp_path: Path, n: int) -> str:
+    return _submit(daemon, "-f", _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", NETWORKED.format(n=n, peer=1)]},
+        {"cmd": ["sh", "-c", NETWORKED.format(n=n, peer=0)]},
+    ]}))
+
+
+def _assert_both_pinged(daemon: Daemon, gang: str) -> dict[str, Any]:
+    code, view = _wait(daemon, gang)
+    outs = [daemon.vmjob("logs", f"{gang}.{i}").stdout for i in range(2)]
+    assert code == 0, (view, outs, daemon.log_text())
+    for out in outs:
+        assert "2 packets received" in out and "pinged" in out, out
+    return view
+
+
+def test_a_daemon_killed_with_a_networked_gang_loses_no_member_and_no_network_stays(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    gang = _networked_gang(daemon, tmp_path, 40)
+    for index in range(2):
+        _wait_output(daemon, f"{gang}.{index}", "line 3")
+    assert _gang_devices(cluster), "no gang network while the gang runs"
+    daemon.kill9()
+    daemon.start()
+    # the members were re-adopted (not restarted), their control ports attached again: the
+    # barrier after the restart is met and the network still carries the ping
+    _assert_both_pinged(daemon, gang)
+    for index in range(2):
+        events = _show(daemon, f"{gang}.{index}")["events"]
+        assert any(e["note"] and "found running at recovery" in e["reason"]
+                   for e in events), events
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)
+
+
+def test_migrating_a_member_through_the_daemon_keeps_ping_working(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    gang = _networked_gang(daemon, tmp_path, 60)
+    for index in range(2):
+        _wait_output(daemon, f"{gang}.{index}", "line 2")
+    first, second = _show(daemon, gang)["hosts"]
+    free = ({"h1", "h2", "h3"} - {first, second}).pop()
+    moved = daemon.vmjob("migrate", f"{gang}.0", "--to", free, "--json", timeout=180)
+    assert moved.returncode == 0, moved.stderr + daemon.log_text()
+    view = _assert_both_pinged(daemon, gang)
+    assert view["hosts"] == [free, second]
+    # the network was only where members were: nothing left on the source, nothing at all
+    # once the gang has ended
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)
+
+
+WAIT_DONE = ["sh", "-c", "vmjob-ctl barrier up --timeout 200 && vmjob-ctl kv get done --wait"]
+# node1 of the second gang: its own gang works; then, with an address in the first gang's
+# subnet, the first gang's node1 must still be out of reach (no shared layer 2)
+PROBE = ('dev=$(ip -o -4 addr show | awk \'$2 != "lo" {{print $2; exit}}\') && '
+         'ping -c 2 -W 5 node0 >/dev/null && echo own-gang-ok; '
+         'ip addr add {intruder} dev "$dev" && '
+         'if ping -c 3 -W 2 {target}; then echo REACHED; else echo isolated; fi; '
+         'vmjob-ctl kv get done --wait')
+
+
+def test_two_gangs_side_by_side_cannot_reach_each_other(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _submit(daemon, "-f", _job_file(tmp_path / "a", {"mem": "128M", "nodes": [
+        {"cmd": WAIT_DONE, "host": "h1"}, {"cmd": WAIT_DONE, "host": "h2"}]}))
+    _until(lambda: gangnet.find(daemon.spool, first) is not None, 180,
+           "the first gang's network never made: " + daemon.log_text()[-2000:])
+    net = gangnet.find(daemon.spool, first)
+    assert net is not None
+    probe = PROBE.format(intruder=f"{net.subnet.network_address + 200}/24",
+                         target=net.address(1))
+    second = _submit(daemon, "-f", _job_file(tmp_path / "b", {"mem": "128M", "nodes": [
+        {"cmd": ["vmjob-ctl", "kv", "get", "done", "--wait"], "host": "h1"},
+        {"cmd": ["sh", "-c", probe], "host": "h2"}]}))
+    _wait_output(daemon, f"{second}.1", "isolated", timeout=240)
+    other = gangnet.find(daemon.spool, second)
+    assert other is not None and other.vni != net.vni and other.subnet != net.subnet
+    for gang in (first, second):
+        answered = _kv(daemon, gang, "set", "done", "yes")
+        assert answered.returncode == 0, answered.stderr
+    for gang in (first, second):
+        code, view = _wait(daemon, gang)
+        assert code == 0, (view, daemon.log_text())
+    out = daemon.vmjob("logs", f"{second}.1").stdout
+    assert "own-gang-ok" in out and "REACHED" not in out, out
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)
+
+
+def _domains(cluster: Cluster, host: str) -> list[str]:
+    uri = cluster.layout.uri(int(host.removeprefix("h")))
+    names = subprocess.run(["virsh", "-c", uri, "list", "--name"], capture_output=True,
+                           text=True, check=True).stdout
+    return [n for n in names.split() if n]
+
+
+def test_a_networked_gang_ending_while_the_daemon_is_down_leaves_no_network(
+        cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
+    count = "i=0; while [ $i -lt 12 ]; do echo line $i; i=$((i+1)); usleep 250000; done"
+    gang = _submit(daemon, "-f", _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", count]}, {"cmd": ["sh", "-c", count]}]}))
+    for index in range(2):
+        _wait_output(daemon, f"{gang}.{index}", "line 1")
+    hosts = _show(daemon, gang)["hosts"]
+    assert _gang_devices(cluster), "no gang network while the gang runs"
+    daemon.kill9()
+    # both guests end with nobody to see it; their network stays on the hosts
+    names = {f"vmjob-{gang}.{i}" for i in range(2)}
+    _until(lambda: not names & {n for h in hosts for n in _domains(cluster, h)}, 180,
+           "the members never ended")
+    assert _gang_devices(cluster)
+    daemon.start()
+    code, view = _wait(daemon, gang)
+    assert code == 0, (view, daemon.log_text())
+    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    assert gangnet.networks(daemon.spool) == []
+    _assert_nothing_held(daemon)

@@ -71,8 +71,7 @@ def test_a_gang_pings_by_name_passes_kv_both_ways_and_leaves_no_network(
     hosts = view["hosts"]
     assert f"node0 {hosts[0]} " in out1 and f"node1 {hosts[1]} " in out1
     # the gang's end removes its network (on a thread: give it a moment)
-    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
-    assert gangnet.networks(daemon.spool) == []
+    _until_no_network(cluster, daemon)
     # the store is gone with the gang; bad input is one line
     ended = _kv(daemon, gang, "get", "greeting")
     assert ended.returncode != 0 and len(ended.stderr.strip().splitlines()) == 1
@@ -93,7 +92,7 @@ def test_a_failed_member_poisons_the_others_barrier(cluster: Cluster, daemon: Da
     host0 = view["hosts"][0]
     assert f"vmjob-ctl: poisoned by node0 ({host0}): exit status 1" in out1, out1
     assert "rc=1" in out1
-    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
+    _until_no_network(cluster, daemon)
 
 
 # both members count (so the daemon can be killed or a member moved mid-job), then meet at a
@@ -133,8 +132,7 @@ def test_a_daemon_killed_with_a_networked_gang_loses_no_member_and_no_network_st
         events = _show(daemon, f"{gang}.{index}")["events"]
         assert any(e["note"] and "found running at recovery" in e["reason"]
                    for e in events), events
-    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
-    assert gangnet.networks(daemon.spool) == []
+    _until_no_network(cluster, daemon)
     _assert_nothing_held(daemon)
 
 
@@ -151,8 +149,7 @@ def test_migrating_a_member_through_the_daemon_keeps_ping_working(
     assert view["hosts"] == [free, second]
     # the network was only where members were: nothing left on the source, nothing at all
     # once the gang has ended
-    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
-    assert gangnet.networks(daemon.spool) == []
+    _until_no_network(cluster, daemon)
     _assert_nothing_held(daemon)
 
 
@@ -192,10 +189,18 @@ def test_two_gangs_side_by_side_cannot_reach_each_other(
         assert code == 0, (view, daemon.log_text())
     out = daemon.vmjob("logs", f"{second}.1").stdout
     assert "own-gang-ok" in out and "REACHED" not in out, out
-    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
-    assert gangnet.networks(daemon.spool) == []
+    _until_no_network(cluster, daemon)
     _assert_nothing_held(daemon)
 
+
+
+def _until_no_network(cluster: Cluster, daemon: Daemon) -> None:
+    """Wait until the gang's devices are gone from every host and its record from the spool:
+    removal takes the devices down host by host first and drops the record last, so the
+    two are waited on together, not one after the other."""
+    _until(lambda: not _gang_devices(cluster) and gangnet.networks(daemon.spool) == [], 60,
+           "a gang network was left")
+    assert not _gang_devices(cluster), _gang_devices(cluster)
 
 def _domains(cluster: Cluster, host: str) -> list[str]:
     uri = cluster.layout.uri(int(host.removeprefix("h")))
@@ -222,6 +227,5 @@ def test_a_networked_gang_ending_while_the_daemon_is_down_leaves_no_network(
     daemon.start()
     code, view = _wait(daemon, gang)
     assert code == 0, (view, daemon.log_text())
-    _until(lambda: not _gang_devices(cluster), 30, f"left: {_gang_devices(cluster)}")
-    assert gangnet.networks(daemon.spool) == []
+    _until_no_network(cluster, daemon)
     _assert_nothing_held(daemon)

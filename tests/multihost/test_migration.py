@@ -27,7 +27,7 @@ from vmjobs.store import Store
 from vmjobs.virt import domain_xml, replug
 from vmjobs.virt.pinning import pinning_of
 
-COUNTER = ["sh", "-c", "i=0; while [ $i -lt 30 ]; do echo line $i; i=$((i+1)); usleep 200000; "
+COUNTER = ["sh", "-c", "i=0; while [ $i -lt 150 ]; do echo line $i; i=$((i+1)); usleep 200000; "
            "done; exit 3"]
 
 
@@ -58,7 +58,7 @@ def test_running_job_migrates_and_finishes_on_destination(cluster: Cluster,
         record = jobs.finish(config, store, reached, started.job_id)
         assert record.host == "h2" and record.exit_code == 3
         lines = jobs.job_lines(config.spool, started.job_id)
-        assert lines == [f"line {i}" for i in range(30)]
+        assert lines == [f"line {i}" for i in range(150)]
         states = [(e.state, e.host) for e in store.events(started.job_id)]
         assert (JobState.MIGRATING, "h1") in states and (JobState.RUNNING, "h2") in states
         assert store.reservation_count() == 0

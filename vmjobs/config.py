@@ -346,11 +346,6 @@ def parse(data: Any, path: str) -> Config:
     )
 
 
-def host_pools(host: HostConfig) -> tuple[str, ...]:
-    """The pools a host belongs to (usage by pool reads them only through here)."""
-    return host.pools
-
-
 def _profiles(top: _Reader) -> dict[str, Profile]:
     """`profiles: {NAME: {cpus, mem, nics, numa, threads, hugepages, pool, labels}}`, each
     value checked as a job spec's (vmjobs.spec.make_profile)."""

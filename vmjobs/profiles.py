@@ -12,7 +12,7 @@ from typing import Any
 
 from placement import Cluster, Request
 from placement.capacity import starts_possible
-from vmjobs.config import Config, host_pools
+from vmjobs.config import Config
 from vmjobs.spec import Profile, parse
 
 
@@ -38,6 +38,6 @@ def listing(config: Config, cluster: Cluster) -> list[dict[str, Any]]:
 def usage_context(config: Config, cluster: Cluster) -> dict[str, Any]:
     """What `vmjobs.usage.report` needs beyond the events to group by pool or profile: each
     host's pools, the inventory, and each profile's request."""
-    return {"pools": {h.name: host_pools(h) for h in config.hosts},
+    return {"pools": {h.name: h.pools for h in config.hosts},
             "hosts": list(cluster.hosts.values()),
             "profiles": {name: request_of(p) for name, p in config.profiles.items()}}

@@ -12,7 +12,6 @@ import pytest
 
 from placement import NumaPolicy, ThreadPolicy
 from vmjobs.cli.options import spec_from_options
-from vmjobs.config import host_pools
 from vmjobs.config import parse as parse_config
 from vmjobs.errors import ConfigError
 from vmjobs.spec import SpecError, make_profile, parse
@@ -81,8 +80,3 @@ def test_unknown_profile_and_bad_values_are_refused() -> None:
         with pytest.raises(ConfigError, match=r"^c.yaml: profiles"):
             parse_config({"profiles": bad}, "c.yaml")
 
-
-def test_host_pools_accessor() -> None:
-    config = parse_config({"hosts": [{"name": "h", "uri": "test:///default", "pool": "ci"}]},
-                          "c.yaml")
-    assert host_pools(config.hosts[0]) == ("ci",)

@@ -310,12 +310,9 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
                                                   f"the shortest allowed "
                                                   f"({MIN_CHECKPOINT_EVERY_S:g}s)")
     nodes = fields.nodes()
-    if nodes is not None:
-        if array is not None:
-            raise SpecError("--nodes cannot be given with --array (a gang is one job of N "
-                            "guests; an array is many jobs)")
-        if no_wait:
-            raise SpecError("--no-wait cannot be given with --nodes yet (use --wait-timeout)")
+    if nodes is not None and array is not None:
+        raise SpecError("--nodes cannot be given with --array (a gang is one job of N "
+                        "guests; an array is many jobs)")
     apart = fields.flag("nodes_apart", default=True)
     per_host = fields.integer("per_host", 0, 1, MAX_NODES) or None
     if per_host is not None and not apart:

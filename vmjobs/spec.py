@@ -32,7 +32,8 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
   laid over this spec (`cmd`: a list of strings, the member's own program);
   `nodes_apart` (default true: `--nodes-apart` / `--nodes-together`), `per_host` (at most
   this many members on one host when apart; default 1), `on_member_failure`
-  (`stop|continue`, default stop)
+  (`stop|continue`, default stop); with `no_wait` every member starts in the submit's own
+  scheduling pass or the gang is never created
 - `profile`: the name of a hardware profile of the config (`--profile`): its fields (cpus,
   mem, nics, numa, threads, hugepages, pool, labels) stand wherever the spec gives none;
   labels are merged, the spec's winning per name. The name is kept on the job (usage by

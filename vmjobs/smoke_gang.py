@@ -134,9 +134,11 @@ def _last_tick(client: Client, job_id: str) -> int | None:
     return ticks[-1] if ticks else None
 
 
-def _migrate(client: Client, job_id: str, to: str | None) -> dict[str, Any]:
+def _migrate(client: Client, job_id: str, to: str | None,
+             max_downtime_ms: int | None) -> dict[str, Any]:
     """The daemon's migrate (NDJSON progress); its one result. VmjobsError on an error."""
-    for line in client.job_action(job_id, "migrate", {"to": to}):
+    body = {"to": to, "max_downtime_ms": max_downtime_ms}
+    for line in client.job_action(job_id, "migrate", body):
         if "error" in line:
             raise VmjobsError(str(line["error"]))
         if "results" in line:
@@ -153,11 +155,14 @@ def destinations(rounds: int, to: str | None, home: str | None) -> list[str | No
 
 
 def smoke_gang(client: Client, body: dict[str, Any], rounds: int, to: str | None = None,
-               timeout_s: float = 600.0, note: Callable[[str], None] = lambda _m: None,
+               max_downtime_ms: int | None = None, timeout_s: float = 600.0,
+               note: Callable[[str], None] = lambda _m: None,
                on_round: Callable[[GangRound], None] | None = None) -> GangReport:
     """Submit the gang `body` (a submit body with `nodes`), move its node0 `rounds` times and
-    report per round what node0 and node1 saw. Raises VmjobsError if the gang cannot be
-    submitted or stops following the protocol (it is cancelled then)."""
+    report per round what node0 and node1 saw (`max_downtime_ms`: the migrations' initial
+    downtime limit; None: the daemon's default; `timeout_s`: the longest wait for each of
+    the gang's steps). Raises VmjobsError if the gang cannot be submitted or stops following
+    the protocol (it is cancelled then)."""
     if rounds < 1:
         raise VmjobsError("--rounds must be at least 1")
     gang = str(client.submit(body)["id"])
@@ -172,7 +177,7 @@ def smoke_gang(client: Client, body: dict[str, Any], rounds: int, to: str | None
             before = _last_tick(client, member0)
             began = time.monotonic()
             try:
-                moved = _migrate(client, member0, target)
+                moved = _migrate(client, member0, target, max_downtime_ms)
             except VmjobsError as exc:
                 report.violations.append(f"round {number}: migrating {member0} failed: {exc}")
                 moved = {"action": "failed", "detail": str(exc)}

@@ -61,6 +61,7 @@ def test_the_docs_migration_example_checked_from_node1_per_round(
     assert "node0: served 2 round(s)" in out0
     view = _show(daemon, gang)
     assert [m["exit_code"] for m in view["members"]] == [0, 0], view
+    print("\n".join(line for line in proc.stderr.splitlines() if line.startswith("round ")))
     print(f"example: {took:.1f}s in all; rounds: "
           + "; ".join(f"{r['source']}->{r['destination']} {r['seconds']:.1f}s ({r['detail']})"
                       for r in report["rounds"]))  # the figures docs/multinode.md quotes

@@ -53,6 +53,7 @@ def config(tmp_path: Path) -> Path:
     (["--gang", str(EXAMPLE), "--from", "h1"], "--from is not for --gang"),
     (["--to", "h2"], "give --from and --to (or --gang FILE)"),
     (["--gang", "/nonexistent.yaml"], "does not exist"),
+    (["--gang", str(EXAMPLE), "--mem", "1G"], "--mem is not for --gang"),
 ])
 def test_bad_smoke_options_are_one_line_exit_2(config: Path, args: list[str],
                                                message: str) -> None:

@@ -104,7 +104,13 @@ def migrate(obj: Any, source: str | None, destination: str | None, gang_file: Pa
         if source is not None:
             raise click.UsageError("--from is not for --gang: node0 starts where the daemon "
                                    "places it (give --to)")
-        _gang(gang_file, rounds, destination, as_json)
+        context = click.get_current_context()
+        for name, option in (("mem", "--mem"), ("gap_slack", "--gap-slack"),
+                             ("image", "--image"), ("virt_type", "--virt-type")):
+            if context.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"{option} is not for --gang: the gang file and the "
+                                       "daemon's config decide it")
+        _gang(gang_file, rounds, destination, max_downtime, as_json)
         return
     if source is None or destination is None:
         raise click.UsageError("give --from and --to (or --gang FILE)")
@@ -138,7 +144,7 @@ def _verdict(passed: bool, violations: list[str], as_json: bool) -> None:
         click.echo("PASS")
 
 
-def _gang(path: Path, rounds: int, to: str | None, as_json: bool) -> None:
+def _gang(path: Path, rounds: int, to: str | None, max_downtime: int, as_json: bool) -> None:
     from vmjobs.cli.connect import client_for
     from vmjobs.cli.options import spec_from_options
     from vmjobs.cli.submit import submission
@@ -151,7 +157,7 @@ def _gang(path: Path, rounds: int, to: str | None, as_json: bool) -> None:
     client = client_for(None)
     try:
         report = smoke_gang(client, submission(spec, client), rounds, to,
-                            note=lambda m: click.echo(m, err=True))
+                            max_downtime_ms=max_downtime, note=lambda m: click.echo(m, err=True))
     finally:
         client.close()
     if as_json:

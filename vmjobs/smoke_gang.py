@@ -10,7 +10,8 @@ kv store, and reads back what each member saw. The kv protocol the gang's progra
     node0 sets  `ready`            once it serves (the host waits for it)
     host sets   `moved.R`          `more` or `last`, after round R's migration
     node1 sets  `seen.R`           what it saw over the network after barrier `round.R`:
-                                   `A B` (the counter read twice, 1 s apart) or `FAILED ...`
+                                   `A B` (the counter first and once it went on) or
+                                   `FAILED ...`
 
 Checks: every migration succeeded, node1's every `seen.R` is two counts that grew, node0's
 `tick` lines have no gap and no repeat (counted from 0), and the gang ended 0. The gang is

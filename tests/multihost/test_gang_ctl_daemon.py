@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon.conftest import Daemon
-from tests.multihost import test_moves_daemon
 from tests.multihost.conftest import Cluster
+from tests.multihost.served import each_test, module_daemon
 from tests.multihost.test_gangs import _job_file, _wait
 from tests.multihost.test_moves_daemon import _assert_nothing_held, _show, _submit, _wait_output
 from vmjobs import gangnet
 
-daemon = test_moves_daemon.daemon  # the daemon on the cluster, a spool of its own per test
+# one daemon on the cluster for the module, idle between tests (tests/multihost/served.py):
+# every test makes its own gangs, ends them and waits for their networks to go
+served = module_daemon("gangctl")
+daemon = each_test()
 
 
 def _gang_devices(cluster: Cluster) -> list[str]:

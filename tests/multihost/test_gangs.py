@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from tests.daemon.conftest import Daemon
-from tests.multihost import test_moves_daemon
 from tests.multihost.conftest import Cluster
+from tests.multihost.served import each_test, module_daemon
 from tests.multihost.test_moves_daemon import (
     _assert_nothing_held,
     _show,
@@ -29,8 +29,10 @@ from tests.multihost.test_moves_daemon import (
     _wait_state,
 )
 
-# the daemon on the cluster, a spool of its own per test (fixture of test_moves_daemon.py)
-daemon = test_moves_daemon.daemon
+# one daemon on the cluster for the module, idle between tests (tests/multihost/served.py):
+# every test makes its own gangs and ends them
+served = module_daemon("gangs")
+daemon = each_test()
 
 COUNTER = "i=0; while [ $i -lt {n} ]; do echo line $i; i=$((i+1)); usleep 250000; done"
 

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 from tests.daemon.conftest import Daemon
-from tests.multihost import test_moves_daemon
 from tests.multihost.conftest import Cluster
+from tests.multihost.served import each_test, module_daemon
 from tests.multihost.test_gang_ctl_daemon import _until_no_network
 from tests.multihost.test_moves_daemon import _assert_nothing_held, _show
 
-daemon = test_moves_daemon.daemon  # the daemon on the cluster, a spool of its own per test
+# one daemon on the cluster for the module, idle between tests (tests/multihost/served.py)
+served = module_daemon("gangexample")
+daemon = each_test()
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "migration-smoke.yaml"
 

@@ -56,7 +56,7 @@ def shell(ctx: click.Context, **params: Any) -> int:
       vmjob shell --cpus 2 --mem 1G --timeout 1h
       vmjob shell --input ./src -- sh -c 'cd /job && exec sh'
       vmjob shell --url ssh://me@head --host node3
-      vmjob shell --profile nic2 --timeout 1h
+      vmjob shell --profile 2nic --timeout 1h
       vmjob shell --reservation "$R" --key "$K"    # inside 'vmjob reserve'
     """
     reservation, key = params.pop("reservation"), params.pop("key")

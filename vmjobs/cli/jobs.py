@@ -314,7 +314,10 @@ def wait(job: str, output_dir: Path | None, timeout: str | None, as_json: bool,
             click.echo(json.dumps(view, indent=2))
         if not view.get("finished"):
             if not as_json:
-                click.echo(f"vmjob: job {view['id']} has not ended after {timeout} "
+                # a bare number is seconds: "after 2" alone reads as a count
+                shown = f"{timeout}s" if timeout and timeout.strip().replace(".", "", 1)\
+                    .isdigit() else timeout
+                click.echo(f"vmjob: job {view['id']} has not ended after {shown} "
                            f"({view['state']})", err=True)
             return EXIT_WAIT_EXPIRED
         return report_end(view, client, output_dir, quiet=as_json)

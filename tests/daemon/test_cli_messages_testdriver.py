@@ -1,0 +1,44 @@
+"""Messages a new user met trying the docs, through a real daemon on libvirt's test driver
+(no guest, no guest lock): each is one line on stderr with the documented exit code."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+HOST = {"name": "t", "uri": "test:///default", "reserved_cpus": "2-15"}  # cpus 0-1 usable
+PROFILES = {"2nic": {"cpus": 2, "mem": "512M"}, "ci": {"cpus": 1, "mem": "256M"}}
+
+
+@pytest.fixture(scope="module")
+def daemon(make_daemon: Any) -> Any:
+    d = make_daemon("cli-msgs-td", hosts=[HOST], profiles=PROFILES)
+    d.start()
+    yield d
+    d.stop()
+
+
+def test_wait_timeout_of_bare_seconds_says_seconds(daemon: Any) -> None:
+    client = daemon.client()
+    job = client.submit({"argv": ["true"], "cpus": 1, "mem": "256M"})["id"]
+    deadline = time.monotonic() + 60
+    while client.job(job)["state"] != "RUNNING":  # the test driver's domain never ends
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.1)
+    done = daemon.vmjob("wait", job, "--timeout", "1")
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == f"vmjob: job {job} has not ended after 1s (RUNNING)\n"
+    done = daemon.vmjob("wait", job, "--timeout", "1s")
+    assert done.stderr == f"vmjob: job {job} has not ended after 1s (RUNNING)\n"
+    client.cancel(job)
+    client.close()
+
+
+def test_an_unknown_profile_at_the_daemon_names_the_known_ones(daemon: Any) -> None:
+    done = daemon.vmjob("profiles", "nope")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "unknown profile 'nope'" in done.stderr and "(profiles: 2nic, ci)" in done.stderr
+    assert done.stdout == ""

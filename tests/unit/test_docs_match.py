@@ -52,3 +52,14 @@ def test_help_examples_name_profiles_the_docs_define() -> None:
     used = {(where, name) for where, line in _example_lines() if where.startswith("vmjob ")
             for name in re.findall(r"--profile (\S+)", line) if not name.startswith(("$", "N"))}
     assert {name for _, name in used} <= defined, sorted(used)
+
+
+def test_every_command_the_user_guide_says_takes_json_does() -> None:
+    guide = (ROOT / "docs" / "user-guide.md").read_text()
+    stated = re.search(r"Every command but (.*?) takes `--json`", guide, re.DOTALL)
+    assert stated is not None
+    exempt = set(re.findall(r"`([a-z-]+)`", stated.group(1)))
+    lacking = [name for name, command in commands(cli)
+               if name.split()[0] not in exempt and command.params
+               and not any("--json" in getattr(p, "opts", []) for p in command.params)]
+    assert not lacking, f"no --json, yet the user guide says they take it: {lacking}"

@@ -42,3 +42,16 @@ def test_an_unknown_profile_at_the_daemon_names_the_known_ones(daemon: Any) -> N
     assert done.stderr.count("\n") == 1, done.stderr
     assert "unknown profile 'nope'" in done.stderr and "(profiles: 2nic, ci)" in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "what"), [
+    (("show", ""), "job id"), (("logs", " "), "job id"), (("wait", ""), "job id"),
+    (("migrate", ""), "job id"), (("kv", "", "get", "k"), "job id"),
+    (("release", ""), "reservation id"), (("drain", ""), "host name")])
+def test_an_empty_id_is_a_usage_error_not_an_unknown_endpoint(
+        daemon: Any, args: tuple[str, ...], what: str) -> None:
+    # it was "no such endpoint: /v1/jobs/ (see docs/api.md)", exit 1: the empty id made the
+    # path name the job list
+    done = daemon.vmjob(*args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"vmjob: give a {what} (an empty string names none)\n"

@@ -55,3 +55,16 @@ def test_an_empty_id_is_a_usage_error_not_an_unknown_endpoint(
     done = daemon.vmjob(*args)
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"vmjob: give a {what} (an empty string names none)\n"
+
+
+def test_attach_to_an_ended_job_exits_1_as_other_commands_on_one_do(daemon: Any) -> None:
+    # exit 2 is for usage errors (docs/user-guide.md, "Exit codes"); an ended job is the
+    # job's state, which `migrate` or `cancel` of one answer with 1
+    client = daemon.client()
+    job = client.submit({"argv": ["true"], "cpus": 1, "mem": "256M"})["id"]
+    client.cancel(job)
+    client.close()
+    done = daemon.vmjob("attach", job)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"vmjob: job {job} has ended (CANCELLED); see 'vmjob logs {job}'\n"
+    assert daemon.vmjob("migrate", job).returncode == 1

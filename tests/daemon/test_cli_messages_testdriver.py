@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import selectors
 import time
 from typing import Any
 
@@ -68,3 +69,32 @@ def test_attach_to_an_ended_job_exits_1_as_other_commands_on_one_do(daemon: Any)
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"vmjob: job {job} has ended (CANCELLED); see 'vmjob logs {job}'\n"
     assert daemon.vmjob("migrate", job).returncode == 1
+
+
+def test_logs_follow_of_a_queued_job_says_where_it_waits(daemon: Any) -> None:
+    # `logs -f` of a job still in the queue printed nothing until it started: a hang, to the
+    # user. Now one line on stderr says where and why it waits.
+    client = daemon.client()
+    hold = daemon.vmjob("reserve", "--cpus", "2", "--duration", "5m")
+    assert hold.returncode == 0, hold.stderr
+    job = client.submit({"argv": ["true"], "cpus": 1, "mem": "256M"})["id"]
+    deadline = time.monotonic() + 60
+    while client.job(job).get("position") is None:
+        assert time.monotonic() < deadline, daemon.log_text()
+        time.sleep(0.1)
+    follow = daemon.popen("logs", "-f", job)
+    try:
+        assert follow.stderr is not None
+        with selectors.DefaultSelector() as sel:  # the pipe, bounded: the line comes first
+            sel.register(follow.stderr, selectors.EVENT_READ)
+            assert sel.select(60), "logs -f said nothing about the queued job"
+        line = follow.stderr.readline()
+        assert line.startswith(f"vmjob: job {job} is queued at position 1"), line
+        assert "0 free cores" in line and line.endswith("its output follows once it starts\n")
+    finally:
+        client.cancel(job)
+        out, err = follow.communicate(timeout=60)
+    assert follow.returncode == 0, err
+    assert out == "" and err == ""
+    assert daemon.vmjob("release", hold.stdout.strip()).returncode == 0
+    client.close()

@@ -88,7 +88,7 @@ def member_running(daemon: Daemon, record: JobRecord, host: str) -> None:
     if conn is None:
         return
     net = gangnet.find(daemon.config.spool, ref[0])
-    if net is not None:  # after a daemon restart the control state starts again, empty
+    if net is not None:  # after a daemon restart: its control state, from the store
         daemon.control.open_gang(ref[0], {m.index: MemberInfo(m.host, net.address(m.index))
                                           for m in net.members})
     daemon.control.member_state(ref[0], ref[1], "running", host=host)

@@ -124,8 +124,8 @@ def test_a_daemon_killed_with_a_networked_gang_loses_no_member_and_no_network_st
     reads = "vmjob-ctl kv get early && vmjob-ctl kv get fromhost --wait && "
     gang = _submit(daemon, "-f", _job_file(tmp_path, {"mem": "128M", "nodes": [
         {"cmd": ["sh", "-c", "vmjob-ctl kv set early v0 && "
-                 + NETWORKED.format(n=40, peer=1).replace("ping", reads + "ping")]},
-        {"cmd": ["sh", "-c", NETWORKED.format(n=40, peer=0).replace("ping", reads + "ping")]},
+                 + NETWORKED.format(n=40, peer=1).replace("ping -c", reads + "ping -c")]},
+        {"cmd": ["sh", "-c", NETWORKED.format(n=40, peer=0).replace("ping -c", reads + "ping -c")]},
     ]}))
     for index in range(2):
         _wait_output(daemon, f"{gang}.{index}", "line 3")

@@ -7,6 +7,7 @@
  *     vmjob-ctl kv get KEY [--wait]
  *     vmjob-ctl nodes
  *     vmjob-ctl poison REASON...
+ *     vmjob-ctl ended STATUS          (the init's: the job exited with STATUS; non-zero poisons)
  *
  * One request line "ID VERB ARGS\n" (ID: letters and digits, unique per call), answered by
  * "ID data TEXT" lines (nodes) and one "ID ok [TEXT]" or "ID err TEXT" (vmjobs/control.py).
@@ -151,6 +152,9 @@ int main(int argc, char **argv)
         verb_kv_get = 1;
     } else if (!strcmp(argv[1], "nodes") && argc == 2) {
         append(line, &len, "nodes");
+    } else if (!strcmp(argv[1], "ended") && argc == 3) {
+        if (append(line, &len, "ended") || append(line, &len, argv[2]))
+            return usage();
     } else if (!strcmp(argv[1], "poison") && argc >= 3) {
         append(line, &len, "poison");
         for (i = 2; i < argc; i++)

@@ -342,7 +342,13 @@ class Api:
             with daemon.store.reserving():
                 for record, request in zip(records, requests, strict=True):
                     daemon.store.add_job(record, request, None, reason)
-            daemon.wake()
+            if submission.no_wait:  # all members start in this pass, or none exists
+                why = start_now_or_forget(daemon, *(r.id for r in records))
+                if why is not None:
+                    raise ApiError(409, f"cannot start now (--no-wait): {why}",
+                                   code="not_started")
+            else:
+                daemon.wake()
             return Json(self._gang_view(gang_id), status=201)
 
     def _gang_view(self, gang_id: str, events: bool = False) -> dict[str, Any]:

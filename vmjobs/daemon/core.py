@@ -298,7 +298,14 @@ class Daemon:
         ref = gang.gang_of(record.spec) if record is not None else None
         if ref is None or record is None or not self.owns(record):
             return
-        if record.spec.get(gang.KEY_STOPPED_BY) is None and ref.on_failure == "stop" \
+        cause = gangwire.failed_first(self, record) \
+            if record.spec.get(gang.KEY_STOPPED_BY) is None \
+            and gang.is_failure(state, exit_code) else None
+        if cause is not None:
+            # it failed on the poison of a member whose job failed first (its init said so)
+            # and whose end is on its way: that one decides the gang's failure and its stop
+            self.store.mark(job_id, **{gang.KEY_STOPPED_BY: cause})
+        elif record.spec.get(gang.KEY_STOPPED_BY) is None and ref.on_failure == "stop" \
                 and gang.is_failure(state, exit_code):
             others = [r for r in gang.member_records(self.store, ref.gang_id)
                       if r.id != job_id and not r.state.finished]

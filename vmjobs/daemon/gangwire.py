@@ -9,7 +9,8 @@ A member is a job whose stored spec says its gang (`vmjobs.gang.gang_of`). The c
 - `member_running` once the guest runs (launch, recovery, after a move): its control port is
   attached (again);
 - `member_ended` when a member's end is recorded: a failure (`gang.is_failure`) poisons the
-  gang's barriers, batons and kv waits at once, naming the member;
+  gang's barriers, batons and kv waits at once, naming the member (a failed member's init
+  has usually poisoned them already, over its port, as its job exited: `failed_first`);
 - `gang_ended` (a `gang.GangHooks.ended` hook) once every member has ended: the control
   state is closed and the network removed.
 
@@ -126,6 +127,24 @@ def member_ended(daemon: Daemon, job_id: str, state: JobState, exit_code: int | 
               name=f"gang-poison-{gang_id}")
     else:
         daemon.control.member_state(gang_id, index, "completed")
+
+
+def failed_first(daemon: Daemon, record: JobRecord) -> str | None:
+    """The member whose init reported a failed exit over its control port and whose end is
+    not recorded yet, if `record`'s member is another that had not reported first: a failure
+    of `record`'s member now is that one's consequence (its barrier was poisoned), not the
+    gang's first failure. That member's end follows within seconds (its guest is powering
+    off). None otherwise. Caller holds the daemon's lock."""
+    ref = gang_ref(record)
+    if ref is None:
+        return None
+    for index in daemon.control.exits_reported(ref[0]):  # in the order they were reported
+        if index == ref[1]:
+            return None  # it reported its own failure before any other unfinished one did
+        other = daemon.store.job(gang.member_id(ref[0], index))
+        if other is not None and not other.state.finished:
+            return other.id
+    return None
 
 
 def gang_ended(daemon: Daemon, gang_id: str, spawn: Callable[..., None]) -> None:

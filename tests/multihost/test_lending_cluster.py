@@ -20,6 +20,7 @@ import re
 import time
 from typing import Any
 
+import libvirt
 import pytest
 
 from tests.daemon.conftest import Daemon
@@ -30,6 +31,7 @@ from tests.multihost.test_moves_daemon import (  # the daemon fixture: one per t
 )
 from vmjobs.client import ApiFailure
 from vmjobs.console import data_frames
+from vmjobs.virt.pinning import BORROWER_CPU_SHARES
 
 GIVE_BACK_S = 4.0
 INTERVAL_S = 1.0
@@ -59,6 +61,15 @@ def _wait_for(check: Any, what: str, served: Daemon, timeout: float) -> float:
                                             f"{served.log_text()}"
         time.sleep(0.2)
     return time.time()
+
+
+def _cpu_shares(cluster: Cluster, index: int, job_id: str) -> int:
+    """The CPU weight of job `job_id`'s guest on host h<index>, as libvirt reports it."""
+    conn = libvirt.open(cluster.layout.uri(index))
+    try:
+        return int(conn.lookupByName(f"vmjob-{job_id}").schedulerParameters()["cpu_shares"])
+    finally:
+        conn.close()
 
 
 def _rates(out: str) -> list[tuple[int, int]]:
@@ -105,6 +116,8 @@ def test_owner_burns_and_its_borrower_is_migrated_to_a_free_host(
         _wait_for(lambda: "tick 2" in _output(client, borrower), "the borrower's ticks",
                   daemon, 180)
         assert "owner-burn" not in _output(client, owner)
+        # on the owner's core it runs at a low CPU weight
+        assert _cpu_shares(cluster, 1, borrower) == BORROWER_CPU_SHARES
         uncordoned = daemon.vmjob("uncordon", "h2")  # somewhere free to go
         assert uncordoned.returncode == 0, uncordoned.stderr
 
@@ -116,6 +129,9 @@ def test_owner_burns_and_its_borrower_is_migrated_to_a_free_host(
             link.close()
         migrated = _wait_for(lambda: _show(daemon, borrower)["host"] == "h2",
                              "the borrower on h2", daemon, 180)
+        # on cores of its own now: the destination's XML has no low weight (libvirt's default
+        # there: 1024 on cgroup v1 hosts as here, 100 on v2)
+        assert _cpu_shares(cluster, 2, borrower) != BORROWER_CPU_SHARES
         views = daemon.wait_all_ended([owner, borrower], timeout=300)
     finally:
         for job_id in (owner, borrower):  # only if the test failed before they ended

@@ -178,6 +178,14 @@ def test_owner_burns_and_its_borrower_is_migrated_to_a_free_host(
     rates = _rates(owner_out)
     assert rates, owner_out
     sharing = _mean_rate(rates, go, landed)
-    alone = _mean_rate(rates, landed + 1, go + BURN_S + 5)
-    print(f"owner's burn (both loops, iterations/s): {sharing} while the borrower shared "
-          f"its core ({landed - go:.1f}s), {alone} after it left; per second: {rates}")
+    alone = _mean_rate(rates, landed + 5, go + BURN_S + 5)  # once the move has settled
+    lost = None
+    if alone:  # the owner's work missing from its first seconds, in seconds of its burn
+        per_second: dict[int, int] = {}
+        for second, n in rates:
+            per_second[second] = per_second.get(second, 0) + n
+        lost = sum(max(0.0, alone - n) for second, n in per_second.items()
+                   if go <= second and second + 1 <= landed + 5) / alone
+    print(f"owner's burn (both loops, iterations/s): {sharing} while the borrower was on "
+          f"its core ({landed - go:.1f}s), {alone} from 5 s after it left; work lost until "
+          f"then: {lost} s of the owner's burn; per second: {rates}")

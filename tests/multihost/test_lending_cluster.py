@@ -10,6 +10,10 @@ their whole output: the borrower's counter with no line lost or repeated by the 
 owner's burn loops print their iteration rate each second, so the owner's speed while the
 borrower still shares its core is printed against its speed once it is gone (a figure for
 docs/borrowing.md, not asserted: the dev cluster's hosts share the machine's two cores).
+
+The borrower's low CPU weight is not checked here: the dev cluster's libvirtds see no cgroup
+mounts (`ip netns exec` remounts /sys), so libvirt refuses `cpu_shares` there and the
+borrower runs at the owner's weight (tests/daemon/test_lending_guests.py checks the weight).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import re
 import time
 from typing import Any
 
-import libvirt
 import pytest
 
 from tests.daemon.conftest import Daemon
@@ -31,7 +34,6 @@ from tests.multihost.test_moves_daemon import (  # the daemon fixture: one per t
 )
 from vmjobs.client import ApiFailure
 from vmjobs.console import data_frames
-from vmjobs.virt.pinning import BORROWER_CPU_SHARES
 
 GIVE_BACK_S = 4.0
 INTERVAL_S = 1.0
@@ -63,15 +65,6 @@ def _wait_for(check: Any, what: str, served: Daemon, timeout: float) -> float:
     return time.time()
 
 
-def _cpu_shares(cluster: Cluster, index: int, job_id: str) -> int:
-    """The CPU weight of job `job_id`'s guest on host h<index>, as libvirt reports it."""
-    conn = libvirt.open(cluster.layout.uri(index))
-    try:
-        return int(conn.lookupByName(f"vmjob-{job_id}").schedulerParameters()["cpu_shares"])
-    finally:
-        conn.close()
-
-
 def _rates(out: str) -> list[tuple[int, int]]:
     """(guest Unix second, iterations in it) of both burn loops, whole seconds only."""
     return [(int(s), int(n)) for s, n in re.findall(r"^rate [ab] (\d+) (\d+)$", out, re.M)]
@@ -84,6 +77,16 @@ def _mean_rate(rates: list[tuple[int, int]], start: float, end: float) -> float 
         if start <= second and second + 1 <= end:
             per_second[second] = per_second.get(second, 0) + n
     return sum(per_second.values()) / len(per_second) if per_second else None
+
+
+def _work_lost(rates: list[tuple[int, int]], start: float, end: float, alone: float) -> float:
+    """The owner's work missing over the whole seconds in [start, end) against `alone`
+    iterations a second, in seconds of its burn."""
+    per_second: dict[int, int] = {}
+    for second, n in rates:
+        per_second[second] = per_second.get(second, 0) + n
+    return sum(max(0.0, alone - n) for second, n in per_second.items()
+               if start <= second and second + 1 <= end) / alone
 
 
 @pytest.mark.daemon_config(usage_sample_interval=INTERVAL_S, usage_window="5s", borrow=BORROW)
@@ -116,8 +119,6 @@ def test_owner_burns_and_its_borrower_is_migrated_to_a_free_host(
         _wait_for(lambda: "tick 2" in _output(client, borrower), "the borrower's ticks",
                   daemon, 180)
         assert "owner-burn" not in _output(client, owner)
-        # on the owner's core it runs at a low CPU weight
-        assert _cpu_shares(cluster, 1, borrower) == BORROWER_CPU_SHARES
         uncordoned = daemon.vmjob("uncordon", "h2")  # somewhere free to go
         assert uncordoned.returncode == 0, uncordoned.stderr
 
@@ -129,9 +130,6 @@ def test_owner_burns_and_its_borrower_is_migrated_to_a_free_host(
             link.close()
         migrated = _wait_for(lambda: _show(daemon, borrower)["host"] == "h2",
                              "the borrower on h2", daemon, 180)
-        # on cores of its own now: the destination's XML has no low weight (libvirt's default
-        # there: 1024 on cgroup v1 hosts as here, 100 on v2)
-        assert _cpu_shares(cluster, 2, borrower) != BORROWER_CPU_SHARES
         views = daemon.wait_all_ended([owner, borrower], timeout=300)
     finally:
         for job_id in (owner, borrower):  # only if the test failed before they ended
@@ -179,13 +177,7 @@ def test_owner_burns_and_its_borrower_is_migrated_to_a_free_host(
     assert rates, owner_out
     sharing = _mean_rate(rates, go, landed)
     alone = _mean_rate(rates, landed + 5, go + BURN_S + 5)  # once the move has settled
-    lost = None
-    if alone:  # the owner's work missing from its first seconds, in seconds of its burn
-        per_second: dict[int, int] = {}
-        for second, n in rates:
-            per_second[second] = per_second.get(second, 0) + n
-        lost = sum(max(0.0, alone - n) for second, n in per_second.items()
-                   if go <= second and second + 1 <= landed + 5) / alone
+    lost = _work_lost(rates, go, landed + 5, alone) if alone else None
     print(f"owner's burn (both loops, iterations/s): {sharing} while the borrower was on "
           f"its core ({landed - go:.1f}s), {alone} from 5 s after it left; work lost until "
           f"then: {lost} s of the owner's burn; per second: {rates}")

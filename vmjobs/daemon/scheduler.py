@@ -171,7 +171,7 @@ def held_reservations(daemon: Daemon) -> list[JobRecord]:
 
 def make_room(daemon: Daemon, queue: Queue) -> None:
     """With `preemption: on`, move preemptible jobs for the first head in line; with nobody
-    waiting, bring back jobs that were checkpointed for others."""
+    waiting (but `--borrow` jobs), bring back jobs that were checkpointed for others."""
     if daemon.config.preemption:
         # the first head in queue order (each pool's line has its own; one preemption at a
         # time, `Daemon.preempting`). Preemption makes room for one job: a gang at the head
@@ -183,7 +183,8 @@ def make_room(daemon: Daemon, queue: Queue) -> None:
                 if gang_of(record.spec) is None:
                     moves.preempt_for(daemon, record.id, request)
                 break
-    if not queue:
+    # borrowers waiting for a loan do not hold back a restore: they are never first in line
+    if all(r.spec.get("borrow") for r, _q in queue):
         moves.restore_waiting(daemon)
 
 

@@ -309,8 +309,13 @@ def checkpoint_gang(daemon: Daemon, gang_id: str) -> list[MoveResult]:
     `vmjob-ctl nodes` shows the members checkpointed."""
     with daemon.lock:
         records = gang.member_records(daemon.store, gang_id)
-    if not records:
-        raise NotFound(f"no gang {gang_id}")
+        if not records:
+            raise NotFound(f"no gang {gang_id}")
+        for record in records:  # one line for the first that is not (moving says it too)
+            if record.state != JobState.RUNNING:
+                raise VmjobsError(f"gang {gang_id}: member {record.id} is "
+                                  f"{record.state.value}; only a gang whose members all run "
+                                  "can be checkpointed")
     with contextlib.ExitStack() as stack:
         actives = [stack.enter_context(moving(daemon, r.id)) for r in records]
         store = stack.enter_context(_own_store(daemon))

@@ -87,6 +87,14 @@ def test_a_gang_checkpointed_and_restored_whole_and_one_member_alone(
         assert (daemon.spool / "jobs" / f"{gang}.{index}" / "checkpoint.save").exists()
         events = _show(daemon, f"{gang}.{index}")["events"]
         assert any("every member of its gang paused" in (e["reason"] or "") for e in events)
+    # refusals: one line each, nothing changed
+    bad = daemon.vmjob("restore", gang, "--to", free)
+    assert bad.returncode == 2 and "one host per member" in bad.stderr, bad.stderr
+    again = daemon.vmjob("checkpoint", gang)
+    assert again.returncode == 1 and "only a gang whose members all run" in again.stderr
+    for refused in (bad, again):
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert _states(daemon, gang) == ["CHECKPOINTED", "CHECKPOINTED"]
 
     # member 0 to the free host, member 1 to where member 0 was: the network follows both,
     # with the same addresses (the saved guests keep theirs)

@@ -121,7 +121,8 @@ def test_a_gang_checkpointed_and_restored_whole_and_one_member_alone(
     view = _finish(cluster, daemon, gang)
     assert view["hosts"] == [free, second]
     print(f"\ngang of 2: checkpoint {took_save:.1f}s, restore {took_restore:.1f}s "
-          f"(CLI round trips); one member's restore {took_one:.1f}s")
+          f"(CLI round trips); one member's restore {took_one:.1f}s; saves: "
+          f"{[r['detail'] for r in saved]}; restore: {restored[0]['detail']}")
 
 
 def test_drain_moves_a_member_to_the_free_host_not_the_other_members(

@@ -14,14 +14,17 @@ import time
 from pathlib import Path
 
 from tests.daemon.conftest import Daemon
-from tests.multihost import test_moves_daemon
 from tests.multihost.conftest import Cluster
+from tests.multihost.served import each_test, module_daemon
 from tests.multihost.test_gang_ctl_daemon import _gang_devices, _until_no_network
 from tests.multihost.test_gangs import _job_file, _lines, _wait
 from tests.multihost.test_moves_daemon import _assert_nothing_held, _show, _submit, _wait_output
 from vmjobs import gangnet
 
-daemon = test_moves_daemon.daemon  # the daemon on the cluster, a spool of its own per test
+# one daemon on the cluster for the module, idle between tests (tests/multihost/served.py):
+# every test makes its own gang, ends it and waits for its network to go
+served = module_daemon("gangmoves")
+daemon = each_test()
 
 HOSTS = {"h1", "h2", "h3"}
 LINES = 24

@@ -444,7 +444,7 @@ def recover(daemon: Daemon) -> None:
         tied = [r.id for r in daemon.store.in_states(frozenset({JobState.QUEUED, JobState.HELD}))
                 if r.kind == Kind.RESERVATION and r.spec.get("tied")]
         # a checkpointed member keeps its gang's network (its slot: the addresses its
-        # saved guest has) for its restore
+        # saved guest has) and control state for its restore
         live = live_gangs(daemon.store.in_states(ACTIVE | MOVING | {JobState.CHECKPOINTED}))
         daemon.wake()
     # a reservation tied to its client's connection (no --duration) lost it with the daemon

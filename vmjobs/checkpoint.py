@@ -390,10 +390,14 @@ def restore_gang(config: Config, store: Store, conns: Mapping[str, Connection],
                                    "stays CHECKPOINTED", host=at) from None
         raise
     failpoints.hit("restore:restored")
+    unresumed: dict[str, str] = {}
     for member in members:
-        dom = _guest(conns, member)
-        if dom is not None:
-            _resume_quietly(dom)
+        try:  # a guest that ended meanwhile is the daemon's events' to report
+            dom = lookup_domain(conns[member.host], domain_name(member.job_id))
+            if dom is not None:
+                domains.resume(dom)
+        except VirtError as exc:
+            unresumed[member.job_id] = f"; not resumed: {exc.get_error_message()}"
     duration = time.monotonic() - started
     done = []
     for member in members:
@@ -401,7 +405,7 @@ def restore_gang(config: Config, store: Store, conns: Mapping[str, Connection],
         member.path.unlink(missing_ok=True)
         store.transition(member.job_id, JobState.RUNNING,
                          f"restored on {member.host} with its gang of {len(members)} in "
-                         f"{duration:.1f}s; clock {clock}")
+                         f"{duration:.1f}s; clock {clock}{unresumed.get(member.job_id, '')}")
         done.append(Restored(member.job_id, member.host, member.alloc, duration, clock))
     return done
 

@@ -191,3 +191,40 @@ def member_settled(daemon: Daemon, record: JobRecord, host: str) -> None:
         except gangnet.GangNetError as exc:
             log.warning("job %s: its gang network after the move: %s", record.id, exc)
     daemon.control.member_state(ref[0], ref[1], "running", host=host)
+
+
+def members_placed(daemon: Daemon, gang_id: str, hosts: dict[int, str]) -> dict[int, str]:
+    """Before members are restored (`hosts`: index -> its new host): the gang's network is
+    made there (`gangnet.relocate`; a host left without members loses it). Returns where
+    those members were, to put the network back if the restore fails (`members_placed` again
+    with it). Raises GangNetError."""
+    with _gang_lock(gang_id):
+        net = gangnet.find(daemon.config.spool, gang_id)
+        if net is None:
+            raise gangnet.GangNetError(f"gang {gang_id} has no network")
+        before = {m.index: m.host for m in net.members if m.index in hosts}
+        gangnet.relocate(daemon.config.spool, gangnet.host_nets(daemon.config), gang_id, hosts)
+    for index, host in hosts.items():
+        daemon.control.member_state(gang_id, index, "restoring", host=host)
+    return before
+
+
+def members_back(daemon: Daemon, gang_id: str, hosts: dict[int, str]) -> None:
+    """A restore failed: the network goes back to where it was (`hosts`, what
+    `members_placed` returned). Never raises (logged; the recovery's sweep removes what is
+    left)."""
+    try:
+        with _gang_lock(gang_id):
+            gangnet.relocate(daemon.config.spool, gangnet.host_nets(daemon.config), gang_id,
+                             hosts)
+    except gangnet.GangNetError as exc:
+        log.warning("gang %s: its network after a failed restore: %s", gang_id, exc)
+    for index in hosts:
+        daemon.control.member_state(gang_id, index, "checkpointed")
+
+
+def member_checkpointed(daemon: Daemon, record: JobRecord) -> None:
+    """The member is saved: `vmjob-ctl nodes` says so (its network stays, for its restore)."""
+    ref = gang_ref(record)
+    if ref is not None:
+        daemon.control.member_state(ref[0], ref[1], "checkpointed")

@@ -443,7 +443,9 @@ def recover(daemon: Daemon) -> None:
                 daemon.store.note(job_id, "reservation freed at recovery", release=True)
         tied = [r.id for r in daemon.store.in_states(frozenset({JobState.QUEUED, JobState.HELD}))
                 if r.kind == Kind.RESERVATION and r.spec.get("tied")]
-        live = live_gangs(daemon.store.in_states(ACTIVE))
+        # a checkpointed member keeps its gang's network (its slot: the addresses its
+        # saved guest has) and control state for its restore
+        live = live_gangs(daemon.store.in_states(ACTIVE | MOVING | {JobState.CHECKPOINTED}))
         daemon.wake()
     # a reservation tied to its client's connection (no --duration) lost it with the daemon
     for reservation_id in tied:

@@ -33,6 +33,7 @@ from vmjobs.snapshot import describe_allocation, snapshot
 from vmjobs.store import Store
 from vmjobs.virt import VirtError
 from vmjobs.virt.conn import is_running, lookup_domain
+from vmjobs.virt.hotplug import VcpuChange
 
 log = logging.getLogger("vmjobs.daemon")
 Note = Callable[[str], None]
@@ -212,8 +213,9 @@ def resize(daemon: Daemon, job_id: str, cpus: int | None, memory_mib: int | None
         done = resizing.resize_job(daemon.config, store, daemon.hosts.conns(),
                                    daemon.hosts.inventory(), job_id, cpus, memory_mib)
         host = active.host
+    how = "" if done.vcpus == VcpuChange.UNCHANGED else f" (vCPUs {done.vcpus})"
     return MoveResult(job_id, "resized", host, host,
-                      f"{describe_allocation(done.after)}; the guest sees {done.guest_cpus} "
+                      f"{describe_allocation(done.after)}{how}; the guest sees {done.guest_cpus} "
                       f"cpus, MemTotal {done.guest_memtotal_kib >> 10} MiB")
 
 

@@ -149,7 +149,9 @@ def set_vcpus(dom: Domain, pins: tuple[int, ...], way: ShrinkWay,
         change = VcpuChange.REONLINED  # vCPUs left plugged by a shrink, online again
     host_cpus = dom.connect().getCPUMap(0)[0]
     for vcpu, cpus in enumerate(vcpu_cpusets(pins, plugged)):
-        dom.pinVcpuFlags(vcpu, cpumap(cpus, host_cpus), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        # AFFECT_CURRENT is the live guest for a running domain (ours are transient), and
+        # libvirt's test driver takes it (it refuses an explicit AFFECT_LIVE)
+        dom.pinVcpuFlags(vcpu, cpumap(cpus, host_cpus), libvirt.VIR_DOMAIN_AFFECT_CURRENT)
     return change
 
 

@@ -30,7 +30,7 @@ from vmjobs.checkpoint import discard, discard_periodic
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.controlhub import ControlHub
-from vmjobs.daemon import gangwire
+from vmjobs.daemon import gangwire, resizewire
 from vmjobs.daemon.hosts import (
     GuestPoweredOff,
     GuestStopped,
@@ -54,6 +54,7 @@ from vmjobs.guest import (
     Verdict,
     collect,
 )
+from vmjobs.guestresize import GuestResizes
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
 from vmjobs.jobs import UNFINISHED, HostLossPolicy, JobRecord, JobState, domain_name
@@ -231,6 +232,10 @@ class Daemon:
         self.on_host_up: Callable[[str], object] = lambda _host: None
         # gangs' coordination state (vmjob-ctl, `vmjob kv`), keyed by gang id
         self.control = ControlHub()
+        # resizable jobs' own requests to be resized (`vmjob-ctl resize`, resize_from_guest)
+        self.guest_resizes = GuestResizes(
+            lambda job_id, cpus, mem: resizewire.resize(self, job_id, cpus, mem),
+            lambda carry_out: self.spawn(carry_out, name="guest-resize"), time.monotonic)
         # around a gang's start and end (its network, its control channel plug in here)
         self.gang_hooks = gang.GangHooks()
         self.gangs_ended: set[str] = set()  # gangs whose `ended` hooks ran (once each)
@@ -582,6 +587,9 @@ class Daemon:
             if gangwire.gang_ref(record) is not None:
                 self.spawn(gangwire.member_running, self, record, active.host,
                            name=f"ctl-attach-{job_id}")
+            elif resizewire.serves(self, record):
+                self.spawn(resizewire.running, self, record, active.host,
+                           name=f"ctl-attach-{job_id}")
             self.metrics.started(now - record.created)
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
@@ -625,6 +633,7 @@ class Daemon:
         )
 
         plan = gangwire.member_plan_for(self, record, plan)
+        plan = resizewire.plan_for(self, record, plan)
 
         def starting(how: str) -> None:
             with self.lock:

@@ -25,7 +25,7 @@ from placement import Allocation, Checkpoint, Migrate, Repin, Request
 from vmjobs import checkpoint, migration, repin
 from vmjobs import resize as resizing
 from vmjobs.codec import request_from_dict
-from vmjobs.daemon import gangwire
+from vmjobs.daemon import gangwire, resizewire
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.jobs import JobState, domain_name
@@ -135,6 +135,9 @@ def settle(daemon: Daemon, active: Active) -> None:
             stop = active.stop is not None
             if not stop and gangwire.gang_ref(record) is not None:  # its port, where it is now
                 daemon.spawn(gangwire.member_running, daemon, record, active.host,
+                             name=f"ctl-attach-{active.job_id}")
+            elif not stop and resizewire.serves(daemon, record):
+                daemon.spawn(resizewire.running, daemon, record, active.host,
                              name=f"ctl-attach-{active.job_id}")
         else:
             active.phase = Phase.COLLECTING

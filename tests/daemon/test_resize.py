@@ -16,11 +16,21 @@ import pytest
 
 from tests.daemon.conftest import URI
 
-# prints "i=I nproc=N mem=KIB" every second, LINES times, then ends
+# prints "i=I nproc=N mem=KIB" every second, LINES times, then ends. It asks to be resized
+# from inside twice (`vmjob-ctl resize`, printing "ctlN rc=RC ANSWER"): at once, beyond its
+# maximum (refused), and, once it has 1 cpu and more memory than it started with (the test's
+# signal), for 2 cpus (again while the host says the job is moving: the resize that gave it
+# that memory may still be finishing)
 LINES = 150
-WATCH = (f"i=0; while [ $i -lt {LINES} ]; do "
-         "echo \"i=$i nproc=$(nproc) mem=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' "
-         "/proc/meminfo)\"; i=$((i+1)); sleep 1; done")
+MEMTOTAL = "$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' /proc/meminfo)"
+WATCH = (f"m0={MEMTOTAL}; out=$(vmjob-ctl resize --cpus 3 2>&1); echo \"ctl1 rc=$? $out\"; "
+         f"asked=; i=0; while [ $i -lt {LINES} ]; do m={MEMTOTAL}; "
+         "if [ -z \"$asked\" ] && [ $(nproc) = 1 ] && [ $m -gt $m0 ]; then asked=1; "
+         # the host's memory resize may still be finishing: ask again while it is
+         "n=0; while :; do out=$(vmjob-ctl resize --cpus 2 2>&1); rc=$?; "
+         "case \"$out\" in *'is moving'*) [ $n -lt 60 ] || break; n=$((n+1)); sleep 1;; "
+         "*) break;; esac; done; echo \"ctl2 rc=$rc $out\"; fi; "
+         "echo \"i=$i nproc=$(nproc) mem=$m\"; i=$((i+1)); sleep 1; done")
 
 
 def _seen(daemon: Any, job: str) -> list[tuple[int, int]]:
@@ -37,6 +47,17 @@ def _wait_seen(daemon: Any, job: str, check: Any, timeout: float = 90) -> tuple[
             return seen[-1]
         assert time.monotonic() < deadline, f"guest never showed it: {seen[-5:]}\n" \
             + daemon.log_text()
+        time.sleep(0.5)
+
+
+def _ctl(daemon: Any, job: str, name: str, timeout: float = 90) -> str:
+    """The line the job printed after its vmjob-ctl call `name` ("ctl1", "ctl2")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        said = re.search(rf"^{name} (rc=.*)$", daemon.vmjob("logs", job).stdout, re.MULTILINE)
+        if said:
+            return said.group(1)
+        assert time.monotonic() < deadline, f"no {name} line\n" + daemon.log_text()
         time.sleep(0.5)
 
 
@@ -59,10 +80,14 @@ def _pins(job: str) -> list[set[int]]:
 
 @pytest.mark.guest
 def test_resize_grows_and_shrinks_cpus_and_memory_seen_in_the_guest(make_daemon: Any) -> None:
-    daemon = make_daemon("resize", hotplug=True, hotplug_max_mem="256M")
+    daemon = make_daemon("resize", hotplug=True, hotplug_max_mem="256M",
+                         resize_from_guest=True)
     daemon.start()
     job = daemon.vmjob("submit", "--cpus", "1", "--mem", "256M", "--", "sh", "-c",
                        WATCH).stdout.strip()
+    # asked from inside, beyond its maximum: refused with resize's own words
+    assert _ctl(daemon, job, "ctl1") == \
+        f"rc=1 vmjob-ctl: job {job}: its guest can have 1 to 2 vCPUs, not 3"
     nproc, mem0 = _wait_seen(daemon, job, lambda s: True)
     assert nproc == 1
     cpus, memory = _held(daemon, job)
@@ -118,17 +143,18 @@ def test_resize_grows_and_shrinks_cpus_and_memory_seen_in_the_guest(make_daemon:
     assert json.loads(row["allocation"])["cpus"] == [other]
     assert "second" in daemon.vmjob("logs", second).stdout
 
-    # grow again: the vCPU left plugged is used again, pinned to its core and onlined
-    again = daemon.vmjob("resize", job, "--cpus", "2", "--json", timeout=180)
-    assert again.returncode == 0, again.stderr + daemon.log_text()
-    (result,) = json.loads(again.stdout)
-    assert "vCPUs onlined again" in result["detail"], result
-    assert _held(daemon, job) == ({first, other}, 256)
+    # grow again, asked from inside (the job asks once it sees more memory): the vCPU left
+    # plugged is used again, pinned to its core and onlined
+    assert daemon.vmjob("resize", job, "--mem", "258M").returncode == 0
+    said = _ctl(daemon, job, "ctl2", timeout=180)
+    assert said.startswith("rc=0 ") and "(vCPUs onlined again)" in said \
+        and "the guest sees 2 cpus" in said, said + daemon.log_text()
+    assert _held(daemon, job) == ({first, other}, 258)
     assert _pins(job) == [{first}, {other}]
-    _wait_seen(daemon, job, lambda s: s == (2, mem0))
+    _wait_seen(daemon, job, lambda s: s == (2, mem0 + 2048))
 
     events = [e["reason"] or "" for e in daemon.client().job(job)["events"]]
-    assert sum("resized to" in e for e in events) == 4, events
+    assert sum("resized to" in e for e in events) == 5, events
     # the job ran on through all of it, and its whole output is there
     ended = daemon.wait_all_ended([job], timeout=LINES + 120)
     assert ended[job]["state"] == "COMPLETED", ended

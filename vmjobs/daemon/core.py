@@ -173,6 +173,10 @@ def is_ours(record: JobRecord) -> bool:
     return "runner" not in record.spec
 
 
+def _no_guest_resize(job_id: str, _cpus: int | None, _memory_mib: int | None) -> str:
+    raise VmjobsError(f"job {job_id}: this daemon does not resize jobs from their guests")
+
+
 class Daemon:
     """The job lifecycle: one per `vmjob serve`, or one per direct `vmjob run` scoped to its
     own job (`scope`; see `vmjobs.daemon.direct`). Its state (`active`, `waits`,
@@ -233,8 +237,11 @@ class Daemon:
         # gangs' coordination state (vmjob-ctl, `vmjob kv`), keyed by gang id
         self.control = ControlHub()
         # resizable jobs' own requests to be resized (`vmjob-ctl resize`, resize_from_guest)
+        # what such a request does: its owner's resize, wired in by `daemon.main` (it builds
+        # on this module, like recovery)
+        self.guest_resize: Callable[[str, int | None, int | None], str] = _no_guest_resize
         self.guest_resizes = GuestResizes(
-            lambda job_id, cpus, mem: resizewire.resize(self, job_id, cpus, mem),
+            lambda job_id, cpus, mem: self.guest_resize(job_id, cpus, mem),
             lambda carry_out: self.spawn(carry_out, name="guest-resize"), time.monotonic)
         # around a gang's start and end (its network, its control channel plug in here)
         self.gang_hooks = gang.GangHooks()

@@ -5,8 +5,9 @@ life meets its control port, with the config's `resize_from_guest: on`.
   gets the control port and /vmjob/bin/vmjob-ctl (gang members' ports are the gangs');
 - `running` once its guest runs (start, after a move, at recovery): the port is opened
   (again) and its lines go to `Daemon.guest_resizes`;
-- `resize`: what a request does, the same as `POST /v1/jobs/{id}/resize` by the job's owner
-  (loans given back first, then `moves.resize`).
+- what a request does (`Daemon.guest_resize`, wired in by `daemon.main`): the same as
+  `POST /v1/jobs/{id}/resize` by the job's owner (loans given back first, then
+  `moves.resize`).
 """
 
 from __future__ import annotations
@@ -69,11 +70,3 @@ def running(daemon: Daemon, record: JobRecord, host: str) -> None:
         log.info("job %s: no control port for vmjob-ctl resize: %s", job_id,
                  exc.get_error_message())
 
-
-def resize(daemon: Daemon, job_id: str, cpus: int | None, memory_mib: int | None) -> str:
-    """Carry out a guest's request as its owner's `vmjob resize`; the result's detail.
-    VmjobsError as that command's."""
-    from vmjobs.daemon import lending, moves  # they build on the core, which builds this
-
-    lending.before_resize(daemon, job_id)
-    return moves.resize(daemon, job_id, cpus, memory_mib).detail

@@ -135,7 +135,7 @@ def test_resize_grows_and_shrinks_cpus_and_memory_seen_in_the_guest(make_daemon:
     assert _pins(job) == [{first}, {first}]  # vCPU 1 can only run on the job's own core
     _wait_seen(daemon, job, lambda s: s == (1, mem0))
     # the freed core takes another job at once, while the first runs on
-    second = daemon.vmjob("submit", "--cpus", "1", "--mem", "128M", "--", "echo",
+    second = daemon.vmjob("submit", "--cpus", "1", "--mem", "256M", "--", "echo",
                           "second").stdout.strip()
     ended = daemon.wait_all_ended([second], timeout=180)
     assert ended[second]["state"] == "COMPLETED", ended

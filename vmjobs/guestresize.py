@@ -12,7 +12,8 @@ Such a job (a resizable one of no gang) gets the control port `org.vmjobs.ctl.0`
 
 The guest is untrusted: a line is at most MAX_LINE bytes (longer ones are cut and refused),
 requests are rate-limited per job (the gangs' token bucket), only one resize runs at a time
-per job (a second is refused while it runs), numbers are bounded before they reach
+per job (a second is refused while it runs) and a job resized asks again only MIN_INTERVAL_S
+later (a guest cannot keep its job busy moving), numbers are bounded before they reach
 `resize`, and the answer to a request id is remembered so that vmjob-ctl's resends get it
 again, never a second resize. The resize itself is the daemon's own path (`moves.resize`,
 the job's owner's rights: the guest can only ever resize its own job) and runs off the
@@ -36,6 +37,9 @@ MAX_CPUS = 4096
 MAX_MEMORY_MIB = 1 << 24  # 16 TiB
 MAX_ANSWER = 300  # characters of an answer's text
 REMEMBERED = 8  # answers kept per job for resent requests
+# a job that was resized waits this long before it may ask again: a guest asking in a loop
+# would otherwise keep its job "moving" and out of reach of migrations, drains and checkpoints
+MIN_INTERVAL_S = 5.0
 _ID = re.compile(r"^[A-Za-z0-9]{1,16}$")
 _NUMBER = re.compile(r"^[0-9]{1,9}$")
 
@@ -78,6 +82,7 @@ def parse(raw: bytes) -> ResizeAsk | str:
 class _Job:
     bucket: TokenBucket
     running: str | None = None  # the request id being carried out
+    resized_at: float | None = None  # when its last resize asked from the guest succeeded
     answered: dict[str, str] = field(default_factory=dict)
 
 
@@ -115,6 +120,9 @@ class GuestResizes:
                 answer = None  # resent while it runs: its answer comes when it is done
             elif job.running is not None:
                 answer = f"{asked.req_id} err a resize of this job is under way"
+            elif job.resized_at is not None and self.clock() - job.resized_at < MIN_INTERVAL_S:
+                answer = (f"{asked.req_id} err resized less than {MIN_INTERVAL_S:g} s ago; "
+                          "ask again later")
             else:
                 job.running = asked.req_id
                 answer = None
@@ -124,9 +132,11 @@ class GuestResizes:
 
     def _carry_out(self, job_id: str, job: _Job, asked: ResizeAsk,
                    reply: Callable[[str], None]) -> None:
+        resized = False
         try:
             detail = self.resize(job_id, asked.cpus, asked.memory_mib)
             answer = f"{asked.req_id} ok {_clean(detail)}"
+            resized = True
         except VmjobsError as exc:
             answer = f"{asked.req_id} err {_clean(str(exc))}"
         except Exception as exc:  # noqa: BLE001 - the guest gets an answer whatever happened
@@ -134,6 +144,8 @@ class GuestResizes:
             answer = f"{asked.req_id} err internal error: {_clean(str(exc))}"
         with self.lock:
             job.running = None
+            if resized:
+                job.resized_at = self.clock()
             job.answered[asked.req_id] = answer
             while len(job.answered) > REMEMBERED:
                 del job.answered[next(iter(job.answered))]

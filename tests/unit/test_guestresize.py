@@ -78,6 +78,27 @@ def test_one_resize_at_a_time_and_a_resend_gets_the_same_answer() -> None:
     h.send(b"c1 resize 2 -")  # resent after the answer: answered again, not resized again
     h.run()
     assert len(h.asked) == 2 and h.replies[-1].startswith("c1 ok ")
+    # a job just resized waits before it may ask again; a refused request costs no wait
+    h.send(b"c4 resize 1 -")
+    assert h.replies[-1] == "c4 err resized less than 5 s ago; ask again later"
+    h.now += 5.0
+    h.send(b"c4 resize 1 -")
+    h.run()
+    assert h.asked[-1] == ("j1", 1, None) and h.replies[-1].startswith("c4 ok ")
+
+
+def test_a_refused_resize_does_not_make_the_job_wait() -> None:
+    def refuse(_cpus: int | None, _mem: int | None) -> str:
+        raise VmjobsError("job j1 is moving; only a RUNNING job can move")
+
+    h = Harness(refuse)
+    h.send(b"c1 resize 2 -")
+    h.run()
+    h.send(b"c2 resize 2 -")
+    h.run()
+    assert len(h.asked) == 2
+    assert h.replies == ["c1 err job j1 is moving; only a RUNNING job can move",
+                         "c2 err job j1 is moving; only a RUNNING job can move"]
 
 
 def test_a_refused_resize_is_an_err_line_of_printable_text() -> None:

@@ -131,15 +131,27 @@ def _assert_both_pinged(daemon: Daemon, gang: str) -> dict[str, Any]:
 
 def test_a_daemon_killed_with_a_networked_gang_loses_no_member_and_no_network_stays(
         cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
-    gang = _networked_gang(daemon, tmp_path, 40)
+    # node0 sets a key before the kill; after it, each member reads what was set before it
+    # (by node0 and by the host): the gang's kv outlives the daemon
+    reads = "vmjob-ctl kv get early && vmjob-ctl kv get fromhost --wait && "
+    gang = _submit(daemon, "-f", _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", "vmjob-ctl kv set early v0 && "
+                 + NETWORKED.format(n=40, peer=1).replace("ping -c", reads + "ping -c")]},
+        {"cmd": ["sh", "-c", NETWORKED.format(n=40, peer=0).replace("ping -c", reads + "ping -c")]},
+    ]}))
     for index in range(2):
         _wait_output(daemon, f"{gang}.{index}", "line 3")
     assert _gang_devices(cluster), "no gang network while the gang runs"
+    assert daemon.vmjob("kv", gang, "set", "fromhost", "h0").returncode == 0
     daemon.kill9()
     daemon.start()
+    assert daemon.vmjob("kv", gang, "get", "early").stdout.strip() == "v0"
     # the members were re-adopted (not restarted), their control ports attached again: the
     # barrier after the restart is met and the network still carries the ping
     _assert_both_pinged(daemon, gang)
+    for index in range(2):
+        lines = daemon.vmjob("logs", f"{gang}.{index}").stdout.splitlines()
+        assert "v0" in lines and "h0" in lines, lines
     for index in range(2):
         events = _show(daemon, f"{gang}.{index}")["events"]
         assert any(e["note"] and "found running at recovery" in e["reason"]

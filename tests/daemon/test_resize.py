@@ -24,8 +24,11 @@ from tests.daemon.conftest import URI
 LINES = 150
 MEMTOTAL = "$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' /proc/meminfo)"
 WATCH = (f"m0={MEMTOTAL}; out=$(vmjob-ctl resize --cpus 3 2>&1); echo \"ctl1 rc=$? $out\"; "
-         f"asked=; i=0; while [ $i -lt {LINES} ]; do m={MEMTOTAL}; "
-         "if [ -z \"$asked\" ] && [ $(nproc) = 1 ] && [ $m -gt $m0 ]; then asked=1; "
+         # (a grow plugs memory before cpus: it waits until it has had 2 cpus and has 1 again)
+         f"had2=; asked=; i=0; while [ $i -lt {LINES} ]; do m={MEMTOTAL}; "
+         "[ $(nproc) = 2 ] && had2=1; "
+         "if [ -n \"$had2\" ] && [ -z \"$asked\" ] && [ $(nproc) = 1 ] && [ $m -gt $m0 ]; "
+         "then asked=1; "
          # the host's memory resize may still be finishing: ask again while it is
          "n=0; while :; do out=$(vmjob-ctl resize --cpus 2 2>&1); rc=$?; "
          "case \"$out\" in *'is moving'*) [ $n -lt 60 ] || break; n=$((n+1)); sleep 1;; "

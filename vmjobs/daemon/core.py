@@ -31,7 +31,7 @@ from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.controlhub import ControlHub
 from vmjobs.controljournal import ControlJournal
-from vmjobs.daemon import gangwire
+from vmjobs.daemon import gangwire, resizewire
 from vmjobs.daemon.hosts import (
     GuestPoweredOff,
     GuestStopped,
@@ -55,6 +55,7 @@ from vmjobs.guest import (
     Verdict,
     collect,
 )
+from vmjobs.guestresize import GuestResizes
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
 from vmjobs.jobs import UNFINISHED, HostLossPolicy, JobRecord, JobState, domain_name
@@ -173,6 +174,10 @@ def is_ours(record: JobRecord) -> bool:
     return "runner" not in record.spec
 
 
+def _no_guest_resize(job_id: str, _cpus: int | None, _memory_mib: int | None) -> str:
+    raise VmjobsError(f"job {job_id}: this daemon does not resize jobs from their guests")
+
+
 class Daemon:
     """The job lifecycle: one per `vmjob serve`, or one per direct `vmjob run` scoped to its
     own job (`scope`; see `vmjobs.daemon.direct`). Its state (`active`, `waits`,
@@ -234,6 +239,13 @@ class Daemon:
         # store by a serving daemon, so that its restart loses none of it
         self.control = ControlHub(journal=ControlJournal(config.state_db)
                                   if scope is None else None)
+        # resizable jobs' own requests to be resized (`vmjob-ctl resize`, resize_from_guest)
+        # what such a request does: its owner's resize, wired in by `daemon.main` (it builds
+        # on this module, like recovery)
+        self.guest_resize: Callable[[str, int | None, int | None], str] = _no_guest_resize
+        self.guest_resizes = GuestResizes(
+            lambda job_id, cpus, mem: self.guest_resize(job_id, cpus, mem),
+            lambda carry_out: self.spawn(carry_out, name="guest-resize"), time.monotonic)
         # around a gang's start and end (its network, its control channel plug in here)
         self.gang_hooks = gang.GangHooks()
         self.gangs_ended: set[str] = set()  # gangs whose `ended` hooks ran (once each)
@@ -592,6 +604,9 @@ class Daemon:
             if gangwire.gang_ref(record) is not None:
                 self.spawn(gangwire.member_running, self, record, active.host,
                            name=f"ctl-attach-{job_id}")
+            elif resizewire.serves(self, record):
+                self.spawn(resizewire.running, self, record, active.host,
+                           name=f"ctl-attach-{job_id}")
             self.metrics.started(now - record.created)
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
@@ -635,6 +650,7 @@ class Daemon:
         )
 
         plan = gangwire.member_plan_for(self, record, plan)
+        plan = resizewire.plan_for(self, record, plan)
 
         def starting(how: str) -> None:
             with self.lock:

@@ -25,7 +25,7 @@ from placement import Allocation, Checkpoint, Migrate, Repin, Request
 from vmjobs import checkpoint, gang, migration, repin
 from vmjobs import resize as resizing
 from vmjobs.codec import request_from_dict
-from vmjobs.daemon import gangwire
+from vmjobs.daemon import gangwire, resizewire
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
 from vmjobs.jobs import JobRecord, JobState, domain_name
@@ -33,6 +33,7 @@ from vmjobs.snapshot import describe_allocation, snapshot
 from vmjobs.store import Store
 from vmjobs.virt import VirtError
 from vmjobs.virt.conn import is_running, lookup_domain
+from vmjobs.virt.hotplug import VcpuChange
 
 log = logging.getLogger("vmjobs.daemon")
 Note = Callable[[str], None]
@@ -135,6 +136,9 @@ def settle(daemon: Daemon, active: Active) -> None:
             if not stop and gangwire.gang_ref(record) is not None:  # its port, where it is now
                 daemon.spawn(gangwire.member_running, daemon, record, active.host,
                              name=f"ctl-attach-{active.job_id}")
+            elif not stop and resizewire.serves(daemon, record):
+                daemon.spawn(resizewire.running, daemon, record, active.host,
+                             name=f"ctl-attach-{active.job_id}")
         else:
             active.phase = Phase.COLLECTING
             active.stopped_at = active.stopped_at or time.time()
@@ -212,8 +216,9 @@ def resize(daemon: Daemon, job_id: str, cpus: int | None, memory_mib: int | None
         done = resizing.resize_job(daemon.config, store, daemon.hosts.conns(),
                                    daemon.hosts.inventory(), job_id, cpus, memory_mib)
         host = active.host
+    how = "" if done.vcpus == VcpuChange.UNCHANGED else f" (vCPUs {done.vcpus})"
     return MoveResult(job_id, "resized", host, host,
-                      f"{describe_allocation(done.after)}; the guest sees {done.guest_cpus} "
+                      f"{describe_allocation(done.after)}{how}; the guest sees {done.guest_cpus} "
                       f"cpus, MemTotal {done.guest_memtotal_kib >> 10} MiB")
 
 

@@ -40,6 +40,9 @@ PROBE_INTERVAL_S = 2.0  # from one answered probe to the next
 # milliseconds, but a loaded 2-core machine with busy TCG guests can delay it by seconds, and
 # a false "unreachable" costs a reconnect and a recovery pass (the guests are taken back).
 PROBE_TIMEOUT_S = 10.0
+# While a round trip is on its way, how often to ask libvirt (locally, no request) whether it
+# still holds the connection for alive
+ALIVE_CHECK_S = 0.5
 
 
 class Health(enum.Enum):
@@ -159,9 +162,15 @@ class Prober:
             assert probe.sent_at is not None
             left = probe.sent_at + self.timeout_s - time.monotonic()
             try:
-                why = answers.get(timeout=max(left, 0.0))
+                why = answers.get(timeout=min(max(left, 0.0), ALIVE_CHECK_S))
             except queue.Empty:
-                probe = waited(probe, time.monotonic(), self.timeout_s)
+                if not is_alive(self.conn):
+                    # libvirt gave up on the connection (keepalive, socket error) in another
+                    # thread's request, and may never wake ours nor run the close callback
+                    probe = failed(probe, "libvirt closed the connection (keepalive timed "
+                                          "out or socket error)")
+                else:
+                    probe = waited(probe, time.monotonic(), self.timeout_s)
                 continue
             return answered(probe) if why is None else failed(probe, why)
         return probe

@@ -4,13 +4,18 @@ returns (what a powered-off host does to a request: nothing comes back)."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import libvirt
 
+from vmjobs.config import parse
+from vmjobs.daemon.hosts import HostDown, Hosts, HostUp, Note
 from vmjobs.daemon.liveness import Prober
+from vmjobs.virt import events
 from vmjobs.virt.conn import round_trip
 
 BOUND_S = 60.0  # generous: a loaded 2-core machine; the checks wait on the event, not a time
@@ -107,3 +112,31 @@ def test_the_probe_ends_silently_with_its_connection(default_conn: libvirt.virCo
     current[0] = None
     thread.join(BOUND_S)
     assert not thread.is_alive() and not verdicts.seen
+
+
+def test_hosts_report_an_unanswered_probe_as_host_down_and_reconnect(tmp_path: Path) -> None:
+    """`Hosts` starts a probe with each connection; the probe's verdict takes the host down
+    (HostDown, its connection forgotten and closed) and the reconnect brings it back (HostUp,
+    a new connection with a probe of its own)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    config = parse({"spool": str(spool), "virt_type": "qemu",
+                    "hosts": [{"name": "t", "uri": "test:///default"}]}, "test")
+    events.start_event_loop()
+    notes: queue.SimpleQueue[Note] = queue.SimpleQueue()
+    hosts = Hosts(config, notes)
+    try:
+        hosts.connect_all()
+        first = hosts.conn("t")
+        assert first is not None
+        assert "probe-t" in {t.name for t in threading.enumerate()}
+        hosts._on_unreachable(first, "t", "libvirtd did not answer a probe within 10s")
+        assert notes.get(timeout=BOUND_S) == HostDown(
+            "t", "libvirtd did not answer a probe within 10s")
+        assert notes.get(timeout=BOUND_S) == HostUp("t")
+        again = hosts.conn("t")
+        assert again is not None and again is not first
+        hosts._on_unreachable(first, "t", "late verdict on the old connection")
+        assert hosts.conn("t") is again  # a verdict on a replaced connection changes nothing
+    finally:
+        hosts.close()

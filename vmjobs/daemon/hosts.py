@@ -289,8 +289,9 @@ class Hosts:
     def _on_unreachable(self, conn: Connection, host: str, why: str) -> None:
         """The probe of `conn` went unanswered: the host is down, whatever libvirt's event
         loop did or did not report. The connection is closed on a thread of its own (closing
-        sends a request the dead host never answers; libvirt's keepalive ends that wait), so
-        calls still waiting on it fail instead of waiting on."""
+        sends a request the dead host never answers; libvirt's keepalive ends that wait).
+        Whether libvirt then fails requests other threads still wait on is libvirt's part
+        (docs/borrowing.md, "Lost hosts")."""
         if not self._declare_down(conn, host, why):
             return
         self._start_reconnect(self.config.host(host))

@@ -23,7 +23,6 @@ The verdicts are an explicit state machine over plain values (`Probe`, `sent`, `
 from __future__ import annotations
 
 import enum
-import logging
 import queue
 import threading
 import time
@@ -32,8 +31,6 @@ from dataclasses import dataclass, replace
 
 from vmjobs.virt import Connection, VirtError
 from vmjobs.virt.conn import is_alive, round_trip
-
-log = logging.getLogger("vmjobs.daemon")
 
 PROBE_INTERVAL_S = 2.0  # from one answered probe to the next
 # An answer later than this is no answer. Generous: libvirtd answers a getLibVersion in
@@ -137,8 +134,7 @@ class Prober:
             probe = self.once(probe)
             if probe.health is Health.UNREACHABLE:
                 if self.current() is self.conn and not self.stopping.is_set():
-                    log.warning("host %s: %s", self.host, probe.why)
-                    self.on_unreachable(self.conn, probe.why)
+                    self.on_unreachable(self.conn, probe.why)  # it logs the host down
                 return
 
     def once(self, probe: Probe) -> Probe:

@@ -13,7 +13,8 @@ or thread does. A worker stuck on a dead host's round trip blocks only itself; t
 thread ends with the verdict and a new one starts with the next connection.
 
 Bound: a host that stops answering is reported unreachable at most
-`PROBE_INTERVAL_S + PROBE_TIMEOUT_S` (12 s) after its last answer, and declared down
+`PROBE_INTERVAL_S + PROBE_TIMEOUT_S` (32 s) after its last answer — in practice ~8 s,
+when the `isAlive` look sees libvirt's keepalive give the connection up —, and declared down
 `host_down_after` later (docs/operations.md, "Hosts that stop answering").
 
 The verdicts are an explicit state machine over plain values (`Probe`, `sent`, `answered`,
@@ -35,8 +36,10 @@ from vmjobs.virt.conn import is_alive, round_trip
 PROBE_INTERVAL_S = 2.0  # from one answered probe to the next
 # An answer later than this is no answer. Generous: libvirtd answers a getLibVersion in
 # milliseconds, but a loaded 2-core machine with busy TCG guests can delay it by seconds, and
-# a false "unreachable" costs a reconnect and a recovery pass (the guests are taken back).
-PROBE_TIMEOUT_S = 10.0
+# a false "unreachable" costs a reconnect and a recovery pass (the guests are taken back)
+# and fails what was in flight on the connection (a migration). A host that really vanished
+# is seen sooner, by keepalive through the `isAlive` look (~8 s): this is the last resort.
+PROBE_TIMEOUT_S = 30.0
 # While a round trip is on its way, how often to ask libvirt (locally, no request) whether it
 # still holds the connection for alive
 ALIVE_CHECK_S = 0.5

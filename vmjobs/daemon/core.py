@@ -96,6 +96,10 @@ class Active:
     stop: tuple[JobState, str] | None = None  # set by cancel / time limit: how it will end
     powered_off_at: float | None = None  # when the guest's own power-off was reported
     stopped_at: float | None = None  # when its guest's STOPPED event arrived
+    # a periodic checkpoint is under way (phase MOVING): it leaves the guest where it is and
+    # writes nothing but the job's checkpoint mark, so a lost host settles the job at once
+    # rather than waiting for it — a libvirt call on a vanished host can hang for good
+    periodic: bool = False
 
 
 def time_limit_of(record: JobRecord) -> float | None:
@@ -953,7 +957,7 @@ class Daemon:
                 if active.phase == Phase.ENDED:
                     self.free(active.job_id)
                     continue
-                if active.phase == Phase.MOVING:
+                if active.phase == Phase.MOVING and not active.periodic:
                     continue  # the mover settles it; a move off a lost host fails there
                 self.on_job_lost(record, f"host {note.host} lost: {note.why}")
             self.wake()

@@ -66,8 +66,9 @@ def _own_store(daemon: Daemon) -> Iterator[Store]:
 
 
 @contextlib.contextmanager
-def moving(daemon: Daemon, job_id: str) -> Iterator[Active]:
-    """Mark a running job as moving for the duration; afterwards find its guest again."""
+def moving(daemon: Daemon, job_id: str, periodic: bool = False) -> Iterator[Active]:
+    """Mark a running job as moving for the duration; afterwards find its guest again.
+    `periodic`: a periodic checkpoint (`Active.periodic`: a lost host does not wait for it)."""
     with daemon.lock:
         active = daemon.active.get(job_id)
         record = daemon.store.job(job_id)
@@ -84,9 +85,11 @@ def moving(daemon: Daemon, job_id: str) -> Iterator[Active]:
                 else record.state.value
             raise VmjobsError(f"job {job_id} is {what}; only a RUNNING job can move")
         active.phase = Phase.MOVING
+        active.periodic = periodic
     try:
         yield active
     finally:
+        active.periodic = False
         settle(daemon, active)
 
 

@@ -222,7 +222,12 @@ def make_daemon(image_root: Path) -> Iterator[Any]:
 def _destroy_leftovers(made: list[Daemon]) -> None:
     ours = {f"vmjob-{r['id']}" for d in made if (d.spool / "state.db").exists()
             for r in d.query("SELECT id FROM jobs")}
-    leftovers = sorted(set(our_domains()) & ours)
+    # a guest whose job just ended goes a moment later (libvirt reaps QEMU ~2 s after the
+    # power-off here, longer on a loaded machine: ENVIRONMENT.md): wait for that, bounded;
+    # what is still there then was left behind
+    deadline = time.monotonic() + 60
+    while (leftovers := sorted(set(our_domains()) & ours)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     conn = libvirt.open(URI)
     try:
         for name in leftovers:  # never left to confuse the next engineer's tests

@@ -88,11 +88,8 @@ def min_spare_kib(samples: list[MemorySample], over_s: float, now: float) -> int
     start = now - over_s
     if not samples or samples[0].at > start:
         return None
-    spans = [s for s in samples if s.at >= start]
     # the last sample at or before the start stood for the time up to the next one
-    before = [s for s in samples if s.at < start]
-    if before:
-        spans.append(before[-1])
+    spans = [[s for s in samples if s.at <= start][-1], *(s for s in samples if s.at > start)]
     spares = [s.spare_kib for s in spans]
     if any(spare is None for spare in spares):
         return None

@@ -1,8 +1,9 @@
 """Borrowing memory through the daemon on libvirt's test driver (no guest lock needed;
 docs/borrowing.md "Borrowing memory"). The test driver's domains report balloon figures of half
 their memory (MemAvailable and QEMU resident: a 384 MiB owner has 192 MiB spare), so with
-`memory: balloon` and a 32 MiB margin an idle owner of both usable cpus and 384 of node 0's 512 MiB lends its
-second core and memory beside it: a 1-cpu 256 MiB borrower takes the 128 MiB free and borrows
+`memory: balloon` and a 32 MiB margin an idle owner of both usable cpus and 384 of node 0's
+512 MiB lends its second core and memory beside it: a 1-cpu 256 MiB borrower takes the 128
+MiB free and borrows
 128 MiB. `show`, the store and the metrics say so, and when the owner ends the borrower holds
 its memory itself. Giving memory back needs an owner whose use really rises:
 tests/daemon/test_balloon_guests.py."""

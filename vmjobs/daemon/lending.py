@@ -182,12 +182,21 @@ def before_resize(daemon: Daemon, job_id: str) -> None:
     are not its own. Takes the lock."""
     with daemon.lock:
         loans = daemon.store.loans(job_id)
+        memory = daemon.store.memory_loans(job_id)
         if any(loan.borrower == job_id for loan in loans):
             raise VmjobsError(f"job {job_id} runs on lent cores (--borrow); a borrower "
                               "cannot be resized")
-        if loans:
+        if any(loan.borrower == job_id for loan in memory):
+            raise VmjobsError(f"job {job_id} runs on lent memory (--borrow); a borrower "
+                              "cannot be resized")
+        if loans or memory:
             owner_changed(daemon, job_id, "its owner is being resized")
-            raise VmjobsError(f"job {job_id} lends {len(loans)} of its cpus to borrowers; "
+            _send_off(daemon, {b: tuple(m for m in memory if m.borrower == b)
+                               for b in sorted({m.borrower for m in memory})},
+                      "its owner is being resized")
+            lent = f"{len(loans)} of its cpus" if loans else \
+                f"{sum(m.mib for m in memory)} MiB of its memory"
+            raise VmjobsError(f"job {job_id} lends {lent} to borrowers; "
                               "they are being given back now: ask the resize again once "
                               "'vmjob show' lists no loans")
 

@@ -3,8 +3,8 @@
 by `reserved_memory` to MEMORY_MIB for jobs:
 
 - an owner (1 cpu, OWNER_MIB) sits idle; its balloon's statistics reach the daemon: `show`
-  and the metrics give its memory used, and when it then fills ALLOC_MIB of tmpfs its
-  reported use rises by about that much (tmpfs pages cannot be reclaimed: MemAvailable falls);
+  and the metrics give its memory used, and when it then fills a tmpfs with n MiB its
+  reported use rises by about n (tmpfs pages cannot be reclaimed: MemAvailable falls);
 - with `borrow.memory: balloon`, a `--borrow` job (1 cpu, BORROWER_MIB) that does not fit in
   the node's free memory is placed on the free core with the rest of its memory borrowed from
   the owner (a memory loan, no core loan);
@@ -17,6 +17,7 @@ Figures (rise seen, give-back times) are printed; run with -s.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -26,16 +27,20 @@ from tests.daemon.conftest import URI, host_entry
 from tests.daemon.test_remote import free_port, scrape
 from vmjobs.virt.inventory import parse_capabilities
 
-MEMORY_MIB = 640  # node 0's memory for jobs
-OWNER_MIB = 384
-BORROWER_MIB = 384  # 256 free: it borrows 128 MiB of the owner's
-ALLOC_MIB = 160
-MARGIN = "96M"  # lending 128 MiB needs 224 spare; it ends below 176: the fill must go
+MEMORY_MIB = 1024  # node 0's memory for jobs
+OWNER_MIB = 768
+BORROWER_MIB = 320  # 256 free: it borrows 64 MiB of the owner's
+LENT_MIB = BORROWER_MIB - (MEMORY_MIB - OWNER_MIB)
+# lending 64 MiB needs 320 MiB spare over `for`; it ends below 64 + 128 MiB
+MARGIN = "256M"
 BORROW = {"idle_below": 0.1, "for": "3s", "give_back_within": "4s", "memory": "balloon",
           "memory_margin": MARGIN}
-OWNER = ("echo owner-idle; sleep 40; "
-         f"dd if=/dev/zero of=/dev/shm/fill bs=1M count={ALLOC_MIB} 2>/dev/null; "
-         "echo owner-filled; sleep 20; rm /dev/shm/fill; echo owner-done")
+# after 40 s idle the owner fills a tmpfs with all but 120 MiB of its MemAvailable (tmpfs
+# pages cannot be reclaimed: MemAvailable falls by what it wrote) and says how much
+OWNER = ("echo owner-idle; sleep 40; mkdir -p /fill; mount -t tmpfs -o size=95% tmpfs /fill; "
+         "n=$(( $(sed -n 's/^MemAvailable: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo) / 1024 - 120 )); "
+         "dd if=/dev/zero of=/fill/x bs=1M count=$n 2>/dev/null; echo owner-filled $n; "
+         "sleep 20; rm /fill/x; echo owner-done")
 TICKS = 50
 BORROWER = (f"i=0; while [ $i -lt {TICKS} ]; do echo tick $i; i=$((i + 1)); sleep 1; done; "
             "echo borrower-done")
@@ -86,11 +91,19 @@ def test_balloon_stats_reach_the_daemon_and_lent_memory_is_given_back(
     borrower = client.submit({"argv": ["sh", "-c", BORROWER], "cpus": 1,
                               "mem": f"{BORROWER_MIB}M", "borrow": True,
                               "time_limit": "600s"})["id"]
-    placed = _wait_for(lambda: (v := client.job(borrower))["state"] == "RUNNING" and v,
-                       "the borrower running", daemon, 90)
-    assert placed["memory_loans"] == [{"host": "local", "node": 0, "mib": BORROWER_MIB -
-                                       (MEMORY_MIB - OWNER_MIB), "owner": owner,
-                                       "borrower": borrower}]
+    readings: list[tuple[Any, Any]] = []  # the owner's (used, resident) meanwhile
+
+    def running() -> Any:
+        owner_view = client.job(owner)
+        readings.append((owner_view["memory_used_mib"], owner_view["memory_resident_mib"]))
+        return (v := client.job(borrower))["state"] == "RUNNING" and v
+
+    try:
+        placed = _wait_for(running, "the borrower running", daemon, 90)
+    finally:
+        print(f"owner's (used, resident) MiB while the borrower waited: {readings[::10]}")
+    assert placed["memory_loans"] == [{"host": "local", "node": 0, "mib": LENT_MIB,
+                                       "owner": owner, "borrower": borrower}]
     assert placed["loans"] == []  # a free core: only memory is borrowed
     view = client.job(owner)
     idle_used = view["memory_used_mib"]  # settled since boot; the owner is still idle
@@ -100,30 +113,32 @@ def test_balloon_stats_reach_the_daemon_and_lent_memory_is_given_back(
     assert "owner-filled" not in "".join(client.logs(owner)), \
         "the owner filled its memory before the borrower was placed: lengthen its idle phase"
 
-    _wait_for(lambda: "owner-filled" in "".join(client.logs(owner)), "the owner's fill",
-              daemon, 120)
-    filled_at = time.monotonic()
-    # its reported use rises by about what it filled (the page cache it had is dropped first
-    # only under pressure, which 160 of 384 MiB is not)
+    filled = _wait_for(lambda: re.findall(r"owner-filled (\d+)", "".join(client.logs(owner))),
+                       "the owner's fill", daemon, 120)
+    filled_at, fill_mib = time.monotonic(), int(filled[0])
+    assert fill_mib > 300, "the owner had less MemAvailable than this test assumes"
+    # its reported use rises by about what it wrote (tmpfs pages stay)
     risen = _wait_for(lambda: (u := client.job(owner).get("memory_used_mib")) is not None
-                      and u - idle_used >= ALLOC_MIB * 3 // 4 and u, "the owner's rise",
+                      and u - idle_used >= fill_mib * 3 // 4 and u, "the owner's rise",
                       daemon, 30)
-    print(f"owner filled {ALLOC_MIB} MiB: used {idle_used} -> {risen} MiB "
-          f"(+{risen - idle_used}) seen {time.monotonic() - filled_at:.1f} s after")
-    assert risen - idle_used <= ALLOC_MIB + 48
+    print(f"owner filled {fill_mib} MiB: used {idle_used} -> {risen} MiB "
+          f"(+{risen - idle_used}) seen {time.monotonic() - filled_at:.1f} s after; "
+          f"resident {client.job(owner)['memory_resident_mib']} MiB")
+    assert risen - idle_used <= fill_mib + 64
 
     gave_back = _wait_for(lambda: [e for e in client.job(borrower)["events"]
                                    if "gave back" in (e["reason"] or "")],
                           "the borrower's give-back", daemon, 90)
     reasons = [e["reason"] or "" for e in client.job(borrower)["events"]]
     print("borrower:", *reasons, sep="\n  ")
-    assert any(f"giving back {BORROWER_MIB - (MEMORY_MIB - OWNER_MIB)} MiB of job {owner}: "
+    assert any(f"giving back {LENT_MIB} MiB of job {owner}: "
                "its owner's memory use rose" in r for r in reasons)
     assert "checkpointed" in gave_back[0]["reason"]
 
     views = daemon.wait_all_ended([owner, borrower], timeout=300)
     assert views[owner]["state"] == views[borrower]["state"] == "COMPLETED", views
-    assert "".join(client.logs(owner)).split() == ["owner-idle", "owner-filled", "owner-done"]
+    assert "".join(client.logs(owner)).split() == ["owner-idle", "owner-filled", str(fill_mib),
+                                                   "owner-done"]
     ticks = [line for line in "".join(client.logs(borrower)).splitlines()
              if line.startswith("tick ")]
     assert ticks == [f"tick {i}" for i in range(TICKS)]

@@ -11,4 +11,6 @@ if [ ! -x "$venv/bin/python" ]; then
     exit 1
 fi
 "$venv/bin/ruff" check vmjobs placement images tests bench
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# --durations=30: every run's log ends with its 30 slowest tests (setup, call, teardown), so
+# a CI log shows where the suite's time goes without another run
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider --durations=30 "$@"

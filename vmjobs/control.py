@@ -28,6 +28,12 @@ poisoned it; `kv` and `nodes` still work (for diagnosis). A barrier NAME is a `B
 WAITING until all N members arrived (RELEASED: all get `ok`, the next arrival starts its next
 round) — or until a waiter's deadline passes (that waiter gets `err`, the others keep
 waiting).
+
+What must outlive the daemon (`durable`, `restore`): the kv store, who holds each baton, each
+barrier's round, the poison and the answers remembered for requests sent again — as rows
+`(kind, name) -> value` the daemon keeps in its store (vmjobs/controljournal.py). Open waits
+are not kept: a waiting `vmjob-ctl` sends its request again until it is answered, so a
+restarted daemon rebuilds them.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ RATE_BURST = 100.0  # and in a burst
 _ID = re.compile(r"^[A-Za-z0-9]{1,16}$")
 _NAME = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+_ANSWER = re.compile(r"^([0-9]+):([A-Za-z0-9]{1,16})$")
+
+Rows = dict[tuple[str, str], str]  # (kind, name) -> value: a gang's durable control state
 
 
 class GangState(StrEnum):
@@ -168,6 +177,45 @@ class GangControl:
         # the last REMEMBERED final answers per member, by request id: a request the guest
         # sent again (it heard nothing yet) gets the same answer, never a second effect
         self.answered: dict[int, dict[str, list[str]]] = {}
+
+    # --- what outlives the daemon ---------------------------------------------------------
+
+    def durable(self) -> Rows:
+        """The state a restarted daemon needs, as rows: ("kv", KEY) -> VALUE, ("baton", NAME)
+        -> holder index, ("round", NAME) -> barrier round, ("poison", "") -> reason,
+        ("answer", "INDEX:ID") -> the answer's lines joined by newlines (they hold none)."""
+        rows: Rows = {("kv", k): v for k, v in self.kv.items()}
+        rows.update({("baton", name): str(b.holder) for name, b in self.batons.items()
+                     if b.holder is not None})
+        rows.update({("round", name): str(b.round) for name, b in self.barriers.items()
+                     if b.round})
+        if self.state == GangState.POISONED and self.poison_reason is not None:
+            rows[("poison", "")] = self.poison_reason
+        for index, kept in self.answered.items():
+            rows.update({("answer", f"{index}:{req_id}"): "\n".join(lines)
+                         for req_id, lines in kept.items()})
+        return rows
+
+    def restore(self, rows: Rows) -> None:
+        """Take up the state `durable` gave (a fresh gang's, rows in the order they were
+        written). Rows that do not fit this gang (unknown kind, member, bad name) are skipped:
+        the store is ours, but a row must never make a gang reach another's members."""
+        for (kind, name), value in rows.items():
+            if kind == "kv" and _check_kv(name, value, False) is None:
+                self.kv[name] = value
+            elif kind == "baton" and _NAME.match(name) and value.isdigit() \
+                    and int(value) in self.members:
+                self.batons.setdefault(name, Baton()).holder = int(value)
+            elif kind == "round" and _NAME.match(name) and value.isdigit():
+                self.barriers.setdefault(name, Barrier()).round = int(value)
+            elif kind == "poison":
+                self.state, self.poison_reason = GangState.POISONED, _clean(value, 2 * MAX_REASON)
+            elif kind == "answer" and (match := _ANSWER.match(name)) \
+                    and int(match.group(1)) in self.members:
+                kept = self.answered.setdefault(int(match.group(1)), {})
+                kept[match.group(2)] = value.split("\n")
+                while len(kept) > REMEMBERED:
+                    del kept[next(iter(kept))]
 
     # --- the host's side -------------------------------------------------------------------
 

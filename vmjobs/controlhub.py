@@ -13,6 +13,11 @@ The interface the gang code calls:
     hub.member_failed(gang_id, index, reason)                   a member failed: poison
     hub.close_gang(gang_id)                                     when the gang ends
 and for `vmjob kv JOB get|set`: `hub.kv_get`, `hub.kv_set`.
+
+With a `ControlJournal` (the daemon's), every change of a gang's durable state (kv, batons,
+barrier rounds, poison, remembered answers: `GangControl.durable`) is queued for the store
+under the hub's lock, in order, and the replies it caused go out only once it is committed;
+a gang opened again after a daemon restart takes its state up from the store.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from vmjobs.control import MAX_LINE, GangControl, MemberInfo, Reply
+from vmjobs.control import MAX_LINE, GangControl, MemberInfo, Reply, Rows
+from vmjobs.controljournal import ControlJournal
 from vmjobs.errors import VmjobsError
 from vmjobs.virt import Connection
 from vmjobs.virt.ctlport import ControlPort
@@ -40,11 +46,14 @@ class ControlError(VmjobsError):
 class _Gang:
     control: GangControl
     ports: dict[int, ControlPort] = field(default_factory=dict)
+    saved: Rows = field(default_factory=dict)  # what the journal has (or has queued)
 
 
 class ControlHub:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 journal: ControlJournal | None = None) -> None:
         self.clock = clock
+        self.journal = journal
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.gangs: dict[str, _Gang] = {}
@@ -54,14 +63,33 @@ class ControlHub:
     # --- gangs -----------------------------------------------------------------------------
 
     def open_gang(self, gang_id: str, members: Mapping[int, MemberInfo]) -> None:
+        """Open the gang's control state: from the journal if it has some (a restarted
+        daemon), else empty. Opening a gang that is open changes nothing."""
+        with self.lock:
+            if gang_id in self.gangs:
+                return
+        saved: Rows = {}
+        if self.journal is not None:
+            try:
+                saved = self.journal.load(gang_id)
+            except VmjobsError as exc:
+                log.warning("gang %s: starting from an empty control state: %s", gang_id, exc)
         with self.lock:
             if gang_id not in self.gangs:
-                self.gangs[gang_id] = _Gang(GangControl(gang_id, dict(members), self.clock))
+                control = GangControl(gang_id, dict(members), self.clock)
+                control.restore(saved)
+                self.gangs[gang_id] = _Gang(control, saved=control.durable())
+                if saved:
+                    log.info("gang %s: control state taken up from the store (%d rows)",
+                             gang_id, len(saved))
 
     def close_gang(self, gang_id: str) -> None:
+        """The gang ended: its state is dropped, from the journal too."""
         with self.lock:
             gang = self.gangs.pop(gang_id, None)
             self.changed.notify_all()
+            if self.journal is not None:
+                self.journal.forget(gang_id)
         if gang is not None:
             for port in gang.ports.values():
                 port.close()
@@ -81,12 +109,7 @@ class ControlHub:
         port: ControlPort | None = None
 
         def on_line(line: bytes) -> None:
-            with self.lock:
-                current = self.gangs.get(gang_id)
-                if current is None or current.ports.get(index) is not port:
-                    return  # a port replaced meanwhile, or a gang that ended
-                replies = current.control.request(index, line)
-            self._send(gang_id, replies)
+            self.request(gang_id, index, line, port)
 
         def on_closed() -> None:
             with self.lock:
@@ -106,6 +129,20 @@ class ControlHub:
             old.close()
         if gang is None:
             port.close()
+
+    def request(self, gang_id: str, index: int, line: bytes,
+                port: ControlPort | None = None) -> None:
+        """A line member `index` sent on `port` (its current one: a line from a port replaced
+        meanwhile, or of a gang that ended, is dropped). The replies go to the members'
+        ports (after the journal's commit, with one)."""
+        with self.lock:
+            current = self.gangs.get(gang_id)
+            if current is None or current.ports.get(index) is not port:
+                return
+            replies = current.control.request(index, line)
+            written = self._commit(gang_id, current, replies)
+        if written is None:
+            self._send(gang_id, replies)
 
     # --- the host's side ---------------------------------------------------------------------
 
@@ -129,28 +166,45 @@ class ControlHub:
             if member is not None:
                 member.state = "failed"
             replies = gang.control.fail(index, reason)
-        self._send(gang_id, replies)
+            written = self._commit(gang_id, gang, replies)
+        if written is None:
+            self._send(gang_id, replies)
 
     def kv_get(self, gang_id: str, key: str) -> str | None:
         with self.lock:
             return self._gang(gang_id).control.get_key(key)
 
-    def kv_set(self, gang_id: str, key: str, value: str) -> None:
-        """ControlError on a bad key or value (the message says which bound)."""
+    def kv_set(self, gang_id: str, key: str, value: str, timeout: float = 30.0) -> None:
+        """Set KEY and return once it is in the store (with a journal). ControlError on a
+        bad key or value (the message says which bound), or if the store did not take it
+        within `timeout` seconds (it is set in memory)."""
         with self.lock:
+            gang = self._gang(gang_id)
             try:
-                replies = self._gang(gang_id).control.set_key(key, value)
+                replies = gang.control.set_key(key, value)
             except ValueError as exc:
                 raise ControlError(str(exc)) from None
-        self._send(gang_id, replies)
+            written = self._commit(gang_id, gang, replies)
+        if written is None:
+            self._send(gang_id, replies)
+        elif not written.wait(timeout):
+            raise ControlError(f"gang {gang_id}: {key} is set, but not yet in the store after "
+                               f"{timeout:g} s")
 
     def shutdown(self) -> None:
+        """The daemon stops: ports closed, state written (not forgotten: the gangs run on
+        and a new daemon takes their state up)."""
         with self.lock:
             self.stopping = True
-            gangs = list(self.gangs)
+            gangs = list(self.gangs.values())
+            self.gangs.clear()
             self.changed.notify_all()
-        for gang_id in gangs:
-            self.close_gang(gang_id)
+        for gang in gangs:
+            for port in gang.ports.values():
+                port.close()
+        if self.journal is not None:
+            self.journal.flush(10.0)
+            self.journal.close()
 
     # --- inside ------------------------------------------------------------------------------
 
@@ -159,6 +213,19 @@ class ControlHub:
         if gang is None:
             raise ControlError(f"job {gang_id} is not a running gang")
         return gang
+
+    def _commit(self, gang_id: str, gang: _Gang, replies: list[Reply]) -> threading.Event | None:
+        """Caller holds the lock, having just changed `gang`: queue what changed of its
+        durable state, with `replies` to send once it is written. None without a journal
+        (the caller sends them itself, after releasing the lock)."""
+        if self.journal is None:
+            return None
+        now = gang.control.durable()
+        upserts = {k: v for k, v in now.items() if gang.saved.get(k) != v}
+        deletes = gang.saved.keys() - now.keys()
+        gang.saved = now
+        return self.journal.write(gang_id, upserts, deletes,
+                                  lambda: self._send(gang_id, replies))
 
     def _send(self, gang_id: str, replies: list[Reply]) -> None:
         if not replies:
@@ -184,12 +251,12 @@ class ControlHub:
                 deadlines = []
                 for gang_id, gang in self.gangs.items():
                     replies = gang.control.expire(now)
-                    if replies:
+                    if replies and self._commit(gang_id, gang, replies) is None:
                         expired.append((gang_id, replies))
                     deadline = gang.control.next_deadline()
                     if deadline is not None:
                         deadlines.append(deadline)
-                if not expired:
+                if not expired:  # (with a journal, the expired were queued and sent by it)
                     wait = min(deadlines, default=now + 3600) - now
                     self.changed.wait(max(wait, 0.01))
                     continue

@@ -106,6 +106,16 @@ CREATE TABLE IF NOT EXISTS memory_loans (
     since REAL NOT NULL,
     PRIMARY KEY (borrower, owner)
 );
+-- Gangs' control state that must outlive the daemon (vmjobs/control.py `durable`: kv, baton
+-- holders, barrier rounds, poison, remembered answers), written by vmjobs/controljournal.py
+-- and removed when the gang ends. Keyed by the gang's id (its members are GANG.i jobs).
+CREATE TABLE IF NOT EXISTS gang_control (
+    gang_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (gang_id, kind, name)
+);
 """
 
 # Indexes for every query the daemon makes per request or per pass, so each costs O(answer),
@@ -938,6 +948,35 @@ class Store:
         cpus = self.db.execute("SELECT COUNT(*) FROM cpu_reservations").fetchone()[0]
         devices = self.db.execute("SELECT COUNT(*) FROM device_reservations").fetchone()[0]
         return int(cpus) + int(devices)
+
+    # --- gangs' control state (vmjobs/controljournal.py) -------------------------------------
+
+    def gang_control(self, gang_id: str) -> dict[tuple[str, str], str]:
+        """The gang's rows (kind, name) -> value, in the order they were (re)written."""
+        rows = self.db.execute("SELECT kind, name, value FROM gang_control WHERE gang_id = ?"
+                               " ORDER BY rowid", (gang_id,))
+        return {(r["kind"], r["name"]): r["value"] for r in rows}
+
+    def write_gang_control(self, gang_id: str, upserts: dict[tuple[str, str], str],
+                           deletes: Collection[tuple[str, str]]) -> None:
+        """Change the gang's rows in one transaction (a rewritten row moves to the end of
+        the order). Raises VmjobsError if the store refuses (e.g. a full disk)."""
+        try:
+            with self.reserving():
+                self.db.executemany("DELETE FROM gang_control WHERE gang_id = ? AND kind = ?"
+                                    " AND name = ?", [(gang_id, k, n) for k, n in deletes])
+                self.db.executemany("INSERT OR REPLACE INTO gang_control (gang_id, kind, name,"
+                                    " value) VALUES (?, ?, ?, ?)",
+                                    [(gang_id, k, n, v) for (k, n), v in upserts.items()])
+        except sqlite3.Error as exc:
+            raise VmjobsError(f"gang {gang_id}: control state not written: {exc}") from None
+
+    def forget_gang_control(self, gang_id: str) -> None:
+        with self.reserving():
+            self.db.execute("DELETE FROM gang_control WHERE gang_id = ?", (gang_id,))
+
+    def gang_control_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT gang_id FROM gang_control")}
 
 
 def _held(row: sqlite3.Row, lent: Collection[int] = (), borrowed_mib: int = 0) -> Held:

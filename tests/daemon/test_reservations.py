@@ -13,15 +13,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.daemon.conftest import Daemon, dump, our_domains
+from vmjobs.jobs import JobState
 
 KEY = "ci-step-7f3a"
 BAD_KEY_EXIT = 77
 SETTLE_S = 60.0  # generous bounds: a loaded 2-core machine
+UNENDED = tuple(s.value for s in JobState if not s.finished)
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -58,12 +61,31 @@ def nothing_left(daemon: Daemon) -> None:
                     "SELECT id FROM jobs")}]
 
 
-@pytest.fixture
-def daemon(make_daemon: Any, request: pytest.FixtureRequest) -> Any:
-    d = make_daemon(f"holds-{request.node.name[:40]}")
+@pytest.fixture(scope="module")
+def served(make_daemon: Any) -> Iterator[Daemon]:
+    """One daemon for the module: each test makes its own reservations and jobs, ends them
+    and checks that nothing is left (`nothing_left`), so the next starts from an idle one."""
+    d = make_daemon("holds")
     d.start()
     yield d
     d.stop()
+
+
+@pytest.fixture
+def daemon(served: Daemon) -> Iterator[Daemon]:
+    """The module's daemon. After a test that failed with a reservation or a job still
+    going, those are ended (and waited for), so the failure stays with that test."""
+    assert served.proc is not None and served.proc.poll() is None, served.log_text()
+    yield served
+    left = [r for r in served.query("SELECT id, kind, state FROM jobs")
+            if r["state"] in UNENDED]
+    for row in left:
+        if row["kind"] == "reservation":
+            served.vmjob("release", "--force", row["id"])
+        else:
+            served.vmjob("cancel", row["id"])
+    if left:
+        nothing_left(served)
 
 
 def reserve(daemon: Daemon, *args: str) -> str:

@@ -1,6 +1,9 @@
 """A real gang through the daemon, on the dev cluster: its members get their private network,
 vmjob-ctl and a kv store the host reads and writes (`vmjob kv`); a failed member poisons the
-other's barrier; the network is gone when the gang ends. Real guests (TCG).
+other's barrier; the network is gone when the gang ends; a daemon killed with SIGKILL while
+a gang runs loses no member and no line, and a migrated member keeps the gang apart, its
+record and its output whole (those checks share these gangs: one boot of two guests each).
+Real guests (TCG).
 
 Run under the guest lock with a spool of your own:
     VMJOBS_MULTIHOST_SPOOL=/var/tmp/vmjobs-mh-spool-NAME flock /tmp/vmjobs-guest.lock \\
@@ -15,13 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon.conftest import Daemon
-from tests.multihost import test_moves_daemon
 from tests.multihost.conftest import Cluster
-from tests.multihost.test_gangs import _job_file, _wait
-from tests.multihost.test_moves_daemon import _assert_nothing_held, _show, _submit, _wait_output
+from tests.multihost.served import each_test, module_daemon
+from tests.multihost.test_gangs import _job_file, _lines, _wait
+from tests.multihost.test_moves_daemon import (
+    _assert_nothing_held,
+    _show,
+    _submit,
+    _wait_output,
+    _wait_state,
+)
 from vmjobs import gangnet
 
-daemon = test_moves_daemon.daemon  # the daemon on the cluster, a spool of its own per test
+# one daemon on the cluster for the module, idle between tests (tests/multihost/served.py):
+# every test makes its own gangs, ends them and waits for their networks to go
+served = module_daemon("gangctl")
+daemon = each_test()
 
 
 def _gang_devices(cluster: Cluster) -> list[str]:
@@ -119,19 +131,35 @@ def _assert_both_pinged(daemon: Daemon, gang: str) -> dict[str, Any]:
 
 def test_a_daemon_killed_with_a_networked_gang_loses_no_member_and_no_network_stays(
         cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
-    gang = _networked_gang(daemon, tmp_path, 40)
+    # node0 sets a key before the kill; after it, each member reads what was set before it
+    # (by node0 and by the host): the gang's kv outlives the daemon
+    reads = "vmjob-ctl kv get early && vmjob-ctl kv get fromhost --wait && "
+    gang = _submit(daemon, "-f", _job_file(tmp_path, {"mem": "128M", "nodes": [
+        {"cmd": ["sh", "-c", "vmjob-ctl kv set early v0 && "
+                 + NETWORKED.format(n=40, peer=1).replace("ping -c", reads + "ping -c")]},
+        {"cmd": ["sh", "-c", NETWORKED.format(n=40, peer=0).replace("ping -c", reads + "ping -c")]},
+    ]}))
     for index in range(2):
         _wait_output(daemon, f"{gang}.{index}", "line 3")
     assert _gang_devices(cluster), "no gang network while the gang runs"
+    assert daemon.vmjob("kv", gang, "set", "fromhost", "h0").returncode == 0
     daemon.kill9()
     daemon.start()
+    assert daemon.vmjob("kv", gang, "get", "early").stdout.strip() == "v0"
     # the members were re-adopted (not restarted), their control ports attached again: the
     # barrier after the restart is met and the network still carries the ping
     _assert_both_pinged(daemon, gang)
     for index in range(2):
+        lines = daemon.vmjob("logs", f"{gang}.{index}").stdout.splitlines()
+        assert "v0" in lines and "h0" in lines, lines
+    for index in range(2):
         events = _show(daemon, f"{gang}.{index}")["events"]
         assert any(e["note"] and "found running at recovery" in e["reason"]
                    for e in events), events
+    # no member lost or restarted: both completed, each line of each once, in order
+    assert [m["state"] for m in _show(daemon, gang)["members"]] == ["COMPLETED", "COMPLETED"]
+    for index in range(2):
+        assert _lines(daemon, f"{gang}.{index}") == [f"line {i}" for i in range(40)]
     _until_no_network(cluster, daemon)
     _assert_nothing_held(daemon)
 
@@ -140,13 +168,20 @@ def test_migrating_a_member_through_the_daemon_keeps_ping_working(
         cluster: Cluster, daemon: Daemon, tmp_path: Path) -> None:
     gang = _networked_gang(daemon, tmp_path, 60)
     for index in range(2):
+        _wait_state(daemon, f"{gang}.{index}", "RUNNING")
         _wait_output(daemon, f"{gang}.{index}", "line 2")
     first, second = _show(daemon, gang)["hosts"]
     free = ({"h1", "h2", "h3"} - {first, second}).pop()
+    onto = daemon.vmjob("migrate", f"{gang}.0", "--to", second, "--json", timeout=180)
+    assert onto.returncode != 0  # the other member is there: a gang stays apart
+    assert _show(daemon, gang)["hosts"] == [first, second]
     moved = daemon.vmjob("migrate", f"{gang}.0", "--to", free, "--json", timeout=180)
     assert moved.returncode == 0, moved.stderr + daemon.log_text()
+    assert _show(daemon, gang)["hosts"] == [free, second]  # the gang's record follows
     view = _assert_both_pinged(daemon, gang)
     assert view["hosts"] == [free, second]
+    # the moved member's output whole: each line once, in order, across the move
+    assert _lines(daemon, f"{gang}.0") == [f"line {i}" for i in range(60)]
     # the network was only where members were: nothing left on the source, nothing at all
     # once the gang has ended
     _until_no_network(cluster, daemon)

@@ -1,7 +1,8 @@
 """Gangs on the 3-host dev cluster, through the daemon and the CLI, with real guests (TCG):
 members on distinct hosts running their own programs, the exit-code rule, a failed member
-stopping the others, a gang waiting for whole hosts without being overtaken by 1-node jobs,
-and a daemon killed with SIGKILL while a gang runs.
+stopping the others, a gang waiting for whole hosts without being overtaken by 1-node jobs.
+A daemon killed with SIGKILL while a gang runs, and a member migrated, are checked in
+test_gang_ctl_daemon.py on the same gangs that also check the gang network across them.
 
 Run under the guest lock with a spool of your own:
     VMJOBS_MULTIHOST_SPOOL=/var/tmp/vmjobs-mh-spool-NAME flock /tmp/vmjobs-guest.lock \\
@@ -19,21 +20,19 @@ from typing import Any
 import yaml
 
 from tests.daemon.conftest import Daemon
-from tests.multihost import test_moves_daemon
 from tests.multihost.conftest import Cluster
+from tests.multihost.served import each_test, module_daemon
 from tests.multihost.test_moves_daemon import (
     _assert_nothing_held,
     _show,
     _submit,
     _wait_output,
-    _wait_state,
 )
 
-# the daemon on the cluster, a spool of its own per test (fixture of test_moves_daemon.py)
-daemon = test_moves_daemon.daemon
-
-COUNTER = "i=0; while [ $i -lt {n} ]; do echo line $i; i=$((i+1)); usleep 250000; done"
-
+# one daemon on the cluster for the module, idle between tests (tests/multihost/served.py):
+# every test makes its own gangs and ends them
+served = module_daemon("gangs")
+daemon = each_test()
 
 def _job_file(tmp_path: Path, data: dict[str, Any]) -> str:
     path = tmp_path / "gang.yaml"
@@ -156,45 +155,6 @@ def _waiting(daemon: Daemon, job: str, timeout: float = 30) -> dict[str, Any]:
 
 def _placed_at(view: dict[str, Any]) -> float:
     return next(e["time"] for e in view["events"] if e["state"] == "PLACED")
-
-
-def test_a_daemon_killed_with_a_gang_running_loses_no_member(
-        cluster: Cluster, daemon: Daemon) -> None:
-    gang = _submit(daemon, "--nodes", "2", "--", "sh", "-c", COUNTER.format(n=40))
-    for index in range(2):
-        _wait_output(daemon, f"{gang}.{index}", "line 3")
-    daemon.kill9()
-    daemon.start()
-    code, view = _wait(daemon, gang)
-    assert code == 0, view
-    assert [m["state"] for m in view["members"]] == ["COMPLETED", "COMPLETED"]
-    for index in range(2):
-        assert _lines(daemon, f"{gang}.{index}") == [f"line {i}" for i in range(40)]
-        events = _show(daemon, f"{gang}.{index}")["events"]
-        assert any(e["note"] and "found running at recovery" in e["reason"]
-                   for e in events), events  # re-adopted, not restarted
-    _assert_nothing_held(daemon)
-
-
-def test_migrating_a_member_keeps_the_gang_apart_and_its_record(
-        cluster: Cluster, daemon: Daemon) -> None:
-    gang = _submit(daemon, "--nodes", "2", "--", "sh", "-c", COUNTER.format(n=60))
-    for index in range(2):
-        _wait_state(daemon, f"{gang}.{index}", "RUNNING")
-        _wait_output(daemon, f"{gang}.{index}", "line 2")
-    view = _show(daemon, gang)
-    first, second = (m["host"] for m in view["members"])
-    free = ({"h1", "h2", "h3"} - {first, second}).pop()
-    onto = daemon.vmjob("migrate", f"{gang}.0", "--to", second, "--json", timeout=180)
-    assert onto.returncode != 0  # the other member is there: apart
-    assert _show(daemon, gang)["hosts"] == [first, second]
-    moved = daemon.vmjob("migrate", f"{gang}.0", "--to", free, "--json", timeout=180)
-    assert moved.returncode == 0, moved.stderr + daemon.log_text()
-    assert _show(daemon, gang)["hosts"] == [free, second]
-    code, view = _wait(daemon, gang)
-    assert code == 0, view
-    assert _lines(daemon, f"{gang}.0") == [f"line {i}" for i in range(60)]
-    _assert_nothing_held(daemon)
 
 
 def test_run_nodes_prints_each_members_output_and_exits_with_the_gangs_code(

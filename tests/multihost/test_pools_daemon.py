@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,33 +17,23 @@ import yaml
 
 from tests.daemon.conftest import Daemon
 from tests.multihost.conftest import Cluster
-from tests.multihost.test_moves_daemon import (
-    _assert_nothing_held,
-    _domains,
-    _make_daemon,
-    _show,
-    _wait_state,
-)
+from tests.multihost.served import each_test, module_daemon
+from tests.multihost.test_moves_daemon import _assert_nothing_held, _show, _wait_state
 
 POOLS = {"h1": "ci", "h2": "ci", "h3": "other"}
 
 
-@pytest.fixture()
-def daemon(cluster: Cluster) -> Iterator[Daemon]:
+def _pooled(cluster: Cluster) -> dict[str, Any]:
     hosts = yaml.safe_load(cluster.config_path.read_text())["hosts"]
     for host in hosts:
         host["pool"] = POOLS[host["name"]]
-    made = _make_daemon(cluster, "pools", hosts=hosts)
-    made.start()
-    try:
-        yield made
-    finally:
-        ids = [r["id"] for r in made.query("SELECT id FROM jobs")]
-        for row in made.query("SELECT id FROM jobs WHERE state IN "
-                              "('QUEUED', 'PLACED', 'STARTING', 'RUNNING')"):
-            made.vmjob("cancel", row["id"])
-        made.stop()
-        assert not _domains(cluster, ids), "domains left behind"
+    return {"hosts": hosts}
+
+
+# one daemon for the module, idle between tests (tests/multihost/served.py: what a test left
+# queued or running is cancelled after it, and a guest left behind fails it)
+served = module_daemon("pools", _pooled)
+daemon = each_test()
 
 
 def _submit(daemon: Daemon, *args: str) -> str:

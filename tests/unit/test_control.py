@@ -224,3 +224,60 @@ def test_line_splitter_is_bounded() -> None:
     assert lines.feed(b"ghij" * 1000) == []
     assert lines.feed(b"k\nok\n") == [b"ok"]
     assert len(lines.buffer) == 0
+
+
+def restarted(control: GangControl) -> GangControl:
+    """A new daemon's state for the gang: a fresh GangControl taking up `durable`'s rows."""
+    fresh = gang(len(control.members), gang_id=control.gang_id)
+    fresh.restore(dict(control.durable()))
+    return fresh
+
+
+def test_the_durable_state_outlives_a_restart() -> None:
+    control = gang(3)
+    ask(control, 0, "a kv set addr node0:5000")
+    ask(control, 1, "b baton take t")
+    for index, req in ((0, "c"), (1, "d"), (2, "e")):
+        ask(control, index, f"{req} barrier start 0")
+    after = restarted(control)
+    # kv, the baton's holder and the barrier's round carry over
+    assert ask(after, 2, "f kv get addr 0") == [Reply(2, "f ok node0:5000")]
+    assert ask(after, 2, "g baton take t") == []  # node1 holds it still: node2 waits
+    assert ask(after, 1, "h baton pass t") == [Reply(1, "h ok t"), Reply(2, "g ok t")]
+    ask(after, 0, "i barrier start 0")
+    ask(after, 1, "j barrier start 0")
+    assert ask(after, 2, "k barrier start 0")[-1].line == "k ok start round 2"
+
+
+def test_an_answer_lost_in_a_restart_is_given_again_not_redone() -> None:
+    # node1 took the baton; the daemon died before its `ok` reached the guest, which sends
+    # the same request to the new daemon: the same answer, not "you hold it already"
+    control = gang(2)
+    assert ask(control, 1, "b baton take t") == [Reply(1, "b ok t")]
+    ask(control, 0, "a barrier x 0")
+    released = ask(control, 1, "c barrier x 0")
+    assert len(released) == 2
+    after = restarted(control)
+    assert ask(after, 1, "b baton take t") == [Reply(1, "b ok t")]
+    # a barrier answered before the restart is answered again, not a new round
+    assert ask(after, 0, "a barrier x 0") == [Reply(0, "a ok x round 1")]
+
+
+def test_a_poisoned_gang_stays_poisoned_after_a_restart() -> None:
+    control = gang(2)
+    control.fail(1, "exit status 1")
+    after = restarted(control)
+    assert after.state == GangState.POISONED
+    assert ask(after, 0, "a barrier x 0") == [
+        Reply(0, "a err poisoned by node1 (h2): exit status 1")]
+
+
+def test_restore_skips_rows_that_do_not_fit_the_gang() -> None:
+    control = gang(2)
+    control.restore({("kv", "../etc"): "x", ("kv", "ok"): "v", ("baton", "t"): "7",
+                     ("answer", "9:a"): "a ok", ("answer", "0:a"): "a ok x",
+                     ("frobs", "x"): "y", ("round", "b"): "x"})
+    assert control.kv == {"ok": "v"}
+    assert control.batons == {}
+    assert control.answered == {0: {"a": ["a ok x"]}}
+    assert control.barriers == {}

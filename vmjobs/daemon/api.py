@@ -27,7 +27,7 @@ from placement.gang import apart_groups, gang_never_fits, with_groups
 from vmjobs import __version__, gang, pools_view, usage
 from vmjobs.config import system_warnings
 from vmjobs.controlhub import ControlError
-from vmjobs.daemon import attach, lending, logs, moves
+from vmjobs.daemon import attach, gangwire, lending, logs, moves
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.holds import Holds, key_of
 from vmjobs.daemon.identity import Caller, denial, may_act
@@ -758,8 +758,17 @@ class Api:
             raise ApiError(400, f"job {record.id} is not a gang: it has no key-value store")
         return ref.gang_id
 
+    def _open_gang(self, who: Caller, job_id: str) -> str:
+        """`_gang`, with its control state open: right after a daemon restart a request can
+        come before the recovery re-attached the members (the state is then read from the
+        store here)."""
+        gang_id = self._gang(who, job_id)
+        if gang_id not in self.daemon.control.gang_ids():
+            gangwire.open_control(self.daemon, gang_id)
+        return gang_id
+
     def kv_get(self, req: ApiRequest) -> Json:
-        gang_id = self._gang(req.caller, req.params["id"])
+        gang_id = self._open_gang(req.caller, req.params["id"])
         key = req.query.get("key", "")
         try:
             value = self.daemon.control.kv_get(gang_id, key)
@@ -771,7 +780,7 @@ class Api:
 
     def kv_set(self, req: ApiRequest) -> Json:
         body = req.json()
-        gang_id = self._gang(req.caller, req.params["id"])
+        gang_id = self._open_gang(req.caller, req.params["id"])
         key, value = body.get("key"), body.get("value")
         if not isinstance(key, str) or not isinstance(value, str):
             raise ApiError(400, "key and value must be strings")

@@ -30,6 +30,7 @@ from vmjobs.checkpoint import discard, discard_periodic
 from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.controlhub import ControlHub
+from vmjobs.controljournal import ControlJournal
 from vmjobs.daemon import gangwire
 from vmjobs.daemon.hosts import (
     GuestPoweredOff,
@@ -233,8 +234,10 @@ class Daemon:
         # What to do when a host (re)connects: recovery's `reconcile_host`, wired in by
         # `daemon.main` (recovery builds on this module; importing it here made a cycle).
         self.on_host_up: Callable[[str], object] = lambda _host: None
-        # gangs' coordination state (vmjob-ctl, `vmjob kv`), keyed by gang id
-        self.control = ControlHub()
+        # gangs' coordination state (vmjob-ctl, `vmjob kv`), keyed by gang id; kept in the
+        # store by a serving daemon, so that its restart loses none of it
+        self.control = ControlHub(journal=ControlJournal(config.state_db)
+                                  if scope is None else None)
         # around a gang's start and end (its network, its control channel plug in here)
         self.gang_hooks = gang.GangHooks()
         self.gangs_ended: set[str] = set()  # gangs whose `ended` hooks ran (once each)

@@ -69,6 +69,17 @@ def ensure_network(daemon: Daemon, gang_id: str) -> gangnet.GangNet:
         return net
 
 
+def open_control(daemon: Daemon, gang_id: str) -> bool:
+    """Open the gang's control state (from the store after a daemon restart) if the gang has
+    its network; False if it has none (not started yet, or ended)."""
+    net = gangnet.find(daemon.config.spool, gang_id)
+    if net is None:
+        return False
+    daemon.control.open_gang(gang_id, {m.index: MemberInfo(m.host, net.address(m.index))
+                                       for m in net.members})
+    return True
+
+
 def member_plan_for(daemon: Daemon, record: JobRecord, plan: GuestPlan) -> GuestPlan:
     """`plan` as a gang member's (unchanged for a job of no gang)."""
     ref = gang_ref(record)
@@ -87,10 +98,7 @@ def member_running(daemon: Daemon, record: JobRecord, host: str) -> None:
     conn = daemon.hosts.conn(host)
     if conn is None:
         return
-    net = gangnet.find(daemon.config.spool, ref[0])
-    if net is not None:  # after a daemon restart the control state starts again, empty
-        daemon.control.open_gang(ref[0], {m.index: MemberInfo(m.host, net.address(m.index))
-                                          for m in net.members})
+    open_control(daemon, ref[0])  # after a daemon restart: its control state, from the store
     daemon.control.member_state(ref[0], ref[1], "running", host=host)
     try:
         daemon.control.attach(ref[0], ref[1], conn, domain_name(record.id))

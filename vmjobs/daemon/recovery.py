@@ -460,8 +460,11 @@ def live_gangs(records: list[JobRecord]) -> set[str]:
 
 def sweep_gang_networks(daemon: Daemon, live: set[str]) -> None:
     """Remove the gang networks no live gang owns (the daemon stopped before it could), on
-    the hosts that answer; the others keep them until the next recovery."""
+    the hosts that answer; the others keep them until the next recovery. The control state
+    of gangs that are not live goes too."""
     if daemon.scope is not None:
         return  # a direct run's core has no gangs
+    if daemon.control.journal is not None:  # and their control state
+        daemon.control.journal.forget_except(live)
     for line in gangnet.sweep(daemon.config.spool, gangnet.host_nets(daemon.config), live):
         log.info("recovery: %s", line)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from vmjobs.errors import VmjobsError
+from vmjobs.errors import UsageError, VmjobsError
 from vmjobs.holdkey import BAD_KEY, EXIT_BAD_KEY
 from vmjobs.transport import Target, open_unix, parse_url
 
@@ -37,6 +37,14 @@ START_HINT = ("start one with 'vmjob serve' as root (see docs/operations.md), "
 RECONNECT_S = 60.0  # how long wait/logs keep trying to reach a daemon that went away
 RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0)  # between attempts; the last one repeats
 
+
+def segment(value: str, what: str = "job id") -> str:
+    """`value` quoted as one segment of an API path. An empty one is a usage error: the path
+    would name something else (`/v1/jobs/` is the job list), and the answer — "no such
+    endpoint" — would not say what was wrong."""
+    if not value.strip():
+        raise UsageError(f"give a {what} (an empty string names none)")
+    return quote(value, safe="")
 
 class DaemonLost(VmjobsError):
     """The daemon did not answer or the connection broke mid-answer (a restart looks so)."""
@@ -214,10 +222,10 @@ class Client:
         return self.call("GET", "/v1/jobs" + ("?all=1" if include_finished else ""))
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}")
+        return self.call("GET", f"/v1/jobs/{segment(job_id)}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.call("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
+        return self.call("POST", f"/v1/jobs/{segment(job_id)}/cancel")
 
     def cancel_many(self, query: dict[str, Any]) -> dict[str, Any]:
         """POST /v1/cancel: {"jobs": [...], "states": [...], "user": NAME} -> what ended."""
@@ -235,7 +243,7 @@ class Client:
                                                                 deadline - time.monotonic()))
             query = urlencode({"timeout": round(left, 3)})
             try:
-                view = self.call("GET", f"/v1/jobs/{quote(job_id, safe='')}/wait?{query}")
+                view = self.call("GET", f"/v1/jobs/{segment(job_id)}/wait?{query}")
             except DaemonLost as exc:
                 retry.lost(exc)
                 continue
@@ -251,7 +259,7 @@ class Client:
         Memory: the kept lines and one chunk, whatever the output's size."""
         kept: collections.deque[bytes] = collections.deque(maxlen=max(lines, 0) or 1)
         partial, total = b"", 0
-        response = self._send("GET", f"/v1/jobs/{quote(job_id, safe='')}/logs")
+        response = self._send("GET", f"/v1/jobs/{segment(job_id)}/logs")
         try:
             while chunk := response.read1(1 << 16):
                 total += len(chunk)
@@ -277,7 +285,7 @@ class Client:
             query = {"follow": 1} if follow else {}
             if received:
                 query["offset"] = received
-            path = f"/v1/jobs/{quote(job_id, safe='')}/logs" + \
+            path = f"/v1/jobs/{segment(job_id)}/logs" + \
                 (f"?{urlencode(query)}" if query else "")
             try:
                 response = self._send("GET", path)
@@ -330,16 +338,16 @@ class Client:
         body: dict[str, Any] = {"force": force}
         if key is not None:
             body["key"] = key
-        return self.call("POST", f"/v1/reservations/{quote(reservation_id, safe='')}/release",
-                         body)
+        path = f"/v1/reservations/{segment(reservation_id, 'reservation id')}/release"
+        return self.call("POST", path, body)
 
     def job_action(self, job_id: str, action: str,
                    body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        return self.progress(f"/v1/jobs/{quote(job_id, safe='')}/{action}", body)
+        return self.progress(f"/v1/jobs/{segment(job_id)}/{action}", body)
 
     def host_action(self, host: str, action: str,
                     body: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-        return self.progress(f"/v1/hosts/{quote(host, safe='')}/{action}", body)
+        return self.progress(f"/v1/hosts/{segment(host, 'host name')}/{action}", body)
 
     def upload_dir(self, directory: Path) -> str:
         """Pack `directory` (with the caller's own permissions) and upload it; a token."""
@@ -370,7 +378,7 @@ class Client:
         sock = self.open_socket(None)
         try:
             sock.sendall(
-                f"POST /v1/jobs/{quote(job_id, safe='')}/console?{query} HTTP/1.1\r\n"
+                f"POST /v1/jobs/{segment(job_id)}/console?{query} HTTP/1.1\r\n"
                 "Host: vmjobs\r\nConnection: Upgrade\r\nUpgrade: vmjob-console/1\r\n"
                 "Content-Length: 0\r\n\r\n".encode())
             head, rest = _read_head(sock)
@@ -401,7 +409,7 @@ class Client:
 
         from vmjobs.safetar import extract_data
 
-        response = self._send("GET", f"/v1/jobs/{quote(job_id, safe='')}/output")
+        response = self._send("GET", f"/v1/jobs/{segment(job_id)}/output")
         try:
             dest.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile() as spool:

@@ -228,6 +228,9 @@ def write_config(layout: Layout, hosts: int, nics: int) -> Path:
         "spool": str(layout.spool),
         "virt_type": "qemu",
         "nic_backend": "emulated",
+        # the cluster's own daemon socket: `vmjob serve` with this config must not take the
+        # machine's /run/vmjobs/vmjobs.sock, and two clusters' daemons must not meet there
+        "socket": str(layout.run_dir / "vmjobs.sock"),
         "hosts": [
             {
                 "name": host_name(i),

@@ -46,6 +46,7 @@ HTTP 400 at the API.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -380,9 +381,21 @@ def check_paths(spec: Spec) -> None:
     """The local directories a command-line spec names (before anything is reserved)."""
     if spec.input is not None and not Path(spec.input).is_dir():
         raise SpecError(f"--input {spec.input}: not a directory")
-    if spec.output is not None and Path(spec.output).exists() \
-            and not Path(spec.output).is_dir():
+    if spec.output is None:
+        return
+    output = Path(spec.output)
+    if output.exists() and not output.is_dir():
         raise SpecError(f"--output {spec.output}: exists and is not a directory")
+    if not output.exists():
+        # it is made after the job: a path that can never be made (a file on the way, a
+        # directory this user cannot write) would fail only once the job's work is done
+        made_in = next(p for p in output.absolute().parents if p.exists())
+        if not made_in.is_dir():
+            raise SpecError(f"--output {spec.output}: cannot be made: {made_in} is not a "
+                            "directory")
+        if not os.access(made_in, os.W_OK | os.X_OK):
+            raise SpecError(f"--output {spec.output}: cannot be made: {made_in} is not "
+                            "writable")
 
 
 def time_limit_of(stored: Mapping[str, Any]) -> float | None:

@@ -235,6 +235,8 @@ def logs(job: str, follow: bool, tail: int | None, as_json: bool, url: str | Non
 
     try:
         offset = 0
+        if follow:
+            say_if_queued(client.job(job))
         if tail is not None:
             text, offset = client.tail(job, tail)
             if text:
@@ -245,6 +247,17 @@ def logs(job: str, follow: bool, tail: int | None, as_json: bool, url: str | Non
             emit(chunk)
     finally:
         client.close()
+
+
+def say_if_queued(view: dict[str, Any]) -> None:
+    """One line on stderr when a job about to be followed has not started: where it waits
+    and why, so that a `logs -f` printing nothing is not taken for a hang. Nothing for a
+    job that runs or ended, nor for one the scheduler has not judged yet."""
+    if view["state"] != "QUEUED" or view.get("position") is None:
+        return
+    why = view.get("waiting_because") or "waiting for room"
+    click.echo(f"vmjob: job {view['id']} is queued at {jobtable.place_in_line(view)}: {why}; "
+               "its output follows once it starts", err=True)
 
 
 def recorded_output(view: dict[str, Any], client: Client) -> Path | None:
@@ -321,7 +334,10 @@ def wait(job: str, output_dir: Path | None, timeout: str | None, as_json: bool,
             click.echo(json.dumps(view, indent=2))
         if not view.get("finished"):
             if not as_json:
-                click.echo(f"vmjob: job {view['id']} has not ended after {timeout} "
+                # a bare number is seconds: "after 2" alone reads as a count
+                shown = f"{timeout}s" if timeout and timeout.strip().replace(".", "", 1)\
+                    .isdigit() else timeout
+                click.echo(f"vmjob: job {view['id']} has not ended after {shown} "
                            f"({view['state']})", err=True)
             return EXIT_WAIT_EXPIRED
         return report_end(view, client, output_dir, quiet=as_json)

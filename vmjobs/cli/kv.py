@@ -4,12 +4,13 @@ same store its members' `vmjob-ctl kv` reads and writes (vmjobs/control.py). Own
 from __future__ import annotations
 
 import json
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import click
 
 from vmjobs.cli.connect import client_for, url_option
 from vmjobs.cli.output import json_option
+from vmjobs.client import segment
 
 
 @click.command()
@@ -34,8 +35,8 @@ def kv(job: str, action: str, key: str, value: str | None, as_json: bool,
     """
     if (action == "set") != (value is not None):
         raise click.UsageError("give a VALUE with set, and none with get")
+    path = f"/v1/jobs/{segment(job)}/kv"
     client = client_for(url)
-    path = f"/v1/jobs/{quote(job, safe='')}/kv"
     try:
         if action == "get":
             answer = client.call("GET", f"{path}?{urlencode({'key': key})}")

@@ -47,9 +47,10 @@ def profiles(obj: Any, name: str | None, as_json: bool, url: str | None) -> None
         rows = listing(config, cluster)
         where = config.path
     if name is not None:
+        known = [r["name"] for r in rows]
         rows = [r for r in rows if r["name"] == name]
         if not rows:
-            _unknown(name, [], where)
+            _unknown(name, known, where)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -75,7 +75,7 @@ def reserve(as_json: bool, key: str | None, duration: str | None, interactive: b
     \b
     Examples:
       R=$(vmjob reserve --cpus 2 --nics 2 --numa strict --key "$K" --duration 2h)
-      vmjob run --reservation "$R" --key "$K" -- sh -c 'echo $NIC0 $NIC1'
+      vmjob run --reservation "$R" --key "$K" --nics 2 -- sh -c 'echo $NIC0 $NIC1'
       vmjob release "$R" --key "$K"
       vmjob reserve --pool ci --cpus 1 --interactive    # held until Enter
     """

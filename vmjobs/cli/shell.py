@@ -21,7 +21,7 @@ from vmjobs.cli.options import job_options, spec_from_options
 from vmjobs.cli.run import execute, note, write_out
 from vmjobs.cli.submit import reservation_options
 from vmjobs.console import DETACH_KEY
-from vmjobs.errors import UsageError
+from vmjobs.errors import VmjobsError
 from vmjobs.interrupt import Interrupted, interruptible
 from vmjobs.spec import check_paths
 from vmjobs.terminal import TerminalInput
@@ -56,7 +56,7 @@ def shell(ctx: click.Context, **params: Any) -> int:
       vmjob shell --cpus 2 --mem 1G --timeout 1h
       vmjob shell --input ./src -- sh -c 'cd /job && exec sh'
       vmjob shell --url ssh://me@head --host node3
-      vmjob shell --profile nic2 --timeout 1h
+      vmjob shell --profile 2nic --timeout 1h
       vmjob shell --reservation "$R" --key "$K"    # inside 'vmjob reserve'
     """
     reservation, key = params.pop("reservation"), params.pop("key")
@@ -94,8 +94,8 @@ def attach(job: str, url: str | None) -> int:
         job_id, mode = view["id"], view.get("stdin")
         if view.get("finished") or view["state"] in ("COMPLETED", "FAILED", "CANCELLED",
                                                       "TIMEOUT", "LOST", "EXPIRED"):
-            raise UsageError(f"job {job_id} has ended ({view['state']}); see "
-                             f"'vmjob logs {job_id}'")
+            raise VmjobsError(f"job {job_id} has ended ({view['state']}); see "
+                              f"'vmjob logs {job_id}'")
         link = client.console(job_id, with_input=mode is not None, from_end=True)
         terminal = TerminalInput(tty_job=mode == "tty", detach_key=DETACH_KEY,
                                  on_detach=link.close)

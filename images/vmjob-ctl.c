@@ -7,6 +7,8 @@
  *     vmjob-ctl kv get KEY [--wait]
  *     vmjob-ctl nodes
  *     vmjob-ctl poison REASON...
+ *     vmjob-ctl ended STATUS          (the init's: the job exited with STATUS; non-zero poisons)
+ *     vmjob-ctl resize [--cpus N] [--mem MIB]   (a resizable job, when the admin allows it)
  *
  * One request line "ID VERB ARGS\n" (ID: letters and digits, unique per call), answered by
  * "ID data TEXT" lines (nodes) and one "ID ok [TEXT]" or "ID err TEXT" (vmjobs/control.py).
@@ -16,7 +18,8 @@
  * migration); the daemon answers a repeated ID once. The port can be open by one process at a
  * time: a second vmjob-ctl waits for it.
  *
- * Exit 0 on ok (kv get prints the value, nodes one line per member), 1 on err with the
+ * Exit 0 on ok (kv get prints the value, resize what the guest now has, nodes one line per
+ * member), 1 on err with the
  * host's message on stderr, 2 on usage errors, 3 if the guest has no control port.
  * Built static by vmjobs/cbuild.py.
  */
@@ -36,7 +39,8 @@
 static int usage(void)
 {
     fputs("usage: vmjob-ctl barrier NAME [--timeout SECONDS] | baton take|pass NAME |\n"
-          "       kv set KEY VALUE | kv get KEY [--wait] | nodes | poison REASON...\n",
+          "       kv set KEY VALUE | kv get KEY [--wait] | nodes | poison REASON... |\n"
+          "       resize [--cpus N] [--mem MIB]\n",
           stderr);
     return 2;
 }
@@ -109,6 +113,7 @@ int main(int argc, char **argv)
     char line[MAX_LINE + 2] = "", id[32], port[300];
     size_t len = 0;
     int i, fd, verb_kv_get = 0;
+    int print_ok = 0; /* print the text of "ok" (kv get, resize) */
 
     if (argc < 2)
         return usage();
@@ -151,6 +156,27 @@ int main(int argc, char **argv)
         verb_kv_get = 1;
     } else if (!strcmp(argv[1], "nodes") && argc == 2) {
         append(line, &len, "nodes");
+    } else if (!strcmp(argv[1], "ended") && argc == 3) {
+        if (append(line, &len, "ended") || append(line, &len, argv[2]))
+            return usage();
+    } else if (!strcmp(argv[1], "resize") && (argc == 4 || argc == 6)) {
+        /* "resize CPUS MEM_MIB", "-" for one kept as it is; whole decimal numbers only */
+        const char *cpus = "-", *mem = "-";
+        for (i = 2; i + 1 < argc; i += 2) {
+            const char *v = argv[i + 1];
+            if (!*v || strlen(v) > 9 || strspn(v, "0123456789") != strlen(v))
+                return usage();
+            if (!strcmp(argv[i], "--cpus") && !strcmp(cpus, "-"))
+                cpus = v;
+            else if (!strcmp(argv[i], "--mem") && !strcmp(mem, "-"))
+                mem = v;
+            else
+                return usage();
+        }
+        if (append(line, &len, "resize") || append(line, &len, cpus) ||
+            append(line, &len, mem))
+            return usage();
+        print_ok = 1;
     } else if (!strcmp(argv[1], "poison") && argc >= 3) {
         append(line, &len, "poison");
         for (i = 2; i < argc; i++)
@@ -225,7 +251,7 @@ int main(int argc, char **argv)
             if (!strcmp(kind, "data")) {
                 puts(text);
             } else if (!strcmp(kind, "ok")) {
-                if (verb_kv_get)
+                if (verb_kv_get || print_ok)
                     puts(text);
                 fflush(stdout);
                 return 0;

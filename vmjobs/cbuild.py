@@ -50,8 +50,16 @@ def build_static(source_name: str, cache: Path, purpose: str, optimize: str = "-
             last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             raise VmjobsError(f"building {stem} for {purpose} failed: {last} "
                               "(a static build needs libc6-dev)")
-        staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(out, staged)
-        staged.chmod(0o755)
-        staged.rename(target)  # atomic: a concurrent builder finds a whole binary or none
+        # a name of its own per builder: the daemon's launch threads build concurrently in
+        # one process (two members of a gang starting at once), so a pid is not enough
+        fd, name = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        staged = Path(name)
+        try:
+            shutil.copyfile(out, staged)
+            staged.chmod(0o755)
+            staged.rename(target)  # atomic: a concurrent builder finds a whole binary or none
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
     return target

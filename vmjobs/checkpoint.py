@@ -25,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn
 
 import placement
 from placement import Allocation
+from placement.gang import place_gang
 from vmjobs import failpoints
 from vmjobs.codec import request_from_dict
 from vmjobs.config import Config
@@ -93,6 +95,24 @@ def _abort_when_asked(dom: Domain, should_abort: Callable[[], str | None],
             return
 
 
+def _save(dom: Domain, path: Path, job_id: str,
+          should_abort: Callable[[], str | None]) -> str | None:
+    """`domains.save` with `_abort_when_asked` watching; None once saved, else why not (the
+    partial file removed; libvirt left the guest as it was)."""
+    done, asked = threading.Event(), []
+    watcher = threading.Thread(target=_abort_when_asked, args=(dom, should_abort, done, asked),
+                               name=f"save-abort-{job_id}", daemon=True)
+    watcher.start()
+    try:
+        domains.save(dom, path)
+        return None
+    except VirtError as exc:
+        path.unlink(missing_ok=True)
+        return f"stopped: {asked[0]}" if asked else exc.get_error_message()
+    finally:
+        done.set()
+
+
 def checkpoint_job(config: Config, store: Store, conns: Mapping[str, Connection],
                    job_id: str, should_abort: Callable[[], str | None] = lambda: None) -> Saved:
     record, _alloc = running_job(store, job_id)
@@ -103,21 +123,12 @@ def checkpoint_job(config: Config, store: Store, conns: Mapping[str, Connection]
     path = save_path(config.spool, job_id)
     store.transition(job_id, JobState.CHECKPOINTING, f"saving to {path}")
     started = time.monotonic()
-    done, asked = threading.Event(), []
-    watcher = threading.Thread(target=_abort_when_asked, args=(dom, should_abort, done, asked),
-                               name=f"save-abort-{job_id}", daemon=True)
-    watcher.start()
-    try:
-        domains.save(dom, path)
-    except VirtError as exc:
-        path.unlink(missing_ok=True)
+    why = _save(dom, path, job_id, should_abort)
+    if why is not None:
         still = "still running" if is_running(dom) else "NOT running"
-        why = f"stopped: {asked[0]}" if asked else exc.get_error_message()
         store.transition(job_id, JobState.RUNNING, f"checkpoint failed: {why}; {still} on {host}")
         raise CheckpointFailed(f"job {job_id}: checkpoint failed: {why}; "
                                f"the job is {still} on {host}") from None
-    finally:
-        done.set()
     failpoints.hit("checkpoint:saved")
     duration = time.monotonic() - started
     size = path.stat().st_size
@@ -127,8 +138,10 @@ def checkpoint_job(config: Config, store: Store, conns: Mapping[str, Connection]
     return Saved(job_id, host, path, size, duration)
 
 
-def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
-                hosts: list[placement.Host], job_id: str, to: str | None = None) -> Restored:
+def _checkpointed(config: Config, store: Store, conns: Mapping[str, Connection],
+                  job_id: str, to: str | None) -> tuple[placement.Request, Path]:
+    """A CHECKPOINTED job's request (on `to`, or any host) and its save file; VmjobsError
+    (NotFound) naming what is wrong."""
     record = store.job(job_id)
     if record is None:
         raise NotFound(f"unknown job {job_id!r}")
@@ -141,7 +154,27 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
         raise VmjobsError(f"job {job_id} has no recorded request; it cannot be placed again")
     if to is not None and to not in conns:  # a configured host (the API checked) that is down
         raise VmjobsError(f"host {to} is not reachable")
-    request = replace(request_from_dict(record.request), host=to)
+    return replace(request_from_dict(record.request), host=to), path
+
+
+def _restore_onto(config: Config, store: Store, conn: Connection, job_id: str,
+                  alloc: Allocation, path: Path, paused: bool = False) -> None:
+    """Restore the save image at `path` on `alloc`'s host, re-pinned to `alloc`, its console
+    and output port on their next segments. VirtError if libvirt refuses."""
+    xml = domains.saved_xml(conn, path)
+    files = JobFiles.of(config.spool, job_id)
+    dxml = retarget_xml(xml, alloc, config.host(alloc.host).reserved_cpus,
+                        files.next_console(store.ran_on(job_id), alloc.host), files.new_output())
+    domains.restore(conn, path, dxml, paused=paused)
+
+
+def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
+                hosts: list[placement.Host], job_id: str, to: str | None = None,
+                prepare_host: Callable[[str], None] = lambda _host: None) -> Restored:
+    """`prepare_host(host)`: called once the job is placed on `host`, before its guest is
+    restored there (a gang member's network is made there); an exception fails the restore
+    like any other (the caller undoes what it made)."""
+    request, path = _checkpointed(config, store, conns, job_id, to)
     with store.reserving():
         decision = snapshot(store, hosts).place(request)
         if decision.allocation is None:
@@ -154,12 +187,8 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
     try:
         store.transition(job_id, JobState.RESTORING, f"restoring on {alloc.host}")
         failpoints.hit("restore:placed")
-        xml = domains.saved_xml(conn, path)
-        files = JobFiles.of(config.spool, job_id)
-        dxml = retarget_xml(xml, alloc, config.host(alloc.host).reserved_cpus,
-                            files.next_console(store.ran_on(job_id), alloc.host),
-                            files.new_output())
-        domains.restore(conn, path, dxml)
+        prepare_host(alloc.host)
+        _restore_onto(config, store, conn, job_id, alloc, path)
     except BaseException as exc:
         destroy_quietly(lookup_domain(conn, domain_name(job_id)))
         message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
@@ -176,6 +205,209 @@ def restore_job(config: Config, store: Store, conns: Mapping[str, Connection],
     store.transition(job_id, JobState.RUNNING,
                      f"restored on {alloc.host} in {duration:.1f}s; clock {clock}")
     return Restored(job_id, alloc.host, alloc, duration, clock)
+
+
+# --- a gang: every member saved, or none; every member restored, or none ----------------------
+
+@dataclass(frozen=True)
+class _Member:
+    job_id: str
+    host: str
+    alloc: Allocation
+    path: Path
+
+
+def _guest(conns: Mapping[str, Connection], member: _Member) -> Domain | None:
+    """The member's guest on its host; None if absent or its host cannot be asked."""
+    conn = conns.get(member.host)
+    try:
+        return lookup_domain(conn, domain_name(member.job_id)) if conn is not None else None
+    except VirtError:
+        return None
+
+
+def checkpoint_gang(config: Config, store: Store, conns: Mapping[str, Connection],
+                    job_ids: Sequence[str],
+                    should_abort: Callable[[], str | None] = lambda: None) -> list[Saved]:
+    """Save every member of a gang (`job_ids`, all RUNNING), or none.
+
+    Every member is paused first, then saved one after the other, so no member runs ahead
+    while the others are written (a barrier or a kv value cannot be passed half-way). The
+    members keep their reservations until every save is complete; then all become
+    CHECKPOINTED with their reservations released in one transaction. If a save fails (or
+    `should_abort` gives a reason), the members saved so far are restored in place (their
+    reservations are still theirs), every member is resumed and RUNNING again, and
+    CheckpointFailed is raised with one line; a member whose restore in place failed too is
+    left CHECKPOINTED with its file (the line says so). VmjobsError, with nothing done, when a
+    member is not RUNNING or its guest is not running."""
+    members = []
+    for job_id in job_ids:
+        record, alloc = running_job(store, job_id)
+        member = _Member(job_id, record.host or "", alloc, save_path(config.spool, job_id))
+        dom = _guest(conns, member)
+        if dom is None or not is_running(dom):
+            raise VmjobsError(f"job {job_id}'s guest is not running on {member.host}; "
+                              "no member was saved")
+        members.append((member, dom))
+    started = time.monotonic()
+    paused: list[Domain] = []
+    for member, dom in members:
+        try:
+            domains.pause(dom)
+        except VirtError as exc:
+            for other in paused:
+                _resume_quietly(other)
+            raise CheckpointFailed(f"gang checkpoint failed: {member.job_id} could not be "
+                                   f"paused ({exc.get_error_message()}); every member runs "
+                                   "on") from None
+        paused.append(dom)
+    with store.reserving():
+        for member, _dom in members:
+            store.transition(member.job_id, JobState.CHECKPOINTING,
+                             f"saving to {member.path} (every member of its gang paused)")
+    saved: list[tuple[_Member, float]] = []
+    for member, dom in members:
+        begun = time.monotonic()
+        why = _save(dom, member.path, member.job_id, should_abort)
+        if why is not None:
+            _undo_gang_save(config, store, conns, [m for m, _ in members],
+                            [m for m, _ in saved], f"{member.job_id} on {member.host}: {why}")
+        saved.append((member, time.monotonic() - begun))
+    failpoints.hit("checkpoint:saved")
+    duration = time.monotonic() - started
+    done = []
+    with store.reserving():
+        for member, took in saved:
+            size = member.path.stat().st_size
+            store.transition(member.job_id, JobState.CHECKPOINTED,
+                             f"saved on {member.host} in {took:.1f}s ({size >> 20} MiB), the "
+                             f"gang's {len(saved)} members in {duration:.1f}s; reservation "
+                             "released", release=True)
+            done.append(Saved(member.job_id, member.host, member.path, size, took))
+    return done
+
+
+def _undo_gang_save(config: Config, store: Store, conns: Mapping[str, Connection],
+                    members: list[_Member], saved: list[_Member], why: str) -> NoReturn:
+    """A gang's save failed at `why`: restore the `saved` members in place (paused), resume
+    every member, RUNNING again; raise CheckpointFailed saying so."""
+    kept = []
+    for member in saved:
+        conn = conns.get(member.host)
+        try:
+            if conn is None:
+                raise VmjobsError(f"host {member.host} is not reachable")
+            _restore_onto(config, store, conn, member.job_id, member.alloc, member.path,
+                          paused=True)
+            member.path.unlink(missing_ok=True)
+        except (VirtError, VmjobsError, OSError) as exc:
+            message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
+            kept.append((member, message))
+    stuck = {m.job_id for m, _ in kept}
+    with store.reserving():
+        for member in members:
+            if member.job_id in stuck:
+                store.transition(member.job_id, JobState.CHECKPOINTED,
+                                 f"gang checkpoint failed ({why}); its restore in place failed "
+                                 "too: it stays checkpointed", release=True)
+    for member in members:
+        if member.job_id in stuck:
+            continue
+        dom = _guest(conns, member)
+        if dom is not None:
+            _resume_quietly(dom)
+        conn = conns.get(member.host)
+        clock = "kept" if member not in saved else "not set (host not reachable)" \
+            if conn is None else guestclock.sync_quietly(conn, domain_name(member.job_id))
+        store.transition(member.job_id, JobState.RUNNING,
+                         f"gang checkpoint failed ({why}); running on {member.host} again; "
+                         f"clock {clock}")
+    left = "; ".join(f"{m.job_id} stays CHECKPOINTED ({message})" for m, message in kept)
+    raise CheckpointFailed(f"gang checkpoint failed: {why}; "
+                           + (f"{left}; the others run on" if kept else "every member runs on"))
+
+
+def restore_gang(config: Config, store: Store, conns: Mapping[str, Connection],
+                 hosts: list[placement.Host], job_ids: Sequence[str],
+                 to: Sequence[str | None] | None = None,
+                 prepare_hosts: Callable[[dict[int, str]], None] = lambda _hosts: None,
+                 ) -> list[Restored]:
+    """Restore every member of a checkpointed gang (`job_ids`, in index order), or none.
+
+    The members are placed again together (`placement.gang.place_gang` under their stored
+    requests, members kept apart as when they started; `to[i]`: member i's host, or any)
+    and reserved in one transaction. `prepare_hosts({index: host})` is called before any
+    guest is restored (the gang's network is made on the new hosts). Every member is
+    restored paused, then all are resumed, so none runs before the others are back; their
+    save files are removed only then.
+
+    Raises DoesNotFit (nothing reserved) when the gang does not fit, CheckpointFailed when a
+    restore failed: the members restored so far are destroyed before they ran, every member is
+    CHECKPOINTED again with its file, its reservation released. VmjobsError for a member that
+    is not CHECKPOINTED or has no file (nothing done)."""
+    wanted = list(to) if to is not None else [None] * len(job_ids)
+    if len(wanted) != len(job_ids):
+        raise VmjobsError(f"the gang has {len(job_ids)} members: give one host per member, "
+                          f"not {len(wanted)}")
+    checked = [_checkpointed(config, store, conns, job_id, host)
+               for job_id, host in zip(job_ids, wanted, strict=True)]
+    with store.reserving():
+        decision = place_gang(snapshot(store, hosts), [r for r, _ in checked],
+                              names=list(job_ids))
+        if decision.allocations is None:
+            raise DoesNotFit(f"no room to restore the gang of {len(job_ids)}: "
+                             f"{decision.reason}")
+        members = [_Member(job_id, alloc.host, alloc, path) for job_id, alloc, (_r, path)
+                   in zip(job_ids, decision.allocations, checked, strict=True)]
+        for member in members:
+            store.assign(member.job_id, member.alloc,
+                         f"placed to restore on {member.host} with its gang")
+            store.transition(member.job_id, JobState.RESTORING,
+                             f"restoring on {member.host} with its gang")
+    started = time.monotonic()
+    step, at = "its network", None
+    try:
+        failpoints.hit("restore:placed")
+        prepare_hosts({i: m.host for i, m in enumerate(members)})
+        for member in members:
+            step, at = member.job_id, member.host
+            conn = conns.get(member.host)
+            if conn is None:
+                raise VmjobsError(f"host {member.host} is not reachable")
+            _restore_onto(config, store, conn, member.job_id, member.alloc, member.path,
+                          paused=True)
+    except BaseException as exc:
+        for member in members:  # those restored never ran: their files still hold them
+            destroy_quietly(_guest(conns, member))
+        message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
+        where = f"{step} on {at}" if at is not None else step
+        with store.reserving():
+            for member in members:
+                store.transition(member.job_id, JobState.CHECKPOINTED,
+                                 f"gang restore failed ({where}: {message})", release=True)
+        if isinstance(exc, VmjobsError | VirtError):
+            raise CheckpointFailed(f"gang restore failed: {where}: {message}; every member "
+                                   "stays CHECKPOINTED", host=at) from None
+        raise
+    failpoints.hit("restore:restored")
+    unresumed: dict[str, str] = {}
+    for member in members:
+        try:  # a guest that ended meanwhile is the daemon's events' to report
+            dom = lookup_domain(conns[member.host], domain_name(member.job_id))
+            if dom is not None:
+                domains.resume(dom)
+        except VirtError as exc:
+            unresumed[member.job_id] = f"; not resumed: {exc.get_error_message()}"
+    duration = time.monotonic() - started
+    done = []
+    for member in members:
+        clock = guestclock.sync_quietly(conns[member.host], domain_name(member.job_id))
+        member.path.unlink(missing_ok=True)
+        store.transition(member.job_id, JobState.RUNNING,
+                         f"restored on {member.host} with its gang of {len(members)} in "
+                         f"{duration:.1f}s; clock {clock}{unresumed.get(member.job_id, '')}")
+        done.append(Restored(member.job_id, member.host, member.alloc, duration, clock))
+    return done
 
 
 def discard(spool: Path, job_id: str) -> bool:

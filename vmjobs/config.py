@@ -115,6 +115,8 @@ class Config:
     # `hotplug_max_mem_mib` more memory (virtio-mem); off: guests of a fixed size
     hotplug: bool = False
     hotplug_max_mem_mib: int = 1024
+    # a resizable job may ask to be resized from inside its guest (`vmjob-ctl resize`)
+    resize_from_guest: bool = False
     max_outbound_migrations: int = 1  # live migrations leaving one host at once
     # the daemon's connections: ordinary users' together, one user's, and how long a request
     # line + headers may take to arrive (see vmjobs.daemon.server.Limits)
@@ -297,6 +299,7 @@ def parse(data: Any, path: str) -> Config:
          "max_connections", "max_connections_per_user", "request_timeout",
          "user_spool_quota", "spool_min_free", "upload_ttl", "host_down_after",
          "usage_sample_interval", "usage_window", "start", "hotplug", "hotplug_max_mem",
+         "resize_from_guest",
          "profiles", "borrow"}
     )
     spool = Path(top.str("spool", DEFAULT["spool"]))
@@ -331,6 +334,9 @@ def parse(data: Any, path: str) -> Config:
     if not isinstance(hotplug, bool):
         raise top.fail("hotplug", "must be on or off")
     hotplug_max_mem = top.size_mib("hotplug_max_mem", Config.hotplug_max_mem_mib)
+    resize_from_guest = top.data.get("resize_from_guest", False)
+    if not isinstance(resize_from_guest, bool):
+        raise top.fail("resize_from_guest", "must be on or off")
     if hotplug_max_mem % 2:
         raise top.fail("hotplug_max_mem", "must be a multiple of 2M (virtio-mem's block)")
     preemption = top.data.get("preemption", False)
@@ -351,6 +357,7 @@ def parse(data: Any, path: str) -> Config:
         preemption=preemption,
         hotplug=hotplug,
         hotplug_max_mem_mib=hotplug_max_mem,
+        resize_from_guest=resize_from_guest,
         max_outbound_migrations=top.int("max_outbound_migrations", 1, minimum=1),
         max_connections=top.int("max_connections", 512, minimum=1),
         max_connections_per_user=top.int("max_connections_per_user", 64, minimum=1),

@@ -16,6 +16,7 @@ Protocol (docs/guest-protocol.md, "The control port"), one line each, at most MA
             ID kv get KEY WAIT                (WAIT: 0 | 1)
             ID nodes
             ID poison REASON
+            ID ended STATUS                   (the init: the job exited with STATUS, 0-255)
     host:   ID ok [TEXT] | ID err TEXT | ID data TEXT (lines of `nodes`, before its ok)
 
 ID is the guest's request id (1-16 letters or digits); the host answers every request it
@@ -177,6 +178,9 @@ class GangControl:
         # the last REMEMBERED final answers per member, by request id: a request the guest
         # sent again (it heard nothing yet) gets the same answer, never a second effect
         self.answered: dict[int, dict[str, list[str]]] = {}
+        # member -> the non-zero exit status its guest's init reported (`ended`) before the
+        # guest powered off: the daemon records that member's end seconds later
+        self.exit_reported: dict[int, int] = {}
 
     # --- what outlives the daemon ---------------------------------------------------------
 
@@ -301,7 +305,8 @@ class GangControl:
             return []  # sent again while it waits: it is still waiting
         verb, args = (words[1], words[2:]) if len(words) > 1 else ("", [])
         handler = {"barrier": self._barrier, "baton": self._baton, "kv": self._kv,
-                   "nodes": self._nodes, "poison": self._poison}.get(verb)
+                   "nodes": self._nodes, "poison": self._poison,
+                   "ended": self._ended}.get(verb)
         if handler is None:
             return [Reply(index, f"{req_id} err unknown request {verb[:20]!r}")]
         return self._track(handler(Wait(index, req_id), args))
@@ -412,6 +417,21 @@ class GangControl:
         if not args:
             return [self._err(wait, "usage: poison REASON")]
         return [self._ok(wait), *self._fail(wait.index, " ".join(args))]
+
+    def _ended(self, wait: Wait, args: list[str]) -> list[Reply]:
+        """The guest init's word that the member's job exited with STATUS, sent before it
+        writes the output disk and powers off (images/init): a non-zero status poisons the
+        gang now, with the reason its recorded end would give (`exit status N`), instead of
+        after the guest's power-off and collection. Untrusted like every request: it can do
+        no more than `poison`."""
+        if len(args) != 1 or not args[0].isdigit() or len(args[0]) > 3 or int(args[0]) > 255:
+            return [self._err(wait, "usage: ended STATUS (0-255)")]
+        status = int(args[0])
+        if status == 0:
+            return [self._ok(wait)]
+        self.exit_reported.setdefault(wait.index, status)
+        self.members[wait.index].state = "failed"
+        return [self._ok(wait), *self._fail(wait.index, f"exit status {status}")]
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ The interface the gang code calls:
                                                                 (again after a migration)
     hub.member_state(gang_id, index, state, host=None)          as members change
     hub.member_failed(gang_id, index, reason)                   a member failed: poison
+    hub.exits_reported(gang_id)                                 members whose init reported
+                                                                a failed exit (`ended`)
     hub.close_gang(gang_id)                                     when the gang ends
 and for `vmjob kv JOB get|set`: `hub.kv_get`, `hub.kv_set`.
 
@@ -169,6 +171,13 @@ class ControlHub:
             written = self._commit(gang_id, gang, replies)
         if written is None:
             self._send(gang_id, replies)
+
+    def exits_reported(self, gang_id: str) -> dict[int, int]:
+        """Member index -> the non-zero exit status its guest's init reported over the port
+        (`ended`), in the order the reports came; {} for a gang not open here."""
+        with self.lock:
+            gang = self.gangs.get(gang_id)
+            return dict(gang.control.exit_reported) if gang is not None else {}
 
     def kv_get(self, gang_id: str, key: str) -> str | None:
         with self.lock:

@@ -507,8 +507,10 @@ def _hosts_present(layout: Layout) -> list[str]:
 
 
 def power_off(name: str, host: str, note: Note = lambda _m: None) -> None:
-    """Take one host away as a power loss would: its libvirtd, virtlogd and guests killed, its
-    namespace and link gone (so nothing answers at its address). `up` builds it again.
+    """Take one host away as a power loss would: silently first (its link cut, so not a byte
+    of its TCP connections' close, FIN or RST, reaches anyone: clients learn of it only by
+    keepalive or probe), then its libvirtd, virtlogd and guests killed, its namespace and
+    link gone (so nothing answers at its address). `up` builds it again.
     Raises VmjobsError for a host the cluster does not have."""
     validate(name)
     _require_root()
@@ -516,6 +518,7 @@ def power_off(name: str, host: str, note: Note = lambda _m: None) -> None:
         layout = layout_of(name)
         if layout is None or host not in _hosts_present(layout):
             raise VmjobsError(f"dev cluster {name!r} has no host {host!r}")
+        _ip("link", "set", layout.veth(host), "down", check=False)
         _stop_host(layout, host, note)
 
 

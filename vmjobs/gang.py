@@ -154,7 +154,8 @@ def outcome(gang: Sequence[Member], ended_at: Mapping[str, float] | None = None)
     """The gang's state and exit code from its members'.
 
     Exit code rule: the code of the first member to fail (by the time of its end, `ended_at`:
-    job id -> time, else by index), members the gang stopped because of it not counted; 0 when
+    job id -> time, else by index), members the gang stopped because of it (or that failed on
+    its poison first, `stopped_by`) not counted unless it did not fail after all; 0 when
     every member completed with 0. Until all members ended the gang is unfinished and its
     state is the most advanced of its unfinished members' (RUNNING if any runs)."""
     unfinished = [m for m in gang if not m.state.finished]
@@ -163,8 +164,11 @@ def outcome(gang: Sequence[Member], ended_at: Mapping[str, float] | None = None)
                     key=lambda s: _RANK.index(s) if s in _RANK else len(_RANK))
         return Outcome(state, False, None, None, None)
     times = ended_at or {}
-    failures = sorted((m for m in gang if m.stopped_by is None
-                       and is_failure(m.state, m.exit_code)),
+    # a member stopped by (or failing because of) another counts only if that one failed:
+    # a guest that said its job failed and then completed cannot hide its peers' failures
+    failed = {m.job_id for m in gang if is_failure(m.state, m.exit_code)}
+    failures = sorted((m for m in gang if m.job_id in failed
+                       and (m.stopped_by is None or m.stopped_by not in failed)),
                       key=lambda m: (times.get(m.job_id, 0.0), m.index))
     if not failures:
         return Outcome(JobState.COMPLETED, True, 0, None, None)

@@ -355,12 +355,21 @@ def move(spool: Path, nets: Mapping[str, HostNet], gang_id: str, index: int,
     or, if the move failed, `host` = the source and the destination loses them). Hosts that
     keep devices are never rebuilt (a rebuilt bridge would drop the guests' taps): only their
     flood lists change. Raises GangNetError."""
+    return relocate(spool, nets, gang_id, {index: host}, keep)
+
+
+def relocate(spool: Path, nets: Mapping[str, HostNet], gang_id: str,
+             hosts: Mapping[int, str], keep: Iterable[str] = ()) -> GangNet:
+    """`move` for several members at once (`hosts`: index -> host; the others stay): a gang
+    restored on new hosts gets its network there in one step, never through a layout in
+    between (members briefly sharing a host). The slot, so the members' addresses and MACs,
+    is kept. Raises GangNetError; the record then already says the new layout (relocate
+    back to undo)."""
     with exclusive(_lock(spool)):
         net = find(spool, gang_id)
         if net is None:
             raise GangNetError(f"gang {gang_id} has no network")
-        members = tuple(Member(m.index, host if m.index == index else m.host)
-                        for m in net.members)
+        members = tuple(Member(m.index, hosts.get(m.index, m.host)) for m in net.members)
         member_hosts = {m.host for m in members}
         spare = tuple(h for h in dict.fromkeys(keep) if h not in member_hosts)
         moved = GangNet(gang_id, net.slot, members, spare)
@@ -373,6 +382,8 @@ def move(spool: Path, nets: Mapping[str, HostNet], gang_id: str, index: int,
             _up(moved, here, [_underlay(nets, h) for h in after if h != name], tag)
             continue
         if len(before) == 1 and len(after) > 1:  # it had the bridge alone: now it needs VXLAN
+            # (a VXLAN device left from an earlier layout with more hosts is made afresh)
+            here.run("ip", "link", "del", "dev", moved.vxlan, check=False)
             _vxlan_up(moved, here, [_underlay(nets, h) for h in after if h != name], tag)
             continue
         for other in after:

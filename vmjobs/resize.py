@@ -9,10 +9,13 @@ Order, so that a core or a MiB is never used by two jobs:
    (host, cpu) key refuses a cpu someone took meanwhile). Nothing reserved: nothing touched.
 2. Hotplug (`virt.hotplug`): memory first (the virtio-mem device's requested size, waited for
    until the guest has plugged or unplugged it), then vCPUs (new ones pinned to their
-   reserved cpus; removed ones unplugged by the guest), then the guest init onlines its new
-   cpus and says what it sees (`nproc`, MemTotal).
-3. Release last: the reservation becomes exactly the new size (cores a shrink unplugged go back
-   to the pool only now), and the domain's `<metadata>` allocation is rewritten.
+   reserved cpus; removed ones unplugged, or under TCG left plugged and confined to the cpus
+   the job keeps: `hotplug.ShrinkWay`), then the guest init makes exactly its cpus 0..n-1
+   online and says what it sees (`nproc`, MemTotal). A shrink goes on only once the guest
+   says it has the new count.
+3. Release last: the reservation becomes exactly the new size (cores a shrink freed go back
+   to the pool only now: no vCPU thread can run there any more), and the domain's
+   `<metadata>` allocation is rewritten.
 
 A hotplug that fails puts back what it changed (the old vCPU count, the old memory) and the
 old reservation; if putting back fails too, the union stays reserved (the guest may use it)
@@ -55,6 +58,7 @@ class Resized:
     after: Allocation
     guest_cpus: int  # what the guest reports once it onlined its cpus
     guest_memtotal_kib: int
+    vcpus: hotplug.VcpuChange = hotplug.VcpuChange.UNCHANGED  # which way the cpus changed
 
 
 def resize_job(config: Config, store: Store, conns: Mapping[str, Connection],
@@ -100,29 +104,36 @@ def resize_job(config: Config, store: Store, conns: Mapping[str, Connection],
     after = _shrunk(union, cpus, memory_mib)
     # 2. hotplug
     done: list[str] = []  # what took effect, to be undone on failure
+    way = hotplug.ShrinkWay.for_virt_type(now.virt_type)
+    change = hotplug.VcpuChange.UNCHANGED
     try:
         if extra != now.extra_requested_mib:
             _step(done, "memory", lambda: hotplug.set_extra_memory(dom, extra))
-        if cpus != now.vcpus:
-            _step(done, "cpus", lambda: hotplug.set_vcpus(dom, after.cpus))
+        if cpus != len(before.cpus):
+            changes: list[hotplug.VcpuChange] = []
+            _step(done, "cpus", lambda: changes.append(hotplug.set_vcpus(dom, after.cpus, way)))
+            change = changes[0]
         seen_cpus, memtotal = hotplug.guest_view(conn, domain_name(job_id), cpus)
+        if seen_cpus > cpus:  # its kernel has not let them go: their cores are not free
+            raise hotplug.HotplugError(f"the guest still has {seen_cpus} cpus online")
     except (VirtError, VmjobsError) as exc:
         message = exc.get_error_message() if isinstance(exc, VirtError) else str(exc)
-        back = _put_back(store, conn, dom, job_id, before, now, union, done)
+        back = _put_back(store, conn, dom, job_id, before, now, union, done, way)
         raise ResizeFailed(f"job {job_id}: resize failed: {message}; {back}") from None
     # 3. release what it shrank out of; later moves (migration, restore, a requeue) place it
     # at its new size
     request = replace(request_from_dict(record.request), cpus=cpus, memory_mib=memory_mib) \
         if record.request else None
-    store.repin_reservation(job_id, after, f"resized to {describe_allocation(after)}; the "
-                            f"guest sees {seen_cpus} cpus, MemTotal {memtotal >> 10} MiB",
+    how = "" if change == hotplug.VcpuChange.UNCHANGED else f" (vCPUs {change})"
+    store.repin_reservation(job_id, after, f"resized to {describe_allocation(after)}{how}; "
+                            f"the guest sees {seen_cpus} cpus, MemTotal {memtotal >> 10} MiB",
                             request=request)
     try:
         apply_live(dom, after, config.host(host).reserved_cpus, nodes_changed=False)
     except VirtError as exc:  # the pins are right already; only the metadata may be stale
         store.note(job_id, f"resize: rewriting the guest's metadata failed: "
                            f"{exc.get_error_message()}")
-    return Resized(job_id, host, before, after, seen_cpus, memtotal)
+    return Resized(job_id, host, before, after, seen_cpus, memtotal, change)
 
 
 def _step(done: list[str], name: str, action: Callable[[], None]) -> None:
@@ -157,13 +168,14 @@ def _shrunk(union: Allocation, cpus: int, memory_mib: int) -> Allocation:
 
 
 def _put_back(store: Store, conn: Connection, dom: Domain, job_id: str, before: Allocation,
-              now: hotplug.Limits, union: Allocation, done: list[str]) -> str:
+              now: hotplug.Limits, union: Allocation, done: list[str],
+              way: hotplug.ShrinkWay) -> str:
     """After a failed hotplug: the old vCPUs and memory (those `done` changed), then the old
     reservation; what was done, in words."""
     seen = ""
     try:
         if "cpus" in done:
-            hotplug.set_vcpus(dom, before.cpus)
+            hotplug.set_vcpus(dom, before.cpus, way)
             # a guest may have let a cpu go that its host never saw unplugged (vCPU unplug
             # under TCG here): online what it still has and say what it sees
             cpus, _mem = hotplug.guest_view(conn, domain_name(job_id), len(before.cpus))

@@ -32,7 +32,8 @@ One set of field names everywhere (docs/user-guide.md, docs/api.md):
   laid over this spec (`cmd`: a list of strings, the member's own program);
   `nodes_apart` (default true: `--nodes-apart` / `--nodes-together`), `per_host` (at most
   this many members on one host when apart; default 1), `on_member_failure`
-  (`stop|continue`, default stop)
+  (`stop|continue`, default stop); with `no_wait` every member starts in the submit's own
+  scheduling pass or the gang is never created
 - `profile`: the name of a hardware profile of the config (`--profile`): its fields (cpus,
   mem, nics, numa, threads, hugepages, pool, labels) stand wherever the spec gives none;
   labels are merged, the spec's winning per name. The name is kept on the job (usage by
@@ -311,12 +312,9 @@ def parse(data: Mapping[str, Any], *, typed: frozenset[str] | None = None,
                                                   f"the shortest allowed "
                                                   f"({MIN_CHECKPOINT_EVERY_S:g}s)")
     nodes = fields.nodes()
-    if nodes is not None:
-        if array is not None:
-            raise SpecError("--nodes cannot be given with --array (a gang is one job of N "
-                            "guests; an array is many jobs)")
-        if no_wait:
-            raise SpecError("--no-wait cannot be given with --nodes yet (use --wait-timeout)")
+    if nodes is not None and array is not None:
+        raise SpecError("--nodes cannot be given with --array (a gang is one job of N "
+                        "guests; an array is many jobs)")
     apart = fields.flag("nodes_apart", default=True)
     per_host = fields.integer("per_host", 0, 1, MAX_NODES) or None
     if per_host is not None and not apart:

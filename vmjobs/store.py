@@ -516,6 +516,17 @@ class Store:
             " FROM jobs WHERE id = ?",
             (job_id, now, state.value, host, reason, int(note), job_id),
         )
+        # a borrower does not hold the cpus it runs on by loan: their owners do, and their
+        # events count them (usage would count a lent core twice otherwise)
+        lent = [r["cpu"] for r in self.db.execute("SELECT cpu FROM loans WHERE borrower = ?",
+                                                  (job_id,))]
+        if lent:
+            row = self.db.execute("SELECT allocation FROM jobs WHERE id = ?",
+                                  (job_id,)).fetchone()
+            if row is not None and row["allocation"]:
+                held = without_cpus(allocation_from_dict(json.loads(row["allocation"])), lent)
+                self.db.execute("UPDATE events SET held = ? WHERE id = last_insert_rowid()",
+                                (json.dumps(allocation_to_dict(held)),))
 
     def _current(self, job_id: str) -> sqlite3.Row:
         row = self.db.execute("SELECT state, host, kind, inside FROM jobs WHERE id = ?",
@@ -577,6 +588,15 @@ class Store:
                 [(r["host"], r["cpu"], r["borrower"]) for r in inherited])
             self.db.executemany("INSERT INTO changes (job_id) VALUES (?)",
                                 [(b,) for b in sorted({r["borrower"] for r in inherited})])
+            # a note per borrower: its events now say it holds those cpus (usage accounting
+            # counts them from here on, for it instead of the owner)
+            now = time.time()
+            for borrower in sorted({r["borrower"] for r in inherited}):
+                cpus = ", ".join(str(r["cpu"]) for r in inherited if r["borrower"] == borrower)
+                current = self._current(borrower)
+                self._event(borrower, JobState(current["state"]), current["host"],
+                            f"cpu {cpus} of job {job_id} is its own now: job {job_id} "
+                            "left it", now, note=True)
         # memory: its borrowed memory ends with it; memory it lent passes to its borrowers,
         # which then hold all of theirs (a change row each: the live model reads it again)
         self.db.execute("DELETE FROM memory_loans WHERE borrower = ?", (job_id,))

@@ -16,15 +16,29 @@ import pytest
 
 from tests.daemon.conftest import URI
 
-# prints "nproc=N mem=KIB" every second for ~3 minutes, then ends
-WATCH = ("i=0; while [ $i -lt 180 ]; do "
-         "echo \"nproc=$(nproc) mem=$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' "
-         "/proc/meminfo)\"; i=$((i+1)); sleep 1; done")
+# prints "i=I nproc=N mem=KIB" every second, LINES times, then ends. It asks to be resized
+# from inside twice (`vmjob-ctl resize`, printing "ctlN rc=RC ANSWER"): at once, beyond its
+# maximum (refused), and, once it has 1 cpu and more memory than it started with (the test's
+# signal), for 2 cpus (again while the host says the job is moving: the resize that gave it
+# that memory may still be finishing)
+LINES = 150
+MEMTOTAL = "$(sed -n 's/^MemTotal: *\\([0-9]*\\) kB$/\\1/p' /proc/meminfo)"
+WATCH = (f"m0={MEMTOTAL}; out=$(vmjob-ctl resize --cpus 3 2>&1); echo \"ctl1 rc=$? $out\"; "
+         # (a grow plugs memory before cpus: it waits until it has had 2 cpus and has 1 again)
+         f"had2=; asked=; i=0; while [ $i -lt {LINES} ]; do m={MEMTOTAL}; "
+         "[ $(nproc) = 2 ] && had2=1; "
+         "if [ -n \"$had2\" ] && [ -z \"$asked\" ] && [ $(nproc) = 1 ] && [ $m -gt $m0 ]; "
+         "then asked=1; "
+         # the host's memory resize may still be finishing: ask again while it is
+         "n=0; while :; do out=$(vmjob-ctl resize --cpus 2 2>&1); rc=$?; "
+         "case \"$out\" in *'is moving'*) [ $n -lt 60 ] || break; n=$((n+1)); sleep 1;; "
+         "*) break;; esac; done; echo \"ctl2 rc=$rc $out\"; fi; "
+         "echo \"i=$i nproc=$(nproc) mem=$m\"; i=$((i+1)); sleep 1; done")
 
 
 def _seen(daemon: Any, job: str) -> list[tuple[int, int]]:
     out = daemon.vmjob("logs", job).stdout
-    return [(int(a), int(b)) for a, b in re.findall(r"^nproc=(\d+) mem=(\d+)$", out,
+    return [(int(a), int(b)) for a, b in re.findall(r"^i=\d+ nproc=(\d+) mem=(\d+)$", out,
                                                     re.MULTILINE)]
 
 
@@ -36,6 +50,17 @@ def _wait_seen(daemon: Any, job: str, check: Any, timeout: float = 90) -> tuple[
             return seen[-1]
         assert time.monotonic() < deadline, f"guest never showed it: {seen[-5:]}\n" \
             + daemon.log_text()
+        time.sleep(0.5)
+
+
+def _ctl(daemon: Any, job: str, name: str, timeout: float = 90) -> str:
+    """The line the job printed after its vmjob-ctl call `name` ("ctl1", "ctl2")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        said = re.search(rf"^{name} (rc=.*)$", daemon.vmjob("logs", job).stdout, re.MULTILINE)
+        if said:
+            return said.group(1)
+        assert time.monotonic() < deadline, f"no {name} line\n" + daemon.log_text()
         time.sleep(0.5)
 
 
@@ -58,10 +83,14 @@ def _pins(job: str) -> list[set[int]]:
 
 @pytest.mark.guest
 def test_resize_grows_and_shrinks_cpus_and_memory_seen_in_the_guest(make_daemon: Any) -> None:
-    daemon = make_daemon("resize", hotplug=True, hotplug_max_mem="256M")
+    daemon = make_daemon("resize", hotplug=True, hotplug_max_mem="256M",
+                         resize_from_guest=True)
     daemon.start()
     job = daemon.vmjob("submit", "--cpus", "1", "--mem", "256M", "--", "sh", "-c",
                        WATCH).stdout.strip()
+    # asked from inside, beyond its maximum: refused with resize's own words
+    assert _ctl(daemon, job, "ctl1") == \
+        f"rc=1 vmjob-ctl: job {job}: its guest can have 1 to 2 vCPUs, not 3"
     nproc, mem0 = _wait_seen(daemon, job, lambda s: True)
     assert nproc == 1
     cpus, memory = _held(daemon, job)
@@ -97,22 +126,43 @@ def test_resize_grows_and_shrinks_cpus_and_memory_seen_in_the_guest(make_daemon:
     assert _held(daemon, job) == (cpus, 256)
     _wait_seen(daemon, job, lambda s: s == (2, mem0))
 
-    # shrink cpus: under TCG here the guest lets the vCPU go but libvirt never sees it
-    # unplugged ("vcpu unplug request timed out", and its count stays): the resize fails with
-    # one line, the cores stay reserved (QEMU still has the vCPU), and the line says how many
-    # cpus the guest sees now, which is what the job then prints
-    fewer = daemon.vmjob("resize", job, "--cpus", "1", timeout=180)
-    assert fewer.returncode == 1, fewer.stdout + daemon.log_text()
-    assert "did not release them" in fewer.stderr and "old size and reservation are back" \
-        in fewer.stderr and fewer.stderr.count("\n") == 1, fewer.stderr
-    assert _held(daemon, job) == (cpus, 256)
+    # shrink cpus: under TCG QEMU cannot unplug a vCPU (virt/hotplug.py says why), so the
+    # guest offlines it and its halted thread is confined to the core the job keeps; only
+    # then the other core goes back to the pool
+    fewer = daemon.vmjob("resize", job, "--cpus", "1", "--json", timeout=180)
+    assert fewer.returncode == 0, fewer.stderr + daemon.log_text()
+    (result,) = json.loads(fewer.stdout)
+    assert "vCPUs offlined by the guest and confined" in result["detail"], result
+    assert "the guest sees 1 cpus" in result["detail"], result
+    assert _held(daemon, job) == ({first}, 256)
+    assert _pins(job) == [{first}, {first}]  # vCPU 1 can only run on the job's own core
+    _wait_seen(daemon, job, lambda s: s == (1, mem0))
+    # the freed core takes another job at once, while the first runs on
+    second = daemon.vmjob("submit", "--cpus", "1", "--mem", "256M", "--", "echo",
+                          "second").stdout.strip()
+    ended = daemon.wait_all_ended([second], timeout=180)
+    assert ended[second]["state"] == "COMPLETED", ended
+    (row,) = daemon.query("SELECT allocation FROM jobs WHERE id = ?", second)
+    assert json.loads(row["allocation"])["cpus"] == [other]
+    assert "second" in daemon.vmjob("logs", second).stdout
+
+    # grow again, asked from inside (the job asks once it sees more memory): the vCPU left
+    # plugged is used again, pinned to its core and onlined
+    assert daemon.vmjob("resize", job, "--mem", "258M").returncode == 0
+    said = _ctl(daemon, job, "ctl2", timeout=180)
+    assert said.startswith("rc=0 ") and "(vCPUs onlined again)" in said \
+        and "the guest sees 2 cpus" in said, said + daemon.log_text()
+    assert _held(daemon, job) == ({first, other}, 258)
     assert _pins(job) == [{first}, {other}]
-    said = re.search(r"the guest now sees (\d) of its 2 cpus", fewer.stderr)
-    online = int(said.group(1)) if said else 2
-    _wait_seen(daemon, job, lambda s: s == (online, mem0))
+    _wait_seen(daemon, job, lambda s: s == (2, mem0 + 2048))
+
     events = [e["reason"] or "" for e in daemon.client().job(job)["events"]]
-    assert sum("resized to" in e for e in events) == 2, events
-    assert any("resize failed" in e for e in events), events
+    assert sum("resized to" in e for e in events) == 5, events
+    # the job ran on through all of it, and its whole output is there
+    ended = daemon.wait_all_ended([job], timeout=LINES + 120)
+    assert ended[job]["state"] == "COMPLETED", ended
+    counted = re.findall(r"^i=(\d+) ", daemon.vmjob("logs", job).stdout, re.MULTILINE)
+    assert counted == [str(i) for i in range(LINES)]
 
 
 @pytest.fixture

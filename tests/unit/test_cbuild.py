@@ -40,3 +40,40 @@ def test_vmjob_resume_refuses_bad_input_before_touching_the_clock(
     done = subprocess.run([str(helper), *args], input=stdin, capture_output=True, timeout=30)
     assert done.returncode == 2
     assert message in done.stderr.decode()
+
+
+def test_builders_in_one_process_never_share_a_staging_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two launch threads of the daemon building the same helper at once (a gang's members
+    starting together): each stages its own file, so neither rename finds its file gone.
+    The copy waits for the other builder, so both are in that window together."""
+    import threading
+
+    import vmjobs.cbuild
+
+    both = threading.Barrier(2, timeout=30)
+    copy = shutil.copyfile
+
+    def copy_then_meet(src: object, dst: object) -> object:
+        done = copy(src, dst)
+        both.wait()
+        return done
+
+    monkeypatch.setattr(vmjobs.cbuild.shutil, "copyfile", copy_then_meet)
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            results.append(build_static("vmjob-resume.c", tmp_path, "a test", "-Os"))
+        except BaseException as exc:  # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(set(results)) == 1 and results[0].exists()
+    assert not list(tmp_path.glob(".*.tmp"))

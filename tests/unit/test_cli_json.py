@@ -16,7 +16,7 @@ from vmjobs.cli.output import wants_json
 # long-running, terminal-session or developer-only commands whose output is not a result
 # to parse
 WITHOUT_JSON = {"serve", "devcluster up", "devcluster down", "devcluster status",
-                "devcluster env", "smoke migrate", "shell", "attach"}
+                "devcluster env", "shell", "attach"}
 
 
 def test_every_command_but_the_listed_ones_takes_json_from_the_one_helper() -> None:

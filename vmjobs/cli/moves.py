@@ -177,11 +177,14 @@ def checkpoint(job: str, as_json: bool, url: str | None) -> None:
     """Save a running job to disk and free its cores and memory.
 
     The job becomes CHECKPOINTED; `vmjob restore` continues it on any host. Cancelling a
-    checkpointed job removes its checkpoint.
+    checkpointed job removes its checkpoint. With a gang's id, every member is paused, then
+    saved: all are checkpointed, or (a save failed) all run on.
 
     \b
-    Example:
+    Examples:
       vmjob checkpoint 3f9a1c2e && vmjob restore 3f9a1c2e --to node3
+      vmjob checkpoint 5b21d07a          # a gang: every member
+      vmjob checkpoint 5b21d07a.1        # one member; the others run on
     """
     client = client_for(url)
     report(follow(client.job_action(job, "checkpoint"), as_json), as_json)
@@ -189,16 +192,21 @@ def checkpoint(job: str, as_json: bool, url: str | None) -> None:
 
 @click.command()
 @click.argument("job")
-@click.option("--to", default=None, metavar="HOST",
-              help="Host to restore on (default: wherever the job's request fits).")
+@click.option("--to", default=None, metavar="HOST[,HOST...]",
+              help="Host to restore on (default: wherever the job's request fits); for a "
+                   "gang, one host per member in index order.")
 @json_option
 @url_option
 def restore(job: str, to: str | None, as_json: bool, url: str | None) -> None:
     """Continue a checkpointed job, placed again under its original request.
 
+    With a gang's id every member is restored, or none: placed together (apart, as when it
+    started), restored paused, then all resumed; its network and vmjob-ctl follow.
+
     \b
-    Example:
+    Examples:
       vmjob restore 3f9a1c2e --to node3
+      vmjob restore 5b21d07a --to node2,node3    # member 0 on node2, member 1 on node3
     """
     client = client_for(url)
     report(follow(client.job_action(job, "restore", {"to": to}), as_json), as_json)

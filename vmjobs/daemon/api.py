@@ -351,7 +351,13 @@ class Api:
             with daemon.store.reserving():
                 for record, request in zip(records, requests, strict=True):
                     daemon.store.add_job(record, request, None, reason)
-            daemon.wake()
+            if submission.no_wait:  # all members start in this pass, or none exists
+                why = start_now_or_forget(daemon, *(r.id for r in records))
+                if why is not None:
+                    raise ApiError(409, f"cannot start now (--no-wait): {why}",
+                                   code="not_started")
+            else:
+                daemon.wake()
             return Json(self._gang_view(gang_id), status=201)
 
     def _gang_view(self, gang_id: str, events: bool = False) -> dict[str, Any]:
@@ -638,14 +644,31 @@ class Api:
             note=lambda m: emit({"note": m}), replug_nics=replug_nics)])
 
     def checkpoint(self, req: ApiRequest) -> Stream:
+        """A job's, or a gang's: every member saved, or none."""
         with self.daemon.lock:
+            if (gang_id := self._gang_or_none(req.caller, req.params["id"])) is not None:
+                return progress_stream(lambda _emit: moves.checkpoint_gang(self.daemon, gang_id))
             record = self._own(req.caller, req.params["id"])
         return progress_stream(lambda _emit: [moves.checkpoint_job(self.daemon, record.id)])
 
     def restore(self, req: ApiRequest) -> Stream:
+        """`to`: a host; for a gang, one host per member in index order, comma-separated."""
         to = _opt_str(req.json(), "to")
         with self.daemon.lock:
-            record = self._own(req.caller, req.params["id"])
+            gang_id = self._gang_or_none(req.caller, req.params["id"])
+            record = self._own(req.caller, req.params["id"]) if gang_id is None else None
+            size = len(gang.member_records(self.daemon.store, gang_id)) if gang_id else 0
+        if gang_id is not None:
+            hosts = to.split(",") if to is not None else None
+            if hosts is not None and len(hosts) != size:
+                raise ApiError(400, f"gang {gang_id} has {size} members: give --to one host "
+                                    f"per member, comma-separated ({len(hosts)} given)",
+                               code="usage")
+            for host in hosts or ():
+                self.daemon.config.host(host)
+            return progress_stream(lambda _emit: moves.restore_gang(self.daemon, gang_id,
+                                                                    hosts))
+        assert record is not None
         if to is not None:
             self.daemon.config.host(to)
         return progress_stream(lambda _emit: [moves.restore(self.daemon, record.id, to)])

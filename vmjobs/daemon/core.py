@@ -31,7 +31,7 @@ from vmjobs.codec import allocation_from_dict
 from vmjobs.config import Config
 from vmjobs.controlhub import ControlHub
 from vmjobs.controljournal import ControlJournal
-from vmjobs.daemon import gangwire
+from vmjobs.daemon import gangwire, resizewire
 from vmjobs.daemon.hosts import (
     GuestPoweredOff,
     GuestStopped,
@@ -55,6 +55,7 @@ from vmjobs.guest import (
     Verdict,
     collect,
 )
+from vmjobs.guestresize import GuestResizes
 from vmjobs.image import resolve_image
 from vmjobs.jobarray import array_env
 from vmjobs.jobs import UNFINISHED, HostLossPolicy, JobRecord, JobState, domain_name
@@ -95,6 +96,10 @@ class Active:
     stop: tuple[JobState, str] | None = None  # set by cancel / time limit: how it will end
     powered_off_at: float | None = None  # when the guest's own power-off was reported
     stopped_at: float | None = None  # when its guest's STOPPED event arrived
+    # a periodic checkpoint is under way (phase MOVING): it leaves the guest where it is and
+    # writes nothing but the job's checkpoint mark, so a lost host settles the job at once
+    # rather than waiting for it — a libvirt call on a vanished host can hang for good
+    periodic: bool = False
 
 
 def time_limit_of(record: JobRecord) -> float | None:
@@ -173,6 +178,10 @@ def is_ours(record: JobRecord) -> bool:
     return "runner" not in record.spec
 
 
+def _no_guest_resize(job_id: str, _cpus: int | None, _memory_mib: int | None) -> str:
+    raise VmjobsError(f"job {job_id}: this daemon does not resize jobs from their guests")
+
+
 class Daemon:
     """The job lifecycle: one per `vmjob serve`, or one per direct `vmjob run` scoped to its
     own job (`scope`; see `vmjobs.daemon.direct`). Its state (`active`, `waits`,
@@ -238,6 +247,13 @@ class Daemon:
         # store by a serving daemon, so that its restart loses none of it
         self.control = ControlHub(journal=ControlJournal(config.state_db)
                                   if scope is None else None)
+        # resizable jobs' own requests to be resized (`vmjob-ctl resize`, resize_from_guest)
+        # what such a request does: its owner's resize, wired in by `daemon.main` (it builds
+        # on this module, like recovery)
+        self.guest_resize: Callable[[str, int | None, int | None], str] = _no_guest_resize
+        self.guest_resizes = GuestResizes(
+            lambda job_id, cpus, mem: self.guest_resize(job_id, cpus, mem),
+            lambda carry_out: self.spawn(carry_out, name="guest-resize"), time.monotonic)
         # around a gang's start and end (its network, its control channel plug in here)
         self.gang_hooks = gang.GangHooks()
         self.gangs_ended: set[str] = set()  # gangs whose `ended` hooks ran (once each)
@@ -302,7 +318,14 @@ class Daemon:
         ref = gang.gang_of(record.spec) if record is not None else None
         if ref is None or record is None or not self.owns(record):
             return
-        if record.spec.get(gang.KEY_STOPPED_BY) is None and ref.on_failure == "stop" \
+        cause = gangwire.failed_first(self, record) \
+            if record.spec.get(gang.KEY_STOPPED_BY) is None \
+            and gang.is_failure(state, exit_code) else None
+        if cause is not None:
+            # it failed on the poison of a member whose job failed first (its init said so)
+            # and whose end is on its way: that one decides the gang's failure and its stop
+            self.store.mark(job_id, **{gang.KEY_STOPPED_BY: cause})
+        elif record.spec.get(gang.KEY_STOPPED_BY) is None and ref.on_failure == "stop" \
                 and gang.is_failure(state, exit_code):
             others = [r for r in gang.member_records(self.store, ref.gang_id)
                       if r.id != job_id and not r.state.finished]
@@ -589,6 +612,9 @@ class Daemon:
             if gangwire.gang_ref(record) is not None:
                 self.spawn(gangwire.member_running, self, record, active.host,
                            name=f"ctl-attach-{job_id}")
+            elif resizewire.serves(self, record):
+                self.spawn(resizewire.running, self, record, active.host,
+                           name=f"ctl-attach-{job_id}")
             self.metrics.started(now - record.created)
             stop_now = active.stop is not None
             collect_now = active.stopped_at is not None
@@ -633,6 +659,7 @@ class Daemon:
         )
 
         plan = gangwire.member_plan_for(self, record, plan)
+        plan = resizewire.plan_for(self, record, plan)
 
         def starting(how: str) -> None:
             with self.lock:
@@ -935,7 +962,7 @@ class Daemon:
                 if active.phase == Phase.ENDED:
                     self.free(active.job_id)
                     continue
-                if active.phase == Phase.MOVING:
+                if active.phase == Phase.MOVING and not active.periodic:
                     continue  # the mover settles it; a move off a lost host fails there
                 self.on_job_lost(record, f"host {note.host} lost: {note.why}")
             self.wake()

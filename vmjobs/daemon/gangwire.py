@@ -9,7 +9,8 @@ A member is a job whose stored spec says its gang (`vmjobs.gang.gang_of`). The c
 - `member_running` once the guest runs (launch, recovery, after a move): its control port is
   attached (again);
 - `member_ended` when a member's end is recorded: a failure (`gang.is_failure`) poisons the
-  gang's barriers, batons and kv waits at once, naming the member;
+  gang's barriers, batons and kv waits at once, naming the member (a failed member's init
+  has usually poisoned them already, over its port, as its job exited: `failed_first`);
 - `gang_ended` (a `gang.GangHooks.ended` hook) once every member has ended: the control
   state is closed and the network removed.
 
@@ -128,6 +129,24 @@ def member_ended(daemon: Daemon, job_id: str, state: JobState, exit_code: int | 
         daemon.control.member_state(gang_id, index, "completed")
 
 
+def failed_first(daemon: Daemon, record: JobRecord) -> str | None:
+    """The member whose init reported a failed exit over its control port and whose end is
+    not recorded yet, if `record`'s member is another that had not reported first: a failure
+    of `record`'s member now is that one's consequence (its barrier was poisoned), not the
+    gang's first failure. That member's end follows within seconds (its guest is powering
+    off). None otherwise. Caller holds the daemon's lock."""
+    ref = gang_ref(record)
+    if ref is None:
+        return None
+    for index in daemon.control.exits_reported(ref[0]):  # in the order they were reported
+        if index == ref[1]:
+            return None  # it reported its own failure before any other unfinished one did
+        other = daemon.store.job(gang.member_id(ref[0], index))
+        if other is not None and not other.state.finished:
+            return other.id
+    return None
+
+
 def gang_ended(daemon: Daemon, gang_id: str, spawn: Callable[..., None]) -> None:
     """Every member has ended (the core's `gang_hooks.ended`): the control state is closed,
     the network removed (on a thread). Idempotent."""
@@ -172,3 +191,40 @@ def member_settled(daemon: Daemon, record: JobRecord, host: str) -> None:
         except gangnet.GangNetError as exc:
             log.warning("job %s: its gang network after the move: %s", record.id, exc)
     daemon.control.member_state(ref[0], ref[1], "running", host=host)
+
+
+def members_placed(daemon: Daemon, gang_id: str, hosts: dict[int, str]) -> dict[int, str]:
+    """Before members are restored (`hosts`: index -> its new host): the gang's network is
+    made there (`gangnet.relocate`; a host left without members loses it). Returns where
+    those members were, to put the network back if the restore fails (`members_placed` again
+    with it). Raises GangNetError."""
+    with _gang_lock(gang_id):
+        net = gangnet.find(daemon.config.spool, gang_id)
+        if net is None:
+            raise gangnet.GangNetError(f"gang {gang_id} has no network")
+        before = {m.index: m.host for m in net.members if m.index in hosts}
+        gangnet.relocate(daemon.config.spool, gangnet.host_nets(daemon.config), gang_id, hosts)
+    for index, host in hosts.items():
+        daemon.control.member_state(gang_id, index, "restoring", host=host)
+    return before
+
+
+def members_back(daemon: Daemon, gang_id: str, hosts: dict[int, str]) -> None:
+    """A restore failed: the network goes back to where it was (`hosts`, what
+    `members_placed` returned). Never raises (logged; the recovery's sweep removes what is
+    left)."""
+    try:
+        with _gang_lock(gang_id):
+            gangnet.relocate(daemon.config.spool, gangnet.host_nets(daemon.config), gang_id,
+                             hosts)
+    except gangnet.GangNetError as exc:
+        log.warning("gang %s: its network after a failed restore: %s", gang_id, exc)
+    for index in hosts:
+        daemon.control.member_state(gang_id, index, "checkpointed")
+
+
+def member_checkpointed(daemon: Daemon, record: JobRecord) -> None:
+    """The member is saved: `vmjob-ctl nodes` says so (its network stays, for its restore)."""
+    ref = gang_ref(record)
+    if ref is not None:
+        daemon.control.member_state(ref[0], ref[1], "checkpointed")

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -181,15 +183,44 @@ class Checkpointer:
 
     def take(self, job_id: str) -> Periodic | None:
         """Checkpoint one job now; None if it failed (the previous checkpoint kept, the job
-        running on; its events say why)."""
+        running on; its events say why) or was left behind because its host stopped answering.
+
+        The checkpoint runs on a thread of its own, waited for while its host is up: a libvirt
+        call on a host that vanished can hang for good (libvirt 9.0 wakes only one of the
+        calls waiting on a connection whose keepalive expired), and this thread must go on
+        with the other jobs' checkpoints. A checkpoint left behind keeps its job MOVING, with
+        `Active.periodic`, so the host's loss settles the job without waiting for it."""
         daemon = self.daemon
+        with daemon.lock:
+            active_now = daemon.active.get(job_id)
+            host = active_now.host if active_now is not None else None
+        done: queue.SimpleQueue[Periodic | Exception] = queue.SimpleQueue()
+
+        def work() -> None:
+            try:
+                with moving(daemon, job_id, periodic=True) as active, \
+                        _own_store(daemon) as store:
+                    done.put(checkpoint.periodic_checkpoint(daemon.config, store,
+                                                            daemon.hosts.conns(), job_id,
+                                                            active.ends_at))
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+                done.put(exc)
+
+        threading.Thread(target=work, name=f"periodic-{job_id}", daemon=True).start()
         try:
-            with moving(daemon, job_id) as active, _own_store(daemon) as store:
-                taken = checkpoint.periodic_checkpoint(daemon.config, store,
-                                                       daemon.hosts.conns(), job_id,
-                                                       active.ends_at)
-            log.info("job %s: periodic checkpoint %d taken", job_id, taken.seq)
-            return taken
+            while True:
+                try:
+                    result = done.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    if host is not None and not daemon.hosts.is_up(host):
+                        log.warning("job %s: periodic checkpoint left behind: host %s stopped "
+                                    "answering during it", job_id, host)
+                        return None
+            if isinstance(result, Exception):
+                raise result
+            log.info("job %s: periodic checkpoint %d taken", job_id, result.seq)
+            return result
         except Exception as exc:  # never the end of this thread
             log.warning("job %s: periodic checkpoint failed: %s", job_id, exc)
             with daemon.lock:

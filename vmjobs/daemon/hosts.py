@@ -3,9 +3,11 @@
 libvirt delivers events through its default event loop, which one thread runs. Callbacks run
 on that thread and must not block it (keepalive replies are processed there too), so they only
 put a note on a queue; the daemon's event worker acts on it. A connection that closes (host
-down, libvirtd gone, keepalive timed out) is reported as host down (unreachable: its guests may
-run on); a reconnect thread per such host tries again every few seconds, reports the host up
-when it answers, and reports it lost if it stays away for the configured `host_down_after`.
+down, libvirtd gone, keepalive timed out) or whose liveness probe goes unanswered
+(`vmjobs.daemon.liveness`: a thread per host, independent of the event loop) is reported as
+host down (unreachable: its guests may run on); a reconnect thread per such host tries again
+every few seconds, reports the host up when it answers, and reports it lost if it stays away
+for the configured `host_down_after`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, replace
 import placement
 from placement import HostState
 from vmjobs.config import Config, HostConfig
+from vmjobs.daemon.liveness import Prober
 from vmjobs.errors import VmjobsError
 from vmjobs.virt import Connection, VirtError, events
 from vmjobs.virt.conn import close_quietly, connect, identify, inspect
@@ -195,6 +198,8 @@ class Hosts:
         log.info("host %s: connected (%s)", name, host_config.uri)
         for warning in warnings:
             log.warning("%s", warning)
+        Prober(name, conn, lambda: self.conn(name),
+               lambda dead, why: self._on_unreachable(dead, name, why), self._stopping).start()
 
     def _start_reconnect(self, host_config: HostConfig) -> None:
         with self._lock:
@@ -274,14 +279,38 @@ class Hosts:
             self.notes.put(GuestPoweredOff(host, job_id, time.time()))
 
     def _on_close(self, conn: Connection, host: str, why: str) -> None:
+        if self._declare_down(conn, host, why):
+            # libvirt still holds a reference; closing from inside its callback is not
+            # allowed, so the reconnect thread (a fresh connection) is all we start here.
+            self._start_reconnect(self.config.host(host))
+
+    # --- the liveness probe (its own thread: may block briefly, never on a host) -------------
+
+    def _on_unreachable(self, conn: Connection, host: str, why: str) -> None:
+        """The probe of `conn` went unanswered: the host is down, whatever libvirt's event
+        loop did or did not report. The connection is closed on a thread of its own (closing
+        sends a request the dead host never answers; libvirt's keepalive ends that wait).
+        Whether libvirt then fails requests other threads still wait on is libvirt's part
+        (docs/borrowing.md, "Lost hosts")."""
+        if not self._declare_down(conn, host, why):
+            return
+        self._start_reconnect(self.config.host(host))
+
+        def close() -> None:
+            events.unwatch(conn)
+            close_quietly(conn)
+
+        threading.Thread(target=close, name=f"close-{host}", daemon=True).start()
+
+    def _declare_down(self, conn: Connection, host: str, why: str) -> bool:
+        """Forget `conn` as `host`'s connection and report the host down (HostDown); False
+        if `conn` is no longer its connection (already reported, closed or replaced)."""
         with self._lock:
             if self._conns.get(host) is not conn:
-                return  # an old connection we already replaced or closed
+                return False  # an old connection we already replaced or closed
             del self._conns[host]
             self._generation += 1
             self._errors[host] = why
         log.warning("host %s: down: %s", host, why)
         self.notes.put(HostDown(host, why))
-        # libvirt still holds a reference; closing from inside its callback is not allowed,
-        # so the reconnect thread (a fresh connection) is all we start here.
-        self._start_reconnect(self.config.host(host))
+        return True

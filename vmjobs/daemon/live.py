@@ -293,7 +293,8 @@ class LiveQueue:
         return Waiting(record.id, request, self._time_limit(record),
                        array=array[0] if array else None,
                        array_limit=array[1] if array else None,
-                       gang=gang.gang_id if gang else None)
+                       gang=gang.gang_id if gang else None,
+                       borrower=bool(record.spec.get("borrow")))
 
     def _add(self, record: JobRecord, request: Request) -> None:
         key = (-request.priority, record.created, record.id)

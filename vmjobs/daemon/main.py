@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vmjobs.config import Config, system_warnings
-from vmjobs.daemon import hostloss, lending, scheduler
+from vmjobs.daemon import hostloss, lending, moves, scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
 from vmjobs.daemon.metrics import JobCpu, JobMemory, Present
@@ -111,6 +111,14 @@ def connection_limits(config: Config, nofile: int) -> Limits:
     return limits
 
 
+def resize_from_guest(daemon: Daemon, job_id: str, cpus: int | None,
+                      memory_mib: int | None) -> str:
+    """A guest's `vmjob-ctl resize` (vmjobs/guestresize.py): its owner's `POST
+    /v1/jobs/{id}/resize`; the result's detail. VmjobsError as that request's."""
+    lending.before_resize(daemon, job_id)
+    return moves.resize(daemon, job_id, cpus, memory_mib).detail
+
+
 def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
           metrics_address: str = "127.0.0.1") -> None:
     config = replace(config, socket=socket_path)  # what `status` reports
@@ -122,6 +130,8 @@ def serve(config: Config, socket_path: Path, metrics_port: int | None = None,
     daemon = Daemon(config)
     daemon.on_host_up = lambda host: reconcile_host(daemon, host)
     daemon.on_job_lost = lambda record, why: hostloss.settle_lost(daemon, record, why)
+    daemon.guest_resize = lambda job_id, cpus, mem: resize_from_guest(daemon, job_id, cpus,
+                                                                      mem)
     api = Api(daemon)
     server = UnixHTTPServer(socket_path, api.routes(), config.admin_group, limits)
     try:

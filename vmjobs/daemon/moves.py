@@ -22,17 +22,18 @@ from dataclasses import dataclass, replace
 
 import placement
 from placement import Allocation, Checkpoint, Migrate, Repin, Request
-from vmjobs import checkpoint, migration, repin
+from vmjobs import checkpoint, gang, migration, repin
 from vmjobs import resize as resizing
 from vmjobs.codec import request_from_dict
-from vmjobs.daemon import gangwire
+from vmjobs.daemon import gangwire, resizewire
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import DoesNotFit, NotFound, VmjobsError
-from vmjobs.jobs import JobState, domain_name
+from vmjobs.jobs import JobRecord, JobState, domain_name
 from vmjobs.snapshot import describe_allocation, snapshot
 from vmjobs.store import Store
 from vmjobs.virt import VirtError
 from vmjobs.virt.conn import is_running, lookup_domain
+from vmjobs.virt.hotplug import VcpuChange
 
 log = logging.getLogger("vmjobs.daemon")
 Note = Callable[[str], None]
@@ -65,8 +66,9 @@ def _own_store(daemon: Daemon) -> Iterator[Store]:
 
 
 @contextlib.contextmanager
-def moving(daemon: Daemon, job_id: str) -> Iterator[Active]:
-    """Mark a running job as moving for the duration; afterwards find its guest again."""
+def moving(daemon: Daemon, job_id: str, periodic: bool = False) -> Iterator[Active]:
+    """Mark a running job as moving for the duration; afterwards find its guest again.
+    `periodic`: a periodic checkpoint (`Active.periodic`: a lost host does not wait for it)."""
     with daemon.lock:
         active = daemon.active.get(job_id)
         record = daemon.store.job(job_id)
@@ -83,9 +85,11 @@ def moving(daemon: Daemon, job_id: str) -> Iterator[Active]:
                 else record.state.value
             raise VmjobsError(f"job {job_id} is {what}; only a RUNNING job can move")
         active.phase = Phase.MOVING
+        active.periodic = periodic
     try:
         yield active
     finally:
+        active.periodic = False
         settle(daemon, active)
 
 
@@ -134,6 +138,9 @@ def settle(daemon: Daemon, active: Active) -> None:
             stop = active.stop is not None
             if not stop and gangwire.gang_ref(record) is not None:  # its port, where it is now
                 daemon.spawn(gangwire.member_running, daemon, record, active.host,
+                             name=f"ctl-attach-{active.job_id}")
+            elif not stop and resizewire.serves(daemon, record):
+                daemon.spawn(resizewire.running, daemon, record, active.host,
                              name=f"ctl-attach-{active.job_id}")
         else:
             active.phase = Phase.COLLECTING
@@ -212,8 +219,9 @@ def resize(daemon: Daemon, job_id: str, cpus: int | None, memory_mib: int | None
         done = resizing.resize_job(daemon.config, store, daemon.hosts.conns(),
                                    daemon.hosts.inventory(), job_id, cpus, memory_mib)
         host = active.host
+    how = "" if done.vcpus == VcpuChange.UNCHANGED else f" (vCPUs {done.vcpus})"
     return MoveResult(job_id, "resized", host, host,
-                      f"{describe_allocation(done.after)}; the guest sees {done.guest_cpus} "
+                      f"{describe_allocation(done.after)}{how}; the guest sees {done.guest_cpus} "
                       f"cpus, MemTotal {done.guest_memtotal_kib >> 10} MiB")
 
 
@@ -221,14 +229,20 @@ def checkpoint_job(daemon: Daemon, job_id: str, restore: str | None = None) -> M
     """Save the job's guest into its spool dir and free its reservation. `restore="auto"`:
     the scheduler restores it when it fits again (preempted or drained jobs)."""
     with moving(daemon, job_id) as active, _own_store(daemon) as store:
-        source = active.host
         saved = checkpoint.checkpoint_job(daemon.config, store, daemon.hosts.conns(), job_id,
                                           should_abort=_stop_asked(active))
         if restore is not None:
             store.mark(job_id, restore=restore)
         if active.ends_at is not None:  # the time limit resumes where it stopped
             store.mark(job_id, time_left_s=max(active.ends_at - time.time(), 0.0))
-    return MoveResult(job_id, "checkpointed", source, None,
+        record = store.job(job_id)
+    if record is not None:
+        gangwire.member_checkpointed(daemon, record)
+    return _checkpointed(saved)
+
+
+def _checkpointed(saved: checkpoint.Saved) -> MoveResult:
+    return MoveResult(saved.job_id, "checkpointed", saved.host, None,
                       f"{saved.size_bytes >> 20} MiB in {saved.duration_s:.1f}s to {saved.path}")
 
 
@@ -248,27 +262,128 @@ def restore(daemon: Daemon, job_id: str, to: str | None = None,
                 raise VmjobsError(f"job {job_id} is {record.state.value}, not CHECKPOINTED")
             if not daemon.claim_restore(job_id):
                 raise VmjobsError(f"job {job_id} is being restored already")
+    ref = gangwire.gang_ref(record)
+    before: dict[int, str] = {}
+
+    def network_there(host: str) -> None:  # a gang member's network, made on its new host
+        if ref is not None:
+            before.update(gangwire.members_placed(daemon, ref[0], {ref[1]: host}))
+
     try:
         with _own_store(daemon) as store:
-            restored = checkpoint.restore_job(daemon.config, store, daemon.hosts.conns(),
-                                              daemon.hosts.inventory(), job_id, to)
-            left = (store.job(job_id) or record).spec.get("time_left_s")
-            store.mark(job_id, restore=None, time_left_s=None, checkpoint=None)
-        with daemon.lock:
-            limit = time_limit_of(record)
-            active = Active(job_id, restored.host, limit, phase=Phase.MOVING)
-            if left is not None:
-                active.ends_at = time.time() + float(left)
-            elif limit is not None:
-                active.ends_at = time.time() + limit
-            daemon.admit(active)
+            try:
+                restored = checkpoint.restore_job(daemon.config, store, daemon.hosts.conns(),
+                                                  daemon.hosts.inventory(), job_id, to,
+                                                  prepare_host=network_there)
+            except BaseException:
+                if ref is not None and before:
+                    gangwire.members_back(daemon, ref[0], before)
+                raise
+            active = _admit_restored(daemon, store, record, restored.host)
     finally:
         with daemon.lock:
             daemon.unclaim_restore(job_id)
     settle(daemon, active)
-    return MoveResult(job_id, "restored", None, restored.host,
+    return _restored(restored)
+
+
+def _restored(restored: checkpoint.Restored) -> MoveResult:
+    return MoveResult(restored.job_id, "restored", None, restored.host,
                       f"in {restored.duration_s:.1f}s, "
                       f"{describe_allocation(restored.allocation)}; clock {restored.clock}")
+
+
+def _admit_restored(daemon: Daemon, store: Store, record: JobRecord, host: str) -> Active:
+    """A restored job's place in the daemon, its time limit running on from what was left
+    (`settle` then makes it RUNNING there)."""
+    left = (store.job(record.id) or record).spec.get("time_left_s")
+    store.mark(record.id, restore=None, time_left_s=None, checkpoint=None)
+    with daemon.lock:
+        limit = time_limit_of(record)
+        active = Active(record.id, host, limit, phase=Phase.MOVING)
+        if left is not None:
+            active.ends_at = time.time() + float(left)
+        elif limit is not None:
+            active.ends_at = time.time() + limit
+        daemon.admit(active)
+    return active
+
+
+# --- a gang at once ------------------------------------------------------------------------------
+
+def checkpoint_gang(daemon: Daemon, gang_id: str) -> list[MoveResult]:
+    """Save every member of a running gang, or none (`checkpoint.checkpoint_gang`: all paused,
+    then saved). Its network keeps its slot (so the members' addresses) for the restore;
+    `vmjob-ctl nodes` shows the members checkpointed."""
+    with daemon.lock:
+        records = gang.member_records(daemon.store, gang_id)
+        if not records:
+            raise NotFound(f"no gang {gang_id}")
+        for record in records:  # one line for the first that is not (moving says it too)
+            if record.state != JobState.RUNNING:
+                raise VmjobsError(f"gang {gang_id}: member {record.id} is "
+                                  f"{record.state.value}; only a gang whose members all run "
+                                  "can be checkpointed")
+    with contextlib.ExitStack() as stack:
+        actives = [stack.enter_context(moving(daemon, r.id)) for r in records]
+        store = stack.enter_context(_own_store(daemon))
+
+        def asked() -> str | None:  # a stop of any member aborts the whole checkpoint
+            return next((a.stop[1] for a in actives if a.stop is not None), None)
+
+        saved = checkpoint.checkpoint_gang(daemon.config, store, daemon.hosts.conns(),
+                                           [r.id for r in records], should_abort=asked)
+        for active in actives:
+            if active.ends_at is not None:  # the time limit resumes where it stopped
+                store.mark(active.job_id, time_left_s=max(active.ends_at - time.time(), 0.0))
+    for record in records:
+        gangwire.member_checkpointed(daemon, record)
+    return [_checkpointed(s) for s in saved]
+
+
+def restore_gang(daemon: Daemon, gang_id: str,
+                 to: list[str] | None = None) -> list[MoveResult]:
+    """Restore every member of a checkpointed gang, or none (`checkpoint.restore_gang`):
+    placed again together and apart, the gang's network made on the new hosts before the
+    guests are restored, every member's control port attached again where it runs (`settle`).
+    `to`: one host per member, in index order (checked against the config by the API)."""
+    with daemon.lock:
+        records = gang.member_records(daemon.store, gang_id)
+        if not records:
+            raise NotFound(f"no gang {gang_id}")
+        for record in records:
+            if record.state != JobState.CHECKPOINTED:
+                raise VmjobsError(f"gang {gang_id}: member {record.id} is "
+                                  f"{record.state.value}, not CHECKPOINTED")
+        claimed = [r.id for r in records if daemon.claim_restore(r.id)]
+        if len(claimed) < len(records):
+            for job_id in claimed:
+                daemon.unclaim_restore(job_id)
+            raise VmjobsError(f"gang {gang_id} is being restored already")
+    before: dict[int, str] = {}
+
+    def network_there(hosts: dict[int, str]) -> None:
+        before.update(gangwire.members_placed(daemon, gang_id, hosts))
+
+    try:
+        with _own_store(daemon) as store:
+            try:
+                restored = checkpoint.restore_gang(
+                    daemon.config, store, daemon.hosts.conns(), daemon.hosts.inventory(),
+                    [r.id for r in records], to, prepare_hosts=network_there)
+            except BaseException:
+                if before:
+                    gangwire.members_back(daemon, gang_id, before)
+                raise
+            actives = [_admit_restored(daemon, store, record, done.host)
+                       for record, done in zip(records, restored, strict=True)]
+    finally:
+        with daemon.lock:
+            for record in records:
+                daemon.unclaim_restore(record.id)
+    for active in actives:
+        settle(daemon, active)
+    return [_restored(r) for r in restored]
 
 
 # --- many jobs -----------------------------------------------------------------------------

@@ -32,6 +32,11 @@ waits in the lines of all its members. A gang's wait is returned once, under the
 A job of an array with a limit (`--array 1-100%10`) whose array already runs that many jobs
 is *held*: it waits with that reason, is passed over (never a head, never blocking anyone
 behind it) and is looked at again in the next pass.
+
+A `--borrow` job (docs/borrowing.md) takes free cores only when they fit it now without
+delaying a head, like a backfilled job; when they do not, it is held too (never a head: it
+would reserve owners' cores for the lowest class of job and make later jobs wait for it)
+and waits for lent cores (`vmjobs.daemon.lending`) or for the next pass.
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ from placement import Allocation, Request
 from placement.backfill import Head, Holding, Reservation, reserve_head
 from placement.gang import place_gang
 
-__all__ = ["FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait", "Waiting",
-           "group_gangs", "lines_of", "order", "plan"]
+__all__ = ["BORROWER_WAITS", "FIRST_IN_LINE", "Holding", "Plan", "Planner", "Start", "Wait",
+           "Waiting", "group_gangs", "lines_of", "order", "plan"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Waiting:
     # a whole gang (after `group_gangs`): its queued members (job id, request), by index;
     # `job_id` is then the gang's id and `request` its first member's (for its priority)
     members: tuple[tuple[str, Request], ...] = ()
+    borrower: bool = False  # `--borrow`: never a head (see the module's docstring)
 
     def requests(self) -> tuple[Request, ...]:
         return tuple(r for _, r in self.members) if self.members else (self.request,)
@@ -88,7 +94,8 @@ class Wait:
     job_id: str
     position: int  # in its line: 1 = the head, unless `held`
     reason: str
-    held: bool = False  # by its array's limit, not by room: nothing to make room for
+    # by its array's limit, or a borrower that does not fit now: nothing to make room for
+    held: bool = False
     line: str | None = None  # the pool whose line `position` counts in
     lines: tuple[tuple[str, int], ...] = ()  # (pool, position) in every line it is in, known
 
@@ -224,6 +231,10 @@ class Planner:
                 continue
             if isinstance(tried, list):
                 starts.extend(tried)
+                continue
+            if job.borrower and not job.members:
+                self._hold(job, self.scope(job.request)[1], f"{BORROWER_WAITS}; now: {tried}",
+                           out)
                 continue
             hosts, lines = self.scope_of(job)
             self._verdicts[job.job_id] = Wait(job.job_id, 0, tried)
@@ -405,6 +416,10 @@ class _Head:
     hosts: frozenset[str]
     lines: tuple[str, ...]  # the lines it heads
 
+
+# why a --borrow job that does not fit now waits (followed by why it does not fit)
+BORROWER_WAITS = ("--borrow: waits for lent cores, or for free ones that no job first in "
+                  "line needs; never first in line")
 
 # the prefix of a head's reason, for those who print the reason alone (a direct `vmjob run`)
 FIRST_IN_LINE = re.compile(r"^first in line(?: for pools? [^:]+)?: ")

@@ -28,7 +28,7 @@ from typing import Any
 from vmjobs import gang, gangnet
 from vmjobs.checkpoint import save_path
 from vmjobs.codec import allocation_from_dict
-from vmjobs.daemon import gangwire
+from vmjobs.daemon import gangwire, resizewire
 from vmjobs.daemon.core import Active, Daemon, Phase, is_ours, time_limit_of
 from vmjobs.guest import JobFiles, nics_for
 from vmjobs.jobs import ACTIVE, MOVING, JobRecord, JobState, Kind, domain_name
@@ -121,6 +121,9 @@ def reconcile_host(daemon: Daemon, host: str) -> Actions:
                 daemon.spawn(daemon.destroy_guest, host, job_id, name=f"stop-{job_id}")
             elif gangwire.gang_ref(record) is not None:  # its vmjob-ctl port, again
                 daemon.spawn(gangwire.member_running, daemon, record, host,
+                             name=f"ctl-attach-{job_id}")
+            elif resizewire.serves(daemon, record):
+                daemon.spawn(resizewire.running, daemon, record, host,
                              name=f"ctl-attach-{job_id}")
         for job_id in actions.requeue:
             daemon.record(job_id, JobState.QUEUED,
@@ -443,7 +446,9 @@ def recover(daemon: Daemon) -> None:
                 daemon.store.note(job_id, "reservation freed at recovery", release=True)
         tied = [r.id for r in daemon.store.in_states(frozenset({JobState.QUEUED, JobState.HELD}))
                 if r.kind == Kind.RESERVATION and r.spec.get("tied")]
-        live = live_gangs(daemon.store.in_states(ACTIVE))
+        # a checkpointed member keeps its gang's network (its slot: the addresses its
+        # saved guest has) and control state for its restore
+        live = live_gangs(daemon.store.in_states(ACTIVE | MOVING | {JobState.CHECKPOINTED}))
         daemon.wake()
     # a reservation tied to its client's connection (no --duration) lost it with the daemon
     for reservation_id in tied:

@@ -171,7 +171,7 @@ def held_reservations(daemon: Daemon) -> list[JobRecord]:
 
 def make_room(daemon: Daemon, queue: Queue) -> None:
     """With `preemption: on`, move preemptible jobs for the first head in line; with nobody
-    waiting, bring back jobs that were checkpointed for others."""
+    waiting (but `--borrow` jobs), bring back jobs that were checkpointed for others."""
     if daemon.config.preemption:
         # the first head in queue order (each pool's line has its own; one preemption at a
         # time, `Daemon.preempting`). Preemption makes room for one job: a gang at the head
@@ -183,7 +183,8 @@ def make_room(daemon: Daemon, queue: Queue) -> None:
                 if gang_of(record.spec) is None:
                     moves.preempt_for(daemon, record.id, request)
                 break
-    if not queue:
+    # borrowers waiting for a loan do not hold back a restore: they are never first in line
+    if all(r.spec.get("borrow") for r, _q in queue):
         moves.restore_waiting(daemon)
 
 
@@ -376,15 +377,20 @@ def schedule_inside(daemon: Daemon, now: float, inner: Queue, current: Pass) -> 
     return Plan(tuple(starts), tuple(waits.values()))
 
 
-def start_now_or_forget(daemon: Daemon, job_id: str) -> str | None:
+def start_now_or_forget(daemon: Daemon, job_id: str, *others: str) -> str | None:
     """Run a scheduling pass for a job that must start now or never (`--no-wait`, a direct
     `vmjob run`): None if it started; otherwise the job is forgotten (no row, no directory:
-    it never existed) and the reason it could not start is returned. Caller holds the lock."""
+    it never existed) and the reason it could not start is returned. `others`: the other
+    members of a gang, which start with it or are forgotten with it (a gang is placed all or
+    none, so one pass starts all of them or none). Caller holds the lock."""
+    job_ids = (job_id, *others)
     result = schedule(daemon, time.time())
-    if any(s.job_id == job_id for s in result.starts):
+    started = {s.job_id for s in result.starts}
+    if all(j in started for j in job_ids):
         return None
-    why = next((w.reason for w in result.waits if w.job_id == job_id), "it cannot start")
-    daemon.forget_wait(job_id)
-    daemon.store.delete_job(job_id)
-    daemon.forget_files(job_id)
+    why = next((w.reason for w in result.waits if w.job_id in job_ids), "it cannot start")
+    for forgotten in job_ids:
+        daemon.forget_wait(forgotten)
+        daemon.store.delete_job(forgotten)
+        daemon.forget_files(forgotten)
     return why

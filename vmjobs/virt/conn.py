@@ -140,6 +140,13 @@ def is_alive(conn: Connection) -> bool:
         return False
 
 
+def round_trip(conn: Connection) -> int:
+    """One cheap request answered by the host's libvirtd itself (its libvirt version): the
+    liveness probe (`vmjobs.daemon.liveness`). Blocks until the answer comes, the connection
+    closes or its keepalive expires; VirtError on failure."""
+    return int(conn.getLibVersion())
+
+
 def close_quietly(conn: Connection) -> None:
     """Close a connection that may already be broken."""
     with contextlib.suppress(VirtError):

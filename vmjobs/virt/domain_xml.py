@@ -255,10 +255,22 @@ def memory_backing(alloc: Allocation) -> ET.Element:
     return backing
 
 
-def cputune(alloc: Allocation, emulator_cpus: frozenset[int]) -> ET.Element:
+def vcpu_cpusets(cpus: tuple[int, ...], plugged: int = 0) -> tuple[tuple[int, ...], ...]:
+    """The host cpus each of a guest's `max(plugged, len(cpus))` vCPUs may run on (`cpus`: an
+    allocation's, vCPU i on cpus[i]): vCPU i < len(cpus) on cpus[i] alone; a vCPU beyond them
+    that is still plugged
+    (a resizable guest's shrink that its guest offlined but QEMU did not unplug: TCG, see
+    vmjobs/virt/hotplug.py) is *confined* to all of the job's cpus, so its halted thread can
+    never run on a core the job gave back."""
+    confined = tuple(sorted(cpus))
+    return tuple((cpu,) for cpu in cpus) + (confined,) * max(plugged - len(cpus), 0)
+
+
+def cputune(alloc: Allocation, emulator_cpus: frozenset[int], plugged: int = 0) -> ET.Element:
+    """`<cputune>`: a `<vcpupin>` per vCPU of `vcpu_cpusets(alloc, plugged)`, `<emulatorpin>`."""
     tune = ET.Element("cputune")
-    for vcpu, host_cpu in enumerate(alloc.cpus):
-        ET.SubElement(tune, "vcpupin", vcpu=str(vcpu), cpuset=str(host_cpu))
+    for vcpu, cpus in enumerate(vcpu_cpusets(alloc.cpus, plugged)):
+        ET.SubElement(tune, "vcpupin", vcpu=str(vcpu), cpuset=format_cpu_list(cpus))
     # Emulator threads go to the host's reserved cores when it has them, otherwise they share
     # the job's own cores: either way they never run on another job's cores.
     ET.SubElement(tune, "emulatorpin", cpuset=format_cpu_list(emulator_cpus or set(alloc.cpus)))

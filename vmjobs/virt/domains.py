@@ -98,9 +98,12 @@ def saved_xml(conn: Connection, path: Path) -> str:
     return conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_XML_SECURE)
 
 
-def restore(conn: Connection, path: Path, xml: str) -> None:
-    """Restore the save image at `path` as `xml` (`restoreFlags`), running; VirtError if not."""
-    conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+def restore(conn: Connection, path: Path, xml: str, paused: bool = False) -> None:
+    """Restore the save image at `path` as `xml` (`restoreFlags`), running — or `paused`
+    (`resume` starts it: a gang's members are all restored before any runs); VirtError if
+    not."""
+    conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED if paused
+                      else libvirt.VIR_DOMAIN_SAVE_RUNNING)
 
 
 def quiesce(dom: Domain, deadline: float) -> None:

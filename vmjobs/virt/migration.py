@@ -76,7 +76,20 @@ def retarget_xml(xml: str, alloc: Allocation, emulator_cpus: frozenset[int],
     console to `console_log` and its job output to `output_pipe` (`JobFiles.new_output`)."""
     root = ET.fromstring(xml)
     vcpus = root.find("vcpu")
-    if vcpus is None or int(vcpus.text or "0") != len(alloc.cpus):
+    plugged = _plugged(root)
+    if root.find("maxMemory") is not None:
+        # a resizable guest (`vmjob resize`): one cell of every possible vCPU and its boot
+        # memory, kept as it is; its online vCPUs pinned one to a cpu, and those a shrink
+        # offlined but QEMU kept plugged confined to the job's cpus (`vcpu_cpusets`)
+        if not 1 <= len(alloc.cpus) <= plugged or len(alloc.nodes) != 1:
+            raise MigrationFailed(
+                f"the destination allocation has {len(alloc.cpus)} cpus on "
+                f"{len(alloc.nodes)} NUMA nodes; the resizable guest has {plugged} vCPUs "
+                "plugged in one cell")
+        _replace_child(root, "cputune", domain_xml.cputune(alloc, emulator_cpus, plugged),
+                       after=("vcpu", "iothreads"))
+        return _retargeted(root, alloc, console_log, output_pipe)
+    if vcpus is None or plugged != len(alloc.cpus):
         raise MigrationFailed(f"the destination allocation has {len(alloc.cpus)} cpus; the "
                               f"guest has {vcpus.text if vcpus is not None else '?'} vCPUs")
     wanted = [(domain_xml.format_cpu_list(v), mib) for v, mib in domain_xml.guest_cells(alloc)]
@@ -88,6 +101,20 @@ def retarget_xml(xml: str, alloc: Allocation, emulator_cpus: frozenset[int],
         )
     _replace_child(root, "cputune", domain_xml.cputune(alloc, emulator_cpus),
                    after=("vcpu", "iothreads"))
+    return _retargeted(root, alloc, console_log, output_pipe)
+
+
+def _plugged(root: ET.Element) -> int:
+    """The vCPUs a guest's XML has plugged (`<vcpu current>`, else all of them)."""
+    vcpus = root.find("vcpu")
+    if vcpus is None:
+        return 0
+    return int(vcpus.get("current", vcpus.text or "0"))
+
+
+def _retargeted(root: ET.Element, alloc: Allocation, console_log: Path | None,
+                output_pipe: Path | None) -> str:
+    """The rest of `retarget_xml` once `<cputune>` is in: numatune, metadata, files."""
     _replace_child(root, "numatune", domain_xml.numatune(alloc), after=("cputune",))
     job = root.find(f"./metadata/{METADATA}job")
     if job is not None:

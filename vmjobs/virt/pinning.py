@@ -31,12 +31,14 @@ def cpumap(cpus: Iterable[int], host_cpus: int) -> tuple[bool, ...]:
 
 def apply_live(dom: Domain, alloc: Allocation, emulator_cpus: frozenset[int],
                nodes_changed: bool, done: list[str] | None = None) -> None:
-    """Pin the running guest as `alloc` says and rewrite its metadata's allocation; raises
-    VirtError on the first refusal. `done` collects the steps that took effect."""
+    """Pin the running guest as `alloc` says (vCPUs still plugged beyond its cpus confined to
+    them: `domain_xml.vcpu_cpusets`) and rewrite its metadata's allocation; raises VirtError
+    on the first refusal. `done` collects the steps that took effect."""
     done = [] if done is None else done
     host_cpus = dom.connect().getCPUMap(0)[0]
-    for vcpu, cpu in enumerate(alloc.cpus):
-        dom.pinVcpuFlags(vcpu, cpumap((cpu,), host_cpus), LIVE)
+    plugged = int(dom.vcpusFlags(LIVE))
+    for vcpu, cpus in enumerate(domain_xml.vcpu_cpusets(alloc.cpus, plugged)):
+        dom.pinVcpuFlags(vcpu, cpumap(cpus, host_cpus), LIVE)
         done.append(f"vcpu{vcpu}")
     dom.pinEmulator(cpumap(emulator_cpus or alloc.cpus, host_cpus), LIVE)
     done.append("emulator")

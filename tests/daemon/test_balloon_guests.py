@@ -145,6 +145,11 @@ def test_balloon_stats_reach_the_daemon_and_lent_memory_is_given_back(
     states = [e["state"] for e in client.job(borrower)["events"] if not e.get("note")]
     assert "CHECKPOINTED" in states and states[-1] == "COMPLETED"
     assert daemon.query("SELECT COUNT(*) FROM memory_loans")[0][0] == 0
+    # the borrower's reservation goes once its guest has gone (libvirt reaps QEMU a moment
+    # after the power-off): waited for, bounded
+    deadline = time.monotonic() + 60
+    while daemon.reservations() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert daemon.reservations() == 0
     client.close()
     daemon.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -67,12 +68,20 @@ class Borrow:
     """`borrow:` (docs/borrowing.md): a running job's core whose vCPU ran less than
     `idle_below` of a core (0..1) for `for_s` seconds may be lent to a `--borrow` job, which
     leaves it within `give_back_within_s` once the owner's use of it rises above
-    `idle_below` again. `memory`: only "off" (a borrower's memory comes from free memory)."""
+    `idle_below` again. `memory`: "off" (a borrower's memory comes from free memory) or
+    "balloon" (also from memory an owner holds and its balloon has reported spare for `for_s`,
+    less `memory_margin_mib`; docs/borrowing.md, "Borrowing memory")."""
 
     idle_below: float = 0.1
     for_s: float = 600.0
     give_back_within_s: float = 5.0
     memory: str = "off"
+    memory_margin_mib: int = 256
+
+    @property
+    def balloon(self) -> bool:
+        """Whether owners' memory their balloons report spare may be lent."""
+        return self.memory == "balloon"
 
     def fast_interval_s(self, interval_s: float) -> float:
         """How often lending owners are sampled: a quarter of `give_back_within` (a rise
@@ -137,6 +146,18 @@ class Config:
     @property
     def state_db(self) -> Path:
         return self.spool / "state.db"
+
+    def balloon_period_s(self) -> int | None:
+        """How often (whole s) a guest's balloon reports its memory use; None: guests get no
+        balloon (sampling is off, nobody would read it). The sampling interval, rounded up;
+        with `borrow.memory: balloon`, the lending owners' faster interval (their give-back
+        is decided from these statistics)."""
+        interval = self.usage_sample_interval_s
+        if interval <= 0:
+            return None
+        if self.borrow is not None and self.borrow.balloon:
+            interval = self.borrow.fast_interval_s(interval)
+        return max(1, math.ceil(interval))
 
     def host(self, name: str) -> HostConfig:
         for host in self.hosts:
@@ -454,18 +475,16 @@ def _borrow(top: _Reader) -> Borrow | None:
     if top.data.get("borrow") is None:
         return None
     section = _Reader(top.data["borrow"], top.path, "borrow")
-    section.check_known({"idle_below", "for", "give_back_within", "memory"})
+    section.check_known({"idle_below", "for", "give_back_within", "memory", "memory_margin"})
     idle = section.data.get("idle_below", Borrow.idle_below)
     if isinstance(idle, bool) or not isinstance(idle, int | float) or not 0 < idle < 1:
         raise section.fail("idle_below", "must be a fraction of a core > 0 and < 1, e.g. 0.1")
     memory = section.data.get("memory", "off")
     if memory is False:  # YAML reads a bare `off` as false
         memory = "off"
-    if memory == "balloon":
-        raise section.fail("memory", "balloon is not supported yet (guests have no balloon "
-                                     "device); use off")
-    if memory != "off":
-        raise section.fail("memory", f"must be off, not {memory!r}")
+    if memory not in ("off", "balloon"):
+        raise section.fail("memory", f"must be off or balloon, not {memory!r}")
+    margin = section.size_mib("memory_margin", Borrow.memory_margin_mib)
     within = _duration(section, "give_back_within", Borrow.give_back_within_s)
     if within > MAX_GIVE_BACK_S:
         raise section.fail("give_back_within", "must be at most 1h")
@@ -473,7 +492,7 @@ def _borrow(top: _Reader) -> Borrow | None:
         raise section.fail("for", "lending decides from sampled use: set "
                                   "usage_sample_interval above 0")
     return Borrow(idle_below=float(idle), for_s=_duration(section, "for", Borrow.for_s),
-                  give_back_within_s=within, memory="off")
+                  give_back_within_s=within, memory=memory, memory_margin_mib=margin)
 
 
 UNLIMITED = "unlimited"

@@ -128,6 +128,8 @@ class GuestPlan:
     extra_files: Mapping[str, tuple[bytes, int]] = field(default_factory=dict)
     gang_nic: BridgeNic | None = None
     control_channel: bool = False
+    # the guest's balloon reports memory use this often (s); None: no balloon device
+    balloon_period_s: int | None = None
 
 
 def nics_for(allocation: Allocation) -> tuple[Nic, ...]:
@@ -196,6 +198,7 @@ def prepare(plan: GuestPlan, files: JobFiles) -> str:
             input_channel=plan.stdin is not None,
             gang_nic=plan.gang_nic,
             control_channel=plan.control_channel,
+            balloon_period_s=plan.balloon_period_s,
         )
     )
     fd = os.open(files.domain_xml, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JOB_FILE_MODE)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from placement import Allocation, Request
 from placement.lending import Loan, without_cpus
+from placement.memlending import MemoryLoan, without_memory
 from vmjobs.codec import (
     allocation_from_dict,
     allocation_to_dict,
@@ -91,6 +92,20 @@ CREATE TABLE IF NOT EXISTS loans (
     PRIMARY KEY (host, cpu),
     FOREIGN KEY (host, cpu) REFERENCES cpu_reservations(host, cpu)
 );
+-- Memory loans (borrow.memory: balloon; docs/borrowing.md "Borrowing memory"): a borrower uses
+-- `mib` of memory its owner holds on a NUMA node and its balloon reports spare. Memory has no
+-- rows (it is counted by the engine under the store's write lock); the owner's allocation
+-- keeps the memory, the borrower's is counted without it (`Store.held`). A new table: a
+-- store written before it gets it when opened.
+CREATE TABLE IF NOT EXISTS memory_loans (
+    borrower TEXT NOT NULL REFERENCES jobs(id),
+    owner TEXT NOT NULL REFERENCES jobs(id),
+    host TEXT NOT NULL,
+    node INTEGER NOT NULL,
+    mib INTEGER NOT NULL CHECK (mib > 0),
+    since REAL NOT NULL,
+    PRIMARY KEY (borrower, owner)
+);
 -- Gangs' control state that must outlive the daemon (vmjobs/control.py `durable`: kv, baton
 -- holders, barrier rounds, poison, remembered answers), written by vmjobs/controljournal.py
 -- and removed when the gang ends. Keyed by the gang's id (its members are GANG.i jobs).
@@ -114,6 +129,7 @@ CREATE INDEX IF NOT EXISTS cpu_reservations_job ON cpu_reservations(job_id);
 CREATE INDEX IF NOT EXISTS device_reservations_job ON device_reservations(job_id);
 CREATE INDEX IF NOT EXISTS loans_borrower ON loans(borrower);
 CREATE INDEX IF NOT EXISTS loans_owner ON loans(owner);
+CREATE INDEX IF NOT EXISTS memory_loans_owner ON memory_loans(owner);
 CREATE INDEX IF NOT EXISTS jobs_inside ON jobs(inside, state) WHERE inside IS NOT NULL;
 CREATE INDEX IF NOT EXISTS cpu_reservations_user ON cpu_reservations(user_id)
     WHERE user_id IS NOT NULL;
@@ -325,7 +341,9 @@ class Store:
             lent: dict[str, list[int]] = {}
             for loan in self.db.execute("SELECT borrower, cpu FROM loans"):
                 lent.setdefault(loan["borrower"], []).append(loan["cpu"])
-        return [_held(r, lent.get(r["id"], ())) for r in rows]
+            borrowed = {r["borrower"]: r["mib"] for r in self.db.execute(
+                "SELECT borrower, SUM(mib) AS mib FROM memory_loans GROUP BY borrower")}
+        return [_held(r, lent.get(r["id"], ()), borrowed.get(r["id"], 0)) for r in rows]
 
     def holders(self) -> list[JobRecord]:
         """Every job (or other row of `jobs`, e.g. a held reservation) that holds cpus,
@@ -342,7 +360,9 @@ class Store:
                                   (job_id,)).fetchone()
             lent = [r["cpu"] for r in self.db.execute(
                 "SELECT cpu FROM loans WHERE borrower = ?", (job_id,))]
-        return _held(row, lent) if row else None
+            borrowed = self.db.execute("SELECT COALESCE(SUM(mib), 0) FROM memory_loans "
+                                       "WHERE borrower = ?", (job_id,)).fetchone()[0]
+        return _held(row, lent, borrowed) if row else None
 
     # --- loans (docs/borrowing.md) -------------------------------------------------------------
 
@@ -352,6 +372,40 @@ class Store:
             if job_id is not None else ("", ())
         return [Loan(r["borrower"], r["owner"], r["host"], r["cpu"]) for r in self.db.execute(
             f"SELECT * FROM loans {where} ORDER BY host, cpu", args)]
+
+    def memory_loans(self, job_id: str | None = None) -> list[MemoryLoan]:
+        """Every memory loan, or those where `job_id` borrows or lends; by host, owner."""
+        where, args = ("WHERE borrower = ? OR owner = ?", (job_id, job_id)) \
+            if job_id is not None else ("", ())
+        return [MemoryLoan(r["borrower"], r["owner"], r["host"], r["node"], r["mib"])
+                for r in self.db.execute(
+                    f"SELECT * FROM memory_loans {where} ORDER BY host, owner, borrower", args)]
+
+    def lend_memory(self, loans: tuple[MemoryLoan, ...]) -> None:
+        """Record memory loans of a borrower just assigned (call inside the `reserving()`
+        that assigned it). sqlite3.IntegrityError (nothing written by this call; the caller
+        rolls back) when an owner no longer runs on the loan's host and node with at least
+        that much memory, or a borrower does not hold the loan's host."""
+        now = time.time()
+        for loan in loans:
+            owner = self.db.execute("SELECT allocation FROM jobs WHERE id = ? AND host = ? "
+                                    "AND allocation IS NOT NULL", (loan.owner, loan.host)
+                                    ).fetchone()
+            borrower = self.db.execute("SELECT 1 FROM jobs WHERE id = ? AND host = ? "
+                                       "AND allocation IS NOT NULL", (loan.borrower, loan.host)
+                                       ).fetchone()
+            share = [n for n in allocation_from_dict(json.loads(owner["allocation"])).nodes
+                     if n.node == loan.node] if owner is not None else []
+            if borrower is None or len(share) != 1 or share[0].memory_mib < loan.mib:
+                raise sqlite3.IntegrityError(f"job {loan.borrower}: the memory of job "
+                                             f"{loan.owner} it was to borrow is gone")
+        self.db.executemany(
+            "INSERT INTO memory_loans (borrower, owner, host, node, mib, since) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(loan.borrower, loan.owner, loan.host, loan.node, loan.mib, now) for loan in loans])
+        # the borrower's holding as the engine counts it changed (less memory)
+        self.db.executemany("INSERT INTO changes (job_id) VALUES (?)",
+                            [(b,) for b in sorted({loan.borrower for loan in loans})])
 
     def loan_since(self) -> dict[tuple[str, int], float]:
         """(host, cpu) -> when its loan began (Unix s)."""
@@ -543,6 +597,14 @@ class Store:
                 self._event(borrower, JobState(current["state"]), current["host"],
                             f"cpu {cpus} of job {job_id} is its own now: job {job_id} "
                             "left it", now, note=True)
+        # memory: its borrowed memory ends with it; memory it lent passes to its borrowers,
+        # which then hold all of theirs (a change row each: the live model reads it again)
+        self.db.execute("DELETE FROM memory_loans WHERE borrower = ?", (job_id,))
+        owed = sorted({r["borrower"] for r in self.db.execute(
+            "SELECT borrower FROM memory_loans WHERE owner = ?", (job_id,))})
+        if owed:
+            self.db.execute("DELETE FROM memory_loans WHERE owner = ?", (job_id,))
+            self.db.executemany("INSERT INTO changes (job_id) VALUES (?)", [(b,) for b in owed])
         # a job inside a reservation gives its rows back to the reservation (no row of its own)
         self.db.execute("UPDATE cpu_reservations SET user_id = NULL WHERE user_id = ?",
                         (job_id,))
@@ -577,6 +639,9 @@ class Store:
                                   (job_id,)).fetchone()
             if row is None or row["host"] != allocation.host:
                 raise VmjobsError(f"job {job_id} does not run on {allocation.host}")
+            # memory it lends stays lent if it keeps that much on the same node (its memory
+            # is where it was); otherwise its borrowers hold their memory themselves (_release)
+            lends = [r for r in self.memory_loans(job_id) if r.owner == job_id]
             self._release(job_id)
             self.db.execute("UPDATE jobs SET allocation = ?, updated = ? WHERE id = ?",
                             (json.dumps(allocation_to_dict(allocation)), time.time(), job_id))
@@ -584,6 +649,10 @@ class Store:
                 self.db.execute("UPDATE jobs SET request = ? WHERE id = ?",
                                 (json.dumps(request_to_dict(request)), job_id))
             self._insert_reservation(job_id, allocation)
+            kept = tuple(r for r in lends if [n.node for n in allocation.nodes] == [r.node]
+                         and sum(k.mib for k in lends) <= allocation.memory_mib)
+            if kept:
+                self.lend_memory(kept)
             # a note: the job's state does not change
             self._event(job_id, JobState(row["state"]), allocation.host, reason, time.time(),
                         note=True)
@@ -930,8 +999,9 @@ class Store:
         return {r[0] for r in self.db.execute("SELECT DISTINCT gang_id FROM gang_control")}
 
 
-def _held(row: sqlite3.Row, lent: Collection[int] = ()) -> Held:
-    return Held(row["id"], without_cpus(allocation_from_dict(json.loads(row["allocation"])), lent),
+def _held(row: sqlite3.Row, lent: Collection[int] = (), borrowed_mib: int = 0) -> Held:
+    alloc = without_cpus(allocation_from_dict(json.loads(row["allocation"])), lent)
+    return Held(row["id"], without_memory(alloc, borrowed_mib) if borrowed_mib else alloc,
                 request_from_dict(json.loads(row["request"])))
 
 

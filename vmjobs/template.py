@@ -126,9 +126,13 @@ def host_inputs(conn: Connection, virt_type: str) -> dict[str, Any]:
 
 def template_inputs(image_id: str, shape: Shape, virt_type: str, host: dict[str, Any],
                     cmdline: str = domain_xml.CMDLINE,
-                    helper: str | None = None) -> dict[str, Any]:
-    """Everything a template depends on, as JSON-able values; the key is their hash."""
-    return {
+                    helper: str | None = None,
+                    balloon_period_s: int | None = None) -> dict[str, Any]:
+    """Everything a template depends on, as JSON-able values; the key is their hash. A
+    guest with a balloon (its statistics period, s) is another template than one without
+    (the saved device set differs); without one the key is as before balloons existed."""
+    balloon = {} if balloon_period_s is None else {"balloon_period_s": balloon_period_s}
+    return {**balloon,
         "format": FORMAT, "image": image_id, "virt_type": virt_type, "cmdline": cmdline,
         "vcpus": shape.vcpus, "memory_mib": shape.memory_mib,
         "cells": [list(c) for c in shape.cells], "output_disk_mib": shape.output_disk_mib,
@@ -370,6 +374,7 @@ def build_template(conn: Connection, plan: GuestPlan, files: TemplateFiles,
         console_log=files.path(".console.log"), output_disk=output_disk,
         emulator_cpus=plan.emulator_cpus, clock_channel=True,
         output_pipe=files.path(".output"), job_pipe=files.job_pipe,
+        balloon_period_s=plan.balloon_period_s,
     ))
     dom = None
     tmp_save = files.path(".save.tmp")
@@ -405,7 +410,8 @@ def ensure_template(conn: Connection, plan: GuestPlan, spool: Path,
     stale. Raises TemplateError if it cannot be made."""
     helper = build_static(RESUME_SOURCE, spool / "templates" / "bin", "warm start", "-Os")
     inputs = template_inputs(plan.image.id, Shape.of(plan.allocation, plan.output_disk_mib),
-                             plan.virt_type, host_inputs(conn, plan.virt_type))
+                             plan.virt_type, host_inputs(conn, plan.virt_type),
+                             balloon_period_s=plan.balloon_period_s)
     files = TemplateFiles.of(spool, template_key(inputs))
     with exclusive(files.path(".lock")):
         why = stale_reason(files, inputs, conn)

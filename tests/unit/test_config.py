@@ -356,6 +356,26 @@ def test_borrow_settings_and_their_defaults(tmp_path: Path) -> None:
     bare_off = load(str(write(tmp_path / "off.yaml",
                               "spool: /srv/vmjobs\nborrow:\n  memory: off\n")))
     assert bare_off.borrow is not None and bare_off.borrow.memory == "off"
+    assert not bare_off.borrow.balloon
+
+
+def test_memory_balloon_lending_and_the_balloon_period(tmp_path: Path) -> None:
+    lends = load(str(write(tmp_path / "balloon.yaml", {
+        **one_host(), "usage_sample_interval": "10s",
+        "borrow": {"memory": "balloon", "memory_margin": "128M", "give_back_within": "6s"}})))
+    assert lends.borrow == config.Borrow(memory="balloon", memory_margin_mib=128,
+                                         give_back_within_s=6.0)
+    assert lends.borrow.balloon
+    # lending memory: balloons report as often as lending owners are read (6 s / 4, rounded up)
+    assert lends.balloon_period_s() == 2
+    # every guest of a sampling daemon has a balloon, reporting at the sampling interval
+    plain = load(str(write(tmp_path / "plain.yaml", {**one_host(),
+                                                     "usage_sample_interval": 2.5})))
+    assert plain.balloon_period_s() == 3
+    off = load(str(write(tmp_path / "off.yaml", {**one_host(), "usage_sample_interval": 0})))
+    assert off.balloon_period_s() is None
+    assert load(str(write(tmp_path / "cores.yaml", {
+        **one_host(), "borrow": {"memory": "off"}}))).borrow.memory_margin_mib == 256
 
 
 @pytest.mark.parametrize(("section", "key", "problem"), [
@@ -366,8 +386,8 @@ def test_borrow_settings_and_their_defaults(tmp_path: Path) -> None:
     ({"for": "forever"}, "borrow.for", "duration"),
     ({"give_back_within": "2h"}, "borrow.give_back_within", "at most 1h"),
     ({"give_back_within": 0}, "borrow.give_back_within", "duration"),
-    ({"memory": "balloon"}, "borrow.memory", "not supported yet"),
-    ({"memory": "all"}, "borrow.memory", "must be off"),
+    ({"memory": "all"}, "borrow.memory", "must be off or balloon"),
+    ({"memory": "balloon", "memory_margin": "lots"}, "borrow.memory_margin", "invalid size"),
     ({"lend": True}, "borrow.lend", "unknown key"),
     ("on", "borrow", "must be a mapping"),
 ])

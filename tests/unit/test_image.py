@@ -82,6 +82,7 @@ MODULES = {
     "virtio_net": ("net_failover,virtio_ring,virtio", "drivers/net/virtio_net.ko"),
     "virtio_console": ("virtio_ring,virtio", "drivers/char/virtio_console.ko"),
     "virtio_mem": ("virtio_ring,virtio", "drivers/virtio/virtio_mem.ko"),
+    "virtio_balloon": ("virtio_ring,virtio", "drivers/virtio/virtio_balloon.ko"),
     "unrelated": ("", "fs/unrelated.ko"),
 }
 
@@ -189,7 +190,7 @@ def test_missing_module_names_who_needs_it(tmp_path: Path) -> None:
 def test_recipe_is_read_from_the_package() -> None:
     assert image.recipe_bytes("init").startswith(b"#!/bin/sh")
     assert image.wanted_modules() == {"": ["virtio_pci", "virtio_blk", "virtio_console",
-                                           "virtio_mem"],
+                                           "virtio_mem", "virtio_balloon"],
                                       "nic": ["virtio_net"]}
 
 
@@ -251,7 +252,7 @@ def test_build_with_kernel_then_noop(fakes: Fakes, tmp_path: Path) -> None:
     assert img.kernel.read_bytes() == fakes.kernel.read_bytes()
     assert img.size_bytes == sum(p.stat().st_size for p in home.iterdir()
                                  if p.name != "manifest.json")
-    assert any(m.startswith("packing 6 modules") and "for jobs with NICs 3:" in m
+    assert any(m.startswith("packing 7 modules") and "for jobs with NICs 3:" in m
                for m in messages)
     for path in (home / "vmlinuz", home / "initrd", home / "manifest.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644  # QEMU runs as another user
@@ -284,7 +285,8 @@ def test_initrd_layout(fakes: Fakes, tmp_path: Path) -> None:
     assert not (root / "bin/busybox").is_symlink()
     order = (root / "lib/modules/load-order").read_text().split()
     assert order == ["virtio_pci_modern_dev.ko", "virtio_ring.ko", "virtio_pci.ko",
-                     "virtio_blk.ko", "virtio_console.ko", "virtio_mem.ko"]
+                     "virtio_blk.ko", "virtio_console.ko", "virtio_mem.ko",
+                     "virtio_balloon.ko"]
     # loaded only by a job with NICs, after the others (their shared dependencies already are)
     assert (root / "lib/modules/load-order.nic").read_text().split() == \
         ["failover.ko", "net_failover.ko", "virtio_net.ko"]

@@ -54,6 +54,16 @@ def test_anything_the_saved_guest_depends_on_changes_the_key(change: dict[str, o
     assert template.template_key(inputs(**change)) != template.template_key(inputs())
 
 
+def test_a_guest_with_a_balloon_is_another_template() -> None:
+    def with_balloon(period: int | None) -> str:
+        return template.template_key(template.template_inputs(
+            "cdcb6c4e27ea7889", template.Shape.of(ONE_CELL, 256), "qemu", HOST,
+            helper="0123456789abcdef", balloon_period_s=period))
+
+    assert with_balloon(None) == template.template_key(inputs())  # as before balloons
+    assert len({with_balloon(None), with_balloon(1), with_balloon(10)}) == 3
+
+
 def test_the_shape_follows_the_guest_cells_not_the_host_cpus() -> None:
     moved = replace(ONE_CELL, cpus=(0, 1), nodes=(NodeShare(node=1, cpus=(0, 1),
                                                             memory_mib=512),))

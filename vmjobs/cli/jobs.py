@@ -164,6 +164,13 @@ def show(job: str, as_json: bool, url: str | None) -> None:
     for loan in view.get("loans") or ():
         lines.append(("loan", f"{loan['host']} cpu {loan['cpu']}: job {loan['owner']}'s, lent to "
                               f"job {loan['borrower']}"))
+    for mem in view.get("memory_loans") or ():
+        lines.append(("loan", f"{mem['host']} node {mem['node']} {format_mib(mem['mib'])}: job "
+                              f"{mem['owner']}'s memory, lent to job {mem['borrower']}"))
+    if view.get("memory_used_mib") is not None:
+        lines.append(("memory", f"{format_mib(view['memory_used_mib'])} used (as its balloon "
+                                f"reports), {format_mib(view['memory_resident_mib'] or 0)} "
+                                "resident on the host"))
     if view.get("exit_code") is not None:
         lines.append(("exit code", str(view["exit_code"])))
     for name, value in lines:

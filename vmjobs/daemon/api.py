@@ -84,6 +84,15 @@ def job_view(daemon: Daemon, record: JobRecord, started: float | None = None) ->
     use = daemon.sampler.used(record.id)
     view["cpu_used_cores"] = None if use is None else round(use.cores, 3)
     view["cpu_used_over_s"] = None if use is None else round(use.over_s, 1)
+    # memory (its guest's balloon, daemon/memuse.py) and memory loans (borrow.memory: balloon)
+    view["memory_loans"] = [{"host": m.host, "node": m.node, "mib": m.mib, "owner": m.owner,
+                             "borrower": m.borrower}
+                            for m in daemon.store.memory_loans(record.id)]
+    reading = daemon.sampler.memory.latest(record.id)
+    view["memory_used_mib"] = None if reading is None or reading.used_kib is None \
+        else reading.used_kib >> 10
+    view["memory_resident_mib"] = None if reading is None or reading.resident_kib is None \
+        else reading.resident_kib >> 10
     wait = daemon.waits.get(record.id)
     if record.state == JobState.QUEUED and wait is not None:
         view["position"] = wait.position

@@ -44,7 +44,7 @@ from vmjobs.daemon.hosts import (
 from vmjobs.daemon.live import LiveCluster, LiveQueue
 from vmjobs.daemon.metrics import Metrics
 from vmjobs.daemon.queue import Planner, Wait
-from vmjobs.daemon.sampler import Sampler, read_vcpu_ns
+from vmjobs.daemon.sampler import Sampler, read_memory_kib, read_vcpu_ns
 from vmjobs.daemon.stdin import InputFeed
 from vmjobs.errors import DoesNotFit, VmjobsError
 from vmjobs.guest import (
@@ -222,7 +222,11 @@ class Daemon:
             lambda host, job_id: read_vcpu_ns(self.hosts.conn(host), job_id),
             idle_below=borrow.idle_below if borrow is not None else None,
             fast_interval_s=borrow.fast_interval_s(config.usage_sample_interval_s)
-            if borrow is not None and config.usage_sample_interval_s > 0 else None)
+            if borrow is not None and config.usage_sample_interval_s > 0 else None,
+            # guests' memory (their balloons), over `borrow.for` too when memory is lent
+            read_memory=lambda host, job_id: read_memory_kib(self.hosts.conn(host), job_id),
+            memory_window_s=max(config.usage_window_s, borrow.for_s)
+            if borrow is not None and borrow.balloon else None)
         self.leaving: set[str] = set()  # borrowers being moved off lent cores (daemon/lending)
         self.restoring: set[str] = set()  # checkpointed jobs being restored now
         self.preempting: str | None = None  # the job that preemption is making room for
@@ -649,6 +653,7 @@ class Daemon:
             input_dir=self._input_of(record, files),
             emulator_cpus=host_config.reserved_cpus,
             hotplug=self._hotplug_for(allocation),
+            balloon_period_s=self.config.balloon_period_s(),
             stdin=spec.get("stdin"),
             console_helper=console_helper(self.config.spool) if spec.get("stdin") else None,
         )

@@ -27,11 +27,13 @@ import logging
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 
 from placement import Checkpoint, Migrate, Repin
 from placement.lending import Loan, give_back, lendable_cpus, move_for_give_back, place_borrower
+from placement.memlending import MemoryLoan, place_borrower_with_memory
 from vmjobs.codec import allocation_from_dict, request_from_dict
-from vmjobs.daemon import moves
+from vmjobs.daemon import memlending, moves
 from vmjobs.daemon.core import Active, Daemon, Phase, time_limit_of
 from vmjobs.errors import VmjobsError
 from vmjobs.jobs import JobRecord, JobState, domain_name
@@ -73,21 +75,32 @@ def lend(daemon: Daemon, queue: list[tuple[JobRecord, object]]) -> list[str]:
             owners[job_id] = allocation_from_dict(held.allocation)
         lent = {(loan.host, loan.cpu) for loan in daemon.store.loans()}
         lendable = lendable_cpus(owners, idle, borrow.for_s, lent)
-        if not lendable:
+        memory = memlending.lendable(daemon, owners) if borrow.balloon else {}
+        if not lendable and not memory:
             return started
         request = request_from_dict(record.request or {})
         try:
             with daemon.store.reserving():
                 daemon.live.refresh()
-                found = place_borrower(daemon.live.cluster(), request, lendable, owners)
+                memory_loans: tuple[MemoryLoan, ...] = ()
+                if borrow.balloon:  # memory too (docs/borrowing.md "Borrowing memory")
+                    place = place_borrower_with_memory(daemon.live.cluster(), request,
+                                                       lendable, memory, owners)
+                    found = None if place is None else (place.allocation, place.loans)
+                    memory_loans = () if place is None else tuple(
+                        replace(m, borrower=record.id) for m in place.memory_loans)
+                else:
+                    found = place_borrower(daemon.live.cluster(), request, lendable, owners)
                 if found is None:
                     continue
                 alloc, loans = found
                 loans = tuple(Loan(record.id, loan.owner, loan.host, loan.cpu)
                               for loan in loans)
-                lenders = ", ".join(f"cpu {loan.cpu} of job {loan.owner}" for loan in loans)
-                daemon.store.assign(record.id, alloc, f"placed on lent cores ({lenders}): "
+                lenders = ", ".join(_describe(loan) for loan in (*loans, *memory_loans))
+                daemon.store.assign(record.id, alloc, f"placed on lent "
+                                    f"{'cores' if loans else 'memory'} ({lenders}): "
                                     f"{describe_allocation(alloc)}", loans)
+                memlending.record(daemon, memory_loans)
                 for loan in loans:
                     daemon.store.note(loan.owner, f"lends cpu {loan.cpu} to job {record.id} "
                                       f"(idle below {borrow.idle_below:g} of a core for "
@@ -169,22 +182,52 @@ def before_resize(daemon: Daemon, job_id: str) -> None:
     are not its own. Takes the lock."""
     with daemon.lock:
         loans = daemon.store.loans(job_id)
+        memory = daemon.store.memory_loans(job_id)
         if any(loan.borrower == job_id for loan in loans):
             raise VmjobsError(f"job {job_id} runs on lent cores (--borrow); a borrower "
                               "cannot be resized")
-        if loans:
+        if any(loan.borrower == job_id for loan in memory):
+            raise VmjobsError(f"job {job_id} runs on lent memory (--borrow); a borrower "
+                              "cannot be resized")
+        if loans or memory:
             owner_changed(daemon, job_id, "its owner is being resized")
-            raise VmjobsError(f"job {job_id} lends {len(loans)} of its cpus to borrowers; "
+            _send_off(daemon, {b: tuple(m for m in memory if m.borrower == b)
+                               for b in sorted({m.borrower for m in memory})},
+                      "its owner is being resized")
+            lent = f"{len(loans)} of its cpus" if loans else \
+                f"{sum(m.mib for m in memory)} MiB of its memory"
+            raise VmjobsError(f"job {job_id} lends {lent} to borrowers; "
                               "they are being given back now: ask the resize again once "
                               "'vmjob show' lists no loans")
 
 
-def _send_off(daemon: Daemon, ends: dict[str, tuple[Loan, ...]], why: str) -> None:
+def _describe(loan: Loan | MemoryLoan) -> str:
+    """A loan in events: "cpu 1 of job 3" or "128 MiB of job 3"."""
+    if isinstance(loan, MemoryLoan):
+        return f"{loan.mib} MiB of job {loan.owner}"
+    return f"cpu {loan.cpu} of job {loan.owner}"
+
+
+def check_memory(daemon: Daemon, sampled: set[str]) -> None:
+    """After a sample, with `borrow.memory: balloon`: the borrowers of memory whose owner's
+    spare fell below what it lends plus half the margin leave, by the cores' give-back path
+    (placement.memlending.memory_give_back)."""
+    borrow = daemon.config.borrow
+    if borrow is None or not borrow.balloon:
+        return
+    with daemon.lock:
+        ends = memlending.give_back(daemon, sampled)
+        if ends:
+            _send_off(daemon, ends, "its owner's memory use rose")
+
+
+def _send_off(daemon: Daemon, ends: dict[str, tuple[Loan, ...]] | dict[str, tuple[MemoryLoan, ...]],
+              why: str) -> None:
     """Start a mover for each borrower in `ends` that has none yet. Caller holds the lock."""
     for borrower, ending in ends.items():
         if not daemon.begin_leaving(borrower):
             continue  # its mover is at work
-        wanted = ", ".join(f"cpu {loan.cpu} of job {loan.owner}" for loan in ending)
+        wanted = ", ".join(_describe(loan) for loan in ending)
         daemon.store.note(borrower, f"giving back {wanted}: {why}")
         daemon.spawn(_leave, daemon, borrower, wanted, time.monotonic(),
                      name=f"give-back-{borrower}")
@@ -198,7 +241,8 @@ def _leave(daemon: Daemon, borrower: str, wanted: str, asked: float) -> None:
             active = daemon.active.get(borrower)
             if record is None or record.allocation is None or record.state != JobState.RUNNING \
                     or active is None or active.phase != Phase.RUNNING \
-                    or not daemon.store.loans(borrower):
+                    or not (daemon.store.loans(borrower)
+                            or daemon.store.memory_loans(borrower)):
                 return  # it ended, moves already, or its owner left the cores to it
             full = allocation_from_dict(record.allocation)
             action = move_for_give_back(daemon.live.cluster(), borrower, full,
@@ -242,12 +286,15 @@ def start_sampling(daemon: Daemon) -> threading.Thread:
     lending = daemon.config.borrow is not None
 
     def fast() -> list[tuple[str, str]]:
-        return lending_owners(daemon) if lending else []
+        if not lending:
+            return []
+        return sorted(set(lending_owners(daemon)) | set(memlending.lending_owners(daemon)))
 
     thread = threading.Thread(target=daemon.sampler.run, name="sampler", daemon=True,
                               args=(daemon.changed, lambda: daemon.stopping,
                                     daemon.running_guests, fast,
-                                    (lambda jobs: check(daemon, jobs)) if lending
-                                    else (lambda _jobs: None)))
+                                    (lambda jobs: (check(daemon, jobs),
+                                                   check_memory(daemon, jobs)))
+                                    if lending else (lambda _jobs: None)))
     thread.start()
     return thread

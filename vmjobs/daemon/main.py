@@ -21,7 +21,7 @@ from vmjobs.config import Config, system_warnings
 from vmjobs.daemon import hostloss, lending, moves, scheduler
 from vmjobs.daemon.api import Api
 from vmjobs.daemon.core import Daemon
-from vmjobs.daemon.metrics import JobCpu, Present
+from vmjobs.daemon.metrics import JobCpu, JobMemory, Present
 from vmjobs.daemon.recovery import reconcile_host, recover
 from vmjobs.daemon.server import Limits, UnixHTTPServer
 from vmjobs.errors import VmjobsError
@@ -39,18 +39,31 @@ def present(daemon: Daemon) -> Present:
         lent: dict[str, int] = {}
         for loan in daemon.store.loans():
             lent[loan.host] = lent.get(loan.host, 0) + 1
+        lent_memory: dict[str, int] = {}
+        for mem_loan in daemon.store.memory_loans():
+            lent_memory[mem_loan.host] = lent_memory.get(mem_loan.host, 0) + mem_loan.mib
     cpu = []
+    memory = []
     for h in held:
         use = daemon.sampler.used(h.job_id)
         cpu.append(JobCpu(h.job_id, h.allocation.host, len(h.allocation.cpus),
                           None if use is None else use.cores,
                           tuple((n.node, len(n.cpus)) for n in h.allocation.nodes)))
+        reading = daemon.sampler.memory.latest(h.job_id)
+        memory.append(JobMemory(
+            h.job_id, h.allocation.host, h.allocation.memory_mib,
+            None if reading is None or reading.used_kib is None else reading.used_kib << 10,
+            None if reading is None or reading.resident_kib is None
+            else reading.resident_kib << 10,
+            tuple((n.node, n.memory_mib) for n in h.allocation.nodes)))
     return Present(
         jobs_by_state=counts,
         hosts_up={h.name: daemon.hosts.is_up(h.name) for h in daemon.config.hosts},
         usage=usage,
         cpu=cpu,
         lent=lent,
+        memory=memory,
+        lent_memory_mib=lent_memory,
     )
 
 

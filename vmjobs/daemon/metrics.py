@@ -35,6 +35,19 @@ class JobCpu:
 
 
 @dataclass(frozen=True)
+class JobMemory:
+    """A job's held memory (MiB, by NUMA node) and its guest's last balloon reading (bytes;
+    None: no reading yet, or the guest reports no use: see daemon/memuse.py)."""
+
+    job_id: str
+    host: str
+    held_mib: int
+    used_bytes: int | None
+    resident_bytes: int | None
+    held_by_node: tuple[tuple[int, int], ...] = ()  # (node, MiB) of its allocation
+
+
+@dataclass(frozen=True)
 class Present:
     """What the gauges show, read under the daemon's lock at scrape time."""
 
@@ -43,6 +56,8 @@ class Present:
     usage: list[HostUsage] = field(default_factory=list)
     cpu: list[JobCpu] = field(default_factory=list)
     lent: dict[str, int] = field(default_factory=dict)  # host -> cores lent to borrowers now
+    memory: list[JobMemory] = field(default_factory=list)
+    lent_memory_mib: dict[str, int] = field(default_factory=dict)  # host -> MiB lent now
 
 
 class Metrics:
@@ -124,6 +139,13 @@ class _PresentCollector(Collector):
         for host in present.hosts_up:
             lent.add_metric([host], present.lent.get(host, 0))
         yield lent
+        yield from _memory_use(present.memory)
+        lent_memory = GaugeMetricFamily(
+            "vmjobs_host_memory_lent_bytes", "Memory running jobs hold and lend to --borrow "
+            "jobs now (borrow.memory: balloon; docs/borrowing.md)", labels=["host"])
+        for host in present.hosts_up:
+            lent_memory.add_metric([host], present.lent_memory_mib.get(host, 0) << 20)
+        yield lent_memory
 
 
 def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
@@ -162,3 +184,48 @@ def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
         node_held.add_metric([host, str(node)], h)
         node_used.add_metric([host, str(node)], u)
     yield from (held, used, host_held, host_used, node_held, node_used)
+
+
+def _memory_use(jobs: list[JobMemory]) -> Iterator[GaugeMetricFamily]:
+    """Held vs used memory per job, host and NUMA node, from the guests' balloons (issue 13:
+    what `borrow.memory: balloon` may lend). `used` is the last reading (a level, not a rate);
+    a job without one counts as held, not used."""
+    held = GaugeMetricFamily("vmjobs_job_memory_held_bytes", "Memory a job's guest has",
+                             labels=["job", "host"])
+    used = GaugeMetricFamily("vmjobs_job_memory_used_bytes", "Memory the guest cannot give up "
+                             "without swapping: held - MemAvailable, as its balloon last "
+                             "reported", labels=["job", "host"])
+    resident = GaugeMetricFamily("vmjobs_job_memory_resident_bytes", "Host memory the job's "
+                                 "QEMU process has resident (rss)", labels=["job", "host"])
+    host_held = GaugeMetricFamily("vmjobs_host_memory_held_bytes",
+                                  "Memory held by running jobs", labels=["host"])
+    host_used = GaugeMetricFamily("vmjobs_host_memory_used_bytes", "Memory the running jobs' "
+                                  "guests use, as their balloons last reported", labels=["host"])
+    node_held = GaugeMetricFamily("vmjobs_node_memory_held_bytes",
+                                  "Memory held by running jobs", labels=["host", "node"])
+    node_used = GaugeMetricFamily("vmjobs_node_memory_used_bytes", "Memory the running jobs' "
+                                  "guests use, each job's use split over its nodes in "
+                                  "proportion to its memory there", labels=["host", "node"])
+    by_host: dict[str, list[int]] = {}
+    by_node: dict[tuple[str, int], list[float]] = {}
+    for job in jobs:
+        held.add_metric([job.job_id, job.host], job.held_mib << 20)
+        totals = by_host.setdefault(job.host, [0, 0])
+        totals[0] += job.held_mib << 20
+        if job.used_bytes is not None:
+            used.add_metric([job.job_id, job.host], job.used_bytes)
+            totals[1] += job.used_bytes
+        if job.resident_bytes is not None:
+            resident.add_metric([job.job_id, job.host], job.resident_bytes)
+        for node, mib in job.held_by_node:
+            node_totals = by_node.setdefault((job.host, node), [0.0, 0.0])
+            node_totals[0] += mib << 20
+            if job.used_bytes is not None and job.held_mib:
+                node_totals[1] += job.used_bytes * mib / job.held_mib
+    for host, (h, u) in sorted(by_host.items()):
+        host_held.add_metric([host], h)
+        host_used.add_metric([host], u)
+    for (host, node), (hn, un) in sorted(by_node.items()):
+        node_held.add_metric([host, str(node)], hn)
+        node_used.add_metric([host, str(node)], un)
+    yield from (held, used, resident, host_held, host_used, node_held, node_used)

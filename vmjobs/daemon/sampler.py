@@ -20,10 +20,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vmjobs.daemon.memuse import MemoryWindows, memory_sample
 from vmjobs.jobs import domain_name
 from vmjobs.virt import Connection, VirtError
 from vmjobs.virt.conn import lookup_domain
-from vmjobs.virt.stats import vcpu_times_ns
+from vmjobs.virt.stats import memory_stats_kib, vcpu_times_ns
 
 log = logging.getLogger("vmjobs.daemon")
 
@@ -110,11 +111,15 @@ class Sampler:
     def __init__(self, interval_s: float, window_s: float,
                  read: Callable[[str, str], tuple[int, ...] | None],
                  idle_below: float | None = None, fast_interval_s: float | None = None,
-                 ) -> None:
+                 read_memory: Callable[[str, str], dict[str, int] | None] | None = None,
+                 memory_window_s: float | None = None) -> None:
         """`interval_s` 0: sampling is off. `read(host, job_id)`: the guest's vCPU ns per
         vCPU, or None if it cannot be read now. `idle_below` (a fraction of a core): follow
         how long each vCPU stays below it (lending; None: not followed). `fast_interval_s`:
-        how often the jobs `run`'s `fast()` names are read (lending owners)."""
+        how often the jobs `run`'s `fast()` names are read (lending owners).
+        `read_memory(host, job_id)`: the guest's memory statistics (KiB, `memory_stats_kib`)
+        or None, read with its vCPU times into `memory` (daemon/memuse.py), whose window spans
+        `memory_window_s` (default `window_s`)."""
         self.interval_s = interval_s
         self.fast_interval_s = fast_interval_s or interval_s
         self.size = window_samples(interval_s, window_s) if interval_s > 0 else 2
@@ -124,6 +129,8 @@ class Sampler:
         self._idle: dict[str, list[float | None]] = {}
         self._busy: dict[str, tuple[int, ...]] = {}  # vCPUs above idle_below in the last pair
         self._read = read
+        self._read_memory = read_memory
+        self.memory = MemoryWindows(memory_window_s or window_s)
 
     def record(self, job_id: str, sample: Sample) -> None:
         with self._lock:
@@ -173,8 +180,13 @@ class Sampler:
             value = self._read(host, job_id)
             if value is not None:
                 self.record(job_id, Sample(time.monotonic(), value))
+            stats = self._read_memory(host, job_id) if self._read_memory is not None else None
+            memory = memory_sample(time.monotonic(), stats) if stats is not None else None
+            if memory is not None:
+                self.memory.record(job_id, memory)
         if forget:
             self.keep_only({job_id for job_id, _host in running})
+            self.memory.keep_only({job_id for job_id, _host in running})
 
     def run(self, changed: threading.Condition, stopping: Callable[[], bool],
             running: Callable[[], list[tuple[str, str]]],
@@ -218,5 +230,17 @@ def read_vcpu_ns(conn: Connection | None, job_id: str) -> tuple[int, ...] | None
     try:
         dom = lookup_domain(conn, domain_name(job_id))
         return None if dom is None else vcpu_times_ns(dom)
+    except VirtError:
+        return None
+
+
+def read_memory_kib(conn: Connection | None, job_id: str) -> dict[str, int] | None:
+    """The job's guest's memory statistics (KiB) through `conn`, or None (host down, guest
+    gone meanwhile)."""
+    if conn is None:
+        return None
+    try:
+        dom = lookup_domain(conn, domain_name(job_id))
+        return None if dom is None else memory_stats_kib(dom)
     except VirtError:
         return None

@@ -115,6 +115,9 @@ class DomainSpec:
     control_channel: bool = False  # a gang member's vmjob-ctl port
     input_channel: bool = False  # an interactive job: its stdin comes on INPUT_CHANNEL
     hotplug: Hotplug | None = None  # room to grow the guest live (`vmjob resize`)
+    # a virtio balloon that reports the guest's memory use every this many seconds (the
+    # daemon's sampler reads it); never inflated. None: no balloon device at all
+    balloon_period_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -349,10 +352,27 @@ def devices(spec: DomainSpec) -> ET.Element:
         devs.append(pipe_channel(spec.job_pipe, JOB_CHANNEL))
     if spec.hotplug is not None and spec.hotplug.max_extra_mib > 0:
         devs.append(virtio_mem(spec.hotplug.max_extra_mib, 0))
-    # Nothing the job did not ask for: no USB, no balloon, no graphics, no default network.
+    # Nothing the job did not ask for: no USB, no graphics, no default network; a balloon
+    # only to report memory use (docs/borrowing.md).
     ET.SubElement(devs, "controller", type="usb", model="none")
-    ET.SubElement(devs, "memballoon", model="none")
+    devs.append(memballoon(spec.balloon_period_s))
     return devs
+
+
+def memballoon(period_s: int | None) -> ET.Element:
+    """`<memballoon model='virtio'><stats period='N'/></memballoon>`: the guest's balloon
+    driver sends its memory statistics (MemAvailable as `usable`, MemFree as `unused`, ...)
+    every `period_s` seconds, which libvirt's `memoryStats()` returns. vmjobs never inflates
+    it, so it takes no memory from the guest. None: `<memballoon model='none'/>` (libvirt
+    would otherwise add a balloon of its own). Raises ValueError for a period below 1 s
+    (libvirt reads 0 as "no statistics")."""
+    if period_s is None:
+        return ET.Element("memballoon", model="none")
+    if period_s < 1:
+        raise ValueError(f"a balloon statistics period is whole seconds >= 1, not {period_s}")
+    element = ET.Element("memballoon", model="virtio")
+    ET.SubElement(element, "stats", period=str(period_s))
+    return element
 
 
 def output_channel(pipe: Path) -> ET.Element:

@@ -18,3 +18,13 @@ def vcpu_times_ns(dom: Domain) -> tuple[int, ...]:
     """`vcpu_time_ns` per vCPU, in vCPU order: element i is what vCPU i ran (ns)."""
     info, _maps = dom.vcpus()
     return tuple(int(cpu_time) for _number, _state, cpu_time, _cpu in sorted(info))
+
+
+def memory_stats_kib(dom: Domain) -> dict[str, int]:
+    """The guest's memory statistics as libvirt reports them (`virDomainMemoryStats`), in KiB:
+    `actual` (the balloon's size: the memory the guest has) and `rss` (QEMU's resident memory
+    on the host) from the host; `available` (the guest's MemTotal), `usable` (MemAvailable),
+    `unused` (MemFree), `disk_caches` ... from the guest's balloon driver, only once it has
+    reported (a balloon with a stats period; the guest's figures are untrusted). VirtError if
+    the guest is gone or inactive."""
+    return {str(key): int(value) for key, value in dom.memoryStats().items()}

@@ -198,8 +198,10 @@ class Hosts:
         log.info("host %s: connected (%s)", name, host_config.uri)
         for warning in warnings:
             log.warning("%s", warning)
+        # libvirt's own view only, every second (no round trip: see `Prober.watch_alive`)
         Prober(name, conn, lambda: self.conn(name),
-               lambda dead, why: self._on_unreachable(dead, name, why), self._stopping).start()
+               lambda dead, why: self._on_unreachable(dead, name, why), self._stopping,
+               interval_s=1.0, call=None).start()
 
     def _start_reconnect(self, host_config: HostConfig) -> None:
         with self._lock:

@@ -12,7 +12,12 @@ time, or fails on a connection libvirt no longer takes for alive, makes the host
 or thread does. A worker stuck on a dead host's round trip blocks only itself; the probe
 thread ends with the verdict and a new one starts with the next connection.
 
-Bound: a host that stops answering is reported unreachable at most
+The daemon runs the probe without the round trip (`call=None`, `Prober.watch_alive`): only
+the local `isAlive` look, every second — a request in flight as keepalive closed the
+connection crashed libvirt 9.0's client (SIGSEGV). The round trip stays for hosts that hang
+without closing anything, behind the same interface, tested on libvirt's test driver.
+
+Bound with the round trip: a host that stops answering is reported unreachable at most
 `PROBE_INTERVAL_S + PROBE_TIMEOUT_S` (32 s) after its last answer — in practice ~8 s,
 when the `isAlive` look sees libvirt's keepalive give the connection up —, and declared down
 `host_down_after` later (docs/operations.md, "Hosts that stop answering").
@@ -114,7 +119,7 @@ class Prober:
                  stopping: threading.Event,
                  interval_s: float = PROBE_INTERVAL_S,
                  timeout_s: float = PROBE_TIMEOUT_S,
-                 call: Callable[[Connection], object] = round_trip) -> None:
+                 call: Callable[[Connection], object] | None = round_trip) -> None:
         self.host = host
         self.conn = conn
         self.current = current
@@ -130,6 +135,9 @@ class Prober:
         return thread
 
     def run(self) -> None:
+        if self.call is None:
+            self.watch_alive()
+            return
         probe = Probe()
         while not self.stopping.wait(self.interval_s):
             if self.current() is not self.conn:
@@ -138,6 +146,22 @@ class Prober:
             if probe.health is Health.UNREACHABLE:
                 if self.current() is self.conn and not self.stopping.is_set():
                     self.on_unreachable(self.conn, probe.why)  # it logs the host down
+                return
+
+    def watch_alive(self) -> None:
+        """Without a round trip (`call` None, what the daemon uses): every `interval_s`, ask
+        libvirt locally whether it still holds the connection for alive, so a keepalive
+        expiry is reported even when libvirt runs no close callback. No request of ours is
+        ever left waiting on a dying connection: libvirt 9.0's client crashed the daemon
+        (SIGSEGV in libvirt.so) when the round trip's request was in flight as keepalive
+        closed the connection (test_a_libvirtd_restart_or_stall_is_not_a_lost_job[stop])."""
+        while not self.stopping.wait(self.interval_s):
+            if self.current() is not self.conn:
+                return
+            if not is_alive(self.conn):
+                if self.current() is self.conn and not self.stopping.is_set():
+                    self.on_unreachable(self.conn, "libvirt closed the connection "
+                                                   "(keepalive timed out or socket error)")
                 return
 
     def once(self, probe: Probe) -> Probe:

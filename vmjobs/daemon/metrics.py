@@ -163,27 +163,39 @@ def _cpu_use(jobs: list[JobCpu]) -> Iterator[GaugeMetricFamily]:
     node_used = GaugeMetricFamily("vmjobs_node_cores_used", "Cores the sampled jobs' vCPUs "
                                   "ran, each job's use split over its nodes in proportion to "
                                   "its vCPUs there", labels=["host", "node"])
-    by_host: dict[str, list[float]] = {}
-    by_node: dict[tuple[str, int], list[float]] = {}
     for job in jobs:
         held.add_metric([job.job_id, job.host], job.held)
-        totals = by_host.setdefault(job.host, [0.0, 0.0])
-        totals[0] += job.held
         if job.used is not None:
             used.add_metric([job.job_id, job.host], job.used)
-            totals[1] += job.used
-        for node, cpus in job.held_by_node:
-            node_totals = by_node.setdefault((job.host, node), [0.0, 0.0])
-            node_totals[0] += cpus
-            if job.used is not None and job.held:
-                node_totals[1] += job.used * cpus / job.held
+    _totals(host_held, host_used, node_held, node_used,
+            [(job.host, job.held, job.used, job.held_by_node) for job in jobs])
+    yield from (held, used, host_held, host_used, node_held, node_used)
+
+
+def _totals(host_held: GaugeMetricFamily, host_used: GaugeMetricFamily,
+            node_held: GaugeMetricFamily, node_used: GaugeMetricFamily,
+            jobs: list[tuple[str, float, float | None, tuple[tuple[int, int], ...]]]) -> None:
+    """Add per-host and per-NUMA-node sums of `jobs` (host, held, used or None, (node, held
+    there) pairs) to the four gauges; a job's use is split over its nodes in proportion to
+    what it holds on each. Cores and memory alike (the unit is the caller's)."""
+    by_host: dict[str, list[float]] = {}
+    by_node: dict[tuple[str, int], list[float]] = {}
+    for host, held, used, held_by_node in jobs:
+        totals = by_host.setdefault(host, [0.0, 0.0])
+        totals[0] += held
+        if used is not None:
+            totals[1] += used
+        for node, there in held_by_node:
+            node_totals = by_node.setdefault((host, node), [0.0, 0.0])
+            node_totals[0] += there
+            if used is not None and held:
+                node_totals[1] += used * there / held
     for host, (h, u) in sorted(by_host.items()):
         host_held.add_metric([host], h)
         host_used.add_metric([host], u)
     for (host, node), (h, u) in sorted(by_node.items()):
         node_held.add_metric([host, str(node)], h)
         node_used.add_metric([host, str(node)], u)
-    yield from (held, used, host_held, host_used, node_held, node_used)
 
 
 def _memory_use(jobs: list[JobMemory]) -> Iterator[GaugeMetricFamily]:
@@ -206,26 +218,13 @@ def _memory_use(jobs: list[JobMemory]) -> Iterator[GaugeMetricFamily]:
     node_used = GaugeMetricFamily("vmjobs_node_memory_used_bytes", "Memory the running jobs' "
                                   "guests use, each job's use split over its nodes in "
                                   "proportion to its memory there", labels=["host", "node"])
-    by_host: dict[str, list[int]] = {}
-    by_node: dict[tuple[str, int], list[float]] = {}
     for job in jobs:
         held.add_metric([job.job_id, job.host], job.held_mib << 20)
-        totals = by_host.setdefault(job.host, [0, 0])
-        totals[0] += job.held_mib << 20
         if job.used_bytes is not None:
             used.add_metric([job.job_id, job.host], job.used_bytes)
-            totals[1] += job.used_bytes
         if job.resident_bytes is not None:
             resident.add_metric([job.job_id, job.host], job.resident_bytes)
-        for node, mib in job.held_by_node:
-            node_totals = by_node.setdefault((job.host, node), [0.0, 0.0])
-            node_totals[0] += mib << 20
-            if job.used_bytes is not None and job.held_mib:
-                node_totals[1] += job.used_bytes * mib / job.held_mib
-    for host, (h, u) in sorted(by_host.items()):
-        host_held.add_metric([host], h)
-        host_used.add_metric([host], u)
-    for (host, node), (hn, un) in sorted(by_node.items()):
-        node_held.add_metric([host, str(node)], hn)
-        node_used.add_metric([host, str(node)], un)
+    _totals(host_held, host_used, node_held, node_used,
+            [(job.host, job.held_mib << 20, job.used_bytes,
+              tuple((node, mib << 20) for node, mib in job.held_by_node)) for job in jobs])
     yield from (held, used, resident, host_held, host_used, node_held, node_used)
